@@ -1,0 +1,333 @@
+"""The `dicom-node` command: argv, config, logging, then the subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dicom_node import __version__
+from dicom_node.config import NodeConfig, example_config_text, load_config
+from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.export import SendOutcome, echo, parse_peer, send_files
+from dicom_node.log import configure_logging, describe_exception
+from dicom_node.service import ChildProcess, open_index, run_receiver, serve
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("dicom_node.cli")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+_DESCRIPTION = """\
+dicom-node: a DICOM AI node beside your PACS. It receives studies over DICOM
+(C-STORE), stores them durably, and answers Success only once an instance is on
+disk and in the index.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``dicom-node``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser with its subcommands.
+    """
+    parser = argparse.ArgumentParser(
+        prog="dicom-node",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'dicom-node COMMAND --help' for a command's options.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=os.environ.get("DICOM_NODE_CONFIG"),
+            help="the node's TOML configuration (default: $DICOM_NODE_CONFIG); "
+            "'dicom-node config --example' prints a commented one",
+        )
+
+    p_serve = sub.add_parser(
+        "serve",
+        help="receive studies until SIGTERM / Ctrl-C",
+        description="Listen for associations (C-ECHO, C-STORE of every storage SOP "
+        "class and transfer syntax), store and index every instance, and queue one "
+        "job per model for each study once it has been stable for stable_after "
+        "seconds. SIGTERM or Ctrl-C stops accepting associations, lets running ones "
+        "finish (up to 10 s) and exits.",
+    )
+    add_config(p_serve)
+
+    p_status = sub.add_parser(
+        "status",
+        help="counts of associations, studies, instances, jobs and the last errors",
+        description="Read the index and print what the node holds: associations "
+        "by outcome, studies, series, instances, jobs by state and the last errors.",
+    )
+    add_config(p_status)
+    p_status.add_argument("--json", action="store_true", help="print one JSON object")
+    p_status.add_argument(
+        "--errors", type=int, default=10, metavar="N", help="show the last N errors"
+    )
+
+    p_echo = sub.add_parser(
+        "echo",
+        help="C-ECHO a peer (test a link)",
+        description="Open an association with a peer and send one C-ECHO. Exits 0 "
+        "when the peer answers Success.",
+    )
+    p_echo.add_argument("peer", metavar="AET@HOST:PORT", help="the peer to test")
+    p_echo.add_argument(
+        "--aet", default="DICOMNODE", help="our (calling) AE title (default DICOMNODE)"
+    )
+    p_echo.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds (default 30)"
+    )
+
+    p_send = sub.add_parser(
+        "send",
+        help="C-STORE files or folders to a peer",
+        description="Send DICOM files, and folders searched recursively, exactly as "
+        "stored (no transcoding). Every status is checked; exits 1 if any file "
+        "was not accepted. Files in folders that are not DICOM instances are "
+        "skipped and listed; a named file that is not one counts as a failure.",
+    )
+    p_send.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p_send.add_argument(
+        "--to", required=True, metavar="AET@HOST:PORT", help="the destination"
+    )
+    p_send.add_argument(
+        "--aet", default="DICOMNODE", help="our (calling) AE title (default DICOMNODE)"
+    )
+    p_send.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds (default 60)"
+    )
+    p_send.add_argument("--quiet", action="store_true", help="print only the summary")
+
+    p_config = sub.add_parser(
+        "config",
+        help="print the example configuration, or check one",
+        description="With --example, print a fully commented configuration. With "
+        "--config FILE, check it (and the DICOM_NODE_* environment overrides) and "
+        "print the resolved settings.",
+    )
+    p_config.add_argument(
+        "--example", action="store_true", help="print the commented example"
+    )
+    add_config(p_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dicom-node``.
+
+    Parameters
+    ----------
+    argv
+        The arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    int
+        0 on success, 1 on a failure, 2 on a usage or configuration error.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(_config(args))
+        if args.command == "status":
+            return _status(_config(args), as_json=args.json, last_errors=args.errors)
+        if args.command == "echo":
+            configure_logging("WARNING")
+            return _echo(args)
+        if args.command == "send":
+            configure_logging("WARNING")
+            return _send(args)
+        if args.command == "config":
+            return _config_command(args)
+    except ConfigError as exc:
+        print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DicomNodeError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: a message, not a traceback
+        print(f"dicom-node: unexpected {describe_exception(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    raise AssertionError(f"unhandled command {args.command}")  # argparse requires one
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    if args.config is None:
+        raise ConfigError(
+            "no configuration: give --config FILE or set DICOM_NODE_CONFIG "
+            "('dicom-node config --example > node.toml' writes one)"
+        )
+    return load_config(Path(args.config))
+
+
+def _serve(config: NodeConfig) -> int:
+    configure_logging(config.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    mp = multiprocessing.get_context("spawn")
+
+    def spawn(port: int) -> ChildProcess:
+        return mp.Process(
+            target=_receiver_process, args=(config, port), name="dicom-node-scp"
+        )
+
+    serve(config, stop, spawn)
+    return EXIT_OK
+
+
+def _receiver_process(config: NodeConfig, port: int) -> None:
+    """Entry point of an extra receiving process (started by ``serve``)."""
+    _die_with_parent()
+    configure_logging(config.log_level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run_receiver(config, port, stop, reuse_port=True)
+
+
+def _die_with_parent() -> None:
+    # Linux prctl(PR_SET_PDEATHSIG, SIGTERM): if serve is killed outright, its
+    # receiving processes stop too instead of holding the port.
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _status(config: NodeConfig, *, as_json: bool, last_errors: int) -> int:
+    configure_logging("WARNING")
+    if not config.database_url and not (config.state_dir / "index.sqlite3").is_file():
+        raise DicomNodeError(
+            f"no index in {config.state_dir}: the node has not run with this "
+            "configuration yet"
+        )
+    index = open_index(config)
+    try:
+        status = index.status(last_errors=last_errors)
+    finally:
+        index.close()
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    by_outcome = ", ".join(
+        f"{k} {v}" for k, v in sorted(status["associations_by_outcome"].items())
+    )
+    print(
+        f"associations  {status['associations']}"
+        + (f" ({by_outcome})" if by_outcome else "")
+    )
+    waiting = status["studies_waiting"]
+    print(f"studies       {status['studies']} ({waiting} waiting to become stable)")
+    print(f"series        {status['series']}")
+    print(f"instances     {status['instances']}")
+    print("jobs          " + ", ".join(f"{k} {v}" for k, v in status["jobs"].items()))
+    errors = status["last_errors"]
+    print(f"last errors   {len(errors) or 'none'}")
+    for e in errors:
+        status_text = f" {e['status']}" if e["status"] else ""
+        print(f"  {e['at']} {e['source']}{status_text}: {e['message']}")
+    return EXIT_OK
+
+
+def _echo(args: argparse.Namespace) -> int:
+    peer = parse_peer(args.peer)
+    status = echo(peer, calling_ae_title=args.aet, timeout=args.timeout)
+    if status == 0:
+        print(f"C-ECHO {peer}: Success")
+        return EXIT_OK
+    print(f"C-ECHO {peer}: status 0x{status:04X}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _send(args: argparse.Namespace) -> int:
+    peer = parse_peer(args.to)
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:
+        raise ConfigError(f"no such file or folder: {', '.join(map(str, missing))}")
+
+    def progress(outcome: SendOutcome) -> None:
+        if not outcome.ok:
+            print(f"FAILED {outcome.path}: {outcome.error}", file=sys.stderr)
+        elif not args.quiet:
+            print(f"sent   {outcome.path}")
+
+    report = send_files(
+        args.paths,
+        peer,
+        calling_ae_title=args.aet,
+        timeout=args.timeout,
+        progress=progress,
+    )
+    for path in report.skipped:
+        if not args.quiet:
+            print(f"skipped {path}: not a DICOM instance", file=sys.stderr)
+    failed = len(report.failed)
+    print(
+        f"{report.sent} sent, {failed} failed, {len(report.skipped)} skipped "
+        f"(to {peer})"
+    )
+    return EXIT_FAILURE if failed or not report.outcomes else EXIT_OK
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    if args.example:
+        sys.stdout.write(example_config_text())
+        return EXIT_OK
+    config = _config(args)
+    print(f"# {config.source}: valid")
+    print(f"ae_title         {config.ae_title}")
+    print(f"listen           {config.host}:{config.port}")
+    print(f"state_dir        {config.state_dir}")
+    print(f"database         {config.effective_database_url}")
+    print(f"stable_after     {config.stable_after} s")
+    print(f"scp_processes    {config.scp_processes}")
+    if config.allow_any_caller:
+        print("callers          any (allow_any_caller = true)")
+    else:
+        for c in config.callers:
+            print(
+                f"caller           {c.ae_title}" + (f" from {c.host}" if c.host else "")
+            )
+    for d in config.destinations:
+        print(f"destination      {d.name}: {d.ae_title}@{d.host}:{d.port}")
+    for m in config.models:
+        print(
+            f"model            {m.path}" + ("" if m.path.is_file() else " (not found)")
+        )
+    return EXIT_OK

@@ -1,0 +1,575 @@
+"""NodeConfig from one TOML file and DICOM_NODE_<SECTION>_<KEY> overrides."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import ConfigError
+
+__all__ = [
+    "CallerConfig",
+    "DestinationConfig",
+    "ModelConfig",
+    "NodeConfig",
+    "example_config_text",
+    "load_config",
+    "validate_ae_title",
+]
+
+ENV_PREFIX = "DICOM_NODE_"
+
+
+@dataclass(frozen=True, slots=True)
+class CallerConfig:
+    """A peer allowed to open associations with the node.
+
+    Parameters
+    ----------
+    ae_title
+        The calling AE title the peer uses.
+    host
+        The peer's IP address; ``None`` accepts the AE title from any address.
+    """
+
+    ae_title: str
+    host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationConfig:
+    """A peer the node sends results to.
+
+    Parameters
+    ----------
+    name
+        A short name used in logs, the index and ``dicom-node status``.
+    ae_title
+        The destination's (called) AE title.
+    host
+        Host name or address.
+    port
+        TCP port.
+    """
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """A model the node runs on every stable study.
+
+    Parameters
+    ----------
+    path
+        The model artifact (``.safetensors``); relative paths are resolved against
+        the directory of the configuration file.
+    sha256
+        When set, a model file whose SHA-256 differs is refused.
+    """
+
+    path: Path
+    sha256: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Return the name jobs for this model are filed under."""
+        return str(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """The node's whole configuration, checked when built.
+
+    Parameters
+    ----------
+    ae_title
+        The called AE title the node answers to.
+    host
+        The address the SCP listens on.
+    port
+        The TCP port the SCP listens on; 0 picks a free port.
+    state_dir
+        Folder holding ``storage/`` and, by default, the SQLite index.
+    database_url
+        SQLAlchemy URL of the index; empty means SQLite in ``state_dir``.
+    stable_after
+        Seconds without a new instance before a study counts as complete.
+    allow_any_caller
+        Accept associations from any calling AE title when true.
+    scp_processes
+        Number of receiving processes sharing the port (SO_REUSEPORT).
+    max_associations
+        Most associations one receiving process serves at once.
+    max_pdu
+        Largest PDU the node accepts, in bytes (0 means unlimited).
+    log_level
+        Level of the node's own log lines (DEBUG, INFO, WARNING, ERROR).
+    callers
+        The allow-list of peers.
+    destinations
+        Where results go.
+    models
+        The models run on each stable study.
+    source
+        The file the configuration came from, for messages.
+    """
+
+    ae_title: str = "DICOMNODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    state_dir: Path = Path("dicom-node-data")
+    database_url: str = ""
+    stable_after: float = 10.0
+    allow_any_caller: bool = False
+    scp_processes: int = 1
+    max_associations: int = 32
+    max_pdu: int = 262144
+    log_level: str = "INFO"
+    callers: tuple[CallerConfig, ...] = ()
+    destinations: tuple[DestinationConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+    source: str = field(default="<defaults>", compare=False)
+
+    def __post_init__(self) -> None:
+        """Check every field; raise ConfigError naming the key and the source."""
+        where = self.source
+        validate_ae_title(self.ae_title, f"[node] ae_title in {where}")
+        _check(bool(self.host), f"[node] host in {where}: must not be empty")
+        _check(
+            0 <= self.port <= 65535,
+            f"[node] port in {where}: expected 0..65535, found {self.port}",
+        )
+        _check(
+            self.stable_after > 0,
+            f"[node] stable_after in {where}: expected seconds > 0, "
+            f"found {self.stable_after}",
+        )
+        _check(
+            1 <= self.scp_processes <= 64,
+            f"[node] scp_processes in {where}: expected 1..64, "
+            f"found {self.scp_processes}",
+        )
+        _check(
+            self.max_associations >= 1,
+            f"[node] max_associations in {where}: expected >= 1, "
+            f"found {self.max_associations}",
+        )
+        _check(
+            self.max_pdu == 0 or self.max_pdu >= 4096,
+            f"[node] max_pdu in {where}: expected 0 or >= 4096, found {self.max_pdu}",
+        )
+        _check(
+            self.log_level in {"DEBUG", "INFO", "WARNING", "ERROR"},
+            f"[node] log_level in {where}: expected DEBUG, INFO, WARNING or ERROR, "
+            f"found {self.log_level!r}",
+        )
+        if self.database_url:
+            _check(
+                "://" in self.database_url,
+                f"[node] database_url in {where}: expected an SQLAlchemy URL such "
+                "as postgresql+psycopg://user@host/db",
+            )
+        names = [d.name for d in self.destinations]
+        _check(
+            len(names) == len(set(names)),
+            f"[[destinations]] in {where}: names must be unique, found {names}",
+        )
+
+    @property
+    def storage_dir(self) -> Path:
+        """Return the folder instances are stored under."""
+        return self.state_dir / "storage"
+
+    @property
+    def effective_database_url(self) -> str:
+        """Return the index URL: the configured one or SQLite in state_dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.state_dir / 'index.sqlite3').resolve()}"
+
+    def caller_allowed(self, calling_ae_title: str, address: str) -> bool:
+        """Return whether a peer may open an association.
+
+        Parameters
+        ----------
+        calling_ae_title
+            The calling AE title from the A-ASSOCIATE-RQ, stripped.
+        address
+            The peer's IP address.
+
+        Returns
+        -------
+        bool
+            True when ``allow_any_caller`` is set or a caller entry matches.
+        """
+        if self.allow_any_caller:
+            return True
+        return any(
+            c.ae_title == calling_ae_title and (c.host is None or c.host == address)
+            for c in self.callers
+        )
+
+
+def validate_ae_title(value: object, where: str) -> str:
+    """Check an AE title (PS3.5 6.2, VR AE).
+
+    Parameters
+    ----------
+    value
+        The candidate AE title.
+    where
+        Names the key in the error message.
+
+    Returns
+    -------
+    str
+        The AE title without surrounding spaces.
+
+    Raises
+    ------
+    ConfigError
+        If it is not 1 to 16 characters of printable ASCII without backslash.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, found {type(value).__name__}")
+    stripped = value.strip()
+    if not 1 <= len(stripped) <= 16:
+        raise ConfigError(f"{where}: an AE title has 1 to 16 characters")
+    if any(not (0x20 <= ord(c) < 0x7F) or c == "\\" for c in stripped):
+        raise ConfigError(
+            f"{where}: an AE title is printable ASCII without backslash (PS3.5 6.2)"
+        )
+    return stripped
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# Keys of the [node] table and the type each must have.
+_NODE_KEYS: dict[str, type] = {
+    "ae_title": str,
+    "host": str,
+    "port": int,
+    "state_dir": str,
+    "database_url": str,
+    "stable_after": float,
+    "allow_any_caller": bool,
+    "scp_processes": int,
+    "max_associations": int,
+    "max_pdu": int,
+    "log_level": str,
+}
+_CALLER_KEYS: dict[str, type] = {"ae_title": str, "host": str}
+_DESTINATION_KEYS: dict[str, type] = {
+    "name": str,
+    "ae_title": str,
+    "host": str,
+    "port": int,
+}
+_MODEL_KEYS: dict[str, type] = {"path": str, "sha256": str}
+_LIST_SECTIONS: dict[str, dict[str, type]] = {
+    "callers": _CALLER_KEYS,
+    "destinations": _DESTINATION_KEYS,
+    "models": _MODEL_KEYS,
+}
+
+
+def example_config_text() -> str:
+    """Return the fully commented example configuration shipped with the package.
+
+    Returns
+    -------
+    str
+        The TOML text of ``dicom_node/example.toml``.
+    """
+    return resources.files("dicom_node").joinpath("example.toml").read_text("utf-8")
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read, override and check the node configuration.
+
+    Relative paths in the file (``state_dir``, model ``path``) are resolved against
+    the file's directory; relative paths from the environment against the current
+    directory.
+
+    Parameters
+    ----------
+    path
+        The TOML file.
+    environ
+        The environment to read ``DICOM_NODE_<SECTION>_<KEY>`` overrides from;
+        ``os.environ`` when None.
+
+    Returns
+    -------
+    NodeConfig
+        The checked configuration.
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read or parsed, or a key is unknown, of the wrong
+        type or out of range; the message names the key and where it came from.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        text = path.read_text("utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read configuration file {path}: {exc.strerror}"
+        ) from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return config_from_mapping(raw, source=str(path), base_dir=path.parent, environ=env)
+
+
+def config_from_mapping(
+    raw: Mapping[str, Any],
+    *,
+    source: str,
+    base_dir: Path,
+    environ: Mapping[str, str],
+) -> NodeConfig:
+    """Build a NodeConfig from parsed TOML and environment overrides.
+
+    Parameters
+    ----------
+    raw
+        The parsed TOML document.
+    source
+        Where it came from, for messages.
+    base_dir
+        Directory relative paths in ``raw`` are resolved against.
+    environ
+        The environment holding ``DICOM_NODE_*`` overrides.
+
+    Returns
+    -------
+    NodeConfig
+        The checked configuration.
+
+    Raises
+    ------
+    ConfigError
+        If a key is unknown, mistyped or out of range.
+    """
+    unknown = set(raw) - {"node", *_LIST_SECTIONS}
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section(s) {sorted(unknown)}; expected [node], "
+            "[[callers]], [[destinations]], [[models]]"
+        )
+    node_raw = raw.get("node", {})
+    if not isinstance(node_raw, Mapping):
+        raise ConfigError(f"{source}: [node] must be a table")
+    node = _typed_table(node_raw, _NODE_KEYS, f"[node] in {source}")
+    node_sources = dict.fromkeys(node, source)
+    lists: dict[str, list[dict[str, Any]]] = {}
+    list_sources: dict[str, str] = {}
+    for section, keys in _LIST_SECTIONS.items():
+        items = raw.get(section, [])
+        if not isinstance(items, list):
+            raise ConfigError(f"{source}: {section} must be an array of tables")
+        lists[section] = [
+            _typed_table(item, keys, f"[[{section}]] #{i + 1} in {source}")
+            for i, item in enumerate(items)
+        ]
+        list_sources[section] = source
+
+    # Environment overrides win over the file.
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == "DICOM_NODE_CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        if rest.startswith("node_"):
+            key = rest[len("node_") :]
+            if key not in _NODE_KEYS:
+                raise ConfigError(
+                    f"environment variable {name}: unknown key [node] {key}; "
+                    f"expected one of {sorted(_NODE_KEYS)}"
+                )
+            node[key] = _parse_env_value(name, value, _NODE_KEYS[key])
+            node_sources[key] = "environment"
+        elif rest in _LIST_SECTIONS:
+            lists[rest] = _parse_env_list(name, value, _LIST_SECTIONS[rest])
+            list_sources[rest] = "environment"
+        else:
+            raise ConfigError(
+                f"environment variable {name}: not a configuration key; expected "
+                "DICOM_NODE_NODE_<KEY>, DICOM_NODE_CALLERS, DICOM_NODE_DESTINATIONS "
+                "or DICOM_NODE_MODELS"
+            )
+
+    def resolve(value: str, origin: str) -> Path:
+        p = Path(value).expanduser()
+        if p.is_absolute() or origin == "environment":
+            return p
+        return base_dir / p
+
+    kwargs: dict[str, Any] = {
+        k: v for k, v in node.items() if k not in {"state_dir", "log_level"}
+    }
+    if "state_dir" in node:
+        kwargs["state_dir"] = resolve(node["state_dir"], node_sources["state_dir"])
+    else:
+        kwargs["state_dir"] = base_dir / "dicom-node-data"
+    if "log_level" in node:
+        kwargs["log_level"] = str(node["log_level"]).upper()
+    try:
+        callers = tuple(
+            CallerConfig(
+                ae_title=validate_ae_title(
+                    _required(c, "ae_title", "callers", list_sources),
+                    f"[[callers]] ae_title in {list_sources['callers']}",
+                ),
+                host=_checked_host(c.get("host"), list_sources["callers"]),
+            )
+            for c in lists["callers"]
+        )
+        destinations = tuple(
+            DestinationConfig(
+                name=_required(d, "name", "destinations", list_sources),
+                ae_title=validate_ae_title(
+                    _required(d, "ae_title", "destinations", list_sources),
+                    f"[[destinations]] ae_title in {list_sources['destinations']}",
+                ),
+                host=_required(d, "host", "destinations", list_sources),
+                port=_checked_port(
+                    _required(d, "port", "destinations", list_sources),
+                    list_sources["destinations"],
+                ),
+            )
+            for d in lists["destinations"]
+        )
+        models = tuple(
+            ModelConfig(
+                path=resolve(
+                    _required(m, "path", "models", list_sources),
+                    list_sources["models"],
+                ),
+                sha256=_checked_sha256(m.get("sha256"), list_sources["models"]),
+            )
+            for m in lists["models"]
+        )
+        return NodeConfig(
+            **kwargs,
+            callers=callers,
+            destinations=destinations,
+            models=models,
+            source=source,
+        )
+    except TypeError as exc:  # a value of the wrong type reached a check
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _typed_table(table: object, keys: Mapping[str, type], where: str) -> dict[str, Any]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in keys:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}; expected one of {sorted(keys)}"
+            )
+        out[key] = _typed_value(value, keys[key], f"{where}, key {key!r}")
+    return out
+
+
+def _typed_value(value: object, expected: type, where: str) -> Any:
+    # TOML ints are acceptable where floats are expected; bools are not ints here.
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, found a boolean")
+    if not isinstance(value, expected):
+        raise ConfigError(
+            f"{where}: expected {expected.__name__}, found {type(value).__name__}"
+        )
+    return value
+
+
+def _parse_env_value(name: str, value: str, expected: type) -> Any:
+    where = f"environment variable {name}"
+    if expected is str:
+        return value
+    if expected is bool:
+        lowered = value.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{where}: expected true or false")
+    try:
+        return expected(value.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{where}: expected {expected.__name__}") from exc
+
+
+def _parse_env_list(
+    name: str, value: str, keys: Mapping[str, type]
+) -> list[dict[str, Any]]:
+    where = f"environment variable {name}"
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"{where}: expected a TOML array of inline tables, e.g. "
+            '[{ae_title = "PACS", host = "10.0.0.5"}]'
+        ) from exc
+    if not isinstance(parsed, list):
+        raise ConfigError(f"{where}: expected a TOML array of inline tables")
+    return [
+        _typed_table(item, keys, f"{where} #{i + 1}") for i, item in enumerate(parsed)
+    ]
+
+
+def _required(
+    table: Mapping[str, Any], key: str, section: str, sources: Mapping[str, str]
+) -> Any:
+    if key not in table:
+        raise ConfigError(f"[[{section}]] in {sources[section]}: missing key {key!r}")
+    return table[key]
+
+
+def _checked_host(value: str | None, source: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError as exc:
+        raise ConfigError(
+            f"[[callers]] host in {source}: expected an IP address, found {value!r}"
+        ) from exc
+
+
+def _checked_port(value: int, source: str) -> int:
+    if not 1 <= value <= 65535:
+        raise ConfigError(
+            f"[[destinations]] port in {source}: expected 1..65535, found {value}"
+        )
+    return value
+
+
+def _checked_sha256(value: str | None, source: str) -> str | None:
+    if value is None:
+        return None
+    lowered = value.lower()
+    if len(lowered) != 64 or any(c not in "0123456789abcdef" for c in lowered):
+        raise ConfigError(
+            f"[[models]] sha256 in {source}: expected 64 hexadecimal digits"
+        )
+    return lowered

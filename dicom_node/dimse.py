@@ -1,0 +1,28 @@
+"""DIMSE constants the node uses, named and cited."""
+
+from pydicom.uid import UID
+
+__all__ = [
+    "CANNOT_UNDERSTAND",
+    "CONFLICTING_INSTANCE",
+    "DATASET_DOES_NOT_MATCH_SOP_CLASS",
+    "INVALID_UID",
+    "OUT_OF_RESOURCES",
+    "SUCCESS",
+    "VERIFICATION_SOP_CLASS",
+]
+
+# PS3.4 A.4 Verification Service Class (pydicom.uid does not name it).
+VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")
+
+# C-STORE response statuses.
+SUCCESS = 0x0000  # PS3.4 B.2.3 Success
+OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3 Refused: Out of Resources (sender may retry)
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # PS3.4 B.2.3 Error
+CANNOT_UNDERSTAND = (
+    0xC000  # PS3.4 B.2.3 Error: Cannot understand (data set unparseable)
+)
+# Node-specific codes inside the PS3.4 B.2.3 "Cannot understand" range (0xCxxx),
+# clear of pynetdicom's own 0xC210 / 0xC211.
+INVALID_UID = 0xC001  # a Study/Series/SOP Instance/Class UID that is not a valid UID
+CONFLICTING_INSTANCE = 0xC002  # SOP Instance UID already stored in another series

@@ -1,0 +1,19 @@
+"""The node's exception hierarchy."""
+
+__all__ = ["ConfigError", "DicomNodeError", "InvalidUidError", "StorageError"]
+
+
+class DicomNodeError(Exception):
+    """Base class of the errors the node raises on purpose."""
+
+
+class ConfigError(DicomNodeError):
+    """The configuration is missing, malformed or out of range."""
+
+
+class InvalidUidError(DicomNodeError, ValueError):
+    """A value is not a valid DICOM UID (PS3.5 9.1)."""
+
+
+class StorageError(DicomNodeError):
+    """An instance could not be written to the store."""

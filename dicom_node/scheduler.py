@@ -1,0 +1,147 @@
+"""Stable studies become jobs: one pending job per configured model."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from dicom_node.index import IndexDB, Job, Study, utc_now
+from dicom_node.log import uid_ref
+
+__all__ = ["Scheduler", "schedule_stable_studies"]
+
+logger = logging.getLogger(__name__)
+
+
+def schedule_stable_studies(
+    index: IndexDB,
+    model_keys: Sequence[str],
+    stable_after: float,
+    now: datetime | None = None,
+) -> int:
+    """Queue jobs for every study that has had no new instance for a while.
+
+    A study waiting for processing whose last instance arrived ``stable_after``
+    seconds ago or earlier gets one pending job per model, unless a pending job for
+    that model already exists (it will see the new instances when it runs). Safe to
+    run from several processes at once: each study is claimed by a conditional
+    update, so no two schedulers queue it twice.
+
+    Parameters
+    ----------
+    index
+        The index database.
+    model_keys
+        The configured models, by the key jobs are filed under.
+    stable_after
+        Seconds without a new instance before a study counts as complete.
+    now
+        The current time (for tests); the clock when None.
+
+    Returns
+    -------
+    int
+        How many studies were found stable.
+    """
+    current = now or utc_now()
+    cutoff = current - timedelta(seconds=stable_after)
+
+    def work(session: Session) -> list[tuple[str, int]]:
+        candidates = session.execute(
+            select(Study.id, Study.study_instance_uid).where(
+                Study.needs_processing.is_(True), Study.last_received_at <= cutoff
+            )
+        ).all()
+        claimed: list[tuple[str, int]] = []
+        for study_id, study_uid in candidates:
+            result = session.execute(
+                update(Study)
+                .where(
+                    Study.id == study_id,
+                    Study.needs_processing.is_(True),
+                    Study.last_received_at <= cutoff,
+                )
+                .values(needs_processing=False)
+            )
+            if getattr(result, "rowcount", 0) != 1:
+                continue  # another scheduler, or a new instance, got there first
+            queued = 0
+            for key in model_keys:
+                pending = session.scalar(
+                    select(Job.id).where(
+                        Job.study_id == study_id,
+                        Job.model == key,
+                        Job.state == "pending",
+                    )
+                )
+                if pending is not None:
+                    continue
+                session.add(
+                    Job(
+                        study_id=study_id,
+                        model=key,
+                        state="pending",
+                        attempts=0,
+                        created_at=current,
+                        updated_at=current,
+                    )
+                )
+                queued += 1
+            claimed.append((study_uid, queued))
+        return claimed
+
+    claimed = index.run(work)
+    for study_uid, queued in claimed:
+        logger.info("study %s is stable: %d job(s) queued", uid_ref(study_uid), queued)
+    return len(claimed)
+
+
+class Scheduler:
+    """Runs :func:`schedule_stable_studies` in a background thread.
+
+    Parameters
+    ----------
+    index
+        The index database.
+    model_keys
+        The configured models.
+    stable_after
+        Seconds without a new instance before a study counts as complete.
+    """
+
+    def __init__(
+        self, index: IndexDB, model_keys: Sequence[str], stable_after: float
+    ) -> None:
+        self.index = index
+        self.model_keys = tuple(model_keys)
+        self.stable_after = stable_after
+        # Check often enough that a study is queued within ~25% of stable_after.
+        self.interval = min(1.0, max(0.05, stable_after / 4))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="dicom-node-scheduler", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start the background thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread and wait for it."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                schedule_stable_studies(self.index, self.model_keys, self.stable_after)
+            except SQLAlchemyError as exc:
+                # The index is busy or failing; the next round tries again.
+                logger.warning("scheduling round failed: %s", type(exc).__name__)

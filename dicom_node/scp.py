@@ -1,0 +1,474 @@
+"""The receiving AE: association control, C-ECHO and C-STORE into storage and index."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_node.config import NodeConfig
+from dicom_node.dimse import (
+    CANNOT_UNDERSTAND,
+    CONFLICTING_INSTANCE,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    INVALID_UID,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    VERIFICATION_SOP_CLASS,
+)
+from dicom_node.errors import InvalidUidError, StorageError
+from dicom_node.index import IndexDB, InstanceRecordRequest
+from dicom_node.log import describe_exception, quiet_pynetdicom, uid_ref
+from dicom_node.storage import InstanceKey, Storage, validate_uid
+
+__all__ = [
+    "Receiver",
+    "StoreContext",
+    "handle_echo",
+    "handle_store",
+]
+
+logger = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ reasons, PS3.8 9.3.4: result 1 = rejected-permanent, source 1 =
+# DICOM UL service-user.
+_RJ_PERMANENT = 0x01
+_RJ_SOURCE_SERVICE_USER = 0x01
+_RJ_CALLING_AE_NOT_RECOGNIZED = 0x03
+_RJ_CALLED_AE_NOT_RECOGNIZED = 0x07
+
+
+@dataclass(slots=True)
+class StoreContext:
+    """What the event handlers need, injected as the handler's extra argument.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    storage
+        The file store.
+    index
+        The index database.
+    """
+
+    config: NodeConfig
+    storage: Storage
+    index: IndexDB
+    _associations: dict[int, list[Any]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def association_id(self, assoc: Association) -> int | None:
+        """Return the index id of a running association."""
+        with self._lock:
+            entry = self._associations.get(id(assoc))
+        return None if entry is None else int(entry[0])
+
+    def _remember(self, assoc: Association, association_id: int) -> None:
+        with self._lock:
+            self._associations[id(assoc)] = [association_id, None]
+
+    def _set_outcome(self, assoc: Association, outcome: str) -> None:
+        with self._lock:
+            entry = self._associations.get(id(assoc))
+            if entry is not None and entry[1] is None:
+                entry[1] = outcome
+
+    def _forget(self, assoc: Association) -> tuple[int, str] | None:
+        with self._lock:
+            entry = self._associations.pop(id(assoc), None)
+        if entry is None:
+            return None
+        return int(entry[0]), str(entry[1] or "closed")
+
+
+def handle_requested(event: Event, ctx: StoreContext) -> None:
+    """Accept or reject an A-ASSOCIATE-RQ by the called AE title and allow-list.
+
+    A rejection is sent here, before pynetdicom negotiates, as A-ASSOCIATE-RJ
+    (rejected-permanent, service-user) with reason "calling AE title not
+    recognized" or "called AE title not recognized" (PS3.8 9.3.4).
+
+    Parameters
+    ----------
+    event
+        The EVT_REQUESTED event.
+    ctx
+        The node's handler context.
+    """
+    assoc = event.assoc
+    primitive = assoc.requestor.primitive
+    calling = str(primitive.calling_ae_title if primitive else "").strip()
+    called = str(primitive.called_ae_title if primitive else "").strip()
+    address = str(assoc.requestor.address)
+    port = int(assoc.requestor.port)
+    reason: str | None = None
+    diagnostic = 0
+    if called != ctx.config.ae_title:
+        reason, diagnostic = (
+            "called AE title not recognized",
+            _RJ_CALLED_AE_NOT_RECOGNIZED,
+        )
+    elif not ctx.config.caller_allowed(calling, address):
+        reason = "calling AE title or address not on the allow-list"
+        diagnostic = _RJ_CALLING_AE_NOT_RECOGNIZED
+    try:
+        association_id = ctx.index.open_association(
+            calling, called, address, port, rejected_reason=reason
+        )
+    except SQLAlchemyError as exc:
+        # Without an audit row the node cannot account for what it receives.
+        logger.error(
+            "association from %s refused: index unavailable (%s)",
+            address,
+            type(exc).__name__,
+        )
+        assoc.acse.send_reject(0x02, _RJ_SOURCE_SERVICE_USER, 0x01)
+        return
+    if reason is not None:
+        logger.warning(
+            "association from %s:%d (calling AE %r, called AE %r) rejected: %s",
+            address,
+            port,
+            calling,
+            called,
+            reason,
+        )
+        assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, diagnostic)
+        return
+    ctx._remember(assoc, association_id)
+    logger.info(
+        "association %d from %s:%d (calling AE %r) requested",
+        association_id,
+        address,
+        port,
+        calling,
+    )
+
+
+def handle_released(event: Event, ctx: StoreContext) -> None:
+    """Note that the peer released the association."""
+    ctx._set_outcome(event.assoc, "released")
+
+
+def handle_aborted(event: Event, ctx: StoreContext) -> None:
+    """Note that the association was aborted."""
+    ctx._set_outcome(event.assoc, "aborted")
+
+
+def handle_conn_close(event: Event, ctx: StoreContext) -> None:
+    """Record how the association ended once its connection is closed."""
+    ended = ctx._forget(event.assoc)
+    if ended is None:
+        return
+    association_id, outcome = ended
+    try:
+        ctx.index.close_association(association_id, outcome)
+    except SQLAlchemyError as exc:
+        logger.warning(
+            "could not record the end of association %d: %s",
+            association_id,
+            type(exc).__name__,
+        )
+    logger.info("association %d %s", association_id, outcome)
+
+
+def handle_echo(event: Event, ctx: StoreContext) -> int:
+    """Answer a C-ECHO (Verification, PS3.4 A.4)."""
+    return SUCCESS
+
+
+def handle_store(event: Event, ctx: StoreContext) -> int:
+    """Store one instance durably and index it, then answer.
+
+    Success goes back only once the file is on stable storage and the index
+    transaction has committed. Bad input gets a failure status and leaves nothing
+    behind. Never raises: pynetdicom would answer 0xC211 and log the exception.
+
+    Parameters
+    ----------
+    event
+        The EVT_C_STORE event.
+    ctx
+        The node's handler context.
+
+    Returns
+    -------
+    int
+        The C-STORE status.
+    """
+    association_id = ctx.association_id(event.assoc)
+    try:
+        status, message = _store(event, ctx, association_id)
+    except Exception as exc:  # noqa: BLE001 - the handler must answer, never raise
+        status = OUT_OF_RESOURCES
+        message = f"unexpected {describe_exception(exc)}"
+        logger.error("C-STORE failed: %s", message)
+    if status != SUCCESS:
+        ctx.index.record_error(
+            "store", message, status=status, association_id=association_id
+        )
+    return status
+
+
+def _store(
+    event: Event, ctx: StoreContext, association_id: int | None
+) -> tuple[int, str]:
+    request = event.request
+    if not isinstance(request, C_STORE):
+        raise TypeError(f"expected a C-STORE request, got {type(request).__name__}")
+    requested_ref = uid_ref(request.AffectedSOPInstanceUID)
+    try:
+        ds: Dataset = event.dataset
+        sop_class_uid = ds.get("SOPClassUID")
+        sop_instance_uid = ds.get("SOPInstanceUID")
+        study_uid = ds.get("StudyInstanceUID")
+        series_uid = ds.get("SeriesInstanceUID")
+        modality = ds.get("Modality")
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means unparseable
+        logger.warning(
+            "instance %s refused: data set does not parse (%s)",
+            requested_ref,
+            type(exc).__name__,
+        )
+        return CANNOT_UNDERSTAND, f"data set does not parse ({type(exc).__name__})"
+
+    missing = [
+        name
+        for name, value in (
+            ("SOPClassUID", sop_class_uid),
+            ("SOPInstanceUID", sop_instance_uid),
+            ("StudyInstanceUID", study_uid),
+            ("SeriesInstanceUID", series_uid),
+        )
+        if not value
+    ]
+    if missing:
+        logger.warning(
+            "instance %s refused: missing %s", requested_ref, ", ".join(missing)
+        )
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing {', '.join(missing)}"
+    try:
+        key = InstanceKey(str(study_uid), str(series_uid), str(sop_instance_uid))
+        validate_uid(str(sop_class_uid), "SOPClassUID")
+    except InvalidUidError as exc:
+        logger.warning("instance %s refused: %s", requested_ref, exc)
+        return INVALID_UID, f"invalid UID: {exc}"
+    if str(sop_class_uid) != str(
+        request.AffectedSOPClassUID
+    ) or key.sop_instance_uid != str(request.AffectedSOPInstanceUID):
+        logger.warning(
+            "instance %s refused: SOP Class/Instance UID differ from the request",
+            requested_ref,
+        )
+        return (
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOP Class/Instance UID in the data set differ from the C-STORE request",
+        )
+
+    ref = uid_ref(key.sop_instance_uid)
+    stream: bytes = event.encoded_dataset(include_meta=False)
+    digest = hashlib.sha256(stream).hexdigest()
+    try:
+        stored = ctx.index.find_instance(key.sop_instance_uid)
+    except SQLAlchemyError as exc:
+        logger.error(
+            "instance %s refused: index unavailable (%s)", ref, type(exc).__name__
+        )
+        return OUT_OF_RESOURCES, f"index unavailable ({type(exc).__name__})"
+    if stored is not None:
+        if (stored.study_instance_uid, stored.series_instance_uid) != (
+            key.study_instance_uid,
+            key.series_instance_uid,
+        ):
+            logger.warning(
+                "instance %s refused: already stored in another study/series", ref
+            )
+            return (
+                CONFLICTING_INSTANCE,
+                "SOP Instance UID already stored in another study/series",
+            )
+        if stored.sha256 == digest and ctx.storage.path_of(key).is_file():
+            ctx.index.count_duplicate(association_id)
+            logger.debug("instance %s already stored, identical", ref)
+            return SUCCESS, ""
+
+    data = event.encoded_dataset(include_meta=True)
+    started = time.perf_counter()
+    try:
+        ctx.storage.write(key, data)
+    except StorageError as exc:
+        logger.error("instance %s refused: cannot write (%s)", ref, exc)
+        return OUT_OF_RESOURCES, f"storage write failed ({exc})"
+    try:
+        ctx.index.record_instance(
+            InstanceRecordRequest(
+                study_instance_uid=key.study_instance_uid,
+                series_instance_uid=key.series_instance_uid,
+                sop_instance_uid=key.sop_instance_uid,
+                sop_class_uid=str(sop_class_uid),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                modality=str(modality)[:16] if modality else None,
+                path=key.relative_path,
+                size=len(data),
+                sha256=digest,
+                association_id=association_id,
+            )
+        )
+    except SQLAlchemyError as exc:
+        if stored is None:
+            # Not acknowledged and not indexed: leave nothing behind.
+            try:
+                ctx.storage.remove(key)
+            except StorageError as rm_exc:
+                logger.error(
+                    "instance %s: cannot remove unindexed file (%s)", ref, rm_exc
+                )
+        logger.error(
+            "instance %s refused: index write failed (%s)", ref, type(exc).__name__
+        )
+        return OUT_OF_RESOURCES, f"index write failed ({type(exc).__name__})"
+    logger.debug(
+        "instance %s stored in %.1f ms", ref, 1000 * (time.perf_counter() - started)
+    )
+    return SUCCESS, ""
+
+
+class _NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, optionally sharing its port (SO_REUSEPORT)."""
+
+    def __init__(self, *args: Any, reuse_port: bool = False, **kwargs: Any) -> None:
+        self._reuse_port = reuse_port
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """Bind, letting several receiving processes share the port when asked."""
+        if self._reuse_port and self.socket is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        """Stop accepting and close the listening socket."""
+        # Not pynetdicom's shutdown: it expects the server in the AE's own list.
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+def build_ae(config: NodeConfig) -> AE:
+    """Return the node's AE: Verification plus every storage SOP class, any syntax.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+
+    Returns
+    -------
+    pynetdicom.AE
+        The configured, not yet listening, application entity.
+    """
+    quiet_pynetdicom()
+    ae = AE(ae_title=config.ae_title)
+    ae.maximum_associations = config.max_associations
+    ae.maximum_pdu_size = config.max_pdu
+    # The node checks called AE and callers itself (handle_requested), so that a
+    # rejection is audited; pynetdicom's own checks stay off.
+    ae.require_called_aet = False
+    ae.require_calling_aet = []
+    ae.add_supported_context(VERIFICATION_SOP_CLASS, AllTransferSyntaxes)
+    for cx in AllStoragePresentationContexts:
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+    return ae
+
+
+class Receiver:
+    """One receiving process's SCP: an AE, its server thread and handler context.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    index
+        The index database.
+    port
+        The port to listen on; ``config.port`` when None.
+    reuse_port
+        Share the port with other receiving processes (SO_REUSEPORT).
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        index: IndexDB,
+        port: int | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.config = config
+        self.ctx = StoreContext(config, Storage(config.storage_dir), index)
+        self.ae = build_ae(config)
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_REQUESTED, handle_requested, [self.ctx]),
+            (evt.EVT_RELEASED, handle_released, [self.ctx]),
+            (evt.EVT_ABORTED, handle_aborted, [self.ctx]),
+            (evt.EVT_CONN_CLOSE, handle_conn_close, [self.ctx]),
+            (evt.EVT_C_ECHO, handle_echo, [self.ctx]),
+            (evt.EVT_C_STORE, handle_store, [self.ctx]),
+        ]
+        address = (config.host, config.port if port is None else port)
+        server = self.ae.make_server(
+            address,
+            evt_handlers=handlers,
+            server_class=_NodeServer,
+            reuse_port=reuse_port,
+        )
+        if not isinstance(server, _NodeServer):
+            raise TypeError(f"expected a _NodeServer, got {type(server).__name__}")
+        self.server: _NodeServer = server
+        self._thread = threading.Thread(
+            target=self.server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="dicom-node-scp",
+            daemon=True,
+        )
+
+    @property
+    def port(self) -> int:
+        """Return the port actually listened on."""
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        """Start accepting associations."""
+        self._thread.start()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let running associations finish, then abort the rest.
+
+        Parameters
+        ----------
+        grace
+            Seconds to wait for running associations before aborting them. An
+            aborted C-STORE was never acknowledged, so the sender sends it again.
+        """
+        self.server.shutdown()
+        deadline = time.monotonic() + grace
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            assoc.abort()
+        self._thread.join(timeout=5)

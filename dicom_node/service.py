@@ -1,0 +1,160 @@
+"""The long-running parts of `dicom-node serve`: receivers, scheduler, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from dicom_node.config import NodeConfig
+from dicom_node.index import IndexDB
+from dicom_node.scheduler import Scheduler
+from dicom_node.scp import Receiver
+
+__all__ = ["ChildProcess", "open_index", "run_receiver", "serve"]
+
+logger = logging.getLogger(__name__)
+
+
+class ChildProcess(Protocol):
+    """The part of multiprocessing.Process that serve uses."""
+
+    def start(self) -> None:
+        """Start the process."""
+
+    def is_alive(self) -> bool:
+        """Return whether it still runs."""
+
+    def terminate(self) -> None:
+        """Send SIGTERM."""
+
+    def kill(self) -> None:
+        """Send SIGKILL."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for it to end."""
+
+    @property
+    def exitcode(self) -> int | None:
+        """Return its exit code, or None while it runs."""
+
+
+def open_index(config: NodeConfig) -> IndexDB:
+    """Create the state folder if needed and open the index.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+
+    Returns
+    -------
+    IndexDB
+        The open index, its tables created.
+    """
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    return IndexDB(
+        config.effective_database_url, pool_size=min(config.max_associations, 16) + 2
+    )
+
+
+def run_receiver(
+    config: NodeConfig, port: int, stop: threading.Event, reuse_port: bool
+) -> None:
+    """Run one extra receiving process's SCP until ``stop`` is set.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    port
+        The port shared with the other receiving processes.
+    stop
+        Set to shut down.
+    reuse_port
+        Whether to bind with SO_REUSEPORT.
+    """
+    index = open_index(config)
+    receiver = Receiver(config, index, port=port, reuse_port=reuse_port)
+    receiver.start()
+    logger.info("receiving process listening on %s:%d", config.host, receiver.port)
+    try:
+        stop.wait()
+    finally:
+        receiver.stop()
+        index.close()
+
+
+def serve(
+    config: NodeConfig,
+    stop: threading.Event,
+    spawn_receiver: Callable[[int], ChildProcess],
+    on_ready: Callable[[int], None] | None = None,
+) -> None:
+    """Receive, index and schedule until ``stop`` is set; then shut down cleanly.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    stop
+        Set (by a signal handler) to shut down.
+    spawn_receiver
+        Makes an extra receiving process for the given port (not yet started);
+        used when ``config.scp_processes`` is above 1.
+    on_ready
+        Called with the port once the node accepts associations.
+    """
+    index = open_index(config)
+    for model in config.models:
+        if not model.path.is_file():
+            logger.warning(
+                "model file %s not found: its jobs will wait until it exists",
+                model.path,
+            )
+    shared = config.scp_processes > 1
+    receiver = Receiver(config, index, reuse_port=shared)
+    receiver.start()
+    port = receiver.port
+    scheduler = Scheduler(index, [m.key for m in config.models], config.stable_after)
+    scheduler.start()
+    children: list[ChildProcess] = []
+    for _ in range(config.scp_processes - 1):
+        child = spawn_receiver(port)
+        child.start()
+        children.append(child)
+    logger.info(
+        "listening as %s on %s:%d (%d receiving process%s), state in %s",
+        config.ae_title,
+        config.host,
+        port,
+        config.scp_processes,
+        "" if config.scp_processes == 1 else "es",
+        config.state_dir,
+    )
+    if on_ready:
+        on_ready(port)
+    try:
+        while not stop.wait(1.0):
+            for i, child in enumerate(children):
+                if not child.is_alive():
+                    logger.error(
+                        "receiving process ended (exit code %s); starting another",
+                        child.exitcode,
+                    )
+                    children[i] = spawn_receiver(port)
+                    children[i].start()
+    finally:
+        logger.info("shutting down: no new associations, finishing running ones")
+        for child in children:
+            child.terminate()
+        receiver.stop()
+        for child in children:
+            child.join(timeout=15)
+            if child.is_alive():
+                child.kill()
+                child.join()
+        scheduler.stop()
+        index.close()
+        logger.info("stopped")

@@ -1,0 +1,3 @@
+"""The ML runtime shared by the node and medtrain: pixels in, probabilities out."""
+
+__all__: list[str] = []

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the Debian tools the tests and benchmarks use: dcmtk (storescu, echoscu,
+# storescp, dsr2html), dicom3tools (dciodvfy) and Orthanc (a real PACS for the
+# end-to-end test). Idempotent; needs root (or sudo) and Debian's package registry.
+set -euo pipefail
+
+packages=(dcmtk dicom3tools orthanc)
+need=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -eq 0 ]; then
+  echo "setup-system: ${packages[*]} already installed"
+  exit 0
+fi
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  sudo="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -q
+$sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+# The orthanc package starts a system-wide service where systemd runs; the tests
+# start their own Orthanc on ephemeral ports, so that one is not needed.
+echo "setup-system: installed ${need[*]}"

@@ -1,0 +1,3 @@
+"""medtrain: trains, evaluates and explains models offline."""
+
+__all__: list[str] = []
