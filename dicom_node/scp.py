@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from io import BytesIO
 import logging
 import socket
 import socketserver
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, evt
@@ -45,10 +47,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_UNDEFINED_LENGTH = 0xFFFFFFFF  # PS3.5 7.1.1
+
 # A-ASSOCIATE-RJ reasons, PS3.8 9.3.4: result 1 = rejected-permanent, source 1 =
 # DICOM UL service-user.
 _RJ_PERMANENT = 0x01
+_RJ_TRANSIENT = 0x02
 _RJ_SOURCE_SERVICE_USER = 0x01
+_RJ_NO_REASON = 0x01
 _RJ_CALLING_AE_NOT_RECOGNIZED = 0x03
 _RJ_CALLED_AE_NOT_RECOGNIZED = 0x07
 
@@ -138,7 +144,7 @@ def handle_requested(event: Event, ctx: StoreContext) -> None:
             address,
             type(exc).__name__,
         )
-        assoc.acse.send_reject(0x02, _RJ_SOURCE_SERVICE_USER, 0x01)
+        _reject(assoc, _RJ_TRANSIENT, _RJ_NO_REASON)
         return
     if reason is not None:
         logger.warning(
@@ -149,7 +155,7 @@ def handle_requested(event: Event, ctx: StoreContext) -> None:
             called,
             reason,
         )
-        assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, diagnostic)
+        _reject(assoc, _RJ_PERMANENT, diagnostic)
         return
     ctx._remember(assoc, association_id)
     logger.info(
@@ -159,6 +165,13 @@ def handle_requested(event: Event, ctx: StoreContext) -> None:
         port,
         calling,
     )
+
+
+def _reject(assoc: Association, result: int, diagnostic: int) -> None:
+    # As pynetdicom's ACSE does: queue the A-ASSOCIATE-RJ, then wait (kill) until
+    # the upper layer has sent it and closed, so the peer reads the rejection.
+    assoc.acse.send_reject(result, _RJ_SOURCE_SERVICE_USER, diagnostic)
+    assoc.kill()
 
 
 def handle_released(event: Event, ctx: StoreContext) -> None:
@@ -235,6 +248,10 @@ def _store(
     requested_ref = uid_ref(request.AffectedSOPInstanceUID)
     try:
         ds: Dataset = event.dataset
+        # Before any element is read: reading converts raw elements.
+        problem = _structure_problem(
+            ds, request.DataSet, deflated=event.context.transfer_syntax.is_deflated
+        )
         sop_class_uid = ds.get("SOPClassUID")
         sop_instance_uid = ds.get("SOPInstanceUID")
         study_uid = ds.get("StudyInstanceUID")
@@ -247,6 +264,9 @@ def _store(
             type(exc).__name__,
         )
         return CANNOT_UNDERSTAND, f"data set does not parse ({type(exc).__name__})"
+    if problem:
+        logger.warning("instance %s refused: %s", requested_ref, problem)
+        return CANNOT_UNDERSTAND, problem
 
     missing = [
         name
@@ -347,6 +367,38 @@ def _store(
         "instance %s stored in %.1f ms", ref, 1000 * (time.perf_counter() - started)
     )
     return SUCCESS, ""
+
+
+def _structure_problem(ds: Dataset, stream: object, *, deflated: bool) -> str:
+    """Return why a decoded data set is incomplete, or an empty string.
+
+    pydicom reads a truncated data set without raising: it keeps the short value
+    of the last element, or stops at a partial tag. Every top-level element of
+    defined length must hold exactly its length, and the elements must end where
+    the received data ends.
+    """
+    end = 0
+    for elem in ds.elements():
+        if not isinstance(elem, RawDataElement):
+            end = -1  # a parsed sequence: its end is not known here
+            continue
+        if elem.length == _UNDEFINED_LENGTH:
+            size = len(elem.value or b"") + 8  # value and its delimitation item
+        else:
+            if elem.value is not None and len(elem.value) != elem.length:
+                return (
+                    f"data set truncated: element {elem.tag} holds "
+                    f"{len(elem.value)} of {elem.length} bytes"
+                )
+            size = elem.length
+        if end >= 0:
+            end = max(end, elem.value_tell + size)
+    if deflated or end < 0 or not isinstance(stream, BytesIO):
+        return ""
+    received = stream.getbuffer().nbytes
+    if end != received:
+        return f"data set has {received - end} bytes that are not a whole element"
+    return ""
 
 
 class _NodeServer(ThreadedAssociationServer):

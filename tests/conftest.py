@@ -1,0 +1,166 @@
+"""Fixtures: a real node on an ephemeral loopback port, and a real SCU to feed it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+from dicom_node.config import CallerConfig, ModelConfig, NodeConfig
+from dicom_node.index import IndexDB
+from dicom_node.log import quiet_pynetdicom
+from dicom_node.scp import Receiver
+from dicom_node.service import open_index
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunningNode:
+    config: NodeConfig
+    index: IndexDB
+    receiver: Receiver
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    @property
+    def peer(self) -> str:
+        return f"{self.config.ae_title}@127.0.0.1:{self.port}"
+
+    def stored_files(self) -> list[Path]:
+        return sorted(
+            p
+            for p in self.config.state_dir.rglob("*")
+            if p.is_file() and "storage" in p.parts
+        )
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> NodeConfig:
+    base = NodeConfig(
+        port=0,
+        state_dir=tmp_path / "state",
+        stable_after=60.0,
+        callers=(
+            CallerConfig("STORESCU"),
+            CallerConfig("TESTSCU"),
+            CallerConfig("ECHOSCU"),
+        ),
+        models=(ModelConfig(tmp_path / "model.safetensors"),),
+        source="tests",
+    )
+    return replace(base, **overrides)
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
+    """Start real nodes (SCP on 127.0.0.1, ephemeral port); stop them afterwards."""
+    started: list[RunningNode] = []
+
+    def start(**overrides: Any) -> RunningNode:
+        config = make_config(tmp_path, **overrides)
+        index = open_index(config)
+        receiver = Receiver(config, index)
+        receiver.start()
+        node = RunningNode(config, index, receiver)
+        started.append(node)
+        return node
+
+    try:
+        yield start
+    finally:
+        for node in started:
+            node.receiver.stop(grace=2.0)
+            node.index.close()
+
+
+@pytest.fixture
+def node(start_node: Callable[..., RunningNode]) -> RunningNode:
+    return start_node()
+
+
+def store_datasets(
+    port: int,
+    datasets: Sequence[Dataset],
+    *,
+    calling_ae_title: str = "TESTSCU",
+    called_ae_title: str = "DICOMNODE",
+) -> list[int | None]:
+    """Send data sets over one real association; return each C-STORE status."""
+    quiet_pynetdicom()
+    ae = AE(ae_title=calling_ae_title)
+    pairs = sorted(
+        {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    )
+    ae.requested_contexts = [build_context(UID(c), [UID(t)]) for c, t in pairs]
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae_title)
+    assert assoc.is_established, "association with the node failed"
+    statuses: list[int | None] = []
+    try:
+        for ds in datasets:
+            rsp = assoc.send_c_store(ds)
+            statuses.append(int(rsp.Status) if "Status" in rsp else None)
+    finally:
+        assoc.release()
+    return statuses
+
+
+def store_files(
+    port: int,
+    paths: Sequence[Path],
+    *,
+    calling_ae_title: str = "TESTSCU",
+) -> dict[Path, int | None]:
+    """Send files through dicom_node.export (our SCU, raw bytes as on disk)."""
+    from dicom_node.export import Peer, send_files
+
+    report = send_files(paths, Peer("DICOMNODE", "127.0.0.1", port), calling_ae_title)
+    return {o.path: o.status for o in report.outcomes}
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float = 20.0, what: str = ""
+) -> None:
+    """Poll ``predicate`` until true or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dicom_node_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dicom_node", *args]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        dicom_node_cmd(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )

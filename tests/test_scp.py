@@ -1,0 +1,324 @@
+"""The receiving SCP over real loopback associations: dcmtk and pynetdicom as peers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE
+from sqlalchemy import select
+
+from dicom_node.config import CallerConfig
+from dicom_node.dimse import (
+    CANNOT_UNDERSTAND,
+    CONFLICTING_INSTANCE,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    INVALID_UID,
+    SUCCESS,
+)
+from dicom_node.index import AssociationRecord, ErrorRecord, Instance
+from tests.conftest import RunningNode, store_datasets, store_files
+from tests.factories import dcmtk, encode_body, make_ct, raw_file
+
+# PS3.4 C.6.1.3.1 Patient Root Query/Retrieve - FIND (pydicom.uid does not name it).
+PATIENT_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.1.1")
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def run_dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [dcmtk(args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=60,
+        check=False,
+    )
+
+
+def instance_rows(node: RunningNode) -> list[Instance]:
+    with node.index.sessions() as s:
+        return list(s.scalars(select(Instance)).all())
+
+
+def test_dcmtk_echoscu_gets_success(node: RunningNode) -> None:
+    result = run_dcmtk(
+        "echoscu", "-aet", "ECHOSCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_dcmtk_storescu_instance_is_stored_as_sent_and_indexed(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    ds = make_ct(patient_name="DOE^JANE")
+    sent = tmp_path / "ct.dcm"
+    ds.save_as(sent, enforce_file_format=True)
+
+    result = run_dcmtk(
+        "storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(sent)
+    )
+
+    assert result.returncode == 0, result.stderr
+    stored_path = (
+        node.config.storage_dir
+        / ds.StudyInstanceUID
+        / ds.SeriesInstanceUID
+        / f"{ds.SOPInstanceUID}.dcm"
+    )
+    assert node.stored_files() == [stored_path]
+    stored = dcmread(stored_path)
+    original = dcmread(sent)
+    assert stored == original  # the same data set, element by element
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    rows = instance_rows(node)
+    assert [(r.sop_instance_uid, r.sop_class_uid, r.path) for r in rows] == [
+        (
+            ds.SOPInstanceUID,
+            CTImageStorage,
+            stored_path.relative_to(node.config.storage_dir).as_posix(),
+        )
+    ]
+    status = node.index.status()
+    assert (status["studies"], status["series"], status["instances"]) == (1, 1, 1)
+    with node.index.sessions() as s:
+        assoc = s.scalars(select(AssociationRecord)).one()
+    assert (assoc.calling_ae_title, assoc.outcome, assoc.instances_stored) == (
+        "STORESCU",
+        "released",
+        1,
+    )
+    assert rows[0].association_id == assoc.id
+
+
+def test_unknown_caller_is_rejected_at_association(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    sent = tmp_path / "ct.dcm"
+    make_ct().save_as(sent, enforce_file_format=True)
+
+    result = run_dcmtk(
+        "storescu",
+        "-aet",
+        "INTRUDER",
+        "-aec",
+        "DICOMNODE",
+        "127.0.0.1",
+        str(node.port),
+        str(sent),
+    )
+
+    assert result.returncode != 0
+    assert "Association Rejected" in result.stderr
+    assert "Calling AE Title Not Recognized" in result.stderr
+    assert node.stored_files() == []
+    with node.index.sessions() as s:
+        assoc = s.scalars(select(AssociationRecord)).one()
+    assert (assoc.calling_ae_title, assoc.outcome) == ("INTRUDER", "rejected")
+
+
+def test_wrong_called_ae_title_is_rejected(node: RunningNode) -> None:
+    result = run_dcmtk(
+        "echoscu", "-aet", "ECHOSCU", "-aec", "NOTTHENODE", "127.0.0.1", str(node.port)
+    )
+
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stderr
+
+
+def test_caller_host_restriction(start_node: Callable[..., RunningNode]) -> None:
+    node = start_node(
+        callers=(
+            CallerConfig("STORESCU", "10.1.2.3"),
+            CallerConfig("ECHOSCU", "127.0.0.1"),
+        )
+    )
+
+    from_wrong_host = run_dcmtk(
+        "echoscu", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)
+    )
+    from_right_host = run_dcmtk(
+        "echoscu", "-aet", "ECHOSCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)
+    )
+
+    assert from_wrong_host.returncode != 0
+    assert "Calling AE Title Not Recognized" in from_wrong_host.stderr
+    assert from_right_host.returncode == 0, from_right_host.stderr
+
+
+def test_allow_any_caller_accepts_unknown_ae(
+    start_node: Callable[..., RunningNode],
+) -> None:
+    node = start_node(callers=(), allow_any_caller=True)
+
+    result = run_dcmtk(
+        "echoscu", "-aet", "WHOEVER", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)
+    )
+
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("StudyInstanceUID", "../../../../tmp/escape"),
+        ("StudyInstanceUID", "1.2.3/../../4"),
+        ("SeriesInstanceUID", ".."),
+        ("SeriesInstanceUID", "1.2." + "3" * 70),
+        ("StudyInstanceUID", "1.2.abc"),
+        ("SOPInstanceUID", "1.2.3/4"),
+        ("SOPInstanceUID", "1..2"),
+    ],
+)
+def test_malformed_uid_is_refused_and_nothing_written(
+    node: RunningNode, tmp_path: Path, field: str, value: str
+) -> None:
+    ds = make_ct()
+    setattr(ds, field, value)
+    if field == "SOPInstanceUID":
+        ds.file_meta.MediaStorageSOPInstanceUID = value
+    path = raw_file(
+        tmp_path / "bad.dcm",
+        encode_body(ds),
+        sop_class_uid=CTImageStorage,
+        sop_instance_uid=ds.SOPInstanceUID,
+    )
+
+    statuses = store_files(node.port, [path])
+
+    assert statuses[path] == INVALID_UID
+    assert node.stored_files() == []
+    assert not list(tmp_path.rglob("escape*"))
+    assert not list(Path("/tmp").glob("escape*"))
+    assert instance_rows(node) == []
+    with node.index.sessions() as s:
+        errors = s.scalars(select(ErrorRecord)).all()
+    assert [(e.source, e.status) for e in errors] == [("store", INVALID_UID)]
+    assert value not in errors[0].message
+
+
+@pytest.mark.parametrize(
+    "missing", ["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"]
+)
+def test_missing_uid_is_refused(
+    node: RunningNode, tmp_path: Path, missing: str
+) -> None:
+    ds = make_ct()
+    delattr(ds, missing)
+    path = raw_file(
+        tmp_path / "bad.dcm",
+        encode_body(ds),
+        sop_class_uid=CTImageStorage,
+        sop_instance_uid=ds.SOPInstanceUID,
+    )
+
+    assert store_files(node.port, [path])[path] == DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert node.stored_files() == []
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "pixel data cut short",
+        "element longer than the data",
+        "broken sequence",
+        "stray bytes",
+    ],
+)
+def test_data_set_that_does_not_parse_is_refused(
+    node: RunningNode, tmp_path: Path, damage: str
+) -> None:
+    ds = make_ct()
+    good = encode_body(ds)
+    body = {
+        "pixel data cut short": good[:-3],
+        "element longer than the data": good
+        + b"\xe0\x7f\x11\x00OB\x00\x00\xff\x00\x00\x00",
+        "broken sequence": b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff" + b"\x00" * 20,
+        "stray bytes": good + b"\x01\x02\x03",
+    }[damage]
+    path = raw_file(
+        tmp_path / "bad.dcm",
+        body,
+        sop_class_uid=CTImageStorage,
+        sop_instance_uid=ds.SOPInstanceUID,
+    )
+
+    assert store_files(node.port, [path])[path] == CANNOT_UNDERSTAND
+    assert node.stored_files() == []
+
+
+def test_data_set_not_matching_the_request_is_refused(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    ds = make_ct()
+    path = raw_file(
+        tmp_path / "bad.dcm",
+        encode_body(ds),
+        sop_class_uid=CTImageStorage,
+        sop_instance_uid=generate_uid(),
+    )
+
+    assert store_files(node.port, [path])[path] == DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert node.stored_files() == []
+
+
+def test_resent_instance_is_idempotent(node: RunningNode) -> None:
+    ds = make_ct()
+
+    assert store_datasets(node.port, [ds, ds]) == [SUCCESS, SUCCESS]
+    assert store_datasets(node.port, [ds]) == [SUCCESS]
+
+    assert len(node.stored_files()) == 1
+    assert len(instance_rows(node)) == 1
+
+
+def test_changed_instance_replaces_the_stored_copy(node: RunningNode) -> None:
+    ds = make_ct()
+    assert store_datasets(node.port, [ds]) == [SUCCESS]
+    ds.WindowCenter = 400
+
+    assert store_datasets(node.port, [ds]) == [SUCCESS]
+
+    [stored] = node.stored_files()
+    assert dcmread(stored).WindowCenter == 400
+    assert len(instance_rows(node)) == 1
+    assert not list(node.config.storage_dir.rglob("*.tmp"))
+
+
+def test_same_sop_instance_in_another_study_is_refused(node: RunningNode) -> None:
+    ds = make_ct()
+    assert store_datasets(node.port, [ds]) == [SUCCESS]
+    clash = make_ct()
+    clash.SOPInstanceUID = ds.SOPInstanceUID
+
+    assert store_datasets(node.port, [clash]) == [CONFLICTING_INSTANCE]
+
+    [stored] = node.stored_files()
+    assert dcmread(stored).StudyInstanceUID == ds.StudyInstanceUID
+
+
+def test_non_storage_sop_class_is_rejected_at_negotiation(node: RunningNode) -> None:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(PATIENT_ROOT_FIND)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    try:
+        assert assoc.is_established
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        rejected = {cx.abstract_syntax for cx in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    assert accepted == {CTImageStorage}
+    assert rejected == {PATIENT_ROOT_FIND}
