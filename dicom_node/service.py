@@ -11,6 +11,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.index import IndexDB
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import Receiver
+from dicom_node.storage import Storage
 
 __all__ = ["ChildProcess", "open_index", "run_receiver", "serve"]
 
@@ -107,6 +108,9 @@ def serve(
         Called with the port once the node accepts associations.
     """
     index = open_index(config)
+    swept = Storage(config.storage_dir).sweep_incoming()
+    if swept:
+        logger.warning("removed %d temporary file(s) left by an earlier crash", swept)
     for model in config.models:
         if not model.path.is_file():
             logger.warning(

@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,15 +86,48 @@ class InstanceKey:
 class Storage:
     """Writes instances durably: temporary file, fsync, rename, fsync of the folder.
 
+    Temporary files live in ``<root>/.incoming/`` (never inside a study folder), so
+    what a crash leaves behind is easy to find and is swept at the next start.
+
     Parameters
     ----------
     root
         The storage folder; created when missing.
     """
 
+    INCOMING = ".incoming"
+
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._ensure_dir(root)
+        self.incoming = root / self.INCOMING
+        self._ensure_dir(self.incoming)
+
+    def sweep_incoming(self, older_than: float = 900.0) -> int:
+        """Remove temporary files a crashed writer left behind.
+
+        Only files older than ``older_than`` seconds go: another receiving process
+        sharing this storage may be writing the younger ones right now.
+
+        Parameters
+        ----------
+        older_than
+            Minimum age in seconds of a temporary file to remove.
+
+        Returns
+        -------
+        int
+            How many files were removed.
+        """
+        cutoff = time.time() - older_than
+        removed = 0
+        for entry in os.scandir(self.incoming):
+            try:
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # removed by another process meanwhile
+        return removed
 
     def path_of(self, key: InstanceKey) -> Path:
         """Return where an instance is (or would be) stored.
@@ -135,7 +169,7 @@ class Storage:
             the message carries the OS error's name, never the path.
         """
         final = self.path_of(key)
-        tmp = final.parent / f".{secrets.token_hex(8)}.tmp"
+        tmp = self.incoming / f"{secrets.token_hex(8)}.tmp"
         try:
             self._ensure_dir(final.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)

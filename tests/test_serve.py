@@ -1,0 +1,334 @@
+"""`dicom-node serve` as a real process: shutdown, kill -9, several receivers, no PHI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from dicom_node.config import load_config
+from dicom_node.dimse import SUCCESS
+from dicom_node.export import Peer, SendOutcome, send_files
+from dicom_node.index import IndexDB
+from dicom_node.log import PhiFilter
+from tests.conftest import (
+    RunningNode,
+    dicom_node_cmd,
+    run_cli,
+    store_datasets,
+    store_files,
+    wait_for,
+)
+from tests.factories import (
+    SENTINEL_BIRTH_DATE,
+    SENTINEL_NAME,
+    SENTINEL_PATIENT_ID,
+    dcmtk,
+    make_ct,
+    write_study,
+)
+
+SENTINELS = (SENTINEL_NAME, "SENTINEL^PHI", SENTINEL_BIRTH_DATE, SENTINEL_PATIENT_ID)
+
+
+def write_config(tmp_path: Path, **node: object) -> Path:
+    values = {"port": 0, "stable_after": 0.5, "log_level": "DEBUG", **node}
+    lines = ["[node]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    lines += [
+        "[[callers]]",
+        'ae_title = "TESTSCU"',
+        "[[callers]]",
+        'ae_title = "STORESCU"',
+    ]
+    lines += ["[[models]]", 'path = "model.safetensors"']
+    path = tmp_path / "node.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[str]
+    port: int
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+
+def start_serve(config: Path, timeout: float = 60.0) -> ServeProcess:
+    proc = subprocess.Popen(
+        dicom_node_cmd("serve", "--config", str(config)),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    port_seen = threading.Event()
+    port: list[int] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            match = re.search(r"listening as \S+ on [\d.]+:(\d+)", line)
+            if match:
+                port.append(int(match.group(1)))
+                port_seen.set()
+        port_seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    port_seen.wait(timeout)
+    if not port:
+        proc.kill()
+        raise AssertionError("serve did not start:\n" + "\n".join(lines))
+    return ServeProcess(proc, port[0], lines)
+
+
+@pytest.fixture
+def serve_processes() -> Iterator[list[ServeProcess]]:
+    started: list[ServeProcess] = []
+    try:
+        yield started
+    finally:
+        for s in started:
+            if s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait(10)
+
+
+def test_serve_stops_cleanly_on_sigterm(
+    tmp_path: Path, serve_processes: list[ServeProcess]
+) -> None:
+    serve = start_serve(write_config(tmp_path))
+    serve_processes.append(serve)
+    assert (
+        run_cli(
+            "echo", f"DICOMNODE@127.0.0.1:{serve.port}", "--aet", "TESTSCU"
+        ).returncode
+        == 0
+    )
+
+    serve.proc.send_signal(signal.SIGTERM)
+
+    assert serve.proc.wait(30) == 0
+    wait_for(
+        lambda: any("stopped" in line for line in serve.lines), what="the last log line"
+    )
+    assert (
+        run_cli(
+            "echo",
+            f"DICOMNODE@127.0.0.1:{serve.port}",
+            "--aet",
+            "TESTSCU",
+            "--timeout",
+            "5",
+        ).returncode
+        == 1
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_9_mid_stream_loses_nothing_acknowledged(
+    tmp_path: Path, serve_processes: list[ServeProcess]
+) -> None:
+    config = write_config(tmp_path)
+    files = write_study(tmp_path / "study", 300, rows=128, columns=128)
+    uid_of = {p: dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files}
+    serve = start_serve(config)
+    serve_processes.append(serve)
+    acked: list[Path] = []
+
+    def progress(outcome: SendOutcome) -> None:
+        if outcome.status == SUCCESS:
+            acked.append(outcome.path)
+            if len(acked) == 100:
+                serve.proc.send_signal(signal.SIGKILL)
+
+    report = send_files(
+        files,
+        Peer("DICOMNODE", "127.0.0.1", serve.port),
+        "TESTSCU",
+        timeout=10,
+        progress=progress,
+    )
+    serve.proc.wait(10)
+
+    assert 100 <= len(acked) < 300, "the kill must land mid-stream"
+    assert report.failed, "the sender must see that the rest was not acknowledged"
+    # Restart: every acknowledged instance is on disk, whole, and in the index.
+    serve = start_serve(config)
+    serve_processes.append(serve)
+    node_config = load_config(config)
+    index = IndexDB(node_config.effective_database_url)
+    try:
+        with index.sessions() as s:
+            from sqlalchemy import select
+
+            from dicom_node.index import Instance
+
+            indexed = set(s.scalars(select(Instance.sop_instance_uid)).all())
+    finally:
+        index.close()
+    for path in acked:
+        uid = uid_of[path]
+        assert uid in indexed
+        [stored] = node_config.storage_dir.rglob(f"{uid}.dcm")
+        assert dcmread(stored) == dcmread(path)
+    # The sender resends the rest, and everything is there once.
+    resent = store_files(serve.port, [p for p in files if p not in acked])
+    assert set(resent.values()) == {SUCCESS}
+    status = json.loads(run_cli("status", "--config", str(config), "--json").stdout)
+    assert status["instances"] == 300
+    assert status["studies"] == 1
+    stored = [p for p in node_config.storage_dir.rglob("*.dcm")]
+    assert len(stored) == 300
+
+
+def test_status_json_counts(
+    tmp_path: Path, serve_processes: list[ServeProcess]
+) -> None:
+    config = write_config(tmp_path)
+    serve = start_serve(config)
+    serve_processes.append(serve)
+    study = generate_uid()
+    assert (
+        store_datasets(serve.port, [make_ct(study), make_ct(study), make_ct()])
+        == [SUCCESS] * 3
+    )
+    bad = make_ct()
+    bad.StudyInstanceUID = "1.2.x"
+    store_datasets(serve.port, [bad])
+
+    def status() -> dict[str, object]:
+        result = run_cli("status", "--config", str(config), "--json")
+        assert result.returncode == 0, result.stderr
+        parsed: dict[str, object] = json.loads(result.stdout)
+        return parsed
+
+    # stable_after is 0.5 s: both studies get their one job.
+    wait_for(
+        lambda: (
+            status()["jobs"]
+            == {"pending": 2, "running": 0, "done": 0, "failed": 0, "skipped": 0}
+        )
+    )
+    final = status()
+    assert (final["studies"], final["series"], final["instances"]) == (2, 3, 3)
+    assert final["associations"] == 2
+    errors = final["last_errors"]
+    assert isinstance(errors, list) and errors[0]["status"] == "0xC001"
+    text = run_cli("status", "--config", str(config))
+    assert "instances     3" in text.stdout
+    assert "0xC001" in text.stdout
+
+
+@pytest.mark.timeout(120)
+def test_several_receiving_processes_share_the_port(
+    tmp_path: Path, serve_processes: list[ServeProcess]
+) -> None:
+    serve = start_serve(write_config(tmp_path, scp_processes=3, log_level="INFO"))
+    serve_processes.append(serve)
+    wait_for(
+        lambda: serve.log.count("receiving process listening") == 2,
+        what="two more receivers",
+    )
+    study = generate_uid()
+    folders = [tmp_path / f"s{i}" for i in range(6)]
+    for folder in folders:
+        write_study(folder, 20, study_uid=study, rows=32, columns=32)
+
+    def send(folder: Path) -> int:
+        return subprocess.run(
+            [
+                dcmtk("storescu"),
+                "-aec",
+                "DICOMNODE",
+                "+sd",
+                "127.0.0.1",
+                str(serve.port),
+                str(folder),
+            ],
+            capture_output=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
+            timeout=60,
+            check=False,
+        ).returncode
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(send, folders)) == [0] * 6
+
+    status = json.loads(
+        run_cli("status", "--config", str(tmp_path / "node.toml"), "--json").stdout
+    )
+    assert status["instances"] == 120
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(30) == 0
+
+
+def sentinel_datasets() -> list[object]:
+    kwargs = {
+        "patient_name": SENTINEL_NAME,
+        "patient_birth_date": SENTINEL_BIRTH_DATE,
+        "patient_id": SENTINEL_PATIENT_ID,
+    }
+    good = make_ct(**kwargs)  # type: ignore[arg-type]
+    good.StudyDescription = "SENTINEL^PHI"
+    bad_uid = make_ct(**kwargs)  # type: ignore[arg-type]
+    bad_uid.StudyInstanceUID = "1.2.345.SENTINEL"
+    missing = make_ct(**kwargs)  # type: ignore[arg-type]
+    del missing.SeriesInstanceUID
+    return [good, good, bad_uid, missing]
+
+
+def test_no_patient_data_in_the_serve_log(
+    tmp_path: Path, serve_processes: list[ServeProcess]
+) -> None:
+    config = write_config(tmp_path)  # log_level DEBUG
+    serve = start_serve(config)
+    serve_processes.append(serve)
+
+    statuses = store_datasets(serve.port, sentinel_datasets())  # type: ignore[arg-type]
+    assert statuses[:2] == [SUCCESS, SUCCESS] and SUCCESS not in statuses[2:]
+    serve.proc.send_signal(signal.SIGTERM)
+    serve.proc.wait(30)
+
+    log = serve.log
+    assert "stored in" in log  # DEBUG lines were written...
+    assert "refused" in log
+    for sentinel in SENTINELS:  # ...and none carries patient data
+        assert sentinel not in log
+
+
+def test_no_patient_data_in_captured_records(
+    node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As configure_logging installs it: PhiFilter on the handler, warnings captured.
+    caplog.handler.addFilter(PhiFilter())
+    logging.captureWarnings(True)
+    caplog.set_level(logging.DEBUG)
+    try:
+        statuses = store_datasets(node.port, sentinel_datasets())  # type: ignore[arg-type]
+    finally:
+        logging.captureWarnings(False)
+    assert statuses[0] == SUCCESS
+    assert "stored in" in caplog.text
+    assert "text withheld" in caplog.text  # pydicom did warn about the bad DA
+    for sentinel in SENTINELS:
+        assert sentinel not in caplog.text
