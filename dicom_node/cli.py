@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--config",
             type=Path,
-            default=os.environ.get("DICOM_NODE_CONFIG"),
+            default=os.environ.get("DICOM_NODE_CONFIG") or None,
             help="the node's TOML configuration (default: $DICOM_NODE_CONFIG); "
             "'dicom-node config --example' prints a commented one",
         )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from io import BytesIO
 import logging
 import socket
 import socketserver
 import threading
 import time
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Any
 
 from pydicom.dataelem import RawDataElement

@@ -13,6 +13,7 @@ from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    UID,
     AllTransferSyntaxes,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -57,7 +58,7 @@ REQUIRED_SYNTAXES = {
     "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
     "1.2.840.10008.1.2.5",  # RLE Lossless
 }
-HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
+HTJ2K_LOSSLESS = UID("1.2.840.10008.1.2.4.201")
 
 
 @dataclass
@@ -89,18 +90,18 @@ def read_strict(path: Path) -> Dataset | None:
                 dcmread(path, force=True)
             except EOFError:
                 return None
-            except Exception:
-                pass  # judged below, leniently
+            except Exception:  # noqa: BLE001 - any other complaint: judged leniently
+                pass
             pydicom_config.settings.reading_validation_mode = old
             ds = dcmread(path, force=True)
             for elem in ds.elements():  # raw elements: check lengths, convert nothing
                 length = getattr(elem, "length", None)
                 value = getattr(elem, "value", None)
-                if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF):
-                    if len(value) != length:
-                        return None
+                defined = length not in (None, 0xFFFFFFFF)
+                if isinstance(value, bytes) and defined and len(value) != length:
+                    return None
             return ds
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever pydicom raises: does not parse
         return None
     finally:
         pydicom_config.settings.reading_validation_mode = old
@@ -110,7 +111,7 @@ def plan(path: Path, work: Path) -> Sent:
     """Decide how a sender transmits the file, and what the node should answer."""
     try:
         meta, offset = split_dataset(path)
-    except Exception:
+    except Exception:  # noqa: BLE001 - no readable File Meta: send from offset 0
         meta, offset = Dataset(), 0
     sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
     sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))

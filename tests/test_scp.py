@@ -187,7 +187,7 @@ def test_malformed_uid_is_refused_and_nothing_written(
     ds = make_ct()
     setattr(ds, field, value)
     if field == "SOPInstanceUID":
-        ds.file_meta.MediaStorageSOPInstanceUID = value
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(value)
     path = raw_file(
         tmp_path / "bad.dcm",
         encode_body(ds),

@@ -1,4 +1,4 @@
-"""`dicom-node serve` as a real process: shutdown, kill -9, several receivers, no PHI."""
+"""`dicom-node serve` as a process: shutdown, kill -9, several receivers, no PHI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,11 +17,12 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from dicom_node.config import load_config
 from dicom_node.dimse import SUCCESS
 from dicom_node.export import Peer, SendOutcome, send_files
-from dicom_node.index import IndexDB
+from dicom_node.index import IndexDB, Instance
 from dicom_node.log import PhiFilter
 from tests.conftest import (
     RunningNode,
@@ -179,10 +179,6 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(
     index = IndexDB(node_config.effective_database_url)
     try:
         with index.sessions() as s:
-            from sqlalchemy import select
-
-            from dicom_node.index import Instance
-
             indexed = set(s.scalars(select(Instance.sop_instance_uid)).all())
     finally:
         index.close()
@@ -197,8 +193,7 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(
     status = json.loads(run_cli("status", "--config", str(config), "--json").stdout)
     assert status["instances"] == 300
     assert status["studies"] == 1
-    stored = [p for p in node_config.storage_dir.rglob("*.dcm")]
-    assert len(stored) == 300
+    assert len(list(node_config.storage_dir.rglob("*.dcm"))) == 300
 
 
 def test_status_json_counts(
@@ -233,7 +228,8 @@ def test_status_json_counts(
     assert (final["studies"], final["series"], final["instances"]) == (2, 3, 3)
     assert final["associations"] == 2
     errors = final["last_errors"]
-    assert isinstance(errors, list) and errors[0]["status"] == "0xC001"
+    assert isinstance(errors, list)
+    assert errors[0]["status"] == "0xC001"
     text = run_cli("status", "--config", str(config))
     assert "instances     3" in text.stdout
     assert "0xC001" in text.stdout
@@ -305,7 +301,8 @@ def test_no_patient_data_in_the_serve_log(
     serve_processes.append(serve)
 
     statuses = store_datasets(serve.port, sentinel_datasets())  # type: ignore[arg-type]
-    assert statuses[:2] == [SUCCESS, SUCCESS] and SUCCESS not in statuses[2:]
+    assert statuses[:2] == [SUCCESS, SUCCESS]
+    assert SUCCESS not in statuses[2:]
     serve.proc.send_signal(signal.SIGTERM)
     serve.proc.wait(30)
 

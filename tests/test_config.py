@@ -1,0 +1,144 @@
+"""Configuration: the example, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import CallerConfig, NodeConfig, example_config_text, load_config
+from dicom_node.errors import ConfigError
+from tests.conftest import run_cli
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_is_valid_and_documents_every_key(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, example_config_text()), environ={})
+
+    assert config.ae_title == "DICOMNODE"
+    assert (config.host, config.port) == ("127.0.0.1", 11112)
+    assert config.state_dir == tmp_path / "dicom-node-data"
+    assert config.database_url == ""
+    assert config.stable_after == 10.0
+    assert config.allow_any_caller is False
+    assert config.callers[0] == CallerConfig("PACS", "127.0.0.1")
+    assert [(d.name, d.ae_title, d.port) for d in config.destinations] == [
+        ("pacs", "PACS", 4242)
+    ]
+    assert config.models[0].path == tmp_path / "models/chest.safetensors"
+    text = example_config_text()
+    for key in NodeConfig.__dataclass_fields__:
+        if key not in {"callers", "destinations", "models", "source"}:
+            assert f"\n{key} = " in text, f"{key} is not in the example"
+
+
+def test_cli_prints_the_example(tmp_path: Path) -> None:
+    result = run_cli("config", "--example")
+
+    assert result.returncode == 0
+    assert result.stdout == example_config_text()
+    checked = run_cli("config", "--config", str(write(tmp_path, result.stdout)))
+    assert checked.returncode == 0, checked.stderr
+    assert "valid" in checked.stdout
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = write(tmp_path, example_config_text())
+    env = {
+        "DICOM_NODE_NODE_PORT": "104",
+        "DICOM_NODE_NODE_ALLOW_ANY_CALLER": "true",
+        "DICOM_NODE_NODE_STABLE_AFTER": "2.5",
+        "DICOM_NODE_NODE_STATE_DIR": "/var/lib/dicom-node",
+        "DICOM_NODE_CALLERS": '[{ae_title = "MODALITY1", host = "10.0.0.7"}]',
+        "DICOM_NODE_DESTINATIONS": "[]",
+        "UNRELATED": "x",
+    }
+
+    config = load_config(path, environ=env)
+
+    assert config.port == 104
+    assert config.allow_any_caller is True
+    assert config.stable_after == 2.5
+    assert config.state_dir == Path("/var/lib/dicom-node")
+    assert config.callers == (CallerConfig("MODALITY1", "10.0.0.7"),)
+    assert config.destinations == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[node]\nport = 70000\n", {}, "[node] port"),
+        ('[node]\nport = "104"\n', {}, "key 'port': expected int, found str"),
+        ("[node]\nprot = 104\n", {}, "unknown key 'prot'"),
+        ('[node]\nae_title = "A_VERY_LONG_AE_TITLE"\n', {}, "[node] ae_title"),
+        ('[node]\nae_title = "BACK\\\\SLASH"\n', {}, "backslash"),
+        ("[node]\nstable_after = 0\n", {}, "stable_after"),
+        ("[nodes]\nport = 1\n", {}, "unknown section"),
+        ('[[callers]]\nhost = "127.0.0.1"\n', {}, "missing key 'ae_title'"),
+        (
+            '[[callers]]\nae_title = "X"\nhost = "pacs.example"\n',
+            {},
+            "expected an IP address",
+        ),
+        (
+            '[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 0\n',
+            {},
+            "port",
+        ),
+        ('[[models]]\npath = "m"\nsha256 = "abc"\n', {}, "64 hexadecimal digits"),
+        ("[node]\nport = \n", {}, "not valid TOML"),
+        ("", {"DICOM_NODE_NODE_PORT": "eleven"}, "DICOM_NODE_NODE_PORT: expected int"),
+        ("", {"DICOM_NODE_NODE_PROT": "1"}, "DICOM_NODE_NODE_PROT: unknown key"),
+        ("", {"DICOM_NODE_CALLERS": "PACS"}, "DICOM_NODE_CALLERS"),
+    ],
+)
+def test_errors_name_the_key_and_where(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    path = write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=env)
+
+    assert message in str(caught.value)
+    if not env:
+        assert str(path) in str(caught.value)
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, "[node]\nport = -1\n")
+
+    result = run_cli("serve", "--config", str(path))
+
+    assert result.returncode == 2
+    assert "configuration error" in result.stderr
+    assert "[node] port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    result = run_cli("status", "--config", str(tmp_path / "absent.toml"))
+
+    assert result.returncode == 2
+    assert "absent.toml" in result.stderr
+
+
+def test_no_config_given() -> None:
+    result = run_cli("serve", env={"DICOM_NODE_CONFIG": ""})
+
+    assert result.returncode == 2
+    assert "--config" in result.stderr
+
+
+def test_caller_allow_list_semantics() -> None:
+    config = NodeConfig(callers=(CallerConfig("PACS", "10.0.0.1"), CallerConfig("CT1")))
+
+    assert config.caller_allowed("PACS", "10.0.0.1")
+    assert not config.caller_allowed("PACS", "10.0.0.2")
+    assert config.caller_allowed("CT1", "192.168.1.1")
+    assert not config.caller_allowed("MR1", "10.0.0.1")
