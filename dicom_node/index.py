@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +26,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -44,6 +47,7 @@ __all__ = [
     "Instance",
     "InstanceRecordRequest",
     "Job",
+    "RecordOutcome",
     "Series",
     "Study",
     "utc_now",
@@ -54,6 +58,10 @@ logger = logging.getLogger(__name__)
 JOB_STATES = ("pending", "running", "done", "failed", "skipped")
 
 T = TypeVar("T")
+
+# Study and series ids are remembered per process to spare two look-ups per
+# instance; past this many entries the memory starts again.
+_ID_CACHE_SIZE = 100_000
 
 
 def utc_now() -> datetime:
@@ -238,23 +246,17 @@ class InstanceRecordRequest:
     association_id: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class StoredInstance:
-    """The index's view of an instance already stored.
+class _ConflictError(Exception):
+    """Raised inside a transaction to roll it back on a UID conflict."""
 
-    Parameters
-    ----------
-    study_instance_uid
-        The study it is filed under.
-    series_instance_uid
-        The series it is filed under.
-    sha256
-        SHA-256 of its data set.
-    """
 
-    study_instance_uid: str
-    series_instance_uid: str
-    sha256: str
+class RecordOutcome(enum.Enum):
+    """What :meth:`IndexDB.record_instance` did with an instance."""
+
+    NEW = "new"  # first copy of this SOP Instance UID
+    REPLACED = "replaced"  # same UID and series, different content
+    DUPLICATE = "duplicate"  # same UID, series and content: nothing changed
+    CONFLICT = "conflict"  # the UID (or its series) is filed under another study/series
 
 
 class IndexDB:
@@ -266,9 +268,14 @@ class IndexDB:
         SQLAlchemy URL: ``sqlite:///...`` (WAL mode) or ``postgresql+psycopg://...``.
     pool_size
         Connections kept open; the node's threads beyond that wait for one.
+    touch_interval
+        Seconds between two updates of a study's last-received time by this
+        process; must stay below the scheduler's ``stable_after``.
     """
 
-    def __init__(self, url: str, pool_size: int = 8) -> None:
+    def __init__(
+        self, url: str, pool_size: int = 8, touch_interval: float = 1.0
+    ) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size}
@@ -280,6 +287,10 @@ class IndexDB:
         self.sessions: sessionmaker[Session] = sessionmaker(
             self.engine, expire_on_commit=False
         )
+        self.touch_interval = touch_interval
+        self._study_ids: dict[str, int] = {}
+        self._series: dict[str, tuple[int, int]] = {}
+        self._study_touched: dict[str, float] = {}
         Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
@@ -368,57 +379,50 @@ class IndexDB:
 
         return self.run(work)
 
-    def close_association(self, association_id: int, outcome: str) -> None:
-        """Record how an association ended.
+    def close_association(
+        self,
+        association_id: int,
+        outcome: str,
+        instances_stored: int = 0,
+        instances_failed: int = 0,
+    ) -> None:
+        """Record how an association ended and what it carried.
 
         Parameters
         ----------
         association_id
             The id from :meth:`open_association`.
         outcome
-            ``released`` or ``aborted``.
+            ``released``, ``aborted`` or ``closed``.
+        instances_stored
+            C-STOREs answered Success.
+        instances_failed
+            C-STOREs answered with a failure status.
         """
         now = utc_now()
         self.run(
             lambda s: s.execute(
                 update(AssociationRecord)
                 .where(AssociationRecord.id == association_id)
-                .values(outcome=outcome, ended_at=now)
+                .values(
+                    outcome=outcome,
+                    ended_at=now,
+                    instances_stored=instances_stored,
+                    instances_failed=instances_failed,
+                )
             )
         )
 
     # --- instances ----------------------------------------------------------
 
-    def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
-        """Return where an instance is filed, or None when it is new.
-
-        Parameters
-        ----------
-        sop_instance_uid
-            The instance's UID.
-
-        Returns
-        -------
-        StoredInstance or None
-            Its study, series and data set hash.
-        """
-        with self.sessions() as session:
-            row = session.execute(
-                select(
-                    Study.study_instance_uid,
-                    Series.series_instance_uid,
-                    Instance.sha256,
-                )
-                .join(Series, Instance.series_id == Series.id)
-                .join(Study, Series.study_id == Study.id)
-                .where(Instance.sop_instance_uid == sop_instance_uid)
-            ).one_or_none()
-        if row is None:
-            return None
-        return StoredInstance(row[0], row[1], row[2])
-
-    def record_instance(self, rq: InstanceRecordRequest) -> bool:
+    def record_instance(self, rq: InstanceRecordRequest) -> RecordOutcome:
         """Index a stored instance and mark its study for processing.
+
+        One short transaction (the hot path of every C-STORE). A SOP Instance UID
+        already filed under another series, or a series already filed under
+        another study, is a conflict: the transaction is rolled back. An
+        identical copy (same series, same data set hash) changes nothing, so a
+        re-sent study is not processed again.
 
         Parameters
         ----------
@@ -427,82 +431,141 @@ class IndexDB:
 
         Returns
         -------
-        bool
-            True when the instance is new, False when it replaced a stored copy.
+        RecordOutcome
+            What happened.
         """
-        now = utc_now()
+        clock = time.monotonic()
+        remembered: dict[str, Any] = {}
 
-        def work(session: Session) -> bool:
-            study = session.execute(
-                select(Study).where(Study.study_instance_uid == rq.study_instance_uid)
-            ).scalar_one_or_none()
-            if study is None:
-                study = Study(
-                    study_instance_uid=rq.study_instance_uid,
-                    first_received_at=now,
-                    last_received_at=now,
-                    needs_processing=True,
-                )
-                session.add(study)
-                session.flush()
-            else:
-                study.last_received_at = now
-                study.needs_processing = True
-            series = session.execute(
-                select(Series).where(
-                    Series.series_instance_uid == rq.series_instance_uid
-                )
-            ).scalar_one_or_none()
+        def work(conn: Connection) -> RecordOutcome:
+            remembered.clear()  # from an attempt that was rolled back
+            now = utc_now()
+            study_id = self._study_ids.get(rq.study_instance_uid)
+            if study_id is None:
+                study_id = self._study_id(conn, rq.study_instance_uid, now)
+                remembered["study"] = study_id
+            series = self._series.get(rq.series_instance_uid)
             if series is None:
-                series = Series(
-                    series_instance_uid=rq.series_instance_uid,
-                    study_id=study.id,
-                    modality=rq.modality,
+                series = self._series_ids(conn, rq, study_id)
+                remembered["series"] = series
+            if series[1] != study_id:
+                raise _ConflictError  # the series belongs to another study
+            values = {
+                "sop_class_uid": rq.sop_class_uid,
+                "transfer_syntax_uid": rq.transfer_syntax_uid,
+                "series_id": series[0],
+                "path": rq.path,
+                "size": rq.size,
+                "sha256": rq.sha256,
+                "received_at": now,
+                "association_id": rq.association_id,
+            }
+            inserted = conn.execute(
+                self._insert_ignore(Instance).values(
+                    sop_instance_uid=rq.sop_instance_uid, **values
                 )
-                session.add(series)
-                session.flush()
-            instance = session.execute(
-                select(Instance).where(Instance.sop_instance_uid == rq.sop_instance_uid)
-            ).scalar_one_or_none()
-            is_new = instance is None
-            if instance is None:
-                instance = Instance(sop_instance_uid=rq.sop_instance_uid)
-                session.add(instance)
-            instance.sop_class_uid = rq.sop_class_uid
-            instance.transfer_syntax_uid = rq.transfer_syntax_uid
-            instance.series_id = series.id
-            instance.path = rq.path
-            instance.size = rq.size
-            instance.sha256 = rq.sha256
-            instance.received_at = now
-            instance.association_id = rq.association_id
-            if rq.association_id is not None:
-                session.execute(
-                    update(AssociationRecord)
-                    .where(AssociationRecord.id == rq.association_id)
-                    .values(instances_stored=AssociationRecord.instances_stored + 1)
+            )
+            if getattr(inserted, "rowcount", 0) == 1:
+                outcome = RecordOutcome.NEW
+            else:
+                existing = conn.execute(
+                    select(Instance.id, Instance.series_id, Instance.sha256).where(
+                        Instance.sop_instance_uid == rq.sop_instance_uid
+                    )
+                ).one()
+                if existing[1] != series[0]:
+                    raise _ConflictError
+                if existing[2] == rq.sha256:
+                    return RecordOutcome.DUPLICATE
+                outcome = RecordOutcome.REPLACED
+                conn.execute(
+                    update(Instance).where(Instance.id == existing[0]).values(**values)
                 )
-            return is_new
+            # Mark the study; at most once per touch_interval per study and process.
+            # Safe because touch_interval < stable_after: a study the scheduler has
+            # claimed was last touched longer ago than that, so it is touched again.
+            last = self._study_touched.get(rq.study_instance_uid)
+            if (
+                "study" in remembered
+                or last is None
+                or clock - last >= self.touch_interval
+            ):
+                conn.execute(
+                    update(Study)
+                    .where(Study.id == study_id)
+                    .values(last_received_at=now, needs_processing=True)
+                )
+                remembered["touched"] = clock
+            return outcome
 
-        return self.run(work)
+        try:
+            outcome = self._run_core(work)
+        except _ConflictError:
+            return RecordOutcome.CONFLICT
+        # Only ids of committed rows are remembered (a rolled-back insert is not).
+        if len(self._study_ids) > _ID_CACHE_SIZE:
+            self._study_ids.clear()
+            self._series.clear()
+            self._study_touched.clear()
+        if "study" in remembered:
+            self._study_ids[rq.study_instance_uid] = remembered["study"]
+        if "series" in remembered:
+            self._series[rq.series_instance_uid] = remembered["series"]
+        if "touched" in remembered:
+            self._study_touched[rq.study_instance_uid] = remembered["touched"]
+        return outcome
 
-    def count_duplicate(self, association_id: int | None) -> None:
-        """Count an identical re-sent instance as stored for its association.
+    def _run_core(self, work: Callable[[Connection], T], attempts: int = 3) -> T:
+        # As run(), on a bare connection: the ORM session costs too much here.
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            except IntegrityError:
+                if attempt == attempts:
+                    raise
+                logger.debug("unique-key race, retrying the transaction")
+        raise AssertionError("unreachable")  # pragma: no cover
 
-        Parameters
-        ----------
-        association_id
-            The association it came in on.
-        """
-        if association_id is None:
-            return
-        self.run(
-            lambda s: s.execute(
-                update(AssociationRecord)
-                .where(AssociationRecord.id == association_id)
-                .values(instances_stored=AssociationRecord.instances_stored + 1)
+    def _insert_ignore(self, table: type[Base]) -> Any:
+        # INSERT ... ON CONFLICT DO NOTHING, in the dialect's own spelling.
+        if self.engine.dialect.name == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing()
+        return sqlite.insert(table).on_conflict_do_nothing()
+
+    def _study_id(
+        self, conn: Connection, study_instance_uid: str, now: datetime
+    ) -> int:
+        conn.execute(
+            self._insert_ignore(Study).values(
+                study_instance_uid=study_instance_uid,
+                first_received_at=now,
+                last_received_at=now,
+                needs_processing=True,
             )
         )
+        return int(
+            conn.execute(
+                select(Study.id).where(Study.study_instance_uid == study_instance_uid)
+            ).scalar_one()
+        )
+
+    def _series_ids(
+        self, conn: Connection, rq: InstanceRecordRequest, study_id: int
+    ) -> tuple[int, int]:
+        conn.execute(
+            self._insert_ignore(Series).values(
+                series_instance_uid=rq.series_instance_uid,
+                study_id=study_id,
+                modality=rq.modality,
+            )
+        )
+        row = conn.execute(
+            select(Series.id, Series.study_id).where(
+                Series.series_instance_uid == rq.series_instance_uid
+            )
+        ).one()
+        return int(row[0]), int(row[1])
 
     def record_error(
         self,
@@ -537,12 +600,6 @@ class IndexDB:
                     association_id=association_id,
                 )
             )
-            if association_id is not None and source == "store":
-                session.execute(
-                    update(AssociationRecord)
-                    .where(AssociationRecord.id == association_id)
-                    .values(instances_failed=AssociationRecord.instances_failed + 1)
-                )
 
         try:
             self.run(work)

@@ -34,7 +34,7 @@ from dicom_node.dimse import (
     VERIFICATION_SOP_CLASS,
 )
 from dicom_node.errors import InvalidUidError, StorageError
-from dicom_node.index import IndexDB, InstanceRecordRequest
+from dicom_node.index import IndexDB, InstanceRecordRequest, RecordOutcome
 from dicom_node.log import describe_exception, quiet_pynetdicom, uid_ref
 from dicom_node.storage import InstanceKey, Storage, validate_uid
 
@@ -86,8 +86,9 @@ class StoreContext:
         return None if entry is None else int(entry[0])
 
     def _remember(self, assoc: Association, association_id: int) -> None:
+        # [index id, outcome, instances stored, instances failed]
         with self._lock:
-            self._associations[id(assoc)] = [association_id, None]
+            self._associations[id(assoc)] = [association_id, None, 0, 0]
 
     def _set_outcome(self, assoc: Association, outcome: str) -> None:
         with self._lock:
@@ -95,12 +96,18 @@ class StoreContext:
             if entry is not None and entry[1] is None:
                 entry[1] = outcome
 
-    def _forget(self, assoc: Association) -> tuple[int, str] | None:
+    def _count(self, assoc: Association, success: bool) -> None:
+        with self._lock:
+            entry = self._associations.get(id(assoc))
+            if entry is not None:
+                entry[2 if success else 3] += 1
+
+    def _forget(self, assoc: Association) -> tuple[int, str, int, int] | None:
         with self._lock:
             entry = self._associations.pop(id(assoc), None)
         if entry is None:
             return None
-        return int(entry[0]), str(entry[1] or "closed")
+        return int(entry[0]), str(entry[1] or "closed"), int(entry[2]), int(entry[3])
 
 
 def handle_requested(event: Event, ctx: StoreContext) -> None:
@@ -189,16 +196,22 @@ def handle_conn_close(event: Event, ctx: StoreContext) -> None:
     ended = ctx._forget(event.assoc)
     if ended is None:
         return
-    association_id, outcome = ended
+    association_id, outcome, stored, failed = ended
     try:
-        ctx.index.close_association(association_id, outcome)
+        ctx.index.close_association(association_id, outcome, stored, failed)
     except SQLAlchemyError as exc:
         logger.warning(
             "could not record the end of association %d: %s",
             association_id,
             type(exc).__name__,
         )
-    logger.info("association %d %s", association_id, outcome)
+    logger.info(
+        "association %d %s: %d stored, %d failed",
+        association_id,
+        outcome,
+        stored,
+        failed,
+    )
 
 
 def handle_echo(event: Event, ctx: StoreContext) -> int:
@@ -232,6 +245,7 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         status = OUT_OF_RESOURCES
         message = f"unexpected {describe_exception(exc)}"
         logger.error("C-STORE failed: %s", message)
+    ctx._count(event.assoc, status == SUCCESS)
     if status != SUCCESS:
         ctx.index.record_error(
             "store", message, status=status, association_id=association_id
@@ -304,39 +318,18 @@ def _store(
     ref = uid_ref(key.sop_instance_uid)
     stream: bytes = event.encoded_dataset(include_meta=False)
     digest = hashlib.sha256(stream).hexdigest()
-    try:
-        stored = ctx.index.find_instance(key.sop_instance_uid)
-    except SQLAlchemyError as exc:
-        logger.error(
-            "instance %s refused: index unavailable (%s)", ref, type(exc).__name__
-        )
-        return OUT_OF_RESOURCES, f"index unavailable ({type(exc).__name__})"
-    if stored is not None:
-        if (stored.study_instance_uid, stored.series_instance_uid) != (
-            key.study_instance_uid,
-            key.series_instance_uid,
-        ):
-            logger.warning(
-                "instance %s refused: already stored in another study/series", ref
-            )
-            return (
-                CONFLICTING_INSTANCE,
-                "SOP Instance UID already stored in another study/series",
-            )
-        if stored.sha256 == digest and ctx.storage.path_of(key).is_file():
-            ctx.index.count_duplicate(association_id)
-            logger.debug("instance %s already stored, identical", ref)
-            return SUCCESS, ""
-
     data = event.encoded_dataset(include_meta=True)
     started = time.perf_counter()
+    # Write first, then index in one transaction that also detects conflicts: a
+    # look-up before the write would cost a second transaction per instance.
+    existed = ctx.storage.path_of(key).is_file()
     try:
         ctx.storage.write(key, data)
     except StorageError as exc:
         logger.error("instance %s refused: cannot write (%s)", ref, exc)
         return OUT_OF_RESOURCES, f"storage write failed ({exc})"
     try:
-        ctx.index.record_instance(
+        outcome = ctx.index.record_instance(
             InstanceRecordRequest(
                 study_instance_uid=key.study_instance_uid,
                 series_instance_uid=key.series_instance_uid,
@@ -351,22 +344,38 @@ def _store(
             )
         )
     except SQLAlchemyError as exc:
-        if stored is None:
-            # Not acknowledged and not indexed: leave nothing behind.
-            try:
-                ctx.storage.remove(key)
-            except StorageError as rm_exc:
-                logger.error(
-                    "instance %s: cannot remove unindexed file (%s)", ref, rm_exc
-                )
+        _discard(ctx, key, existed, ref)
         logger.error(
             "instance %s refused: index write failed (%s)", ref, type(exc).__name__
         )
         return OUT_OF_RESOURCES, f"index write failed ({type(exc).__name__})"
+    if outcome is RecordOutcome.CONFLICT:
+        _discard(ctx, key, existed, ref)
+        logger.warning(
+            "instance %s refused: UID already filed under another study/series", ref
+        )
+        return (
+            CONFLICTING_INSTANCE,
+            "SOP Instance or Series UID already filed under another study/series",
+        )
     logger.debug(
-        "instance %s stored in %.1f ms", ref, 1000 * (time.perf_counter() - started)
+        "instance %s stored (%s) in %.1f ms",
+        ref,
+        outcome.value,
+        1000 * (time.perf_counter() - started),
     )
     return SUCCESS, ""
+
+
+def _discard(ctx: StoreContext, key: InstanceKey, existed: bool, ref: str) -> None:
+    # Not acknowledged and not indexed: leave nothing behind. A file that was
+    # there before this write belongs to an earlier, acknowledged copy.
+    if existed:
+        return
+    try:
+        ctx.storage.remove(key)
+    except StorageError as exc:
+        logger.error("instance %s: cannot remove unindexed file (%s)", ref, exc)
 
 
 def _structure_problem(ds: Dataset, stream: object, *, deflated: bool) -> str:

@@ -56,7 +56,9 @@ def open_index(config: NodeConfig) -> IndexDB:
     """
     config.state_dir.mkdir(parents=True, exist_ok=True)
     return IndexDB(
-        config.effective_database_url, pool_size=min(config.max_associations, 16) + 2
+        config.effective_database_url,
+        pool_size=min(config.max_associations, 16) + 2,
+        touch_interval=min(1.0, config.stable_after / 4),
     )
 
 

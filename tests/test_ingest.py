@@ -70,8 +70,10 @@ def test_eight_concurrent_associations_of_100_instances(
         studies = s.scalar(select(func.count()).select_from(Study))
     assert sorted(rows) == sorted(sent_uids)  # no duplicates, none missing
     assert studies == 1
-    status = node.index.status()
-    assert status["associations_by_outcome"] == {"released": 8}
+    wait_for(
+        lambda: node.index.status()["associations_by_outcome"] == {"released": 8},
+        what="eight released associations in the audit",
+    )
 
 
 def test_stable_study_gets_one_pending_job_per_model(

@@ -27,7 +27,7 @@ from dicom_node.dimse import (
     SUCCESS,
 )
 from dicom_node.index import AssociationRecord, ErrorRecord, Instance
-from tests.conftest import RunningNode, store_datasets, store_files
+from tests.conftest import RunningNode, store_datasets, store_files, wait_for
 from tests.factories import dcmtk, encode_body, make_ct, raw_file
 
 # PS3.4 C.6.1.3.1 Patient Root Query/Retrieve - FIND (pydicom.uid does not name it).
@@ -92,8 +92,14 @@ def test_dcmtk_storescu_instance_is_stored_as_sent_and_indexed(
     ]
     status = node.index.status()
     assert (status["studies"], status["series"], status["instances"]) == (1, 1, 1)
-    with node.index.sessions() as s:
-        assoc = s.scalars(select(AssociationRecord)).one()
+
+    def association() -> AssociationRecord:
+        with node.index.sessions() as s:
+            return s.scalars(select(AssociationRecord)).one()
+
+    # The audit row is completed when the connection closes, just after release.
+    wait_for(lambda: association().outcome != "open", what="the association to end")
+    assoc = association()
     assert (assoc.calling_ae_title, assoc.outcome, assoc.instances_stored) == (
         "STORESCU",
         "released",

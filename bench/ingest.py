@@ -1,0 +1,268 @@
+"""Ingest benchmark: dcmtk storescu into storescp, a bare pynetdicom SCP and the node.
+
+Sends the same N generated 512x512 16-bit CT instances (0.5 MB each) with dcmtk
+``storescu`` (TCP_NODELAY=1) to
+
+  (a) dcmtk ``storescp`` writing to disk (``--fork`` when several associations),
+  (b) a minimal pynetdicom SCP that only writes each file,
+  (c) ``dicom-node serve`` (fsync, index, scheduler),
+
+once over one association and once over several at the same time, and prints
+instances/s for each with the ratios c/b and c/a.
+
+    python bench/ingest.py [--n 400] [--associations 4] [--scp-processes 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.factories import dcmtk, write_study  # noqa: E402
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+BARE_SCP = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from pydicom.uid import AllTransferSyntaxes
+    from pynetdicom import AE, evt, _config
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    _config.LOG_HANDLER_LEVEL = "none"
+    out = Path(sys.argv[2])
+
+    def handle_store(event):
+        sop = event.request.AffectedSOPInstanceUID
+        with open(out / f"{sop}.dcm", "wb") as f:
+            f.write(event.encoded_dataset())
+        return 0x0000
+
+    ae = AE("BARESCP")
+    ae.maximum_associations = 64
+    ae.add_supported_context("1.2.840.10008.1.1")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+    print("ready", flush=True)
+    ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True,
+                    evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+    """
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(port: int, called: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = subprocess.run(
+            [
+                dcmtk("echoscu"),
+                "-aet",
+                "STORESCU",
+                "-aec",
+                called,
+                "127.0.0.1",
+                str(port),
+            ],
+            capture_output=True,
+            env=ENV,
+            check=False,
+        )
+        if result.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"SCP on port {port} did not answer C-ECHO")
+
+
+def send(port: int, called: str, folders: Sequence[Path]) -> float:
+    """Send each folder over its own association, all at once; return seconds."""
+
+    def one(folder: Path) -> None:
+        result = subprocess.run(
+            [
+                dcmtk("storescu"),
+                "-aec",
+                called,
+                "+sd",
+                "127.0.0.1",
+                str(port),
+                str(folder),
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"storescu failed: {result.stderr[-500:]}")
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(folders)) as pool:
+        list(pool.map(one, folders))
+    return time.perf_counter() - started
+
+
+def split(files: Sequence[Path], parts: int, root: Path) -> list[Path]:
+    folders = [root / f"part{i}" for i in range(parts)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    for i, f in enumerate(files):
+        os.link(f, folders[i % parts] / f.name)
+    return folders
+
+
+def count_files(folder: Path) -> int:
+    return sum(
+        1 for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".tmp")
+    )
+
+
+def run_storescp(work: Path, folders: Sequence[Path], n: int) -> float:
+    out = work / "storescp"
+    out.mkdir()
+    port = free_port()
+    args = [dcmtk("storescp"), "-od", str(out), "--aetitle", "STORESCP"]
+    if len(folders) > 1:
+        args.append("--fork")
+    proc = subprocess.Popen([*args, str(port)], env=ENV, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port, "STORESCP")
+        seconds = send(port, "STORESCP", folders)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert count_files(out) == n, f"storescp stored {count_files(out)} of {n}"
+    return seconds
+
+
+def run_bare(work: Path, folders: Sequence[Path], n: int) -> float:
+    out = work / "bare"
+    out.mkdir()
+    script = work / "bare_scp.py"
+    script.write_text(BARE_SCP)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(out)], env=ENV)
+    try:
+        wait_ready(port, "BARESCP")
+        seconds = send(port, "BARESCP", folders)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert count_files(out) == n, f"bare SCP stored {count_files(out)} of {n}"
+    return seconds
+
+
+def run_node(work: Path, folders: Sequence[Path], n: int, scp_processes: int) -> float:
+    state = work / "node"
+    port = free_port()
+    config = work / "node.toml"
+    config.write_text(
+        f'[node]\nport = {port}\nstate_dir = "{state}"\nallow_any_caller = true\n'
+        f'stable_after = 5.0\nscp_processes = {scp_processes}\nlog_level = "WARNING"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)], env=ENV
+    )
+    try:
+        wait_ready(port, "DICOMNODE")
+        seconds = send(port, "DICOMNODE", folders)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    stored = sum(1 for _ in (state / "storage").rglob("*.dcm"))
+    assert stored == n, f"node stored {stored} of {n}"
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "status",
+            "--config",
+            str(config),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    indexed = json.loads(status.stdout)["instances"]
+    if indexed != n:
+        raise RuntimeError(f"node indexed {indexed} of {n}")
+    return seconds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=400, help="instances per run")
+    parser.add_argument(
+        "--associations", type=int, default=4, help="concurrent senders"
+    )
+    parser.add_argument("--scp-processes", type=int, default=2, help="node receivers")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    base = Path(tempfile.mkdtemp(prefix="ingest-", dir=args.workdir))
+    try:
+        print(
+            f"generating {args.n} CT instances 512x512 16-bit in {base} ...", flush=True
+        )
+        files = write_study(base / "src", args.n, rows=512, columns=512)
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        print(f"{mb:.0f} MB to send per run; machine has {os.cpu_count()} CPUs\n")
+        print(
+            f"{'scenario':<34}{'(a) storescp':>14}{'(b) bare':>11}{'(c) node':>11}"
+            f"{'c/b':>7}{'c/a':>7}"
+        )
+        for label, k, procs in (
+            ("1 association, 1 receiver", 1, 1),
+            (f"{args.associations} associations, 1 receiver", args.associations, 1),
+            (
+                f"{args.associations} associations, {args.scp_processes} receivers",
+                args.associations,
+                args.scp_processes,
+            ),
+        ):
+            rates = []
+            for name in ("a", "b", "c"):
+                work = base / f"{name}-{k}-{procs}"
+                folders = split(files, k, work / "send")
+                if name == "a":
+                    seconds = run_storescp(work, folders, args.n)
+                elif name == "b":
+                    seconds = run_bare(work, folders, args.n)
+                else:
+                    seconds = run_node(work, folders, args.n, procs)
+                rates.append(args.n / seconds)
+                shutil.rmtree(work)
+            a, b, c = rates
+            figures = f"{a:>11.0f}/s{b:>8.0f}/s{c:>8.0f}/s{c / b:>7.2f}{c / a:>7.2f}"
+            print(f"{label:<34}{figures}", flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print("\n(b) and (a) always run one process; targets: c/b >= 0.9, c/a >= 0.5")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
