@@ -1,11 +1,15 @@
 """DIMSE constants the node uses, named and cited."""
 
+import struct
+
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 __all__ = [
     "CANNOT_UNDERSTAND",
     "CONFLICTING_INSTANCE",
     "DATASET_DOES_NOT_MATCH_SOP_CLASS",
+    "DECODE_ERRORS",
     "INVALID_UID",
     "OUT_OF_RESOURCES",
     "SUCCESS",
@@ -26,3 +30,18 @@ CANNOT_UNDERSTAND = (
 # clear of pynetdicom's own 0xC210 / 0xC211.
 INVALID_UID = 0xC001  # a Study/Series/SOP Instance/Class UID that is not a valid UID
 CONFLICTING_INSTANCE = 0xC002  # SOP Instance UID already stored in another series
+
+# What pydicom raises on data it cannot read: a bad preamble, a short read, a value
+# that does not decode, a malformed sequence ("No tag to read" is an OSError).
+DECODE_ERRORS: tuple[type[Exception], ...] = (
+    InvalidDicomError,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    NotImplementedError,
+    struct.error,
+)

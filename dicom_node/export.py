@@ -26,7 +26,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.status import code_to_category
 
 from dicom_node.config import validate_ae_title
-from dicom_node.dimse import VERIFICATION_SOP_CLASS
+from dicom_node.dimse import DECODE_ERRORS, VERIFICATION_SOP_CLASS
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.log import quiet_pynetdicom
 
@@ -254,7 +254,7 @@ def _inspect(path: Path) -> _Item | str:
         ds = dcmread(path, force=True)
         sop_class = ds.get("SOPClassUID")
         sop_instance = ds.get("SOPInstanceUID")
-    except Exception as exc:  # noqa: BLE001 - any parse failure: not an instance
+    except DECODE_ERRORS as exc:
         return f"not a DICOM file ({type(exc).__name__})"
     if not sop_class or not sop_instance:
         return "not a DICOM instance (no SOP Class/Instance UID)"

@@ -28,6 +28,7 @@ from dicom_node.dimse import (
     CANNOT_UNDERSTAND,
     CONFLICTING_INSTANCE,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    DECODE_ERRORS,
     INVALID_UID,
     OUT_OF_RESOURCES,
     SUCCESS,
@@ -85,24 +86,28 @@ class StoreContext:
             entry = self._associations.get(id(assoc))
         return None if entry is None else int(entry[0])
 
-    def _remember(self, assoc: Association, association_id: int) -> None:
+    def remember(self, assoc: Association, association_id: int) -> None:
+        """Start tracking an accepted association."""
         # [index id, outcome, instances stored, instances failed]
         with self._lock:
             self._associations[id(assoc)] = [association_id, None, 0, 0]
 
-    def _set_outcome(self, assoc: Association, outcome: str) -> None:
+    def set_outcome(self, assoc: Association, outcome: str) -> None:
+        """Note how the association ended (the first outcome noted wins)."""
         with self._lock:
             entry = self._associations.get(id(assoc))
             if entry is not None and entry[1] is None:
                 entry[1] = outcome
 
-    def _count(self, assoc: Association, success: bool) -> None:
+    def count(self, assoc: Association, success: bool) -> None:
+        """Count one C-STORE answered with Success or with a failure."""
         with self._lock:
             entry = self._associations.get(id(assoc))
             if entry is not None:
                 entry[2 if success else 3] += 1
 
-    def _forget(self, assoc: Association) -> tuple[int, str, int, int] | None:
+    def forget(self, assoc: Association) -> tuple[int, str, int, int] | None:
+        """Stop tracking; return (id, outcome, stored, failed) or None."""
         with self._lock:
             entry = self._associations.pop(id(assoc), None)
         if entry is None:
@@ -164,7 +169,7 @@ def handle_requested(event: Event, ctx: StoreContext) -> None:
         )
         _reject(assoc, _RJ_PERMANENT, diagnostic)
         return
-    ctx._remember(assoc, association_id)
+    ctx.remember(assoc, association_id)
     logger.info(
         "association %d from %s:%d (calling AE %r) requested",
         association_id,
@@ -183,17 +188,17 @@ def _reject(assoc: Association, result: int, diagnostic: int) -> None:
 
 def handle_released(event: Event, ctx: StoreContext) -> None:
     """Note that the peer released the association."""
-    ctx._set_outcome(event.assoc, "released")
+    ctx.set_outcome(event.assoc, "released")
 
 
 def handle_aborted(event: Event, ctx: StoreContext) -> None:
     """Note that the association was aborted."""
-    ctx._set_outcome(event.assoc, "aborted")
+    ctx.set_outcome(event.assoc, "aborted")
 
 
 def handle_conn_close(event: Event, ctx: StoreContext) -> None:
     """Record how the association ended once its connection is closed."""
-    ended = ctx._forget(event.assoc)
+    ended = ctx.forget(event.assoc)
     if ended is None:
         return
     association_id, outcome, stored, failed = ended
@@ -245,7 +250,7 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         status = OUT_OF_RESOURCES
         message = f"unexpected {describe_exception(exc)}"
         logger.error("C-STORE failed: %s", message)
-    ctx._count(event.assoc, status == SUCCESS)
+    ctx.count(event.assoc, status == SUCCESS)
     if status != SUCCESS:
         ctx.index.record_error(
             "store", message, status=status, association_id=association_id
@@ -271,7 +276,7 @@ def _store(
         study_uid = ds.get("StudyInstanceUID")
         series_uid = ds.get("SeriesInstanceUID")
         modality = ds.get("Modality")
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means unparseable
+    except DECODE_ERRORS as exc:
         logger.warning(
             "instance %s refused: data set does not parse (%s)",
             requested_ref,
