@@ -99,7 +99,7 @@ def test_stable_study_gets_one_pending_job_per_model(
     def jobs() -> list[tuple[str, str]]:
         schedule_stable_studies(node.index, keys, node.config.stable_after)
         with node.index.sessions() as s:
-            return sorted(s.execute(select(Job.model, Job.state)).tuples().all())
+            return sorted((r[0], r[1]) for r in s.execute(select(Job.model, Job.state)))
 
     wait_for(lambda: len(jobs()) == 2, what="two jobs")
     assert jobs() == [(keys[0], "pending"), (keys[1], "pending")]

@@ -313,6 +313,7 @@ def test_no_patient_data_in_the_serve_log(
         assert sentinel not in log
 
 
+@pytest.mark.filterwarnings("default")  # pydicom's warnings must reach the filter
 def test_no_patient_data_in_captured_records(
     node: RunningNode, caplog: pytest.LogCaptureFixture
 ) -> None:
