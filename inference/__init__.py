@@ -1,3 +1,65 @@
 """The ML runtime shared by the node and medtrain: pixels in, probabilities out."""
 
-__all__: list[str] = []
+from inference.artifact import (
+    FORMAT_VERSION,
+    CodedConcept,
+    Label,
+    ModelArtifact,
+    file_sha256,
+    weights_sha256,
+)
+from inference.classifier import (
+    Classifier,
+    Explanation,
+    LabelPrediction,
+    StudyPrediction,
+)
+from inference.errors import (
+    ArtifactError,
+    ImageTooLargeError,
+    InferenceError,
+    PreprocessError,
+)
+from inference.gradcam import gradcam, gradcam_from_features, gradcam_full_backward
+from inference.model import ARCHITECTURES, build_model, load_init_weights
+from inference.preprocess import (
+    Frames,
+    FrameSource,
+    PreprocessSpec,
+    check_size,
+    decode_frames,
+    heatmap_to_source,
+    preprocess,
+    preprocess_many,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "FORMAT_VERSION",
+    "ArtifactError",
+    "Classifier",
+    "CodedConcept",
+    "Explanation",
+    "FrameSource",
+    "Frames",
+    "ImageTooLargeError",
+    "InferenceError",
+    "Label",
+    "LabelPrediction",
+    "ModelArtifact",
+    "PreprocessError",
+    "PreprocessSpec",
+    "StudyPrediction",
+    "build_model",
+    "check_size",
+    "decode_frames",
+    "file_sha256",
+    "gradcam",
+    "gradcam_from_features",
+    "gradcam_full_backward",
+    "heatmap_to_source",
+    "load_init_weights",
+    "preprocess",
+    "preprocess_many",
+    "weights_sha256",
+]

@@ -1,0 +1,414 @@
+"""ModelArtifact: one .safetensors file, weights plus a JSON document; no pickle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from inference.errors import ArtifactError
+from inference.model import ARCHITECTURES, build_model
+from inference.preprocess import PreprocessSpec
+
+__all__ = [
+    "AGGREGATIONS",
+    "FORMAT_VERSION",
+    "CodedConcept",
+    "Label",
+    "ModelArtifact",
+    "file_sha256",
+    "weights_sha256",
+]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "dicom_node_model"
+AGGREGATIONS = ("max", "mean", "topk_mean")
+
+
+@dataclass(frozen=True, slots=True)
+class CodedConcept:
+    """A coded concept (PS3.3 8.8): code value, coding scheme, code meaning.
+
+    Parameters
+    ----------
+    value
+        Code Value, e.g. ``27925004``.
+    scheme
+        Coding Scheme Designator, e.g. ``SCT``.
+    meaning
+        Code Meaning, e.g. ``Nodule``.
+    """
+
+    value: str
+    scheme: str
+    meaning: str
+
+    def __post_init__(self) -> None:
+        """Check that no part is empty."""
+        if not (self.value and self.scheme and self.meaning):
+            raise ValueError("coded concept: value, scheme and meaning are required")
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """One output of the model.
+
+    Parameters
+    ----------
+    name
+        Short name, e.g. ``nodule``.
+    concept
+        The finding's code, used in the SR.
+    threshold
+        Operating threshold on the probability: at or above is positive.
+    finding_site
+        Optional code of the anatomic site, e.g. (39607008, SCT, Lung).
+    """
+
+    name: str
+    concept: CodedConcept
+    threshold: float = 0.5
+    finding_site: CodedConcept | None = None
+
+    def __post_init__(self) -> None:
+        """Check the name and the threshold."""
+        if not self.name:
+            raise ValueError("label: name is required")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"label {self.name}: threshold must be in [0, 1]")
+
+
+@dataclass(slots=True)
+class ModelArtifact:
+    """A trained model and everything needed to run and report it.
+
+    Parameters
+    ----------
+    name
+        Model name, e.g. ``chest-nodule``.
+    version
+        Model version string.
+    device_uid
+        A UID new for each training run (IHE AIR Device UID).
+    architecture
+        torchvision architecture name.
+    preprocessing
+        How pixels become input; its ``channels`` and ``size`` are the input's.
+    labels
+        One per model output.
+    state_dict
+        The weights.
+    aggregation
+        Study-level rule over frames: ``max``, ``mean`` or ``topk_mean``.
+    top_k
+        k for ``topk_mean``.
+    dropout
+        Dropout before the head (part of the architecture).
+    accepts
+        Accepted inputs: ``modalities``, ``body_parts``, ``sop_classes`` lists.
+    training
+        Training data summary and metrics (free-form JSON).
+    """
+
+    name: str
+    version: str
+    device_uid: str
+    architecture: str
+    preprocessing: PreprocessSpec
+    labels: tuple[Label, ...]
+    state_dict: dict[str, torch.Tensor]
+    aggregation: str = "max"
+    top_k: int = 1
+    dropout: float = 0.0
+    accepts: dict[str, list[str]] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Check the fields that the runtime depends on."""
+        if not self.name or not self.version:
+            raise ValueError("name and version are required")
+        if not self.device_uid or len(self.device_uid) > 64:
+            raise ValueError("device_uid: expected a UID of at most 64 characters")
+        if self.architecture not in ARCHITECTURES:
+            raise ArtifactError(
+                f"unknown architecture {self.architecture!r}: this dicom-node runs "
+                f"{', '.join(sorted(ARCHITECTURES))}; export the model with one of them"
+            )
+        if not self.labels:
+            raise ValueError("labels: at least one is required")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"aggregation: expected one of {AGGREGATIONS}, "
+                f"found {self.aggregation!r}"
+            )
+        if self.top_k < 1:
+            raise ValueError(f"top_k: expected >= 1, found {self.top_k}")
+        unknown = set(self.accepts) - {"modalities", "body_parts", "sop_classes"}
+        if unknown:
+            raise ValueError(f"accepts: unknown key(s) {sorted(unknown)}")
+
+    @property
+    def weights_sha256(self) -> str:
+        """Return the SHA-256 of the weights (names, dtypes, shapes and bytes)."""
+        return weights_sha256(self.state_dict)
+
+    def build(self) -> torch.nn.Module:
+        """Return the model with these weights, in eval mode.
+
+        Raises
+        ------
+        ArtifactError
+            If the weights do not fit the architecture.
+        """
+        model: torch.nn.Module = build_model(
+            self.architecture,
+            num_classes=len(self.labels),
+            in_channels=self.preprocessing.channels,
+            dropout=self.dropout,
+        )
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as exc:
+            raise ArtifactError(
+                f"weights do not fit {self.architecture} with "
+                f"{len(self.labels)} label(s): {str(exc)[:300]}"
+            ) from exc
+        model.eval()
+        return model
+
+    def metadata(self) -> dict[str, Any]:
+        """Return the JSON document stored in the file header."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": {
+                "name": self.name,
+                "version": self.version,
+                "device_uid": self.device_uid,
+            },
+            "architecture": self.architecture,
+            "dropout": self.dropout,
+            "input": {
+                "channels": self.preprocessing.channels,
+                "size": list(self.preprocessing.size),
+            },
+            "preprocessing": self.preprocessing.to_dict(),
+            "labels": [_label_to_dict(label) for label in self.labels],
+            "aggregation": {"rule": self.aggregation, "k": self.top_k},
+            "accepts": self.accepts,
+            "training": self.training,
+            "weights_sha256": self.weights_sha256,
+        }
+
+    def save(self, path: Path) -> str:
+        """Write the artifact; return the file's SHA-256 (for a config pin).
+
+        Parameters
+        ----------
+        path
+            Destination ``.safetensors`` file.
+
+        Returns
+        -------
+        str
+            SHA-256 of the written file.
+        """
+        tensors = {
+            k: v.detach().to("cpu").contiguous() for k, v in self.state_dict.items()
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            tensors, str(path), metadata={METADATA_KEY: json.dumps(self.metadata())}
+        )
+        return file_sha256(path)
+
+    @classmethod
+    def load(cls, path: Path, expected_sha256: str | None = None) -> ModelArtifact:
+        """Read an artifact; nothing is unpickled, nothing runs.
+
+        Parameters
+        ----------
+        path
+            The ``.safetensors`` file.
+        expected_sha256
+            When given, a file with another SHA-256 is refused.
+
+        Returns
+        -------
+        ModelArtifact
+            The artifact, its weights checked against their recorded hash.
+
+        Raises
+        ------
+        ArtifactError
+            If the file is missing, not a dicom-node model, changed, of a newer
+            format, or misses a key; the message says which and what to do.
+        """
+        if not path.is_file():
+            raise ArtifactError(f"model file {path} not found")
+        if expected_sha256 is not None:
+            actual = file_sha256(path)
+            if actual != expected_sha256.lower():
+                raise ArtifactError(
+                    f"model file {path} has SHA-256 {actual}, but the configuration "
+                    f"pins {expected_sha256.lower()}: the file changed; check it and "
+                    "update the pin"
+                )
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ArtifactError(
+                f"{path} is not a safetensors model file ({exc}); models come from "
+                "`medtrain fit`"
+            ) from exc
+        if METADATA_KEY not in header:
+            raise ArtifactError(
+                f"{path} is a safetensors file without a dicom-node model document; "
+                "export the model with `medtrain fit`"
+            )
+        try:
+            meta = json.loads(header[METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{path}: the model document is not JSON") from exc
+        artifact = _from_metadata(meta, state_dict, str(path))
+        recorded = _get(meta, "weights_sha256", str(path))
+        if artifact.weights_sha256 != recorded:
+            raise ArtifactError(
+                f"{path}: the weights do not match their recorded SHA-256 (the file "
+                "was modified or damaged); export the model again"
+            )
+        return artifact
+
+
+def _label_to_dict(label: Label) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": label.name,
+        "code": {
+            "value": label.concept.value,
+            "scheme": label.concept.scheme,
+            "meaning": label.concept.meaning,
+        },
+        "threshold": label.threshold,
+    }
+    if label.finding_site is not None:
+        site = label.finding_site
+        out["finding_site"] = {
+            "value": site.value,
+            "scheme": site.scheme,
+            "meaning": site.meaning,
+        }
+    return out
+
+
+def _get(meta: Mapping[str, Any], dotted: str, where: str) -> Any:
+    node: Any = meta
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ArtifactError(
+                f"{where}: the model document lacks {dotted!r}; export the model "
+                "again with `medtrain fit`"
+            )
+        node = node[part]
+    return node
+
+
+def _concept(data: Any, where: str) -> CodedConcept:
+    if not isinstance(data, Mapping):
+        raise ArtifactError(f"{where}: a coded concept must be an object")
+    try:
+        return CodedConcept(
+            str(data["value"]), str(data["scheme"]), str(data["meaning"])
+        )
+    except (KeyError, ValueError) as exc:
+        raise ArtifactError(f"{where}: coded concept incomplete ({exc})") from exc
+
+
+def _from_metadata(
+    meta: Mapping[str, Any], state_dict: dict[str, torch.Tensor], where: str
+) -> ModelArtifact:
+    version = _get(meta, "format_version", where)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{where}: model format version {version} is newer than this dicom-node "
+            f"reads ({FORMAT_VERSION}); upgrade dicom-node"
+        )
+    labels: Sequence[Any] = _get(meta, "labels", where)
+    try:
+        parsed_labels = tuple(
+            Label(
+                name=str(item["name"]),
+                concept=_concept(item["code"], where),
+                threshold=float(item["threshold"]),
+                finding_site=(
+                    _concept(item["finding_site"], where)
+                    if item.get("finding_site")
+                    else None
+                ),
+            )
+            for item in labels
+        )
+        return ModelArtifact(
+            name=str(_get(meta, "model.name", where)),
+            version=str(_get(meta, "model.version", where)),
+            device_uid=str(_get(meta, "model.device_uid", where)),
+            architecture=str(_get(meta, "architecture", where)),
+            preprocessing=PreprocessSpec.from_dict(_get(meta, "preprocessing", where)),
+            labels=parsed_labels,
+            state_dict=state_dict,
+            aggregation=str(_get(meta, "aggregation.rule", where)),
+            top_k=int(_get(meta, "aggregation.k", where)),
+            dropout=float(meta.get("dropout", 0.0)),
+            accepts=dict(meta.get("accepts", {})),
+            training=dict(meta.get("training", {})),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{where}: invalid model document ({exc})") from exc
+
+
+def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Return a SHA-256 over tensor names, dtypes, shapes and bytes, in name order.
+
+    Parameters
+    ----------
+    state_dict
+        The weights.
+
+    Returns
+    -------
+    str
+        Hex digest.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """Return the SHA-256 of a file.
+
+    Parameters
+    ----------
+    path
+        The file.
+
+    Returns
+    -------
+    str
+        Hex digest.
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

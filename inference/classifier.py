@@ -1,0 +1,299 @@
+"""Classifier: data sets -> batched frames -> model on cuda / cpu -> StudyPrediction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from pydicom.dataset import Dataset
+
+from inference.artifact import Label, ModelArtifact
+from inference.gradcam import gradcam_from_features, head, trunk, upsample
+from inference.preprocess import Frames, FrameSource, heatmap_to_source, preprocess
+
+__all__ = ["Classifier", "Explanation", "LabelPrediction", "StudyPrediction"]
+
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class LabelPrediction:
+    """The study-level result for one label.
+
+    Parameters
+    ----------
+    label
+        The label (name, code, threshold).
+    probability
+        Study-level probability by the artifact's aggregation rule.
+    positive
+        Whether ``probability`` reaches the label's operating threshold.
+    top_frame
+        Index (into the prediction's frames) of the highest-scoring frame.
+    """
+
+    label: Label
+    probability: float
+    positive: bool
+    top_frame: int
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """A Grad-CAM heatmap of one frame for one label.
+
+    Parameters
+    ----------
+    label_index
+        Which label it explains.
+    frame
+        Index into the prediction's frames.
+    source
+        Where that frame came from.
+    probability
+        The frame's probability for the label.
+    heatmap
+        float32 [rows, columns] in [0, 1], at the source image's resolution.
+    """
+
+    label_index: int
+    frame: int
+    source: FrameSource
+    probability: float
+    heatmap: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class StudyPrediction:
+    """What a model says about a study.
+
+    Parameters
+    ----------
+    model_name
+        The artifact's name.
+    model_version
+        The artifact's version.
+    device_uid
+        The artifact's Device UID.
+    labels
+        One per label, in the artifact's order.
+    frames
+        Every frame scored, in order.
+    frame_probabilities
+        float32 [frames, labels].
+    explanations
+        Grad-CAM heatmaps of the top frames.
+    """
+
+    model_name: str
+    model_version: str
+    device_uid: str
+    labels: tuple[LabelPrediction, ...]
+    frames: tuple[FrameSource, ...]
+    frame_probabilities: npt.NDArray[np.float32]
+    explanations: tuple[Explanation, ...] = ()
+
+
+class Classifier:
+    """Runs a model artifact on data sets.
+
+    Parameters
+    ----------
+    artifact
+        The model.
+    device
+        ``cuda``, ``cpu`` or e.g. ``cuda:1``; CUDA when available when None.
+    precision
+        ``fp32`` (default), or ``bf16`` / ``fp16`` autocast.
+    batch_size
+        Frames per forward pass; frames of several instances share a batch.
+    preprocess_workers
+        Threads preprocessing the next data sets while the model runs.
+    """
+
+    def __init__(
+        self,
+        artifact: ModelArtifact,
+        device: str | None = None,
+        precision: str = "fp32",
+        batch_size: int = 8,
+        preprocess_workers: int = 1,
+    ) -> None:
+        if precision not in _PRECISIONS:
+            raise ValueError(
+                f"precision: expected one of {sorted(_PRECISIONS)}, found {precision!r}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, found {batch_size}")
+        self.artifact = artifact
+        self.device = torch.device(
+            device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        self.precision = precision
+        self.batch_size = batch_size
+        self.preprocess_workers = max(1, preprocess_workers)
+        self.model = artifact.build().to(self.device)
+        self.model.to(memory_format=torch.channels_last)
+
+    def _autocast(self) -> AbstractContextManager[object]:
+        dtype = _PRECISIONS[self.precision]
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model on a batch; return probabilities and layer4 activations.
+
+        Parameters
+        ----------
+        pixels
+            float32 [N, C, H, W] from :func:`inference.preprocess`.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            Probabilities [N, labels] (sigmoid of the logits, float32, on the CPU)
+            and layer4 activations [N, K, h, w] (on the model's device).
+        """
+        x = pixels.to(self.device, non_blocking=True).contiguous(
+            memory_format=torch.channels_last
+        )
+        with torch.inference_mode(), self._autocast():
+            features = trunk(self.model, x)
+            logits = head(self.model, features)
+        return torch.sigmoid(logits.float()).cpu(), features
+
+    def _batches(self, datasets: Sequence[Dataset]) -> Iterator[Frames]:
+        # Preprocess ahead in a thread (decoding and resizing release the GIL)
+        # while the model runs on the previous batch.
+        spec = self.artifact.preprocessing
+        with ThreadPoolExecutor(self.preprocess_workers) as pool:
+            pending: list[Frames] = []
+            count = 0
+            for frames in pool.map(lambda ds: preprocess(ds, spec), datasets):
+                pending.append(frames)
+                count += len(frames)
+                while count >= self.batch_size:
+                    batch, pending, count = _take(pending, self.batch_size)
+                    yield batch
+            if count:
+                batch, _, _ = _take(pending, count)
+                yield batch
+
+    def predict(
+        self, datasets: Sequence[Dataset], explain_top_k: int = 0
+    ) -> StudyPrediction:
+        """Score a study, and explain its top frames per label with Grad-CAM.
+
+        Parameters
+        ----------
+        datasets
+            The study's instances (any order; multi-frame ones are split).
+        explain_top_k
+            How many of the highest-scoring frames per label get a heatmap.
+
+        Returns
+        -------
+        StudyPrediction
+            Per label the study-level probability and decision, per frame the
+            probabilities, and the heatmaps.
+
+        Raises
+        ------
+        inference.PreprocessError
+            If a data set cannot be preprocessed.
+        ValueError
+            If ``datasets`` is empty.
+        """
+        if not datasets:
+            raise ValueError("datasets: a study needs at least one instance")
+        n_labels = len(self.artifact.labels)
+        probabilities: list[torch.Tensor] = []
+        sources: list[FrameSource] = []
+        # Per label: the best frames so far and their layer4 activations, so
+        # Grad-CAM needs no second pass through the trunk.
+        kept: list[list[tuple[float, int, torch.Tensor]]] = [
+            [] for _ in range(n_labels)
+        ]
+        for batch in self._batches(datasets):
+            probs, features = self.forward(batch.pixels)
+            offset = len(sources)
+            probabilities.append(probs)
+            sources.extend(batch.sources)
+            if explain_top_k:
+                for label in range(n_labels):
+                    candidates = kept[label] + [
+                        (float(probs[i, label]), offset + i, features[i])
+                        for i in torch.topk(
+                            probs[:, label], min(explain_top_k, len(probs))
+                        ).indices.tolist()
+                    ]
+                    candidates.sort(key=lambda c: (-c[0], c[1]))
+                    kept[label] = [
+                        (p, i, f.clone()) for p, i, f in candidates[:explain_top_k]
+                    ]
+        frame_probs = torch.cat(probabilities).numpy().astype(np.float32)
+        labels = tuple(
+            self._label_prediction(label, frame_probs[:, i])
+            for i, label in enumerate(self.artifact.labels)
+        )
+        explanations = tuple(
+            self._explain(label, frame, feats, p, sources[frame])
+            for label in range(n_labels)
+            for p, frame, feats in kept[label]
+        )
+        return StudyPrediction(
+            model_name=self.artifact.name,
+            model_version=self.artifact.version,
+            device_uid=self.artifact.device_uid,
+            labels=labels,
+            frames=tuple(sources),
+            frame_probabilities=frame_probs,
+            explanations=explanations,
+        )
+
+    def _label_prediction(
+        self, label: Label, probs: npt.NDArray[np.float32]
+    ) -> LabelPrediction:
+        rule = self.artifact.aggregation
+        if rule == "mean":
+            value = float(probs.mean())
+        elif rule == "topk_mean":
+            k = min(self.artifact.top_k, len(probs))
+            value = float(np.sort(probs)[-k:].mean())
+        else:
+            value = float(probs.max())
+        return LabelPrediction(
+            label=label,
+            probability=value,
+            positive=value >= label.threshold,
+            top_frame=int(np.argmax(probs)),
+        )
+
+    def _explain(
+        self,
+        label: int,
+        frame: int,
+        features: torch.Tensor,
+        probability: float,
+        source: FrameSource,
+    ) -> Explanation:
+        cam = gradcam_from_features(self.model, features[None].float(), label)
+        size = self.artifact.preprocessing.size
+        at_input = upsample(cam, size)[0].cpu()
+        heatmap = heatmap_to_source(at_input, source).numpy().astype(np.float32)
+        return Explanation(label, frame, source, probability, heatmap)
+
+
+def _take(pending: list[Frames], n: int) -> tuple[Frames, list[Frames], int]:
+    pixels = torch.cat([f.pixels for f in pending])
+    sources = [s for f in pending for s in f.sources]
+    batch = Frames(pixels[:n], sources[:n])
+    rest = Frames(pixels[n:], sources[n:])
+    remaining = [rest] if len(rest) else []
+    return batch, remaining, len(rest)
