@@ -1,0 +1,221 @@
+"""Classifier and Grad-CAM: batching, aggregation, head-only Grad-CAM, a heatmap."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from inference import (
+    Classifier,
+    CodedConcept,
+    Label,
+    ModelArtifact,
+    PreprocessSpec,
+    build_model,
+    gradcam,
+    gradcam_full_backward,
+    preprocess_many,
+)
+from tests.factories import corpus_file, make_ct
+
+LABELS = (
+    Label("nodule", CodedConcept("27925004", "SCT", "Nodule"), 0.5),
+    Label("effusion", CodedConcept("60046008", "SCT", "Pleural effusion"), 0.5),
+)
+
+
+def artifact(
+    architecture: str = "resnet18",
+    aggregation: str = "max",
+    top_k: int = 1,
+    size: int = 64,
+) -> ModelArtifact:
+    torch.manual_seed(0)
+    model = build_model(architecture, len(LABELS), 1)
+    # Random BatchNorm statistics make a random net's outputs less degenerate.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.running_mean, -0.1, 0.1)  # type: ignore[arg-type]
+            torch.nn.init.uniform_(m.running_var, 0.5, 1.5)  # type: ignore[arg-type]
+    return ModelArtifact(
+        name="test",
+        version="0",
+        device_uid="2.25.42",
+        architecture=architecture,
+        preprocessing=PreprocessSpec(size=(size, size)),
+        labels=LABELS,
+        state_dict=model.state_dict(),
+        aggregation=aggregation,
+        top_k=top_k,
+    )
+
+
+def study() -> list[Dataset]:
+    # Mixed sizes, a multi-frame MR (10 frames) and single-frame CTs: 16 frames.
+    return [
+        make_ct(rows=96, columns=80, seed=1),
+        dcmread(corpus_file("emri_small.dcm")),
+        make_ct(rows=64, columns=64, seed=2),
+        dcmread(corpus_file("CT_small.dcm")),
+        make_ct(rows=128, columns=128, seed=3),
+        make_ct(rows=50, columns=70, seed=4),
+        make_ct(rows=64, columns=64, seed=5),
+    ]
+
+
+def test_batching_gives_the_same_probabilities_as_one_by_one() -> None:
+    datasets = study()
+    batched = Classifier(artifact(), device="cpu", batch_size=8).predict(datasets)
+    single = Classifier(artifact(), device="cpu", batch_size=1).predict(datasets)
+
+    assert batched.frame_probabilities.shape == (16, 2)
+    np.testing.assert_allclose(
+        batched.frame_probabilities, single.frame_probabilities, atol=1e-5
+    )
+    assert [s.sop_instance_uid for s in batched.frames] == [
+        s.sop_instance_uid for s in single.frames
+    ]
+
+
+@pytest.mark.parametrize(("rule", "k"), [("max", 1), ("mean", 1), ("topk_mean", 3)])
+def test_study_probability_follows_the_aggregation_rule(rule: str, k: int) -> None:
+    prediction = Classifier(artifact(aggregation=rule, top_k=k), device="cpu").predict(
+        study()
+    )
+
+    for i, label in enumerate(prediction.labels):
+        frames = prediction.frame_probabilities[:, i]
+        expected = {
+            "max": frames.max(),
+            "mean": frames.mean(),
+            "topk_mean": np.sort(frames)[-3:].mean(),
+        }[rule]
+        assert label.probability == pytest.approx(float(expected), abs=1e-6)
+        assert label.positive == (label.probability >= label.label.threshold)
+        assert label.top_frame == int(frames.argmax())
+    assert prediction.device_uid == "2.25.42"
+
+
+def test_top_frames_are_explained_at_source_resolution() -> None:
+    datasets = study()
+    prediction = Classifier(artifact(), device="cpu", batch_size=4).predict(
+        datasets, explain_top_k=2
+    )
+
+    assert len(prediction.explanations) == 4  # 2 labels x top 2
+    for label in (0, 1):
+        explained = [e for e in prediction.explanations if e.label_index == label]
+        order = np.argsort(-prediction.frame_probabilities[:, label], kind="stable")[:2]
+        assert [e.frame for e in explained] == order.tolist()
+        for e in explained:
+            assert e.heatmap.shape == (e.source.rows, e.source.columns)
+            assert e.heatmap.min() >= 0.0
+            assert e.heatmap.max() <= 1.0
+            assert e.probability == pytest.approx(
+                float(prediction.frame_probabilities[e.frame, label])
+            )
+
+
+def test_bf16_autocast_stays_close_to_fp32() -> None:
+    datasets = study()[:3]
+    fp32 = Classifier(artifact(), device="cpu").predict(datasets)
+    bf16 = Classifier(artifact(), device="cpu", precision="bf16").predict(datasets)
+
+    np.testing.assert_allclose(
+        bf16.frame_probabilities, fp32.frame_probabilities, atol=0.05
+    )
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        Classifier(artifact(), device="cpu", precision="int4")
+    with pytest.raises(ValueError, match="at least one instance"):
+        Classifier(artifact(), device="cpu").predict([])
+
+
+@pytest.mark.parametrize("architecture", ["resnet18", "resnet50"])
+def test_head_only_gradcam_equals_full_backward(architecture: str) -> None:
+    art = artifact(architecture, size=96)
+    model = art.build()
+    x = preprocess_many(study()[:4], art.preprocessing).pixels[:6]
+
+    for label in (0, 1):
+        fast, logits = gradcam(model, x, label)
+        classic = gradcam_full_backward(model, x, label)
+        assert fast.shape == (6, 96, 96)
+        torch.testing.assert_close(fast, classic, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None for p in model.parameters())  # no side effects
+
+
+def squares(
+    n: int, generator: torch.Generator, size: int = 128, side: int = 28
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int] | None]]:
+    """Noise images; every other one carries a bright square at a random place."""
+    x = torch.rand(n, 1, size, size, generator=generator) * 0.3
+    y = torch.zeros(n)
+    where: list[tuple[int, int] | None] = []
+    for i in range(n):
+        if i % 2:
+            where.append(None)
+            continue
+        r, c = torch.randint(0, size - side, (2,), generator=generator).tolist()
+        x[i, 0, r : r + side, c : c + side] += 0.6
+        y[i] = 1.0
+        where.append((r, c))
+    return (x - 0.5) / 0.25, y, where
+
+
+@pytest.mark.slow
+def test_heatmap_peaks_on_the_planted_square() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 1, 1)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        x, y, _ = squares(16, generator)
+        model.train()
+        loss = F.binary_cross_entropy_with_logits(model(x)[:, 0], y)
+        optimiser.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimiser.step()
+    model.eval()
+
+    x, y, where = squares(20, torch.Generator().manual_seed(7))
+    heatmaps, logits = gradcam(model, x, 0)
+
+    probs = torch.sigmoid(logits[:, 0])
+    assert probs[y == 1].min() > probs[y == 0].max()  # it did learn the task
+    hits = 0
+    for heatmap, place in zip(heatmaps, where, strict=True):
+        if place is None:
+            continue
+        r, c = place
+        inside = torch.zeros_like(heatmap, dtype=torch.bool)
+        inside[r : r + 28, c : c + 28] = True
+        assert heatmap[inside].mean() > 2 * heatmap[~inside].mean()
+        peak_r, peak_c = divmod(int(heatmap.argmax()), heatmap.shape[1])
+        # layer4 sees 32-pixel cells: allow half a cell around the square.
+        hits += r - 16 <= peak_r < r + 28 + 16 and c - 16 <= peak_c < c + 28 + 16
+    assert hits >= 8  # of 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    datasets: Sequence[Dataset] = study()
+    cpu = Classifier(artifact(), device="cpu").predict(datasets, explain_top_k=1)
+    gpu = Classifier(artifact(), device="cuda").predict(datasets, explain_top_k=1)
+
+    np.testing.assert_allclose(
+        gpu.frame_probabilities, cpu.frame_probabilities, atol=1e-3
+    )
+    np.testing.assert_allclose(
+        gpu.explanations[0].heatmap, cpu.explanations[0].heatmap, atol=1e-2
+    )

@@ -1,0 +1,248 @@
+"""Preprocessing on the real files that pydicom and pydicom-data ship."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut  # type: ignore[attr-defined]
+
+from inference import (
+    ImageTooLargeError,
+    PreprocessError,
+    PreprocessSpec,
+    check_size,
+    decode_frames,
+    heatmap_to_source,
+    preprocess,
+)
+from tests.factories import corpus_file, make_ct
+
+# mean 0 / std 1: the output is the [0, 1] image itself, easy to reason about.
+UNIT = PreprocessSpec(size=(64, 64), channels=1, mean=(0.0,), std=(1.0,))
+UNIT_RGB = PreprocessSpec(size=(64, 64), channels=3, mean=(0.0,) * 3, std=(1.0,) * 3)
+
+
+def load(name: str) -> Dataset:
+    return dcmread(corpus_file(name))
+
+
+def test_ct_small_modality_lut_matches_pydicom() -> None:
+    ds = load("CT_small.dcm")
+
+    values, color = decode_frames(ds)
+
+    expected = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    assert not color
+    assert values.shape == (1, 128, 128)
+    np.testing.assert_array_equal(values[0], expected)
+    assert ds.RescaleIntercept != 0 or ds.RescaleSlope != 1  # the LUT did something
+
+
+def test_modality_lut_sequence_is_applied() -> None:
+    ds = load("mlut_18.dcm")
+
+    values, _ = decode_frames(ds)
+
+    np.testing.assert_array_equal(values[0], apply_modality_lut(ds.pixel_array, ds))
+
+
+def test_monochrome1_chest_comes_out_with_air_dark() -> None:
+    ds = load("RG1_UNCI.dcm")
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+
+    image = preprocess(
+        ds, PreprocessSpec(size=(128, 128), mean=(0.0,), std=(1.0,))
+    ).pixels[0, 0]
+
+    # The air in the lungs is dark, the mediastinum and spine between them bright
+    # (inverting MONOCHROME1 wrongly swaps the two).
+    lungs = torch.cat([image[32:56, 28:44].flatten(), image[32:56, 84:100].flatten()])
+    mediastinum = image[32:56, 58:70]
+    assert mediastinum.mean() > lungs.mean() + 0.15
+
+
+def test_lossless_syntaxes_give_identical_tensors() -> None:
+    reference = preprocess(load("MR_small.dcm"), UNIT).pixels
+    for name in (
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+    ):
+        torch.testing.assert_close(
+            preprocess(load(name), UNIT).pixels, reference, msg=name
+        )
+
+
+def test_lossy_syntaxes_give_nearly_the_same_tensor() -> None:
+    rgb = preprocess(load("SC_rgb.dcm"), UNIT_RGB).pixels
+    for name in ("SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_jls_lossy_line.dcm"):  # JPEG, JPEG-LS
+        other = preprocess(load(name), UNIT_RGB).pixels
+        assert (other - rgb).abs().mean() < 0.01, name
+    gray = preprocess(load("693_UNCI.dcm"), UNIT).pixels
+    j2k = preprocess(load("693_J2KI.dcm"), UNIT).pixels  # JPEG 2000 lossy
+    assert (j2k - gray).abs().mean() < 0.02
+
+
+def test_multiframe_is_split_into_frames() -> None:
+    ds = load("emri_small.dcm")
+
+    frames = preprocess(ds, UNIT)
+
+    assert frames.pixels.shape == (10, 1, 64, 64)
+    assert [s.frame_index for s in frames.sources] == list(range(10))
+    assert {s.sop_instance_uid for s in frames.sources} == {ds.SOPInstanceUID}
+    assert frames.pixels.min() >= 0.0
+    assert frames.pixels.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SC_rgb.dcm",
+        "SC_ybr_full_uncompressed.dcm",
+        "SC_ybr_full_422_uncompressed.dcm",
+        "OBXXXX1A.dcm",
+    ],
+)
+def test_colour_files_become_rgb_in_range(name: str) -> None:
+    ds = load(name)
+
+    frames = preprocess(ds, UNIT_RGB)
+
+    assert frames.pixels.shape == (1, 3, 64, 64)
+    assert frames.pixels.min() >= 0.0
+    assert frames.pixels.max() <= 1.0
+    assert frames.pixels.std() > 0.05  # an image, not a constant
+
+
+def test_ybr_matches_rgb() -> None:
+    rgb = preprocess(load("SC_rgb.dcm"), UNIT_RGB).pixels
+    ybr = preprocess(load("SC_ybr_full_uncompressed.dcm"), UNIT_RGB).pixels
+
+    assert (rgb - ybr).abs().max() < 0.02
+
+
+def test_palette_colour_is_looked_up() -> None:
+    ds = load("OBXXXX1A.dcm")
+    assert ds.PhotometricInterpretation == "PALETTE COLOR"
+
+    values, color = decode_frames(ds)
+
+    assert color
+    assert values.shape == (1, 600, 800, 3)
+    assert not np.array_equal(values[..., 0], values[..., 1])  # real colour
+
+
+def test_colour_to_one_channel_and_gray_to_three() -> None:
+    assert preprocess(load("SC_rgb.dcm"), UNIT).pixels.shape == (1, 1, 64, 64)
+    gray3 = preprocess(load("CT_small.dcm"), UNIT_RGB).pixels
+    assert gray3.shape == (1, 3, 64, 64)
+    torch.testing.assert_close(gray3[:, 0], gray3[:, 2])
+
+
+def test_fixed_window_in_hounsfield_units() -> None:
+    ds = make_ct(rows=32, columns=32)
+    ds.PixelData = (
+        np.array([[-1000, 40, 500, 2000]] * 4, dtype=np.int16)
+        .repeat(8, axis=1)
+        .repeat(8, axis=0)
+        .tobytes()
+    )
+    spec = PreprocessSpec(
+        size=(32, 32),
+        window="fixed",
+        window_center=40,
+        window_width=400,
+        mean=(0.0,),
+        std=(1.0,),
+    )
+
+    image = preprocess(ds, spec).pixels[0, 0]
+
+    # Air below the window is black, 40 HU mid-grey, 500 and 2000 HU white.
+    assert image[0, 0].item() == 0.0
+    assert abs(image[0, 12].item() - 0.5) < 0.01
+    assert image[0, 20].item() == 1.0
+    assert image[0, 28].item() == 1.0
+
+
+def test_letterbox_keeps_the_aspect_ratio() -> None:
+    ds = load("JPEG2000.dcm")  # 1024 x 256
+    spec = PreprocessSpec(size=(64, 64), resize="letterbox", mean=(0.0,), std=(1.0,))
+
+    frames = preprocess(ds, spec)
+
+    top, left, height, width = frames.sources[0].box
+    assert (top, height) == (0, 64)
+    assert width == 16
+    assert left == 24
+    assert frames.pixels[0, 0, :, :left].abs().max() == 0  # padding is black
+    heatmap = torch.zeros(64, 64)
+    heatmap[:, left : left + width] = 1.0
+    back = heatmap_to_source(heatmap, frames.sources[0])
+    assert back.shape == (1024, 256)
+    assert back.min() == 1.0  # the image's own region maps onto the whole source
+
+
+def test_normalisation_uses_mean_and_std() -> None:
+    spec = PreprocessSpec(size=(64, 64), mean=(0.5,), std=(0.25,))
+    unit = preprocess(load("CT_small.dcm"), UNIT).pixels
+
+    normalised = preprocess(load("CT_small.dcm"), spec).pixels
+
+    torch.testing.assert_close(normalised, (unit - 0.5) / 0.25)
+
+
+def test_oversized_image_is_refused_before_decoding() -> None:
+    ds = make_ct(rows=16, columns=16)
+    ds.Rows = 60000
+    ds.Columns = 60000
+    ds.NumberOfFrames = 1000  # ~3.6e12 values; the Pixel Data is tiny and wrong
+
+    with pytest.raises(ImageTooLargeError, match="exceeds the limit"):
+        preprocess(ds, UNIT)
+
+
+def test_no_pixel_data_is_a_clear_error() -> None:
+    ds = make_ct()
+    del ds.PixelData
+
+    with pytest.raises(PreprocessError, match="no Pixel Data"):
+        check_size(ds, 10**9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"channels": 2}, "channels"),
+        ({"window": "bright"}, "window"),
+        ({"window": "fixed"}, "fixed window"),
+        ({"resize": "crop"}, "resize"),
+        ({"mean": (0.1, 0.2)}, "mean / std"),
+        ({"size": (4, 4)}, "size"),
+    ],
+)
+def test_bad_spec_is_refused(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PreprocessSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_spec_round_trips_through_a_dict() -> None:
+    spec = PreprocessSpec(
+        size=(96, 128),
+        channels=3,
+        window="fixed",
+        window_center=-600,
+        window_width=1500,
+        mean=(0.4, 0.5, 0.6),
+        std=(0.2, 0.2, 0.3),
+        resize="letterbox",
+    )
+
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="unknown key"):
+        PreprocessSpec.from_dict({**spec.to_dict(), "gamma": 2})
