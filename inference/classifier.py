@@ -257,6 +257,43 @@ class Classifier:
             explanations=explanations,
         )
 
+    def explain(
+        self, frames: Frames, label_index: int
+    ) -> list[npt.NDArray[np.float32]]:
+        """Grad-CAM heatmaps for a batch of frames, at each source image's resolution.
+
+        Parameters
+        ----------
+        frames
+            Preprocessed frames (from :func:`inference.preprocess`).
+        label_index
+            Which label to explain.
+
+        Returns
+        -------
+        list of numpy.ndarray
+            One float32 [rows, columns] heatmap in [0, 1] per frame.
+        """
+        if not 0 <= label_index < len(self.artifact.labels):
+            raise ValueError(
+                f"label_index: expected 0..{len(self.artifact.labels) - 1}, "
+                f"found {label_index}"
+            )
+        heatmaps: list[npt.NDArray[np.float32]] = []
+        size = self.artifact.preprocessing.size
+        for start in range(0, len(frames), self.batch_size):
+            _, features = self.forward(frames.pixels[start : start + self.batch_size])
+            cams = upsample(
+                gradcam_from_features(self.model, features.float(), label_index), size
+            ).cpu()
+            for cam, source in zip(
+                cams, frames.sources[start : start + self.batch_size], strict=True
+            ):
+                heatmaps.append(
+                    heatmap_to_source(cam, source).numpy().astype(np.float32)
+                )
+        return heatmaps
+
     def _label_prediction(
         self, label: Label, probs: npt.NDArray[np.float32]
     ) -> LabelPrediction:

@@ -77,7 +77,8 @@ def gradcam_from_features(
         Heatmaps [N, h, w] in [0, 1] (each divided by its maximum; all zero when
         nothing speaks for the label).
     """
-    activations = features.detach().float().requires_grad_(True)
+    # clone(): activations from an inference_mode pass cannot take gradients.
+    activations = features.detach().float().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = head(model, activations)
         (grads,) = torch.autograd.grad(logits[:, label_index].sum(), activations)

@@ -122,6 +122,22 @@ def test_top_frames_are_explained_at_source_resolution() -> None:
             )
 
 
+def test_explain_frames_matches_the_explanations_of_predict() -> None:
+    datasets = study()
+    classifier = Classifier(artifact(), device="cpu", batch_size=4)
+    prediction = classifier.predict(datasets, explain_top_k=1)
+    frames = preprocess_many(datasets, classifier.artifact.preprocessing)
+
+    heatmaps = classifier.explain(frames, 1)
+
+    assert len(heatmaps) == 16
+    assert [h.shape for h in heatmaps] == [(s.rows, s.columns) for s in frames.sources]
+    top = next(e for e in prediction.explanations if e.label_index == 1)
+    np.testing.assert_allclose(heatmaps[top.frame], top.heatmap, atol=1e-5)
+    with pytest.raises(ValueError, match="label_index"):
+        classifier.explain(frames, 2)
+
+
 def test_bf16_autocast_stays_close_to_fp32() -> None:
     datasets = study()[:3]
     fp32 = Classifier(artifact(), device="cpu").predict(datasets)
