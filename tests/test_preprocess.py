@@ -7,7 +7,8 @@ import pytest
 import torch
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut  # type: ignore[attr-defined]
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.uid import UID
 
 from inference import (
     ImageTooLargeError,
@@ -75,6 +76,31 @@ def test_lossless_syntaxes_give_identical_tensors() -> None:
         torch.testing.assert_close(
             preprocess(load(name), UNIT).pixels, reference, msg=name
         )
+
+
+def test_htj2k_decodes_like_the_uncompressed_image() -> None:
+    # A Part 1 codestream under the HTJ2K Lossless syntax (PS3.5 A.4.11 admits it).
+    ds = load("MR_small_jp2klossless.dcm")
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.201")
+
+    torch.testing.assert_close(
+        preprocess(ds, UNIT).pixels, preprocess(load("MR_small.dcm"), UNIT).pixels
+    )
+
+
+def test_voi_lut_sequence_is_applied() -> None:
+    ds = load("vlut_04.dcm")
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+
+    image = preprocess(
+        ds, PreprocessSpec(size=(512, 512), mean=(0.0,), std=(1.0,))
+    ).pixels[0, 0]
+
+    expected = apply_voi_lut(
+        apply_modality_lut(ds.pixel_array, ds), ds, prefer_lut=True
+    ) / (2**bits - 1)
+    np.testing.assert_allclose(image.numpy(), expected, atol=1e-6)
+    assert image.max() > 0.5  # the LUT spreads the 8-bit input
 
 
 def test_lossy_syntaxes_give_nearly_the_same_tensor() -> None:
