@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.factories import dcmtk, write_study  # noqa: E402
+from tests.factories import dcmtk, storescu_folder, write_study  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -57,7 +57,6 @@ BARE_SCP = textwrap.dedent(
     ae.add_supported_context("1.2.840.10008.1.1")
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
-    print("ready", flush=True)
     ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True,
                     evt_handlers=[(evt.EVT_C_STORE, handle_store)])
     """
@@ -99,21 +98,7 @@ def send(port: int, called: str, folders: Sequence[Path]) -> float:
     """Send each folder over its own association, all at once; return seconds."""
 
     def one(folder: Path) -> None:
-        result = subprocess.run(
-            [
-                dcmtk("storescu"),
-                "-aec",
-                called,
-                "+sd",
-                "127.0.0.1",
-                str(port),
-                str(folder),
-            ],
-            capture_output=True,
-            text=True,
-            env=ENV,
-            check=False,
-        )
+        result = storescu_folder(port, folder, called, timeout=3600)
         if result.returncode != 0:
             raise RuntimeError(f"storescu failed: {result.stderr[-500:]}")
 
@@ -138,22 +123,35 @@ def count_files(folder: Path) -> int:
     )
 
 
+def run_reference(
+    command: list[str],
+    called: str,
+    port: int,
+    out: Path,
+    folders: Sequence[Path],
+    n: int,
+) -> float:
+    """Start a reference SCP, send to it, stop it, check it stored all n files."""
+    proc = subprocess.Popen(command, env=ENV, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port, called)
+        seconds = send(port, called, folders)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    if count_files(out) != n:
+        raise RuntimeError(f"{called} stored {count_files(out)} of {n}")
+    return seconds
+
+
 def run_storescp(work: Path, folders: Sequence[Path], n: int) -> float:
     out = work / "storescp"
     out.mkdir()
     port = free_port()
-    args = [dcmtk("storescp"), "-od", str(out), "--aetitle", "STORESCP"]
+    command = [dcmtk("storescp"), "-od", str(out), "--aetitle", "STORESCP"]
     if len(folders) > 1:
-        args.append("--fork")
-    proc = subprocess.Popen([*args, str(port)], env=ENV, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(port, "STORESCP")
-        seconds = send(port, "STORESCP", folders)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    assert count_files(out) == n, f"storescp stored {count_files(out)} of {n}"
-    return seconds
+        command.append("--fork")
+    return run_reference([*command, str(port)], "STORESCP", port, out, folders, n)
 
 
 def run_bare(work: Path, folders: Sequence[Path], n: int) -> float:
@@ -162,15 +160,8 @@ def run_bare(work: Path, folders: Sequence[Path], n: int) -> float:
     script = work / "bare_scp.py"
     script.write_text(BARE_SCP)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(script), str(port), str(out)], env=ENV)
-    try:
-        wait_ready(port, "BARESCP")
-        seconds = send(port, "BARESCP", folders)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    assert count_files(out) == n, f"bare SCP stored {count_files(out)} of {n}"
-    return seconds
+    command = [sys.executable, str(script), str(port), str(out)]
+    return run_reference(command, "BARESCP", port, out, folders, n)
 
 
 def run_node(work: Path, folders: Sequence[Path], n: int, scp_processes: int) -> float:
@@ -191,7 +182,8 @@ def run_node(work: Path, folders: Sequence[Path], n: int, scp_processes: int) ->
         proc.terminate()
         proc.wait(30)
     stored = sum(1 for _ in (state / "storage").rglob("*.dcm"))
-    assert stored == n, f"node stored {stored} of {n}"
+    if stored != n:
+        raise RuntimeError(f"node stored {stored} of {n}")
     status = subprocess.run(
         [
             sys.executable,

@@ -6,6 +6,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 JOB_STATES = ("pending", "running", "done", "failed", "skipped")
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 # Study and series ids are remembered per process to spare two look-ups per
 # instance; past this many entries the memory starts again.
@@ -317,15 +319,7 @@ class IndexDB:
         sqlalchemy.exc.SQLAlchemyError
             If the database fails, or the race is lost ``attempts`` times.
         """
-        for attempt in range(1, attempts + 1):
-            try:
-                with self.sessions.begin() as session:
-                    return work(session)
-            except IntegrityError:
-                if attempt == attempts:
-                    raise
-                logger.debug("unique-key race, retrying the transaction")
-        raise AssertionError("unreachable")  # pragma: no cover
+        return _retrying(self.sessions.begin, work, attempts)
 
     # --- associations -------------------------------------------------------
 
@@ -499,7 +493,8 @@ class IndexDB:
             return outcome
 
         try:
-            outcome = self._run_core(work)
+            # A bare connection: the ORM session costs too much on this hot path.
+            outcome = _retrying(self.engine.begin, work)
         except _ConflictError:
             return RecordOutcome.CONFLICT
         # Only ids of committed rows are remembered (a rolled-back insert is not).
@@ -514,18 +509,6 @@ class IndexDB:
         if "touched" in remembered:
             self._study_touched[rq.study_instance_uid] = remembered["touched"]
         return outcome
-
-    def _run_core(self, work: Callable[[Connection], T], attempts: int = 3) -> T:
-        # As run(), on a bare connection: the ORM session costs too much here.
-        for attempt in range(1, attempts + 1):
-            try:
-                with self.engine.begin() as conn:
-                    return work(conn)
-            except IntegrityError:
-                if attempt == attempts:
-                    raise
-                logger.debug("unique-key race, retrying the transaction")
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _insert_ignore(self, table: type[Base]) -> Any:
         # INSERT ... ON CONFLICT DO NOTHING, in the dialect's own spelling.
@@ -671,6 +654,24 @@ class IndexDB:
                     for e in errors
                 ],
             }
+
+
+def _retrying(
+    begin: Callable[[], AbstractContextManager[S]],
+    work: Callable[[S], T],
+    attempts: int = 3,
+) -> T:
+    # One transaction per try; a concurrent writer winning a unique key (two
+    # associations creating the same study) makes the loser try again.
+    for attempt in range(1, attempts + 1):
+        try:
+            with begin() as handle:
+                return work(handle)
+        except IntegrityError:
+            if attempt == attempts:
+                raise
+            logger.debug("unique-key race, retrying the transaction")
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +34,28 @@ def dcmtk(tool: str) -> str:
             f"dcmtk's {tool} not found at {path}: run scripts/setup-system.sh"
         )
     return str(path)
+
+
+def storescu_folder(
+    port: int, folder: Path, called_ae_title: str = "DICOMNODE", timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """Send a folder with dcmtk's storescu over one association (TCP_NODELAY=1)."""
+    return subprocess.run(
+        [
+            dcmtk("storescu"),
+            "-aec",
+            called_ae_title,
+            "+sd",
+            "127.0.0.1",
+            str(port),
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        timeout=timeout,
+        check=False,
+    )
 
 
 def pydicom_corpus() -> list[Path]:

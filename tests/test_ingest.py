@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from dicom_node.dimse import OUT_OF_RESOURCES, SUCCESS
 from dicom_node.index import Instance, Job, Study
 from dicom_node.scheduler import schedule_stable_studies
 from tests.conftest import RunningNode, store_datasets, wait_for
-from tests.factories import dcmtk, make_ct, write_study
+from tests.factories import make_ct, storescu_folder, write_study
 
 
 @pytest.mark.slow
@@ -34,26 +33,8 @@ def test_eight_concurrent_associations_of_100_instances(
         write_study(folder, 100, study_uid=study_uid, rows=32, columns=32)
         folders.append(folder)
 
-    def send(folder: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                dcmtk("storescu"),
-                "-aec",
-                "DICOMNODE",
-                "+sd",
-                "127.0.0.1",
-                str(node.port),
-                str(folder),
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "TCP_NODELAY": "1"},
-            timeout=240,
-            check=False,
-        )
-
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(send, folders))
+        results = list(pool.map(lambda f: storescu_folder(node.port, f), folders))
 
     for result in results:
         assert result.returncode == 0, result.stderr[-2000:]

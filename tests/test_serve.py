@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -36,8 +35,8 @@ from tests.factories import (
     SENTINEL_BIRTH_DATE,
     SENTINEL_NAME,
     SENTINEL_PATIENT_ID,
-    dcmtk,
     make_ct,
+    storescu_folder,
     write_study,
 )
 
@@ -250,25 +249,9 @@ def test_several_receiving_processes_share_the_port(
     for folder in folders:
         write_study(folder, 20, study_uid=study, rows=32, columns=32)
 
-    def send(folder: Path) -> int:
-        return subprocess.run(
-            [
-                dcmtk("storescu"),
-                "-aec",
-                "DICOMNODE",
-                "+sd",
-                "127.0.0.1",
-                str(serve.port),
-                str(folder),
-            ],
-            capture_output=True,
-            env={**os.environ, "TCP_NODELAY": "1"},
-            timeout=60,
-            check=False,
-        ).returncode
-
     with ThreadPoolExecutor(6) as pool:
-        assert list(pool.map(send, folders)) == [0] * 6
+        results = list(pool.map(lambda f: storescu_folder(serve.port, f), folders))
+    assert [r.returncode for r in results] == [0] * 6
 
     status = json.loads(
         run_cli("status", "--config", str(tmp_path / "node.toml"), "--json").stdout
