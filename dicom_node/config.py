@@ -143,7 +143,10 @@ class NodeConfig:
     def __post_init__(self) -> None:
         """Check every field; raise ConfigError naming the key and the source."""
         where = self.source
-        validate_ae_title(self.ae_title, f"[node] ae_title in {where}")
+        # AE titles compare without their padding (PS3.5 6.2: spaces are not
+        # significant), so keep the stripped form.
+        stripped = validate_ae_title(self.ae_title, f"[node] ae_title in {where}")
+        object.__setattr__(self, "ae_title", stripped)
         _check(bool(self.host), f"[node] host in {where}: must not be empty")
         _check(
             0 <= self.port <= 65535,

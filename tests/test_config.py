@@ -135,6 +135,12 @@ def test_no_config_given() -> None:
     assert "--config" in result.stderr
 
 
+def test_ae_title_padding_is_not_significant(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[node]\nae_title = " NODE1  "\n'), environ={})
+
+    assert config.ae_title == "NODE1"
+
+
 def test_caller_allow_list_semantics() -> None:
     config = NodeConfig(callers=(CallerConfig("PACS", "10.0.0.1"), CallerConfig("CT1")))
 
