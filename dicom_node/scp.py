@@ -452,10 +452,13 @@ def build_ae(config: NodeConfig) -> AE:
     ae = AE(ae_title=config.ae_title)
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu
-    # The node checks called AE and callers itself (handle_requested), so that a
-    # rejection is audited; pynetdicom's own checks stay off.
-    ae.require_called_aet = False
-    ae.require_calling_aet = []
+    # handle_requested checks the called AE title and the allow-list (with source
+    # addresses) and audits each rejection. pynetdicom's own AE title checks run
+    # after it as a second line: an error in a notification handler is only
+    # logged, and the allow-list must not fail open.
+    ae.require_called_aet = True
+    if not config.allow_any_caller:
+        ae.require_calling_aet = sorted({c.ae_title for c in config.callers})
     ae.add_supported_context(VERIFICATION_SOP_CLASS, AllTransferSyntaxes)
     for cx in AllStoragePresentationContexts:
         if cx.abstract_syntax is not None:
