@@ -374,7 +374,9 @@ def _send_batch(
                         )
                     return
             try:
-                rsp = assoc.send_c_store(item.dataset if item.dataset else item.path)
+                rsp = assoc.send_c_store(
+                    item.dataset if item.dataset is not None else item.path
+                )
             except (ValueError, AttributeError) as exc:
                 # No accepted context for this class and syntax, or unsendable.
                 finish(SendOutcome(item.path, None, f"not sent: {exc}"))
