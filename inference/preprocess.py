@@ -294,7 +294,9 @@ def _window(values: FloatArray, ds: Dataset, spec: PreprocessSpec) -> FloatArray
         if "VOILUTSequence" in ds:
             item = ds.VOILUTSequence[0]
             bits = int(item.LUTDescriptor[2])
-            out = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+            # A LUT is indexed by stored (integer) values: round, do not truncate.
+            indices = np.rint(values).astype(np.int64)
+            out = apply_voi_lut(indices, ds, index=0, prefer_lut=True)
             return np.asarray(out, dtype=np.float32) / float(2**bits - 1)
         center = _first(ds.get("WindowCenter"))
         width = _first(ds.get("WindowWidth"))

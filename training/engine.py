@@ -1,0 +1,645 @@
+"""fit: two-stage transfer learning with early stopping, checkpoints and resume."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from pydicom.uid import generate_uid
+from torch import nn
+
+from inference import CodedConcept, Label, ModelArtifact, PreprocessSpec, build_model
+from training.config import KNOWN_FINDINGS, TrainConfig
+from training.data import DataError, Sample, preprocessed, split_by_patient
+from training.metrics import auroc, threshold_for_sensitivity, youden_threshold
+
+__all__ = [
+    "Dataset",
+    "FitResult",
+    "augment",
+    "evaluate",
+    "fit",
+    "load_frames",
+    "train_one_epoch",
+]
+
+_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass(slots=True)
+class Dataset:
+    """Frames in memory with their labels and where each came from.
+
+    Parameters
+    ----------
+    x
+        float32 [N, C, H, W], normalized.
+    y
+        float32 [N]: 1 positive, 0 negative.
+    samples
+        The file of each frame.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    samples: list[Sample] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        """Return the number of frames."""
+        return int(self.y.shape[0])
+
+
+def load_frames(
+    samples: Sequence[Sample], positive: str, spec: PreprocessSpec, cache: Path | None
+) -> Dataset:
+    """Preprocess every sample (through the cache) into one in-memory data set.
+
+    Parameters
+    ----------
+    samples
+        The files.
+    positive
+        The positive class name.
+    spec
+        The preprocessing spec.
+    cache
+        Cache folder, or None.
+
+    Returns
+    -------
+    Dataset
+        One row per frame (a multi-frame file gives several).
+    """
+    xs: list[torch.Tensor] = []
+    ys: list[float] = []
+    owners: list[Sample] = []
+    for sample in samples:
+        frames = preprocessed(sample, spec, cache)
+        xs.append(frames)
+        ys += [float(sample.label == positive)] * len(frames)
+        owners += [sample] * len(frames)
+    height, width = spec.size
+    x = torch.cat(xs) if xs else torch.empty((0, spec.channels, height, width))
+    return Dataset(x, torch.tensor(ys, dtype=torch.float32), owners)
+
+
+def augment(
+    x: torch.Tensor, config: TrainConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Randomly rotate, shift, scale, flip and change the intensity of a batch.
+
+    Each image gets its own parameters; the geometry is one affine grid sample.
+
+    Parameters
+    ----------
+    x
+        Normalized batch [N, C, H, W].
+    config
+        The augmentation settings.
+    generator
+        Random source (seeded, so a run can be repeated).
+
+    Returns
+    -------
+    torch.Tensor
+        The augmented batch.
+    """
+    n = x.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    angle = uniform(-config.rotation, config.rotation) * math.pi / 180
+    zoom = uniform(1 - config.scale, 1 + config.scale)
+    shift_x = uniform(-config.translate, config.translate) * 2
+    shift_y = uniform(-config.translate, config.translate) * 2
+    flip_x = (
+        torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        if config.hflip
+        else torch.ones(n)
+    )
+    flip_y = (
+        torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        if config.vflip
+        else torch.ones(n)
+    )
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip_x, -sin, shift_x], dim=1),
+            torch.stack([sin, cos * flip_y, shift_y], dim=1),
+        ],
+        dim=1,
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # Pad with the image's own minimum (black after normalization).
+    floor = x.amin(dim=(1, 2, 3), keepdim=True)
+    out = (
+        F.grid_sample(x - floor, grid, align_corners=False, padding_mode="zeros")
+        + floor
+    )
+    contrast = uniform(1 - config.intensity, 1 + config.intensity).view(n, 1, 1, 1)
+    brightness = uniform(-config.intensity, config.intensity).view(n, 1, 1, 1) * 2
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return (out - mean) * contrast + mean + brightness
+
+
+def _freeze(model: nn.Module, train_from: str | None) -> list[nn.Parameter]:
+    """Train the head, and the backbone from ``train_from`` on (None: head only)."""
+    start = len(_STAGES) if train_from is None else _STAGES.index(train_from)
+    trainable: set[str] = {"fc"} | set(_STAGES[start:])
+    if train_from == "conv1":
+        trainable |= {"bn1"}
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad = name.split(".")[0] in trainable
+        if param.requires_grad:
+            params.append(param)
+    return params
+
+
+def _schedule(steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    warmup = max(1, int(steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batches(
+    data: Dataset, batch_size: int, config: TrainConfig, generator: torch.Generator
+) -> list[torch.Tensor]:
+    n = len(data)
+    if config.balance == "sampler":
+        positives = float(data.y.sum())
+        weights = torch.where(
+            data.y > 0, 1 / max(positives, 1), 1 / max(n - positives, 1)
+        )
+        order = torch.multinomial(weights, n, replacement=True, generator=generator)
+    else:
+        order = torch.randperm(n, generator=generator)
+    return [order[i : i + batch_size] for i in range(0, n - 1, batch_size)]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    data: Dataset,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: TrainConfig,
+    pos_weight: torch.Tensor | None,
+    device: torch.device,
+    generator: torch.Generator,
+    progress: Callable[[int, int, float, float], None] | None = None,
+) -> tuple[float, float]:
+    """Train for one pass over the data.
+
+    Parameters
+    ----------
+    model
+        The model.
+    data
+        Training frames.
+    optimizer
+        The optimizer.
+    scheduler
+        Stepped after every batch.
+    config
+        Training settings (augmentation, smoothing, balance, precision).
+    pos_weight
+        Weight of the positive class in the loss, or None.
+    device
+        Where to train.
+    generator
+        Random source for the order and the augmentation.
+    progress
+        Called with (batch, batches, mean loss, images/s) after each batch.
+
+    Returns
+    -------
+    tuple of float
+        Mean loss and images per second.
+    """
+    model.train()
+    batches = _batches(data, config.batch_size, config, generator)
+    total, seen, started = 0.0, 0, time.perf_counter()
+    for i, index in enumerate(batches):
+        x = data.x[index]
+        if config.augment:
+            x = augment(x, config, generator)
+        y = data.y[index]
+        target = y * (1 - config.label_smoothing) + config.label_smoothing / 2
+        x, target = x.to(device), target.to(device)
+        with _autocast(device, config):
+            logits = model(x)[:, 0].float()
+        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        scheduler.step()
+        total += float(loss) * len(index)
+        seen += len(index)
+        if progress:
+            progress(
+                i + 1,
+                len(batches),
+                total / seen,
+                seen / (time.perf_counter() - started),
+            )
+    return total / max(seen, 1), seen / (time.perf_counter() - started)
+
+
+def _autocast(device: torch.device, config: TrainConfig) -> Any:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    if config.precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 64
+) -> tuple[float, np.ndarray[Any, np.dtype[np.float64]]]:
+    """Return the mean loss and the probability of every frame.
+
+    Parameters
+    ----------
+    model
+        The model (put in eval mode here).
+    data
+        The frames.
+    device
+        Where to run.
+    batch_size
+        Frames per forward.
+
+    Returns
+    -------
+    tuple
+        Mean binary cross-entropy and the probabilities.
+    """
+    model.eval()
+    probs: list[torch.Tensor] = []
+    total = 0.0
+    for start in range(0, len(data), batch_size):
+        x = data.x[start : start + batch_size].to(device)
+        y = data.y[start : start + batch_size].to(device)
+        logits = model(x)[:, 0].float()
+        total += float(F.binary_cross_entropy_with_logits(logits, y, reduction="sum"))
+        probs.append(torch.sigmoid(logits).cpu())
+    p = torch.cat(probs).double().numpy() if probs else np.zeros(0)
+    return total / max(len(data), 1), p
+
+
+@dataclass(slots=True)
+class FitResult:
+    """What fit produced.
+
+    Parameters
+    ----------
+    artifact
+        The model, ready to save.
+    history
+        One row per epoch: epoch, stage, train_loss, val_loss, val_auroc, images_s.
+    metrics
+        Validation (and test) figures at the chosen threshold.
+    splits
+        The samples of each split.
+    """
+
+    artifact: ModelArtifact
+    history: list[dict[str, float]]
+    metrics: dict[str, Any]
+    splits: dict[str, list[Sample]]
+
+
+def _concept(text: str, where: str) -> CodedConcept:
+    parts = [p.strip() for p in text.split(",", 2)]
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"{where}: expected value,scheme,meaning, found {text!r}")
+    return CodedConcept(*parts)
+
+
+def _positive_label(samples: Sequence[Sample], config: TrainConfig) -> str:
+    labels = sorted({s.label for s in samples})
+    if config.positive:
+        if config.positive not in labels:
+            raise DataError(f"positive class {config.positive!r} is not among {labels}")
+        return config.positive
+    if len(labels) != 2:
+        raise DataError(f"expected two classes, found {labels}; name the positive one")
+    negatives = [
+        label for label in labels if label.lower() in {"normal", "negative", "absent"}
+    ]
+    if len(negatives) != 1:
+        raise DataError(
+            f"cannot tell the positive class among {labels}; give --positive"
+        )
+    return next(label for label in labels if label not in negatives)
+
+
+def fit(
+    samples: Sequence[Sample],
+    config: TrainConfig,
+    checkpoint: Path,
+    cache: Path | None,
+    device: torch.device,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> FitResult:
+    """Train a model and choose its operating threshold on validation data.
+
+    Stage 1 trains the head with the backbone frozen for ``freeze_epochs``;
+    stage 2 fine-tunes from ``unfreeze_from`` on with ``finetune_lr``. AdamW with
+    warm-up and cosine decay in each stage; early stopping on validation loss;
+    the best epoch's weights are kept. After every epoch a checkpoint is written,
+    from which ``resume`` continues (model, optimizer, scheduler, epoch, RNG).
+
+    Parameters
+    ----------
+    samples
+        The labelled files.
+    config
+        The settings.
+    checkpoint
+        Where the resumable checkpoint lives.
+    cache
+        Preprocessing cache folder.
+    device
+        Where to train.
+    resume
+        Continue from ``checkpoint``.
+    log
+        Where the per-epoch lines go.
+
+    Returns
+    -------
+    FitResult
+        The artifact, the history and the metrics.
+    """
+    positive = _positive_label(samples, config)
+    code = config.code or (
+        f"{KNOWN_FINDINGS[positive][0]},SCT,{KNOWN_FINDINGS[positive][1]}"
+        if positive in KNOWN_FINDINGS
+        else ""
+    )
+    if not code:
+        raise DataError(
+            f"no code known for {positive!r}; give --code value,scheme,meaning"
+        )
+    concept = _concept(code, "code")
+    site = (
+        _concept(config.finding_site, "finding_site") if config.finding_site else None
+    )
+    test_fraction = config.test_fraction
+    splits = split_by_patient(
+        samples,
+        (1 - config.val_fraction - test_fraction, config.val_fraction, test_fraction),
+        config.seed,
+    )
+    if not splits["train"] or not splits["val"]:
+        raise DataError("too few patients to split into training and validation")
+    spec = PreprocessSpec(
+        size=(config.size, config.size),
+        channels=config.channels,
+        window=config.window,
+        window_center=config.window_center,
+        window_width=config.window_width,
+        resize=config.resize,
+        mean=(0.5,) * config.channels,
+        std=(0.25,) * config.channels,
+    )
+    train = load_frames(splits["train"], positive, spec, cache)
+    val = load_frames(splits["val"], positive, spec, cache)
+    if float(train.y.sum()) in (0.0, float(len(train))):
+        raise DataError("the training split holds one class only")
+    log(
+        f"{len(train)} training and {len(val)} validation frames "
+        f"({int(train.y.sum())} / {int(val.y.sum())} positive '{positive}')"
+    )
+
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    init = Path(config.init_weights) if config.init_weights else None
+    model = build_model(
+        config.architecture, 1, config.channels, config.dropout, init
+    ).to(device)
+    positives = float(train.y.sum())
+    pos_weight = (
+        torch.tensor((len(train) - positives) / positives, device=device)
+        if config.balance == "weighted"
+        else None
+    )
+    steps_per_epoch = len(_batches(train, config.batch_size, config, torch.Generator()))
+
+    def stage_of(epoch: int) -> int:
+        return 1 if epoch < config.freeze_epochs else 2
+
+    def make_optimizer(
+        stage: int,
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        params = _freeze(model, None if stage == 1 else config.unfreeze_from)
+        lr = config.lr if stage == 1 else config.finetune_lr
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+        epochs = (
+            config.freeze_epochs if stage == 1 else config.epochs - config.freeze_epochs
+        )
+        schedule = _schedule(max(1, epochs * steps_per_epoch), config.warmup_fraction)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "history": [],
+        "best_loss": math.inf,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "best_state": copy.deepcopy(model.state_dict()),
+    }
+    optimizer, scheduler = make_optimizer(stage_of(0))
+    if resume:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer, scheduler = make_optimizer(stage_of(int(saved["epoch"])))
+        if stage_of(int(saved["epoch"])) == saved["stage"]:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = {
+            k: saved[k]
+            for k in (
+                "epoch",
+                "history",
+                "best_loss",
+                "best_epoch",
+                "bad_epochs",
+                "best_state",
+            )
+        }
+        log(
+            f"resumed after epoch {state['epoch']} "
+            f"(best so far: epoch {state['best_epoch'] + 1})"
+        )
+
+    interactive = sys.stderr.isatty()
+    for epoch in range(int(state["epoch"]), config.epochs):
+        stage = stage_of(epoch)
+        if epoch > 0 and stage != stage_of(epoch - 1):
+            optimizer, scheduler = make_optimizer(stage)
+
+        def progress(
+            i: int, n: int, loss: float, rate: float, epoch: int = epoch
+        ) -> None:
+            if interactive:
+                bar = "#" * (20 * i // n)
+                print(
+                    f"\repoch {epoch + 1:>3} [{bar:<20}] loss {loss:.4f} "
+                    f"{rate:6.1f} img/s",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        train_loss, rate = train_one_epoch(
+            model,
+            train,
+            optimizer,
+            scheduler,
+            config,
+            pos_weight,
+            device,
+            generator,
+            progress,
+        )
+        if interactive:
+            print(file=sys.stderr)
+        val_loss, val_probs = evaluate(model, val, device)
+        val_auc = auroc(val_probs, val.y.numpy())
+        state["history"].append(
+            {
+                "epoch": epoch + 1,
+                "stage": stage,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_auroc": val_auc,
+                "images_s": rate,
+            }
+        )
+        improved = val_loss < state["best_loss"] - 1e-4
+        if improved:
+            state["best_loss"], state["best_epoch"], state["bad_epochs"] = (
+                val_loss,
+                epoch,
+                0,
+            )
+            state["best_state"] = copy.deepcopy(model.state_dict())
+        else:
+            state["bad_epochs"] += 1
+        log(
+            f"epoch {epoch + 1}/{config.epochs} stage {stage}: "
+            f"train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+            f"val AUROC {val_auc:.3f}, {rate:.0f} img/s" + (" *" if improved else "")
+        )
+        state["epoch"] = epoch + 1
+        _save_checkpoint(
+            checkpoint, model, optimizer, scheduler, stage, generator, state
+        )
+        if state["bad_epochs"] >= config.patience:
+            log(f"early stop: no better validation loss for {config.patience} epochs")
+            break
+
+    model.load_state_dict(state["best_state"])
+    _, val_probs = evaluate(model, val, device)
+    if config.target_sensitivity is not None:
+        threshold = threshold_for_sensitivity(
+            val_probs, val.y.numpy(), config.target_sensitivity
+        )
+        rule = f"sensitivity >= {config.target_sensitivity} on validation"
+    else:
+        threshold = youden_threshold(val_probs, val.y.numpy())
+        rule = "Youden's J on validation"
+    metrics: dict[str, Any] = {
+        "positive": positive,
+        "threshold": threshold,
+        "threshold_rule": rule,
+        "best_epoch": int(state["best_epoch"]) + 1,
+        "val": {"auroc": auroc(val_probs, val.y.numpy()), "frames": len(val)},
+    }
+    modalities = sorted({_modality(s) for s in samples} - {""})
+    artifact = ModelArtifact(
+        name=config.name,
+        version=config.version,
+        device_uid=str(generate_uid()),
+        architecture=config.architecture,
+        preprocessing=spec,
+        labels=(Label(positive, concept, float(np.clip(threshold, 0.0, 1.0)), site),),
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        dropout=config.dropout,
+        accepts={"modalities": modalities, "body_parts": [], "sop_classes": []},
+        training={
+            "data": {
+                "images": len(samples),
+                "patients": len({s.patient_id for s in samples}),
+                "train_frames": len(train),
+                "val_frames": len(val),
+                "positive": positive,
+            },
+            "metrics": metrics,
+            "config": config.to_dict(),
+        },
+    )
+    return FitResult(artifact, list(state["history"]), metrics, splits)
+
+
+def _modality(sample: Sample) -> str:
+    if sample.path.suffix.lower() in {".png", ".jpg", ".jpeg"}:
+        return ""
+    from pydicom import dcmread
+
+    try:
+        return str(
+            dcmread(
+                sample.path, stop_before_pixels=True, specific_tags=["Modality"]
+            ).get("Modality", "")
+        )
+    except (OSError, ValueError):
+        return ""
+
+
+def _save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    stage: int,
+    generator: torch.Generator,
+    state: dict[str, Any],
+) -> None:
+    # Tensors and plain values only, so torch.load(weights_only=True) reads it.
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "stage": stage,
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        **state,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
