@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from inference import (
+    ArtifactError,
+    Classifier,
+    ModelArtifact,
+    PreprocessError,
+    gradcam,
+    preprocess,
+)
+from training.config import TrainConfig, read_toml
+from training.data import DataError, load_samples
+from training.engine import Dataset, evaluate, fit, load_frames
+from training.metrics import auroc, binary_metrics, calibration_error, pointing_game
+from training.report import overlay_png, write_report
 
 __all__ = ["build_parser", "main"]
 
@@ -38,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="medtrain",
-        description="Make, train, evaluate and explain the models dicom-node runs. "
-        "Available now: synth. Being built: fit, evaluate, explain.",
+        description="Make, train, evaluate and explain the models dicom-node runs.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     synth = sub.add_parser(
@@ -66,7 +88,88 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="fraction of positive images (default 0.5)",
     )
+    fit = sub.add_parser(
+        "fit",
+        help="train a model and write the artifact dicom-node loads",
+        description="Train a ResNet on labelled images (DATA: a labels.csv manifest, "
+        "a folder holding one, or <root>/<class>/ folders), split by patient. Stage "
+        "1 trains the head with the backbone frozen, stage 2 fine-tunes; early "
+        "stopping keeps the best epoch. Writes MODEL (.safetensors), "
+        "MODEL-report/ (metrics.json, history.csv, plots, model-card.md) and a "
+        "resumable checkpoint MODEL.ckpt. Settings come from --config TOML, then "
+        "flags.",
+    )
+    fit.add_argument("data", type=Path, metavar="DATA")
+    fit.add_argument("--out", type=Path, required=True, metavar="MODEL")
+    fit.add_argument("--config", type=Path, help="TOML file of TrainConfig keys")
+    fit.add_argument("--resume", action="store_true", help="continue MODEL.ckpt")
+    fit.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    fit.add_argument("--cache", type=Path, help="preprocessing cache folder")
+    for flag, kind, text in _FIT_FLAGS:
+        if kind is bool:
+            fit.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            fit.add_argument(flag, type=kind, default=None, help=text)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="measure a model on labelled data",
+        description="Score every image of DATA with MODEL through inference.Classifier "
+        "(what the node runs) and print AUROC, accuracy, sensitivity, specificity, "
+        "PPV, NPV at the model's threshold and the calibration error; with lesion "
+        "masks, the Grad-CAM pointing game.",
+    )
+    evaluate.add_argument("model", type=Path, metavar="MODEL")
+    evaluate.add_argument("data", type=Path, metavar="DATA")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--device", help="cpu or cuda")
+    evaluate.add_argument("--cache", type=Path, help="preprocessing cache folder")
+
+    explain = sub.add_parser(
+        "explain",
+        help="draw Grad-CAM heatmaps over images",
+        description="For each DICOM FILE, write DIR/<name>.png: the image, the "
+        "Grad-CAM heatmap over it and the model's score.",
+    )
+    explain.add_argument("model", type=Path, metavar="MODEL")
+    explain.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    explain.add_argument("--out", type=Path, required=True, metavar="DIR")
+    explain.add_argument("--device", help="cpu or cuda")
     return parser
+
+
+# Flags of `fit`: each overrides the TrainConfig key of the same name.
+_FIT_FLAGS: list[tuple[str, type, str]] = [
+    ("--architecture", str, "resnet18 (default) .. resnet152"),
+    ("--size", int, "input side in pixels (default 128)"),
+    ("--channels", int, "1 (default) or 3"),
+    ("--epochs", int, "most epochs (default 20)"),
+    ("--freeze-epochs", int, "head-only epochs first (default 2)"),
+    ("--unfreeze-from", str, "stage 2 trains from conv1 / layer1..4 (default layer1)"),
+    ("--batch-size", int, "default 32"),
+    ("--lr", float, "stage 1 learning rate (default 1e-3)"),
+    ("--finetune-lr", float, "stage 2 learning rate (default 5e-4)"),
+    ("--weight-decay", float, "AdamW weight decay (default 1e-4)"),
+    ("--label-smoothing", float, "default 0.05"),
+    ("--balance", str, "weighted (default), sampler or none"),
+    ("--dropout", float, "before the head (default 0)"),
+    ("--hflip", bool, "random horizontal flips (off: laterality matters)"),
+    ("--patience", int, "early stopping patience in epochs (default 5)"),
+    ("--val-fraction", float, "patients for validation (default 0.2)"),
+    ("--test-fraction", float, "patients held out for a test (default 0)"),
+    ("--seed", int, "default 0"),
+    ("--positive", str, "the positive class (default: the one not named normal)"),
+    ("--code", str, "finding code value,scheme,meaning (known names have one)"),
+    ("--target-sensitivity", float, "threshold reaching it (default: Youden's J)"),
+    ("--name", str, "model name in the artifact"),
+    ("--version", str, "model version in the artifact"),
+    ("--precision", str, "fp32 (default) or bf16 on the CPU"),
+    ("--init-weights", str, "local torchvision state dict to start from"),
+    ("--window", str, "auto (default), minmax or fixed"),
+    ("--window-center", float, "fixed window centre"),
+    ("--window-width", float, "fixed window width"),
+    ("--resize", str, "stretch (default) or letterbox"),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,4 +203,188 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"wrote {args.n} {args.modality} images and {labels}")
         return EXIT_OK
+    try:
+        if args.command == "fit":
+            return _fit(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "explain":
+            return _explain(args)
+    except (DataError, ArtifactError, PreprocessError, ValueError) as exc:
+        print(f"medtrain: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     raise AssertionError(f"unhandled command {args.command}")  # argparse requires one
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _fit(args: argparse.Namespace) -> int:
+    values = read_toml(args.config) if args.config else {}
+    for flag, _, _ in _FIT_FLAGS:
+        key = flag[2:].replace("-", "_")
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    config = TrainConfig(**values)
+    out: Path = args.out
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the model file must end in .safetensors")
+    checkpoint = out.with_suffix(".ckpt")
+    if args.resume and not checkpoint.is_file():
+        raise ValueError(f"--resume: no checkpoint {checkpoint}")
+    cache = args.cache or out.parent / ".medtrain-cache"
+    device = _device(args.device)
+    samples = load_samples(args.data)
+    result = fit(samples, config, checkpoint, cache, device, resume=args.resume)
+    artifact = result.artifact
+    model = artifact.build().to(device)
+    positive = result.metrics["positive"]
+    val = load_frames(result.splits["val"], positive, artifact.preprocessing, cache)
+    _, val_scores = evaluate(model, val, device)
+    threshold = artifact.labels[0].threshold
+    result.metrics["val"].update(
+        binary_metrics(val_scores, val.y.numpy(), threshold)
+        | {"calibration_error": calibration_error(val_scores, val.y.numpy())}
+    )
+    if result.splits["test"]:
+        test = load_frames(
+            result.splits["test"], positive, artifact.preprocessing, cache
+        )
+        _, test_scores = evaluate(model, test, device)
+        result.metrics["test"] = {
+            "frames": len(test),
+            "auroc": auroc(test_scores, test.y.numpy()),
+            **binary_metrics(test_scores, test.y.numpy(), threshold),
+        }
+    sha = artifact.save(out)
+    examples = _examples(model, val, val_scores, artifact)
+    write_report(
+        out.with_name(out.stem + "-report"),
+        artifact,
+        result.history,
+        result.metrics,
+        config.to_dict(),
+        val_scores,
+        val.y.numpy().astype(np.float64),
+        examples,
+    )
+    val_m = result.metrics["val"]
+    print(
+        f"wrote {out} (sha256 {sha[:16]}...): validation AUROC "
+        f"{val_m['auroc']:.3f}, sensitivity {val_m['sensitivity']:.3f}, "
+        f"specificity {val_m['specificity']:.3f} at threshold {threshold:.3f}; "
+        f"report in {out.stem}-report/"
+    )
+    return EXIT_OK
+
+
+def _examples(
+    model: torch.nn.Module,
+    val: Dataset,
+    scores: np.ndarray[Any, Any],
+    artifact: ModelArtifact,
+) -> list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], float]]:
+    # The four highest-scoring validation frames, with their Grad-CAM.
+    order = np.argsort(-scores)[:4]
+    if not len(order):
+        return []
+    x = val.x[torch.as_tensor(order.copy())].to(next(model.parameters()).device)
+    heatmaps, _ = gradcam(model, x, 0)
+    spec = artifact.preprocessing
+    images = (x.cpu() * spec.std[0] + spec.mean[0]).mean(dim=1).clamp(0, 1)
+    return [
+        (images[i].numpy(), heatmaps[i].cpu().numpy(), float(scores[j]))
+        for i, j in enumerate(order)
+    ]
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    artifact = ModelArtifact.load(args.model)
+    classifier = Classifier(artifact, device=args.device)
+    samples = load_samples(args.data)
+    label = artifact.labels[0]
+    data = load_frames(samples, label.name, artifact.preprocessing, args.cache)
+    scores = np.concatenate(
+        [
+            classifier.forward(data.x[i : i + 32])[0][:, 0].double().numpy()
+            for i in range(0, len(data), 32)
+        ]
+    )
+    y = data.y.numpy()
+    result: dict[str, Any] = {
+        "model": f"{artifact.name} {artifact.version}",
+        "frames": len(data),
+        "positive": label.name,
+        "threshold": label.threshold,
+        "auroc": auroc(scores, y),
+        **binary_metrics(scores, y, label.threshold),
+        "calibration_error": calibration_error(scores, y),
+    }
+    heatmaps, masks = [], []
+    for sample in samples:
+        if (
+            sample.label != label.name
+            or sample.mask is None
+            or sample.path.suffix == ".png"
+        ):
+            continue
+        frames = preprocess(dcmread(sample.path), artifact.preprocessing)
+        mask = np.asarray(Image.open(sample.mask)) > 0
+        for heatmap in classifier.explain(frames, 0):
+            if heatmap.shape == mask.shape:
+                heatmaps.append(heatmap)
+                masks.append(mask)
+    if heatmaps:
+        result["pointing_game"] = pointing_game(heatmaps, masks)
+        result["pointing_game_images"] = len(heatmaps)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    k: (None if isinstance(v, float) and np.isnan(v) else v)
+                    for k, v in result.items()
+                },
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    for key, value in result.items():
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"{key:<22}{text}")
+    return EXIT_OK
+
+
+def _explain(args: argparse.Namespace) -> int:
+    artifact = ModelArtifact.load(args.model)
+    classifier = Classifier(artifact, device=args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    label = artifact.labels[0]
+    for path in args.files:
+        try:
+            ds = dcmread(path)
+        except (InvalidDicomError, OSError) as exc:
+            raise DataError(f"{path}: cannot read as DICOM ({exc})") from exc
+        prediction = classifier.predict([ds], explain_top_k=1)
+        explanation = prediction.explanations[0]
+        spec = artifact.preprocessing
+        plain = replace(
+            spec,
+            size=(explanation.source.rows, explanation.source.columns),
+            resize="stretch",
+            mean=(0.0,) * spec.channels,
+            std=(1.0,) * spec.channels,
+        )
+        image = preprocess(ds, plain).pixels[explanation.source.frame_index].mean(dim=0)
+        p = prediction.labels[0]
+        verdict = "Present" if p.positive else "Absent"
+        target = args.out / f"{path.stem}.png"
+        overlay_png(
+            target,
+            image.numpy(),
+            explanation.heatmap,
+            f"{label.name}: p = {p.probability:.2f} "
+            f"({verdict} at {label.threshold:.2f})",
+        )
+        print(f"{path}: p({label.name}) = {p.probability:.3f} {verdict} -> {target}")
+    return EXIT_OK

@@ -250,7 +250,7 @@ def train_one_epoch(
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         scheduler.step()
-        total += float(loss) * len(index)
+        total += float(loss.detach()) * len(index)
         seen += len(index)
         if progress:
             progress(

@@ -1,0 +1,214 @@
+"""medtrain fit / evaluate / explain end to end on tiny synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference import Classifier, ModelArtifact
+from training.cli import main
+from training.config import TrainConfig
+from training.data import load_samples
+from training.engine import evaluate, fit, load_frames
+
+TINY = ["--size", "32", "--epochs", "2", "--freeze-epochs", "1", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "synth"
+    assert main(["synth", str(out), "--n", "48", "--seed", "21", "--size", "64"]) == 0
+    return out
+
+
+def test_fit_evaluate_explain_end_to_end(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model.safetensors"
+
+    assert main(["fit", str(data), "--out", str(model), *TINY, "--name", "tiny"]) == 0
+
+    artifact = ModelArtifact.load(model)
+    assert (artifact.name, artifact.architecture) == ("tiny", "resnet18")
+    assert artifact.labels[0].name == "nodule"
+    assert artifact.labels[0].concept.value == "27925004"
+    assert 0.0 <= artifact.labels[0].threshold <= 1.0
+    assert artifact.accepts["modalities"] == ["DX"]
+    report = tmp_path / "model-report"
+    for name in (
+        "metrics.json",
+        "history.csv",
+        "config.json",
+        "curves.png",
+        "evaluation.png",
+        "gradcam.png",
+        "model-card.md",
+    ):
+        assert (report / name).is_file(), name
+    with (report / "history.csv").open() as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+    assert json.loads((report / "config.json").read_text())["size"] == 32
+    assert "Device UID" in (report / "model-card.md").read_text()
+    capsys.readouterr()
+
+    assert main(["evaluate", str(model), str(data), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    for key in ("auroc", "sensitivity", "specificity", "pointing_game"):
+        assert key in figures
+    assert figures["frames"] == 48
+    assert figures["pointing_game_images"] == 24
+
+    files = sorted(data.rglob("*.dcm"))[:2]
+    assert (
+        main(["explain", str(model), *map(str, files), "--out", str(tmp_path / "png")])
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == sorted(
+        f"{f.stem}.png" for f in files
+    )
+
+
+def test_artifact_gives_the_training_code_s_probabilities(
+    data: Path, tmp_path: Path
+) -> None:
+    config = TrainConfig(size=32, epochs=2, freeze_epochs=1, batch_size=8)
+    result = fit(
+        load_samples(data),
+        config,
+        tmp_path / "m.ckpt",
+        None,
+        torch.device("cpu"),
+        log=lambda _: None,
+    )
+    path = tmp_path / "m.safetensors"
+    result.artifact.save(path)
+    val = load_frames(
+        result.splits["val"], "nodule", result.artifact.preprocessing, None
+    )
+
+    _, training_probs = evaluate(result.artifact.build(), val, torch.device("cpu"))
+    served = (
+        Classifier(ModelArtifact.load(path), device="cpu")
+        .forward(val.x)[0][:, 0]
+        .numpy()
+    )
+
+    np.testing.assert_allclose(served, training_probs, atol=1e-5)
+
+
+class StopTrainingError(Exception):
+    pass
+
+
+def test_resume_continues_where_it_stopped(data: Path, tmp_path: Path) -> None:
+    config = TrainConfig(size=32, epochs=3, freeze_epochs=1, batch_size=8, seed=5)
+    samples = load_samples(data)
+    straight = fit(
+        samples,
+        config,
+        tmp_path / "a.ckpt",
+        None,
+        torch.device("cpu"),
+        log=lambda _: None,
+    )
+
+    def stop_in_epoch_3(line: str) -> None:
+        if line.startswith("epoch 3/"):
+            raise StopTrainingError
+
+    with pytest.raises(StopTrainingError):
+        fit(
+            samples,
+            config,
+            tmp_path / "b.ckpt",
+            None,
+            torch.device("cpu"),
+            log=stop_in_epoch_3,
+        )
+    lines: list[str] = []
+    resumed = fit(
+        samples,
+        config,
+        tmp_path / "b.ckpt",
+        None,
+        torch.device("cpu"),
+        resume=True,
+        log=lines.append,
+    )
+
+    assert any(line.startswith("resumed after epoch 2") for line in lines)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+    def losses(history: list[dict[str, float]]) -> list[tuple[float, ...]]:
+        return [(h["train_loss"], h["val_loss"], h["val_auroc"]) for h in history]
+
+    assert losses(resumed.history) == losses(straight.history)
+    for name, tensor in straight.artifact.state_dict.items():
+        torch.testing.assert_close(resumed.artifact.state_dict[name], tensor, msg=name)
+
+
+def test_bad_manifest_fails_naming_the_row(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = list(csv.DictReader((data / "labels.csv").open()))
+    rows[3]["path"] = "dicom/nowhere.dcm"
+    manifest = data / "broken.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    assert (
+        main(["fit", str(manifest), "--out", str(tmp_path / "m.safetensors"), *TINY])
+        == 1
+    )
+
+    assert "row 5: file 'dicom/nowhere.dcm' not found" in capsys.readouterr().err
+    manifest.unlink()
+
+
+def test_config_file_and_flags(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    toml = tmp_path / "train.toml"
+    toml.write_text(
+        'size = 32\nepochs = 1\nfreeze_epochs = 1\nbatch_size = 8\nname = "from-file"\n'
+    )
+
+    assert (
+        main(
+            [
+                "fit",
+                str(data),
+                "--out",
+                str(tmp_path / "m.safetensors"),
+                "--config",
+                str(toml),
+                "--name",
+                "from-flag",
+            ]
+        )
+        == 0
+    )
+
+    assert ModelArtifact.load(tmp_path / "m.safetensors").name == "from-flag"
+    toml.write_text("sise = 32\n")
+    assert (
+        main(
+            [
+                "fit",
+                str(data),
+                "--out",
+                str(tmp_path / "n.safetensors"),
+                "--config",
+                str(toml),
+            ]
+        )
+        == 1
+    )
+    assert "unknown key(s) ['sise']" in capsys.readouterr().err
