@@ -240,8 +240,7 @@ def _fit(args: argparse.Namespace) -> int:
     artifact = result.artifact
     model = artifact.build().to(device)
     positive = result.metrics["positive"]
-    val = load_frames(result.splits["val"], positive, artifact.preprocessing, cache)
-    _, val_scores = evaluate(model, val, device)
+    val, val_scores = result.val, result.val_scores
     threshold = artifact.labels[0].threshold
     result.metrics["val"].update(
         binary_metrics(val_scores, val.y.numpy(), threshold)

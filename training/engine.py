@@ -319,12 +319,18 @@ class FitResult:
         Validation (and test) figures at the chosen threshold.
     splits
         The samples of each split.
+    val
+        The validation frames.
+    val_scores
+        The best model's probability for each validation frame.
     """
 
     artifact: ModelArtifact
     history: list[dict[str, float]]
     metrics: dict[str, Any]
     splits: dict[str, list[Sample]]
+    val: Dataset
+    val_scores: np.ndarray[Any, np.dtype[np.float64]]
 
 
 def _concept(text: str, where: str) -> CodedConcept:
@@ -602,7 +608,7 @@ def fit(
             "config": config.to_dict(),
         },
     )
-    return FitResult(artifact, list(state["history"]), metrics, splits)
+    return FitResult(artifact, list(state["history"]), metrics, splits, val, val_probs)
 
 
 def _modality(sample: Sample) -> str:
