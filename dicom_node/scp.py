@@ -264,12 +264,15 @@ def _store(
     request = event.request
     if not isinstance(request, C_STORE):
         raise TypeError(f"expected a C-STORE request, got {type(request).__name__}")
+    received_stream = request.DataSet
+    if not isinstance(received_stream, BytesIO):
+        raise TypeError("C-STORE request without a data set")
     requested_ref = uid_ref(request.AffectedSOPInstanceUID)
     try:
         ds: Dataset = event.dataset
         # Before any element is read: reading converts raw elements.
         problem = _structure_problem(
-            ds, request.DataSet, deflated=event.context.transfer_syntax.is_deflated
+            ds, received_stream, deflated=event.context.transfer_syntax.is_deflated
         )
         sop_class_uid = ds.get("SOPClassUID")
         sop_instance_uid = ds.get("SOPInstanceUID")
@@ -321,9 +324,12 @@ def _store(
         )
 
     ref = uid_ref(key.sop_instance_uid)
-    stream: bytes = event.encoded_dataset(include_meta=False)
-    digest = hashlib.sha256(stream).hexdigest()
+    # One copy of the received bytes: the file (preamble, meta, data set as
+    # received); the data set is its tail, hashed in place.
     data = event.encoded_dataset(include_meta=True)
+    with received_stream.getbuffer() as received:
+        dataset_size = received.nbytes
+    digest = hashlib.sha256(memoryview(data)[len(data) - dataset_size :]).hexdigest()
     started = time.perf_counter()
     # Write first, then index in one transaction that also detects conflicts: a
     # look-up before the write would cost a second transaction per instance.
@@ -383,7 +389,7 @@ def _discard(ctx: StoreContext, key: InstanceKey, existed: bool, ref: str) -> No
         logger.error("instance %s: cannot remove unindexed file (%s)", ref, exc)
 
 
-def _structure_problem(ds: Dataset, stream: object, *, deflated: bool) -> str:
+def _structure_problem(ds: Dataset, stream: BytesIO, *, deflated: bool) -> str:
     """Return why a decoded data set is incomplete, or an empty string.
 
     pydicom reads a truncated data set without raising: it keeps the short value
@@ -407,9 +413,10 @@ def _structure_problem(ds: Dataset, stream: object, *, deflated: bool) -> str:
             size = elem.length
         if end >= 0:
             end = max(end, elem.value_tell + size)
-    if deflated or end < 0 or not isinstance(stream, BytesIO):
+    if deflated or end < 0:
         return ""
-    received = stream.getbuffer().nbytes
+    with stream.getbuffer() as buffer:
+        received = buffer.nbytes
     if end != received:
         return f"data set has {received - end} bytes that are not a whole element"
     return ""
