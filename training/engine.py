@@ -191,7 +191,12 @@ def _batches(
         order = torch.multinomial(weights, n, replacement=True, generator=generator)
     else:
         order = torch.randperm(n, generator=generator)
-    return [order[i : i + batch_size] for i in range(0, n - 1, batch_size)]
+    return [order[i : i + batch_size] for i in _batch_starts(n, batch_size)]
+
+
+def _batch_starts(n: int, batch_size: int) -> range:
+    # A last batch of one frame is left out: BatchNorm cannot train on it.
+    return range(0, n - 1, batch_size)
 
 
 def train_one_epoch(
@@ -450,7 +455,7 @@ def fit(
         if config.balance == "weighted"
         else None
     )
-    steps_per_epoch = len(_batches(train, config.batch_size, config, torch.Generator()))
+    steps_per_epoch = len(_batch_starts(len(train), config.batch_size))
 
     def stage_of(epoch: int) -> int:
         return 1 if epoch < config.freeze_epochs else 2
