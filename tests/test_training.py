@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pydicom import dcmread
 
 from inference import Classifier, ModelArtifact
 from training.cli import main
 from training.config import TrainConfig
 from training.data import load_samples
-from training.engine import evaluate, fit, load_frames
+from training.engine import augment, evaluate, fit, load_frames
 
 TINY = ["--size", "32", "--epochs", "2", "--freeze-epochs", "1", "--batch-size", "8"]
 
@@ -212,3 +215,59 @@ def test_config_file_and_flags(
         == 1
     )
     assert "unknown key(s) ['sise']" in capsys.readouterr().err
+
+
+def test_augment_parts_match_the_whole_batch() -> None:
+    # Under DDP each process augments its part of a batch; together the parts
+    # must be exactly the single-process augmentation of the whole batch.
+    config = TrainConfig(size=32, hflip=True)
+    x = torch.randn(7, 1, 32, 32)
+    whole = augment(x, config, torch.Generator().manual_seed(5))
+    for rank in range(2):
+        generator = torch.Generator().manual_seed(5)
+        part = slice(rank, 7, 2)
+        torch.testing.assert_close(
+            augment(x[part], config, generator, part), whole[part]
+        )
+        # Every process leaves its generator where the whole batch would.
+        reference = torch.Generator().manual_seed(5)
+        augment(x, config, reference)
+        assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_fit_under_torchrun_with_two_processes(data: Path, tmp_path: Path) -> None:
+    model = tmp_path / "ddp.safetensors"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    medtrain = Path(sys.executable).with_name("medtrain")
+    done = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(medtrain),
+            "fit",
+            str(data),
+            "--out",
+            str(model),
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    # Rank 0 alone speaks and writes: one line per epoch, not one per process.
+    assert output.count("2 processes (DDP)") == 1
+    assert output.count("epoch 1/2 ") == 1
+    assert output.count("epoch 2/2 ") == 1
+    with (tmp_path / "ddp-report" / "history.csv").open() as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+    artifact = ModelArtifact.load(model)
+    files = [s.path for s in load_samples(data)[:4]]
+    prediction = Classifier(artifact, "cpu").predict(
+        [dcmread(f) for f in files], explain_top_k=0
+    )
+    assert 0.0 <= prediction.labels[0].probability <= 1.0

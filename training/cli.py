@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stopping keeps the best epoch. Writes MODEL (.safetensors), "
         "MODEL-report/ (metrics.json, history.csv, plots, model-card.md) and a "
         "resumable checkpoint MODEL.ckpt. Settings come from --config TOML, then "
-        "flags.",
+        "flags. Under torchrun (e.g. torchrun --nproc-per-node 2 $(which medtrain) "
+        "fit ...) the processes train one model with DDP: gloo on the CPU, nccl "
+        "with one GPU each; --batch-size is the whole batch, shared among them.",
     )
     fit.add_argument("data", type=Path, metavar="DATA")
     fit.add_argument("--out", type=Path, required=True, metavar="MODEL")
@@ -237,6 +239,8 @@ def _fit(args: argparse.Namespace) -> int:
     device = _device(args.device)
     samples = load_samples(args.data)
     result = fit(samples, config, checkpoint, cache, device, resume=args.resume)
+    if result.rank != 0:
+        return 0  # under torchrun, rank 0 writes the model and the report
     artifact = result.artifact
     model = artifact.build().to(device)
     positive = result.metrics["positive"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -13,9 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 from pydicom.uid import generate_uid
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from inference import CodedConcept, Label, ModelArtifact, PreprocessSpec, build_model
 from training.config import KNOWN_FINDINGS, TrainConfig
@@ -93,7 +96,10 @@ def load_frames(
 
 
 def augment(
-    x: torch.Tensor, config: TrainConfig, generator: torch.Generator
+    x: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+    part: slice = slice(None),
 ) -> torch.Tensor:
     """Randomly rotate, shift, scale, flip and change the intensity of a batch.
 
@@ -102,18 +108,22 @@ def augment(
     Parameters
     ----------
     x
-        Normalized batch [N, C, H, W].
+        Normalized batch [N, C, H, W], or this process's part of a batch.
     config
         The augmentation settings.
     generator
         Random source (seeded, so a run can be repeated).
+    part
+        Under DDP, which images of the whole batch ``x`` holds: the parameters
+        are drawn for the whole batch, so every process draws the same numbers
+        and the generators stay in step.
 
     Returns
     -------
     torch.Tensor
         The augmented batch.
     """
-    n = x.shape[0]
+    n = x.shape[0] if part.stop is None else int(part.stop)
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=generator)
@@ -132,6 +142,12 @@ def augment(
         if config.vflip
         else torch.ones(n)
     )
+    contrast = uniform(1 - config.intensity, 1 + config.intensity)
+    brightness = uniform(-config.intensity, config.intensity) * 2
+    angle, zoom, shift_x, shift_y, flip_x, flip_y, contrast, brightness = (
+        t[part]
+        for t in (angle, zoom, shift_x, shift_y, flip_x, flip_y, contrast, brightness)
+    )
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack(
         [
@@ -147,10 +163,10 @@ def augment(
         F.grid_sample(x - floor, grid, align_corners=False, padding_mode="zeros")
         + floor
     )
-    contrast = uniform(1 - config.intensity, 1 + config.intensity).view(n, 1, 1, 1)
-    brightness = uniform(-config.intensity, config.intensity).view(n, 1, 1, 1) * 2
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return (out - mean) * contrast + mean + brightness
+    return (
+        (out - mean) * contrast.view(-1, 1, 1, 1) + mean + brightness.view(-1, 1, 1, 1)
+    )
 
 
 def _freeze(model: nn.Module, train_from: str | None) -> list[nn.Parameter]:
@@ -209,6 +225,8 @@ def train_one_epoch(
     device: torch.device,
     generator: torch.Generator,
     progress: Callable[[int, int, float, float], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[float, float]:
     """Train for one pass over the data.
 
@@ -232,19 +250,26 @@ def train_one_epoch(
         Random source for the order and the augmentation.
     progress
         Called with (batch, batches, mean loss, images/s) after each batch.
+    rank, world
+        Under DDP: this process's rank and the number of processes. Every
+        process draws the same batch order and augmentation from its generator
+        and trains on every ``world``-th image of each batch (the model wrapper
+        averages the gradients), so a batch is ``batch_size`` images in all.
 
     Returns
     -------
     tuple of float
-        Mean loss and images per second.
+        Mean loss and images per second (of all processes together).
     """
     model.train()
     batches = _batches(data, config.batch_size, config, generator)
     total, seen, started = 0.0, 0, time.perf_counter()
-    for i, index in enumerate(batches):
+    for i, whole in enumerate(batches):
+        part = slice(rank, len(whole), world)
+        index = whole[part]
         x = data.x[index]
         if config.augment:
-            x = augment(x, config, generator)
+            x = augment(x, config, generator, part if world > 1 else slice(None))
         y = data.y[index]
         target = y * (1 - config.label_smoothing) + config.label_smoothing / 2
         x, target = x.to(device), target.to(device)
@@ -262,9 +287,15 @@ def train_one_epoch(
                 i + 1,
                 len(batches),
                 total / seen,
-                seen / (time.perf_counter() - started),
+                seen * world / (time.perf_counter() - started),
             )
-    return total / max(seen, 1), seen / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    if world > 1:
+        sums = torch.tensor([total, float(seen)], dtype=torch.float64)
+        dist.all_reduce(sums)
+        total, seen = float(sums[0]), int(sums[1])
+        return total / max(seen, 1), seen / elapsed
+    return total / max(seen, 1), seen / elapsed
 
 
 def _autocast(device: torch.device, config: TrainConfig) -> Any:
@@ -328,6 +359,8 @@ class FitResult:
         The validation frames.
     val_scores
         The best model's probability for each validation frame.
+    rank
+        Under DDP, this process's rank: only rank 0 writes outputs.
     """
 
     artifact: ModelArtifact
@@ -336,6 +369,32 @@ class FitResult:
     splits: dict[str, list[Sample]]
     val: Dataset
     val_scores: np.ndarray[Any, np.dtype[np.float64]]
+    rank: int = 0
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1).
+
+    Parameters
+    ----------
+    device
+        The device asked for: CUDA becomes this process's local GPU (nccl);
+        the CPU uses gloo.
+
+    Returns
+    -------
+    tuple
+        Rank, number of processes, and the device this process trains on.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def _concept(text: str, where: str) -> CodedConcept:
@@ -391,17 +450,21 @@ def fit(
     cache
         Preprocessing cache folder.
     device
-        Where to train.
+        Where to train. Under ``torchrun`` (WORLD_SIZE > 1) the processes
+        train one model with DDP: gloo on the CPU, nccl with one GPU each.
     resume
         Continue from ``checkpoint``.
     log
-        Where the per-epoch lines go.
+        Where the per-epoch lines go (rank 0 only).
 
     Returns
     -------
     FitResult
         The artifact, the history and the metrics.
     """
+    rank, world, device = init_distributed(device)
+    if rank != 0:
+        log = _silent
     positive = _positive_label(samples, config)
     code = config.code or (
         f"{KNOWN_FINDINGS[positive][0]},SCT,{KNOWN_FINDINGS[positive][1]}"
@@ -434,13 +497,18 @@ def fit(
         mean=(0.5,) * config.channels,
         std=(0.25,) * config.channels,
     )
+    if world > 1 and rank != 0:
+        dist.barrier()  # rank 0 fills the cache first; the others read it
     train = load_frames(splits["train"], positive, spec, cache)
     val = load_frames(splits["val"], positive, spec, cache)
+    if world > 1 and rank == 0:
+        dist.barrier()
     if float(train.y.sum()) in (0.0, float(len(train))):
         raise DataError("the training split holds one class only")
     log(
         f"{len(train)} training and {len(val)} validation frames "
         f"({int(train.y.sum())} / {int(val.y.sum())} positive '{positive}')"
+        + (f", {world} processes (DDP)" if world > 1 else "")
     )
 
     torch.manual_seed(config.seed)
@@ -460,10 +528,15 @@ def fit(
     def stage_of(epoch: int) -> int:
         return 1 if epoch < config.freeze_epochs else 2
 
+    net: nn.Module = model
+
     def make_optimizer(
         stage: int,
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        nonlocal net
         params = _freeze(model, None if stage == 1 else config.unfreeze_from)
+        if world > 1:  # DDP takes the parameters that train in this stage
+            net = DistributedDataParallel(model)
         lr = config.lr if stage == 1 else config.finetune_lr
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
         epochs = (
@@ -506,7 +579,7 @@ def fit(
             f"(best so far: epoch {state['best_epoch'] + 1})"
         )
 
-    interactive = sys.stderr.isatty()
+    interactive = sys.stderr.isatty() and rank == 0
     for epoch in range(int(state["epoch"]), config.epochs):
         stage = stage_of(epoch)
         if epoch > 0 and stage != stage_of(epoch - 1):
@@ -516,17 +589,17 @@ def fit(
             i: int, n: int, loss: float, rate: float, epoch: int = epoch
         ) -> None:
             if interactive:
-                bar = "#" * (20 * i // n)
+                left = (n - i) * config.batch_size / max(rate, 1e-9)
                 print(
-                    f"\repoch {epoch + 1:>3} [{bar:<20}] loss {loss:.4f} "
-                    f"{rate:6.1f} img/s",
+                    "\r"
+                    + progress_bar(epoch + 1, config.epochs, i, n, loss, rate, left),
                     end="",
                     file=sys.stderr,
                     flush=True,
                 )
 
         train_loss, rate = train_one_epoch(
-            model,
+            net,
             train,
             optimizer,
             scheduler,
@@ -535,9 +608,14 @@ def fit(
             device,
             generator,
             progress,
+            rank,
+            world,
         )
         if interactive:
             print(file=sys.stderr)
+        if world > 1:  # the same BatchNorm statistics everywhere, so the same
+            for buffer in model.buffers():  # validation loss and stop decision
+                dist.broadcast(buffer, 0)
         val_loss, val_probs = evaluate(model, val, device)
         val_auc = auroc(val_probs, val.y.numpy())
         state["history"].append(
@@ -566,9 +644,10 @@ def fit(
             f"val AUROC {val_auc:.3f}, {rate:.0f} img/s" + (" *" if improved else "")
         )
         state["epoch"] = epoch + 1
-        _save_checkpoint(
-            checkpoint, model, optimizer, scheduler, stage, generator, state
-        )
+        if rank == 0:
+            _save_checkpoint(
+                checkpoint, model, optimizer, scheduler, stage, generator, state
+            )
         if state["bad_epochs"] >= config.patience:
             log(f"early stop: no better validation loss for {config.patience} epochs")
             break
@@ -613,7 +692,52 @@ def fit(
             "config": config.to_dict(),
         },
     )
-    return FitResult(artifact, list(state["history"]), metrics, splits, val, val_probs)
+    return FitResult(
+        artifact, list(state["history"]), metrics, splits, val, val_probs, rank
+    )
+
+
+def progress_bar(
+    epoch: int,
+    epochs: int,
+    batch: int,
+    batches: int,
+    loss: float,
+    rate: float,
+    left: float,
+) -> str:
+    """Return the one-line progress bar of an epoch.
+
+    Parameters
+    ----------
+    epoch, epochs
+        This epoch (from 1) and the most epochs.
+    batch, batches
+        Batches done and in all.
+    loss
+        Mean training loss so far.
+    rate
+        Images per second.
+    left
+        Seconds left in this epoch.
+
+    Returns
+    -------
+    str
+        e.g. ``epoch 3/20 [##########          ]  8/16 loss 0.5123   45.2 img/s
+        0:05 left`` (one line).
+    """
+    filled = 20 * batch // max(batches, 1)
+    minutes, seconds = divmod(round(left), 60)
+    width = len(str(batches))
+    return (
+        f"epoch {epoch}/{epochs} [{'#' * filled:<20}] {batch:>{width}}/{batches} "
+        f"loss {loss:.4f} {rate:6.1f} img/s {minutes}:{seconds:02d} left"
+    )
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _modality(sample: Sample) -> str:

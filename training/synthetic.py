@@ -8,7 +8,7 @@ mediastinum and spine band between them, a heart bulge, diaphragm domes, rib arc
 across the lungs and two clavicles. Low-frequency "anatomy" texture (smoothed
 noise), a random overall contrast (gamma) and brightness, and quantum-like noise
 are added. A positive image carries one nodule: a soft-edged disc of random radius
-(2-5 % of the image) and low contrast (0.05-0.15 over the local lung value) at a
+(3-6 % of the image) and contrast (0.12-0.25 over the local lung value) at a
 random position inside a lung field, away from its edge. The mask is the disc.
 
 CT (axial chest slice). Hounsfield units: air -1000 outside, a body ellipse of soft
@@ -160,8 +160,8 @@ def make_dx(
     image = image + 0.06 * _texture(rng, size, 0.03) * body
     mask: BoolImage | None = None
     if positive:
-        profile, mask = _nodule(rng, y, x, lungs, size, (0.02, 0.05))
-        image = image + rng.uniform(0.05, 0.15) * profile
+        profile, mask = _nodule(rng, y, x, lungs, size, (0.03, 0.06))
+        image = image + rng.uniform(0.12, 0.25) * profile
     image = gaussian_filter(image, sigma=0.6)
     gamma = rng.uniform(0.8, 1.25)
     image = np.clip(image, 0.0, 1.0) ** gamma * rng.uniform(0.85, 1.0) + rng.uniform(
