@@ -31,6 +31,7 @@ from inference.preprocess import (
     heatmap_to_source,
     preprocess,
     preprocess_many,
+    render,
 )
 
 __all__ = [
@@ -61,5 +62,6 @@ __all__ = [
     "load_init_weights",
     "preprocess",
     "preprocess_many",
+    "render",
     "weights_sha256",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "heatmap_to_source",
     "preprocess",
     "preprocess_many",
+    "render",
 ]
 
 FloatArray = npt.NDArray[np.float32]
@@ -383,6 +384,43 @@ def preprocess(ds: Dataset, spec: PreprocessSpec) -> Frames:
     uid = str(ds.get("SOPInstanceUID", ""))
     sources = [FrameSource(uid, i, rows, columns, box) for i in range(pixels.shape[0])]
     return Frames(pixels, sources)
+
+
+def render(ds: Dataset, frame: int = 0, max_pixels: int = 2**27) -> npt.NDArray[np.uint8]:
+    """Render one frame for display, as a viewer would show it by default.
+
+    Modality LUT, the file's own VOI (LUT or first window; min-max without one),
+    MONOCHROME1 shown inverted, colour kept.
+
+    Parameters
+    ----------
+    ds
+        The data set.
+    frame
+        Frame index (0 for single-frame images).
+    max_pixels
+        Size limit, checked before decoding.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 [rows, columns] for grayscale, [rows, columns, 3] RGB for colour.
+
+    Raises
+    ------
+    PreprocessError
+        If the image cannot be decoded or has no such frame.
+    """
+    values, color = decode_frames(ds, max_pixels)
+    if not 0 <= frame < values.shape[0]:
+        raise PreprocessError(f"frame {frame} out of range 0..{values.shape[0] - 1}")
+    if color:
+        scaled = values[frame]
+    else:
+        scaled = _window(values[frame : frame + 1], ds, PreprocessSpec())[0]
+        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+            scaled = 1.0 - scaled
+    return np.asarray(np.rint(np.clip(scaled, 0.0, 1.0) * 255), dtype=np.uint8)
 
 
 def _resize(

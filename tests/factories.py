@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
@@ -18,12 +19,46 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from inference import CodedConcept, Label, ModelArtifact, PreprocessSpec, build_model
+
 # Values a test can look for in logs: they must never appear there.
 SENTINEL_NAME = "PHI^SENTINEL"
 SENTINEL_BIRTH_DATE = "SENTINEL"  # not a valid DA: pydicom warns when it reads it
 SENTINEL_PATIENT_ID = "SENTINEL-ID-7731"
 
 DCMTK_BIN = Path("/usr/bin")
+
+LABELS = (
+    Label("nodule", CodedConcept("27925004", "SCT", "Nodule"), 0.5),
+    Label("effusion", CodedConcept("60046008", "SCT", "Pleural effusion"), 0.5),
+)
+
+
+def make_artifact(
+    architecture: str = "resnet18",
+    aggregation: str = "max",
+    top_k: int = 1,
+    size: int = 64,
+) -> ModelArtifact:
+    torch.manual_seed(0)
+    model = build_model(architecture, len(LABELS), 1)
+    # Random BatchNorm statistics make a random net's outputs less degenerate.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.running_mean, -0.1, 0.1)  # type: ignore[arg-type]
+            torch.nn.init.uniform_(m.running_var, 0.5, 1.5)  # type: ignore[arg-type]
+    """Return a small random-weight artifact with two labels (fixed seed)."""
+    return ModelArtifact(
+        name="test",
+        version="0",
+        device_uid="2.25.42",
+        architecture=architecture,
+        preprocessing=PreprocessSpec(size=(size, size)),
+        labels=LABELS,
+        state_dict=model.state_dict(),
+        aggregation=aggregation,
+        top_k=top_k,
+    )
 
 
 def dcmtk(tool: str) -> str:

@@ -13,47 +13,13 @@ from pydicom.dataset import Dataset
 
 from inference import (
     Classifier,
-    CodedConcept,
-    Label,
-    ModelArtifact,
-    PreprocessSpec,
     build_model,
     gradcam,
     gradcam_full_backward,
     preprocess_many,
 )
 from tests.factories import corpus_file, make_ct
-
-LABELS = (
-    Label("nodule", CodedConcept("27925004", "SCT", "Nodule"), 0.5),
-    Label("effusion", CodedConcept("60046008", "SCT", "Pleural effusion"), 0.5),
-)
-
-
-def artifact(
-    architecture: str = "resnet18",
-    aggregation: str = "max",
-    top_k: int = 1,
-    size: int = 64,
-) -> ModelArtifact:
-    torch.manual_seed(0)
-    model = build_model(architecture, len(LABELS), 1)
-    # Random BatchNorm statistics make a random net's outputs less degenerate.
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            torch.nn.init.uniform_(m.running_mean, -0.1, 0.1)  # type: ignore[arg-type]
-            torch.nn.init.uniform_(m.running_var, 0.5, 1.5)  # type: ignore[arg-type]
-    return ModelArtifact(
-        name="test",
-        version="0",
-        device_uid="2.25.42",
-        architecture=architecture,
-        preprocessing=PreprocessSpec(size=(size, size)),
-        labels=LABELS,
-        state_dict=model.state_dict(),
-        aggregation=aggregation,
-        top_k=top_k,
-    )
+from tests.factories import make_artifact as artifact
 
 
 def study() -> list[Dataset]:

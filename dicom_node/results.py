@@ -1,0 +1,555 @@
+"""Results as DICOM: a TID 1500 Structured Report and Grad-CAM Secondary Captures.
+
+One result set per study, model and run:
+
+- a Comprehensive 3D SR holding a TID 1500 Measurement Report (Comprehensive 3D
+  rather than Enhanced SR: it is the IOD highdicom writes TID 1500 into, and the
+  one OHIF and the IHE AI Results profile expect; no 3D coordinates are used);
+- one Secondary Capture per explained image: the source rendered with its own
+  window, the heatmap blended over it, a colour bar, and "AI: not for diagnostic
+  use" burned in.
+
+Every UID is derived from the study, the model's Device UID, the run number and
+the object's role, so writing the same run again yields the same objects: a
+re-delivery after a crash replaces rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import JPEGBaseline8Bit
+
+from dicom_node import __version__
+from inference import CodedConcept, Explanation, StudyPrediction, render
+
+__all__ = [
+    "NOT_FOR_DIAGNOSIS",
+    "ResultSet",
+    "build_results",
+    "result_uid",
+    "summary_lines",
+]
+
+# highdicom warns about unusual person names with the name in the message; the
+# names come from the source as they are, and a name must never reach a log.
+warnings.filterwarnings(
+    "ignore", message=r"The string .* is unlikely to represent", category=UserWarning
+)
+
+MANUFACTURER = "dicom-node"
+NOT_FOR_DIAGNOSIS = "AI: not for diagnostic use"
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+
+_PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
+_ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
+_PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+_PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
+_SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
+_UID_NAMESPACE = uuid.UUID("5b0c5f4e-5d0e-4d55-9a0c-64c6f1c0de01")  # dicom-node results
+_RADIOGRAPHY = {"DX", "CR", "RG", "MG", "IO", "PX", "XA", "RF"}
+
+
+@dataclass(frozen=True, slots=True)
+class ResultSet:
+    """The objects written for one study, model and run.
+
+    Parameters
+    ----------
+    sr
+        The Structured Report.
+    captures
+        The Secondary Captures, one per explained image.
+    run
+        The run number (1 for the first result set of this study and model).
+    """
+
+    sr: Dataset
+    captures: tuple[Dataset, ...]
+    run: int
+
+    @property
+    def datasets(self) -> tuple[Dataset, ...]:
+        """Return the captures, then the SR (the order they are sent in)."""
+        return (*self.captures, self.sr)
+
+
+def result_uid(study_uid: str, device_uid: str, run: int, role: str) -> str:
+    """Return a UID derived from the study, the model, the run and a role.
+
+    Parameters
+    ----------
+    study_uid
+        The source study.
+    device_uid
+        The model's Device UID.
+    run
+        The run number.
+    role
+        What the UID names (``sr``, ``sr-series``, ``sc-1``, ...).
+
+    Returns
+    -------
+    str
+        A ``2.25.`` UID, the same for the same inputs.
+    """
+    # A name-based (version 5) UUID as a 2.25 UID (PS3.5 B.2): stable, unique.
+    name = "\n".join((study_uid, device_uid, str(run), role))
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+
+
+def build_results(
+    sources: Sequence[Dataset],
+    prediction: StudyPrediction,
+    run: int,
+    *,
+    station: str = "DICOMNODE",
+    previous_sr: Dataset | None = None,
+    jpeg: bool = False,
+) -> ResultSet:
+    """Build the SR and the Secondary Captures of one scored study.
+
+    Parameters
+    ----------
+    sources
+        The images that were scored (pixel data loaded), one study.
+    prediction
+        What :meth:`inference.Classifier.predict` returned for them.
+    run
+        The run number; 1 for the first result set of this study and model.
+    station
+        The node's AE title, named in the SR's observer device.
+    previous_sr
+        The SR of the result set this one replaces, referenced as its
+        predecessor.
+    jpeg
+        Store the captures as JPEG baseline (YBR_FULL_422) instead of
+        uncompressed RGB.
+
+    Returns
+    -------
+    ResultSet
+        The objects, ready to store and send.
+
+    Raises
+    ------
+    ValueError
+        If there are no sources or they come from several studies.
+    """
+    if not sources:
+        raise ValueError("no source images")
+    studies = {str(ds.StudyInstanceUID) for ds in sources}
+    if len(studies) != 1:
+        raise ValueError(f"sources from {len(studies)} studies; expected one")
+    study_uid = studies.pop()
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+
+    def uid(role: str) -> str:
+        return result_uid(study_uid, prediction.device_uid, run, role)
+
+    captures = tuple(
+        _capture(by_uid[e.source.sop_instance_uid], e, prediction, i + 1, uid, jpeg)
+        for i, e in enumerate(prediction.explanations)
+        if e.source.sop_instance_uid in by_uid
+    )
+    scored = [
+        by_uid[u] for u in dict.fromkeys(f.sop_instance_uid for f in prediction.frames)
+    ]
+    sr = _report(
+        scored or list(sources), captures, prediction, uid, station, previous_sr
+    )
+    return ResultSet(sr, captures, run)
+
+
+def summary_lines(prediction: StudyPrediction) -> list[str]:
+    """Return the plain-language result, one line per label.
+
+    Parameters
+    ----------
+    prediction
+        The study's prediction.
+
+    Returns
+    -------
+    list of str
+        e.g. ``Nodule: Present (probability 87.3 %, operating threshold 63.2 %)``.
+    """
+    return [
+        f"{p.label.concept.meaning}: {'Present' if p.positive else 'Absent'} "
+        f"(probability {100 * p.probability:.1f} %, operating threshold "
+        f"{100 * p.label.threshold:.1f} %)"
+        for p in prediction.labels
+    ]
+
+
+def _code(concept: CodedConcept) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(concept.value, concept.scheme, concept.meaning)
+
+
+def _procedure(modality: str) -> hd.sr.CodedConcept:
+    if modality in _RADIOGRAPHY:
+        return hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region")
+    if modality == "CT":
+        return hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
+    return hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+
+
+def _equipment(prediction: StudyPrediction) -> hd.ContributingEquipment:
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=f"{prediction.model_name} {prediction.model_version}"[
+            :64
+        ],
+        software_versions=f"dicom-node {__version__}",
+    )
+
+
+def _report(
+    sources: Sequence[Dataset],
+    captures: Sequence[Dataset],
+    prediction: StudyPrediction,
+    uid: Callable[[str], str],
+    station: str,
+    previous_sr: Dataset | None,
+) -> Dataset:
+    make_uid = uid
+    model = f"{prediction.model_name} {prediction.model_version}"
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=prediction.device_uid,
+        name=station,
+        manufacturer_name=MANUFACTURER,
+        model_name=model[:64],
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=prediction.model_name[:64], version=prediction.model_version[:64]
+    )
+    explained = {
+        e.label_index: captures[i]
+        for i, e in enumerate(prediction.explanations[: len(captures)])
+    }
+    groups = []
+    lines = summary_lines(prediction)
+    for index, label_prediction in enumerate(prediction.labels):
+        label = label_prediction.label
+        finding = _code(label.concept)
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=make_uid(f"tracking-{index}"),
+                identifier=f"AI {label.name}: whole-study score"[:64],
+            ),
+            finding_type=finding,
+            algorithm_id=algorithm,
+            finding_sites=(
+                [hd.sr.FindingSite(_code(label.finding_site))]
+                if label.finding_site
+                else None
+            ),
+            measurements=[
+                hd.sr.Measurement(
+                    name=_PROBABILITY,
+                    value=round(100 * label_prediction.probability, 2),
+                    unit=_PERCENT,
+                    algorithm_id=algorithm,
+                )
+            ],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(
+                    name=finding,
+                    value=_PRESENT if label_prediction.positive else _ABSENT,
+                )
+            ],
+        )
+        container = group[0]
+        container.ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Summary,
+                value=f"{lines[index]}; model {model}; unverified, "
+                "not for diagnostic use",
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+        capture = explained.get(index)
+        if capture is not None:
+            container.ContentSequence.append(
+                hd.sr.ImageContentItem(
+                    name=codes.DCM.BestIllustrationOfFinding,
+                    referenced_sop_class_uid=capture.SOPClassUID,
+                    referenced_sop_instance_uid=capture.SOPInstanceUID,
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+            )
+        groups.append(group)
+    modality = str(sources[0].get("Modality", ""))
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=_procedure(modality),
+        imaging_measurements=groups,
+    )
+    # The Image Library (TID 1600) is built here rather than by highdicom, which
+    # adds ~15 acquisition-context items per image and requires attributes that
+    # real sources lack (e.g. Imager Pixel Spacing on CR).
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    library_group = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    library_group.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.ImageContentItem(
+                name=_SOURCE,
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=ds.SOPInstanceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for ds in sources
+        ]
+    )
+    library.ContentSequence = hd.sr.ContentSequence([library_group])
+    root = report[0]
+    position = next(
+        i
+        for i, item in enumerate(root.ContentSequence)
+        if item.ConceptNameCodeSequence[0].CodeValue == "126010"
+    )
+    root.ContentSequence.insert(position, library)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*(_header(ds) for ds in sources), *captures],
+        content=report,
+        series_instance_uid=make_uid("sr-series"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=make_uid("sr"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_verified=False,
+        previous_versions=[previous_sr] if previous_sr is not None else None,
+        series_description=f"AI Results: {prediction.model_name}"[:64],
+        contributing_equipment=[_equipment(prediction)],
+    )
+    return _with_source_identity(sr, sources[0])
+
+
+def _capture(
+    source: Dataset,
+    explanation: Explanation,
+    prediction: StudyPrediction,
+    number: int,
+    uid: Callable[[str], str],
+    jpeg: bool,
+) -> Dataset:
+    make_uid = uid
+    image = render(source, explanation.source.frame_index)
+    label = prediction.labels[explanation.label_index]
+    pixels = overlay(
+        image,
+        explanation.heatmap,
+        [
+            NOT_FOR_DIAGNOSIS,
+            f"{label.label.concept.meaning} {100 * explanation.probability:.0f} %"
+            f" - {prediction.model_name}",
+        ],
+    )
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation=(
+            "YBR_FULL_422" if jpeg else hd.PhotometricInterpretationValues.RGB
+        ),
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=make_uid("sc-series"),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=make_uid(f"sc-{number}"),
+        instance_number=number,
+        manufacturer=MANUFACTURER,
+        patient_orientation=("L", "F"),  # replaced below by the source's own
+        transfer_syntax_uid=JPEGBaseline8Bit if jpeg else "1.2.840.10008.1.2.1",
+        series_description=f"AI Grad-CAM: {prediction.model_name}"[:64],
+        contributing_equipment=[_equipment(prediction)],
+    )
+    sc.PatientOrientation = _orientation(source)  # type: ignore[assignment]
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = (
+        f"Grad-CAM of {label.label.name} over the source image; {NOT_FOR_DIAGNOSIS}"
+    )[:10240]
+    for keyword in ("BodyPartExamined", "Laterality"):
+        value = source.get(keyword)
+        if value:
+            setattr(sc, keyword, value)
+        elif keyword in sc:
+            del sc[keyword]
+    if "Laterality" not in sc and "BodyPartExamined" not in sc:
+        # General Series: Laterality is Type 2C, required when the body part may
+        # be a paired structure; unknown here, so present and empty.
+        sc.Laterality = None  # type: ignore[assignment]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+        reference.ReferencedFrameNumber = explanation.source.frame_index + 1
+    purpose = Dataset()
+    purpose.CodeValue = "121322"
+    purpose.CodingSchemeDesignator = "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    reference.PurposeOfReferenceCodeSequence = [purpose]
+    sc.SourceImageSequence = [reference]
+    sc.DerivationDescription = "Grad-CAM heatmap blended over the rendered source"
+    return _with_source_identity(sc, source)
+
+
+_IDENTITY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def _header(source: Dataset) -> Dataset:
+    """Return what a result needs of a source, missing Type 2 attributes empty."""
+    header = Dataset()
+    for keyword in _IDENTITY:
+        header[keyword] = _copy_or_empty(source, keyword)
+    for keyword in (
+        "SpecificCharacterSet",
+        "Modality",
+        "SeriesInstanceUID",
+        "SOPClassUID",
+        "SOPInstanceUID",
+    ):
+        if keyword in source:
+            header[keyword] = source[keyword]
+    return header
+
+
+def _with_source_identity(ds: Dataset, source: Dataset) -> Dataset:
+    """Keep Patient and Study exactly as the source has them (Type 2 may be empty)."""
+    for keyword in _IDENTITY:
+        ds[keyword] = _copy_or_empty(source, keyword)
+    now = dt.datetime.now()
+    if "ContentDate" not in ds:
+        ds.ContentDate = now.strftime("%Y%m%d")
+        ds.ContentTime = now.strftime("%H%M%S")
+    return ds
+
+
+def _copy_or_empty(source: Dataset, keyword: str) -> DataElement:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    if keyword in source:
+        element = source[keyword]
+        return DataElement(tag, element.VR, element.value)
+    return DataElement(tag, dictionary_VR(tag), None)
+
+
+def _orientation(source: Dataset) -> list[str] | str:
+    value = source.get("PatientOrientation")
+    if value and len(value) == 2:
+        return list(value)
+    iop = source.get("ImageOrientationPatient")
+    if iop and len(iop) == 6:
+        return [_direction(iop[:3]), _direction(iop[3:])]
+    return ""
+
+
+def _direction(cosines: Sequence[float]) -> str:
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))
+    order = sorted(range(3), key=lambda i: -abs(float(cosines[i])))
+    return "".join(
+        letters[i][0 if float(cosines[i]) > 0 else 1]
+        for i in order
+        if abs(float(cosines[i])) > 0.0001
+    )[:3]
+
+
+def _jet(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    centres = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # red, green, blue
+    out: npt.NDArray[np.float32] = np.clip(
+        1.5 - np.abs(4.0 * (v - centres)), 0.0, 1.0
+    ).astype(np.float32)
+    return out
+
+
+def overlay(
+    image: npt.NDArray[np.uint8],
+    heatmap: npt.NDArray[np.float32],
+    text: Sequence[str],
+) -> npt.NDArray[np.uint8]:
+    """Blend a heatmap over a rendered image, add a colour bar and burn in text.
+
+    Parameters
+    ----------
+    image
+        uint8 [rows, columns] or [rows, columns, 3].
+    heatmap
+        float [rows, columns] in [0, 1].
+    text
+        Lines written in the top-left corner.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB [rows, columns + bar, 3].
+    """
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    base = rgb.astype(np.float32) / 255.0
+    heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
+    alpha = 0.5 * heat[..., None]
+    blended = base * (1 - alpha) + _jet(heat) * alpha
+    rows, columns = heat.shape
+    bar_width = max(8, columns // 24)
+    gap = max(2, bar_width // 4)
+    ramp = np.linspace(1.0, 0.0, rows, dtype=np.float32)[:, None].repeat(bar_width, 1)
+    bar = np.concatenate([np.zeros((rows, gap, 3), np.float32), _jet(ramp)], axis=1)
+    out = np.concatenate([blended, bar], axis=1)
+    picture = Image.fromarray(np.rint(out * 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(picture)
+    size = max(9, rows // 28)
+    try:
+        font: ImageFont.ImageFont | ImageFont.FreeTypeFont = ImageFont.load_default(
+            size
+        )
+    except (OSError, TypeError):
+        font = ImageFont.load_default()
+    y = 2
+    for line in text:
+        draw.text(
+            (3, y),
+            line,
+            fill=(255, 255, 0),
+            font=font,
+            stroke_width=1,
+            stroke_fill=(0, 0, 0),
+        )
+        y += size + 3
+    return np.asarray(picture, dtype=np.uint8)

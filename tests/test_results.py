@@ -1,0 +1,160 @@
+"""SR and Secondary Capture results: valid under dciodvfy, readable in dsr2html."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node.results import NOT_FOR_DIAGNOSIS, ResultSet, build_results
+from inference import Classifier
+from tests.factories import corpus_file, dcmtk, make_artifact, make_ct
+
+REPO = Path(__file__).resolve().parent.parent
+
+# dciodvfy warnings that describe the source's own values, which results copy
+# verbatim so that Patient and Study match, or an honest "unknown".
+ALLOWED_WARNINGS = (
+    "Retired Person Name form",  # e.g. Referring Physician "ward" in a real CR
+    "Laterality(0020,0060)> - is only permitted to be empty when actually unknown",
+)
+
+
+def sources(kind: str) -> list[Dataset]:
+    if kind == "CT":
+        first = make_ct(rows=96, columns=80, seed=1)
+        second = make_ct(rows=96, columns=80, seed=2)
+        second.StudyInstanceUID = first.StudyInstanceUID
+        return [first, second]
+    if kind == "DX":
+        return [dcmread(next((REPO / "sample_dicoms" / "dx").rglob("*.dcm")))]
+    if kind == "CR MONOCHROME1":
+        cr = dcmread(corpus_file("RG1_UNCI.dcm"))
+        assert cr.PhotometricInterpretation == "MONOCHROME1"
+        return [cr]
+    if kind == "MR":
+        return [dcmread(corpus_file("MR_small.dcm"))]
+    # A source missing what real sources often miss.
+    ds = make_ct(rows=64, columns=64, seed=3)
+    for keyword in ("PatientBirthDate", "AccessionNumber", "BodyPartExamined"):
+        if keyword in ds:
+            del ds[keyword]
+    return [ds]
+
+
+def results(kind: str, run: int = 1, **options: object) -> tuple[ResultSet, Dataset]:
+    datasets = sources(kind)
+    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=1)
+    return build_results(datasets, prediction, run, **options), datasets[0]  # type: ignore[arg-type]
+
+
+def dciodvfy_problems(path: Path) -> list[str]:
+    done = subprocess.run(
+        ["/usr/bin/dciodvfy", "-new", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if line.startswith(("Error", "Warning"))
+        and not any(allowed in line for allowed in ALLOWED_WARNINGS)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["CT", "DX", "CR MONOCHROME1", "MR", "sparse"])
+def test_every_object_is_valid_and_the_sr_reads_as_a_report(
+    kind: str, tmp_path: Path
+) -> None:
+    result, source = results(kind, jpeg=kind == "DX")
+    assert len(result.captures) == 2  # the top image of each of the two labels
+    for i, ds in enumerate(result.datasets):
+        path = tmp_path / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_problems(path) == [], ds.SOPClassUID.name
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+
+    sr_path = tmp_path / f"{len(result.datasets) - 1}.dcm"
+    html = subprocess.run(
+        [dcmtk("dsr2html"), str(sr_path)], capture_output=True, text=True, check=True
+    ).stdout
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+    for expected in (
+        "Imaging Measurement Report",
+        "UNVERIFIED",
+        "AI Results: test",
+        "Nodule: Present (probability",
+        "Pleural effusion:",
+        "operating threshold 50.0 %",
+        "model test 0",
+        "Image Library",
+    ):
+        assert expected in text, expected
+
+    report = dcmread(sr_path)
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(report, copy=True)
+    assert parsed.VerificationFlag == "UNVERIFIED"
+    measurement = _find(report, "122157")
+    probability = float(measurement.MeasuredValueSequence[0].NumericValue)
+    assert 0.0 <= probability <= 100.0
+    evaluation = _find(report, "27925004", value_type="CODE")
+    assert evaluation.ConceptCodeSequence[0].CodeMeaning in ("Present", "Absent")
+
+
+def _find(ds: Dataset, code: str, value_type: str | None = None) -> Dataset:
+    for item in ds.get("ContentSequence", []):
+        name = item.get("ConceptNameCodeSequence")
+        if (
+            name
+            and name[0].CodeValue == code
+            and (value_type is None or item.ValueType == value_type)
+        ):
+            return item  # type: ignore[no-any-return]
+        try:
+            return _find(item, code, value_type)
+        except LookupError:
+            continue
+    raise LookupError(code)
+
+
+def test_captures_show_the_source_with_the_warning_burned_in(tmp_path: Path) -> None:
+    result, source = results("DX")
+    sc = result.captures[0]
+    assert sc.BurnedInAnnotation == "YES"
+    assert NOT_FOR_DIAGNOSIS in sc.ImageComments
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert sc.BodyPartExamined == source.BodyPartExamined
+    assert sc.Rows == source.Rows
+    assert sc.Columns > source.Columns  # the colour bar
+    assert sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
+
+
+def test_uids_are_derived_so_a_rerun_replaces_instead_of_duplicating() -> None:
+    datasets = sources("CT")
+    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=1)
+    first = build_results(datasets, prediction, 1)
+    again = build_results(datasets, prediction, 1)
+    assert [d.SOPInstanceUID for d in first.datasets] == [
+        d.SOPInstanceUID for d in again.datasets
+    ]
+    assert [d.SeriesInstanceUID for d in first.datasets] == [
+        d.SeriesInstanceUID for d in again.datasets
+    ]
+    second = build_results(datasets, prediction, 2, previous_sr=first.sr)
+    assert second.sr.SOPInstanceUID != first.sr.SOPInstanceUID
+    assert second.sr.SeriesInstanceUID != first.sr.SeriesInstanceUID
+    predecessor = second.sr.PredecessorDocumentsSequence[0]
+    assert (
+        predecessor.ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+        == first.sr.SOPInstanceUID
+    )
