@@ -20,7 +20,15 @@ from dicom_node.config import NodeConfig, example_config_text, load_config
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.export import SendOutcome, echo, parse_peer, send_files
 from dicom_node.log import configure_logging, describe_exception
-from dicom_node.service import ChildProcess, open_index, run_receiver, serve
+from dicom_node.score import score_files
+from dicom_node.service import (
+    ChildProcess,
+    open_index,
+    run_receiver,
+    run_worker,
+    serve,
+)
+from dicom_node.worker import requeue
 
 __all__ = ["build_parser", "main"]
 
@@ -32,8 +40,10 @@ EXIT_USAGE = 2
 
 _DESCRIPTION = """\
 dicom-node: a DICOM AI node beside your PACS. It receives studies over DICOM
-(C-STORE), stores them durably, and answers Success only once an instance is on
-disk and in the index.
+(C-STORE), stores them durably (Success only once an instance is on disk and in
+the index), scores each stable study with the configured models, explains the
+score with Grad-CAM, and sends the results back as DICOM: a TID 1500 Structured
+Report and Secondary Capture images, in new series of the same study.
 """
 
 
@@ -122,6 +132,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_send.add_argument("--quiet", action="store_true", help="print only the summary")
 
+    p_worker = sub.add_parser(
+        "worker",
+        help="score studies and deliver results (a separate process)",
+        description="Run job and delivery threads against the index and storage "
+        "of --config (the same as serve's), without receiving: for more workers "
+        "on this or other hosts (PostgreSQL index and shared storage). Several may "
+        "run at once; each claims jobs with a lease, so none is done twice and a "
+        "dead worker's jobs are taken over. [node] workers sets the job threads "
+        "(at least 1 here). SIGTERM or Ctrl-C stops after the current job.",
+    )
+    add_config(p_worker)
+
+    p_retry = sub.add_parser(
+        "retry",
+        help="try waiting deliveries now; revive dead ones (--dead) or failed jobs",
+        description="Make every delivery waiting for its next try due now. With "
+        "--dead, dead-lettered deliveries (see 'dicom-node status') are queued "
+        "again with their tries reset; with --failed-jobs, failed jobs too. A "
+        "running serve or worker picks them up.",
+    )
+    add_config(p_retry)
+    p_retry.add_argument(
+        "--dead", action="store_true", help="queue dead-lettered deliveries again"
+    )
+    p_retry.add_argument(
+        "--failed-jobs", action="store_true", help="queue failed jobs again"
+    )
+
+    p_score = sub.add_parser(
+        "score",
+        help="score DICOM files offline and write the SR and Grad-CAM images",
+        description="Score the images in PATH (files and folders) with MODEL the "
+        "way the node does, per study: the TID 1500 SR and the Grad-CAM Secondary "
+        "Captures go to DIR/<study>/, a PNG of each Grad-CAM image beside them, "
+        "and a summary (per study: label, probability, Present/Absent) to stdout. "
+        "Nothing is sent anywhere.",
+    )
+    p_score.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p_score.add_argument(
+        "--model", type=Path, required=True, help="a .safetensors model file"
+    )
+    p_score.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p_score.add_argument("--json", action="store_true", help="print one JSON object")
+    p_score.add_argument("--device", default="", help="cpu or cuda (default: auto)")
+    p_score.add_argument(
+        "--gradcam-top-k", type=int, default=1, help="images explained per label"
+    )
+    p_score.add_argument(
+        "--jpeg", action="store_true", help="JPEG baseline Secondary Captures"
+    )
+
     p_config = sub.add_parser(
         "config",
         help="print the example configuration, or check one",
@@ -163,6 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _send(args)
         if args.command == "config":
             return _config_command(args)
+        if args.command == "worker":
+            return _worker(_config(args))
+        if args.command == "retry":
+            return _retry(_config(args), dead=args.dead, failed_jobs=args.failed_jobs)
+        if args.command == "score":
+            configure_logging("WARNING")
+            return _score(args)
     except ConfigError as exc:
         print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -207,6 +275,64 @@ def _serve(config: NodeConfig) -> int:
     return EXIT_OK
 
 
+def _worker(config: NodeConfig) -> int:
+    configure_logging(config.log_level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run_worker(config, stop)
+    return EXIT_OK
+
+
+def _retry(config: NodeConfig, *, dead: bool, failed_jobs: bool) -> int:
+    configure_logging("WARNING")
+    _require_index(config)
+    index = open_index(config)
+    try:
+        counts = requeue(index, dead=dead, failed_jobs=failed_jobs)
+    finally:
+        index.close()
+    print(
+        f"{counts['waiting']} waiting delivery(ies) due now"
+        + (f", {counts['dead']} dead delivery(ies) queued again" if dead else "")
+        + (f", {counts['failed']} failed job(s) queued again" if failed_jobs else "")
+    )
+    return EXIT_OK
+
+
+def _require_index(config: NodeConfig) -> None:
+    if not config.database_url and not (config.state_dir / "index.sqlite3").is_file():
+        raise DicomNodeError(
+            f"no index in {config.state_dir}: the node has not run with this "
+            "configuration yet"
+        )
+
+
+def _score(args: argparse.Namespace) -> int:
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:
+        raise ConfigError(f"no such file or folder: {', '.join(map(str, missing))}")
+    if args.gradcam_top_k < 0:
+        raise ConfigError("--gradcam-top-k: expected >= 0")
+    summaries = score_files(
+        args.paths,
+        args.model,
+        args.out,
+        device=args.device,
+        gradcam_top_k=args.gradcam_top_k,
+        jpeg=args.jpeg,
+    )
+    if args.json:
+        print(json.dumps({"studies": [s.to_dict() for s in summaries]}, indent=2))
+    else:
+        for summary in summaries:
+            print(summary.text())
+    if not summaries:
+        print("dicom-node: no scorable image found", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def _receiver_process(config: NodeConfig, port: int) -> None:
     """Entry point of an extra receiving process (started by ``serve``)."""
     _die_with_parent()
@@ -232,11 +358,7 @@ def _die_with_parent() -> None:
 
 def _status(config: NodeConfig, *, as_json: bool, last_errors: int) -> int:
     configure_logging("WARNING")
-    if not config.database_url and not (config.state_dir / "index.sqlite3").is_file():
-        raise DicomNodeError(
-            f"no index in {config.state_dir}: the node has not run with this "
-            "configuration yet"
-        )
+    _require_index(config)
     index = open_index(config)
     try:
         status = index.status(last_errors=last_errors)
@@ -257,6 +379,18 @@ def _status(config: NodeConfig, *, as_json: bool, last_errors: int) -> int:
     print(f"series        {status['series']}")
     print(f"instances     {status['instances']}")
     print("jobs          " + ", ".join(f"{k} {v}" for k, v in status["jobs"].items()))
+    for job in status["failed_jobs"]:
+        print(f"  job {job['id']} {job['state']}: {job['reason']}")
+    print(f"results       {status['results']}")
+    print(
+        "deliveries    "
+        + ", ".join(f"{k} {v}" for k, v in status["deliveries"].items())
+    )
+    for d in status["dead_deliveries"]:
+        print(
+            f"  dead: delivery {d['id']} to {d['destination']} after "
+            f"{d['attempts']} tries: {d['last_error']}  (dicom-node retry --dead)"
+        )
     errors = status["last_errors"]
     print(f"last errors   {len(errors) or 'none'}")
     for e in errors:

@@ -17,6 +17,7 @@ __all__ = [
     "CallerConfig",
     "DestinationConfig",
     "ModelConfig",
+    "ModelMatch",
     "NodeConfig",
     "example_config_text",
     "load_config",
@@ -36,10 +37,15 @@ class CallerConfig:
         The calling AE title the peer uses.
     host
         The peer's IP address; ``None`` accepts the AE title from any address.
+    results_port
+        When set, results of the studies this caller sent also go back to it:
+        to its AE title, at ``host`` (or the address its association came from),
+        on this port.
     """
 
     ae_title: str
     host: str | None = None
+    results_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,28 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelMatch:
+    """Which images a model is run on; an empty list does not restrict.
+
+    Parameters
+    ----------
+    modalities
+        Modality values, e.g. ("DX", "CR").
+    body_parts
+        Body Part Examined values, e.g. ("CHEST",), compared without case.
+    sop_classes
+        SOP Class UIDs.
+    calling_ae_titles
+        AE titles of the callers whose studies the model sees.
+    """
+
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    sop_classes: tuple[str, ...] = ()
+    calling_ae_titles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """A model the node runs on every stable study.
 
@@ -75,10 +103,14 @@ class ModelConfig:
         the directory of the configuration file.
     sha256
         When set, a model file whose SHA-256 differs is refused.
+    match
+        Which images the model runs on; None: the modalities, body parts and
+        SOP classes the model file itself accepts.
     """
 
     path: Path
     sha256: str | None = None
+    match: ModelMatch | None = None
 
     @property
     def key(self) -> str:
@@ -114,6 +146,26 @@ class NodeConfig:
         Largest PDU the node accepts, in bytes (0 means unlimited).
     log_level
         Level of the node's own log lines (DEBUG, INFO, WARNING, ERROR).
+    workers
+        Worker threads scoring studies inside ``serve`` (0: none; then
+        ``dicom-node worker`` processes do the work).
+    device
+        Where models run: cuda, cpu, or empty for CUDA when present.
+    gradcam_top_k
+        Images explained with Grad-CAM per study and label.
+    results_jpeg
+        Store the Grad-CAM Secondary Captures as JPEG baseline.
+    job_attempts
+        Tries of a failing job before it is marked failed.
+    delivery_attempts
+        Tries of a delivery before it is dead-lettered.
+    retry_after
+        Seconds before the first retry; doubled each time (with jitter).
+    retry_max
+        Longest wait between two tries, in seconds.
+    lease_seconds
+        How long a claimed job or delivery stays with its worker; a worker that
+        died loses it after this time and another takes it.
     callers
         The allow-list of peers.
     destinations
@@ -135,6 +187,15 @@ class NodeConfig:
     max_associations: int = 32
     max_pdu: int = 262144
     log_level: str = "INFO"
+    workers: int = 1
+    device: str = ""
+    gradcam_top_k: int = 1
+    results_jpeg: bool = False
+    job_attempts: int = 3
+    delivery_attempts: int = 8
+    retry_after: float = 10.0
+    retry_max: float = 900.0
+    lease_seconds: float = 600.0
     callers: tuple[CallerConfig, ...] = ()
     destinations: tuple[DestinationConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
@@ -175,6 +236,28 @@ class NodeConfig:
             self.log_level in {"DEBUG", "INFO", "WARNING", "ERROR"},
             f"[node] log_level in {where}: expected DEBUG, INFO, WARNING or ERROR, "
             f"found {self.log_level!r}",
+        )
+        for key, low in (
+            ("workers", 0),
+            ("gradcam_top_k", 0),
+            ("job_attempts", 1),
+            ("delivery_attempts", 1),
+        ):
+            value = getattr(self, key)
+            _check(
+                value >= low,
+                f"[node] {key} in {where}: expected >= {low}, found {value}",
+            )
+        for key in ("retry_after", "retry_max", "lease_seconds"):
+            value = getattr(self, key)
+            _check(
+                value > 0,
+                f"[node] {key} in {where}: expected seconds > 0, found {value}",
+            )
+        _check(
+            self.device in {"", "cpu", "cuda"} or self.device.startswith("cuda:"),
+            f"[node] device in {where}: expected cpu, cuda, cuda:N or empty, "
+            f"found {self.device!r}",
         )
         if self.database_url:
             _check(
@@ -273,15 +356,25 @@ _NODE_KEYS: dict[str, type] = {
     "max_associations": int,
     "max_pdu": int,
     "log_level": str,
+    "workers": int,
+    "device": str,
+    "gradcam_top_k": int,
+    "results_jpeg": bool,
+    "job_attempts": int,
+    "delivery_attempts": int,
+    "retry_after": float,
+    "retry_max": float,
+    "lease_seconds": float,
 }
-_CALLER_KEYS: dict[str, type] = {"ae_title": str, "host": str}
+_CALLER_KEYS: dict[str, type] = {"ae_title": str, "host": str, "results_port": int}
 _DESTINATION_KEYS: dict[str, type] = {
     "name": str,
     "ae_title": str,
     "host": str,
     "port": int,
 }
-_MODEL_KEYS: dict[str, type] = {"path": str, "sha256": str}
+_MODEL_KEYS: dict[str, type] = {"path": str, "sha256": str, "match": dict}
+_MATCH_KEYS = ("modalities", "body_parts", "sop_classes", "calling_ae_titles")
 _LIST_SECTIONS: dict[str, dict[str, type]] = {
     "callers": _CALLER_KEYS,
     "destinations": _DESTINATION_KEYS,
@@ -440,6 +533,11 @@ def config_from_mapping(
                     f"[[callers]] ae_title in {list_sources['callers']}",
                 ),
                 host=_checked_host(c.get("host"), list_sources["callers"]),
+                results_port=(
+                    _checked_port(c["results_port"], list_sources["callers"])
+                    if "results_port" in c
+                    else None
+                ),
             )
             for c in lists["callers"]
         )
@@ -465,6 +563,7 @@ def config_from_mapping(
                     list_sources["models"],
                 ),
                 sha256=_checked_sha256(m.get("sha256"), list_sources["models"]),
+                match=_checked_match(m.get("match"), list_sources["models"]),
             )
             for m in lists["models"]
         )
@@ -561,10 +660,28 @@ def _checked_host(value: str | None, source: str) -> str | None:
 
 def _checked_port(value: int, source: str) -> int:
     if not 1 <= value <= 65535:
-        raise ConfigError(
-            f"[[destinations]] port in {source}: expected 1..65535, found {value}"
-        )
+        raise ConfigError(f"port in {source}: expected 1..65535, found {value}")
     return value
+
+
+def _checked_match(value: object, source: str) -> ModelMatch | None:
+    if value is None:
+        return None
+    where = f"[[models]] match in {source}"
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = sorted(set(value) - set(_MATCH_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; expected {list(_MATCH_KEYS)}"
+        )
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in _MATCH_KEYS:
+        items = value.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{where}, key {key!r}: expected a list of strings")
+        lists[key] = tuple(i.strip() for i in items)
+    return ModelMatch(**lists)
 
 
 def _checked_sha256(value: str | None, source: str) -> str | None:

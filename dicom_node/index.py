@@ -40,15 +40,18 @@ from sqlalchemy.orm import (
 )
 
 __all__ = [
+    "DELIVERY_STATES",
     "JOB_STATES",
     "AssociationRecord",
     "Base",
+    "Delivery",
     "ErrorRecord",
     "IndexDB",
     "Instance",
     "InstanceRecordRequest",
     "Job",
     "RecordOutcome",
+    "ResultRecord",
     "Series",
     "Study",
     "utc_now",
@@ -57,6 +60,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 JOB_STATES = ("pending", "running", "done", "failed", "skipped")
+DELIVERY_STATES = ("pending", "sending", "done", "dead")
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -187,10 +191,61 @@ class Job(Base):
         UTCDateTime, nullable=True
     )
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # A failed try waits until then before the job is claimed again.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     study: Mapped[Study] = relationship()
 
     __table_args__ = (Index("ix_jobs_state", "state"),)
+
+
+class ResultRecord(Base):
+    """One result set (SR and Secondary Captures) of a study and model."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    model: Mapped[str] = mapped_column(String(500))
+    # 1 for the first result set of this study and model, then 2, 3, ...
+    run: Mapped[int] = mapped_column(Integer)
+    device_uid: Mapped[str] = mapped_column(String(64))
+    sr_sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    # Folder of the result files, relative to the results root.
+    folder: Mapped[str] = mapped_column(String(300))
+    # JSON: per label name, probability and positive (no patient data).
+    summary: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Delivery(Base):
+    """One result set to send to one destination: the durable outbox."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"))
+    destination: Mapped[str] = mapped_column(String(100))
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    # pending, sending, done or dead
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, nullable=True
+    )
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    result: Mapped[ResultRecord] = relationship()
+
+    __table_args__ = (Index("ix_deliveries_state", "state"),)
 
 
 class ErrorRecord(Base):
@@ -618,6 +673,23 @@ class IndexDB:
                 select(Job.state, func.count()).group_by(Job.state)
             ):
                 jobs[state] = int(n)
+            deliveries = dict.fromkeys(DELIVERY_STATES, 0)
+            for state, n in session.execute(
+                select(Delivery.state, func.count()).group_by(Delivery.state)
+            ):
+                deliveries[state] = int(n)
+            dead = session.scalars(
+                select(Delivery)
+                .where(Delivery.state == "dead")
+                .order_by(Delivery.id.desc())
+                .limit(last_errors)
+            ).all()
+            failed = session.scalars(
+                select(Job)
+                .where(Job.state.in_(("failed", "skipped")))
+                .order_by(Job.id.desc())
+                .limit(last_errors)
+            ).all()
             associations = {
                 outcome: int(n)
                 for outcome, n in session.execute(
@@ -644,6 +716,27 @@ class IndexDB:
                     or 0
                 ),
                 "jobs": jobs,
+                "results": count(ResultRecord),
+                "deliveries": deliveries,
+                "dead_deliveries": [
+                    {
+                        "id": d.id,
+                        "destination": d.destination,
+                        "attempts": d.attempts,
+                        "last_error": d.last_error,
+                    }
+                    for d in dead
+                ],
+                "failed_jobs": [
+                    {
+                        "id": j.id,
+                        "state": j.state,
+                        "model": j.model,
+                        "attempts": j.attempts,
+                        "reason": j.last_error,
+                    }
+                    for j in failed
+                ],
                 "last_errors": [
                     {
                         "at": e.at.isoformat(),

@@ -12,8 +12,9 @@ from dicom_node.index import IndexDB
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import Receiver
 from dicom_node.storage import Storage
+from dicom_node.worker import start_workers
 
-__all__ = ["ChildProcess", "open_index", "run_receiver", "serve"]
+__all__ = ["ChildProcess", "open_index", "run_receiver", "run_worker", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def serve(
     port = receiver.port
     scheduler = Scheduler(index, [m.key for m in config.models], config.stable_after)
     scheduler.start()
+    loops = start_workers(config, index, config.workers)
     children: list[ChildProcess] = []
     for _ in range(config.scp_processes - 1):
         child = spawn_receiver(port)
@@ -162,5 +164,34 @@ def serve(
                 child.kill()
                 child.join()
         scheduler.stop()
+        for loop in loops:
+            loop.stop(timeout=30)
+        index.close()
+        logger.info("stopped")
+
+
+def run_worker(config: NodeConfig, stop: threading.Event) -> None:
+    """Run job and delivery threads against the shared index until ``stop`` is set.
+
+    Parameters
+    ----------
+    config
+        The node configuration (same index and storage as ``serve``).
+    stop
+        Set (by a signal handler) to shut down after the current job.
+    """
+    index = open_index(config)
+    loops = start_workers(config, index, max(1, config.workers))
+    logger.info(
+        "worker running %d job thread(s) on the index of %s",
+        len(loops) - 1,
+        config.state_dir,
+    )
+    try:
+        stop.wait()
+    finally:
+        logger.info("stopping: finishing the current jobs")
+        for loop in loops:
+            loop.stop()
         index.close()
         logger.info("stopped")

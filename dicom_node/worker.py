@@ -1,0 +1,987 @@
+"""The worker: claims jobs, scores studies, writes results and fills the outbox.
+
+Every step is a state change in the index. A job is claimed with a lease
+(``lease_seconds``); a worker that dies loses its jobs when the lease expires
+(at once when it was a process of this host that is gone), and another worker
+takes them. A result set's UIDs are derived from the study, the model's Device
+UID and the run, so a job that is done again after a crash writes the same
+objects, and the PACS ends up with one copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from dicom_node.config import CallerConfig, ModelConfig, ModelMatch, NodeConfig
+from dicom_node.errors import DicomNodeError
+from dicom_node.export import Peer, send_files
+from dicom_node.index import (
+    AssociationRecord,
+    Delivery,
+    IndexDB,
+    Instance,
+    Job,
+    ResultRecord,
+    Series,
+    Study,
+    utc_now,
+)
+from dicom_node.log import describe_exception, uid_ref
+from dicom_node.results import MANUFACTURER, ResultSet, build_results
+from dicom_node.score import write_result_files
+from inference import Classifier, InferenceError, ModelArtifact, StudyPrediction
+
+__all__ = [
+    "JobOutcome",
+    "ModelCache",
+    "Outbox",
+    "StudyImage",
+    "Worker",
+    "backoff",
+    "claim_delivery",
+    "claim_job",
+    "eligible_images",
+    "process_job",
+    "recover_local_leases",
+    "requeue",
+    "results_root",
+    "run_delivery",
+    "start_workers",
+    "study_images",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def results_root(config: NodeConfig) -> Path:
+    """Return the folder result sets are written under."""
+    return config.state_dir / "results"
+
+
+def backoff(attempts: int, first: float, longest: float) -> float:
+    """Seconds to wait after ``attempts`` failed tries: doubling, with jitter.
+
+    Parameters
+    ----------
+    attempts
+        Tries so far (1 after the first failure).
+    first
+        The wait after the first failure.
+    longest
+        The cap.
+
+    Returns
+    -------
+    float
+        A wait between half and all of ``min(longest, first * 2**(attempts-1))``.
+    """
+    ceiling = min(longest, first * float(2 ** max(0, attempts - 1)))
+    return float(ceiling * random.uniform(0.5, 1.0))
+
+
+def _owner(name: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{name}"[:100]
+
+
+def recover_local_leases(index: IndexDB) -> int:
+    """Release the leases of this host's processes that are gone.
+
+    Parameters
+    ----------
+    index
+        The index.
+
+    Returns
+    -------
+    int
+        How many jobs and deliveries were released.
+    """
+    host = socket.gethostname()
+
+    def gone(owner: str | None) -> bool:
+        if not owner:
+            return False
+        parts = owner.split(":")
+        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+            return False
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def work(session: Session) -> int:
+        released = 0
+        for table, state in ((Job, "running"), (Delivery, "sending")):
+            rows = session.execute(
+                select(table.id, table.lease_owner).where(table.state == state)
+            ).all()
+            for row_id, owner in rows:
+                if gone(owner):
+                    session.execute(
+                        update(table)
+                        .where(table.id == row_id, table.lease_owner == owner)
+                        .values(lease_expires_at=utc_now() - timedelta(seconds=1))
+                    )
+                    released += 1
+        return released
+
+    return index.run(work)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job this worker holds the lease of."""
+
+    id: int
+    study_id: int
+    study_uid: str
+    model: str
+    attempts: int
+    owner: str
+
+
+def claim_job(
+    index: IndexDB, owner: str, lease_seconds: float, max_attempts: int
+) -> ClaimedJob | None:
+    """Claim the oldest due job: pending, or running with an expired lease.
+
+    A job whose worker died more than ``max_attempts`` times is marked failed
+    instead of being claimed again.
+
+    Parameters
+    ----------
+    index
+        The index.
+    owner
+        Who claims it.
+    lease_seconds
+        How long the claim holds.
+    max_attempts
+        Tries a job gets.
+
+    Returns
+    -------
+    ClaimedJob or None
+        The job, or None when nothing is due.
+    """
+
+    def work(session: Session) -> ClaimedJob | None:
+        now = utc_now()
+        due = or_(
+            and_(
+                Job.state == "pending",
+                or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
+            ),
+            and_(Job.state == "running", Job.lease_expires_at < now),
+        )
+        rows = session.execute(
+            select(Job.id, Job.state, Job.attempts, Job.study_id, Job.model)
+            .where(due)
+            .order_by(Job.id)
+            .limit(8)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job_id, state, attempts, study_id, model in rows:
+            if state == "running" and attempts >= max_attempts:
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == "running")
+                    .values(
+                        state="failed",
+                        updated_at=now,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        last_error=f"its worker stopped during {attempts} tries",
+                    )
+                )
+                continue
+            claimed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == state, Job.attempts == attempts)
+                .values(
+                    state="running",
+                    attempts=attempts + 1,
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    updated_at=now,
+                )
+            )
+            if getattr(claimed, "rowcount", 0) != 1:
+                continue
+            study_uid = session.scalar(
+                select(Study.study_instance_uid).where(Study.id == study_id)
+            )
+            return ClaimedJob(
+                job_id, study_id, str(study_uid), model, attempts + 1, owner
+            )
+        return None
+
+    return index.run(work)
+
+
+@dataclass(frozen=True, slots=True)
+class StudyImage:
+    """A stored instance of a study, with who sent it."""
+
+    path: Path
+    sop_class_uid: str
+    modality: str | None
+    calling_ae_title: str | None
+    peer_address: str | None
+
+
+def study_images(index: IndexDB, study_id: int, storage_root: Path) -> list[StudyImage]:
+    """Return the stored instances of a study.
+
+    Parameters
+    ----------
+    index
+        The index.
+    study_id
+        The study's row id.
+    storage_root
+        The storage folder the instance paths are relative to.
+
+    Returns
+    -------
+    list of StudyImage
+        In the order they were received.
+    """
+    with index.sessions() as session:
+        rows = session.execute(
+            select(
+                Instance.path,
+                Instance.sop_class_uid,
+                Series.modality,
+                AssociationRecord.calling_ae_title,
+                AssociationRecord.peer_address,
+            )
+            .join(Series, Instance.series_id == Series.id)
+            .outerjoin(
+                AssociationRecord, Instance.association_id == AssociationRecord.id
+            )
+            .where(Series.study_id == study_id)
+            .order_by(Instance.id)
+        ).all()
+    return [
+        StudyImage(storage_root / path, sop_class, modality, calling, address)
+        for path, sop_class, modality, calling, address in rows
+    ]
+
+
+def eligible_images(
+    images: Sequence[StudyImage],
+    datasets: Sequence[Dataset],
+    match: ModelMatch | None,
+    accepts: dict[str, list[str]],
+) -> tuple[list[Dataset], str]:
+    """Pick the images a model runs on.
+
+    Parameters
+    ----------
+    images
+        The study's instances.
+    datasets
+        The same instances, read.
+    match
+        The configured match, or None to use the model's own ``accepts``.
+    accepts
+        The artifact's accepted modalities, body parts and SOP classes.
+
+    Returns
+    -------
+    tuple
+        The eligible data sets, and why none was (empty when some were).
+    """
+    if match is None:
+        match = ModelMatch(
+            modalities=tuple(accepts.get("modalities", [])),
+            body_parts=tuple(accepts.get("body_parts", [])),
+            sop_classes=tuple(accepts.get("sop_classes", [])),
+        )
+    body_parts = {b.upper() for b in match.body_parts}
+    chosen: list[Dataset] = []
+    reasons: set[str] = set()
+    for image, ds in zip(images, datasets, strict=True):
+        if "PixelData" not in ds and "FloatPixelData" not in ds:
+            reasons.add("no pixel data")
+        elif str(ds.get("Manufacturer", "")) == MANUFACTURER:
+            reasons.add("a result of this node")
+        elif match.modalities and str(ds.get("Modality", "")) not in match.modalities:
+            reasons.add(f"modality not in {list(match.modalities)}")
+        elif body_parts and str(ds.get("BodyPartExamined", "")).upper() not in (
+            body_parts
+        ):
+            reasons.add(f"body part not in {sorted(body_parts)}")
+        elif match.sop_classes and image.sop_class_uid not in match.sop_classes:
+            reasons.add("SOP class not accepted")
+        elif match.calling_ae_titles and (
+            image.calling_ae_title not in match.calling_ae_titles
+        ):
+            reasons.add(f"sender not in {list(match.calling_ae_titles)}")
+        else:
+            chosen.append(ds)
+    if chosen:
+        return chosen, ""
+    return [], "no image the model accepts (" + "; ".join(sorted(reasons)) + ")"
+
+
+class ModelCache:
+    """Loads each configured model once (again when its file changes).
+
+    Parameters
+    ----------
+    device
+        Where models run; empty for CUDA when present.
+    """
+
+    def __init__(self, device: str = "") -> None:
+        self.device = device or None
+        self._lock = threading.Lock()
+        self._loaded: dict[str, tuple[float, Classifier]] = {}
+
+    def get(self, model: ModelConfig) -> Classifier:
+        """Return the classifier of a configured model.
+
+        Raises
+        ------
+        DicomNodeError
+            If the file is missing.
+        inference.ArtifactError
+            If it is not a valid model file or its SHA-256 differs from the pin.
+        """
+        try:
+            mtime = model.path.stat().st_mtime
+        except OSError as exc:
+            raise DicomNodeError(f"model file {model.path} not found") from exc
+        with self._lock:
+            cached = self._loaded.get(model.key)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+            artifact = ModelArtifact.load(model.path, expected_sha256=model.sha256)
+            classifier = Classifier(artifact, self.device)
+            self._loaded[model.key] = (mtime, classifier)
+            logger.info(
+                "loaded model %s %s (%s) on %s",
+                artifact.name,
+                artifact.version,
+                model.path.name,
+                classifier.device,
+            )
+            return classifier
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """What became of a job: done, skipped, retry or failed, and why."""
+
+    state: str
+    detail: str = ""
+    result_id: int | None = None
+    prediction: StudyPrediction | None = None
+
+
+def process_job(
+    job: ClaimedJob,
+    config: NodeConfig,
+    index: IndexDB,
+    models: ModelCache,
+) -> JobOutcome:
+    """Score a claimed study with its model, write results, queue deliveries.
+
+    Parameters
+    ----------
+    job
+        The claimed job.
+    config
+        The node configuration.
+    index
+        The index.
+    models
+        Loaded models.
+
+    Returns
+    -------
+    JobOutcome
+        What was done; the job row is updated to match.
+    """
+    started = time.perf_counter()
+    try:
+        model = next((m for m in config.models if m.key == job.model), None)
+        if model is None:
+            return _finish(index, job, config, "failed", "model no longer configured")
+        classifier = models.get(model)
+        images = study_images(index, job.study_id, config.storage_dir)
+        datasets = [dcmread(i.path) for i in images]
+        chosen, reason = eligible_images(
+            images, datasets, model.match, classifier.artifact.accepts
+        )
+        if not chosen:
+            return _finish(index, job, config, "skipped", reason)
+        prediction = classifier.predict(chosen, explain_top_k=config.gradcam_top_k)
+        previous = _previous(index, job)
+        run = previous[0] + 1 if previous else 1
+        previous_sr = (
+            dcmread(results_root(config) / previous[1] / "sr.dcm") if previous else None
+        )
+        result = build_results(
+            chosen,
+            prediction,
+            run,
+            station=config.ae_title,
+            previous_sr=previous_sr,
+            jpeg=config.results_jpeg,
+        )
+        folder = f"{job.study_uid}/{classifier.artifact.device_uid}-run{run}"
+        write_result_files(results_root(config) / folder, result)
+        peers = _destinations(config, images)
+        outcome = _commit(index, job, result, prediction, folder, peers)
+    except (DicomNodeError, InferenceError, OSError, ValueError) as exc:
+        detail = str(exc) if isinstance(exc, DicomNodeError | InferenceError) else ""
+        return _retry_or_fail(index, job, config, detail or describe_exception(exc))
+    except SQLAlchemyError as exc:
+        return _retry_or_fail(index, job, config, describe_exception(exc))
+    logger.info(
+        "study %s scored by %s in %.2f s: %s; %d delivery(ies) queued",
+        uid_ref(job.study_uid),
+        prediction.model_name,
+        time.perf_counter() - started,
+        ", ".join(
+            f"{p.label.name} {'positive' if p.positive else 'negative'}"
+            for p in prediction.labels
+        ),
+        len(peers),
+    )
+    return outcome
+
+
+def _previous(index: IndexDB, job: ClaimedJob) -> tuple[int, str] | None:
+    with index.sessions() as session:
+        row = session.execute(
+            select(ResultRecord.run, ResultRecord.folder)
+            .where(
+                ResultRecord.study_id == job.study_id, ResultRecord.model == job.model
+            )
+            .order_by(ResultRecord.run.desc())
+            .limit(1)
+        ).first()
+    return (int(row[0]), str(row[1])) if row else None
+
+
+def _destinations(
+    config: NodeConfig, images: Sequence[StudyImage]
+) -> list[tuple[str, Peer]]:
+    peers: list[tuple[str, Peer]] = [
+        (d.name, Peer(d.ae_title, d.host, d.port)) for d in config.destinations
+    ]
+    senders = {
+        (i.calling_ae_title, i.peer_address) for i in images if i.calling_ae_title
+    }
+    for caller in config.callers:
+        if caller.results_port is None:
+            continue
+        for ae_title, address in sorted(senders, key=str):
+            if ae_title != caller.ae_title or address is None:
+                continue
+            if caller.host is not None and caller.host != address:
+                continue
+            peers.append(_caller_peer(caller, address))
+    unique: dict[Peer, str] = {}
+    for name, peer in peers:
+        unique.setdefault(peer, name)
+    return [(name, peer) for peer, name in unique.items()]
+
+
+def _caller_peer(caller: CallerConfig, address: str) -> tuple[str, Peer]:
+    port = caller.results_port
+    if port is None:
+        raise ValueError("caller without results_port")
+    return f"caller {caller.ae_title}", Peer(
+        caller.ae_title, caller.host or address, port
+    )
+
+
+def _commit(
+    index: IndexDB,
+    job: ClaimedJob,
+    result: ResultSet,
+    prediction: StudyPrediction,
+    folder: str,
+    peers: Sequence[tuple[str, Peer]],
+) -> JobOutcome:
+    summary = json.dumps(
+        {
+            p.label.name: {"probability": p.probability, "positive": p.positive}
+            for p in prediction.labels
+        }
+    )
+
+    def work(session: Session) -> int | None:
+        now = utc_now()
+        done = session.execute(
+            update(Job)
+            .where(
+                Job.id == job.id, Job.state == "running", Job.lease_owner == job.owner
+            )
+            .values(
+                state="done",
+                updated_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                last_error=None,
+            )
+        )
+        if getattr(done, "rowcount", 0) != 1:
+            return None  # the lease ran out and another worker has the job
+        record = ResultRecord(
+            job_id=job.id,
+            study_id=job.study_id,
+            model=job.model,
+            run=result.run,
+            device_uid=prediction.device_uid,
+            sr_sop_instance_uid=str(result.sr.SOPInstanceUID),
+            folder=folder,
+            summary=summary,
+            created_at=now,
+        )
+        session.add(record)
+        session.flush()
+        for name, peer in peers:
+            session.add(
+                Delivery(
+                    result_id=record.id,
+                    destination=name[:100],
+                    ae_title=peer.ae_title,
+                    host=peer.host,
+                    port=peer.port,
+                    state="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        return record.id
+
+    result_id = index.run(work)
+    if result_id is None:
+        logger.warning(
+            "job %d: lease lost before it was done; left to its new worker", job.id
+        )
+        return JobOutcome("lost", "lease lost")
+    return JobOutcome("done", "", result_id, prediction)
+
+
+def _finish(
+    index: IndexDB, job: ClaimedJob, config: NodeConfig, state: str, detail: str
+) -> JobOutcome:
+    def work(session: Session) -> None:
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.lease_owner == job.owner)
+            .values(
+                state=state,
+                updated_at=utc_now(),
+                lease_owner=None,
+                lease_expires_at=None,
+                last_error=detail[:2000],
+            )
+        )
+
+    index.run(work)
+    log = logger.info if state == "skipped" else logger.error
+    log("job %d (study %s) %s: %s", job.id, uid_ref(job.study_uid), state, detail)
+    return JobOutcome(state, detail)
+
+
+def _retry_or_fail(
+    index: IndexDB, job: ClaimedJob, config: NodeConfig, detail: str
+) -> JobOutcome:
+    if job.attempts >= config.job_attempts:
+        return _finish(
+            index, job, config, "failed", f"after {job.attempts} tries: {detail}"
+        )
+    wait = backoff(job.attempts, config.retry_after, config.retry_max)
+
+    def work(session: Session) -> None:
+        now = utc_now()
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.lease_owner == job.owner)
+            .values(
+                state="pending",
+                updated_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                next_attempt_at=now + timedelta(seconds=wait),
+                last_error=detail[:2000],
+            )
+        )
+
+    index.run(work)
+    logger.warning(
+        "job %d (study %s) try %d failed, next in %.0f s: %s",
+        job.id,
+        uid_ref(job.study_uid),
+        job.attempts,
+        wait,
+        detail,
+    )
+    return JobOutcome("retry", detail)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A delivery this worker holds the lease of."""
+
+    id: int
+    folder: str
+    destination: str
+    peer: Peer
+    attempts: int
+    owner: str
+
+
+def claim_delivery(
+    index: IndexDB, owner: str, lease_seconds: float
+) -> ClaimedDelivery | None:
+    """Claim the oldest due delivery: pending and due, or sending with an expired lease.
+
+    Parameters
+    ----------
+    index
+        The index.
+    owner
+        Who claims it.
+    lease_seconds
+        How long the claim holds.
+
+    Returns
+    -------
+    ClaimedDelivery or None
+        The delivery, or None when nothing is due.
+    """
+
+    def work(session: Session) -> ClaimedDelivery | None:
+        now = utc_now()
+        rows = session.execute(
+            select(Delivery.id, Delivery.state, Delivery.attempts)
+            .where(
+                or_(
+                    and_(Delivery.state == "pending", Delivery.next_attempt_at <= now),
+                    and_(Delivery.state == "sending", Delivery.lease_expires_at < now),
+                )
+            )
+            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .limit(8)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for delivery_id, state, attempts in rows:
+            claimed = session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id == delivery_id,
+                    Delivery.state == state,
+                    Delivery.attempts == attempts,
+                )
+                .values(
+                    state="sending",
+                    attempts=attempts + 1,
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    updated_at=now,
+                )
+            )
+            if getattr(claimed, "rowcount", 0) != 1:
+                continue
+            row = session.execute(
+                select(Delivery, ResultRecord.folder)
+                .join(ResultRecord, Delivery.result_id == ResultRecord.id)
+                .where(Delivery.id == delivery_id)
+            ).one()
+            d = row[0]
+            return ClaimedDelivery(
+                d.id,
+                str(row[1]),
+                d.destination,
+                Peer(d.ae_title, d.host, d.port),
+                attempts + 1,
+                owner,
+            )
+        return None
+
+    return index.run(work)
+
+
+def run_delivery(delivery: ClaimedDelivery, config: NodeConfig, index: IndexDB) -> str:
+    """Send a result set to its destination and record the outcome.
+
+    Parameters
+    ----------
+    delivery
+        The claimed delivery.
+    config
+        The node configuration (AE title, attempts, backoff).
+    index
+        The index.
+
+    Returns
+    -------
+    str
+        The delivery's new state: done, pending (to be retried) or dead.
+    """
+    folder = results_root(config) / delivery.folder
+    files = [*sorted(folder.glob("sc-*.dcm")), folder / "sr.dcm"]
+    error = ""
+    if not all(f.is_file() for f in files):
+        error = "result files missing"
+    else:
+        report = send_files(files, delivery.peer, calling_ae_title=config.ae_title)
+        failed = report.failed
+        if failed:
+            error = f"{len(failed)} of {len(files)} not accepted: {failed[0].error}"
+    now = utc_now()
+    values: dict[str, object]
+    if not error:
+        state, values = "done", {"delivered_at": now, "last_error": None}
+    elif delivery.attempts >= config.delivery_attempts:
+        state, values = "dead", {"last_error": error[:2000]}
+    else:
+        wait = backoff(delivery.attempts, config.retry_after, config.retry_max)
+        state = "pending"
+        values = {
+            "last_error": error[:2000],
+            "next_attempt_at": now + timedelta(seconds=wait),
+        }
+
+    def work(session: Session) -> None:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery.id, Delivery.lease_owner == delivery.owner)
+            .values(
+                state=state,
+                updated_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                **values,
+            )
+        )
+
+    index.run(work)
+    if state == "done":
+        logger.info(
+            "delivered result set %s to %s",
+            delivery.folder.split("/")[-1],
+            delivery.destination,
+        )
+    else:
+        logger.warning(
+            "delivery %d to %s, try %d: %s (now %s)",
+            delivery.id,
+            delivery.destination,
+            delivery.attempts,
+            error,
+            state,
+        )
+    return state
+
+
+class _Loop:
+    """A daemon thread that calls ``step`` until stopped, resting when idle."""
+
+    def __init__(self, name: str, idle: float = 0.2) -> None:
+        self.name = name
+        self.idle = idle
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the thread to stop and wait for it (it finishes its current step)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def step(self) -> bool:
+        """Do one piece of work; return whether there was any."""
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+            except SQLAlchemyError as exc:
+                logger.warning(
+                    "%s: index unavailable (%s)", self.name, type(exc).__name__
+                )
+                busy = False
+            except Exception as exc:  # noqa: BLE001 - keep the thread alive
+                logger.error("%s: unexpected %s", self.name, describe_exception(exc))
+                busy = False
+            if not busy:
+                self._stop.wait(self.idle)
+
+
+class Worker(_Loop):
+    """Claims and processes jobs in a thread.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    index
+        The index.
+    models
+        The shared model cache.
+    name
+        The thread's name (part of the lease owner).
+    """
+
+    def __init__(
+        self, config: NodeConfig, index: IndexDB, models: ModelCache, name: str
+    ) -> None:
+        super().__init__(name)
+        self.config, self.index, self.models = config, index, models
+        self.owner = _owner(name)
+
+    def step(self) -> bool:
+        """Claim one due job and process it."""
+        job = claim_job(
+            self.index, self.owner, self.config.lease_seconds, self.config.job_attempts
+        )
+        if job is None:
+            return False
+        process_job(job, self.config, self.index, self.models)
+        return True
+
+
+class Outbox(_Loop):
+    """Sends due deliveries in a thread.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    index
+        The index.
+    name
+        The thread's name (part of the lease owner).
+    """
+
+    def __init__(self, config: NodeConfig, index: IndexDB, name: str) -> None:
+        super().__init__(name)
+        self.config, self.index = config, index
+        self.owner = _owner(name)
+
+    def step(self) -> bool:
+        """Claim one due delivery and send it."""
+        delivery = claim_delivery(self.index, self.owner, self.config.lease_seconds)
+        if delivery is None:
+            return False
+        run_delivery(delivery, self.config, self.index)
+        return True
+
+
+def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> list[_Loop]:
+    """Start ``workers`` job threads and one outbox thread.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    index
+        The index.
+    workers
+        Job threads to start.
+
+    Returns
+    -------
+    list
+        The started threads (stop each with ``stop()``).
+    """
+    released = recover_local_leases(index)
+    if released:
+        logger.warning(
+            "took back %d job(s)/delivery(ies) of a stopped process", released
+        )
+    models = ModelCache(config.device)
+    loops: list[_Loop] = [
+        Worker(config, index, models, f"worker-{i + 1}") for i in range(workers)
+    ]
+    loops.append(Outbox(config, index, "outbox"))
+    for loop in loops:
+        loop.start()
+    return loops
+
+
+def requeue(index: IndexDB, *, dead: bool, failed_jobs: bool) -> dict[str, int]:
+    """Make waiting deliveries due now; optionally revive dead ones and failed jobs.
+
+    Parameters
+    ----------
+    index
+        The index.
+    dead
+        Queue dead-lettered deliveries again, with their tries reset.
+    failed_jobs
+        Queue failed jobs again, with their tries reset.
+
+    Returns
+    -------
+    dict
+        How many ``waiting`` deliveries, ``dead`` deliveries and ``failed`` jobs
+        were queued.
+    """
+
+    def work(session: Session) -> dict[str, int]:
+        now = utc_now()
+        counts = {"waiting": 0, "dead": 0, "failed": 0}
+        waiting = session.execute(
+            update(Delivery)
+            .where(Delivery.state == "pending", Delivery.next_attempt_at > now)
+            .values(next_attempt_at=now, updated_at=now)
+        )
+        counts["waiting"] = int(getattr(waiting, "rowcount", 0) or 0)
+        if dead:
+            revived = session.execute(
+                update(Delivery)
+                .where(Delivery.state == "dead")
+                .values(
+                    state="pending", attempts=0, next_attempt_at=now, updated_at=now
+                )
+            )
+            counts["dead"] = int(getattr(revived, "rowcount", 0) or 0)
+        if failed_jobs:
+            again = session.execute(
+                update(Job)
+                .where(Job.state == "failed")
+                .values(
+                    state="pending", attempts=0, next_attempt_at=None, updated_at=now
+                )
+            )
+            counts["failed"] = int(getattr(again, "rowcount", 0) or 0)
+        return counts
+
+    return index.run(work)
