@@ -164,3 +164,65 @@ def run_cli(
         env={**os.environ, **(env or {})},
         check=False,
     )
+
+
+class Destination:
+    """A real receiving SCP (pynetdicom) that records every instance it accepts.
+
+    It listens on a fixed loopback port so that it can be stopped and started
+    again at the same address (a PACS going down and coming back).
+    """
+
+    def __init__(self, port: int, ae_title: str = "DEST") -> None:
+        self.port = port
+        self.ae_title = ae_title
+        self.received: list[Dataset] = []
+        self._server: Any = None
+
+    def start(self) -> None:
+        from pynetdicom import AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        quiet_pynetdicom()
+        ae = AE(ae_title=self.ae_title)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(
+                str(context.abstract_syntax),
+                [
+                    "1.2.840.10008.1.2.1",
+                    "1.2.840.10008.1.2",
+                    "1.2.840.10008.1.2.4.50",
+                ],
+            )
+        ae.add_supported_context(Verification)
+
+        def on_store(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.received.append(ds)
+            return 0x0000
+
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def sop_uids(self) -> list[str]:
+        return [str(ds.SOPInstanceUID) for ds in self.received]
+
+
+@pytest.fixture
+def destination() -> Iterator[Destination]:
+    """A running destination SCP on a free loopback port; stopped afterwards."""
+    dest = Destination(free_port())
+    dest.start()
+    try:
+        yield dest
+    finally:
+        dest.stop()

@@ -1,0 +1,280 @@
+"""The whole flow in the node: stable study -> worker -> SR/SC -> destination."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.config import (
+    CallerConfig,
+    DestinationConfig,
+    ModelConfig,
+    ModelMatch,
+    NodeConfig,
+)
+from dicom_node.service import open_index, serve
+from tests.conftest import (
+    Destination,
+    free_port,
+    make_config,
+    run_cli,
+    store_datasets,
+    wait_for,
+)
+from tests.factories import make_artifact, make_ct
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "model.safetensors"
+    make_artifact().save(path)
+    return path
+
+
+def node_config(tmp_path: Path, model: Path, port: int, **overrides: Any) -> NodeConfig:
+    settings: dict[str, Any] = {
+        "stable_after": 0.3,
+        "models": (ModelConfig(model),),
+        "destinations": (DestinationConfig("pacs", "DEST", "127.0.0.1", port),),
+        "retry_after": 0.2,
+        "retry_max": 0.5,
+        "lease_seconds": 30.0,
+    }
+    settings.update(overrides)
+    return make_config(tmp_path, **settings)
+
+
+@pytest.fixture
+def run_serve() -> Iterator[Callable[[NodeConfig], int]]:
+    """Run `serve` (receiver, scheduler, workers, outbox) in this process."""
+    stops: list[tuple[threading.Event, threading.Thread]] = []
+
+    def start(config: NodeConfig) -> int:
+        stop = threading.Event()
+        ready: queue.Queue[int] = queue.Queue()
+
+        def no_children(_: int) -> Any:
+            raise AssertionError("one receiving process only")
+
+        thread = threading.Thread(
+            target=serve,
+            args=(config, stop, no_children),
+            kwargs={"on_ready": ready.put},
+        )
+        thread.start()
+        stops.append((stop, thread))
+        return ready.get(timeout=30)
+
+    try:
+        yield start
+    finally:
+        for stop, thread in stops:
+            stop.set()
+            thread.join(timeout=60)
+
+
+def status(config: NodeConfig) -> dict[str, Any]:
+    index = open_index(config)
+    try:
+        return index.status()
+    finally:
+        index.close()
+
+
+def ct_study(n: int = 2) -> list[Any]:
+    first = make_ct(rows=64, columns=64, seed=11)
+    study = [first]
+    for i in range(1, n):
+        ds = make_ct(rows=64, columns=64, seed=11 + i)
+        ds.StudyInstanceUID = first.StudyInstanceUID
+        ds.SeriesInstanceUID = first.SeriesInstanceUID
+        study.append(ds)
+    return study
+
+
+def test_a_stable_study_is_scored_and_its_results_delivered(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    config = node_config(tmp_path, model, destination.port)
+    port = run_serve(config)
+    study = ct_study()
+    assert store_datasets(port, study) == [0, 0]
+
+    wait_for(lambda: len(destination.received) >= 3, 60, "SR and 2 SCs at the PACS")
+    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 10, "delivery done")
+    kinds = sorted(str(ds.Modality) for ds in destination.received)
+    assert kinds == ["OT", "OT", "SR"]
+    for ds in destination.received:
+        assert ds.StudyInstanceUID == study[0].StudyInstanceUID
+        assert ds.PatientID == study[0].PatientID
+    sr = next(ds for ds in destination.received if ds.Modality == "SR")
+    assert sr.SeriesDescription == "AI Results: test"
+    assert sr.VerificationFlag == "UNVERIFIED"
+    # The SR lists both source images and references the delivered captures.
+    text = str(sr)
+    for source in study:
+        assert str(source.SOPInstanceUID) in text
+    for capture in (ds for ds in destination.received if ds.Modality == "OT"):
+        assert str(capture.SOPInstanceUID) in text
+    figures = status(config)
+    assert figures["jobs"]["done"] == 1
+    assert figures["results"] == 1
+    # The result files stay in the node's state folder, valid DICOM.
+    srs = list((config.state_dir / "results").rglob("sr.dcm"))
+    assert len(srs) == 1
+    assert dcmread(srs[0]).SOPInstanceUID == sr.SOPInstanceUID
+
+
+def test_new_images_give_a_new_result_set_that_replaces_the_first(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    config = node_config(tmp_path, model, destination.port)
+    port = run_serve(config)
+    study = ct_study(3)
+    store_datasets(port, study[:2])
+    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "first delivery")
+    store_datasets(port, study[2:])
+    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "second delivery")
+    srs = [ds for ds in destination.received if ds.Modality == "SR"]
+    assert len(srs) == 2
+    assert srs[0].SOPInstanceUID != srs[1].SOPInstanceUID
+    predecessor = srs[1].PredecessorDocumentsSequence[0]
+    assert (
+        predecessor.ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+        == srs[0].SOPInstanceUID
+    )
+
+
+def test_destination_down_is_retried_then_dead_lettered_and_revived(
+    tmp_path: Path, model: Path, run_serve: Callable[[NodeConfig], int]
+) -> None:
+    dest = Destination(free_port())  # not started: the PACS is down
+    config = node_config(tmp_path, model, dest.port, delivery_attempts=3)
+    port = run_serve(config)
+    store_datasets(port, ct_study())
+    wait_for(lambda: status(config)["deliveries"]["dead"] == 1, 60, "dead letter")
+    figures = status(config)
+    dead = figures["dead_deliveries"][0]
+    assert dead["attempts"] == 3
+    assert "association failed" in dead["last_error"]
+    shown = run_cli("status", "--config", str(_write_toml(tmp_path, config)))
+    assert "dead: delivery" in shown.stdout
+    assert "dicom-node retry --dead" in shown.stdout
+
+    dest.start()
+    try:
+        revived = run_cli(
+            "retry", "--dead", "--config", str(_write_toml(tmp_path, config))
+        )
+        assert revived.returncode == 0, revived.stderr
+        assert "1 dead delivery(ies) queued again" in revived.stdout
+        wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "delivered")
+        assert len(dest.sop_uids()) == 3
+        assert len(set(dest.sop_uids())) == 3
+    finally:
+        dest.stop()
+
+
+def test_a_study_no_model_accepts_is_skipped_with_the_reason(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    config = node_config(
+        tmp_path,
+        model,
+        destination.port,
+        models=(ModelConfig(model, match=ModelMatch(modalities=("DX", "CR"))),),
+    )
+    port = run_serve(config)
+    store_datasets(port, ct_study())
+    wait_for(lambda: status(config)["jobs"]["skipped"] == 1, 60, "skipped job")
+    reason = status(config)["failed_jobs"][0]["reason"]
+    assert "modality not in ['DX', 'CR']" in reason
+    assert destination.received == []
+
+
+def test_results_also_return_to_the_caller_that_sent_the_study(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    caller = Destination(free_port(), ae_title="TESTSCU")
+    caller.start()
+    try:
+        config = node_config(
+            tmp_path,
+            model,
+            destination.port,
+            callers=(CallerConfig("TESTSCU", "127.0.0.1", results_port=caller.port),),
+        )
+        port = run_serve(config)
+        store_datasets(port, ct_study())
+        wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "2 deliveries")
+        assert len(caller.received) == 3
+        assert sorted(caller.sop_uids()) == sorted(destination.sop_uids())
+    finally:
+        caller.stop()
+
+
+def _write_toml(tmp_path: Path, config: NodeConfig) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        "[node]\n"
+        f'state_dir = "{config.state_dir}"\n'
+        "[[destinations]]\n"
+        f'name = "pacs"\nae_title = "DEST"\nhost = "127.0.0.1"\nport = '
+        f"{config.destinations[0].port}\n"
+    )
+    return path
+
+
+def test_score_writes_results_and_a_summary(tmp_path: Path, model: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    study = ct_study()
+    for i, ds in enumerate(study):
+        ds.save_as(folder / f"{i}.dcm", enforce_file_format=True)
+    (folder / "notes.txt").write_text("not DICOM")
+    out = tmp_path / "out"
+    done = run_cli(
+        "score", "--model", str(model), str(folder), "--out", str(out), "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)["studies"]
+    assert len(summary) == 1
+    assert summary[0]["study_instance_uid"] == study[0].StudyInstanceUID
+    assert {label["label"] for label in summary[0]["labels"]} == {"nodule", "effusion"}
+    results = out / str(study[0].StudyInstanceUID)
+    assert sorted(p.name for p in results.iterdir()) == [
+        "sc-1.dcm",
+        "sc-1.png",
+        "sc-2.dcm",
+        "sc-2.png",
+        "sr.dcm",
+    ]
+    problems = subprocess.run(
+        ["/usr/bin/dciodvfy", "-new", str(results / "sr.dcm")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "Error" not in problems.stdout + problems.stderr
