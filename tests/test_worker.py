@@ -23,6 +23,7 @@ from dicom_node.config import (
 from dicom_node.service import open_index, serve
 from tests.conftest import (
     Destination,
+    dicom_node_cmd,
     free_port,
     make_config,
     run_cli,
@@ -236,15 +237,69 @@ def test_results_also_return_to_the_caller_that_sent_the_study(
 
 
 def _write_toml(tmp_path: Path, config: NodeConfig) -> Path:
+    """Write the parts of ``config`` a separate process needs as node.toml."""
     path = tmp_path / "node.toml"
-    path.write_text(
-        "[node]\n"
-        f'state_dir = "{config.state_dir}"\n'
-        "[[destinations]]\n"
-        f'name = "pacs"\nae_title = "DEST"\nhost = "127.0.0.1"\nport = '
-        f"{config.destinations[0].port}\n"
-    )
+    lines = [
+        "[node]",
+        f'state_dir = "{config.state_dir}"',
+        f"stable_after = {config.stable_after}",
+        f"workers = {max(1, config.workers)}",
+        f"retry_after = {config.retry_after}",
+        f"retry_max = {config.retry_max}",
+        f"lease_seconds = {config.lease_seconds}",
+    ]
+    for d in config.destinations:
+        lines += [
+            "[[destinations]]",
+            f'name = "{d.name}"',
+            f'ae_title = "{d.ae_title}"',
+            f'host = "{d.host}"',
+            f"port = {d.port}",
+        ]
+    for m in config.models:
+        lines += ["[[models]]", f'path = "{m.path}"']
+    path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def test_a_worker_killed_mid_job_still_delivers_exactly_once(
+    tmp_path: Path, destination: Destination, run_serve: Callable[[NodeConfig], int]
+) -> None:
+    # A model big enough, and a study long enough, to kill the worker mid-job.
+    path = tmp_path / "model.safetensors"
+    make_artifact(size=224).save(path)
+    config = node_config(tmp_path, path, destination.port, workers=0)
+    port = run_serve(config)  # receives and schedules; no worker threads
+    study = ct_study(24)
+    store_datasets(port, study)
+    toml = _write_toml(tmp_path, config)
+    worker = subprocess.Popen(
+        dicom_node_cmd("worker", "--config", str(toml)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: status(config)["jobs"]["running"] == 1, 60, "a running job")
+        worker.kill()  # SIGKILL: no cleanup, the lease stays
+        worker.wait(timeout=10)
+        figures = status(config)
+        assert figures["jobs"]["done"] == 0, "the job ended before the kill"
+        assert figures["deliveries"]["done"] == 0
+        worker = subprocess.Popen(
+            dicom_node_cmd("worker", "--config", str(toml)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: status(config)["deliveries"]["done"] == 1, 90, "delivery")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    uids = destination.sop_uids()
+    assert len(uids) == 3
+    assert len(set(uids)) == 3
+    figures = status(config)
+    assert figures["results"] == 1
+    assert figures["jobs"]["done"] == 1
 
 
 def test_score_writes_results_and_a_summary(tmp_path: Path, model: Path) -> None:
