@@ -38,7 +38,7 @@ from dicom_node.score import sr_text
 from dicom_node.service import open_index, serve
 from dicom_node.worker import results_root
 
-__all__ = ["run_demo"]
+__all__ = ["Orthanc", "find_orthanc", "run_demo"]
 
 PACS_AE = "DEMOPACS"
 NODE_AE = "DICOMNODE"
@@ -226,19 +226,40 @@ class _BuiltinPacs:
         return found
 
 
-class _Orthanc:
-    """Orthanc on loopback with a generated configuration."""
+class Orthanc:
+    """Orthanc on loopback with a generated configuration.
+
+    Parameters
+    ----------
+    binary
+        The Orthanc executable.
+    folder
+        Its configuration, database and log (emptied at start).
+    modalities
+        Orthanc's DicomModalities: name -> [AE title, host, port].
+    ae_title
+        Orthanc's own AE title.
+    """
 
     name = "Orthanc"
 
-    def __init__(self, binary: str, folder: Path) -> None:
+    def __init__(
+        self,
+        binary: str,
+        folder: Path,
+        modalities: dict[str, list[object]] | None = None,
+        ae_title: str = PACS_AE,
+    ) -> None:
         self.binary = binary
         self.folder = folder
+        self.modalities = modalities or {}
+        self.ae_title = ae_title
         self.port = _free_port()
         self.http = _free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Write the configuration, start Orthanc and wait for its REST API."""
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
@@ -246,8 +267,9 @@ class _Orthanc:
             "Name": "dicom-node demo PACS",
             "StorageDirectory": str(self.folder / "db"),
             "IndexDirectory": str(self.folder / "db"),
-            "DicomAet": PACS_AE,
+            "DicomAet": self.ae_title,
             "DicomPort": self.port,
+            "DicomModalities": self.modalities,
             "HttpPort": self.http,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
@@ -274,11 +296,19 @@ class _Orthanc:
         )
 
     def get(self, route: str) -> Any:
+        """GET a REST route and return its JSON."""
+        return json.loads(self.request(route))
+
+    def request(
+        self, route: str, data: bytes | None = None, timeout: float = 30
+    ) -> bytes:
+        """GET (or POST ``data`` to) a loopback REST route and return the body."""
         url = f"http://127.0.0.1:{self.http}{route}"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return json.loads(response.read())
+        with urllib.request.urlopen(url, data=data, timeout=timeout) as response:
+            return bytes(response.read())
 
     def stop(self) -> None:
+        """Stop Orthanc."""
         if self._process is not None:
             self._process.terminate()
             try:
@@ -287,11 +317,20 @@ class _Orthanc:
                 self._process.kill()
 
     def count(self, study_uid: str) -> int:
+        """Return how many instances Orthanc holds of a study."""
         found = 0
         for study in self.get("/studies?expand"):
             if study["MainDicomTags"].get("StudyInstanceUID") == study_uid:
                 found += len(self.get(f"/studies/{study['ID']}/instances"))
         return found
+
+
+def find_orthanc() -> str | None:
+    """Return the Orthanc executable (Debian puts it in /usr/sbin), or None."""
+    found = shutil.which("Orthanc")
+    if found:
+        return found
+    return "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").is_file() else None
 
 
 @contextmanager
@@ -360,11 +399,9 @@ def run_demo(work: Path, samples: Path, timeout: float = 240.0) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model = _model(work)
     folder, truth = _samples(samples, work)
-    orthanc = shutil.which("Orthanc") or (
-        "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").is_file() else None
-    )
-    pacs: _Orthanc | _BuiltinPacs = (
-        _Orthanc(orthanc, work / "pacs") if orthanc else _BuiltinPacs(work / "pacs")
+    orthanc = find_orthanc()
+    pacs: Orthanc | _BuiltinPacs = (
+        Orthanc(orthanc, work / "pacs") if orthanc else _BuiltinPacs(work / "pacs")
     )
     _say(f"[2/5] starting the PACS: {pacs.name} as {PACS_AE} on 127.0.0.1:{pacs.port}")
     pacs.start()
@@ -447,7 +484,7 @@ def _results(index: Any) -> list[tuple[str, str, str, str]]:
 def _report(
     rows: list[tuple[str, str, str, str]],
     truth: dict[str, str],
-    pacs: _Orthanc | _BuiltinPacs,
+    pacs: Orthanc | _BuiltinPacs,
     config: NodeConfig,
 ) -> bool:
     ok = bool(rows) and len(rows) >= len(truth)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -22,7 +24,7 @@ from dicom_node.config import CallerConfig, ModelConfig, NodeConfig
 from dicom_node.index import IndexDB
 from dicom_node.log import quiet_pynetdicom
 from dicom_node.scp import Receiver
-from dicom_node.service import open_index
+from dicom_node.service import open_index, serve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -226,3 +228,40 @@ def destination() -> Iterator[Destination]:
         yield dest
     finally:
         dest.stop()
+
+
+@pytest.fixture
+def run_serve() -> Iterator[Callable[[NodeConfig], int]]:
+    """Run `serve` (receiver, scheduler, workers, outbox) in this process."""
+    stops: list[tuple[threading.Event, threading.Thread]] = []
+
+    def start(config: NodeConfig) -> int:
+        stop = threading.Event()
+        ready: queue.Queue[int] = queue.Queue()
+
+        def no_children(_: int) -> Any:
+            raise AssertionError("one receiving process only")
+
+        thread = threading.Thread(
+            target=serve,
+            args=(config, stop, no_children),
+            kwargs={"on_ready": ready.put},
+        )
+        thread.start()
+        stops.append((stop, thread))
+        return ready.get(timeout=30)
+
+    try:
+        yield start
+    finally:
+        for stop, thread in stops:
+            stop.set()
+            thread.join(timeout=60)
+
+
+def status(config: NodeConfig) -> dict[str, Any]:
+    index = open_index(config)
+    try:
+        return index.status()
+    finally:
+        index.close()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import queue
 import subprocess
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +18,13 @@ from dicom_node.config import (
     ModelMatch,
     NodeConfig,
 )
-from dicom_node.service import open_index, serve
 from tests.conftest import (
     Destination,
     dicom_node_cmd,
     free_port,
     make_config,
     run_cli,
+    status,
     store_datasets,
     wait_for,
 )
@@ -51,43 +49,6 @@ def node_config(tmp_path: Path, model: Path, port: int, **overrides: Any) -> Nod
     }
     settings.update(overrides)
     return make_config(tmp_path, **settings)
-
-
-@pytest.fixture
-def run_serve() -> Iterator[Callable[[NodeConfig], int]]:
-    """Run `serve` (receiver, scheduler, workers, outbox) in this process."""
-    stops: list[tuple[threading.Event, threading.Thread]] = []
-
-    def start(config: NodeConfig) -> int:
-        stop = threading.Event()
-        ready: queue.Queue[int] = queue.Queue()
-
-        def no_children(_: int) -> Any:
-            raise AssertionError("one receiving process only")
-
-        thread = threading.Thread(
-            target=serve,
-            args=(config, stop, no_children),
-            kwargs={"on_ready": ready.put},
-        )
-        thread.start()
-        stops.append((stop, thread))
-        return ready.get(timeout=30)
-
-    try:
-        yield start
-    finally:
-        for stop, thread in stops:
-            stop.set()
-            thread.join(timeout=60)
-
-
-def status(config: NodeConfig) -> dict[str, Any]:
-    index = open_index(config)
-    try:
-        return index.status()
-    finally:
-        index.close()
 
 
 def ct_study(n: int = 2) -> list[Any]:
