@@ -1,8 +1,9 @@
 """End-to-end benchmark: one-image DX studies through a running node to a destination.
 
 A node (receiver, scheduler, one worker thread, outbox) runs in this process with a
-resnet18 model at 224 px, and a pynetdicom SCP stands in for the PACS. N one-image
-DX studies are sent over one association. For each study it measures the time from
+resnet18 model at 224 px; dcmtk's storescp stands in for the PACS and dcmtk's
+storescu sends N one-image DX studies over one association (both in their own
+processes, as they would be on other machines). For each study it measures the time from
 the study becoming stable (its last instance + stable_after) to the destination
 accepting its SR, and the node's studies/s over the whole run; beside them, the
 inference-only studies/s of the same model (Classifier.predict with Grad-CAM of the
@@ -16,7 +17,9 @@ Targets: node throughput >= 0.8 of inference-only; median latency < 0.5 s.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,9 +32,9 @@ import torch
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 REPO = Path(__file__).resolve().parent.parent
+DCMTK = Path("/usr/bin")  # dcmtk by full path: pynetdicom installs same-named apps
 sys.path.insert(0, str(REPO))
 
 from dicom_node.config import (  # noqa: E402
@@ -40,7 +43,6 @@ from dicom_node.config import (  # noqa: E402
     ModelConfig,
     NodeConfig,
 )
-from dicom_node.export import Peer, send_files  # noqa: E402
 from dicom_node.index import Study  # noqa: E402
 from dicom_node.log import quiet_pynetdicom  # noqa: E402
 from dicom_node.service import open_index, serve  # noqa: E402
@@ -95,31 +97,62 @@ def studies(folder: Path, n: int) -> list[Path]:
 
 
 class Destination:
-    """Records when each study's SR was accepted."""
+    """dcmtk's storescp in its own process; arrival time = the file's mtime."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
         self.port = free_port()
-        self.sr_at: dict[str, datetime] = {}
-        self.lock = threading.Lock()
-        ae = AE(ae_title="DEST")
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(
-                str(context.abstract_syntax),
-                ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"],
-            )
-
-        def on_store(event: Any) -> int:
-            ds = event.dataset
-            if str(ds.get("Modality", "")) == "SR":
-                with self.lock:
-                    self.sr_at[str(ds.StudyInstanceUID)] = datetime.now(UTC)
-            return 0
-
-        self.server = ae.start_server(
-            ("127.0.0.1", self.port),
-            block=False,
-            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        self.folder = folder
+        folder.mkdir()
+        self.process = subprocess.Popen(
+            [
+                str(DCMTK / "storescp"),
+                "-aet",
+                "DEST",
+                "-od",
+                str(folder),
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "TCP_NODELAY": "1"},  # as a tuned PACS would be
         )
+        time.sleep(0.5)
+
+    def sr_times(self) -> dict[str, datetime]:
+        """Study UID -> when its SR was written, for every SR received."""
+        found = {}
+        for path in self.folder.glob("SR*"):
+            ds = dcmread(path, stop_before_pixels=True)
+            found[str(ds.StudyInstanceUID)] = datetime.fromtimestamp(
+                path.stat().st_mtime, UTC
+            )
+        return found
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def send(folder: Path, port: int) -> None:
+    """Send a folder with dcmtk's storescu (its own process, one association)."""
+    done = subprocess.run(
+        [
+            str(DCMTK / "storescu"),
+            "-aet",
+            "BENCH",
+            "-aec",
+            "DICOMNODE",
+            "+sd",
+            "127.0.0.1",
+            str(port),
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"storescu failed: {done.stderr[-500:]}")
 
 
 def inference_only(model: Path, files: list[Path]) -> float:
@@ -144,7 +177,7 @@ def main() -> int:
         (work / "in").mkdir()
         files = studies(work / "in", args.studies)
         baseline = inference_only(model, files)
-        dest = Destination()
+        dest = Destination(work / "dest")
         config = NodeConfig(
             port=0,
             state_dir=work / "state",
@@ -172,28 +205,28 @@ def main() -> int:
         while not ready:
             time.sleep(0.05)
         # Warm the worker's model cache with one study, not counted.
-        warm = studies(work / "in", 1)
-        warm_dir = work / "warm"
-        warm_dir.mkdir()
-        warm[0].rename(warm_dir / "warm.dcm")
-        send_files(
-            [warm_dir / "warm.dcm"], Peer("DICOMNODE", "127.0.0.1", ready[0]), "BENCH"
-        )
-        while not dest.sr_at:
-            time.sleep(0.05)
-        dest.sr_at.clear()
-        sent = send_files(files, Peer("DICOMNODE", "127.0.0.1", ready[0]), "BENCH")
-        assert not sent.failed, sent.failed[:1]
+        (work / "warm").mkdir()
+        send(studies(work / "warm", 1)[0].parent, ready[0])
+        deadline = time.monotonic() + 120
+        while not dest.sr_times():
+            if time.monotonic() > deadline:
+                stop.set()
+                raise SystemExit("the warm-up study got no result in 120 s")
+            time.sleep(0.1)
+        before = set(dest.sr_times())
+        send(work / "in", ready[0])
         uids = {
             str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files
         }
         deadline = time.monotonic() + 600
-        while len(uids & set(dest.sr_at)) < len(uids) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while len(uids & set(dest.sr_times())) < len(uids):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        arrived = {u: t for u, t in dest.sr_times().items() if u not in before}
         stop.set()
         thread.join()
-        if dest.server is not None:
-            dest.server.shutdown()
+        dest.stop()
         index = open_index(config)
         from sqlalchemy import select
 
@@ -205,9 +238,9 @@ def main() -> int:
         index.close()
     stable = {u: received[u] + timedelta(seconds=args.stable_after) for u in uids}
     latencies = sorted(
-        (dest.sr_at[u] - stable[u]).total_seconds() for u in uids if u in dest.sr_at
+        (arrived[u] - stable[u]).total_seconds() for u in uids if u in arrived
     )
-    span = (max(dest.sr_at[u] for u in uids) - min(stable.values())).total_seconds()
+    span = (max(arrived.values()) - min(stable.values())).total_seconds()
     rate = len(latencies) / span
     print(f"studies                {len(latencies)} of {len(uids)} delivered")
     print(

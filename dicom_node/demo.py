@@ -34,7 +34,7 @@ from dicom_node.config import CallerConfig, DestinationConfig, ModelConfig, Node
 from dicom_node.errors import DicomNodeError
 from dicom_node.export import Peer, send_files
 from dicom_node.index import Delivery, ResultRecord, Study
-from dicom_node.score import sr_text
+from dicom_node.score import capture_png, sr_text
 from dicom_node.service import open_index, serve
 from dicom_node.worker import results_root
 
@@ -489,6 +489,8 @@ def _report(
 ) -> bool:
     ok = bool(rows) and len(rows) >= len(truth)
     root = results_root(config)
+    pngs = config.state_dir.parent / "gradcam"
+    pngs.mkdir(exist_ok=True)
     shown_sr = False
     for study, folder, summary, state in rows:
         labels = json.loads(summary)
@@ -504,7 +506,9 @@ def _report(
             f"{stored} object(s) in the PACS]"
         )
         ok = ok and state == "done"
-        for png in sorted((root / folder).glob("sc-*.png")):
+        for sc in sorted((root / folder).glob("sc-*.dcm")):
+            png = pngs / f"{study[-12:]}-{sc.stem}.png"
+            capture_png(dcmread(sc), png)
             _say(f"      Grad-CAM image: {png}")
         if not shown_sr:
             _say("\n  The first study's SR, as a viewer lists it:")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -24,6 +26,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.status import code_to_category
+from pynetdicom.transport import AssociationSocket
 
 from dicom_node.config import validate_ae_title
 from dicom_node.dimse import DECODE_ERRORS, VERIFICATION_SOP_CLASS
@@ -100,9 +103,26 @@ def parse_peer(text: str) -> Peer:
     return Peer(aet, match["host"].strip("[]"), port)
 
 
+class _NoDelayAE(AE):
+    """pynetdicom's AE with TCP_NODELAY on its outbound sockets.
+
+    Without it, Nagle's algorithm and the peer's delayed ACK hold each small
+    DIMSE message back by up to 40 ms: a two-object result set took ~140 ms to
+    send on loopback, ~16 ms with TCP_NODELAY on both sides.
+    """
+
+    def _create_socket(
+        self, assoc: Association, address: Any, tls_args: Any
+    ) -> AssociationSocket:
+        sock = super()._create_socket(assoc, address, tls_args)
+        if sock.socket is not None:
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+
 def _new_ae(calling_ae_title: str, timeout: float) -> AE:
     quiet_pynetdicom()
-    ae = AE(ae_title=calling_ae_title)
+    ae = _NoDelayAE(ae_title=calling_ae_title)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout

@@ -335,7 +335,7 @@ def _report(
     )
     root.ContentSequence.insert(position, library)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*(_header(ds) for ds in sources), *captures],
+        evidence=[_header(ds) for ds in (*sources, *captures)],
         content=report,
         series_instance_uid=make_uid("sr-series"),
         series_number=SR_SERIES_NUMBER,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
@@ -113,12 +113,19 @@ class Scheduler:
         The configured models.
     stable_after
         Seconds without a new instance before a study counts as complete.
+    on_queued
+        Called after a round that queued jobs (wakes the worker threads).
     """
 
     def __init__(
-        self, index: IndexDB, model_keys: Sequence[str], stable_after: float
+        self,
+        index: IndexDB,
+        model_keys: Sequence[str],
+        stable_after: float,
+        on_queued: Callable[[], None] | None = None,
     ) -> None:
         self.index = index
+        self.on_queued = on_queued
         self.model_keys = tuple(model_keys)
         self.stable_after = stable_after
         # Check often enough that a study is queued within ~25% of stable_after.
@@ -141,7 +148,11 @@ class Scheduler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                schedule_stable_studies(self.index, self.model_keys, self.stable_after)
+                found = schedule_stable_studies(
+                    self.index, self.model_keys, self.stable_after
+                )
+                if found and self.on_queued is not None:
+                    self.on_queued()
             except SQLAlchemyError as exc:
                 # The index is busy or failing; the next round tries again.
                 logger.warning("scheduling round failed: %s", type(exc).__name__)

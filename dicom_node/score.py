@@ -18,7 +18,13 @@ from dicom_node.results import MANUFACTURER, ResultSet, build_results
 from dicom_node.storage import validate_uid
 from inference import Classifier, ModelArtifact, StudyPrediction
 
-__all__ = ["StudySummary", "score_files", "sr_text", "write_result_files"]
+__all__ = [
+    "StudySummary",
+    "capture_png",
+    "score_files",
+    "sr_text",
+    "write_result_files",
+]
 
 
 @dataclass(slots=True)
@@ -149,30 +155,44 @@ def _summary(
     )
 
 
-def write_result_files(folder: Path, result: ResultSet) -> list[Path]:
-    """Write a result set as ``sc-N.dcm``, ``sc-N.png`` and ``sr.dcm``.
+def write_result_files(
+    folder: Path, result: ResultSet, *, png: bool = True
+) -> list[Path]:
+    """Write a result set as ``sc-N.dcm`` (and ``sc-N.png``) and ``sr.dcm``.
 
     Parameters
     ----------
     folder
-        Created if needed; files are replaced atomically.
+        Created if needed; files are replaced atomically and the folder synced.
     result
         The result set.
+    png
+        Also write each Secondary Capture as PNG.
 
     Returns
     -------
     list of Path
-        The PNG files of the Secondary Captures.
+        The PNG files written.
     """
     folder.mkdir(parents=True, exist_ok=True)
     pngs = []
     for i, sc in enumerate(result.captures):
         _save(sc, folder / f"sc-{i + 1}.dcm")
-        png = folder / f"sc-{i + 1}.png"
-        Image.fromarray(sc.pixel_array).save(png)  # JPEG decodes to RGB
-        pngs.append(png)
+        if png:
+            pngs.append(capture_png(sc, folder / f"sc-{i + 1}.png"))
     _save(result.sr, folder / "sr.dcm")
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return pngs
+
+
+def capture_png(sc: Dataset, target: Path) -> Path:
+    """Save a Secondary Capture's image as PNG and return the path."""
+    Image.fromarray(sc.pixel_array).save(target)  # JPEG baseline decodes to RGB
+    return target
 
 
 def _save(ds: Dataset, target: Path) -> None:

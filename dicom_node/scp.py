@@ -435,6 +435,12 @@ class _NodeServer(ThreadedAssociationServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection with TCP_NODELAY (no Nagle delay on responses)."""
+        sock, address = super().get_request()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
+
     def shutdown(self) -> None:
         """Stop accepting and close the listening socket."""
         # Not pynetdicom's shutdown: it expects the server in the AE's own list.

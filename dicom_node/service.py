@@ -124,9 +124,14 @@ def serve(
     receiver = Receiver(config, index, reuse_port=shared)
     receiver.start()
     port = receiver.port
-    scheduler = Scheduler(index, [m.key for m in config.models], config.stable_after)
+    workers = start_workers(config, index, config.workers)
+    scheduler = Scheduler(
+        index,
+        [m.key for m in config.models],
+        config.stable_after,
+        on_queued=workers.nudge,
+    )
     scheduler.start()
-    loops = start_workers(config, index, config.workers)
     children: list[ChildProcess] = []
     for _ in range(config.scp_processes - 1):
         child = spawn_receiver(port)
@@ -164,8 +169,7 @@ def serve(
                 child.kill()
                 child.join()
         scheduler.stop()
-        for loop in loops:
-            loop.stop(timeout=30)
+        workers.stop(timeout=30)
         index.close()
         logger.info("stopped")
 
@@ -181,17 +185,16 @@ def run_worker(config: NodeConfig, stop: threading.Event) -> None:
         Set (by a signal handler) to shut down after the current job.
     """
     index = open_index(config)
-    loops = start_workers(config, index, max(1, config.workers))
+    workers = start_workers(config, index, max(1, config.workers))
     logger.info(
         "worker running %d job thread(s) on the index of %s",
-        len(loops) - 1,
+        len(workers.loops) - 1,
         config.state_dir,
     )
     try:
         stop.wait()
     finally:
         logger.info("stopping: finishing the current jobs")
-        for loop in loops:
-            loop.stop()
+        workers.stop()
         index.close()
         logger.info("stopped")

@@ -17,7 +17,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -53,6 +53,7 @@ __all__ = [
     "Outbox",
     "StudyImage",
     "Worker",
+    "Workers",
     "backoff",
     "claim_delivery",
     "claim_job",
@@ -452,7 +453,7 @@ def process_job(
             jpeg=config.results_jpeg,
         )
         folder = f"{job.study_uid}/{classifier.artifact.device_uid}-run{run}"
-        write_result_files(results_root(config) / folder, result)
+        write_result_files(results_root(config) / folder, result, png=False)
         peers = _destinations(config, images)
         outcome = _commit(index, job, result, prediction, folder, peers)
     except (DicomNodeError, InferenceError, OSError, ValueError) as exc:
@@ -808,10 +809,13 @@ def run_delivery(delivery: ClaimedDelivery, config: NodeConfig, index: IndexDB) 
 class _Loop:
     """A daemon thread that calls ``step`` until stopped, resting when idle."""
 
-    def __init__(self, name: str, idle: float = 0.2) -> None:
+    def __init__(self, name: str, idle: float = 0.5) -> None:
         self.name = name
         self.idle = idle
         self._stop = threading.Event()
+        # Set by whoever queues work for this thread, so it does not wait out
+        # its idle time (other processes' work is found by polling).
+        self.wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -821,6 +825,7 @@ class _Loop:
     def stop(self, timeout: float | None = None) -> None:
         """Ask the thread to stop and wait for it (it finishes its current step)."""
         self._stop.set()
+        self.wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -840,8 +845,9 @@ class _Loop:
             except Exception as exc:  # noqa: BLE001 - keep the thread alive
                 logger.error("%s: unexpected %s", self.name, describe_exception(exc))
                 busy = False
-            if not busy:
-                self._stop.wait(self.idle)
+            if not busy and not self._stop.is_set():
+                self.wake.wait(self.idle)
+                self.wake.clear()
 
 
 class Worker(_Loop):
@@ -865,6 +871,7 @@ class Worker(_Loop):
         super().__init__(name)
         self.config, self.index, self.models = config, index, models
         self.owner = _owner(name)
+        self.on_delivery_queued: Callable[[], None] | None = None
 
     def step(self) -> bool:
         """Claim one due job and process it."""
@@ -873,7 +880,9 @@ class Worker(_Loop):
         )
         if job is None:
             return False
-        process_job(job, self.config, self.index, self.models)
+        outcome = process_job(job, self.config, self.index, self.models)
+        if outcome.state == "done" and self.on_delivery_queued is not None:
+            self.on_delivery_queued()
         return True
 
 
@@ -904,7 +913,31 @@ class Outbox(_Loop):
         return True
 
 
-def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> list[_Loop]:
+class Workers:
+    """The job threads and the outbox thread of one process.
+
+    Parameters
+    ----------
+    loops
+        The started threads: job threads first, the outbox last.
+    """
+
+    def __init__(self, loops: Sequence[_Loop]) -> None:
+        self.loops = list(loops)
+
+    def nudge(self) -> None:
+        """Wake the job threads: new jobs were queued."""
+        for loop in self.loops:
+            if isinstance(loop, Worker):
+                loop.wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop every thread after its current step."""
+        for loop in self.loops:
+            loop.stop(timeout)
+
+
+def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
     """Start ``workers`` job threads and one outbox thread.
 
     Parameters
@@ -918,8 +951,8 @@ def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> list[_Loo
 
     Returns
     -------
-    list
-        The started threads (stop each with ``stop()``).
+    Workers
+        The started threads.
     """
     released = recover_local_leases(index)
     if released:
@@ -927,13 +960,16 @@ def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> list[_Loo
             "took back %d job(s)/delivery(ies) of a stopped process", released
         )
     models = ModelCache(config.device)
-    loops: list[_Loop] = [
-        Worker(config, index, models, f"worker-{i + 1}") for i in range(workers)
-    ]
-    loops.append(Outbox(config, index, "outbox"))
+    outbox = Outbox(config, index, "outbox")
+    loops: list[_Loop] = []
+    for i in range(workers):
+        worker = Worker(config, index, models, f"worker-{i + 1}")
+        worker.on_delivery_queued = outbox.wake.set
+        loops.append(worker)
+    loops.append(outbox)
     for loop in loops:
         loop.start()
-    return loops
+    return Workers(loops)
 
 
 def requeue(index: IndexDB, *, dead: bool, failed_jobs: bool) -> dict[str, int]:
