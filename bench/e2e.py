@@ -11,7 +11,10 @@ top image, on the same data sets in memory) measured in the same run.
 
 Targets: node throughput >= 0.8 of inference-only; median latency < 0.5 s.
 
-    python bench/e2e.py [--studies 30] [--stable-after 0.5]
+Latency is measured on --single studies sent one at a time (each once the previous
+one's results arrived); throughput on N studies sent at once.
+
+    python bench/e2e.py [--studies 30] [--single 8] [--stable-after 0.5]
 """
 
 from __future__ import annotations
@@ -169,6 +172,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=30)
     parser.add_argument("--stable-after", type=float, default=0.5)
+    parser.add_argument(
+        "--single", type=int, default=8, help="studies sent one at a time (latency)"
+    )
     args = parser.parse_args()
     quiet_pynetdicom()
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,6 +219,20 @@ def main() -> int:
                 stop.set()
                 raise SystemExit("the warm-up study got no result in 120 s")
             time.sleep(0.1)
+        # Latency: one study at a time, each sent once the previous one's
+        # results arrived (no queue in front of it).
+        single: list[str] = []
+        for i in range(args.single):
+            one = work / f"single-{i}"
+            one.mkdir()
+            path = studies(one, 1)[0]
+            uid = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+            send(one, ready[0])
+            deadline = time.monotonic() + 60
+            while uid not in dest.sr_times() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            single.append(uid)
+        # Throughput: every study at once.
         before = set(dest.sr_times())
         send(work / "in", ready[0])
         uids = {
@@ -223,7 +243,8 @@ def main() -> int:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        arrived = {u: t for u, t in dest.sr_times().items() if u not in before}
+        every_sr = dest.sr_times()
+        arrived = {u: t for u, t in every_sr.items() if u not in before}
         stop.set()
         thread.join()
         dest.stop()
@@ -236,18 +257,24 @@ def main() -> int:
             ).all()
         received = {str(uid): at for uid, at in rows}
         index.close()
-    stable = {u: received[u] + timedelta(seconds=args.stable_after) for u in uids}
-    latencies = sorted(
-        (arrived[u] - stable[u]).total_seconds() for u in uids if u in arrived
-    )
-    span = (max(arrived.values()) - min(stable.values())).total_seconds()
-    rate = len(latencies) / span
-    print(f"studies                {len(latencies)} of {len(uids)} delivered")
+
+    def after_stable(uid: str) -> float:
+        became_stable = received[uid] + timedelta(seconds=args.stable_after)
+        return (every_sr[uid] - became_stable).total_seconds()
+
+    one_by_one = sorted(after_stable(u) for u in single if u in every_sr)
+    burst = sorted(after_stable(u) for u in uids if u in arrived)
+    first_stable = min(received[u] for u in uids) + timedelta(seconds=args.stable_after)
+    span = (max(arrived.values()) - first_stable).total_seconds()
+    rate = len(burst) / span
+    print(f"studies                {len(burst)} of {len(uids)} delivered (burst)")
     print(
-        f"latency (stable -> SR accepted)  median "
-        f"{statistics.median(latencies):.2f} s, "
-        f"p90 {latencies[int(0.9 * (len(latencies) - 1))]:.2f} s "
-        "(target median < 0.5 s)"
+        f"latency, one at a time  median {statistics.median(one_by_one):.2f} s "
+        f"over {len(one_by_one)} studies (stable -> SR accepted; target < 0.5 s)"
+    )
+    print(
+        f"latency in the burst    median {statistics.median(burst):.2f} s, "
+        f"p90 {burst[int(0.9 * (len(burst) - 1))]:.2f} s (includes the queue)"
     )
     print(f"node throughput        {rate:.2f} studies/s")
     print(

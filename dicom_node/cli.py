@@ -82,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Listen for associations (C-ECHO, C-STORE of every storage SOP "
         "class and transfer syntax), store and index every instance, and queue one "
         "job per model for each study once it has been stable for stable_after "
-        "seconds. SIGTERM or Ctrl-C stops accepting associations, lets running ones "
-        "finish (up to 10 s) and exits.",
+        "seconds. Worker threads ([node] workers) score the jobs, write the SR and "
+        "Grad-CAM Secondary Captures, and the outbox sends them to every "
+        "destination, retrying with backoff. SIGTERM or Ctrl-C stops accepting "
+        "associations, lets running ones finish (up to 10 s) and the current jobs "
+        "end, and exits.",
     )
     add_config(p_serve)
 
@@ -479,12 +482,23 @@ def _config_command(args: argparse.Namespace) -> int:
     print(f"database         {config.effective_database_url}")
     print(f"stable_after     {config.stable_after} s")
     print(f"scp_processes    {config.scp_processes}")
+    print(
+        f"workers          {config.workers} on {config.device or 'auto'}, "
+        f"Grad-CAM top {config.gradcam_top_k}"
+    )
+    print(
+        f"retries          jobs {config.job_attempts}, deliveries "
+        f"{config.delivery_attempts}, backoff {config.retry_after:g}..."
+        f"{config.retry_max:g} s, lease {config.lease_seconds:g} s"
+    )
     if config.allow_any_caller:
         print("callers          any (allow_any_caller = true)")
     else:
         for c in config.callers:
             print(
-                f"caller           {c.ae_title}" + (f" from {c.host}" if c.host else "")
+                f"caller           {c.ae_title}"
+                + (f" from {c.host}" if c.host else "")
+                + (f", results back on port {c.results_port}" if c.results_port else "")
             )
     for d in config.destinations:
         print(f"destination      {d.name}: {d.ae_title}@{d.host}:{d.port}")
@@ -492,4 +506,15 @@ def _config_command(args: argparse.Namespace) -> int:
         print(
             f"model            {m.path}" + ("" if m.path.is_file() else " (not found)")
         )
+        if m.match is not None:
+            rules = {
+                "modalities": m.match.modalities,
+                "body parts": m.match.body_parts,
+                "SOP classes": m.match.sop_classes,
+                "callers": m.match.calling_ae_titles,
+            }
+            print(
+                "  match          "
+                + "; ".join(f"{k} {', '.join(v)}" for k, v in rules.items() if v)
+            )
     return EXIT_OK

@@ -95,6 +95,25 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("", {"DICOM_NODE_NODE_PORT": "eleven"}, "DICOM_NODE_NODE_PORT: expected int"),
         ("", {"DICOM_NODE_NODE_PROT": "1"}, "DICOM_NODE_NODE_PROT: unknown key"),
         ("", {"DICOM_NODE_CALLERS": "PACS"}, "DICOM_NODE_CALLERS"),
+        ("[node]\nworkers = -1\n", {}, "[node] workers"),
+        ("[node]\ndelivery_attempts = 0\n", {}, "[node] delivery_attempts"),
+        ("[node]\nretry_after = 0\n", {}, "[node] retry_after"),
+        ("[node]\ndevice = 'gpu'\n", {}, "[node] device"),
+        (
+            '[[callers]]\nae_title = "PACS"\nresults_port = 70000\n',
+            {},
+            "expected 1..65535",
+        ),
+        (
+            '[[models]]\npath = "m.safetensors"\n[models.match]\nmodality = ["DX"]\n',
+            {},
+            "unknown key(s) ['modality']",
+        ),
+        (
+            '[[models]]\npath = "m.safetensors"\n[models.match]\nmodalities = "DX"\n',
+            {},
+            "expected a list of strings",
+        ),
     ],
 )
 def test_errors_name_the_key_and_where(
@@ -148,3 +167,23 @@ def test_caller_allow_list_semantics() -> None:
     assert not config.caller_allowed("PACS", "10.0.0.2")
     assert config.caller_allowed("CT1", "192.168.1.1")
     assert not config.caller_allowed("MR1", "10.0.0.1")
+
+
+def test_model_match_and_results_port(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            '[[callers]]\nae_title = "PACS"\nhost = "10.0.0.5"\nresults_port = 4242\n'
+            '[[models]]\npath = "chest.safetensors"\n'
+            '[models.match]\nmodalities = ["DX", "CR"]\nbody_parts = ["CHEST"]\n',
+        ),
+        environ={"DICOM_NODE_NODE_WORKERS": "2"},
+    )
+    assert config.callers[0].results_port == 4242
+    match = config.models[0].match
+    assert match is not None
+    assert match.modalities == ("DX", "CR")
+    assert match.body_parts == ("CHEST",)
+    assert match.calling_ae_titles == ()
+    assert config.workers == 2
+    assert config.gradcam_top_k == 1
