@@ -1,7 +1,7 @@
 """End-to-end benchmark: one-image DX studies through a running node to a destination.
 
-A node (receiver, scheduler, one worker thread, outbox) runs in this process with a
-resnet18 model at 224 px; dcmtk's storescp stands in for the PACS and dcmtk's
+A node (receiver, scheduler, --workers worker threads, outbox) runs in this process
+with a resnet18 model at 224 px; dcmtk's storescp stands in for the PACS and dcmtk's
 storescu sends N one-image DX studies over one association (both in their own
 processes, as they would be on other machines). For each study it measures the time from
 the study becoming stable (its last instance + stable_after) to the destination
@@ -14,7 +14,7 @@ Targets: node throughput >= 0.8 of inference-only; median latency < 0.5 s.
 Latency is measured on --single studies sent one at a time (each once the previous
 one's results arrived); throughput on N studies sent at once.
 
-    python bench/e2e.py [--studies 30] [--single 8] [--stable-after 0.5]
+    python bench/e2e.py [--studies 30] [--single 8] [--workers 1] [--stable-after 0.5]
 """
 
 from __future__ import annotations
@@ -172,6 +172,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=30)
     parser.add_argument("--stable-after", type=float, default=0.5)
+    parser.add_argument("--workers", type=int, default=1, help="worker threads")
     parser.add_argument(
         "--single", type=int, default=8, help="studies sent one at a time (latency)"
     )
@@ -191,7 +192,7 @@ def main() -> int:
             callers=(CallerConfig("BENCH"),),
             destinations=(DestinationConfig("dest", "DEST", "127.0.0.1", dest.port),),
             models=(ModelConfig(model),),
-            workers=1,
+            workers=args.workers,
             device="cpu",
             log_level="WARNING",
             source="bench",

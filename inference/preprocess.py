@@ -386,7 +386,9 @@ def preprocess(ds: Dataset, spec: PreprocessSpec) -> Frames:
     return Frames(pixels, sources)
 
 
-def render(ds: Dataset, frame: int = 0, max_pixels: int = 2**27) -> npt.NDArray[np.uint8]:
+def render(
+    ds: Dataset, frame: int = 0, max_pixels: int = 2**27
+) -> npt.NDArray[np.uint8]:
     """Render one frame for display, as a viewer would show it by default.
 
     Modality LUT, the file's own VOI (LUT or first window; min-max without one),
