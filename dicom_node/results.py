@@ -160,16 +160,22 @@ def build_results(
     def uid(role: str) -> str:
         return result_uid(study_uid, prediction.device_uid, run, role)
 
-    captures = tuple(
-        _capture(by_uid[e.source.sop_instance_uid], e, prediction, i + 1, uid, jpeg)
+    explained = [
+        (
+            e.label_index,
+            _capture(
+                by_uid[e.source.sop_instance_uid], e, prediction, i + 1, uid, jpeg
+            ),
+        )
         for i, e in enumerate(prediction.explanations)
         if e.source.sop_instance_uid in by_uid
-    )
+    ]
+    captures = tuple(capture for _, capture in explained)
     scored = [
         by_uid[u] for u in dict.fromkeys(f.sop_instance_uid for f in prediction.frames)
     ]
     sr = _report(
-        scored or list(sources), captures, prediction, uid, station, previous_sr
+        scored or list(sources), explained, prediction, uid, station, previous_sr
     )
     return ResultSet(sr, captures, run)
 
@@ -220,7 +226,7 @@ def _equipment(prediction: StudyPrediction) -> hd.ContributingEquipment:
 
 def _report(
     sources: Sequence[Dataset],
-    captures: Sequence[Dataset],
+    explained: Sequence[tuple[int, Dataset]],
     prediction: StudyPrediction,
     uid: Callable[[str], str],
     station: str,
@@ -242,10 +248,7 @@ def _report(
     algorithm = hd.sr.AlgorithmIdentification(
         name=prediction.model_name[:64], version=prediction.model_version[:64]
     )
-    explained = {
-        e.label_index: captures[i]
-        for i, e in enumerate(prediction.explanations[: len(captures)])
-    }
+    captures = [capture for _, capture in explained]
     groups = []
     lines = summary_lines(prediction)
     for index, label_prediction in enumerate(prediction.labels):
@@ -287,8 +290,9 @@ def _report(
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
-        capture = explained.get(index)
-        if capture is not None:
+        for label_index, capture in explained:
+            if label_index != index:
+                continue
             container.ContentSequence.append(
                 hd.sr.ImageContentItem(
                     name=codes.DCM.BestIllustrationOfFinding,

@@ -461,6 +461,8 @@ def process_job(
         return _retry_or_fail(index, job, config, detail or describe_exception(exc))
     except SQLAlchemyError as exc:
         return _retry_or_fail(index, job, config, describe_exception(exc))
+    except Exception as exc:  # noqa: BLE001 - e.g. a stored file pydicom cannot read
+        return _retry_or_fail(index, job, config, describe_exception(exc))
     logger.info(
         "study %s scored by %s in %.2f s: %s; %d delivery(ies) queued",
         uid_ref(job.study_uid),

@@ -158,3 +158,24 @@ def test_uids_are_derived_so_a_rerun_replaces_instead_of_duplicating() -> None:
         .ReferencedSOPInstanceUID
         == first.sr.SOPInstanceUID
     )
+
+
+def test_each_label_references_its_own_gradcam_images() -> None:
+    datasets = sources("CT")
+    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=2)
+    result = build_results(datasets, prediction, 1)
+    assert len(result.captures) == 4  # two images for each of the two labels
+    by_label: dict[str, set[str]] = {}
+    for e, sc in zip(prediction.explanations, result.captures, strict=True):
+        name = "effusion" if e.label_index == 1 else "nodule"
+        by_label.setdefault(name, set()).add(str(sc.SOPInstanceUID))
+    imaging = _find(result.sr, "126010")
+    for group in imaging.ContentSequence:
+        finding = _find(group, "121071").ConceptCodeSequence[0].CodeMeaning
+        label = "nodule" if finding == "Nodule" else "effusion"
+        referenced = {
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in group.ContentSequence
+            if item.ValueType == "IMAGE"
+        }
+        assert referenced == by_label[label], finding
