@@ -25,11 +25,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydicom import dcmread
@@ -48,7 +46,7 @@ from dicom_node.config import (  # noqa: E402
 )
 from dicom_node.index import Study  # noqa: E402
 from dicom_node.log import quiet_pynetdicom  # noqa: E402
-from dicom_node.service import open_index, serve  # noqa: E402
+from dicom_node.service import open_index, running_node  # noqa: E402
 from inference import (  # noqa: E402
     Classifier,
     CodedConcept,
@@ -197,57 +195,41 @@ def main() -> int:
             log_level="WARNING",
             source="bench",
         )
-        stop = threading.Event()
-        ready: list[int] = []
-
-        def children(_: int) -> Any:
-            raise AssertionError("one receiving process")
-
-        thread = threading.Thread(
-            target=serve,
-            args=(config, stop, children),
-            kwargs={"on_ready": ready.append},
-        )
-        thread.start()
-        while not ready:
-            time.sleep(0.05)
-        # Warm the worker's model cache with one study, not counted.
-        (work / "warm").mkdir()
-        send(studies(work / "warm", 1)[0].parent, ready[0])
-        deadline = time.monotonic() + 120
-        while not dest.sr_times():
-            if time.monotonic() > deadline:
-                stop.set()
-                raise SystemExit("the warm-up study got no result in 120 s")
-            time.sleep(0.1)
-        # Latency: one study at a time, each sent once the previous one's
-        # results arrived (no queue in front of it).
-        single: list[str] = []
-        for i in range(args.single):
-            one = work / f"single-{i}"
-            one.mkdir()
-            path = studies(one, 1)[0]
-            uid = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-            send(one, ready[0])
-            deadline = time.monotonic() + 60
-            while uid not in dest.sr_times() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            single.append(uid)
-        # Throughput: every study at once.
-        before = set(dest.sr_times())
-        send(work / "in", ready[0])
-        uids = {
-            str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files
-        }
-        deadline = time.monotonic() + 600
-        while len(uids & set(dest.sr_times())) < len(uids):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        every_sr = dest.sr_times()
-        arrived = {u: t for u, t in every_sr.items() if u not in before}
-        stop.set()
-        thread.join()
+        with running_node(config) as port:
+            # Warm the worker's model cache with one study, not counted.
+            (work / "warm").mkdir()
+            send(studies(work / "warm", 1)[0].parent, port)
+            deadline = time.monotonic() + 120
+            while not dest.sr_times():
+                if time.monotonic() > deadline:
+                    raise SystemExit("the warm-up study got no result in 120 s")
+                time.sleep(0.1)
+            # Latency: one study at a time, each sent once the previous one's
+            # results arrived (no queue in front of it).
+            single: list[str] = []
+            for i in range(args.single):
+                one = work / f"single-{i}"
+                one.mkdir()
+                path = studies(one, 1)[0]
+                uid = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+                send(one, port)
+                deadline = time.monotonic() + 60
+                while uid not in dest.sr_times() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                single.append(uid)
+            # Throughput: every study at once.
+            before = set(dest.sr_times())
+            send(work / "in", port)
+            uids = {
+                str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files
+            }
+            deadline = time.monotonic() + 600
+            while len(uids & set(dest.sr_times())) < len(uids):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            every_sr = dest.sr_times()
+            arrived = {u: t for u, t in every_sr.items() if u not in before}
         dest.stop()
         index = open_index(config)
         from sqlalchemy import select

@@ -19,11 +19,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,11 +31,12 @@ from dicom_node.config import CallerConfig, DestinationConfig, ModelConfig, Node
 from dicom_node.errors import DicomNodeError
 from dicom_node.export import Peer, send_files
 from dicom_node.index import Delivery, ResultRecord, Study
+from dicom_node.log import quiet_pynetdicom
 from dicom_node.score import capture_png, sr_text
-from dicom_node.service import open_index, serve
+from dicom_node.service import open_index, running_node
 from dicom_node.worker import results_root
 
-__all__ = ["Orthanc", "find_orthanc", "run_demo"]
+__all__ = ["Orthanc", "find_orthanc", "receiver_ae", "run_demo"]
 
 PACS_AE = "DEMOPACS"
 NODE_AE = "DICOMNODE"
@@ -177,6 +175,36 @@ def _samples(repo_samples: Path, work: Path) -> tuple[Path, dict[str, str]]:
     return folder, truth
 
 
+def receiver_ae(ae_title: str) -> Any:
+    """Return a pynetdicom AE that accepts every storage SOP class (and C-ECHO).
+
+    Transfer syntaxes: explicit and implicit VR little endian and JPEG baseline,
+    what the node's results use.
+
+    Parameters
+    ----------
+    ae_title
+        Its AE title.
+
+    Returns
+    -------
+    pynetdicom.AE
+        Not yet listening.
+    """
+    from pynetdicom import AE, AllStoragePresentationContexts
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    quiet_pynetdicom()
+    ae = AE(ae_title=ae_title)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(
+            str(context.abstract_syntax),
+            ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"],
+        )
+    ae.add_supported_context(Verification)
+    return ae
+
+
 class _BuiltinPacs:
     """A minimal receiving SCP that files what it receives (no Orthanc here)."""
 
@@ -188,14 +216,10 @@ class _BuiltinPacs:
         self._server: Any = None
 
     def start(self) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        """Listen on the port; every instance received is filed in the folder."""
+        from pynetdicom import evt
 
-        ae = AE(ae_title=PACS_AE)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(
-                str(context.abstract_syntax),
-                ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"],
-            )
+        ae = receiver_ae(PACS_AE)
         self.folder.mkdir(parents=True, exist_ok=True)
 
         def on_store(event: Any) -> int:
@@ -333,37 +357,6 @@ def find_orthanc() -> str | None:
     return "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").is_file() else None
 
 
-@contextmanager
-def _running_node(config: NodeConfig) -> Iterator[int]:
-    stop = threading.Event()
-    ready: list[int] = []
-    failed: list[BaseException] = []
-
-    def no_children(_: int) -> Any:
-        raise DicomNodeError("the demo runs one receiving process")
-
-    def run() -> None:
-        try:
-            serve(config, stop, no_children, on_ready=ready.append)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            failed.append(exc)
-
-    thread = threading.Thread(target=run, name="dicom-node-demo-serve", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not ready and not failed and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if failed or not ready:
-        raise DicomNodeError(
-            f"the node did not start: {failed[0] if failed else 'timeout'}"
-        )
-    try:
-        yield ready[0]
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-
-
 def _progress(index: Any) -> tuple[int, int]:
     from sqlalchemy import func, select
 
@@ -422,7 +415,7 @@ def run_demo(work: Path, samples: Path, timeout: float = 240.0) -> int:
             source="demo",
         )
         config = replace(config, log_level="WARNING")
-        with _running_node(config) as port:
+        with running_node(config) as port:
             _say(
                 f"[3/5] node {NODE_AE} listening on 127.0.0.1:{port} (state in {state})"
             )

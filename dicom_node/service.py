@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from typing import Protocol
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
 
 from dicom_node.config import NodeConfig
+from dicom_node.errors import DicomNodeError
 from dicom_node.index import IndexDB
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import Receiver
 from dicom_node.storage import Storage
 from dicom_node.worker import start_workers
 
-__all__ = ["ChildProcess", "open_index", "run_receiver", "run_worker", "serve"]
+__all__ = [
+    "ChildProcess",
+    "open_index",
+    "run_receiver",
+    "run_worker",
+    "running_node",
+    "serve",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -198,3 +208,44 @@ def run_worker(config: NodeConfig, stop: threading.Event) -> None:
         workers.stop()
         index.close()
         logger.info("stopped")
+
+
+@contextmanager
+def running_node(config: NodeConfig) -> Iterator[int]:
+    """Run ``serve`` (one receiving process) in a background thread.
+
+    For the demo, the tests and the benchmarks. Yields the listening port; on
+    exit, stops the node as SIGTERM would and waits for it.
+
+    Raises
+    ------
+    DicomNodeError
+        If the node does not start within a minute.
+    """
+    stop = threading.Event()
+    ready: list[int] = []
+    failed: list[BaseException] = []
+
+    def no_children(_: int) -> Any:
+        raise DicomNodeError("running_node runs one receiving process")
+
+    def run() -> None:
+        try:
+            serve(config, stop, no_children, on_ready=ready.append)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="dicom-node-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not ready and not failed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if failed or not ready:
+        raise DicomNodeError(
+            f"the node did not start: {failed[0] if failed else 'timeout'}"
+        )
+    try:
+        yield ready[0]
+    finally:
+        stop.set()
+        thread.join(timeout=60)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import queue
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -21,10 +20,11 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
 from dicom_node.config import CallerConfig, ModelConfig, NodeConfig
+from dicom_node.demo import receiver_ae
 from dicom_node.index import IndexDB
 from dicom_node.log import quiet_pynetdicom
 from dicom_node.scp import Receiver
-from dicom_node.service import open_index, serve
+from dicom_node.service import open_index, running_node
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -182,21 +182,9 @@ class Destination:
         self._server: Any = None
 
     def start(self) -> None:
-        from pynetdicom import AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+        from pynetdicom import evt
 
-        quiet_pynetdicom()
-        ae = AE(ae_title=self.ae_title)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(
-                str(context.abstract_syntax),
-                [
-                    "1.2.840.10008.1.2.1",
-                    "1.2.840.10008.1.2",
-                    "1.2.840.10008.1.2.4.50",
-                ],
-            )
-        ae.add_supported_context(Verification)
+        ae = receiver_ae(self.ae_title)
 
         def on_store(event: Any) -> int:
             ds = event.dataset
@@ -233,30 +221,8 @@ def destination() -> Iterator[Destination]:
 @pytest.fixture
 def run_serve() -> Iterator[Callable[[NodeConfig], int]]:
     """Run `serve` (receiver, scheduler, workers, outbox) in this process."""
-    stops: list[tuple[threading.Event, threading.Thread]] = []
-
-    def start(config: NodeConfig) -> int:
-        stop = threading.Event()
-        ready: queue.Queue[int] = queue.Queue()
-
-        def no_children(_: int) -> Any:
-            raise AssertionError("one receiving process only")
-
-        thread = threading.Thread(
-            target=serve,
-            args=(config, stop, no_children),
-            kwargs={"on_ready": ready.put},
-        )
-        thread.start()
-        stops.append((stop, thread))
-        return ready.get(timeout=30)
-
-    try:
-        yield start
-    finally:
-        for stop, thread in stops:
-            stop.set()
-            thread.join(timeout=60)
+    with contextlib.ExitStack() as stack:
+        yield lambda config: stack.enter_context(running_node(config))
 
 
 def status(config: NodeConfig) -> dict[str, Any]:
