@@ -196,7 +196,11 @@ def _schedule(steps: int, warmup_fraction: float) -> Callable[[int], float]:
 
 
 def _batches(
-    data: Dataset, batch_size: int, config: TrainConfig, generator: torch.Generator
+    data: Dataset,
+    batch_size: int,
+    config: TrainConfig,
+    generator: torch.Generator,
+    world: int = 1,
 ) -> list[torch.Tensor]:
     n = len(data)
     if config.balance == "sampler":
@@ -207,12 +211,13 @@ def _batches(
         order = torch.multinomial(weights, n, replacement=True, generator=generator)
     else:
         order = torch.randperm(n, generator=generator)
-    return [order[i : i + batch_size] for i in _batch_starts(n, batch_size)]
+    return [order[i : i + batch_size] for i in _batch_starts(n, batch_size, world)]
 
 
-def _batch_starts(n: int, batch_size: int) -> range:
-    # A last batch of one frame is left out: BatchNorm cannot train on it.
-    return range(0, n - 1, batch_size)
+def _batch_starts(n: int, batch_size: int, world: int = 1) -> range:
+    # A last batch that would leave a process a single frame is left out:
+    # BatchNorm cannot train on one frame.
+    return range(0, n + 1 - 2 * world, batch_size)
 
 
 def train_one_epoch(
@@ -262,7 +267,7 @@ def train_one_epoch(
         Mean loss and images per second (of all processes together).
     """
     model.train()
-    batches = _batches(data, config.batch_size, config, generator)
+    batches = _batches(data, config.batch_size, config, generator, world)
     total, seen, started = 0.0, 0, time.perf_counter()
     for i, whole in enumerate(batches):
         part = slice(rank, len(whole), world)
@@ -294,7 +299,6 @@ def train_one_epoch(
         sums = torch.tensor([total, float(seen)], dtype=torch.float64)
         dist.all_reduce(sums)
         total, seen = float(sums[0]), int(sums[1])
-        return total / max(seen, 1), seen / elapsed
     return total / max(seen, 1), seen / elapsed
 
 
@@ -463,6 +467,11 @@ def fit(
         The artifact, the history and the metrics.
     """
     rank, world, device = init_distributed(device)
+    if config.batch_size < 2 * world:
+        raise ValueError(
+            f"batch_size: {config.batch_size} is shared among {world} processes; "
+            f"expected at least {2 * world} (two frames each, for BatchNorm)"
+        )
     if rank != 0:
         log = _silent
     positive = _positive_label(samples, config)
@@ -523,7 +532,7 @@ def fit(
         if config.balance == "weighted"
         else None
     )
-    steps_per_epoch = len(_batch_starts(len(train), config.batch_size))
+    steps_per_epoch = len(_batch_starts(len(train), config.batch_size, world))
 
     def stage_of(epoch: int) -> int:
         return 1 if epoch < config.freeze_epochs else 2
