@@ -42,7 +42,6 @@ from training.cli import main as medtrain  # noqa: E402
 # backbone has nothing to keep), every layer trains.
 RECIPE = """\
 architecture = "resnet18"
-size = 128
 freeze_epochs = 0
 unfreeze_from = "conv1"
 batch_size = 32
@@ -99,6 +98,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="folder for data and model")
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument(
+        "--size", type=int, default=128, help="model input side (the data is 128 px)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
@@ -122,7 +124,8 @@ def main() -> int:
                 )
         config = work / "train.toml"
         config.write_text(
-            RECIPE + f'epochs = {args.epochs}\nprecision = "{args.precision}"\n'
+            RECIPE + f"size = {args.size}\nepochs = {args.epochs}\n"
+            f'precision = "{args.precision}"\n'
         )
         model = work / "model.safetensors"
         started = time.perf_counter()
@@ -148,7 +151,7 @@ def main() -> int:
         with (work / "model-report" / "history.csv").open() as f:
             rates = [float(row["images_s"]) for row in csv.DictReader(f)]
         fit_rate = statistics.median(rates)
-        bare = bare_loop(torch.device(args.device), 32, 128, 15, args.precision)
+        bare = bare_loop(torch.device(args.device), 32, args.size, 15, args.precision)
     target = "met" if fit_s < 15 * 60 else "NOT met"
     print(f"\nfit time        {fit_s / 60:6.1f} min   (target < 15 min: {target})")
     for key, goal in (("auroc", 0.95), ("pointing_game", 0.8)):

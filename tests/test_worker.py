@@ -294,3 +294,17 @@ def test_score_writes_results_and_a_summary(tmp_path: Path, model: Path) -> None
         check=False,
     )
     assert "Error" not in problems.stdout + problems.stderr
+
+
+def test_a_failing_job_is_retried_then_failed_with_the_reason(
+    tmp_path: Path, destination: Destination, run_serve: Callable[[NodeConfig], int]
+) -> None:
+    missing = tmp_path / "not-there.safetensors"
+    config = node_config(tmp_path, missing, destination.port, job_attempts=2)
+    port = run_serve(config)
+    store_datasets(port, ct_study())
+    wait_for(lambda: status(config)["jobs"]["failed"] == 1, 60, "failed job")
+    job = status(config)["failed_jobs"][0]
+    assert job["attempts"] == 2
+    assert job["reason"] == f"after 2 tries: model file {missing} not found"
+    assert destination.received == []
