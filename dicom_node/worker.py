@@ -28,7 +28,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from dicom_node.config import CallerConfig, ModelConfig, ModelMatch, NodeConfig
+from dicom_node.config import ModelConfig, ModelMatch, NodeConfig
 from dicom_node.errors import DicomNodeError
 from dicom_node.export import Peer, send_files
 from dicom_node.index import (
@@ -397,8 +397,6 @@ class JobOutcome:
 
     state: str
     detail: str = ""
-    result_id: int | None = None
-    prediction: StudyPrediction | None = None
 
 
 def process_job(
@@ -429,7 +427,7 @@ def process_job(
     try:
         model = next((m for m in config.models if m.key == job.model), None)
         if model is None:
-            return _finish(index, job, config, "failed", "model no longer configured")
+            return _finish(index, job, "failed", "model no longer configured")
         classifier = models.get(model)
         images = study_images(index, job.study_id, config.storage_dir)
         datasets = [dcmread(i.path) for i in images]
@@ -437,7 +435,7 @@ def process_job(
             images, datasets, model.match, classifier.artifact.accepts
         )
         if not chosen:
-            return _finish(index, job, config, "skipped", reason)
+            return _finish(index, job, "skipped", reason)
         prediction = classifier.predict(chosen, explain_top_k=config.gradcam_top_k)
         previous = _previous(index, job)
         run = previous[0] + 1 if previous else 1
@@ -500,27 +498,20 @@ def _destinations(
         (i.calling_ae_title, i.peer_address) for i in images if i.calling_ae_title
     }
     for caller in config.callers:
-        if caller.results_port is None:
+        port = caller.results_port
+        if port is None:
             continue
         for ae_title, address in sorted(senders, key=str):
             if ae_title != caller.ae_title or address is None:
                 continue
             if caller.host is not None and caller.host != address:
                 continue
-            peers.append(_caller_peer(caller, address))
+            peer = Peer(caller.ae_title, caller.host or address, port)
+            peers.append((f"caller {caller.ae_title}", peer))
     unique: dict[Peer, str] = {}
     for name, peer in peers:
         unique.setdefault(peer, name)
     return [(name, peer) for peer, name in unique.items()]
-
-
-def _caller_peer(caller: CallerConfig, address: str) -> tuple[str, Peer]:
-    port = caller.results_port
-    if port is None:
-        raise ValueError("caller without results_port")
-    return f"caller {caller.ae_title}", Peer(
-        caller.ae_title, caller.host or address, port
-    )
 
 
 def _commit(
@@ -591,12 +582,10 @@ def _commit(
             "job %d: lease lost before it was done; left to its new worker", job.id
         )
         return JobOutcome("lost", "lease lost")
-    return JobOutcome("done", "", result_id, prediction)
+    return JobOutcome("done")
 
 
-def _finish(
-    index: IndexDB, job: ClaimedJob, config: NodeConfig, state: str, detail: str
-) -> JobOutcome:
+def _finish(index: IndexDB, job: ClaimedJob, state: str, detail: str) -> JobOutcome:
     def work(session: Session) -> None:
         session.execute(
             update(Job)
@@ -620,9 +609,7 @@ def _retry_or_fail(
     index: IndexDB, job: ClaimedJob, config: NodeConfig, detail: str
 ) -> JobOutcome:
     if job.attempts >= config.job_attempts:
-        return _finish(
-            index, job, config, "failed", f"after {job.attempts} tries: {detail}"
-        )
+        return _finish(index, job, "failed", f"after {job.attempts} tries: {detail}")
     wait = backoff(job.attempts, config.retry_after, config.retry_max)
 
     def work(session: Session) -> None:
