@@ -484,6 +484,7 @@ def _config_command(args: argparse.Namespace) -> int:
     print(f"scp_processes    {config.scp_processes}")
     print(
         f"workers          {config.workers} on {config.device or 'auto'}, "
+        f"up to {config.batch_studies} studies at once, "
         f"Grad-CAM top {config.gradcam_top_k}"
     )
     print(

@@ -153,6 +153,9 @@ class NodeConfig:
         Where models run: cuda, cpu, or empty for CUDA when present.
     gradcam_top_k
         Images explained with Grad-CAM per study and label.
+    batch_studies
+        Most due studies a worker claims at once; small ones share forward
+        passes.
     results_jpeg
         Store the Grad-CAM Secondary Captures as JPEG baseline.
     job_attempts
@@ -190,6 +193,7 @@ class NodeConfig:
     workers: int = 1
     device: str = ""
     gradcam_top_k: int = 1
+    batch_studies: int = 8
     results_jpeg: bool = False
     job_attempts: int = 3
     delivery_attempts: int = 8
@@ -240,6 +244,7 @@ class NodeConfig:
         for key, low in (
             ("workers", 0),
             ("gradcam_top_k", 0),
+            ("batch_studies", 1),
             ("job_attempts", 1),
             ("delivery_attempts", 1),
         ):
@@ -359,6 +364,7 @@ _NODE_KEYS: dict[str, type] = {
     "workers": int,
     "device": str,
     "gradcam_top_k": int,
+    "batch_studies": int,
     "results_jpeg": bool,
     "job_attempts": int,
     "delivery_attempts": int,

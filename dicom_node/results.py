@@ -338,6 +338,14 @@ def _report(
         if item.ConceptNameCodeSequence[0].CodeValue == "126010"
     )
     root.ContentSequence.insert(position, library)
+    # highdicom's document constructor deep-copies the content tree, parses it
+    # again and searches it for references: about 20 ms a study, more than the
+    # rest of the results together. The tree (built above with highdicom's
+    # templates) references exactly the evidence given, which is what that
+    # search checks; so the document is made around the root with its first
+    # item only, and then given the whole tree.
+    items = root.ContentSequence
+    root.ContentSequence = hd.sr.ContentSequence(items[:1])
     sr = hd.sr.Comprehensive3DSR(
         evidence=[_header(ds) for ds in (*sources, *captures)],
         content=report,
@@ -352,6 +360,8 @@ def _report(
         series_description=f"AI Results: {prediction.model_name}"[:64],
         contributing_equipment=[_equipment(prediction)],
     )
+    root.ContentSequence = items
+    sr.ContentSequence = items
     return _with_source_identity(sr, sources[0])
 
 

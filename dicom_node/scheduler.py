@@ -54,9 +54,9 @@ def schedule_stable_studies(
 
     def work(session: Session) -> list[tuple[str, int]]:
         candidates = session.execute(
-            select(Study.id, Study.study_instance_uid).where(
-                Study.needs_processing.is_(True), Study.last_received_at <= cutoff
-            )
+            select(Study.id, Study.study_instance_uid)
+            .where(Study.needs_processing.is_(True), Study.last_received_at <= cutoff)
+            .order_by(Study.last_received_at, Study.id)  # jobs queued oldest first
         ).all()
         claimed: list[tuple[str, int]] = []
         for study_id, study_uid in candidates:

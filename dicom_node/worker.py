@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -56,9 +57,9 @@ __all__ = [
     "Workers",
     "backoff",
     "claim_delivery",
-    "claim_job",
+    "claim_jobs",
     "eligible_images",
-    "process_job",
+    "process_jobs",
     "recover_local_leases",
     "requeue",
     "results_root",
@@ -68,6 +69,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def results_root(config: NodeConfig) -> Path:
@@ -160,10 +162,10 @@ class ClaimedJob:
     owner: str
 
 
-def claim_job(
-    index: IndexDB, owner: str, lease_seconds: float, max_attempts: int
-) -> ClaimedJob | None:
-    """Claim the oldest due job: pending, or running with an expired lease.
+def claim_jobs(
+    index: IndexDB, owner: str, lease_seconds: float, max_attempts: int, limit: int
+) -> list[ClaimedJob]:
+    """Claim the oldest due jobs: pending, or running with an expired lease.
 
     A job whose worker died more than ``max_attempts`` times is marked failed
     instead of being claimed again.
@@ -173,19 +175,21 @@ def claim_job(
     index
         The index.
     owner
-        Who claims it.
+        Who claims them.
     lease_seconds
         How long the claim holds.
     max_attempts
         Tries a job gets.
+    limit
+        Most jobs to claim.
 
     Returns
     -------
-    ClaimedJob or None
-        The job, or None when nothing is due.
+    list of ClaimedJob
+        Oldest first; empty when nothing is due.
     """
 
-    def work(session: Session) -> ClaimedJob | None:
+    def work(session: Session) -> list[ClaimedJob]:
         now = utc_now()
         due = or_(
             and_(
@@ -198,10 +202,13 @@ def claim_job(
             select(Job.id, Job.state, Job.attempts, Job.study_id, Job.model)
             .where(due)
             .order_by(Job.id)
-            .limit(8)
+            .limit(limit + 8)
             .with_for_update(skip_locked=True)
         ).all()
+        claimed_jobs: list[ClaimedJob] = []
         for job_id, state, attempts, study_id, model in rows:
+            if len(claimed_jobs) == limit:
+                break
             if state == "running" and attempts >= max_attempts:
                 session.execute(
                     update(Job)
@@ -231,10 +238,10 @@ def claim_job(
             study_uid = session.scalar(
                 select(Study.study_instance_uid).where(Study.id == study_id)
             )
-            return ClaimedJob(
-                job_id, study_id, str(study_uid), model, attempts + 1, owner
+            claimed_jobs.append(
+                ClaimedJob(job_id, study_id, str(study_uid), model, attempts + 1, owner)
             )
-        return None
+        return claimed_jobs
 
     return index.run(work)
 
@@ -399,18 +406,33 @@ class JobOutcome:
     detail: str = ""
 
 
-def process_job(
-    job: ClaimedJob,
+@dataclass(frozen=True, slots=True)
+class _Scoring:
+    """A claimed job whose study is read and has images for its model."""
+
+    job: ClaimedJob
+    classifier: Classifier
+    images: list[StudyImage]
+    chosen: list[Dataset]
+
+
+def process_jobs(
+    jobs: Sequence[ClaimedJob],
     config: NodeConfig,
     index: IndexDB,
     models: ModelCache,
-) -> JobOutcome:
-    """Score a claimed study with its model, write results, queue deliveries.
+) -> list[JobOutcome]:
+    """Score claimed studies with their models, write results, queue deliveries.
+
+    Small studies of one model share forward passes (a burst of one-image
+    studies is scored a batch at a time); a study with a batch of images or
+    more is scored alone, so memory stays bounded. A job that fails does not
+    fail the others: it is retried with backoff, then marked failed.
 
     Parameters
     ----------
-    job
-        The claimed job.
+    jobs
+        The claimed jobs.
     config
         The node configuration.
     index
@@ -420,47 +442,133 @@ def process_job(
 
     Returns
     -------
-    JobOutcome
-        What was done; the job row is updated to match.
+    list of JobOutcome
+        One per job, in order; each job row is updated to match.
     """
-    started = time.perf_counter()
+    outcomes: dict[int, JobOutcome] = {}
+    waiting: list[_Scoring] = []  # read, not scored yet: one model, < a batch
+
+    def score_waiting() -> None:
+        for scoring, outcome in _score_together(waiting, config, index):
+            outcomes[scoring.job.id] = outcome
+        waiting.clear()
+
+    for job in jobs:
+        prepared = _guard(job, config, index, _prepare, job, config, index, models)
+        if isinstance(prepared, JobOutcome):
+            outcomes[job.id] = prepared
+            continue
+        if waiting and waiting[0].classifier is not prepared.classifier:
+            score_waiting()
+        waiting.append(prepared)
+        if sum(len(w.chosen) for w in waiting) >= prepared.classifier.batch_size:
+            score_waiting()
+    score_waiting()
+    return [outcomes[job.id] for job in jobs]
+
+
+def _guard(
+    job: ClaimedJob,
+    config: NodeConfig,
+    index: IndexDB,
+    step: Callable[..., _T],
+    *args: object,
+) -> _T | JobOutcome:
+    """Run a step of a job; any error retries the job later, then fails it."""
     try:
-        model = next((m for m in config.models if m.key == job.model), None)
-        if model is None:
-            return _finish(index, job, "failed", "model no longer configured")
-        classifier = models.get(model)
-        images = study_images(index, job.study_id, config.storage_dir)
-        datasets = [dcmread(i.path) for i in images]
-        chosen, reason = eligible_images(
-            images, datasets, model.match, classifier.artifact.accepts
-        )
-        if not chosen:
-            return _finish(index, job, "skipped", reason)
-        prediction = classifier.predict(chosen, explain_top_k=config.gradcam_top_k)
-        previous = _previous(index, job)
-        run = previous[0] + 1 if previous else 1
-        previous_sr = (
-            dcmread(results_root(config) / previous[1] / "sr.dcm") if previous else None
-        )
-        result = build_results(
-            chosen,
-            prediction,
-            run,
-            station=config.ae_title,
-            previous_sr=previous_sr,
-            jpeg=config.results_jpeg,
-        )
-        folder = f"{job.study_uid}/{classifier.artifact.device_uid}-run{run}"
-        write_result_files(results_root(config) / folder, result, png=False)
-        peers = _destinations(config, images)
-        outcome = _commit(index, job, result, prediction, folder, peers)
-    except (DicomNodeError, InferenceError, OSError, ValueError) as exc:
-        detail = str(exc) if isinstance(exc, DicomNodeError | InferenceError) else ""
-        return _retry_or_fail(index, job, config, detail or describe_exception(exc))
-    except SQLAlchemyError as exc:
-        return _retry_or_fail(index, job, config, describe_exception(exc))
+        return step(*args)
     except Exception as exc:  # noqa: BLE001 - e.g. a stored file pydicom cannot read
-        return _retry_or_fail(index, job, config, describe_exception(exc))
+        detail = (
+            str(exc)
+            if isinstance(exc, DicomNodeError | InferenceError)
+            else describe_exception(exc)
+        )
+        return _retry_or_fail(index, job, config, detail)
+
+
+def _prepare(
+    job: ClaimedJob, config: NodeConfig, index: IndexDB, models: ModelCache
+) -> _Scoring | JobOutcome:
+    model = next((m for m in config.models if m.key == job.model), None)
+    if model is None:
+        return _finish(index, job, "failed", "model no longer configured")
+    classifier = models.get(model)
+    images = study_images(index, job.study_id, config.storage_dir)
+    datasets = [dcmread(i.path) for i in images]
+    chosen, reason = eligible_images(
+        images, datasets, model.match, classifier.artifact.accepts
+    )
+    if not chosen:
+        return _finish(index, job, "skipped", reason)
+    return _Scoring(job, classifier, images, chosen)
+
+
+def _score_together(
+    group: Sequence[_Scoring], config: NodeConfig, index: IndexDB
+) -> list[tuple[_Scoring, JobOutcome]]:
+    """Score studies of one model in shared batches, then finish each."""
+    if not group:
+        return []
+    started = time.perf_counter()
+    predictions: Sequence[StudyPrediction | None] = [None] * len(group)
+    if len(group) > 1:
+        try:
+            predictions = group[0].classifier.predict_many(
+                [s.chosen for s in group], explain_top_k=config.gradcam_top_k
+            )
+        except Exception:  # noqa: BLE001 - found again below, study by study
+            logger.info(
+                "a batch of %d studies failed; scoring them one by one", len(group)
+            )
+    return [
+        (
+            scoring,
+            _guard(
+                scoring.job,
+                config,
+                index,
+                _complete,
+                scoring,
+                prediction,
+                config,
+                index,
+                started,
+            ),
+        )
+        for scoring, prediction in zip(group, predictions, strict=True)
+    ]
+
+
+def _complete(
+    scoring: _Scoring,
+    prediction: StudyPrediction | None,
+    config: NodeConfig,
+    index: IndexDB,
+    started: float,
+) -> JobOutcome:
+    """Score the study unless done already, write its results, queue deliveries."""
+    job, classifier = scoring.job, scoring.classifier
+    if prediction is None:
+        prediction = classifier.predict(
+            scoring.chosen, explain_top_k=config.gradcam_top_k
+        )
+    previous = _previous(index, job)
+    run = previous[0] + 1 if previous else 1
+    previous_sr = (
+        dcmread(results_root(config) / previous[1] / "sr.dcm") if previous else None
+    )
+    result = build_results(
+        scoring.chosen,
+        prediction,
+        run,
+        station=config.ae_title,
+        previous_sr=previous_sr,
+        jpeg=config.results_jpeg,
+    )
+    folder = f"{job.study_uid}/{classifier.artifact.device_uid}-run{run}"
+    write_result_files(results_root(config) / folder, result, png=False)
+    peers = _destinations(config, scoring.images)
+    outcome = _commit(index, job, result, prediction, folder, peers)
     logger.info(
         "study %s scored by %s in %.2f s: %s; %d delivery(ies) queued",
         uid_ref(job.study_uid),
@@ -863,14 +971,20 @@ class Worker(_Loop):
         self.on_delivery_queued: Callable[[], None] | None = None
 
     def step(self) -> bool:
-        """Claim one due job and process it."""
-        job = claim_job(
-            self.index, self.owner, self.config.lease_seconds, self.config.job_attempts
+        """Claim due jobs (up to ``batch_studies``) and process them."""
+        jobs = claim_jobs(
+            self.index,
+            self.owner,
+            self.config.lease_seconds,
+            self.config.job_attempts,
+            self.config.batch_studies,
         )
-        if job is None:
+        if not jobs:
             return False
-        outcome = process_job(job, self.config, self.index, self.models)
-        if outcome.state == "done" and self.on_delivery_queued is not None:
+        outcomes = process_jobs(jobs, self.config, self.index, self.models)
+        if self.on_delivery_queued is not None and any(
+            o.state == "done" for o in outcomes
+        ):
             self.on_delivery_queued()
         return True
 

@@ -168,22 +168,30 @@ class Classifier:
             logits = head(self.model, features)
         return torch.sigmoid(logits.float()).cpu(), features
 
-    def _batches(self, datasets: Sequence[Dataset]) -> Iterator[Frames]:
+    def _batches(
+        self, datasets: Sequence[Dataset], owners: Sequence[int]
+    ) -> Iterator[tuple[Frames, list[int]]]:
         # Preprocess ahead in a thread (decoding and resizing release the GIL)
-        # while the model runs on the previous batch.
+        # while the model runs on the previous batch. Each frame carries the
+        # owner (study) of its data set.
         spec = self.artifact.preprocessing
         with ThreadPoolExecutor(self.preprocess_workers) as pool:
             pending: list[Frames] = []
+            pending_owners: list[int] = []
             count = 0
-            for frames in pool.map(lambda ds: preprocess(ds, spec), datasets):
+            for frames, owner in zip(
+                pool.map(lambda ds: preprocess(ds, spec), datasets), owners, strict=True
+            ):
                 pending.append(frames)
+                pending_owners.extend([owner] * len(frames))
                 count += len(frames)
                 while count >= self.batch_size:
                     batch, pending, count = _take(pending, self.batch_size)
-                    yield batch
+                    yield batch, pending_owners[: self.batch_size]
+                    pending_owners = pending_owners[self.batch_size :]
             if count:
                 batch, _, _ = _take(pending, count)
-                yield batch
+                yield batch, pending_owners
 
     def predict(
         self, datasets: Sequence[Dataset], explain_top_k: int = 0
@@ -210,42 +218,90 @@ class Classifier:
         ValueError
             If ``datasets`` is empty.
         """
-        if not datasets:
+        return self.predict_many([datasets], explain_top_k)[0]
+
+    def predict_many(
+        self, studies: Sequence[Sequence[Dataset]], explain_top_k: int = 0
+    ) -> list[StudyPrediction]:
+        """Score several studies in shared batches: :meth:`predict` for each.
+
+        Frames of different studies share forward passes (a burst of one-image
+        studies is scored ``batch_size`` at a time); every study gets the result
+        it would get alone.
+
+        Parameters
+        ----------
+        studies
+            Each study's instances.
+        explain_top_k
+            How many of the highest-scoring frames per label and study get a
+            heatmap.
+
+        Returns
+        -------
+        list of StudyPrediction
+            One per study, in order.
+
+        Raises
+        ------
+        inference.PreprocessError
+            If a data set cannot be preprocessed (no study gets a result then).
+        ValueError
+            If a study has no instances.
+        """
+        if any(not datasets for datasets in studies):
             raise ValueError("datasets: a study needs at least one instance")
         n_labels = len(self.artifact.labels)
-        probabilities: list[torch.Tensor] = []
-        sources: list[FrameSource] = []
-        # Per label: the best frames so far and their layer4 activations, so
-        # Grad-CAM needs no second pass through the trunk.
-        kept: list[list[tuple[float, int, torch.Tensor]]] = [
-            [] for _ in range(n_labels)
+        probabilities: list[list[torch.Tensor]] = [[] for _ in studies]
+        sources: list[list[FrameSource]] = [[] for _ in studies]
+        # Per study and label: the best frames so far and their layer4
+        # activations, so Grad-CAM needs no second pass through the trunk.
+        kept: list[list[list[tuple[float, int, torch.Tensor]]]] = [
+            [[] for _ in range(n_labels)] for _ in studies
         ]
-        for batch in self._batches(datasets):
+        datasets = [ds for study in studies for ds in study]
+        owners = [i for i, study in enumerate(studies) for _ in study]
+        for batch, batch_owners in self._batches(datasets, owners):
             probs, features = self.forward(batch.pixels)
-            offset = len(sources)
-            probabilities.append(probs)
-            sources.extend(batch.sources)
-            if explain_top_k:
+            for study in dict.fromkeys(batch_owners):
+                rows = [i for i, owner in enumerate(batch_owners) if owner == study]
+                offset = len(sources[study])
+                probabilities[study].append(probs[rows])
+                sources[study].extend(batch.sources[i] for i in rows)
+                if not explain_top_k:
+                    continue
                 for label in range(n_labels):
-                    candidates = kept[label] + [
-                        (float(probs[i, label]), offset + i, features[i])
-                        for i in torch.topk(
-                            probs[:, label], min(explain_top_k, len(probs))
+                    scores = probs[rows, label]
+                    candidates = kept[study][label] + [
+                        (float(scores[t]), offset + t, features[rows[t]])
+                        for t in torch.topk(
+                            scores, min(explain_top_k, len(rows))
                         ).indices.tolist()
                     ]
                     candidates.sort(key=lambda c: (-c[0], c[1]))
-                    kept[label] = [
+                    kept[study][label] = [
                         (p, i, f.clone()) for p, i, f in candidates[:explain_top_k]
                     ]
-        frame_probs = torch.cat(probabilities).numpy().astype(np.float32)
+        return [
+            self._study_prediction(torch.cat(probabilities[s]), sources[s], kept[s])
+            for s in range(len(studies))
+        ]
+
+    def _study_prediction(
+        self,
+        probabilities: torch.Tensor,
+        sources: list[FrameSource],
+        kept: list[list[tuple[float, int, torch.Tensor]]],
+    ) -> StudyPrediction:
+        frame_probs = probabilities.numpy().astype(np.float32)
         labels = tuple(
             self._label_prediction(label, frame_probs[:, i])
             for i, label in enumerate(self.artifact.labels)
         )
         explanations = tuple(
             self._explain(label, frame, feats, p, sources[frame])
-            for label in range(n_labels)
-            for p, frame, feats in kept[label]
+            for label, best in enumerate(kept)
+            for p, frame, feats in best
         )
         return StudyPrediction(
             model_name=self.artifact.name,

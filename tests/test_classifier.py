@@ -49,6 +49,36 @@ def test_batching_gives_the_same_probabilities_as_one_by_one() -> None:
     ]
 
 
+def test_studies_scored_together_get_what_each_gets_alone() -> None:
+    # Frames of several studies share forward passes (batches of 4 cut across
+    # the studies); each study must still get its own result.
+    whole = study()
+    studies = [whole[:2], [whole[2]], whole[3:6], [whole[6]]]
+    classifier = Classifier(artifact(), device="cpu", batch_size=4)
+
+    together = classifier.predict_many(studies, explain_top_k=2)
+
+    assert len(together) == len(studies)
+    for datasets, shared in zip(studies, together, strict=True):
+        alone = classifier.predict(datasets, explain_top_k=2)
+        assert [f.sop_instance_uid for f in shared.frames] == [
+            f.sop_instance_uid for f in alone.frames
+        ]
+        np.testing.assert_allclose(
+            shared.frame_probabilities, alone.frame_probabilities, atol=1e-5
+        )
+        assert [(p.positive, p.top_frame) for p in shared.labels] == [
+            (p.positive, p.top_frame) for p in alone.labels
+        ]
+        assert [(e.label_index, e.frame) for e in shared.explanations] == [
+            (e.label_index, e.frame) for e in alone.explanations
+        ]
+        for a, b in zip(shared.explanations, alone.explanations, strict=True):
+            np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-4)
+    with pytest.raises(ValueError, match="at least one instance"):
+        classifier.predict_many([whole[:1], []])
+
+
 @pytest.mark.parametrize(("rule", "k"), [("max", 1), ("mean", 1), ("topk_mean", 3)])
 def test_study_probability_follows_the_aggregation_rule(rule: str, k: int) -> None:
     prediction = Classifier(artifact(aggregation=rule, top_k=k), device="cpu").predict(

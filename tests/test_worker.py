@@ -18,6 +18,7 @@ from dicom_node.config import (
     ModelMatch,
     NodeConfig,
 )
+from inference import Classifier, ModelArtifact
 from tests.conftest import (
     Destination,
     dicom_node_cmd,
@@ -308,3 +309,71 @@ def test_a_failing_job_is_retried_then_failed_with_the_reason(
     assert job["attempts"] == 2
     assert job["reason"] == f"after 2 tries: model file {missing} not found"
     assert destination.received == []
+
+
+def test_a_burst_of_studies_is_scored_together_and_a_bad_one_fails_alone(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    # Ten one-image studies wait for a worker, which claims eight at once
+    # (batch_studies) and scores them in one forward pass, then the last two.
+    # The last has truncated pixel data: it fails with its reason, the nine
+    # others are delivered, each with the probability it gets when scored alone.
+    config = node_config(tmp_path, model, destination.port, workers=0)
+    port = run_serve(config)  # receives and schedules; no worker threads
+    studies = [make_ct(rows=64, columns=64, seed=40 + i) for i in range(10)]
+    bad = studies[9]
+    bad.PixelData = bad.PixelData[:100]
+    assert store_datasets(port, studies) == [0] * 10
+    wait_for(lambda: status(config)["jobs"]["pending"] == 10, 30, "10 queued jobs")
+    toml = _write_toml(tmp_path, config)
+    toml.write_text(toml.read_text().replace("[node]", "[node]\njob_attempts = 1"))
+    log = tmp_path / "worker.log"
+    with log.open("w") as stderr:
+        worker = subprocess.Popen(
+            dicom_node_cmd("worker", "--config", str(toml)),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            wait_for(lambda: status(config)["jobs"]["failed"] == 1, 60, "bad job")
+            wait_for(
+                lambda: status(config)["deliveries"]["done"] == 9, 60, "9 deliveries"
+            )
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+    failed = status(config)["failed_jobs"][0]
+    assert failed["reason"] == "after 1 tries: cannot decode Pixel Data (ValueError)"
+    text = log.read_text()
+    assert text.count("a batch of") == 1
+    assert "a batch of 2 studies failed; scoring them one by one" in text
+    classifier = Classifier(ModelArtifact.load(model), device="cpu")
+    srs = {
+        str(ds.StudyInstanceUID): ds
+        for ds in destination.received
+        if ds.Modality == "SR"
+    }
+    assert set(srs) == {str(s.StudyInstanceUID) for s in studies if s is not bad}
+    for source in studies:
+        if source is bad:
+            continue
+        alone = classifier.predict([source]).labels
+        measured = [
+            float(item.MeasuredValueSequence[0].NumericValue)
+            for item in _content_items(srs[str(source.StudyInstanceUID)])
+            if item.ValueType == "NUM"
+        ]
+        assert measured == pytest.approx(
+            [round(100 * p.probability, 2) for p in alone], abs=0.011
+        )
+
+
+def _content_items(ds: Any) -> list[Any]:
+    found = []
+    for item in ds.get("ContentSequence", []):
+        found.append(item)
+        found.extend(_content_items(item))
+    return found
