@@ -103,6 +103,7 @@ class Destination:
     def __init__(self, folder: Path) -> None:
         self.port = free_port()
         self.folder = folder
+        self._study: dict[str, str] = {}  # SR file name -> study UID
         folder.mkdir()
         self.process = subprocess.Popen(
             [
@@ -123,8 +124,10 @@ class Destination:
         """Study UID -> when its SR was written, for every SR received."""
         found = {}
         for path in self.folder.glob("SR*"):
-            ds = dcmread(path, stop_before_pixels=True)
-            found[str(ds.StudyInstanceUID)] = datetime.fromtimestamp(
+            if path.name not in self._study:  # read each file once
+                ds = dcmread(path, stop_before_pixels=True)
+                self._study[path.name] = str(ds.StudyInstanceUID)
+            found[self._study[path.name]] = datetime.fromtimestamp(
                 path.stat().st_mtime, UTC
             )
         return found

@@ -56,20 +56,22 @@ __all__ = [
     "Worker",
     "Workers",
     "backoff",
-    "claim_delivery",
+    "claim_deliveries",
     "claim_jobs",
     "eligible_images",
     "process_jobs",
     "recover_local_leases",
     "requeue",
     "results_root",
-    "run_delivery",
+    "run_deliveries",
     "start_workers",
     "study_images",
 ]
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
+# Result sets sent to one peer over one association (an SR and its captures each).
+_DELIVERIES_AT_ONCE = 16
 
 
 def results_root(config: NodeConfig) -> Path:
@@ -759,42 +761,56 @@ class ClaimedDelivery:
     owner: str
 
 
-def claim_delivery(
-    index: IndexDB, owner: str, lease_seconds: float
-) -> ClaimedDelivery | None:
-    """Claim the oldest due delivery: pending and due, or sending with an expired lease.
+def claim_deliveries(
+    index: IndexDB, owner: str, lease_seconds: float, limit: int
+) -> list[ClaimedDelivery]:
+    """Claim the oldest due delivery and up to ``limit - 1`` more to its peer.
+
+    Due: pending and due, or sending with an expired lease. Deliveries to one
+    peer are claimed together so they share one association.
 
     Parameters
     ----------
     index
         The index.
     owner
-        Who claims it.
+        Who claims them.
     lease_seconds
         How long the claim holds.
+    limit
+        Most deliveries to claim.
 
     Returns
     -------
-    ClaimedDelivery or None
-        The delivery, or None when nothing is due.
+    list of ClaimedDelivery
+        Oldest first, all to one peer; empty when nothing is due.
     """
 
-    def work(session: Session) -> ClaimedDelivery | None:
+    def work(session: Session) -> list[ClaimedDelivery]:
         now = utc_now()
+        due = or_(
+            and_(Delivery.state == "pending", Delivery.next_attempt_at <= now),
+            and_(Delivery.state == "sending", Delivery.lease_expires_at < now),
+        )
         rows = session.execute(
-            select(Delivery.id, Delivery.state, Delivery.attempts)
-            .where(
-                or_(
-                    and_(Delivery.state == "pending", Delivery.next_attempt_at <= now),
-                    and_(Delivery.state == "sending", Delivery.lease_expires_at < now),
-                )
-            )
+            select(Delivery, ResultRecord.folder)
+            .join(ResultRecord, Delivery.result_id == ResultRecord.id)
+            .where(due)
             .order_by(Delivery.next_attempt_at, Delivery.id)
-            .limit(8)
+            .limit(limit + 8)
             .with_for_update(skip_locked=True)
         ).all()
-        for delivery_id, state, attempts in rows:
-            claimed = session.execute(
+        claimed: list[ClaimedDelivery] = []
+        for delivery, folder in rows:
+            delivery_id, state, attempts = (
+                delivery.id,
+                delivery.state,
+                delivery.attempts,
+            )
+            peer = Peer(delivery.ae_title, delivery.host, delivery.port)
+            if len(claimed) == limit or (claimed and peer != claimed[0].peer):
+                continue
+            done = session.execute(
                 update(Delivery)
                 .where(
                     Delivery.id == delivery_id,
@@ -808,35 +824,34 @@ def claim_delivery(
                     lease_expires_at=now + timedelta(seconds=lease_seconds),
                     updated_at=now,
                 )
+                .execution_options(synchronize_session=False)
             )
-            if getattr(claimed, "rowcount", 0) != 1:
+            if getattr(done, "rowcount", 0) != 1:
                 continue
-            row = session.execute(
-                select(Delivery, ResultRecord.folder)
-                .join(ResultRecord, Delivery.result_id == ResultRecord.id)
-                .where(Delivery.id == delivery_id)
-            ).one()
-            d = row[0]
-            return ClaimedDelivery(
-                d.id,
-                str(row[1]),
-                d.destination,
-                Peer(d.ae_title, d.host, d.port),
-                attempts + 1,
-                owner,
+            claimed.append(
+                ClaimedDelivery(
+                    delivery_id,
+                    str(folder),
+                    delivery.destination,
+                    peer,
+                    attempts + 1,
+                    owner,
+                )
             )
-        return None
+        return claimed
 
     return index.run(work)
 
 
-def run_delivery(delivery: ClaimedDelivery, config: NodeConfig, index: IndexDB) -> str:
-    """Send a result set to its destination and record the outcome.
+def run_deliveries(
+    deliveries: Sequence[ClaimedDelivery], config: NodeConfig, index: IndexDB
+) -> list[str]:
+    """Send result sets to their (one) peer over one association; record each outcome.
 
     Parameters
     ----------
-    delivery
-        The claimed delivery.
+    deliveries
+        Claimed deliveries, all to one peer.
     config
         The node configuration (AE title, attempts, backoff).
     index
@@ -844,63 +859,86 @@ def run_delivery(delivery: ClaimedDelivery, config: NodeConfig, index: IndexDB) 
 
     Returns
     -------
-    str
-        The delivery's new state: done, pending (to be retried) or dead.
+    list of str
+        Each delivery's new state: done, pending (to be retried) or dead.
     """
-    folder = results_root(config) / delivery.folder
-    files = [*sorted(folder.glob("sc-*.dcm")), folder / "sr.dcm"]
-    error = ""
-    if not all(f.is_file() for f in files):
-        error = "result files missing"
-    else:
-        report = send_files(files, delivery.peer, calling_ae_title=config.ae_title)
-        failed = report.failed
-        if failed:
-            error = f"{len(failed)} of {len(files)} not accepted: {failed[0].error}"
+    errors: dict[int, str] = {}
+    owner_of: dict[Path, int] = {}
+    for delivery in deliveries:
+        folder = results_root(config) / delivery.folder
+        files = [*sorted(folder.glob("sc-*.dcm")), folder / "sr.dcm"]
+        if all(f.is_file() for f in files):
+            owner_of.update(dict.fromkeys(files, delivery.id))
+        else:
+            errors[delivery.id] = "result files missing"
+    if owner_of:
+        report = send_files(
+            list(owner_of), deliveries[0].peer, calling_ae_title=config.ae_title
+        )
+        sent: dict[int, list[bool]] = {}
+        for outcome in report.outcomes:
+            delivery_id = owner_of[outcome.path]
+            sent.setdefault(delivery_id, []).append(outcome.ok)
+            if not outcome.ok and delivery_id not in errors:
+                errors[delivery_id] = outcome.error or "not accepted"
+        for delivery_id, oks in sent.items():
+            if not all(oks):
+                errors[delivery_id] = (
+                    f"{oks.count(False)} of {len(oks)} not accepted: "
+                    f"{errors[delivery_id]}"
+                )
     now = utc_now()
-    values: dict[str, object]
-    if not error:
-        state, values = "done", {"delivered_at": now, "last_error": None}
-    elif delivery.attempts >= config.delivery_attempts:
-        state, values = "dead", {"last_error": error[:2000]}
-    else:
-        wait = backoff(delivery.attempts, config.retry_after, config.retry_max)
-        state = "pending"
-        values = {
-            "last_error": error[:2000],
-            "next_attempt_at": now + timedelta(seconds=wait),
-        }
+    changes: list[tuple[ClaimedDelivery, str, dict[str, object]]] = []
+    for delivery in deliveries:
+        error = errors.get(delivery.id, "")
+        values: dict[str, object]
+        if not error:
+            state, values = "done", {"delivered_at": now, "last_error": None}
+        elif delivery.attempts >= config.delivery_attempts:
+            state, values = "dead", {"last_error": error[:2000]}
+        else:
+            wait = backoff(delivery.attempts, config.retry_after, config.retry_max)
+            state = "pending"
+            values = {
+                "last_error": error[:2000],
+                "next_attempt_at": now + timedelta(seconds=wait),
+            }
+        changes.append((delivery, state, values))
 
     def work(session: Session) -> None:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id == delivery.id, Delivery.lease_owner == delivery.owner)
-            .values(
-                state=state,
-                updated_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-                **values,
+        for delivery, state, values in changes:
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id == delivery.id, Delivery.lease_owner == delivery.owner
+                )
+                .values(
+                    state=state,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    **values,
+                )
             )
-        )
 
     index.run(work)
-    if state == "done":
-        logger.info(
-            "delivered result set %s to %s",
-            delivery.folder.split("/")[-1],
-            delivery.destination,
-        )
-    else:
-        logger.warning(
-            "delivery %d to %s, try %d: %s (now %s)",
-            delivery.id,
-            delivery.destination,
-            delivery.attempts,
-            error,
-            state,
-        )
-    return state
+    for delivery, state, _ in changes:
+        if state == "done":
+            logger.info(
+                "delivered result set %s to %s",
+                delivery.folder.split("/")[-1],
+                delivery.destination,
+            )
+        else:
+            logger.warning(
+                "delivery %d to %s, try %d: %s (now %s)",
+                delivery.id,
+                delivery.destination,
+                delivery.attempts,
+                errors[delivery.id],
+                state,
+            )
+    return [state for _, state, _ in changes]
 
 
 class _Loop:
@@ -1008,11 +1046,13 @@ class Outbox(_Loop):
         self.owner = _owner(name)
 
     def step(self) -> bool:
-        """Claim one due delivery and send it."""
-        delivery = claim_delivery(self.index, self.owner, self.config.lease_seconds)
-        if delivery is None:
+        """Claim due deliveries to one peer and send them over one association."""
+        deliveries = claim_deliveries(
+            self.index, self.owner, self.config.lease_seconds, _DELIVERIES_AT_ONCE
+        )
+        if not deliveries:
             return False
-        run_delivery(delivery, self.config, self.index)
+        run_deliveries(deliveries, self.config, self.index)
         return True
 
 

@@ -179,6 +179,7 @@ class Destination:
         self.port = port
         self.ae_title = ae_title
         self.received: list[Dataset] = []
+        self.associations: set[int] = set()  # those that stored something
         self._server: Any = None
 
     def start(self) -> None:
@@ -190,6 +191,7 @@ class Destination:
             ds = event.dataset
             ds.file_meta = event.file_meta
             self.received.append(ds)
+            self.associations.add(id(event.assoc))
             return 0x0000
 
         self._server = ae.start_server(

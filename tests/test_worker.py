@@ -209,6 +209,8 @@ def _write_toml(tmp_path: Path, config: NodeConfig) -> Path:
         f"retry_after = {config.retry_after}",
         f"retry_max = {config.retry_max}",
         f"lease_seconds = {config.lease_seconds}",
+        f"job_attempts = {config.job_attempts}",
+        f"delivery_attempts = {config.delivery_attempts}",
     ]
     for d in config.destinations:
         lines += [
@@ -312,16 +314,18 @@ def test_a_failing_job_is_retried_then_failed_with_the_reason(
 
 
 def test_a_burst_of_studies_is_scored_together_and_a_bad_one_fails_alone(
-    tmp_path: Path,
-    model: Path,
-    destination: Destination,
-    run_serve: Callable[[NodeConfig], int],
+    tmp_path: Path, model: Path, run_serve: Callable[[NodeConfig], int]
 ) -> None:
     # Ten one-image studies wait for a worker, which claims eight at once
     # (batch_studies) and scores them in one forward pass, then the last two.
     # The last has truncated pixel data: it fails with its reason, the nine
-    # others are delivered, each with the probability it gets when scored alone.
-    config = node_config(tmp_path, model, destination.port, workers=0)
+    # others get results, each with the probability it gets when scored alone.
+    # The PACS is down, so the nine deliveries are dead-lettered; revived
+    # together, they reach the PACS over one association.
+    dest = Destination(free_port())  # not started: the PACS is down
+    config = node_config(
+        tmp_path, model, dest.port, workers=0, job_attempts=1, delivery_attempts=1
+    )
     port = run_serve(config)  # receives and schedules; no worker threads
     studies = [make_ct(rows=64, columns=64, seed=40 + i) for i in range(10)]
     bad = studies[9]
@@ -329,7 +333,6 @@ def test_a_burst_of_studies_is_scored_together_and_a_bad_one_fails_alone(
     assert store_datasets(port, studies) == [0] * 10
     wait_for(lambda: status(config)["jobs"]["pending"] == 10, 30, "10 queued jobs")
     toml = _write_toml(tmp_path, config)
-    toml.write_text(toml.read_text().replace("[node]", "[node]\njob_attempts = 1"))
     log = tmp_path / "worker.log"
     with log.open("w") as stderr:
         worker = subprocess.Popen(
@@ -339,23 +342,24 @@ def test_a_burst_of_studies_is_scored_together_and_a_bad_one_fails_alone(
         )
         try:
             wait_for(lambda: status(config)["jobs"]["failed"] == 1, 60, "bad job")
-            wait_for(
-                lambda: status(config)["deliveries"]["done"] == 9, 60, "9 deliveries"
-            )
+            wait_for(lambda: status(config)["deliveries"]["dead"] == 9, 60, "9 dead")
+            dest.start()
+            revived = run_cli("retry", "--dead", "--config", str(toml))
+            assert "9 dead delivery(ies) queued again" in revived.stdout
+            wait_for(lambda: status(config)["deliveries"]["done"] == 9, 60, "sent")
         finally:
             worker.terminate()
             worker.wait(timeout=30)
+            dest.stop()
     failed = status(config)["failed_jobs"][0]
     assert failed["reason"] == "after 1 tries: cannot decode Pixel Data (ValueError)"
     text = log.read_text()
     assert text.count("a batch of") == 1
     assert "a batch of 2 studies failed; scoring them one by one" in text
+    assert len(dest.associations) == 1
+    assert len(dest.received) == 27  # per study an SR and a capture per label
     classifier = Classifier(ModelArtifact.load(model), device="cpu")
-    srs = {
-        str(ds.StudyInstanceUID): ds
-        for ds in destination.received
-        if ds.Modality == "SR"
-    }
+    srs = {str(ds.StudyInstanceUID): ds for ds in dest.received if ds.Modality == "SR"}
     assert set(srs) == {str(s.StudyInstanceUID) for s in studies if s is not bad}
     for source in studies:
         if source is bad:
