@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import random
 import socket
 import threading
@@ -52,12 +53,14 @@ __all__ = [
     "JobOutcome",
     "ModelCache",
     "Outbox",
+    "Scored",
     "StudyImage",
     "Worker",
     "Workers",
     "backoff",
     "claim_deliveries",
     "claim_jobs",
+    "complete_jobs",
     "eligible_images",
     "process_jobs",
     "recover_local_leases",
@@ -418,13 +421,18 @@ class _Scoring:
     chosen: list[Dataset]
 
 
+# Scored studies and their predictions, on their way to results.
+Scored = list[tuple["_Scoring", StudyPrediction]]
+
+
 def process_jobs(
     jobs: Sequence[ClaimedJob],
     config: NodeConfig,
     index: IndexDB,
     models: ModelCache,
-) -> list[JobOutcome]:
-    """Score claimed studies with their models, write results, queue deliveries.
+    finish: Callable[[Scored, float], None],
+) -> None:
+    """Score claimed studies with their models; hand each scored group on.
 
     Small studies of one model share forward passes (a burst of one-image
     studies is scored a batch at a time); a study with a batch of images or
@@ -441,24 +449,21 @@ def process_jobs(
         The index.
     models
         Loaded models.
-
-    Returns
-    -------
-    list of JobOutcome
-        One per job, in order; each job row is updated to match.
+    finish
+        Called with each scored group and when its scoring started: writes the
+        results and queues the deliveries (:func:`complete_jobs`).
     """
-    outcomes: dict[int, JobOutcome] = {}
     waiting: list[_Scoring] = []  # read, not scored yet: one model, < a batch
 
     def score_waiting() -> None:
-        for scoring, outcome in _score_together(waiting, config, index):
-            outcomes[scoring.job.id] = outcome
-        waiting.clear()
+        if waiting:
+            started = time.perf_counter()
+            finish(_score_together(waiting, config, index), started)
+            waiting.clear()
 
     for job in jobs:
         prepared = _guard(job, config, index, _prepare, job, config, index, models)
         if isinstance(prepared, JobOutcome):
-            outcomes[job.id] = prepared
             continue
         if waiting and waiting[0].classifier is not prepared.classifier:
             score_waiting()
@@ -466,7 +471,43 @@ def process_jobs(
         if sum(len(w.chosen) for w in waiting) >= prepared.classifier.batch_size:
             score_waiting()
     score_waiting()
-    return [outcomes[job.id] for job in jobs]
+
+
+def complete_jobs(
+    scored: Scored, config: NodeConfig, index: IndexDB, started: float
+) -> list[JobOutcome]:
+    """Write the results of scored studies and queue their deliveries.
+
+    Parameters
+    ----------
+    scored
+        Studies and their predictions.
+    config
+        The node configuration.
+    index
+        The index.
+    started
+        When their scoring started (for the log).
+
+    Returns
+    -------
+    list of JobOutcome
+        One per study; each job row is updated to match.
+    """
+    return [
+        _guard(
+            scoring.job,
+            config,
+            index,
+            _complete,
+            scoring,
+            prediction,
+            config,
+            index,
+            started,
+        )
+        for scoring, prediction in scored
+    ]
 
 
 def _guard(
@@ -507,12 +548,8 @@ def _prepare(
 
 def _score_together(
     group: Sequence[_Scoring], config: NodeConfig, index: IndexDB
-) -> list[tuple[_Scoring, JobOutcome]]:
-    """Score studies of one model in shared batches, then finish each."""
-    if not group:
-        return []
-    started = time.perf_counter()
-    predictions: Sequence[StudyPrediction | None] = [None] * len(group)
+) -> Scored:
+    """Score studies of one model in shared batches (one by one if that fails)."""
     if len(group) > 1:
         try:
             predictions = group[0].classifier.predict_many(
@@ -522,38 +559,32 @@ def _score_together(
             logger.info(
                 "a batch of %d studies failed; scoring them one by one", len(group)
             )
-    return [
-        (
-            scoring,
-            _guard(
-                scoring.job,
-                config,
-                index,
-                _complete,
-                scoring,
-                prediction,
-                config,
-                index,
-                started,
-            ),
+        else:
+            return list(zip(group, predictions, strict=True))
+    scored: Scored = []
+    for scoring in group:
+        prediction = _guard(
+            scoring.job,
+            config,
+            index,
+            scoring.classifier.predict,
+            scoring.chosen,
+            config.gradcam_top_k,
         )
-        for scoring, prediction in zip(group, predictions, strict=True)
-    ]
+        if not isinstance(prediction, JobOutcome):
+            scored.append((scoring, prediction))
+    return scored
 
 
 def _complete(
     scoring: _Scoring,
-    prediction: StudyPrediction | None,
+    prediction: StudyPrediction,
     config: NodeConfig,
     index: IndexDB,
     started: float,
 ) -> JobOutcome:
-    """Score the study unless done already, write its results, queue deliveries."""
+    """Write a scored study's results and queue its deliveries."""
     job, classifier = scoring.job, scoring.classifier
-    if prediction is None:
-        prediction = classifier.predict(
-            scoring.chosen, explain_top_k=config.gradcam_top_k
-        )
     previous = _previous(index, job)
     run = previous[0] + 1 if previous else 1
     previous_sr = (
@@ -986,7 +1017,11 @@ class _Loop:
 
 
 class Worker(_Loop):
-    """Claims and processes jobs in a thread.
+    """Claims and scores jobs in a thread; a second thread writes their results.
+
+    Scoring (torch, which releases the GIL) and writing results (DICOM
+    encoding, files, the index) overlap: while one group's results are
+    written, the next group is scored. At most two scored groups wait.
 
     Parameters
     ----------
@@ -1007,9 +1042,25 @@ class Worker(_Loop):
         self.config, self.index, self.models = config, index, models
         self.owner = _owner(name)
         self.on_delivery_queued: Callable[[], None] | None = None
+        self._scored: queue.Queue[tuple[Scored, float] | None] = queue.Queue(2)
+        self._writer = threading.Thread(
+            target=self._write_results, name=f"{name}-results", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start the scoring and the results threads."""
+        self._writer.start()
+        super().start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming; write the results of what was scored, then stop."""
+        super().stop(timeout)
+        self._scored.put(None)
+        if self._writer.is_alive():
+            self._writer.join(timeout)
 
     def step(self) -> bool:
-        """Claim due jobs (up to ``batch_studies``) and process them."""
+        """Claim due jobs (up to ``batch_studies``) and score them."""
         jobs = claim_jobs(
             self.index,
             self.owner,
@@ -1019,12 +1070,28 @@ class Worker(_Loop):
         )
         if not jobs:
             return False
-        outcomes = process_jobs(jobs, self.config, self.index, self.models)
-        if self.on_delivery_queued is not None and any(
-            o.state == "done" for o in outcomes
-        ):
-            self.on_delivery_queued()
+        process_jobs(
+            jobs,
+            self.config,
+            self.index,
+            self.models,
+            lambda scored, started: self._scored.put((scored, started)),
+        )
         return True
+
+    def _write_results(self) -> None:
+        while (item := self._scored.get()) is not None:
+            try:
+                outcomes = complete_jobs(item[0], self.config, self.index, item[1])
+            except Exception as exc:  # noqa: BLE001 - keep the thread alive
+                # Only the index can fail here (a job's own errors are handled);
+                # the leases run out and the jobs are done again.
+                logger.error("%s: %s", self.name, describe_exception(exc))
+                continue
+            if self.on_delivery_queued is not None and any(
+                o.state == "done" for o in outcomes
+            ):
+                self.on_delivery_queued()
 
 
 class Outbox(_Loop):
