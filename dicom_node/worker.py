@@ -1021,7 +1021,8 @@ class Worker(_Loop):
 
     Scoring (torch, which releases the GIL) and writing results (DICOM
     encoding, files, the index) overlap: while one group's results are
-    written, the next group is scored. At most two scored groups wait.
+    written, the next group is scored. One scored group waits at most
+    (memory: a group being written, one waiting, one being scored).
 
     Parameters
     ----------
@@ -1042,7 +1043,7 @@ class Worker(_Loop):
         self.config, self.index, self.models = config, index, models
         self.owner = _owner(name)
         self.on_delivery_queued: Callable[[], None] | None = None
-        self._scored: queue.Queue[tuple[Scored, float] | None] = queue.Queue(2)
+        self._scored: queue.Queue[tuple[Scored, float] | None] = queue.Queue(1)
         self._writer = threading.Thread(
             target=self._write_results, name=f"{name}-results", daemon=True
         )
