@@ -41,18 +41,24 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from inference import build_model  # noqa: E402
-from inference.gradcam import trunk, upsample  # noqa: E402
+from inference.gradcam import gradcam_at, upsample  # noqa: E402
 from training.cli import main as medtrain  # noqa: E402
 
 # The recipe for a model trained from scratch: no frozen stage (a random
-# backbone has nothing to keep), every layer trains.
+# backbone has nothing to keep), every layer trains. Grad-CAM at layer2 (a 16x16
+# grid at 128 px; layer4 is 4x4, whose ceiling on these lesions is 0.04) and the
+# per-location loss on normal images, which keeps the evidence where the nodule
+# is.
 RECIPE = """\
 architecture = "resnet18"
 freeze_epochs = 0
 unfreeze_from = "conv1"
 batch_size = 32
 finetune_lr = 5e-4
+cell_loss = 1.0
+gradcam_layer = "layer2"
 """
+LAYER = "layer2"
 
 
 def run(argv: list[str]) -> str:
@@ -65,18 +71,16 @@ def run(argv: list[str]) -> str:
     return out.getvalue()
 
 
-def pointing_ceiling(test: Path, size: int) -> tuple[int, float]:
+def pointing_ceiling(test: Path, size: int, layer: str) -> tuple[int, float]:
     """The Grad-CAM grid side at this input size, and the best pointing game on it.
 
-    A heatmap is the layer4 grid upsampled bilinearly to the input, then to
+    A heatmap is the layer's grid upsampled bilinearly to the input, then to
     the 128-px image; its maximum therefore lies at the pixel one grid node
     lands on. The ceiling is the fraction of test lesions that contain such a
     pixel: a perfect localiser on this grid scores no higher.
     """
-    with torch.no_grad():
-        grid = trunk(
-            build_model("resnet18", 1, 1).eval(), torch.zeros(1, 1, size, size)
-        )
+    model = build_model("resnet18", 1, 1).eval()
+    grid = gradcam_at(model, torch.zeros(1, 1, size, size), 0, layer)
     side = grid.shape[-1]
     nodes = []
     for i in range(side * side):
@@ -188,7 +192,7 @@ def main() -> int:
             rates = [float(row["images_s"]) for row in csv.DictReader(f)]
         fit_rate = statistics.median(rates)
         bare = bare_loop(torch.device(args.device), 32, args.size, 15, args.precision)
-        side, ceiling = pointing_ceiling(test, args.size)
+        side, ceiling = pointing_ceiling(test, args.size, LAYER)
     target = "met" if fit_s < 15 * 60 else "NOT met"
     print(f"\nfit time        {fit_s / 60:6.1f} min   (target < 15 min: {target})")
     for key, goal in (("auroc", 0.95), ("pointing_game", 0.8)):
@@ -196,7 +200,7 @@ def main() -> int:
         verdict = "met" if value is not None and value >= goal else "NOT met"
         print(f"test {key:<14}{value:8.3f}   (target >= {goal}: {verdict})")
     print(
-        f"                          (ceiling on the {side}x{side} Grad-CAM grid at "
+        f"                          (ceiling on the {side}x{side} {LAYER} grid at "
         f"{args.size} px: {ceiling:.3f})"
     )
     print(

@@ -20,7 +20,13 @@ from inference.errors import (
     InferenceError,
     PreprocessError,
 )
-from inference.gradcam import gradcam, gradcam_from_features, gradcam_full_backward
+from inference.gradcam import (
+    GRADCAM_LAYERS,
+    gradcam,
+    gradcam_at,
+    gradcam_from_features,
+    gradcam_full_backward,
+)
 from inference.model import ARCHITECTURES, build_model, load_init_weights
 from inference.preprocess import (
     Frames,
@@ -37,6 +43,7 @@ from inference.preprocess import (
 __all__ = [
     "ARCHITECTURES",
     "FORMAT_VERSION",
+    "GRADCAM_LAYERS",
     "ArtifactError",
     "Classifier",
     "CodedConcept",
@@ -56,6 +63,7 @@ __all__ = [
     "decode_frames",
     "file_sha256",
     "gradcam",
+    "gradcam_at",
     "gradcam_from_features",
     "gradcam_full_backward",
     "heatmap_to_source",

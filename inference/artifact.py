@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from inference.errors import ArtifactError
+from inference.gradcam import GRADCAM_LAYERS
 from inference.model import ARCHITECTURES, build_model
 from inference.preprocess import PreprocessSpec
 
@@ -111,6 +112,9 @@ class ModelArtifact:
         k for ``topk_mean``.
     dropout
         Dropout before the head (part of the architecture).
+    gradcam_layer
+        The stage Grad-CAM explains at: ``layer4`` (default; 1/32 of the input
+        side), or ``layer3`` / ``layer2`` for finer heatmaps (1/16, 1/8).
     accepts
         Accepted inputs: ``modalities``, ``body_parts``, ``sop_classes`` lists.
     training
@@ -127,6 +131,7 @@ class ModelArtifact:
     aggregation: str = "max"
     top_k: int = 1
     dropout: float = 0.0
+    gradcam_layer: str = "layer4"
     accepts: dict[str, list[str]] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -150,6 +155,11 @@ class ModelArtifact:
             )
         if self.top_k < 1:
             raise ValueError(f"top_k: expected >= 1, found {self.top_k}")
+        if self.gradcam_layer not in GRADCAM_LAYERS:
+            raise ArtifactError(
+                f"gradcam_layer: expected one of {', '.join(GRADCAM_LAYERS)}, "
+                f"found {self.gradcam_layer!r}"
+            )
         unknown = set(self.accepts) - {"modalities", "body_parts", "sop_classes"}
         if unknown:
             raise ValueError(f"accepts: unknown key(s) {sorted(unknown)}")
@@ -194,6 +204,7 @@ class ModelArtifact:
             },
             "architecture": self.architecture,
             "dropout": self.dropout,
+            "gradcam_layer": self.gradcam_layer,
             "input": {
                 "channels": self.preprocessing.channels,
                 "size": list(self.preprocessing.size),
@@ -366,6 +377,7 @@ def _from_metadata(
             aggregation=str(_get(meta, "aggregation.rule", where)),
             top_k=int(_get(meta, "aggregation.k", where)),
             dropout=float(meta.get("dropout", 0.0)),
+            gradcam_layer=str(meta.get("gradcam_layer", "layer4")),
             accepts=dict(meta.get("accepts", {})),
             training=dict(meta.get("training", {})),
         )

@@ -13,10 +13,13 @@ import torch
 from pydicom.dataset import Dataset
 
 from inference.artifact import Label, ModelArtifact
-from inference.gradcam import gradcam_from_features, head, trunk, upsample
+from inference.gradcam import gradcam_at, gradcam_from_features, head, trunk, upsample
 from inference.preprocess import Frames, FrameSource, heatmap_to_source, preprocess
 
 __all__ = ["Classifier", "Explanation", "LabelPrediction", "StudyPrediction"]
+
+# A frame kept for Grad-CAM: probability, frame index, layer4 activations, input.
+_Kept = tuple[float, int, torch.Tensor, torch.Tensor]
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -256,9 +259,7 @@ class Classifier:
         sources: list[list[FrameSource]] = [[] for _ in studies]
         # Per study and label: the best frames so far and their layer4
         # activations, so Grad-CAM needs no second pass through the trunk.
-        kept: list[list[list[tuple[float, int, torch.Tensor]]]] = [
-            [[] for _ in range(n_labels)] for _ in studies
-        ]
+        kept: list[list[list[_Kept]]] = [[[] for _ in range(n_labels)] for _ in studies]
         datasets = [ds for study in studies for ds in study]
         owners = [i for i, study in enumerate(studies) for _ in study]
         for batch, batch_owners in self._batches(datasets, owners):
@@ -273,14 +274,20 @@ class Classifier:
                 for label in range(n_labels):
                     scores = probs[rows, label]
                     candidates = kept[study][label] + [
-                        (float(scores[t]), offset + t, features[rows[t]])
+                        (
+                            float(scores[t]),
+                            offset + t,
+                            features[rows[t]],
+                            batch.pixels[rows[t]],
+                        )
                         for t in torch.topk(
                             scores, min(explain_top_k, len(rows))
                         ).indices.tolist()
                     ]
                     candidates.sort(key=lambda c: (-c[0], c[1]))
                     kept[study][label] = [
-                        (p, i, f.clone()) for p, i, f in candidates[:explain_top_k]
+                        (p, i, f.clone(), x.clone())
+                        for p, i, f, x in candidates[:explain_top_k]
                     ]
         return [
             self._study_prediction(torch.cat(probabilities[s]), sources[s], kept[s])
@@ -291,7 +298,7 @@ class Classifier:
         self,
         probabilities: torch.Tensor,
         sources: list[FrameSource],
-        kept: list[list[tuple[float, int, torch.Tensor]]],
+        kept: list[list[_Kept]],
     ) -> StudyPrediction:
         frame_probs = probabilities.numpy().astype(np.float32)
         labels = tuple(
@@ -299,9 +306,9 @@ class Classifier:
             for i, label in enumerate(self.artifact.labels)
         )
         explanations = tuple(
-            self._explain(label, frame, feats, p, sources[frame])
+            self._explain(label, frame, feats, pixels, p, sources[frame])
             for label, best in enumerate(kept)
-            for p, frame, feats in best
+            for p, frame, feats, pixels in best
         )
         return StudyPrediction(
             model_name=self.artifact.name,
@@ -338,10 +345,8 @@ class Classifier:
         heatmaps: list[npt.NDArray[np.float32]] = []
         size = self.artifact.preprocessing.size
         for start in range(0, len(frames), self.batch_size):
-            _, features = self.forward(frames.pixels[start : start + self.batch_size])
-            cams = upsample(
-                gradcam_from_features(self.model, features.float(), label_index), size
-            ).cpu()
+            pixels = frames.pixels[start : start + self.batch_size]
+            cams = upsample(self._cams(pixels, label_index), size).cpu()
             for cam, source in zip(
                 cams, frames.sources[start : start + self.batch_size], strict=True
             ):
@@ -368,15 +373,28 @@ class Classifier:
             top_frame=int(np.argmax(probs)),
         )
 
+    def _cams(
+        self, pixels: torch.Tensor, label: int, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Grad-CAM at the artifact's layer, at that layer's grid."""
+        layer = self.artifact.gradcam_layer
+        if layer != "layer4":
+            x = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
+            return gradcam_at(self.model, x, label, layer)
+        if features is None:
+            _, features = self.forward(pixels)
+        return gradcam_from_features(self.model, features.float(), label)
+
     def _explain(
         self,
         label: int,
         frame: int,
         features: torch.Tensor,
+        pixels: torch.Tensor,
         probability: float,
         source: FrameSource,
     ) -> Explanation:
-        cam = gradcam_from_features(self.model, features[None].float(), label)
+        cam = self._cams(pixels[None], label, features[None])
         size = self.artifact.preprocessing.size
         at_input = upsample(cam, size)[0].cpu()
         heatmap = heatmap_to_source(at_input, source).numpy().astype(np.float32)

@@ -92,6 +92,53 @@ def _cam(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
 
 
+GRADCAM_LAYERS = ("layer2", "layer3", "layer4")
+
+
+def gradcam_at(
+    model: nn.Module, x: torch.Tensor, label_index: int, layer: str
+) -> torch.Tensor:
+    """Grad-CAM at an earlier ResNet stage (finer heatmaps), at that stage's grid.
+
+    The stages before ``layer`` run without gradients; the rest of the network
+    runs again with gradients to ``layer``'s activations. ``layer4`` is
+    :func:`gradcam` (head-only backward).
+
+    Parameters
+    ----------
+    model
+        The ResNet, in eval mode.
+    x
+        Input [N, C, H, W].
+    label_index
+        Which output to explain.
+    layer
+        ``layer2`` (1/8 of the input side), ``layer3`` (1/16) or ``layer4`` (1/32).
+
+    Returns
+    -------
+    torch.Tensor
+        Heatmaps [N, h, w] in [0, 1] at ``layer``'s resolution.
+    """
+    if layer not in GRADCAM_LAYERS:
+        raise ValueError(f"layer: expected one of {GRADCAM_LAYERS}, found {layer!r}")
+    m = cast(Any, model)
+    stages = [m.layer1, m.layer2, m.layer3, m.layer4]
+    cut = GRADCAM_LAYERS.index(layer) + 2  # stages up to and including ``layer``
+    with torch.no_grad():
+        a = m.maxpool(m.relu(m.bn1(m.conv1(x.float()))))
+        for stage in stages[:cut]:
+            a = stage(a)
+    activations = a.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = activations
+        for stage in stages[cut:]:
+            out = stage(out)
+        logits = head(model, out)
+        (grads,) = torch.autograd.grad(logits[:, label_index].sum(), activations)
+    return _cam(activations.detach(), grads)
+
+
 def gradcam(
     model: nn.Module, x: torch.Tensor, label_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,11 +188,12 @@ def upsample(cams: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Te
 
 
 def gradcam_full_backward(
-    model: nn.Module, x: torch.Tensor, label_index: int
+    model: nn.Module, x: torch.Tensor, label_index: int, layer: str = "layer4"
 ) -> torch.Tensor:
-    """Classic Grad-CAM (Selvaraju et al.): full forward and backward, hooked at layer4.
+    """Classic Grad-CAM (Selvaraju et al.): full forward and backward at one stage.
 
-    The reference :func:`gradcam` is checked against; about three forwards of cost.
+    The reference :func:`gradcam` and :func:`gradcam_at` are checked against;
+    about three forwards of cost.
 
     Parameters
     ----------
@@ -155,6 +203,8 @@ def gradcam_full_backward(
         Input [N, C, H, W].
     label_index
         Which output to explain.
+    layer
+        The hooked stage (``layer4`` by default).
 
     Returns
     -------
@@ -167,8 +217,8 @@ def gradcam_full_backward(
         output.retain_grad()
         saved["a"] = output
 
-    layer4: nn.Module = model.layer4  # type: ignore[assignment]
-    handle = layer4.register_forward_hook(keep)
+    hooked: nn.Module = getattr(model, layer)
+    handle = hooked.register_forward_hook(keep)
     try:
         with torch.enable_grad():
             inp = x.detach().clone().requires_grad_(True)
@@ -179,5 +229,5 @@ def gradcam_full_backward(
         model.zero_grad(set_to_none=True)  # leave no gradients behind
     activations = saved["a"]
     if activations.grad is None:
-        raise RuntimeError("no gradient reached layer4")
+        raise RuntimeError(f"no gradient reached {layer}")
     return upsample(_cam(activations.detach(), activations.grad), x.shape[-2:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,9 +13,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from inference import (
+    ArtifactError,
     Classifier,
     build_model,
     gradcam,
+    gradcam_at,
     gradcam_full_backward,
     preprocess_many,
 )
@@ -164,6 +167,34 @@ def test_head_only_gradcam_equals_full_backward(architecture: str) -> None:
         torch.testing.assert_close(fast, classic, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-4)
     assert all(p.grad is None for p in model.parameters())  # no side effects
+
+
+@pytest.mark.parametrize("layer", ["layer2", "layer3"])
+def test_gradcam_at_an_earlier_stage_equals_full_backward(layer: str) -> None:
+    art = artifact(size=96)
+    model = art.build()
+    x = preprocess_many(study()[:4], art.preprocessing).pixels[:6]
+    side = {"layer2": 12, "layer3": 6}[layer]
+
+    for label in (0, 1):
+        cams = gradcam_at(model, x, label, layer)
+        assert cams.shape == (6, side, side)
+        classic = gradcam_full_backward(model, x, label, layer)
+        torch.testing.assert_close(
+            F.interpolate(cams[:, None], size=(96, 96), mode="bilinear")[:, 0],
+            classic,
+            atol=1e-5,
+            rtol=1e-4,
+        )
+    assert all(p.grad is None for p in model.parameters())
+
+    # A model that names the stage explains there: heatmaps at source size.
+    finer = Classifier(dataclasses.replace(art, gradcam_layer=layer), device="cpu")
+    prediction = finer.predict(study()[:2], explain_top_k=1)
+    for e in prediction.explanations:
+        assert e.heatmap.shape == (e.source.rows, e.source.columns)
+    with pytest.raises(ArtifactError, match="gradcam_layer"):
+        dataclasses.replace(art, gradcam_layer="layer1")
 
 
 def squares(

@@ -13,11 +13,17 @@ import pytest
 import torch
 from pydicom import dcmread
 
-from inference import Classifier, ModelArtifact
+from inference import Classifier, ModelArtifact, build_model
 from training.cli import main
 from training.config import TrainConfig
 from training.data import load_samples
-from training.engine import augment, evaluate, fit, load_frames
+from training.engine import (
+    augment,
+    evaluate,
+    fit,
+    load_frames,
+    negative_cell_loss,
+)
 
 TINY = ["--size", "32", "--epochs", "2", "--freeze-epochs", "1", "--batch-size", "8"]
 
@@ -74,6 +80,37 @@ def test_fit_evaluate_explain_end_to_end(
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == sorted(
         f"{f.stem}.png" for f in files
     )
+
+
+def test_cell_loss_and_a_finer_gradcam_layer(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The per-location loss scores every layer4 cell of the negatives only.
+    model_net = build_model("resnet18", 1, 1)
+    features = torch.randn(3, 512, 2, 2)
+    y = torch.tensor([1.0, 0.0, 0.0])
+    fc = model_net.fc
+    cells = (features.permute(0, 2, 3, 1) @ fc.weight[0] + fc.bias[0])[1:]
+    expected = torch.nn.functional.softplus(cells).mean()  # BCE against 0
+    torch.testing.assert_close(negative_cell_loss(model_net, features, y), expected)
+    none = negative_cell_loss(model_net, features, torch.ones(3))
+    assert float(none.detach()) == 0.0
+
+    # fit with it writes an artifact that explains at layer2 (1/8 of the side).
+    model = tmp_path / "model.safetensors"
+    flags = ["--cell-loss", "1.0", "--gradcam-layer", "layer2"]
+    assert main(["fit", str(data), "--out", str(model), *TINY, *flags]) == 0
+    artifact = ModelArtifact.load(model)
+    assert artifact.gradcam_layer == "layer2"
+    assert json.loads((tmp_path / "model-report" / "config.json").read_text())[
+        "cell_loss"
+    ] == pytest.approx(1.0)
+    capsys.readouterr()
+    assert main(["evaluate", str(model), str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pointing_game_images"] == 24
+    bad = ["fit", str(data), "--out", str(model), *TINY, "--gradcam-layer", "x"]
+    assert main(bad) != 0
+    assert "gradcam_layer: expected layer2, layer3 or layer4" in capsys.readouterr().err
 
 
 def test_artifact_gives_the_training_code_s_probabilities(

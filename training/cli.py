@@ -155,6 +155,8 @@ _FIT_FLAGS: list[tuple[str, type, str]] = [
     ("--label-smoothing", float, "default 0.05"),
     ("--balance", str, "weighted (default), sampler or none"),
     ("--dropout", float, "before the head (default 0)"),
+    ("--cell-loss", float, "weight of the negative-image per-location loss (0)"),
+    ("--gradcam-layer", str, "layer4 (default), layer3 or layer2: finer heatmaps"),
     ("--hflip", bool, "random horizontal flips (off: laterality matters)"),
     ("--patience", int, "early stopping patience in epochs (default 5)"),
     ("--val-fraction", float, "patients for validation (default 0.2)"),

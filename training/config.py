@@ -59,6 +59,14 @@ class TrainConfig:
         weighted (positive class weight in the loss), sampler, or none.
     dropout
         Dropout before the head.
+    cell_loss
+        Weight of a per-location loss on negative images: every layer4 cell of
+        a normal image is trained to score negative (the image-level rule
+        "no finding anywhere"), so the evidence of a positive image stays
+        where the finding is and Grad-CAM points at it. 0 turns it off.
+    gradcam_layer
+        The stage Grad-CAM explains at in the artifact: layer4 (default), or
+        layer3 / layer2 for finer heatmaps (small inputs: layer4 is 4x4 at 128 px).
     augment
         Random rotation, translation, scale, brightness and contrast.
     rotation
@@ -114,6 +122,8 @@ class TrainConfig:
     label_smoothing: float = 0.05
     balance: str = "weighted"
     dropout: float = 0.0
+    cell_loss: float = 0.0
+    gradcam_layer: str = "layer4"
     augment: bool = True
     rotation: float = 7.0
     translate: float = 0.05
@@ -174,6 +184,12 @@ class TrainConfig:
             (
                 self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
                 "target_sensitivity: expected (0, 1]",
+            ),
+            (self.cell_loss >= 0, f"cell_loss: expected >= 0, found {self.cell_loss}"),
+            (
+                self.gradcam_layer in ("layer2", "layer3", "layer4"),
+                "gradcam_layer: expected layer2, layer3 or layer4, "
+                f"found {self.gradcam_layer!r}",
             ),
             (
                 self.precision in ("fp32", "bf16"),

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -220,6 +220,37 @@ def _batch_starts(n: int, batch_size: int, world: int = 1) -> range:
     return range(0, n + 1 - 2 * world, batch_size)
 
 
+def negative_cell_loss(
+    model: nn.Module, features: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """Per-location loss of the negative images of a batch (``cell_loss``).
+
+    The head applied to every layer4 cell gives that location's logit; in an
+    image without the finding every location should score negative.
+
+    Parameters
+    ----------
+    model
+        The ResNet (not its DDP wrapper).
+    features
+        layer4 output [N, K, h, w] of the batch.
+    y
+        Labels [N] (1 positive, 0 negative).
+
+    Returns
+    -------
+    torch.Tensor
+        Mean binary cross-entropy of the negatives' cells against 0 (0 without
+        negatives).
+    """
+    fc = cast(nn.Module, cast(Any, model).fc)
+    cells: torch.Tensor = fc(features.permute(0, 2, 3, 1))[..., 0].float()  # [N, h, w]
+    negative = cells[y == 0]
+    if negative.numel() == 0:
+        return cells.sum() * 0.0  # keeps the graph the same for DDP
+    return F.binary_cross_entropy_with_logits(negative, torch.zeros_like(negative))
+
+
 def train_one_epoch(
     model: nn.Module,
     data: Dataset,
@@ -269,31 +300,50 @@ def train_one_epoch(
     model.train()
     batches = _batches(data, config.batch_size, config, generator, world)
     total, seen, started = 0.0, 0, time.perf_counter()
-    for i, whole in enumerate(batches):
-        part = slice(rank, len(whole), world)
-        index = whole[part]
-        x = data.x[index]
-        if config.augment:
-            x = augment(x, config, generator, part if world > 1 else slice(None))
-        y = data.y[index]
-        target = y * (1 - config.label_smoothing) + config.label_smoothing / 2
-        x, target = x.to(device), target.to(device)
-        with _autocast(device, config):
-            logits = model(x)[:, 0].float()
-        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        scheduler.step()
-        total += float(loss.detach()) * len(index)
-        seen += len(index)
-        if progress:
-            progress(
-                i + 1,
-                len(batches),
-                total / seen,
-                seen * world / (time.perf_counter() - started),
+    base = model.module if isinstance(model, DistributedDataParallel) else model
+    layer4: list[torch.Tensor] = []  # this batch's layer4 output, for cell_loss
+    hook = (
+        cast(nn.Module, base.layer4).register_forward_hook(
+            lambda _m, _i, out: layer4.append(out)
+        )
+        if config.cell_loss > 0
+        else None
+    )
+    try:
+        for i, whole in enumerate(batches):
+            part = slice(rank, len(whole), world)
+            index = whole[part]
+            x = data.x[index]
+            if config.augment:
+                x = augment(x, config, generator, part if world > 1 else slice(None))
+            y = data.y[index]
+            target = y * (1 - config.label_smoothing) + config.label_smoothing / 2
+            x, target = x.to(device), target.to(device)
+            with _autocast(device, config):
+                logits = model(x)[:, 0].float()
+            loss = F.binary_cross_entropy_with_logits(
+                logits, target, pos_weight=pos_weight
             )
+            if hook is not None:
+                with _autocast(device, config):
+                    cells = negative_cell_loss(base, layer4.pop(), y.to(device))
+                loss = loss + config.cell_loss * cells
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(index)
+            seen += len(index)
+            if progress:
+                progress(
+                    i + 1,
+                    len(batches),
+                    total / seen,
+                    seen * world / (time.perf_counter() - started),
+                )
+    finally:
+        if hook is not None:
+            hook.remove()
     elapsed = time.perf_counter() - started
     if world > 1:
         sums = torch.tensor([total, float(seen)], dtype=torch.float64)
@@ -688,6 +738,7 @@ def fit(
         labels=(Label(positive, concept, float(np.clip(threshold, 0.0, 1.0)), site),),
         state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
         dropout=config.dropout,
+        gradcam_layer=config.gradcam_layer,
         accepts={"modalities": modalities, "body_parts": [], "sop_classes": []},
         training={
             "data": {
