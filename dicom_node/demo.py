@@ -121,6 +121,11 @@ def _model(work: Path) -> Path:
             "0",
             "--unfreeze-from",
             "conv1",
+            # Heatmaps that point at the nodule (see "Training a model").
+            "--cell-loss",
+            "1.0",
+            "--gradcam-layer",
+            "layer2",
             "--name",
             "demo-chest-nodule",
             "--device",
