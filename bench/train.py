@@ -7,7 +7,7 @@
   3. ``medtrain evaluate`` on the test images: AUROC (target >= 0.95) and the
      Grad-CAM pointing game (target >= 0.8), printed beside its ceiling: the
      best score any heatmap on the model's Grad-CAM grid could reach on these
-     lesions (a bilinearly upsampled grid peaks at a grid node, so a lesion
+     lesions (a bilinearly interpolated grid peaks at a grid node, so a lesion
      that covers no node cannot be hit);
   4. ``medtrain fit``'s training images/s (median over epochs) against a bare
      training loop on random tensors with the same model, batch, optimizer and
@@ -74,10 +74,11 @@ def run(argv: list[str]) -> str:
 def pointing_ceiling(test: Path, size: int, layer: str) -> tuple[int, float]:
     """The Grad-CAM grid side at this input size, and the best pointing game on it.
 
-    A heatmap is the layer's grid upsampled bilinearly to the input, then to
-    the 128-px image; its maximum therefore lies at the pixel one grid node
-    lands on. The ceiling is the fraction of test lesions that contain such a
-    pixel: a perfect localiser on this grid scores no higher.
+    A heatmap is the layer's grid interpolated bilinearly between its nodes
+    (each on its receptive field's centre, see ``inference.gradcam.upsample``),
+    then resized to the 128-px image; its maximum therefore lies at the pixel
+    one grid node lands on. The ceiling is the fraction of test lesions that
+    contain such a pixel: a perfect localiser on this grid scores no higher.
     """
     model = build_model("resnet18", 1, 1).eval()
     grid = gradcam_at(model, torch.zeros(1, 1, size, size), 0, layer)
@@ -87,7 +88,9 @@ def pointing_ceiling(test: Path, size: int, layer: str) -> tuple[int, float]:
         one_hot = torch.zeros(1, side * side)
         one_hot[0, i] = 1.0
         at_input = upsample(one_hot.view(1, side, side), (size, size))
-        heatmap = upsample(at_input, (128, 128))[0].numpy()
+        heatmap = F.interpolate(  # input to image: a resize, as heatmap_to_source
+            at_input[None], size=(128, 128), mode="bilinear", align_corners=False
+        )[0, 0].numpy()
         nodes.append(np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
     with (test / "labels.csv").open() as f:
         masks = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import torch
@@ -167,22 +168,44 @@ def gradcam(
 
 
 def upsample(cams: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """Resize heatmaps [N, h, w] to [N, H, W] (bilinear), kept in [0, 1].
+    """Resize heatmaps [N, h, w] on a ResNet stage's grid to the input [N, H, W].
+
+    Every stride-2 convolution and pooling of a ResNet is padded so that output
+    cell ``i`` is centred on input pixel ``2 * i``; a cell of a stage with stride
+    ``s`` (4 for layer1 ... 32 for layer4) is therefore centred on input pixel
+    ``s * i``, not in the middle of its ``s`` x ``s`` block. Each grid node is
+    placed on that pixel, values in between are bilinear and the edge value is
+    kept beyond the last node. (A plain resize would put the node half a block
+    further down and right: 3.5 px at layer2, 15.5 px at layer4, enough to move
+    a heatmap's peak off a small lesion.)
 
     Parameters
     ----------
     cams
-        Heatmaps at layer4 resolution.
+        Heatmaps at the stage's resolution.
     size
-        Target (H, W).
+        The model input's (H, W).
 
     Returns
     -------
     torch.Tensor
-        Heatmaps at the target resolution.
+        Heatmaps at the input resolution, in [0, 1].
     """
-    out = F.interpolate(
-        cams[:, None], size=tuple(size), mode="bilinear", align_corners=False
+    rows, cols = int(size[0]), int(size[1])
+    axes = []
+    for pixels, cells in ((rows, cams.shape[-2]), (cols, cams.shape[-1])):
+        stride = 2 ** round(math.log2(pixels / cells))  # the power of 2 it was made by
+        at = torch.arange(pixels, dtype=torch.float32, device=cams.device) / stride
+        # grid_sample's coordinates with align_corners: -1 first node, 1 last node
+        axes.append(2 * at / (cells - 1) - 1 if cells > 1 else torch.zeros_like(at))
+    gy, gx = torch.meshgrid(axes[0], axes[1], indexing="ij")
+    grid = torch.stack((gx, gy), dim=-1).expand(len(cams), -1, -1, -1)
+    out = F.grid_sample(
+        cams[:, None].float(),
+        grid,
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=True,
     )
     return out[:, 0].clamp(0.0, 1.0)
 
