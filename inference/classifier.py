@@ -346,7 +346,9 @@ class Classifier:
         size = self.artifact.preprocessing.size
         for start in range(0, len(frames), self.batch_size):
             pixels = frames.pixels[start : start + self.batch_size]
-            cams = upsample(self._cams(pixels, label_index), size).cpu()
+            cams = upsample(
+                self._cams(pixels, label_index), size, self.artifact.gradcam_offset
+            ).cpu()
             for cam, source in zip(
                 cams, frames.sources[start : start + self.batch_size], strict=True
             ):
@@ -396,7 +398,7 @@ class Classifier:
     ) -> Explanation:
         cam = self._cams(pixels[None], label, features[None])
         size = self.artifact.preprocessing.size
-        at_input = upsample(cam, size)[0].cpu()
+        at_input = upsample(cam, size, self.artifact.gradcam_offset)[0].cpu()
         heatmap = heatmap_to_source(at_input, source).numpy().astype(np.float32)
         return Explanation(label, frame, source, probability, heatmap)
 

@@ -167,7 +167,11 @@ def gradcam(
     return upsample(cams, x.shape[-2:]), logits
 
 
-def upsample(cams: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
+def upsample(
+    cams: torch.Tensor,
+    size: tuple[int, ...] | torch.Size,
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> torch.Tensor:
     """Resize heatmaps [N, h, w] on a ResNet stage's grid to the input [N, H, W].
 
     Every stride-2 convolution and pooling of a ResNet is padded so that output
@@ -177,7 +181,9 @@ def upsample(cams: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Te
     placed on that pixel, values in between are bilinear and the edge value is
     kept beyond the last node. (A plain resize would put the node half a block
     further down and right: 3.5 px at layer2, 15.5 px at layer4, enough to move
-    a heatmap's peak off a small lesion.)
+    a heatmap's peak off a small lesion.) A trained model's cells may respond to
+    evidence a few pixels off that centre, the same way everywhere: ``offset``
+    (the artifact's ``gradcam_offset``) moves every node by that much.
 
     Parameters
     ----------
@@ -185,6 +191,8 @@ def upsample(cams: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Te
         Heatmaps at the stage's resolution.
     size
         The model input's (H, W).
+    offset
+        (rows, columns) in input pixels added to every node's position.
 
     Returns
     -------
@@ -193,9 +201,13 @@ def upsample(cams: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Te
     """
     rows, cols = int(size[0]), int(size[1])
     axes = []
-    for pixels, cells in ((rows, cams.shape[-2]), (cols, cams.shape[-1])):
+    for pixels, cells, shift in (
+        (rows, cams.shape[-2], offset[0]),
+        (cols, cams.shape[-1], offset[1]),
+    ):
         stride = 2 ** round(math.log2(pixels / cells))  # the power of 2 it was made by
-        at = torch.arange(pixels, dtype=torch.float32, device=cams.device) / stride
+        at = torch.arange(pixels, dtype=torch.float32, device=cams.device)
+        at = (at - shift) / stride
         # grid_sample's coordinates with align_corners: -1 first node, 1 last node
         axes.append(2 * at / (cells - 1) - 1 if cells > 1 else torch.zeros_like(at))
     gy, gx = torch.meshgrid(axes[0], axes[1], indexing="ij")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -72,6 +73,16 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
         assert torch.equal(loaded.state_dict[name], tensor), name
     x = torch.randn(2, 1, 64, 64)
     torch.testing.assert_close(loaded.build()(x), artifact.build()(x))
+
+
+def test_a_heatmap_offset_is_kept_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    dataclasses.replace(make_artifact(), gradcam_offset=(-5.0, 1.5)).save(path)
+    assert ModelArtifact.load(path).gradcam_offset == (-5.0, 1.5)
+
+    for bad in ((40.0, 0.0), (float("nan"), 0.0)):  # input is 64 px
+        with pytest.raises(ArtifactError, match="gradcam_offset"):
+            dataclasses.replace(make_artifact(), gradcam_offset=bad)
 
 
 def test_document_is_plain_json_in_the_header(tmp_path: Path) -> None:

@@ -226,6 +226,10 @@ def test_a_heatmap_cell_lands_where_that_cell_looks(layer: str) -> None:
         peak = divmod(int(heatmap.argmax()), size)
         assert peak == pytest.approx(centre)
         assert float(heatmap.max()) == pytest.approx(1.0)
+        # A model whose cells respond off-centre draws them where they respond.
+        moved = upsample(one_hot, (size, size), offset=(-5.0, 3.0))[0]
+        peak = divmod(int(moved.argmax()), size)
+        assert peak == pytest.approx((centre[0] - 5, centre[1] + 3))
 
 
 def squares(

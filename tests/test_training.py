@@ -102,6 +102,13 @@ def test_cell_loss_and_a_finer_gradcam_layer(
     assert main(["fit", str(data), "--out", str(model), *TINY, *flags]) == 0
     artifact = ModelArtifact.load(model)
     assert artifact.gradcam_layer == "layer2"
+    # The validation lesions' masks placed its heatmaps: within a layer2 cell.
+    metrics = json.loads((tmp_path / "model-report" / "metrics.json").read_text())
+    measured = metrics["gradcam_offset"]
+    assert measured["lesions"] >= 5
+    assert artifact.gradcam_offset == (measured["rows"], measured["columns"])
+    assert all(abs(v) <= 8 for v in artifact.gradcam_offset)
+    assert 0 <= measured["val_pointing_game"] <= 1
     assert json.loads((tmp_path / "model-report" / "config.json").read_text())[
         "cell_loss"
     ] == pytest.approx(1.0)
