@@ -1,6 +1,12 @@
 """The node's exception hierarchy."""
 
-__all__ = ["ConfigError", "DicomNodeError", "InvalidUidError", "StorageError"]
+__all__ = [
+    "ConfigError",
+    "DicomNodeError",
+    "IndexSchemaError",
+    "InvalidUidError",
+    "StorageError",
+]
 
 
 class DicomNodeError(Exception):
@@ -17,3 +23,7 @@ class InvalidUidError(DicomNodeError, ValueError):
 
 class StorageError(DicomNodeError):
     """An instance could not be written to the store."""
+
+
+class IndexSchemaError(DicomNodeError):
+    """The index database was made by another version and lacks what this one needs."""

@@ -24,6 +24,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     update,
 )
@@ -38,6 +39,8 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
+
+from dicom_node.errors import IndexSchemaError
 
 __all__ = [
     "DELIVERY_STATES",
@@ -348,7 +351,12 @@ class IndexDB:
         self._study_ids: dict[str, int] = {}
         self._series: dict[str, tuple[int, int]] = {}
         self._study_touched: dict[str, float] = {}
-        Base.metadata.create_all(self.engine)
+        try:
+            Base.metadata.create_all(self.engine)
+            _check_schema(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -747,6 +755,35 @@ class IndexDB:
                     for e in errors
                 ],
             }
+
+
+def _check_schema(engine: Engine) -> None:
+    """Refuse an index whose tables lack columns this version uses.
+
+    ``create_all`` makes missing tables but leaves existing ones as they are,
+    so an index made by an earlier version would fail on its first query.
+
+    Raises
+    ------
+    IndexSchemaError
+        Naming the tables and columns missing.
+    """
+    inspector = inspect(engine)
+    missing = []
+    for table in Base.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        lacking = [c.name for c in table.columns if c.name not in present]
+        if lacking:
+            missing.append(f"{table.name} ({', '.join(lacking)})")
+    if missing:
+        where = engine.url.render_as_string(hide_password=True)
+        raise IndexSchemaError(
+            f"the index at {where} was made by an earlier dicom-node and lacks "
+            f"columns this version needs: {'; '.join(missing)}. Move the old index "
+            "aside or set database_url to a new one (instances stored under "
+            "state_dir/storage stay where they are, but the new index does not "
+            "know them), or add the columns to the old index"
+        )
 
 
 def _retrying(

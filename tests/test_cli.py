@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from pydicom import dcmread
 
 from dicom_node.errors import ConfigError
 from dicom_node.export import parse_peer
+from dicom_node.index import IndexDB
 from tests.conftest import RunningNode, run_cli
 from tests.factories import make_ct, write_study
 
@@ -99,6 +101,25 @@ def test_status_before_the_node_ever_ran(tmp_path: Path) -> None:
 
     assert result.returncode == 1
     assert "has not run" in result.stderr
+
+
+def test_an_index_from_an_earlier_version_is_named_not_crashed_on(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\nport = 0\nstate_dir = "{tmp_path / "state"}"\n')
+    (tmp_path / "state").mkdir()
+    IndexDB(f"sqlite:///{tmp_path / 'state' / 'index.sqlite3'}").close()
+    with sqlite3.connect(tmp_path / "state" / "index.sqlite3") as db:
+        db.execute("ALTER TABLE jobs DROP COLUMN next_attempt_at")  # as made before
+
+    for command in ("status", "serve"):
+        result = run_cli(command, "--config", str(config))
+
+        assert result.returncode == 1, result.stderr
+        assert "made by an earlier dicom-node" in result.stderr
+        assert "jobs (next_attempt_at)" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
