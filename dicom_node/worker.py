@@ -47,7 +47,13 @@ from dicom_node.index import (
 from dicom_node.log import describe_exception, uid_ref
 from dicom_node.results import MANUFACTURER, ResultSet, build_results
 from dicom_node.score import write_result_files
-from inference import Classifier, InferenceError, ModelArtifact, StudyPrediction
+from inference import (
+    Classifier,
+    InferenceError,
+    ModelArtifact,
+    PreprocessError,
+    StudyPrediction,
+)
 
 __all__ = [
     "JobOutcome",
@@ -517,9 +523,18 @@ def _guard(
     step: Callable[..., _T],
     *args: object,
 ) -> _T | JobOutcome:
-    """Run a step of a job; any error retries the job later, then fails it."""
+    """Run a step of a job; an error retries the job later, then fails it.
+
+    Images that cannot be made into model input (undecodable pixel data, an
+    unsupported layout) fail the job at once: the stored files will not change,
+    so a retry would fail the same way (``dicom-node retry --failed-jobs`` queues
+    it again by hand; new images for the study make a new job).
+    """
     try:
         return step(*args)
+    except PreprocessError as exc:
+        reason = f"{exc}; not retried: the same stored images would fail again"
+        return _finish(index, job, "failed", reason)
     except Exception as exc:  # noqa: BLE001 - e.g. a stored file pydicom cannot read
         detail = (
             str(exc)

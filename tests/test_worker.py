@@ -318,13 +318,14 @@ def test_a_burst_of_studies_is_scored_together_and_a_bad_one_fails_alone(
 ) -> None:
     # Ten one-image studies wait for a worker, which claims eight at once
     # (batch_studies) and scores them in one forward pass, then the last two.
-    # The last has truncated pixel data: it fails with its reason, the nine
-    # others get results, each with the probability it gets when scored alone.
+    # The last has truncated pixel data: it fails at its first try (its files
+    # would fail every try) with its reason; the nine others get results, each
+    # with the probability it gets when scored alone.
     # The PACS is down, so the nine deliveries are dead-lettered; revived
     # together, they reach the PACS over one association.
     dest = Destination(free_port())  # not started: the PACS is down
     config = node_config(
-        tmp_path, model, dest.port, workers=0, job_attempts=1, delivery_attempts=1
+        tmp_path, model, dest.port, workers=0, job_attempts=3, delivery_attempts=1
     )
     port = run_serve(config)  # receives and schedules; no worker threads
     studies = [make_ct(rows=64, columns=64, seed=40 + i) for i in range(10)]
@@ -352,7 +353,11 @@ def test_a_burst_of_studies_is_scored_together_and_a_bad_one_fails_alone(
             worker.wait(timeout=30)
             dest.stop()
     failed = status(config)["failed_jobs"][0]
-    assert failed["reason"] == "after 1 tries: cannot decode Pixel Data (ValueError)"
+    assert failed["attempts"] == 1
+    assert failed["reason"] == (
+        "cannot decode Pixel Data (ValueError); "
+        "not retried: the same stored images would fail again"
+    )
     text = log.read_text()
     assert text.count("a batch of") == 1
     assert "a batch of 2 studies failed; scoring them one by one" in text
