@@ -109,6 +109,8 @@ def test_cell_loss_and_a_finer_gradcam_layer(
     assert artifact.gradcam_offset == (measured["rows"], measured["columns"])
     assert all(abs(v) <= 8 for v in artifact.gradcam_offset)
     assert 0 <= measured["val_pointing_game"] <= 1
+    card = (tmp_path / "model-report" / "model-card.md").read_text()
+    assert f"Grad-CAM at layer2, drawn ({artifact.gradcam_offset[0]:+.1f}" in card
     assert json.loads((tmp_path / "model-report" / "config.json").read_text())[
         "cell_loss"
     ] == pytest.approx(1.0)

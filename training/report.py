@@ -186,6 +186,7 @@ def _model_card(
         f"- Operating threshold: {label.threshold:.4f} ({rule})",
         f"- Study score: {artifact.aggregation} over frames",
         f"- Accepts modalities: {modalities}",
+        f"- Heatmaps: {_heatmaps(artifact, metrics)}",
         "",
         "## Data",
         "",
@@ -246,3 +247,17 @@ def overlay_png(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _heatmaps(artifact: ModelArtifact, metrics: dict[str, Any]) -> str:
+    text = f"Grad-CAM at {artifact.gradcam_layer}"
+    measured = metrics.get("gradcam_offset")
+    if not isinstance(measured, dict):
+        return text + ", cells drawn at their receptive fields' centres"
+    rows, columns = artifact.gradcam_offset
+    return (
+        f"{text}, drawn ({rows:+.1f}, {columns:+.1f}) input px from the cells' "
+        f"centres, as measured on {measured['lesions']} validation lesions "
+        f"(validation pointing game {measured['val_pointing_game_before']:.3f} "
+        f"without, {measured['val_pointing_game']:.3f} with)"
+    )
