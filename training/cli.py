@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
@@ -26,8 +25,15 @@ from inference import (
 )
 from training.config import TrainConfig, read_toml
 from training.data import DataError, load_samples
-from training.engine import Dataset, evaluate, fit, load_frames
-from training.metrics import auroc, binary_metrics, calibration_error, pointing_game
+from training.engine import (
+    Dataset,
+    evaluate,
+    fit,
+    lesion_frames,
+    load_frames,
+    pointing,
+)
+from training.metrics import auroc, binary_metrics, calibration_error
 from training.report import overlay_png, write_report
 
 __all__ = ["build_parser", "main"]
@@ -326,23 +332,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         **binary_metrics(scores, y, label.threshold),
         "calibration_error": calibration_error(scores, y),
     }
-    heatmaps, masks = [], []
-    for sample in samples:
-        if (
-            sample.label != label.name
-            or sample.mask is None
-            or sample.path.suffix == ".png"
-        ):
-            continue
-        frames = preprocess(dcmread(sample.path), artifact.preprocessing)
-        mask = np.asarray(Image.open(sample.mask)) > 0
-        for heatmap in classifier.explain(frames, 0):
-            if heatmap.shape == mask.shape:
-                heatmaps.append(heatmap)
-                masks.append(mask)
-    if heatmaps:
-        result["pointing_game"] = pointing_game(heatmaps, masks)
-        result["pointing_game_images"] = len(heatmaps)
+    scored, images = pointing(
+        classifier, lesion_frames(samples, label.name, artifact.preprocessing)
+    )
+    if images:
+        result["pointing_game"] = scored
+        result["pointing_game_images"] = images
     if args.json:
         print(
             json.dumps(

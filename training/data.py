@@ -27,7 +27,7 @@ __all__ = [
     "split_by_patient",
 ]
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 _SPLITS = {"train", "val", "test"}
 
 
@@ -147,7 +147,7 @@ def load_tree(root: Path) -> list[Sample]:
         files = sorted(
             p
             for p in folder.rglob("*")
-            if p.is_file() and (p.suffix.lower() in _IMAGE_SUFFIXES | {".dcm", ""})
+            if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES | {".dcm", ""})
         )
         if not files:
             raise DataError(f"{root}: class folder {folder.name!r} holds no image")
@@ -281,7 +281,7 @@ def preprocessed(
         key = cache / f"{digest.hexdigest()}.npy"
         if key.is_file():
             return torch.from_numpy(np.load(key, allow_pickle=False))
-    if sample.path.suffix.lower() in _IMAGE_SUFFIXES:
+    if sample.path.suffix.lower() in IMAGE_SUFFIXES:
         frames = _image_frames(sample.path, spec)
     else:
         try:

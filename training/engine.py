@@ -35,7 +35,13 @@ from inference import (
     preprocess,
 )
 from training.config import KNOWN_FINDINGS, TrainConfig
-from training.data import DataError, Sample, preprocessed, split_by_patient
+from training.data import (
+    IMAGE_SUFFIXES,
+    DataError,
+    Sample,
+    preprocessed,
+    split_by_patient,
+)
 from training.metrics import (
     auroc,
     pointing_game,
@@ -827,24 +833,11 @@ def heatmap_offset(
         ((rows, columns) offset, lesions used, validation pointing game
         without and with the offset), or None without enough lesions.
     """
-    lesions = [
-        s
-        for s in samples
-        if s.label == positive
-        and s.mask is not None
-        and s.path.suffix.lower() not in (".png", ".jpg", ".jpeg")
-    ]
-    if len(lesions) < minimum:
+    pairs = lesion_frames(samples, positive, artifact.preprocessing)
+    if len(pairs) < minimum:
         return None
     plain = Classifier(replace(artifact, gradcam_offset=(0.0, 0.0)), device=str(device))
-    pairs = []
-    for sample in lesions:
-        mask = np.asarray(Image.open(cast(Path, sample.mask))) > 0
-        if mask.any():
-            pairs.append(
-                (preprocess(dcmread(sample.path), artifact.preprocessing), mask)
-            )
-    shifts = []
+    shifts, hits = [], []
     for frames, mask in pairs:
         for heatmap, source in zip(
             plain.explain(frames, 0), frames.sources, strict=True
@@ -852,6 +845,7 @@ def heatmap_offset(
             if heatmap.shape != mask.shape:
                 continue
             peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+            hits.append(bool(mask[peak]))
             centre = np.argwhere(mask).mean(axis=0)
             _, _, box_rows, box_columns = source.box
             shifts.append(
@@ -866,19 +860,68 @@ def heatmap_offset(
     median = np.clip(np.median(np.array(shifts), axis=0), -stride, stride)
     offset = (round(float(median[0]), 1), round(float(median[1]), 1))
     shifted = Classifier(replace(artifact, gradcam_offset=offset), device=str(device))
-    return offset, len(shifts), _pointing(plain, pairs), _pointing(shifted, pairs)
+    after, _ = pointing(shifted, pairs)
+    return offset, len(shifts), float(np.mean(hits)), after
 
 
-def _pointing(
+def lesion_frames(
+    samples: Sequence[Sample], positive: str, spec: PreprocessSpec
+) -> list[tuple[Frames, npt.NDArray[np.bool_]]]:
+    """Return the frames and lesion mask of each positive DICOM with a mask.
+
+    Parameters
+    ----------
+    samples
+        Samples; those of ``positive`` whose mask marks a lesion are used.
+    positive
+        The label explained.
+    spec
+        The model's preprocessing.
+
+    Returns
+    -------
+    list of tuple
+        (frames, mask) per image; the mask at the source image's size.
+    """
+    pairs = []
+    for sample in samples:
+        if (
+            sample.label != positive
+            or sample.mask is None
+            or sample.path.suffix.lower() in IMAGE_SUFFIXES
+        ):
+            continue
+        mask = np.asarray(Image.open(sample.mask)) > 0
+        if mask.any():
+            pairs.append((preprocess(dcmread(sample.path), spec), mask))
+    return pairs
+
+
+def pointing(
     classifier: Classifier, pairs: Sequence[tuple[Frames, npt.NDArray[np.bool_]]]
-) -> float:
+) -> tuple[float, int]:
+    """Score the Grad-CAM pointing game on (frames, lesion mask) pairs.
+
+    Parameters
+    ----------
+    classifier
+        The model, its heatmaps drawn as the node draws them.
+    pairs
+        From :func:`lesion_frames`.
+
+    Returns
+    -------
+    tuple
+        The fraction of heatmaps whose maximum lies in the lesion (NaN for
+        none), and the number of heatmaps (frames of the mask's size).
+    """
     heatmaps, masks = [], []
     for frames, mask in pairs:
         for heatmap in classifier.explain(frames, 0):
             if heatmap.shape == mask.shape:
                 heatmaps.append(heatmap)
                 masks.append(mask)
-    return pointing_game(heatmaps, masks)
+    return pointing_game(heatmaps, masks), len(heatmaps)
 
 
 def progress_bar(
