@@ -18,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 from inference.preprocess import PreprocessSpec, preprocess
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "DataError",
     "Sample",
     "load_manifest",

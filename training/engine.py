@@ -780,7 +780,6 @@ def fit(
         measured = heatmap_offset(artifact, splits["val"], positive, device)
         if measured is not None:
             offset, lesions, before, after = measured
-            artifact = replace(artifact, gradcam_offset=offset)
             metrics["gradcam_offset"] = {
                 "rows": offset[0],
                 "columns": offset[1],
@@ -788,6 +787,11 @@ def fit(
                 "val_pointing_game_before": before,
                 "val_pointing_game": after,
             }
+            artifact = replace(
+                artifact,
+                gradcam_offset=offset,
+                training={**artifact.training, "metrics": metrics},
+            )
             log(
                 f"heatmap offset ({offset[0]:+.1f}, {offset[1]:+.1f}) input px from "
                 f"{lesions} validation lesions: validation pointing game "
