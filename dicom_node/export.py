@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -120,6 +122,47 @@ class _NoDelayAE(AE):
         return sock
 
 
+class _ResponseGuard:
+    """Keep an association's reactor thread off the responses to our requests.
+
+    pynetdicom (3.0) pauses the reactor thread of an association before a
+    request is sent and reads the response from the DIMSE queue in the sending
+    thread. The pause can miss: the sender may see the reactor's "paused" flag
+    just after the reactor passed its checkpoint, and the reactor's next
+    non-blocking read then takes the response, drops it ("Received unexpected
+    C-STORE service message") and leaves the sender waiting out the DIMSE
+    timeout (then the association is aborted). It happened under CPU load, to
+    about one delivery a minute with two `dicom-node worker` processes busy on
+    two cores (a 60-s stall each time). While a request of ours is outstanding,
+    this makes the reactor's non-blocking reads find nothing; the sender's
+    blocking read is unchanged.
+
+    Parameters
+    ----------
+    assoc
+        An established association of ours (requestor).
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        self._read = assoc.dimse.get_msg
+        self._outstanding = threading.Event()
+        assoc.dimse.get_msg = self._get_msg  # type: ignore[method-assign]
+
+    def _get_msg(self, block: bool = False) -> Any:
+        if not block and self._outstanding.is_set():
+            return None, None  # the reactor's poll: the sender reads the response
+        return self._read(block)
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Mark a request outstanding until its response is read."""
+        self._outstanding.set()
+        try:
+            yield
+        finally:
+            self._outstanding.clear()
+
+
 def _new_ae(calling_ae_title: str, timeout: float) -> AE:
     quiet_pynetdicom()
     ae = _NoDelayAE(ae_title=calling_ae_title)
@@ -157,7 +200,8 @@ def echo(peer: Peer, calling_ae_title: str = "DICOMNODE", timeout: float = 30.0)
     if not assoc.is_established:
         raise DicomNodeError(f"association with {peer} failed: {_why_not(assoc)}")
     try:
-        rsp = assoc.send_c_echo()
+        with _ResponseGuard(assoc).request():
+            rsp = assoc.send_c_echo()
     finally:
         _close(assoc)
     if "Status" not in rsp:
@@ -376,6 +420,7 @@ def _send_batch(
             progress(outcome)
 
     assoc: Association | None = None
+    guard: _ResponseGuard | None = None
     reconnects = 0
     try:
         for item in batch:
@@ -393,10 +438,12 @@ def _send_batch(
                             SendOutcome(rest.path, None, f"association failed: {why}")
                         )
                     return
+                guard = _ResponseGuard(assoc)
             try:
-                rsp = assoc.send_c_store(
-                    item.dataset if item.dataset is not None else item.path
-                )
+                with cast(_ResponseGuard, guard).request():
+                    rsp = assoc.send_c_store(
+                        item.dataset if item.dataset is not None else item.path
+                    )
             except (ValueError, AttributeError) as exc:
                 # No accepted context for this class and syntax, or unsendable.
                 finish(SendOutcome(item.path, None, f"not sent: {exc}"))
