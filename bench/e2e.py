@@ -1,8 +1,9 @@
 """End-to-end benchmark: one-image DX studies through a running node to a destination.
 
 A node (receiver, scheduler, --workers worker threads, outbox) runs in this process
-(with --worker-process, the scoring runs in a `dicom-node worker` process instead,
-as a busy node is deployed: `serve` with workers = 0 beside a worker process)
+(with --worker-processes N, the scoring runs in N `dicom-node worker` processes
+instead, as a busy node is deployed: `serve` with workers = 0 beside worker
+processes)
 with a resnet18 model at 224 px; dcmtk's storescp stands in for the PACS and dcmtk's
 storescu sends N one-image DX studies over one association (both in their own
 processes, as they would be on other machines). For each study it measures the time from
@@ -22,7 +23,7 @@ encoding, files, the index, sending) competes with the model for the same cores.
 Latency is measured on --single studies sent one at a time (each once the previous
 one's results arrived); throughput on N studies sent at once.
 
-    python bench/e2e.py [--studies 30] [--single 8] [--workers 1] [--worker-process]
+    python bench/e2e.py [--studies 30] [--single 8] [--workers 1] [--worker-processes N]
                         [--stable-after 0.5]
 """
 
@@ -43,6 +44,7 @@ from pathlib import Path
 import torch
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,7 +138,10 @@ class Destination:
         found = {}
         for path in self.folder.glob("SR*"):
             if path.name not in self._study:  # read each file once
-                ds = dcmread(path, stop_before_pixels=True)
+                try:
+                    ds = dcmread(path, stop_before_pixels=True)
+                except (InvalidDicomError, EOFError, OSError):
+                    continue  # storescp is still writing it: next time
                 self._study[path.name] = str(ds.StudyInstanceUID)
             found[self._study[path.name]] = datetime.fromtimestamp(
                 path.stat().st_mtime, UTC
@@ -171,11 +176,10 @@ def send(folder: Path, port: int) -> None:
 
 
 @contextlib.contextmanager
-def worker_process(
-    config: NodeConfig, workers: int, *, enabled: bool
-) -> Iterator[None]:
-    """Run `dicom-node worker` on the node's index while the block runs."""
-    if not enabled:
+def worker_processes(config: NodeConfig, workers: int, count: int) -> Iterator[None]:
+    """Run ``count`` `dicom-node worker` processes on the node's index while the
+    block runs."""
+    if count == 0:
         yield
         return
     toml = config.state_dir.parent / "worker.toml"
@@ -187,19 +191,17 @@ def worker_process(
         f'host = "{dest.host}"\nport = {dest.port}\n'
         f'[[models]]\npath = "{config.models[0].path}"\n'
     )
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "dicom-node"),
-            "worker",
-            "--config",
-            str(toml),
-        ]
-    )
+    command = [str(Path(sys.executable).parent / "dicom-node"), "worker"]
+    processes = [
+        subprocess.Popen([*command, "--config", str(toml)]) for _ in range(count)
+    ]
     try:
         yield
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
 
 
 def cpu_seconds() -> float:
@@ -231,11 +233,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=30)
     parser.add_argument("--stable-after", type=float, default=0.5)
-    parser.add_argument("--workers", type=int, default=1, help="worker threads")
     parser.add_argument(
-        "--worker-process",
-        action="store_true",
-        help="score in a `dicom-node worker` process (serve with workers = 0)",
+        "--workers", type=int, default=1, help="worker threads (of each process)"
+    )
+    parser.add_argument(
+        "--worker-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score in N `dicom-node worker` processes (serve with workers = 0); "
+        "0 (default): in the node's own threads",
     )
     parser.add_argument(
         "--single", type=int, default=8, help="studies sent one at a time (latency)"
@@ -256,14 +263,14 @@ def main() -> int:
             callers=(CallerConfig("BENCH"),),
             destinations=(DestinationConfig("dest", "DEST", "127.0.0.1", dest.port),),
             models=(ModelConfig(model),),
-            workers=0 if args.worker_process else args.workers,
+            workers=0 if args.worker_processes else args.workers,
             device="cpu",
             log_level="WARNING",
             source="bench",
         )
         with (
             running_node(config) as port,
-            worker_process(config, args.workers, enabled=args.worker_process),
+            worker_processes(config, args.workers, args.worker_processes),
         ):
             # Warm the worker's model cache with one study, not counted.
             (work / "warm").mkdir()
@@ -340,7 +347,7 @@ def main() -> int:
         f"(ratio to that {rate / batched:.2f})"
     )
     print(f"ratio                  {rate / baseline:.2f} (target >= 0.8)")
-    if not args.worker_process:
+    if not args.worker_processes:
         # Both use the same 2 cores: the CPU the node spends beyond the model
         # (receiving, DICOM encoding, files, index, sending) bounds the ratio.
         print(
