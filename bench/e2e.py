@@ -18,7 +18,9 @@ figure with the same batching is printed too (the target is against one study pe
 call, the way a node scores studies that arrive one by one).
 It also prints the CPU time per study of this process in the burst beside that of
 inference alone: on a small CPU the node's work beyond the model (receiving, DICOM
-encoding, files, the index, sending) competes with the model for the same cores.
+encoding, files, the index, sending) competes with the model for the same cores;
+and the CPU per study of the whole machine (every process) with the studies/s
+the cores could reach at that cost, all of them busy (the ratio's upper bound).
 
 Latency is measured on --single studies sent one at a time (each once the previous
 one's results arrived); throughput on N studies sent at once.
@@ -204,6 +206,19 @@ def worker_processes(config: NodeConfig, workers: int, count: int) -> Iterator[N
             process.wait(timeout=60)
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all processes
+    (Linux /proc/stat; (0, 0) elsewhere)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0, 0.0
+    ticks = [int(f) for f in fields]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process so far."""
     times = os.times()
@@ -295,7 +310,7 @@ def main() -> int:
                 single.append(uid)
             # Throughput: every study at once.
             before = set(dest.sr_times())
-            cpu = cpu_seconds()
+            cpu, machine = cpu_seconds(), machine_cpu_seconds()
             send(work / "in", port)
             uids = {
                 str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files
@@ -307,6 +322,10 @@ def main() -> int:
                 time.sleep(0.2)
             every_sr = dest.sr_times()
             node_cpu = (cpu_seconds() - cpu) / len(files)
+            busy, total = (
+                now - then
+                for now, then in zip(machine_cpu_seconds(), machine, strict=True)
+            )
             arrived = {u: t for u, t in every_sr.items() if u not in before}
         dest.stop()
         index = open_index(config)
@@ -347,6 +366,16 @@ def main() -> int:
         f"(ratio to that {rate / batched:.2f})"
     )
     print(f"ratio                  {rate / baseline:.2f} (target >= 0.8)")
+    if total > 0:
+        # Every process (node, worker processes, storescu, storescp): the CPU a
+        # study costs bounds the studies/s these cores can reach.
+        per_study = busy / len(files)
+        bound = (os.cpu_count() or 1) / per_study
+        print(
+            f"machine CPU            {1000 * per_study:.0f} ms per study (all "
+            f"processes): at most {bound:.1f} studies/s on {os.cpu_count()} "
+            f"cores (ratio {bound / baseline:.2f})"
+        )
     if not args.worker_processes:
         # Both use the same 2 cores: the CPU the node spends beyond the model
         # (receiving, DICOM encoding, files, index, sending) bounds the ratio.
