@@ -206,17 +206,16 @@ def worker_processes(config: NodeConfig, workers: int, count: int) -> Iterator[N
             process.wait(timeout=60)
 
 
-def machine_cpu_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, all processes
-    (Linux /proc/stat; (0, 0) elsewhere)."""
+def machine_cpu_seconds() -> float | None:
+    """Busy CPU seconds of the whole machine so far, all processes (Linux
+    /proc/stat; None elsewhere)."""
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     except OSError:
-        return 0.0, 0.0
+        return None
     ticks = [int(f) for f in fields]
     idle = ticks[3] + ticks[4]  # idle + iowait
-    hz = os.sysconf("SC_CLK_TCK")
-    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds() -> float:
@@ -322,9 +321,11 @@ def main() -> int:
                 time.sleep(0.2)
             every_sr = dest.sr_times()
             node_cpu = (cpu_seconds() - cpu) / len(files)
-            busy, total = (
-                now - then
-                for now, then in zip(machine_cpu_seconds(), machine, strict=True)
+            machine_now = machine_cpu_seconds()
+            busy = (
+                machine_now - machine
+                if machine_now is not None and machine is not None
+                else None
             )
             arrived = {u: t for u, t in every_sr.items() if u not in before}
         dest.stop()
@@ -366,7 +367,7 @@ def main() -> int:
         f"(ratio to that {rate / batched:.2f})"
     )
     print(f"ratio                  {rate / baseline:.2f} (target >= 0.8)")
-    if total > 0:
+    if busy:
         # Every process (node, worker processes, storescu, storescp): the CPU a
         # study costs bounds the studies/s these cores can reach.
         per_study = busy / len(files)
