@@ -151,6 +151,11 @@ class NodeConfig:
         ``dicom-node worker`` processes do the work).
     device
         Where models run: cuda, cpu, or empty for CUDA when present.
+    torch_threads
+        CPU threads torch uses in a process that scores studies (``serve`` with
+        workers, ``dicom-node worker``); 0: one less than the cores the process
+        may use (at least 1), leaving a core to receiving, writing results and
+        sending, which otherwise compete with torch's threads.
     gradcam_top_k
         Images explained with Grad-CAM per study and label.
     batch_studies
@@ -192,6 +197,7 @@ class NodeConfig:
     log_level: str = "INFO"
     workers: int = 1
     device: str = ""
+    torch_threads: int = 0
     gradcam_top_k: int = 1
     batch_studies: int = 8
     results_jpeg: bool = False
@@ -243,6 +249,7 @@ class NodeConfig:
         )
         for key, low in (
             ("workers", 0),
+            ("torch_threads", 0),
             ("gradcam_top_k", 0),
             ("batch_studies", 1),
             ("job_attempts", 1),
@@ -363,6 +370,7 @@ _NODE_KEYS: dict[str, type] = {
     "log_level": str,
     "workers": int,
     "device": str,
+    "torch_threads": int,
     "gradcam_top_k": int,
     "batch_studies": int,
     "results_jpeg": bool,

@@ -17,6 +17,7 @@ re-delivery after a crash replaces rather than duplicates.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -514,12 +515,57 @@ def _jet(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return out
 
 
+# The jet colour of each of 256 heat levels, 0..255 per channel.
+_JET_LUT = np.rint(255 * _jet(np.linspace(0.0, 1.0, 256, dtype=np.float32))).astype(
+    np.int32
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _colour_bar(rows: int, bar_width: int, gap: int) -> npt.NDArray[np.uint8]:
+    """Return a gap, then the jet scale from 1 (top) to 0 (bottom); read-only."""
+    levels = np.rint(np.linspace(255.0, 0.0, rows)).astype(np.int32)
+    bar = np.zeros((rows, gap + bar_width, 3), np.uint8)
+    bar[:, gap:] = _JET_LUT[levels][:, None, :]
+    bar.flags.writeable = False
+    return bar
+
+
+@functools.lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size)
+    except (OSError, TypeError):
+        return ImageFont.load_default()
+
+
+@functools.lru_cache(maxsize=512)
+def _text_masks(line: str, size: int) -> tuple[Image.Image, Image.Image]:
+    """Return a line of text as two masks: with its 1-px outline, and its letters.
+
+    Drawing text with an outline costs ~1 ms a line; the lines repeat (the
+    warning, a label with a whole-number percentage), so each is drawn once.
+    """
+    font = _font(size)
+    _, _, right, bottom = font.getbbox(line, stroke_width=1)
+    shape = (int(right) + 2, int(bottom) + 2)
+    outlined, letters = Image.new("L", shape), Image.new("L", shape)
+    ImageDraw.Draw(outlined).text(
+        (1, 1), line, fill=255, font=font, stroke_width=1, stroke_fill=255
+    )
+    ImageDraw.Draw(letters).text((1, 1), line, fill=255, font=font)
+    return outlined, letters
+
+
 def overlay(
     image: npt.NDArray[np.uint8],
     heatmap: npt.NDArray[np.float32],
     text: Sequence[str],
 ) -> npt.NDArray[np.uint8]:
     """Blend a heatmap over a rendered image, add a colour bar and burn in text.
+
+    The heatmap is blended at half opacity in 256 levels, in jet colours; the
+    text is yellow with a black outline.
 
     Parameters
     ----------
@@ -535,35 +581,22 @@ def overlay(
     numpy.ndarray
         uint8 RGB [rows, columns + bar, 3].
     """
-    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
-    base = rgb.astype(np.float32) / 255.0
-    heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
-    alpha = 0.5 * heat[..., None]
-    blended = base * (1 - alpha) + _jet(heat) * alpha
-    rows, columns = heat.shape
+    rgb = image[..., None] if image.ndim == 2 else image
+    # Integer blend: alpha = level / 510 (half opacity at full heat), rounded.
+    level = np.rint(255 * np.clip(np.asarray(heatmap, np.float32), 0.0, 1.0))
+    level = level.astype(np.int32)[..., None]
+    blended = (rgb * (510 - level) + _JET_LUT[level[..., 0]] * level + 255) // 510
+    rows, columns = level.shape[:2]
     bar_width = max(8, columns // 24)
-    gap = max(2, bar_width // 4)
-    ramp = np.linspace(1.0, 0.0, rows, dtype=np.float32)[:, None].repeat(bar_width, 1)
-    bar = np.concatenate([np.zeros((rows, gap, 3), np.float32), _jet(ramp)], axis=1)
-    out = np.concatenate([blended, bar], axis=1)
-    picture = Image.fromarray(np.rint(out * 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(picture)
+    bar = _colour_bar(rows, bar_width, max(2, bar_width // 4))
+    picture = Image.fromarray(
+        np.concatenate([blended.astype(np.uint8), bar], axis=1), "RGB"
+    )
     size = max(9, rows // 28)
-    try:
-        font: ImageFont.ImageFont | ImageFont.FreeTypeFont = ImageFont.load_default(
-            size
-        )
-    except (OSError, TypeError):
-        font = ImageFont.load_default()
     y = 2
     for line in text:
-        draw.text(
-            (3, y),
-            line,
-            fill=(255, 255, 0),
-            font=font,
-            stroke_width=1,
-            stroke_fill=(0, 0, 0),
-        )
+        outlined, letters = _text_masks(line, size)
+        picture.paste((0, 0, 0), (2, y - 1), outlined)
+        picture.paste((255, 255, 0), (2, y - 1), letters)
         y += size + 3
     return np.asarray(picture, dtype=np.uint8)

@@ -53,6 +53,7 @@ from inference import (
     ModelArtifact,
     PreprocessError,
     StudyPrediction,
+    set_cpu_threads,
 )
 
 __all__ = [
@@ -1146,10 +1147,16 @@ class Workers:
     ----------
     loops
         The started threads: job threads first, the outbox last.
+    restore_threads
+        torch's CPU threads before the job threads set theirs: set again when
+        they stop (a node embedded in a larger program leaves it as it was).
     """
 
-    def __init__(self, loops: Sequence[_Loop]) -> None:
+    def __init__(
+        self, loops: Sequence[_Loop], restore_threads: int | None = None
+    ) -> None:
         self.loops = list(loops)
+        self._restore_threads = restore_threads
 
     def nudge(self) -> None:
         """Wake the job threads: new jobs were queued."""
@@ -1161,6 +1168,34 @@ class Workers:
         """Stop every thread after its current step."""
         for loop in self.loops:
             loop.stop(timeout)
+        if self._restore_threads is not None:
+            set_cpu_threads(self._restore_threads)
+            self._restore_threads = None
+
+
+def scoring_threads(configured: int) -> int:
+    """Return the CPU threads torch gets in a scoring process (``torch_threads``).
+
+    Parameters
+    ----------
+    configured
+        ``[node] torch_threads``; 0 for automatic.
+
+    Returns
+    -------
+    int
+        ``configured``, or when 0 one less than the cores this process may use
+        (at least 1): with torch on every core, the node's own threads (receiving,
+        DICOM encoding, sending) keep stalling torch's, which wait for each other
+        at every layer.
+    """
+    if configured:
+        return configured
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
@@ -1180,6 +1215,11 @@ def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
     Workers
         The started threads.
     """
+    previous_threads = None
+    if workers:
+        threads = scoring_threads(config.torch_threads)
+        previous_threads = set_cpu_threads(threads)
+        logger.info("torch uses %d CPU thread(s) for scoring", threads)
     released = recover_local_leases(index)
     if released:
         logger.warning(
@@ -1195,7 +1235,7 @@ def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
     loops.append(outbox)
     for loop in loops:
         loop.start()
-    return Workers(loops)
+    return Workers(loops, previous_threads)
 
 
 def requeue(index: IndexDB, *, dead: bool, failed_jobs: bool) -> dict[str, int]:

@@ -27,7 +27,12 @@ from inference.gradcam import (
     gradcam_from_features,
     gradcam_full_backward,
 )
-from inference.model import ARCHITECTURES, build_model, load_init_weights
+from inference.model import (
+    ARCHITECTURES,
+    build_model,
+    load_init_weights,
+    set_cpu_threads,
+)
 from inference.preprocess import (
     Frames,
     FrameSource,
@@ -71,5 +76,6 @@ __all__ = [
     "preprocess",
     "preprocess_many",
     "render",
+    "set_cpu_threads",
     "weights_sha256",
 ]

@@ -11,7 +11,7 @@ from torchvision import models
 
 from inference.errors import ArtifactError
 
-__all__ = ["ARCHITECTURES", "build_model", "load_init_weights"]
+__all__ = ["ARCHITECTURES", "build_model", "load_init_weights", "set_cpu_threads"]
 
 ARCHITECTURES: dict[str, Callable[..., models.ResNet]] = {
     "resnet18": models.resnet18,
@@ -124,3 +124,23 @@ def load_init_weights(model: models.ResNet, path: Path) -> None:
             f"init weights {path} do not fit the model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+
+
+def set_cpu_threads(threads: int) -> int:
+    """Set how many CPU threads torch uses for each operation in this process.
+
+    Parameters
+    ----------
+    threads
+        At least 1.
+
+    Returns
+    -------
+    int
+        The number it used before.
+    """
+    if threads < 1:
+        raise ValueError(f"threads: expected >= 1, found {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return previous

@@ -96,6 +96,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("", {"DICOM_NODE_NODE_PROT": "1"}, "DICOM_NODE_NODE_PROT: unknown key"),
         ("", {"DICOM_NODE_CALLERS": "PACS"}, "DICOM_NODE_CALLERS"),
         ("[node]\nworkers = -1\n", {}, "[node] workers"),
+        ("[node]\ntorch_threads = -1\n", {}, "[node] torch_threads"),
         ("[node]\ndelivery_attempts = 0\n", {}, "[node] delivery_attempts"),
         ("[node]\nretry_after = 0\n", {}, "[node] retry_after"),
         ("[node]\ndevice = 'gpu'\n", {}, "[node] device"),

@@ -7,11 +7,12 @@ import subprocess
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node.results import NOT_FOR_DIAGNOSIS, ResultSet, build_results
+from dicom_node.results import NOT_FOR_DIAGNOSIS, ResultSet, build_results, overlay
 from inference import Classifier
 from tests.factories import corpus_file, dcmtk, make_artifact, make_ct
 
@@ -179,3 +180,31 @@ def test_each_label_references_its_own_gradcam_images() -> None:
             if item.ValueType == "IMAGE"
         }
         assert referenced == by_label[label], finding
+
+
+def test_overlay_blends_the_heat_adds_a_colour_bar_and_burns_in_the_text() -> None:
+    grey = np.full((200, 150), 100, np.uint8)
+    heat = np.zeros((200, 150), np.float32)
+    heat[150:180, 100:130] = 1.0
+
+    out = overlay(grey, heat, [NOT_FOR_DIAGNOSIS, "Nodule 87 % - model"])
+
+    bar = max(8, 150 // 24) + max(2, max(8, 150 // 24) // 4)
+    assert out.shape == (200, 150 + bar, 3)
+    # No heat: the source as it was; full heat: half the source, half jet's
+    # top colour (dark red).
+    assert out[100, 60].tolist() == [100, 100, 100]
+    assert out[160, 110].tolist() == [114, 50, 50]
+    # The bar runs from dark red (top) to dark blue (bottom).
+    assert out[0, -1].tolist() == [128, 0, 0]
+    assert out[-1, -1].tolist() == [0, 0, 128]
+    # The text is yellow, outlined in black, in the top-left corner.
+    corner = out[:30, :120].astype(int)
+    yellow = (corner[..., 0] > 200) & (corner[..., 1] > 200) & (corner[..., 2] < 60)
+    black = corner.max(axis=2) < 40
+    assert yellow.sum() > 50
+    assert black.sum() > 50
+    assert np.all(out[30:140, :120] == 100)  # nothing below it
+    # Drawing again (the text from the cache) gives the same picture.
+    again = overlay(grey, heat, [NOT_FOR_DIAGNOSIS, "Nodule 87 % - model"])
+    assert np.array_equal(out, again)

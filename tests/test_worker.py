@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from pydicom import dcmread
 
 from dicom_node.config import (
@@ -18,6 +20,8 @@ from dicom_node.config import (
     ModelMatch,
     NodeConfig,
 )
+from dicom_node.service import open_index
+from dicom_node.worker import start_workers
 from inference import Classifier, ModelArtifact
 from tests.conftest import (
     Destination,
@@ -386,3 +390,21 @@ def _content_items(ds: Any) -> list[Any]:
         found.append(item)
         found.extend(_content_items(item))
     return found
+
+
+@pytest.mark.parametrize("configured", [0, 3])
+def test_scoring_leaves_a_core_to_the_node_and_gives_torch_back_when_stopped(
+    tmp_path: Path, model: Path, configured: int
+) -> None:
+    config = node_config(tmp_path, model, free_port(), torch_threads=configured)
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    index = open_index(config)
+    workers = start_workers(config, index, 1)
+    try:
+        expected = configured or max(1, cores - 1)
+        assert torch.get_num_threads() == expected
+    finally:
+        workers.stop()
+        index.close()
+    assert torch.get_num_threads() == before
