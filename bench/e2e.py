@@ -10,7 +10,9 @@ processes, as they would be on other machines). For each study it measures the t
 the study becoming stable (its last instance + stable_after) to the destination
 accepting its SR, and the node's studies/s over the whole run; beside them, the
 inference-only studies/s of the same model (Classifier.predict with Grad-CAM of the
-top image, on the same data sets in memory) measured in the same run.
+top image, on the same data sets in memory) measured in the same run, before and
+after the node (this VM's speed drifts by up to 30 % between minutes; the ratio
+is against the mean of the two).
 
 Targets: node throughput >= 0.8 of inference-only; median latency < 0.5 s.
 The node scores a burst 8 one-image studies per forward pass; the inference-only
@@ -21,6 +23,9 @@ inference alone: on a small CPU the node's work beyond the model (receiving, DIC
 encoding, files, the index, sending) competes with the model for the same cores;
 and the CPU per study of the whole machine (every process) with the studies/s
 the cores could reach at that cost, all of them busy (the ratio's upper bound).
+In one process (no --worker-processes) it also prints the CPU per study of each
+of the node's threads: receiving, scheduling, scoring (torch), writing results,
+sending. Their Python work shares one GIL.
 
 Latency is measured on --single studies sent one at a time (each once the previous
 one's results arrived); throughput on N studies sent at once.
@@ -38,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -218,6 +224,58 @@ def machine_cpu_seconds() -> float | None:
     return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds() -> dict[tuple[int, str], float]:
+    """CPU seconds of each live thread of this process, by (native id, name);
+    torch's own threads are named "torch and other native threads" (Linux
+    /proc; empty elsewhere)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    found: dict[tuple[int, str], float] = {}
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        name = names.get(int(task.name), "torch and other native threads")
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime
+        found[(int(task.name), name)] = ticks / os.sysconf("SC_CLK_TCK")
+    return found
+
+
+def thread_groups(
+    before: dict[tuple[int, str], float],
+    after: dict[tuple[int, str], float],
+    process_seconds: float,
+) -> dict[str, float]:
+    """CPU seconds per kind of thread between two snapshots; threads that ended in
+    between (pynetdicom's, of finished associations) are the rest of the
+    process's CPU."""
+    pynetdicom = "associations (pynetdicom: receiving, sending)"
+    groups: dict[str, float] = {}
+    for (tid, name), seconds in after.items():
+        kind = "other (the bench itself, serve's loop)"
+        for part, label in (
+            ("worker-", "scoring (torch calls, preprocessing)"),
+            ("-results", "writing results (SR, SC, files, index)"),
+            ("outbox", "sending (outbox: files, index)"),
+            ("dicom-node-scheduler", "scheduling"),
+            ("torch", "torch and other native threads"),
+            ("Acceptor", pynetdicom),
+            ("Requestor", pynetdicom),
+            ("run_reactor", pynetdicom),
+        ):
+            if part in name:
+                kind = label
+        groups[kind] = groups.get(kind, 0.0) + seconds - before.get((tid, name), 0.0)
+    groups[pynetdicom] = groups.get(pynetdicom, 0.0) + (
+        process_seconds - sum(groups.values())
+    )
+    return groups
+
+
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process so far."""
     times = os.times()
@@ -268,7 +326,7 @@ def main() -> int:
         model = model_file(work)
         (work / "in").mkdir()
         files = studies(work / "in", args.studies)
-        baseline, baseline_cpu, batched = inference_only(model, files)
+        before_node, baseline_cpu, batched = inference_only(model, files)
         dest = Destination(work / "dest")
         config = NodeConfig(
             port=0,
@@ -310,6 +368,7 @@ def main() -> int:
             # Throughput: every study at once.
             before = set(dest.sr_times())
             cpu, machine = cpu_seconds(), machine_cpu_seconds()
+            threads_before = thread_cpu_seconds()
             send(work / "in", port)
             uids = {
                 str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files
@@ -321,6 +380,9 @@ def main() -> int:
                 time.sleep(0.2)
             every_sr = dest.sr_times()
             node_cpu = (cpu_seconds() - cpu) / len(files)
+            per_thread = thread_groups(
+                threads_before, thread_cpu_seconds(), node_cpu * len(files)
+            )
             machine_now = machine_cpu_seconds()
             busy = (
                 machine_now - machine
@@ -338,6 +400,8 @@ def main() -> int:
             ).all()
         received = {str(uid): at for uid, at in rows}
         index.close()
+        after_node, _, _ = inference_only(model, files)
+    baseline = (before_node + after_node) / 2
 
     def after_stable(uid: str) -> float:
         became_stable = received[uid] + timedelta(seconds=args.stable_after)
@@ -360,7 +424,8 @@ def main() -> int:
     print(f"node throughput        {rate:.2f} studies/s")
     print(
         f"inference only         {baseline:.2f} studies/s "
-        "(predict + Grad-CAM, same model)"
+        f"(predict + Grad-CAM, same model; {before_node:.2f} before the node, "
+        f"{after_node:.2f} after)"
     )
     print(
         f"                       {batched:.2f} studies/s with 8 studies per forward "
@@ -384,6 +449,8 @@ def main() -> int:
             f"CPU per study          node {1000 * node_cpu:.0f} ms (this process, "
             f"burst), inference only {1000 * baseline_cpu:.0f} ms"
         )
+        for kind, seconds in sorted(per_thread.items(), key=lambda kv: -kv[1]):
+            print(f"  {kind:45s} {1000 * seconds / len(files):5.1f} ms")
     return 0
 
 

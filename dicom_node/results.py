@@ -55,6 +55,27 @@ NOT_FOR_DIAGNOSIS = "AI: not for diagnostic use"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 
+
+def _cache_image_iod_lookup() -> None:
+    """Remember highdicom's answer to "is this SOP class an image?" per class.
+
+    highdicom (0.28) asks it for the source of every SR and Secondary Capture
+    (``ContributingEquipment.for_image_acquisition``) by scanning the IOD's
+    module tables: ~1.5 ms a call, 2 per study, the same answer every time for
+    a SOP class. The lookup is a pure function of the UID over tables that ship
+    with highdicom, so caching it changes nothing but the time. Left alone if
+    highdicom no longer has it where 0.28 does.
+    """
+    from highdicom import base_content
+
+    lookup = getattr(base_content, "does_iod_have_pixel_data", None)
+    if callable(lookup) and not hasattr(lookup, "cache_info"):
+        cached = functools.lru_cache(maxsize=256)(lookup)
+        base_content.does_iod_have_pixel_data = cached  # type: ignore[attr-defined]
+
+
+_cache_image_iod_lookup()
+
 _PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
 _ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
 _PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")

@@ -208,3 +208,16 @@ def test_overlay_blends_the_heat_adds_a_colour_bar_and_burns_in_the_text() -> No
     # Drawing again (the text from the cache) gives the same picture.
     again = overlay(grey, heat, [NOT_FOR_DIAGNOSIS, "Nodule 87 % - model"])
     assert np.array_equal(out, again)
+
+
+@pytest.mark.parametrize("kind", ["CT", "DX", "CR MONOCHROME1", "MR"])
+def test_captures_name_the_source_equipment_and_this_node(kind: str) -> None:
+    # Built twice: the second time highdicom's image-class lookup is cached.
+    for _ in range(2):
+        result, source = results(kind)
+        equipment = result.captures[0].ContributingEquipmentSequence
+        makers = [str(item.Manufacturer) for item in equipment]
+        assert makers[:2] == [str(source.Manufacturer), "dicom-node"]
+        assert (
+            equipment[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109101"
+        )  # acquisition
