@@ -29,7 +29,7 @@ from dicom_node.service import (
     run_worker,
     serve,
 )
-from dicom_node.worker import requeue
+from dicom_node.worker import requeue, scoring_threads
 
 __all__ = ["build_parser", "main"]
 
@@ -485,7 +485,12 @@ def _config_command(args: argparse.Namespace) -> int:
     print(
         f"workers          {config.workers} on {config.device or 'auto'}, "
         f"up to {config.batch_studies} studies at once, "
-        f"Grad-CAM top {config.gradcam_top_k}"
+        f"Grad-CAM top {config.gradcam_top_k}, torch "
+        + (
+            f"{config.torch_threads} CPU thread(s)"
+            if config.torch_threads
+            else f"{scoring_threads(0)} CPU thread(s) (cores - 1)"
+        )
     )
     print(
         f"retries          jobs {config.job_attempts}, deliveries "
