@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian tools the tests and benchmarks use: dcmtk (storescu, echoscu,
-# storescp, dsr2html), dicom3tools (dciodvfy) and Orthanc (a real PACS for the
-# end-to-end test). Idempotent; needs root (or sudo) and Debian's package registry.
+# storescp, dsr2html), dicom3tools (dciodvfy), Orthanc (a real PACS for the
+# end-to-end test) and PostgreSQL (a throwaway server for the tests of a shared
+# index; the tests start their own, as the postgres user). Idempotent; needs root (or sudo) and Debian's package registry.
 set -euo pipefail
 
-packages=(dcmtk dicom3tools orthanc)
+packages=(dcmtk dicom3tools orthanc postgresql)
 need=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -233,3 +236,78 @@ def status(config: NodeConfig) -> dict[str, Any]:
         return index.status()
     finally:
         index.close()
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL server on a free loopback port: its base URL.
+
+    Started with the server binaries of Debian's postgresql package (installed
+    by scripts/setup-system.sh), as the postgres user when run as root (the
+    server refuses root). Skipped where they or the driver are missing.
+    """
+    missing = ""
+    try:
+        import psycopg  # noqa: F401 - the driver SQLAlchemy will use
+    except ImportError:
+        missing = "the postgres extra (psycopg) is not installed"
+    bindir = _postgres_bin()
+    if bindir is None:
+        missing = "PostgreSQL server binaries not found (scripts/setup-system.sh)"
+    if missing:
+        if os.environ.get("CI"):  # CI installs both: never skip there
+            pytest.fail(missing)
+        pytest.skip(missing)
+    assert bindir is not None
+    # Not under pytest's folder: that is private to this user, and the server
+    # runs as postgres.
+    folder = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+    data = folder / "data"
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def pg(*args: str) -> None:
+        subprocess.run(
+            [*prefix, *args], check=True, capture_output=True, text=True, timeout=120
+        )
+
+    pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust")
+    pg(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(folder / "server.log"),
+        "-w",
+        "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+        "start",
+    )
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A new, empty database on the PostgreSQL server, for one test."""
+    import psycopg
+
+    name = f"t{secrets.token_hex(6)}"
+    dsn = postgres_server.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(f"{dsn}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{postgres_server}/{name}"
