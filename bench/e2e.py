@@ -141,6 +141,10 @@ class Destination:
         )
         time.sleep(0.5)
 
+    def sr_count(self) -> int:
+        """How many SR files there are (received or being written)."""
+        return sum(1 for _ in self.folder.glob("SR*"))
+
     def sr_times(self) -> dict[str, datetime]:
         """Study UID -> when its SR was written, for every SR received."""
         found = {}
@@ -367,18 +371,18 @@ def main() -> int:
                 single.append(uid)
             # Throughput: every study at once.
             before = set(dest.sr_times())
-            cpu, machine = cpu_seconds(), machine_cpu_seconds()
-            threads_before = thread_cpu_seconds()
-            send(work / "in", port)
+            expected = len(before) + len(files)
             uids = {
                 str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files
             }
+            cpu, machine = cpu_seconds(), machine_cpu_seconds()
+            threads_before = thread_cpu_seconds()
+            send(work / "in", port)
+            # While the node works in this process, only count the SR files
+            # (reading them here would take CPU and the GIL from the node).
             deadline = time.monotonic() + 600
-            while len(uids & set(dest.sr_times())) < len(uids):
-                if time.monotonic() > deadline:
-                    break
+            while dest.sr_count() < expected and time.monotonic() < deadline:
                 time.sleep(0.2)
-            every_sr = dest.sr_times()
             node_cpu = (cpu_seconds() - cpu) / len(files)
             per_thread = thread_groups(
                 threads_before, thread_cpu_seconds(), node_cpu * len(files)
@@ -389,6 +393,12 @@ def main() -> int:
                 if machine_now is not None and machine is not None
                 else None
             )
+            # The last SR may still be being written: read them all now.
+            every_sr = dest.sr_times()
+            settle = time.monotonic() + 5
+            while not uids <= set(every_sr) and time.monotonic() < settle:
+                time.sleep(0.1)
+                every_sr = dest.sr_times()
             arrived = {u: t for u, t in every_sr.items() if u not in before}
         dest.stop()
         index = open_index(config)
