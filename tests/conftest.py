@@ -28,6 +28,7 @@ from dicom_node.index import IndexDB
 from dicom_node.log import quiet_pynetdicom
 from dicom_node.scp import Receiver
 from dicom_node.service import open_index, running_node
+from tests.factories import make_artifact
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,6 +69,14 @@ def make_config(tmp_path: Path, **overrides: Any) -> NodeConfig:
         source="tests",
     )
     return replace(base, **overrides)
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    """A small model file (tests.factories.make_artifact) for a node to load."""
+    path = tmp_path / "model.safetensors"
+    make_artifact().save(path)
+    return path
 
 
 @pytest.fixture

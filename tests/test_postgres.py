@@ -11,7 +11,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from dicom_node.config import NodeConfig
@@ -20,15 +19,7 @@ from dicom_node.scheduler import schedule_stable_studies
 from dicom_node.service import open_index
 from dicom_node.worker import claim_jobs
 from tests.conftest import Destination, make_config, status, store_datasets, wait_for
-from tests.factories import make_artifact
 from tests.test_worker import ct_study, node_config
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    path = tmp_path / "model.safetensors"
-    make_artifact().save(path)
-    return path
 
 
 def test_a_study_is_scored_and_delivered_with_a_postgresql_index(

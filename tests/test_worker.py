@@ -36,13 +36,6 @@ from tests.conftest import (
 from tests.factories import make_artifact, make_ct
 
 
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    path = tmp_path / "model.safetensors"
-    make_artifact().save(path)
-    return path
-
-
 def node_config(tmp_path: Path, model: Path, port: int, **overrides: Any) -> NodeConfig:
     settings: dict[str, Any] = {
         "stable_after": 0.3,
