@@ -54,6 +54,9 @@ MANUFACTURER = "dicom-node"
 NOT_FOR_DIAGNOSIS = "AI: not for diagnostic use"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+# What the SCOORD point of a positive finding stands for (in its Tracking
+# Identifier and summary).
+POINT_MEANING = "where the model looked, not a boundary"
 
 
 def _cache_image_iod_lookup() -> None:
@@ -235,6 +238,51 @@ def _procedure(modality: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 
 
+def _tracking_text(name: str, what: str) -> str:
+    """Return "AI <name>: <what>" in 64 characters, shortening the name if needed."""
+    room = 64 - len(f"AI : {what}")
+    return f"AI {name[: max(room, 1)]}: {what}"[:64]
+
+
+def _peak_region(
+    sources: Sequence[Dataset], prediction: StudyPrediction, label_index: int
+) -> hd.sr.ImageRegion | None:
+    """Return a point at the Grad-CAM peak of the label's top explained image."""
+    explanation = next(
+        (e for e in prediction.explanations if e.label_index == label_index), None
+    )
+    if explanation is None:
+        return None
+    source = next(
+        (
+            ds
+            for ds in sources
+            if ds.SOPInstanceUID == explanation.source.sop_instance_uid
+        ),
+        None,
+    )
+    if source is None:
+        return None
+    heatmap = explanation.heatmap
+    row, column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    frames = (
+        [explanation.source.frame_index + 1]
+        if int(source.get("NumberOfFrames", 1) or 1) > 1
+        else None
+    )
+    # Image coordinates (PS3.3 C.18.6.1.1): the centre of the pixel at row r,
+    # column c is (c + 0.5, r + 0.5), column first.
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=np.array([[column + 0.5, row + 0.5]]),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+            referenced_frame_numbers=frames,
+        ),
+    )
+
+
 def _equipment(prediction: StudyPrediction) -> hd.ContributingEquipment:
     return hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
@@ -271,24 +319,28 @@ def _report(
         name=prediction.model_name[:64], version=prediction.model_version[:64]
     )
     captures = [capture for _, capture in explained]
-    groups = []
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
     lines = summary_lines(prediction)
     for index, label_prediction in enumerate(prediction.labels):
         label = label_prediction.label
         finding = _code(label.concept)
-        group = hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=make_uid(f"tracking-{index}"),
-                identifier=f"AI {label.name}: whole-study score"[:64],
-            ),
-            finding_type=finding,
-            algorithm_id=algorithm,
-            finding_sites=(
+        point = (
+            _peak_region(sources, prediction, index)
+            if label_prediction.positive
+            else None
+        )
+        content = {
+            "finding_type": finding,
+            "algorithm_id": algorithm,
+            "finding_sites": (
                 [hd.sr.FindingSite(_code(label.finding_site))]
                 if label.finding_site
                 else None
             ),
-            measurements=[
+            "measurements": [
                 hd.sr.Measurement(
                     name=_PROBABILITY,
                     value=round(100 * label_prediction.probability, 2),
@@ -296,19 +348,48 @@ def _report(
                     algorithm_id=algorithm,
                 )
             ],
-            qualitative_evaluations=[
+            "qualitative_evaluations": [
                 hd.sr.QualitativeEvaluation(
                     name=finding,
                     value=_PRESENT if label_prediction.positive else _ABSENT,
                 )
             ],
+        }
+        summary = f"{lines[index]}; model {model}; unverified, not for diagnostic use"
+        group: (
+            hd.sr.MeasurementsAndQualitativeEvaluations
+            | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         )
+        if point is None:
+            # TID 1501: a score of the whole study, no geometry.
+            group = hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=make_uid(f"tracking-{index}"),
+                    identifier=_tracking_text(label.name, "whole-study score"),
+                ),
+                **content,  # type: ignore[arg-type]
+            )
+        else:
+            # TID 1410 with a point (what OHIF can draw): where Grad-CAM is
+            # hottest on the explained image, not the outline of a finding.
+            group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=make_uid(f"tracking-{index}"),
+                    identifier=_tracking_text(label.name, POINT_MEANING),
+                ),
+                referenced_region=point,
+                **content,  # type: ignore[arg-type]
+            )
+            summary = summary.replace(
+                lines[index],
+                f"{lines[index]}; the point is the Grad-CAM peak: {POINT_MEANING}",
+                1,
+            )
         container = group[0]
         container.ContentSequence.append(
             hd.sr.TextContentItem(
                 name=codes.DCM.Summary,
-                value=f"{lines[index]}; model {model}; unverified, "
-                "not for diagnostic use",
+                value=summary,
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )

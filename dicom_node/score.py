@@ -238,11 +238,19 @@ def sr_text(sr: Dataset) -> str:
             elif kind == "UIDREF":
                 value = str(item.UID)
             elif kind == "IMAGE":
-                value = "image " + str(
-                    item.ReferencedSOPSequence[0].ReferencedSOPClassUID.name
-                )
+                reference = item.ReferencedSOPSequence[0]
+                value = "image " + str(reference.ReferencedSOPClassUID.name)
+                if "ReferencedFrameNumber" in reference:
+                    value += f", frame {reference.ReferencedFrameNumber}"
             elif kind == "PNAME":
                 value = str(item.PersonName)
+            elif kind == "SCOORD":
+                data = [float(v) for v in item.GraphicData]
+                points = ", ".join(
+                    f"({x:g}, {y:g})"
+                    for x, y in zip(data[::2], data[1::2], strict=True)
+                )
+                value = f"{item.GraphicType} {points} (column, row)"
             lines.append("  " * depth + (f"{name}: {value}" if value else name))
             if "ContentSequence" in item and kind != "IMAGE":
                 walk(item.ContentSequence, depth + 1)

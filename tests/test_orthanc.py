@@ -87,7 +87,12 @@ def test_orthanc_sends_a_study_and_finds_the_results_in_it(
         sr = hd.sr.srread(tmp_path / f"{instances['SR'][0]}.dcm")
         report = sr.content
         assert isinstance(report, hd.sr.MeasurementReport)
-        groups = report.get_image_measurement_groups()
+        # A positive finding is a TID 1410 group (a point where the model
+        # looked), a negative one a TID 1501 group.
+        groups = [
+            *report.get_image_measurement_groups(),
+            *report.get_planar_roi_measurement_groups(),
+        ]
         findings = {g.finding_type.meaning: g for g in groups if g.finding_type}
         assert set(findings) == {"Nodule", "Pleural effusion"}
         nodule = findings["Nodule"]

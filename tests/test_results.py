@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -12,7 +13,14 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node.results import NOT_FOR_DIAGNOSIS, ResultSet, build_results, overlay
+from dicom_node.results import (
+    NOT_FOR_DIAGNOSIS,
+    POINT_MEANING,
+    ResultSet,
+    build_results,
+    overlay,
+)
+from dicom_node.score import sr_text
 from inference import Classifier
 from tests.factories import corpus_file, dcmtk, make_artifact, make_ct
 
@@ -180,6 +188,50 @@ def test_each_label_references_its_own_gradcam_images() -> None:
             if item.ValueType == "IMAGE"
         }
         assert referenced == by_label[label], finding
+
+
+def test_a_positive_finding_is_a_point_at_the_gradcam_peak_a_negative_has_none(
+    tmp_path: Path,
+) -> None:
+    artifact = make_artifact()
+    nodule, effusion = artifact.labels
+    artifact.labels = (
+        replace(nodule, threshold=0.001),  # positive
+        replace(effusion, threshold=0.999),  # negative
+    )
+    datasets = sources("CT")
+    prediction = Classifier(artifact, "cpu").predict(datasets, explain_top_k=1)
+    assert [p.positive for p in prediction.labels] == [True, False]
+    explained = next(e for e in prediction.explanations if e.label_index == 0)
+    row, column = np.unravel_index(
+        np.argmax(explained.heatmap), explained.heatmap.shape
+    )
+    path = tmp_path / "sr.dcm"
+    build_results(datasets, prediction, 1).sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_problems(path) == []
+
+    report = hd.sr.Comprehensive3DSR.from_dataset(dcmread(path))
+    content = report.content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    (positive,) = content.get_planar_roi_measurement_groups()  # TID 1410
+    assert positive.finding_type is not None
+    assert positive.finding_type.meaning == "Nodule"
+    assert POINT_MEANING in str(positive.tracking_identifier)
+    region = positive.roi
+    assert region is not None
+    assert region.graphic_type == hd.sr.GraphicTypeValues.POINT
+    # Column first, at the centre of the hottest pixel of the explained image.
+    assert region.value.tolist() == [[column + 0.5, row + 0.5]]
+    assert (
+        region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        == explained.source.sop_instance_uid
+    )
+    (negative,) = content.get_image_measurement_groups()  # TID 1501: no geometry
+    assert negative.finding_type is not None
+    assert negative.finding_type.meaning == "Pleural effusion"
+    evaluation = negative.get_qualitative_evaluations()[0]
+    assert evaluation[0].ConceptCodeSequence[0].CodeMeaning == "Absent"
+    assert f"POINT ({column + 0.5:g}, {row + 0.5:g})" in sr_text(report)
 
 
 def test_overlay_blends_the_heat_adds_a_colour_bar_and_burns_in_the_text() -> None:
