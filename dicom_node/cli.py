@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_score.add_argument(
         "--jpeg", action="store_true", help="JPEG baseline Secondary Captures"
     )
+    p_score.add_argument(
+        "--parametric-map",
+        action="store_true",
+        help="also write the raw Grad-CAM as a Parametric Map (pm-N.dcm) for "
+        "images with patient geometry (CT, MR, ...; not projection radiographs)",
+    )
 
     p_demo = sub.add_parser(
         "demo",
@@ -352,6 +358,7 @@ def _score(args: argparse.Namespace) -> int:
         device=args.device,
         gradcam_top_k=args.gradcam_top_k,
         jpeg=args.jpeg,
+        parametric_map=args.parametric_map,
     )
     if args.json:
         print(json.dumps({"studies": [s.to_dict() for s in summaries]}, indent=2))
@@ -490,6 +497,15 @@ def _config_command(args: argparse.Namespace) -> int:
             f"{config.torch_threads} CPU thread(s)"
             if config.torch_threads
             else f"{scoring_threads(0)} CPU thread(s) (cores - 1)"
+        )
+    )
+    print(
+        "results          SR, Grad-CAM Secondary Captures "
+        + ("(JPEG baseline)" if config.results_jpeg else "(RGB)")
+        + (
+            ", Parametric Maps (images with patient geometry)"
+            if config.results_parametric_map
+            else ""
         )
     )
     print(

@@ -163,6 +163,9 @@ class NodeConfig:
         passes.
     results_jpeg
         Store the Grad-CAM Secondary Captures as JPEG baseline.
+    results_parametric_map
+        Also write each explained image's raw Grad-CAM as a Parametric Map
+        (images with patient geometry only: CT, MR, ...).
     job_attempts
         Tries of a failing job before it is marked failed.
     delivery_attempts
@@ -201,6 +204,7 @@ class NodeConfig:
     gradcam_top_k: int = 1
     batch_studies: int = 8
     results_jpeg: bool = False
+    results_parametric_map: bool = False
     job_attempts: int = 3
     delivery_attempts: int = 8
     retry_after: float = 10.0
@@ -374,6 +378,7 @@ _NODE_KEYS: dict[str, type] = {
     "gradcam_top_k": int,
     "batch_studies": int,
     "results_jpeg": bool,
+    "results_parametric_map": bool,
     "job_attempts": int,
     "delivery_attempts": int,
     "retry_after": float,

@@ -7,7 +7,9 @@ One result set per study, model and run:
   one OHIF and the IHE AI Results profile expect; no 3D coordinates are used);
 - one Secondary Capture per explained image: the source rendered with its own
   window, the heatmap blended over it, a colour bar, and "AI: not for diagnostic
-  use" burned in.
+  use" burned in;
+- optionally, one Parametric Map per explained image with patient geometry: the
+  raw Grad-CAM (0 to 1) for software, as IHE AI Results names it for heatmaps.
 
 Every UID is derived from the study, the model's Device UID, the run number and
 the object's role, so writing the same run again yields the same objects: a
@@ -40,6 +42,7 @@ __all__ = [
     "NOT_FOR_DIAGNOSIS",
     "ResultSet",
     "build_results",
+    "has_patient_geometry",
     "result_uid",
     "summary_lines",
 ]
@@ -54,6 +57,7 @@ MANUFACTURER = "dicom-node"
 NOT_FOR_DIAGNOSIS = "AI: not for diagnostic use"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+PM_SERIES_NUMBER = 9903
 # What the SCOORD point of a positive finding stands for (in its Tracking
 # Identifier and summary).
 POINT_MEANING = "where the model looked, not a boundary"
@@ -84,6 +88,8 @@ _ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
 _PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 _PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
 _SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
+_NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+_PM_SCALE = 65535
 _UID_NAMESPACE = uuid.UUID("5b0c5f4e-5d0e-4d55-9a0c-64c6f1c0de01")  # dicom-node results
 _RADIOGRAPHY = {"DX", "CR", "RG", "MG", "IO", "PX", "XA", "RF"}
 
@@ -100,16 +106,20 @@ class ResultSet:
         The Secondary Captures, one per explained image.
     run
         The run number (1 for the first result set of this study and model).
+    maps
+        The Parametric Maps of the raw Grad-CAM, one per explained image that
+        has patient geometry (when asked for).
     """
 
     sr: Dataset
     captures: tuple[Dataset, ...]
     run: int
+    maps: tuple[Dataset, ...] = ()
 
     @property
     def datasets(self) -> tuple[Dataset, ...]:
-        """Return the captures, then the SR (the order they are sent in)."""
-        return (*self.captures, self.sr)
+        """Return the captures, the maps, then the SR (the order they are sent in)."""
+        return (*self.captures, *self.maps, self.sr)
 
 
 def result_uid(study_uid: str, device_uid: str, run: int, role: str) -> str:
@@ -144,6 +154,7 @@ def build_results(
     station: str = "DICOMNODE",
     previous_sr: Dataset | None = None,
     jpeg: bool = False,
+    parametric_map: bool = False,
 ) -> ResultSet:
     """Build the SR and the Secondary Captures of one scored study.
 
@@ -163,6 +174,11 @@ def build_results(
     jpeg
         Store the captures as JPEG baseline (YBR_FULL_422) instead of
         uncompressed RGB.
+    parametric_map
+        Also write the raw Grad-CAM of each explained image as a Parametric
+        Map, for images with patient geometry (CT, MR, ...: a Parametric Map
+        needs a patient frame of reference, which projection radiographs lack;
+        theirs is skipped).
 
     Returns
     -------
@@ -196,13 +212,25 @@ def build_results(
         if e.source.sop_instance_uid in by_uid
     ]
     captures = tuple(capture for _, capture in explained)
+    maps = (
+        tuple(
+            _parametric_map(
+                by_uid[e.source.sop_instance_uid], e, prediction, i + 1, uid
+            )
+            for i, e in enumerate(prediction.explanations)
+            if e.source.sop_instance_uid in by_uid
+            and has_patient_geometry(by_uid[e.source.sop_instance_uid])
+        )
+        if parametric_map
+        else ()
+    )
     scored = [
         by_uid[u] for u in dict.fromkeys(f.sop_instance_uid for f in prediction.frames)
     ]
     sr = _report(
         scored or list(sources), explained, prediction, uid, station, previous_sr
     )
-    return ResultSet(sr, captures, run)
+    return ResultSet(sr, captures, run, maps)
 
 
 def summary_lines(prediction: StudyPrediction) -> list[str]:
@@ -511,16 +539,7 @@ def _capture(
     sc.ImageComments = (
         f"Grad-CAM of {label.label.name} over the source image; {NOT_FOR_DIAGNOSIS}"
     )[:10240]
-    for keyword in ("BodyPartExamined", "Laterality"):
-        value = source.get(keyword)
-        if value:
-            setattr(sc, keyword, value)
-        elif keyword in sc:
-            del sc[keyword]
-    if "Laterality" not in sc and "BodyPartExamined" not in sc:
-        # General Series: Laterality is Type 2C, required when the body part may
-        # be a paired structure; unknown here, so present and empty.
-        sc.Laterality = None  # type: ignore[assignment]
+    _copy_body_part(sc, source)
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -534,6 +553,104 @@ def _capture(
     sc.SourceImageSequence = [reference]
     sc.DerivationDescription = "Grad-CAM heatmap blended over the rendered source"
     return _with_source_identity(sc, source)
+
+
+def has_patient_geometry(source: Dataset) -> bool:
+    """Return whether a single-frame image lies in a patient frame of reference.
+
+    Parameters
+    ----------
+    source
+        A source image.
+
+    Returns
+    -------
+    bool
+        True when it has a Frame of Reference, Image Position / Orientation
+        (Patient) and Pixel Spacing, and one frame: what a Parametric Map of it
+        needs.
+    """
+    return int(source.get("NumberOfFrames", 1) or 1) == 1 and all(
+        source.get(keyword)
+        for keyword in (
+            "FrameOfReferenceUID",
+            "ImagePositionPatient",
+            "ImageOrientationPatient",
+            "PixelSpacing",
+        )
+    )
+
+
+def _parametric_map(
+    source: Dataset,
+    explanation: Explanation,
+    prediction: StudyPrediction,
+    number: int,
+    uid: Callable[[str], str],
+) -> Dataset:
+    make_uid = uid
+    label = prediction.labels[explanation.label_index].label
+    # The raw heatmap in [0, 1], stored as 16-bit integers; the Real World Value
+    # Mapping gives the values back.
+    stored = np.round(np.clip(explanation.heatmap, 0.0, 1.0) * _PM_SCALE)
+    # highdicom copies Patient and Study from the source and requires their Type
+    # 2 attributes present: a shallow copy gets the empty ones (the source is
+    # not changed).
+    view = Dataset({element.tag: element for element in source})
+    for keyword in _IDENTITY:
+        view[keyword] = _copy_or_empty(source, keyword)
+    pm = hd.pm.ParametricMap(
+        source_images=[view],
+        pixel_array=stored.astype(np.uint16),
+        series_instance_uid=make_uid("pm-series"),
+        series_number=PM_SERIES_NUMBER,
+        sop_instance_uid=make_uid(f"pm-{number}"),
+        instance_number=number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=f"{prediction.model_name} {prediction.model_version}"[
+            :64
+        ],
+        software_versions=f"dicom-node {__version__}",
+        device_serial_number=prediction.device_uid[:64],
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[
+            hd.pm.RealWorldValueMapping(
+                lut_label="GRADCAM",
+                lut_explanation=(
+                    f"Grad-CAM of {label.concept.meaning}: 0 none, 1 strongest"
+                )[:64],
+                unit=_NO_UNITS,
+                value_range=(0, _PM_SCALE),
+                slope=1 / _PM_SCALE,
+                intercept=0,
+            )
+        ],
+        voi_lut_transformations=[
+            hd.VOILUTTransformation(
+                window_center=_PM_SCALE / 2, window_width=_PM_SCALE + 1
+            )
+        ],
+        content_label="GRADCAM",
+        content_description=f"Grad-CAM of {label.concept.meaning}"[:64],
+        series_description=f"AI Grad-CAM map: {prediction.model_name}"[:64],
+        contributing_equipment=[_equipment(prediction)],
+    )
+    _copy_body_part(pm, source)
+    return _with_source_identity(pm, source)
+
+
+def _copy_body_part(ds: Dataset, source: Dataset) -> None:
+    """Copy Body Part Examined / Laterality so General Series' Type 2C holds."""
+    for keyword in ("BodyPartExamined", "Laterality"):
+        value = source.get(keyword)
+        if value:
+            setattr(ds, keyword, value)
+        elif keyword in ds:
+            del ds[keyword]
+    if "Laterality" not in ds and "BodyPartExamined" not in ds:
+        # General Series: Laterality is Type 2C, required when the body part may
+        # be a paired structure; unknown here, so present and empty.
+        ds.Laterality = None
 
 
 _IDENTITY = (

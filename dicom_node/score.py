@@ -81,6 +81,7 @@ def score_files(
     device: str = "",
     gradcam_top_k: int = 1,
     jpeg: bool = False,
+    parametric_map: bool = False,
 ) -> list[StudySummary]:
     """Score DICOM files per study and write each study's result set.
 
@@ -99,6 +100,9 @@ def score_files(
         Images explained per label.
     jpeg
         Secondary Captures as JPEG baseline.
+    parametric_map
+        Also the raw Grad-CAM as a Parametric Map, for images with patient
+        geometry.
 
     Returns
     -------
@@ -123,7 +127,9 @@ def score_files(
     summaries = []
     for study, datasets in studies.items():
         prediction = classifier.predict(datasets, explain_top_k=gradcam_top_k)
-        result = build_results(datasets, prediction, 1, jpeg=jpeg)
+        result = build_results(
+            datasets, prediction, 1, jpeg=jpeg, parametric_map=parametric_map
+        )
         folder = out / study
         pngs = write_result_files(folder, result)
         summaries.append(_summary(study, len(datasets), prediction, folder, pngs))
@@ -158,7 +164,7 @@ def _summary(
 def write_result_files(
     folder: Path, result: ResultSet, *, png: bool = True
 ) -> list[Path]:
-    """Write a result set as ``sc-N.dcm`` (and ``sc-N.png``) and ``sr.dcm``.
+    """Write a result set as ``sc-N.dcm`` (and ``sc-N.png``), ``pm-N.dcm``, ``sr.dcm``.
 
     Parameters
     ----------
@@ -180,6 +186,8 @@ def write_result_files(
         _save(sc, folder / f"sc-{i + 1}.dcm")
         if png:
             pngs.append(capture_png(sc, folder / f"sc-{i + 1}.png"))
+    for i, pm in enumerate(result.maps):
+        _save(pm, folder / f"pm-{i + 1}.dcm")
     _save(result.sr, folder / "sr.dcm")
     fd = os.open(folder, os.O_RDONLY)
     try:

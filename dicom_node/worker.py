@@ -613,6 +613,7 @@ def _complete(
         station=config.ae_title,
         previous_sr=previous_sr,
         jpeg=config.results_jpeg,
+        parametric_map=config.results_parametric_map,
     )
     folder = f"{job.study_uid}/{classifier.artifact.device_uid}-run{run}"
     write_result_files(results_root(config) / folder, result, png=False)
@@ -913,7 +914,11 @@ def run_deliveries(
     owner_of: dict[Path, int] = {}
     for delivery in deliveries:
         folder = results_root(config) / delivery.folder
-        files = [*sorted(folder.glob("sc-*.dcm")), folder / "sr.dcm"]
+        files = [
+            *sorted(folder.glob("sc-*.dcm")),
+            *sorted(folder.glob("pm-*.dcm")),
+            folder / "sr.dcm",
+        ]
         if all(f.is_file() for f in files):
             owner_of.update(dict.fromkeys(files, delivery.id))
         else:

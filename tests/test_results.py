@@ -31,6 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 ALLOWED_WARNINGS = (
     "Retired Person Name form",  # e.g. Referring Physician "ward" in a real CR
     "Laterality(0020,0060)> - is only permitted to be empty when actually unknown",
+    # A Parametric Map's Derived Pixel Contrast (README, Results: no standard
+    # Defined Term describes a Grad-CAM map).
+    "(0008,0008)[4]> - Unrecognized defined term = <QUANTITY>",
+    "(0008,9007)[4]> - Unrecognized defined term = <QUANTITY>",
 )
 
 
@@ -232,6 +236,44 @@ def test_a_positive_finding_is_a_point_at_the_gradcam_peak_a_negative_has_none(
     evaluation = negative.get_qualitative_evaluations()[0]
     assert evaluation[0].ConceptCodeSequence[0].CodeMeaning == "Absent"
     assert f"POINT ({column + 0.5:g}, {row + 0.5:g})" in sr_text(report)
+
+
+@pytest.mark.parametrize("kind", ["CT", "MR", "sparse"])
+def test_a_parametric_map_holds_the_raw_gradcam_on_the_source_grid(
+    kind: str, tmp_path: Path
+) -> None:
+    datasets = sources(kind)
+    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=1)
+    result = build_results(datasets, prediction, 1, parametric_map=True)
+    assert len(result.maps) == len(prediction.explanations) == 2
+    assert all(any(pm is ds for ds in result.datasets) for pm in result.maps)
+    for explanation, pm in zip(prediction.explanations, result.maps, strict=True):
+        path = tmp_path / f"{pm.InstanceNumber}.dcm"
+        pm.save_as(path, enforce_file_format=True)
+        assert dciodvfy_problems(path) == []
+        back = dcmread(path)
+        assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map
+        assert back.StudyInstanceUID == datasets[0].StudyInstanceUID
+        assert back.PatientID == datasets[0].PatientID
+        assert back.SeriesInstanceUID not in {d.SeriesInstanceUID for d in datasets}
+        mapping = back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence
+        values = back.pixel_array * float(mapping[0].RealWorldValueSlope) + float(
+            mapping[0].RealWorldValueIntercept
+        )
+        assert values.shape == explanation.heatmap.shape
+        assert np.abs(values - explanation.heatmap).max() <= 1 / 65535
+        derived = back.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence
+        assert (
+            derived[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+            == explanation.source.sop_instance_uid
+        )
+
+
+@pytest.mark.parametrize("kind", ["DX", "CR MONOCHROME1"])
+def test_a_projection_radiograph_gets_no_parametric_map(kind: str) -> None:
+    result, _ = results(kind, parametric_map=True)
+    assert result.maps == ()  # no patient frame of reference to put it in
+    assert len(result.captures) == 2
 
 
 def test_overlay_blends_the_heat_adds_a_colour_bar_and_burns_in_the_text() -> None:

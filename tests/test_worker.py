@@ -96,6 +96,36 @@ def test_a_stable_study_is_scored_and_its_results_delivered(
     assert dcmread(srs[0]).SOPInstanceUID == sr.SOPInstanceUID
 
 
+def test_parametric_maps_are_delivered_with_the_report_when_asked_for(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    config = node_config(tmp_path, model, destination.port, results_parametric_map=True)
+    port = run_serve(config)
+    study = ct_study()
+    assert store_datasets(port, study) == [0, 0]
+
+    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "delivery done")
+    classes = sorted(ds.SOPClassUID.name for ds in destination.received)
+    assert classes == [
+        "Comprehensive 3D SR Storage",
+        "Parametric Map Storage",
+        "Parametric Map Storage",
+        "Secondary Capture Image Storage",
+        "Secondary Capture Image Storage",
+    ]
+    maps = [ds for ds in destination.received if ds.SOPClassUID.name.startswith("P")]
+    sources = {str(ds.SOPInstanceUID) for ds in study}
+    for pm in maps:
+        assert pm.StudyInstanceUID == study[0].StudyInstanceUID
+        derived = pm.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence
+        assert derived[0].SourceImageSequence[0].ReferencedSOPInstanceUID in sources
+    folder = next((config.state_dir / "results").rglob("sr.dcm")).parent
+    assert sorted(p.name for p in folder.glob("pm-*.dcm")) == ["pm-1.dcm", "pm-2.dcm"]
+
+
 def test_new_images_give_a_new_result_set_that_replaces_the_first(
     tmp_path: Path,
     model: Path,
