@@ -287,11 +287,18 @@ class Orthanc:
         self.http = _free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        """Write the configuration, start Orthanc and wait for its REST API."""
-        if self.folder.exists():
+    def start(self, *, keep: bool = False) -> None:
+        """Write the configuration, start Orthanc and wait for its REST API.
+
+        Parameters
+        ----------
+        keep
+            Keep what an earlier start stored (a restart after :meth:`stop`, at
+            the same ports); by default Orthanc starts empty.
+        """
+        if self.folder.exists() and not keep:
             shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "dicom-node demo PACS",
             "StorageDirectory": str(self.folder / "db"),
@@ -307,7 +314,7 @@ class Orthanc:
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
-        log = (self.folder / "orthanc.log").open("wb")
+        log = (self.folder / "orthanc.log").open("ab")
         self._process = subprocess.Popen(
             [self.binary, str(path)], stdout=log, stderr=subprocess.STDOUT
         )

@@ -320,3 +320,31 @@ def postgres_url(postgres_server: str) -> str:
     with psycopg.connect(f"{dsn}/postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return f"{postgres_server}/{name}"
+
+
+def write_toml(tmp_path: Path, config: NodeConfig) -> Path:
+    """Write the parts of ``config`` a separate process needs as node.toml."""
+    path = tmp_path / "node.toml"
+    lines = [
+        "[node]",
+        f'state_dir = "{config.state_dir}"',
+        f"stable_after = {config.stable_after}",
+        f"workers = {max(1, config.workers)}",
+        f"retry_after = {config.retry_after}",
+        f"retry_max = {config.retry_max}",
+        f"lease_seconds = {config.lease_seconds}",
+        f"job_attempts = {config.job_attempts}",
+        f"delivery_attempts = {config.delivery_attempts}",
+    ]
+    for d in config.destinations:
+        lines += [
+            "[[destinations]]",
+            f'name = "{d.name}"',
+            f'ae_title = "{d.ae_title}"',
+            f'host = "{d.host}"',
+            f"port = {d.port}",
+        ]
+    for m in config.models:
+        lines += ["[[models]]", f'path = "{m.path}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path

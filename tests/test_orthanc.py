@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import pytest
+from pydicom.dataset import Dataset
+from sqlalchemy import select
 
 from dicom_node.config import CallerConfig, DestinationConfig, ModelConfig, NodeConfig
 from dicom_node.demo import Orthanc, find_orthanc
-from tests.conftest import free_port, make_config, status, wait_for
-from tests.factories import make_artifact
+from dicom_node.index import Delivery
+from dicom_node.service import open_index
+from tests.conftest import (
+    dicom_node_cmd,
+    free_port,
+    make_config,
+    status,
+    wait_for,
+    write_toml,
+)
+from tests.factories import make_artifact, make_ct
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,4 +116,163 @@ def test_orthanc_sends_a_study_and_finds_the_results_in_it(
         meaning = evaluation[0].ConceptCodeSequence[0].CodeMeaning
         assert meaning in ("Present", "Absent")
     finally:
+        pacs.stop()
+
+
+def _orthanc(tmp_path: Path, node_port: int) -> Orthanc:
+    binary = find_orthanc()
+    assert binary is not None
+    return Orthanc(
+        binary,
+        tmp_path / "orthanc",
+        modalities={"node": ["DICOMNODE", "127.0.0.1", node_port]},
+        ae_title="ORTHANC",
+    )
+
+
+def _node_config(
+    tmp_path: Path, node_port: int, pacs: Orthanc, **more: Any
+) -> NodeConfig:
+    settings: dict[str, Any] = {
+        "port": node_port,
+        "stable_after": 0.5,
+        "callers": (CallerConfig("ORTHANC", "127.0.0.1"),),
+        "destinations": (
+            DestinationConfig("orthanc", "ORTHANC", "127.0.0.1", pacs.port),
+        ),
+        "models": (ModelConfig(tmp_path / "model.safetensors"),),
+        "retry_after": 0.2,
+        "retry_max": 0.5,
+    }
+    settings.update(more)
+    return make_config(tmp_path, **settings)
+
+
+def _upload(pacs: Orthanc, datasets: Sequence[Dataset]) -> str:
+    """Store a study in Orthanc through its REST API; return Orthanc's study ID."""
+    study_id = ""
+    for ds in datasets:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        study_id = json.loads(pacs.request("/instances", buffer.getvalue()))[
+            "ParentStudy"
+        ]
+    return study_id
+
+
+def _send_to_node(pacs: Orthanc, study_id: str) -> None:
+    sent = json.loads(
+        pacs.request(
+            "/modalities/node/store", json.dumps(study_id).encode(), timeout=120
+        )
+    )
+    assert sent.get("FailedInstancesCount", 0) == 0, sent
+
+
+def _instances(pacs: Orthanc, study_id: str) -> dict[str, list[str]]:
+    """Modality -> Orthanc instance IDs of that study."""
+    found: dict[str, list[str]] = {}
+    for series in pacs.get(f"/studies/{study_id}/series"):
+        modality = series["MainDicomTags"].get("Modality", "")
+        found.setdefault(modality, []).extend(series["Instances"])
+    return found
+
+
+def _deliveries(config: NodeConfig) -> list[tuple[str, int, str | None]]:
+    index = open_index(config)
+    try:
+        return index.run(
+            lambda session: [
+                (str(state), int(attempts), error)
+                for state, attempts, error in session.execute(
+                    select(Delivery.state, Delivery.attempts, Delivery.last_error)
+                )
+            ]
+        )
+    finally:
+        index.close()
+
+
+def test_orthanc_down_gets_the_results_once_it_is_back(
+    tmp_path: Path, run_serve: Callable[[NodeConfig], int]
+) -> None:
+    make_artifact().save(tmp_path / "model.safetensors")
+    node_port = free_port()
+    pacs = _orthanc(tmp_path, node_port)
+    pacs.start()
+    try:
+        # Stable after 4 s: Orthanc is surely down before the results exist.
+        config = _node_config(
+            tmp_path, node_port, pacs, delivery_attempts=100, stable_after=4.0
+        )
+        run_serve(config)
+        study = [make_ct(rows=64, columns=64, seed=21)]
+        study_id = _upload(pacs, study)
+        _send_to_node(pacs, study_id)
+        pacs.stop()  # the PACS goes down before the results are ready
+
+        def retried() -> bool:
+            return any(a >= 2 and s == "pending" for s, a, _ in _deliveries(config))
+
+        wait_for(retried, 60, "a delivery retried while Orthanc is down")
+        ((_, _, error),) = _deliveries(config)
+        assert error is not None
+        assert "association failed" in error
+
+        pacs.start(keep=True)  # back, with what it stored before
+        wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "delivery")
+        instances = _instances(pacs, study_id)
+        assert len(instances["CT"]) == 1
+        assert len(instances["SR"]) == 1  # one result set
+        assert len(instances["OT"]) == 2
+    finally:
+        pacs.stop()
+
+
+def test_a_worker_killed_mid_job_puts_one_result_set_in_orthanc(
+    tmp_path: Path, run_serve: Callable[[NodeConfig], int]
+) -> None:
+    # A model big enough, and a study long enough, to kill the worker mid-job.
+    make_artifact(size=224).save(tmp_path / "model.safetensors")
+    node_port = free_port()
+    pacs = _orthanc(tmp_path, node_port)
+    pacs.start()
+    worker = None
+    try:
+        config = _node_config(tmp_path, node_port, pacs, workers=0, lease_seconds=30.0)
+        run_serve(config)  # receives and schedules; the worker is a process
+        first = make_ct(rows=64, columns=64, seed=31)
+        study = [first]
+        for i in range(1, 24):
+            ds = make_ct(rows=64, columns=64, seed=31 + i)
+            ds.StudyInstanceUID = first.StudyInstanceUID
+            ds.SeriesInstanceUID = first.SeriesInstanceUID
+            study.append(ds)
+        study_id = _upload(pacs, study)
+        _send_to_node(pacs, study_id)
+        toml = write_toml(tmp_path, config)
+        worker = subprocess.Popen(
+            dicom_node_cmd("worker", "--config", str(toml)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: status(config)["jobs"]["running"] == 1, 60, "a running job")
+        worker.kill()  # SIGKILL: no cleanup, the lease stays
+        worker.wait(timeout=10)
+        assert status(config)["jobs"]["done"] == 0, "the job ended before the kill"
+        worker = subprocess.Popen(
+            dicom_node_cmd("worker", "--config", str(toml)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: status(config)["deliveries"]["done"] == 1, 90, "delivery")
+        instances = _instances(pacs, study_id)
+        assert len(instances["CT"]) == 24
+        assert len(instances["SR"]) == 1  # one result set, not two
+        assert len(instances["OT"]) == 2
+        assert status(config)["results"] == 1
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=30)
         pacs.stop()

@@ -32,6 +32,7 @@ from tests.conftest import (
     status,
     store_datasets,
     wait_for,
+    write_toml,
 )
 from tests.factories import make_artifact, make_ct
 
@@ -163,14 +164,14 @@ def test_destination_down_is_retried_then_dead_lettered_and_revived(
     dead = figures["dead_deliveries"][0]
     assert dead["attempts"] == 3
     assert "association failed" in dead["last_error"]
-    shown = run_cli("status", "--config", str(_write_toml(tmp_path, config)))
+    shown = run_cli("status", "--config", str(write_toml(tmp_path, config)))
     assert "dead: delivery" in shown.stdout
     assert "dicom-node retry --dead" in shown.stdout
 
     dest.start()
     try:
         revived = run_cli(
-            "retry", "--dead", "--config", str(_write_toml(tmp_path, config))
+            "retry", "--dead", "--config", str(write_toml(tmp_path, config))
         )
         assert revived.returncode == 0, revived.stderr
         assert "1 dead delivery(ies) queued again" in revived.stdout
@@ -225,34 +226,6 @@ def test_results_also_return_to_the_caller_that_sent_the_study(
         caller.stop()
 
 
-def _write_toml(tmp_path: Path, config: NodeConfig) -> Path:
-    """Write the parts of ``config`` a separate process needs as node.toml."""
-    path = tmp_path / "node.toml"
-    lines = [
-        "[node]",
-        f'state_dir = "{config.state_dir}"',
-        f"stable_after = {config.stable_after}",
-        f"workers = {max(1, config.workers)}",
-        f"retry_after = {config.retry_after}",
-        f"retry_max = {config.retry_max}",
-        f"lease_seconds = {config.lease_seconds}",
-        f"job_attempts = {config.job_attempts}",
-        f"delivery_attempts = {config.delivery_attempts}",
-    ]
-    for d in config.destinations:
-        lines += [
-            "[[destinations]]",
-            f'name = "{d.name}"',
-            f'ae_title = "{d.ae_title}"',
-            f'host = "{d.host}"',
-            f"port = {d.port}",
-        ]
-    for m in config.models:
-        lines += ["[[models]]", f'path = "{m.path}"']
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_a_worker_killed_mid_job_still_delivers_exactly_once(
     tmp_path: Path, destination: Destination, run_serve: Callable[[NodeConfig], int]
 ) -> None:
@@ -263,7 +236,7 @@ def test_a_worker_killed_mid_job_still_delivers_exactly_once(
     port = run_serve(config)  # receives and schedules; no worker threads
     study = ct_study(24)
     store_datasets(port, study)
-    toml = _write_toml(tmp_path, config)
+    toml = write_toml(tmp_path, config)
     worker = subprocess.Popen(
         dicom_node_cmd("worker", "--config", str(toml)),
         stdout=subprocess.DEVNULL,
@@ -360,7 +333,7 @@ def test_a_burst_of_studies_is_scored_together_and_a_bad_one_fails_alone(
     bad.PixelData = bad.PixelData[:100]
     assert store_datasets(port, studies) == [0] * 10
     wait_for(lambda: status(config)["jobs"]["pending"] == 10, 30, "10 queued jobs")
-    toml = _write_toml(tmp_path, config)
+    toml = write_toml(tmp_path, config)
     log = tmp_path / "worker.log"
     with log.open("w") as stderr:
         worker = subprocess.Popen(
