@@ -398,14 +398,16 @@ class ModelCache:
             if cached is not None and cached[0] == mtime:
                 return cached[1]
             artifact = ModelArtifact.load(model.path, expected_sha256=model.sha256)
-            classifier = Classifier(artifact, self.device)
+            # Traced: the node's other threads must not stall the forward pass.
+            classifier = Classifier(artifact, self.device, trace=True)
             self._loaded[model.key] = (mtime, classifier)
             logger.info(
-                "loaded model %s %s (%s) on %s",
+                "loaded model %s %s (%s) on %s%s",
                 artifact.name,
                 artifact.version,
                 model.path.name,
                 classifier.device,
+                " (traced)" if classifier.traced else "",
             )
             return classifier
 

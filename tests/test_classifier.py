@@ -84,6 +84,27 @@ def test_studies_scored_together_get_what_each_gets_alone() -> None:
         classifier.predict_many([whole[:1], []])
 
 
+@pytest.mark.parametrize("architecture", ["resnet18", "resnet50"])
+def test_a_traced_model_gives_what_the_eager_one_gives(architecture: str) -> None:
+    datasets = study()
+    model = artifact(architecture=architecture)
+    traced = Classifier(model, device="cpu", trace=True)
+    eager = Classifier(model, device="cpu")
+    assert traced.traced
+    assert not eager.traced
+
+    a = traced.predict(datasets, explain_top_k=2)
+    b = eager.predict(datasets, explain_top_k=2)
+    np.testing.assert_allclose(a.frame_probabilities, b.frame_probabilities, atol=1e-6)
+    assert [(e.label_index, e.frame) for e in a.explanations] == [
+        (e.label_index, e.frame) for e in b.explanations
+    ]
+    for x, y in zip(a.explanations, b.explanations, strict=True):
+        np.testing.assert_allclose(x.heatmap, y.heatmap, atol=1e-5)
+    # Batches of another size than the one traced with run the same graph.
+    assert traced.predict(datasets[:1]).frame_probabilities.shape == (1, 2)
+
+
 @pytest.mark.parametrize(("rule", "k"), [("max", 1), ("mean", 1), ("topk_mean", 3)])
 def test_study_probability_follows_the_aggregation_rule(rule: str, k: int) -> None:
     prediction = Classifier(artifact(aggregation=rule, top_k=k), device="cpu").predict(
