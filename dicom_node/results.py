@@ -34,6 +34,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEGBaseline8Bit
+from pydicom.valuerep import DS
 
 from dicom_node import __version__
 from inference import CodedConcept, Explanation, StudyPrediction, render
@@ -83,11 +84,36 @@ def _cache_image_iod_lookup() -> None:
 
 _cache_image_iod_lookup()
 
-_PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
-_ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
-_PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
-_PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
-_SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
+# Codes of the SR tree (value, scheme, meaning), PS3.16.
+_Code = tuple[str, str, str]
+_REPORT = ("126000", "DCM", "Imaging Measurement Report")
+_LANGUAGE = ("121049", "DCM", "Language of Content Item and Descendants")
+_EN_US = ("en-US", "RFC5646", "English (United States)")
+_OBSERVER_TYPE = ("121005", "DCM", "Observer Type")
+_DEVICE = ("121007", "DCM", "Device")
+_DEVICE_UID = ("121012", "DCM", "Device Observer UID")
+_DEVICE_NAME = ("121013", "DCM", "Device Observer Name")
+_DEVICE_MANUFACTURER = ("121014", "DCM", "Device Observer Manufacturer")
+_DEVICE_MODEL = ("121015", "DCM", "Device Observer Model Name")
+_PROCEDURE_REPORTED = ("121058", "DCM", "Procedure reported")
+_IMAGE_LIBRARY = ("111028", "DCM", "Image Library")
+_IMAGE_LIBRARY_GROUP = ("126200", "DCM", "Image Library Group")
+_IMAGING_MEASUREMENTS = ("126010", "DCM", "Imaging Measurements")
+_MEASUREMENT_GROUP = ("125007", "DCM", "Measurement Group")
+_TRACKING_ID = ("112039", "DCM", "Tracking Identifier")
+_TRACKING_UID = ("112040", "DCM", "Tracking Unique Identifier")
+_FINDING = ("121071", "DCM", "Finding")
+_FINDING_SITE = ("363698007", "SCT", "Finding Site")
+_ALGORITHM_NAME = ("111001", "DCM", "Algorithm Name")
+_ALGORITHM_VERSION = ("111003", "DCM", "Algorithm Version")
+_IMAGE_REGION = ("111030", "DCM", "Image Region")
+_SUMMARY = ("121111", "DCM", "Summary")
+_BEST_ILLUSTRATION = ("121080", "DCM", "Best illustration of finding")
+_PRESENT = ("52101004", "SCT", "Present")
+_ABSENT = ("272519000", "SCT", "Absent")
+_PROBABILITY = ("122157", "DCM", "Probability")
+_PERCENT = ("%", "UCUM", "Percent")
+_SOURCE = ("260753009", "SCT", "Source")
 _NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 _PM_SCALE = 65535
 _UID_NAMESPACE = uuid.UUID("5b0c5f4e-5d0e-4d55-9a0c-64c6f1c0de01")  # dicom-node results
@@ -254,16 +280,16 @@ def summary_lines(prediction: StudyPrediction) -> list[str]:
     ]
 
 
-def _code(concept: CodedConcept) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(concept.value, concept.scheme, concept.meaning)
+def _code(concept: CodedConcept) -> _Code:
+    return (concept.value, concept.scheme, concept.meaning)
 
 
-def _procedure(modality: str) -> hd.sr.CodedConcept:
+def _procedure(modality: str) -> _Code:
     if modality in _RADIOGRAPHY:
-        return hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region")
+        return ("43468-8", "LN", "XR unspecified body region")
     if modality == "CT":
-        return hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
-    return hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+        return ("25045-6", "LN", "CT unspecified body region")
+    return ("363679005", "SCT", "Imaging procedure")
 
 
 def _tracking_text(name: str, what: str) -> str:
@@ -274,8 +300,8 @@ def _tracking_text(name: str, what: str) -> str:
 
 def _peak_region(
     sources: Sequence[Dataset], prediction: StudyPrediction, label_index: int
-) -> hd.sr.ImageRegion | None:
-    """Return a point at the Grad-CAM peak of the label's top explained image."""
+) -> Dataset | None:
+    """Return a SCOORD POINT at the Grad-CAM peak of the label's top explained image."""
     explanation = next(
         (e for e in prediction.explanations if e.label_index == label_index), None
     )
@@ -293,22 +319,109 @@ def _peak_region(
         return None
     heatmap = explanation.heatmap
     row, column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    frames = (
-        [explanation.source.frame_index + 1]
+    frame = (
+        explanation.source.frame_index + 1
         if int(source.get("NumberOfFrames", 1) or 1) > 1
         else None
     )
+    region = _item("CONTAINS", "SCOORD", _IMAGE_REGION)
+    region.GraphicType = "POINT"
     # Image coordinates (PS3.3 C.18.6.1.1): the centre of the pixel at row r,
     # column c is (c + 0.5, r + 0.5), column first.
-    return hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POINT,
-        graphic_data=np.array([[column + 0.5, row + 0.5]]),
-        source_image=hd.sr.SourceImageForRegion(
-            referenced_sop_class_uid=source.SOPClassUID,
-            referenced_sop_instance_uid=source.SOPInstanceUID,
-            referenced_frame_numbers=frames,
-        ),
-    )
+    region.GraphicData = [float(column) + 0.5, float(row) + 0.5]
+    region.ContentSequence = [
+        _image("SELECTED FROM", _SOURCE, source, frame),
+    ]
+    return region
+
+
+# The SR content tree (TID 1500) is built from plain data sets rather than
+# highdicom's template classes: they validate every item as it is made, which
+# cost ~7 ms of the ~30 ms of Python a study's results took in the node, where
+# the results thread is what limits throughput. tests/test_results.py checks
+# that the tree equals what highdicom's templates build.
+
+
+def _code_item(code: _Code) -> Dataset:
+    value, scheme, meaning = code
+    item = Dataset()
+    if len(value) > 16:  # as highdicom's CodedConcept
+        if value.startswith("urn") or "://" in value:
+            item.URNCodeValue = value
+        else:
+            item.LongCodeValue = value
+    else:
+        item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _item(relationship: str | None, value_type: str, name: _Code) -> Dataset:
+    item = Dataset()
+    if relationship is not None:
+        item.RelationshipType = relationship
+    item.ValueType = value_type
+    item.ConceptNameCodeSequence = [_code_item(name)]
+    return item
+
+
+def _text(relationship: str, name: _Code, value: str) -> Dataset:
+    item = _item(relationship, "TEXT", name)
+    item.TextValue = value
+    return item
+
+
+def _coded(relationship: str, name: _Code, value: _Code) -> Dataset:
+    item = _item(relationship, "CODE", name)
+    item.ConceptCodeSequence = [_code_item(value)]
+    return item
+
+
+def _uidref(relationship: str, name: _Code, value: str) -> Dataset:
+    item = _item(relationship, "UIDREF", name)
+    item.UID = value
+    return item
+
+
+def _image(
+    relationship: str, name: _Code, image: Dataset, frame: int | None = None
+) -> Dataset:
+    item = _item(relationship, "IMAGE", name)
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = str(image.SOPClassUID)
+    reference.ReferencedSOPInstanceUID = str(image.SOPInstanceUID)
+    if frame is not None:
+        reference.ReferencedFrameNumber = [frame]
+    item.ReferencedSOPSequence = [reference]
+    return item
+
+
+def _number(relationship: str, name: _Code, value: float, unit: _Code) -> Dataset:
+    item = _item(relationship, "NUM", name)
+    measured = Dataset()
+    measured.NumericValue = DS(value, auto_format=True)
+    measured.FloatingPointValue = float(value)
+    measured.MeasurementUnitsCodeSequence = [_code_item(unit)]
+    item.MeasuredValueSequence = [measured]
+    return item
+
+
+def _container(
+    relationship: str | None,
+    name: _Code,
+    items: Sequence[Dataset],
+    template: str | None = None,
+) -> Dataset:
+    item = _item(relationship, "CONTAINER", name)
+    item.ContinuityOfContent = "CONTINUOUS"
+    if template is not None:
+        identifier = Dataset()
+        identifier.MappingResource = "DCMR"
+        identifier.TemplateIdentifier = template
+        item.ContentTemplateSequence = [identifier]
+    item.ContentSequence = list(items)
+    return item
 
 
 def _equipment(prediction: StudyPrediction) -> hd.ContributingEquipment:
@@ -332,26 +445,8 @@ def _report(
 ) -> Dataset:
     make_uid = uid
     model = f"{prediction.model_name} {prediction.model_version}"
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=prediction.device_uid,
-        name=station,
-        manufacturer_name=MANUFACTURER,
-        model_name=model[:64],
-    )
-    context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device
-        )
-    )
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=prediction.model_name[:64], version=prediction.model_version[:64]
-    )
-    captures = [capture for _, capture in explained]
-    groups: list[
-        hd.sr.MeasurementsAndQualitativeEvaluations
-        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-    ] = []
     lines = summary_lines(prediction)
+    groups = []
     for index, label_prediction in enumerate(prediction.labels):
         label = label_prediction.label
         finding = _code(label.concept)
@@ -360,126 +455,96 @@ def _report(
             if label_prediction.positive
             else None
         )
-        content = {
-            "finding_type": finding,
-            "algorithm_id": algorithm,
-            "finding_sites": (
-                [hd.sr.FindingSite(_code(label.finding_site))]
-                if label.finding_site
-                else None
-            ),
-            "measurements": [
-                hd.sr.Measurement(
-                    name=_PROBABILITY,
-                    value=round(100 * label_prediction.probability, 2),
-                    unit=_PERCENT,
-                    algorithm_id=algorithm,
-                )
-            ],
-            "qualitative_evaluations": [
-                hd.sr.QualitativeEvaluation(
-                    name=finding,
-                    value=_PRESENT if label_prediction.positive else _ABSENT,
-                )
-            ],
-        }
         summary = f"{lines[index]}; model {model}; unverified, not for diagnostic use"
-        group: (
-            hd.sr.MeasurementsAndQualitativeEvaluations
-            | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-        )
-        if point is None:
-            # TID 1501: a score of the whole study, no geometry.
-            group = hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=make_uid(f"tracking-{index}"),
-                    identifier=_tracking_text(label.name, "whole-study score"),
-                ),
-                **content,  # type: ignore[arg-type]
-            )
-        else:
-            # TID 1410 with a point (what OHIF can draw): where Grad-CAM is
-            # hottest on the explained image, not the outline of a finding.
-            group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=make_uid(f"tracking-{index}"),
-                    identifier=_tracking_text(label.name, POINT_MEANING),
-                ),
-                referenced_region=point,
-                **content,  # type: ignore[arg-type]
-            )
+        if point is not None:
             summary = summary.replace(
                 lines[index],
                 f"{lines[index]}; the point is the Grad-CAM peak: {POINT_MEANING}",
                 1,
             )
-        container = group[0]
-        container.ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=codes.DCM.Summary,
-                value=summary,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        content = [
+            _text(
+                "HAS OBS CONTEXT",
+                _TRACKING_ID,
+                _tracking_text(
+                    label.name, POINT_MEANING if point else "whole-study score"
+                ),
+            ),
+            _uidref("HAS OBS CONTEXT", _TRACKING_UID, make_uid(f"tracking-{index}")),
+            _coded("CONTAINS", _FINDING, finding),
+        ]
+        if label.finding_site:
+            content.append(
+                _coded("HAS CONCEPT MOD", _FINDING_SITE, _code(label.finding_site))
+            )
+        content += [
+            _text("HAS CONCEPT MOD", _ALGORITHM_NAME, prediction.model_name[:64]),
+            _text("HAS CONCEPT MOD", _ALGORITHM_VERSION, prediction.model_version[:64]),
+            _number(
+                "CONTAINS",
+                _PROBABILITY,
+                round(100 * label_prediction.probability, 2),
+                _PERCENT,
+            ),
+            _coded(
+                "CONTAINS", finding, _PRESENT if label_prediction.positive else _ABSENT
+            ),
+        ]
+        if point is not None:
+            content.append(point)
+        content.append(_text("CONTAINS", _SUMMARY, summary))
+        content += [
+            _image("CONTAINS", _BEST_ILLUSTRATION, capture)
+            for label_index, capture in explained
+            if label_index == index
+        ]
+        # TID 1410 with a point (what OHIF can draw) where Grad-CAM is hottest
+        # on the explained image, not the outline of a finding; else TID 1501,
+        # a score of the whole study without geometry.
+        groups.append(
+            _container(
+                "CONTAINS",
+                _MEASUREMENT_GROUP,
+                content,
+                template="1410" if point is not None else "1501",
             )
         )
-        for label_index, capture in explained:
-            if label_index != index:
-                continue
-            container.ContentSequence.append(
-                hd.sr.ImageContentItem(
-                    name=codes.DCM.BestIllustrationOfFinding,
-                    referenced_sop_class_uid=capture.SOPClassUID,
-                    referenced_sop_instance_uid=capture.SOPInstanceUID,
-                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-                )
-            )
-        groups.append(group)
     modality = str(sources[0].get("Modality", ""))
-    report = hd.sr.MeasurementReport(
-        observation_context=context,
-        procedure_reported=_procedure(modality),
-        imaging_measurements=groups,
-    )
-    # The Image Library (TID 1600) is built here rather than by highdicom, which
-    # adds ~15 acquisition-context items per image and requires attributes that
-    # real sources lack (e.g. Imager Pixel Spacing on CR).
-    library = hd.sr.ContainerContentItem(
-        name=codes.DCM.ImageLibrary,
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )
-    library_group = hd.sr.ContainerContentItem(
-        name=codes.DCM.ImageLibraryGroup,
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )
-    library_group.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.ImageContentItem(
-                name=_SOURCE,
-                referenced_sop_class_uid=ds.SOPClassUID,
-                referenced_sop_instance_uid=ds.SOPInstanceUID,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-            for ds in sources
-        ]
-    )
-    library.ContentSequence = hd.sr.ContentSequence([library_group])
-    root = report[0]
-    position = next(
-        i
-        for i, item in enumerate(root.ContentSequence)
-        if item.ConceptNameCodeSequence[0].CodeValue == "126010"
-    )
-    root.ContentSequence.insert(position, library)
+    items = [
+        _coded("HAS CONCEPT MOD", _LANGUAGE, _EN_US),
+        _coded("HAS OBS CONTEXT", _OBSERVER_TYPE, _DEVICE),
+        _uidref("HAS OBS CONTEXT", _DEVICE_UID, prediction.device_uid),
+        _text("HAS OBS CONTEXT", _DEVICE_NAME, station),
+        _text("HAS OBS CONTEXT", _DEVICE_MANUFACTURER, MANUFACTURER),
+        _text("HAS OBS CONTEXT", _DEVICE_MODEL, model[:64]),
+        _coded("HAS CONCEPT MOD", _PROCEDURE_REPORTED, _procedure(modality)),
+        # The Image Library (TID 1600) holds the images scored, without the
+        # ~15 acquisition-context items per image highdicom would add (and the
+        # attributes it requires that real sources lack, e.g. Imager Pixel
+        # Spacing on CR).
+        _container(
+            "CONTAINS",
+            _IMAGE_LIBRARY,
+            [
+                _container(
+                    "CONTAINS",
+                    _IMAGE_LIBRARY_GROUP,
+                    [_image("CONTAINS", _SOURCE, ds) for ds in sources],
+                )
+            ],
+        ),
+        _container("CONTAINS", _IMAGING_MEASUREMENTS, groups),
+    ]
     # highdicom's document constructor deep-copies the content tree, parses it
     # again and searches it for references: about 20 ms a study, more than the
-    # rest of the results together. The tree (built above with highdicom's
-    # templates) references exactly the evidence given, which is what that
-    # search checks; so the document is made around the root with its first
-    # item only, and then given the whole tree.
-    items = root.ContentSequence
-    root.ContentSequence = hd.sr.ContentSequence(items[:1])
+    # rest of the results together. The tree references exactly the evidence
+    # given, which is what that search checks; so the document is made around
+    # the root with its first item only, and then given the whole tree.
+    root = _container(None, _REPORT, items[:1], template="1500")
+    captures = [capture for _, capture in explained]
     sr = hd.sr.Comprehensive3DSR(
         evidence=[_header(ds) for ds in (*sources, *captures)],
-        content=report,
+        content=root,
         series_instance_uid=make_uid("sr-series"),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=make_uid("sr"),
@@ -491,7 +556,6 @@ def _report(
         series_description=f"AI Results: {prediction.model_name}"[:64],
         contributing_equipment=[_equipment(prediction)],
     )
-    root.ContentSequence = items
     sr.ContentSequence = items
     return _with_source_identity(sr, sources[0])
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -19,9 +21,10 @@ from dicom_node.results import (
     ResultSet,
     build_results,
     overlay,
+    summary_lines,
 )
 from dicom_node.score import sr_text
-from inference import Classifier
+from inference import Classifier, CodedConcept, StudyPrediction
 from tests.factories import corpus_file, dcmtk, make_artifact, make_ct
 
 REPO = Path(__file__).resolve().parent.parent
@@ -274,6 +277,193 @@ def test_a_projection_radiograph_gets_no_parametric_map(kind: str) -> None:
     result, _ = results(kind, parametric_map=True)
     assert result.maps == ()  # no patient frame of reference to put it in
     assert len(result.captures) == 2
+
+
+def _highdicom_tree(
+    sources: Sequence[Dataset], result: ResultSet, prediction: StudyPrediction
+) -> list[Dataset]:
+    """The SR content highdicom's TID 1500 templates build for the same result."""
+    labels = [e.label_index for e in prediction.explanations]
+    captures = list(zip(result.captures, labels, strict=True))
+
+    def code(c: CodedConcept) -> hd.sr.CodedConcept:
+        return hd.sr.CodedConcept(c.value, c.scheme, c.meaning)
+
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=prediction.model_name, version=prediction.model_version
+    )
+    model = f"{prediction.model_name} {prediction.model_version}"
+    tracking = {  # the UIDs are the node's own (derived); taken from its SR
+        str(item.ContentSequence[0].TextValue): str(item.ContentSequence[1].UID)
+        for item in _find(result.sr, "126010").ContentSequence
+    }
+    groups = []
+    for index, p in enumerate(prediction.labels):
+        finding = code(p.label.concept)
+        explanation = next(
+            (e for e in prediction.explanations if e.label_index == index), None
+        )
+        point = p.positive and explanation is not None
+        what = POINT_MEANING if point else "whole-study score"
+        identifier = f"AI {p.label.name}: {what}"
+        options: dict[str, Any] = {
+            "tracking_identifier": hd.sr.TrackingIdentifier(
+                uid=tracking[identifier], identifier=identifier
+            ),
+            "finding_type": finding,
+            "algorithm_id": algorithm,
+            "finding_sites": (
+                [hd.sr.FindingSite(code(p.label.finding_site))]
+                if p.label.finding_site
+                else None
+            ),
+            "measurements": [
+                hd.sr.Measurement(
+                    name=hd.sr.CodedConcept("122157", "DCM", "Probability"),
+                    value=round(100 * p.probability, 2),
+                    unit=hd.sr.CodedConcept("%", "UCUM", "Percent"),
+                )
+            ],
+            "qualitative_evaluations": [
+                hd.sr.QualitativeEvaluation(
+                    name=finding,
+                    value=(
+                        hd.sr.CodedConcept("52101004", "SCT", "Present")
+                        if p.positive
+                        else hd.sr.CodedConcept("272519000", "SCT", "Absent")
+                    ),
+                )
+            ],
+        }
+        line = summary_lines(prediction)[index]
+        group: (
+            hd.sr.MeasurementsAndQualitativeEvaluations
+            | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        )
+        if point:
+            assert explanation is not None
+            source = next(
+                ds
+                for ds in sources
+                if ds.SOPInstanceUID == explanation.source.sop_instance_uid
+            )
+            heat = explanation.heatmap
+            row, column = np.unravel_index(np.argmax(heat), heat.shape)
+            multi = int(source.get("NumberOfFrames", 1)) > 1
+            group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POINT,
+                    graphic_data=np.array([[column + 0.5, row + 0.5]]),
+                    source_image=hd.sr.SourceImageForRegion(
+                        source.SOPClassUID,
+                        source.SOPInstanceUID,
+                        [explanation.source.frame_index + 1] if multi else None,
+                    ),
+                ),
+                **options,
+            )
+            line += f"; the point is the Grad-CAM peak: {POINT_MEANING}"
+        else:
+            group = hd.sr.MeasurementsAndQualitativeEvaluations(**options)
+        container = group[0]
+        container.ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=hd.sr.CodedConcept("121111", "DCM", "Summary"),
+                value=f"{line}; model {model}; unverified, not for diagnostic use",
+                relationship_type="CONTAINS",
+            )
+        )
+        for capture, label_index in captures:
+            if label_index == index:
+                container.ContentSequence.append(
+                    hd.sr.ImageContentItem(
+                        name=hd.sr.CodedConcept(
+                            "121080", "DCM", "Best illustration of finding"
+                        ),
+                        referenced_sop_class_uid=capture.SOPClassUID,
+                        referenced_sop_instance_uid=capture.SOPInstanceUID,
+                        relationship_type="CONTAINS",
+                    )
+                )
+        groups.append(group)
+    modality = sources[0].Modality
+    procedure = {
+        "CT": ("25045-6", "LN", "CT unspecified body region"),
+        "DX": ("43468-8", "LN", "XR unspecified body region"),
+    }.get(modality, ("363679005", "SCT", "Imaging procedure"))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=prediction.device_uid,
+                    name="DICOMNODE",
+                    manufacturer_name="dicom-node",
+                    model_name=model,
+                ),
+            )
+        ),
+        procedure_reported=hd.sr.CodedConcept(*procedure),
+        imaging_measurements=groups,
+    )
+    library = hd.sr.ContainerContentItem(
+        name=hd.sr.CodedConcept("111028", "DCM", "Image Library"),
+        relationship_type="CONTAINS",
+    )
+    library_group = hd.sr.ContainerContentItem(
+        name=hd.sr.CodedConcept("126200", "DCM", "Image Library Group"),
+        relationship_type="CONTAINS",
+    )
+    library_group.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.ImageContentItem(
+                name=hd.sr.CodedConcept("260753009", "SCT", "Source"),
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=ds.SOPInstanceUID,
+                relationship_type="CONTAINS",
+            )
+            for ds in sources
+        ]
+    )
+    library.ContentSequence = hd.sr.ContentSequence([library_group])
+    root = report[0]
+    root.ContentSequence.insert(len(root.ContentSequence) - 1, library)
+    return [root, *root.ContentSequence]
+
+
+@pytest.mark.parametrize("kind", ["CT", "DX", "MR multi-frame"])
+def test_the_report_tree_is_what_highdicoms_tid_1500_templates_build(
+    kind: str,
+) -> None:
+    artifact = make_artifact()
+    nodule, effusion = artifact.labels
+    artifact.labels = (  # one positive with a finding site, one negative
+        replace(
+            nodule,
+            threshold=0.001,
+            finding_site=CodedConcept("39607008", "SCT", "Lung"),
+        ),
+        replace(effusion, threshold=0.999),
+    )
+    datasets = (
+        [dcmread(corpus_file("emri_small.dcm"))]
+        if kind == "MR multi-frame"
+        else sources(kind)
+    )
+    prediction = Classifier(artifact, "cpu").predict(datasets, explain_top_k=1)
+    result = build_results(datasets, prediction, 1)
+    root, *expected = _highdicom_tree(datasets, result, prediction)
+
+    for keyword in (
+        "ValueType",
+        "ConceptNameCodeSequence",
+        "ContinuityOfContent",
+        "ContentTemplateSequence",
+    ):
+        assert result.sr[keyword] == root[keyword], keyword
+    assert [i.to_json_dict() for i in result.sr.ContentSequence] == [
+        i.to_json_dict() for i in expected
+    ]
 
 
 def test_overlay_blends_the_heat_adds_a_colour_bar_and_burns_in_the_text() -> None:
