@@ -45,7 +45,7 @@ from dicom_node.index import (
     utc_now,
 )
 from dicom_node.log import describe_exception, uid_ref
-from dicom_node.results import MANUFACTURER, ResultSet, build_results
+from dicom_node.results import MANUFACTURER, ResultSet, build_results, warm_up
 from dicom_node.score import write_result_files
 from inference import (
     Classifier,
@@ -1104,6 +1104,7 @@ class Worker(_Loop):
         return True
 
     def _write_results(self) -> None:
+        warm_up()  # while no study waits for it
         while (item := self._scored.get()) is not None:
             try:
                 outcomes = complete_jobs(item[0], self.config, self.index, item[1])
