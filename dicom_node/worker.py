@@ -1083,6 +1083,24 @@ class Worker(_Loop):
         if self._writer.is_alive():
             self._writer.join(timeout)
 
+    def _run(self) -> None:
+        self._load_models()
+        super()._run()
+
+    def _load_models(self) -> None:
+        """Load (and trace) the configured models before a study waits for them."""
+        for model in self.config.models:
+            if self._stop.is_set():
+                return
+            try:
+                self.models.get(model)
+            except Exception as exc:  # noqa: BLE001 - a job that needs it says why
+                logger.debug(
+                    "model %s not loaded at start: %s",
+                    model.path.name,
+                    describe_exception(exc),
+                )
+
     def step(self) -> bool:
         """Claim due jobs (up to ``batch_studies``) and score them."""
         jobs = claim_jobs(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 from collections.abc import Callable
@@ -95,6 +96,22 @@ def test_a_stable_study_is_scored_and_its_results_delivered(
     srs = list((config.state_dir / "results").rglob("sr.dcm"))
     assert len(srs) == 1
     assert dcmread(srs[0]).SOPInstanceUID == sr.SOPInstanceUID
+
+
+def test_models_are_loaded_at_start_not_when_the_first_study_waits(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    config = node_config(tmp_path, model, destination.port)
+    run_serve(config)
+    # Nothing sent: the worker loads (and traces) the model by itself.
+    wait_for(lambda: "loaded model test 0" in caplog.text, 60, "the model loaded")
+    assert "(traced)" in caplog.text
+    assert status(config)["studies"] == 0
 
 
 def test_parametric_maps_are_delivered_with_the_report_when_asked_for(
