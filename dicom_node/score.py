@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.dimse import DECODE_ERRORS
+from dicom_node.encode import file_bytes
 from dicom_node.export import find_files
 from dicom_node.results import MANUFACTURER, ResultSet, build_results
 from dicom_node.storage import validate_uid
@@ -205,8 +206,9 @@ def capture_png(sc: Dataset, target: Path) -> Path:
 
 def _save(ds: Dataset, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    with tmp.open("rb") as f:
+    with tmp.open("wb") as f:
+        f.write(file_bytes(ds))
+        f.flush()
         os.fsync(f.fileno())
     tmp.replace(target)
 

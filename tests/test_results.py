@@ -15,6 +15,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_node.encode import file_bytes
 from dicom_node.results import (
     NOT_FOR_DIAGNOSIS,
     POINT_MEANING,
@@ -92,7 +93,7 @@ def test_every_object_is_valid_and_the_sr_reads_as_a_report(
     assert len(result.captures) == 2  # the top image of each of the two labels
     for i, ds in enumerate(result.datasets):
         path = tmp_path / f"{i}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        path.write_bytes(file_bytes(ds))  # as the node writes it
         assert dciodvfy_problems(path) == [], ds.SOPClassUID.name
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.PatientID == source.PatientID
@@ -214,7 +215,7 @@ def test_a_positive_finding_is_a_point_at_the_gradcam_peak_a_negative_has_none(
         np.argmax(explained.heatmap), explained.heatmap.shape
     )
     path = tmp_path / "sr.dcm"
-    build_results(datasets, prediction, 1).sr.save_as(path, enforce_file_format=True)
+    path.write_bytes(file_bytes(build_results(datasets, prediction, 1).sr))
     assert dciodvfy_problems(path) == []
 
     report = hd.sr.Comprehensive3DSR.from_dataset(dcmread(path))
@@ -252,7 +253,7 @@ def test_a_parametric_map_holds_the_raw_gradcam_on_the_source_grid(
     assert all(any(pm is ds for ds in result.datasets) for pm in result.maps)
     for explanation, pm in zip(prediction.explanations, result.maps, strict=True):
         path = tmp_path / f"{pm.InstanceNumber}.dcm"
-        pm.save_as(path, enforce_file_format=True)
+        path.write_bytes(file_bytes(pm))
         assert dciodvfy_problems(path) == []
         back = dcmread(path)
         assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map
