@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable
+from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -16,6 +18,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE
+from pynetdicom.presentation import PresentationContext
 from sqlalchemy import select
 
 from dicom_node.config import CallerConfig
@@ -328,3 +331,27 @@ def test_non_storage_sop_class_is_rejected_at_negotiation(node: RunningNode) -> 
         assoc.release()
     assert accepted == {CTImageStorage}
     assert rejected == {PATIENT_ROOT_FIND}
+
+
+def test_each_association_gets_its_own_copy_of_the_supported_contexts(
+    node: RunningNode,
+) -> None:
+    """pynetdicom deep-copies the server's contexts per association; the node's
+    copies share the (immutable) UIDs but nothing an association could change."""
+    server_contexts = node.receiver.server.contexts
+    copies = deepcopy(server_contexts)
+
+    def described(contexts: list[PresentationContext]) -> list[tuple[Any, ...]]:
+        return [
+            (c.abstract_syntax, c.transfer_syntax, c.scu_role, c.scp_role, c.result)
+            for c in contexts
+        ]
+
+    assert described(copies) == described(node.receiver.ae.supported_contexts)
+    assert len(copies) > 100  # every storage class and Verification
+    copies[1].add_transfer_syntax("1.2.826.0.1.3680043.8.498.99")
+    copies[1].context_id = 7
+    assert "1.2.826.0.1.3680043.8.498.99" not in server_contexts[1].transfer_syntax
+    assert server_contexts[1].context_id is None
+    # and associations still negotiate against every one of them
+    test_non_storage_sop_class_is_rejected_at_negotiation(node)
