@@ -82,8 +82,9 @@ def file_bytes(ds: Dataset) -> bytes:
 
     Raises
     ------
-    ValueError
-        What :func:`pydicom.dcmwrite` raises for a data set it cannot write.
+    ValueError, AttributeError
+        What :func:`pydicom.dcmwrite` raises for a data set it cannot write
+        (e.g. File Meta Information without a SOP Class UID).
     """
     encoded = direct_file_bytes(ds)
     if encoded is not None:
@@ -150,7 +151,7 @@ def _meta(meta: FileMetaDataset, ds: Dataset) -> bytes:
             setattr(meta, keyword, value)
     try:
         validate_file_meta(meta, enforce_standard=True)
-    except ValueError:
+    except (AttributeError, ValueError):
         raise _UnsureError from None  # dcmwrite raises it, with its own message
     if 0x00020000 in meta:
         del meta[0x00020000]
@@ -195,6 +196,8 @@ def _dataset(
             continue
         if vr in _LONG:
             if elem.is_undefined_length:  # encapsulated Pixel Data
+                if tag == _PIXEL_DATA and not encoded.startswith(_ITEM):
+                    raise _UnsureError  # not encapsulated: dcmwrite says so
                 chunks += (head, vr.encode(), b"\x00\x00", _UNDEFINED, encoded)
                 chunks.append(_SEQUENCE_END)
             else:

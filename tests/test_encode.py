@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from copy import deepcopy
 from io import BytesIO
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from dicom_node.encode import direct_file_bytes, file_bytes
 from tests.factories import pydicom_corpus
@@ -103,3 +104,26 @@ def test_a_data_set_read_from_a_file_is_written_by_pydicom_whole(
     ds = dcmread(source)  # elements still raw
     assert direct_file_bytes(ds) is None
     assert file_bytes(ds) == pydicom_bytes(dcmread(source))
+
+
+def test_what_dcmwrite_refuses_is_refused_with_its_message() -> None:
+    result, _ = results("CT")
+    capture = result.captures[0]
+    for change in ("pixels not encapsulated", "no SOP Class UID"):
+        if change == "pixels not encapsulated":
+            capture.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        else:
+            capture.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            del capture.file_meta.MediaStorageSOPClassUID
+            del capture.SOPClassUID
+        theirs = _refusal(pydicom_bytes, capture)
+        assert theirs != "written", change
+        assert _refusal(file_bytes, capture) == theirs, change
+
+
+def _refusal(write: Callable[[Dataset], bytes], ds: Dataset) -> str:
+    try:
+        write(ds)
+    except (ValueError, AttributeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "written"
