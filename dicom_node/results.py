@@ -31,10 +31,15 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import JPEGBaseline8Bit
-from pydicom.valuerep import DS
+from pydicom.uid import (
+    UID,
+    Comprehensive3DSRStorage,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
+from pydicom.valuerep import DA, DS, TM
 
 from dicom_node import __version__
 from inference import CodedConcept, Explanation, StudyPrediction, render
@@ -130,6 +135,7 @@ _PERCENT = ("%", "UCUM", "Percent")
 _SOURCE = ("260753009", "SCT", "Source")
 _NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 _PM_SCALE = 65535
+_HIGHDICOM_IMPLEMENTATION_UID = "1.2.826.0.1.3680043.9.7433.1.1"
 _UID_NAMESPACE = uuid.UUID("5b0c5f4e-5d0e-4d55-9a0c-64c6f1c0de01")  # dicom-node results
 _RADIOGRAPHY = {"DX", "CR", "RG", "MG", "IO", "PX", "XA", "RF"}
 
@@ -549,29 +555,127 @@ def _report(
         ),
         _container("CONTAINS", _IMAGING_MEASUREMENTS, groups),
     ]
-    # highdicom's document constructor deep-copies the content tree, parses it
-    # again and searches it for references: about 20 ms a study, more than the
-    # rest of the results together. The tree references exactly the evidence
-    # given, which is what that search checks; so the document is made around
-    # the root with its first item only, and then given the whole tree.
-    root = _container(None, _REPORT, items[:1], template="1500")
     captures = [capture for _, capture in explained]
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[_header(ds) for ds in (*sources, *captures)],
-        content=root,
-        series_instance_uid=make_uid("sr-series"),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=make_uid("sr"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_verified=False,
-        previous_versions=[previous_sr] if previous_sr is not None else None,
+    sr = _document(
+        evidence=(*sources, *captures),
+        root=_container(None, _REPORT, [], template="1500"),
+        series_uid=make_uid("sr-series"),
+        sop_uid=make_uid("sr"),
         series_description=f"AI Results: {prediction.model_name}"[:64],
-        contributing_equipment=[_equipment(prediction)],
+        previous_sr=previous_sr,
+        equipment=_equipment(prediction),
     )
     sr.ContentSequence = items
     return _with_source_identity(sr, sources[0])
+
+
+def _document(
+    evidence: Sequence[Dataset],
+    root: Dataset,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_description: str,
+    previous_sr: Dataset | None,
+    equipment: Dataset,
+) -> Dataset:
+    """Return the Comprehensive 3D SR document around ``root`` (no content yet).
+
+    The data set highdicom's ``Comprehensive3DSR`` builds for these arguments
+    (a test compares the files): made directly, because that constructor costs
+    ~4 ms a study (deep copies, a parse of the tree, validation, IOD table
+    lookups) in the thread that holds the GIL the scoring thread needs. The
+    evidence is every image scored or written, all in the source's study.
+    """
+    first = evidence[0]
+    study_uid = str(first.StudyInstanceUID)
+    sr = Dataset()
+    sr.preamble = b"\x00" * 128
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sr.file_meta.MediaStorageSOPClassUID = Comprehensive3DSRStorage
+    sr.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    sr.file_meta.FileMetaInformationVersion = b"\x00\x01"
+    # The File Meta and the library's own Contributing Equipment item stay
+    # what highdicom writes: the tree follows its TID 1500 templates, and the
+    # captures are still made by it.
+    sr.file_meta.ImplementationClassUID = UID(_HIGHDICOM_IMPLEMENTATION_UID)
+    sr.file_meta.ImplementationVersionName = f"highdicom{hd.__version__}"
+    now = dt.datetime.now()
+    if "SpecificCharacterSet" in first:
+        sr.SpecificCharacterSet = first.SpecificCharacterSet
+    sr.InstanceCreationDate = DA(now.date())
+    sr.InstanceCreationTime = TM(now.time())
+    sr.SOPClassUID = Comprehensive3DSRStorage
+    sr.SOPInstanceUID = sop_uid
+    sr.ContentDate = DA(now.date())
+    sr.ContentTime = TM(now.time())
+    sr.Modality = "SR"
+    sr.Manufacturer = MANUFACTURER
+    sr.SeriesDescription = series_description
+    sr.ReferencedPerformedProcedureStepSequence = []
+    sr.ContributingEquipmentSequence = [
+        equipment,
+        hd.ContributingEquipment.for_highdicom(),
+    ]
+    sr.StudyInstanceUID = study_uid
+    sr.SeriesInstanceUID = series_uid
+    sr.SeriesNumber = SR_SERIES_NUMBER
+    sr.InstanceNumber = 1
+    for element in root:
+        sr[element.tag] = element
+    sr.PerformedProcedureCodeSequence = []
+    sr.CompletionFlag = "COMPLETE"
+    sr.VerificationFlag = "UNVERIFIED"
+    sr.PreliminaryFlag = "PRELIMINARY"
+    same: dict[tuple[str, str], list[Dataset]] = {}
+    other: dict[tuple[str, str], list[Dataset]] = {}
+    seen: set[str] = set()
+    for ds in evidence:
+        if ds.SOPInstanceUID in seen:
+            continue
+        seen.add(ds.SOPInstanceUID)
+        key = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+        group = same if key[0] == study_uid else other
+        group.setdefault(key, []).append(_instance_reference(ds))
+    if same:
+        sr.CurrentRequestedProcedureEvidenceSequence = _study_references(same)
+    if other:
+        sr.PertinentOtherEvidenceSequence = _study_references(other)
+    if previous_sr is not None:
+        sr.PredecessorDocumentsSequence = _study_references(
+            {
+                (
+                    str(previous_sr.StudyInstanceUID),
+                    str(previous_sr.SeriesInstanceUID),
+                ): [_instance_reference(previous_sr)]
+            }
+        )
+    return sr
+
+
+def _instance_reference(ds: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    return item
+
+
+def _study_references(groups: dict[tuple[str, str], list[Dataset]]) -> list[Dataset]:
+    """Hierarchical references: per study, per series, the instances (in order)."""
+    studies: dict[str, list[Dataset]] = {}
+    for (study_uid, series_uid), instances in groups.items():
+        series = Dataset()
+        series.SeriesInstanceUID = series_uid
+        series.ReferencedSOPSequence = instances
+        studies.setdefault(study_uid, []).append(series)
+    items = []
+    for study_uid, series_items in studies.items():
+        study = Dataset()
+        study.StudyInstanceUID = study_uid
+        study.ReferencedSeriesSequence = series_items
+        items.append(study)
+    return items
 
 
 def _capture(
@@ -743,23 +847,6 @@ _IDENTITY = (
     "AccessionNumber",
     "ReferringPhysicianName",
 )
-
-
-def _header(source: Dataset) -> Dataset:
-    """Return what a result needs of a source, missing Type 2 attributes empty."""
-    header = Dataset()
-    for keyword in _IDENTITY:
-        header[keyword] = _copy_or_empty(source, keyword)
-    for keyword in (
-        "SpecificCharacterSet",
-        "Modality",
-        "SeriesInstanceUID",
-        "SOPClassUID",
-        "SOPInstanceUID",
-    ):
-        if keyword in source:
-            header[keyword] = source[keyword]
-    return header
 
 
 def _with_source_identity(ds: Dataset, source: Dataset) -> Dataset:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Sequence
+from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,14 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
 from dicom_node.encode import file_bytes
 from dicom_node.results import (
+    MANUFACTURER,
     NOT_FOR_DIAGNOSIS,
     POINT_MEANING,
     ResultSet,
@@ -465,6 +470,120 @@ def test_the_report_tree_is_what_highdicoms_tid_1500_templates_build(
     assert [i.to_json_dict() for i in result.sr.ContentSequence] == [
         i.to_json_dict() for i in expected
     ]
+
+
+_IDENTITY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def _evidence_header(source: Dataset) -> Dataset:
+    """What highdicom's SR constructor needs of an evidence instance."""
+    header = Dataset()
+    for keyword in _IDENTITY:
+        header[keyword] = DataElement(
+            tag_for_keyword(keyword),  # type: ignore[arg-type]
+            dictionary_VR(keyword),
+            source.get(keyword),
+        )
+    for keyword in (
+        "SpecificCharacterSet",
+        "Modality",
+        "SeriesInstanceUID",
+        "SOPClassUID",
+        "SOPInstanceUID",
+    ):
+        if keyword in source:
+            header[keyword] = source[keyword]
+    return header
+
+
+def _highdicom_document(
+    result: ResultSet, sources: Sequence[Dataset], previous_sr: Dataset | None
+) -> Dataset:
+    """The SR highdicom's Comprehensive3DSR builds around the same content."""
+    sr = result.sr
+    root = Dataset()
+    for keyword in (
+        "ValueType",
+        "ConceptNameCodeSequence",
+        "ContinuityOfContent",
+        "ContentTemplateSequence",
+    ):
+        root[keyword] = deepcopy(sr[keyword])
+    root.ContentSequence = [deepcopy(sr.ContentSequence[0])]
+    ours = sr.ContributingEquipmentSequence[0]
+    reference = hd.sr.Comprehensive3DSR(
+        evidence=[_evidence_header(ds) for ds in (*sources, *result.captures)],
+        content=root,
+        series_instance_uid=sr.SeriesInstanceUID,
+        series_number=int(sr.SeriesNumber),
+        sop_instance_uid=sr.SOPInstanceUID,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_verified=False,
+        previous_versions=[previous_sr] if previous_sr is not None else None,
+        series_description=sr.SeriesDescription,
+        contributing_equipment=[
+            hd.ContributingEquipment(
+                manufacturer=ours.Manufacturer,
+                purpose_of_reference=codes.DCM.ProcessingEquipment,
+                manufacturer_model_name=ours.ManufacturerModelName,
+                software_versions=ours.SoftwareVersions,
+            )
+        ],
+    )
+    reference.ContentSequence = sr.ContentSequence
+    for keyword in _IDENTITY:  # the results copy the source's exactly
+        reference[keyword] = deepcopy(sr[keyword])
+    return reference
+
+
+def _at_a_fixed_time(ds: Dataset) -> bytes:
+    ds = deepcopy(ds)
+    ds.InstanceCreationDate = ds.ContentDate = "20260101"
+    ds.InstanceCreationTime = ds.ContentTime = "120000"
+    for item in ds.ContributingEquipmentSequence:
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = "20260101120000"
+    return file_bytes(ds)
+
+
+@pytest.mark.parametrize(
+    "kind", ["CT", "DX", "CR MONOCHROME1", "MR", "MR multi-frame", "sparse"]
+)
+def test_the_report_document_is_what_highdicoms_sr_constructor_builds(
+    kind: str,
+) -> None:
+    datasets = (
+        [dcmread(corpus_file("emri_small.dcm"))]
+        if kind == "MR multi-frame"
+        else sources(kind)
+    )
+    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=1)
+    first = build_results(datasets, prediction, 1)
+    second = build_results(datasets, prediction, 2, previous_sr=first.sr)
+    for result, previous in ((first, None), (second, first.sr)):
+        expected = _highdicom_document(result, datasets, previous)
+        assert _at_a_fixed_time(result.sr) == _at_a_fixed_time(expected)
+    assert "PredecessorDocumentsSequence" in second.sr
+    evidence = first.sr.CurrentRequestedProcedureEvidenceSequence[0]
+    referenced = {
+        ref.ReferencedSOPInstanceUID
+        for series in evidence.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert referenced == {ds.SOPInstanceUID for ds in (*datasets, *first.captures)}
 
 
 def test_overlay_blends_the_heat_adds_a_colour_bar_and_burns_in_the_text() -> None:
