@@ -68,7 +68,8 @@ def file_bytes(ds: Dataset) -> bytes:
 
     The same bytes as ``ds.save_as(f, enforce_file_format=True)``; like it,
     ``ds`` and its File Meta Information are left unchanged, except that
-    Pixel Data's undefined length follows the transfer syntax.
+    Pixel Data's undefined length follows the transfer syntax and ambiguous
+    VRs ("US or SS", "OB or OW") are resolved.
 
     Parameters
     ----------
@@ -174,7 +175,10 @@ def _dataset(
         if len(elem.VR) != 2:
             # "US or SS", "OB or OW": decided from the data set, as dcmwrite
             # does (which also leaves the element with the VR it chose).
-            correct_ambiguous_vr_element(elem, ds, True, ancestors)
+            try:
+                correct_ambiguous_vr_element(elem, ds, True, ancestors)
+            except AttributeError:  # what decides it is missing: dcmwrite says so
+                raise _UnsureError from None
             if len(elem.VR) != 2:
                 raise _UnsureError
         vr = elem.VR

@@ -357,9 +357,10 @@ def _peak_region(
 
 # The SR content tree (TID 1500) is built from plain data sets rather than
 # highdicom's template classes: they validate every item as it is made, which
-# cost ~7 ms of the ~30 ms of Python a study's results took in the node, where
-# the results thread is what limits throughput. tests/test_results.py checks
-# that the tree equals what highdicom's templates build.
+# cost ~7 ms of the ~30 ms of Python a study's results took in the node, time
+# in which the results thread holds the GIL the scoring thread needs.
+# tests/test_results.py checks that the tree equals what highdicom's templates
+# build.
 
 
 def _code_item(code: _Code) -> Dataset:
