@@ -21,6 +21,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_node.encode import file_bytes
 from dicom_node.results import (
+    _IDENTITY,
     MANUFACTURER,
     NOT_FOR_DIAGNOSIS,
     POINT_MEANING,
@@ -470,20 +471,6 @@ def test_the_report_tree_is_what_highdicoms_tid_1500_templates_build(
     assert [i.to_json_dict() for i in result.sr.ContentSequence] == [
         i.to_json_dict() for i in expected
     ]
-
-
-_IDENTITY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-)
 
 
 def _evidence_header(source: Dataset) -> Dataset:
