@@ -28,16 +28,19 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
+from highdicom.frame import encode_frame
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     UID,
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
 )
 from pydicom.valuerep import DA, DS, TM
 
@@ -590,18 +593,7 @@ def _document(
     """
     first = evidence[0]
     study_uid = str(first.StudyInstanceUID)
-    sr = Dataset()
-    sr.preamble = b"\x00" * 128
-    sr.file_meta = FileMetaDataset()
-    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    sr.file_meta.MediaStorageSOPClassUID = Comprehensive3DSRStorage
-    sr.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    sr.file_meta.FileMetaInformationVersion = b"\x00\x01"
-    # The File Meta and the library's own Contributing Equipment item stay
-    # what highdicom writes: the tree follows its TID 1500 templates, and the
-    # captures are still made by it.
-    sr.file_meta.ImplementationClassUID = UID(_HIGHDICOM_IMPLEMENTATION_UID)
-    sr.file_meta.ImplementationVersionName = f"highdicom{hd.__version__}"
+    sr = _instance(Comprehensive3DSRStorage, sop_uid, ExplicitVRLittleEndian)
     now = dt.datetime.now()
     if "SpecificCharacterSet" in first:
         sr.SpecificCharacterSet = first.SpecificCharacterSet
@@ -699,25 +691,17 @@ def _capture(
             f" - {prediction.model_name}",
         ],
     )
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
-        pixel_array=pixels,
-        photometric_interpretation=(
-            "YBR_FULL_422" if jpeg else hd.PhotometricInterpretationValues.RGB
-        ),
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        series_instance_uid=make_uid("sc-series"),
-        series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=make_uid(f"sc-{number}"),
-        instance_number=number,
-        manufacturer=MANUFACTURER,
-        patient_orientation=("L", "F"),  # replaced below by the source's own
-        transfer_syntax_uid=JPEGBaseline8Bit if jpeg else "1.2.840.10008.1.2.1",
+    sc = _secondary_capture(
+        source,
+        pixels,
+        jpeg=jpeg,
+        series_uid=make_uid("sc-series"),
+        sop_uid=make_uid(f"sc-{number}"),
+        number=number,
         series_description=f"AI Grad-CAM: {prediction.model_name}"[:64],
-        contributing_equipment=[_equipment(prediction)],
+        equipment=_equipment(prediction),
     )
-    sc.PatientOrientation = _orientation(source)  # type: ignore[assignment]
+    sc.PatientOrientation = _orientation(source)
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = (
         f"Grad-CAM of {label.label.name} over the source image; {NOT_FOR_DIAGNOSIS}"
@@ -736,6 +720,95 @@ def _capture(
     sc.SourceImageSequence = [reference]
     sc.DerivationDescription = "Grad-CAM heatmap blended over the rendered source"
     return _with_source_identity(sc, source)
+
+
+def _secondary_capture(
+    source: Dataset,
+    pixels: npt.NDArray[np.uint8],
+    *,
+    jpeg: bool,
+    series_uid: str,
+    sop_uid: str,
+    number: int,
+    series_description: str,
+    equipment: Dataset,
+) -> Dataset:
+    """Return an RGB Secondary Capture of ``pixels`` in the source's study.
+
+    The data set highdicom's ``SCImage.from_ref_dataset`` builds for these
+    arguments (a test compares the files), made directly: that constructor
+    costs ~1.5 ms a study, and it refuses a source whose Patient's Sex is not
+    M, F or O (e.g. "U"), which real sources carry; the results copy the
+    source's value as it is.
+    """
+    syntax = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
+    sc = _instance(SecondaryCaptureImageStorage, sop_uid, syntax)
+    now = dt.datetime.now()
+    if "SpecificCharacterSet" in source:
+        sc.SpecificCharacterSet = source.SpecificCharacterSet
+    sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+    sc.InstanceCreationDate = DA(now.date())
+    sc.InstanceCreationTime = TM(now.time())
+    sc.SOPClassUID = SecondaryCaptureImageStorage
+    sc.SOPInstanceUID = sop_uid
+    sc.ContentDate = DA(now.date())
+    sc.ContentTime = TM(now.time())
+    sc.Modality = "OT"
+    sc.ConversionType = "DI"
+    sc.Manufacturer = MANUFACTURER
+    sc.SeriesDescription = series_description
+    sc.DateOfSecondaryCapture = DA(now.date())
+    sc.TimeOfSecondaryCapture = TM(now.time())
+    try:  # the source's own equipment first, where it names a manufacturer
+        acquisition = [hd.ContributingEquipment.for_image_acquisition(source)]
+    except Exception:  # noqa: BLE001 - as highdicom: no manufacturer, no item
+        acquisition = []
+    sc.ContributingEquipmentSequence = [
+        *acquisition,
+        equipment,
+        hd.ContributingEquipment.for_highdicom(),
+    ]
+    sc.StudyInstanceUID = str(source.StudyInstanceUID)
+    sc.SeriesInstanceUID = series_uid
+    sc.SeriesNumber = SC_SERIES_NUMBER
+    sc.InstanceNumber = number
+    photometric = "YBR_FULL_422" if jpeg else "RGB"
+    sc.SamplesPerPixel = 3
+    sc.PhotometricInterpretation = photometric
+    sc.PlanarConfiguration = 0
+    sc.Rows, sc.Columns = pixels.shape[:2]
+    sc.BitsAllocated = 8
+    sc.BitsStored = 8
+    sc.HighBit = 7
+    sc.PixelRepresentation = 0
+    frame = encode_frame(
+        pixels,
+        transfer_syntax_uid=syntax,
+        bits_allocated=8,
+        bits_stored=8,
+        photometric_interpretation=photometric,
+        pixel_representation=0,
+        planar_configuration=0,
+    )
+    sc.PixelData = encapsulate([frame]) if jpeg else frame
+    return sc
+
+
+def _instance(sop_class: str, sop_uid: str, syntax: str) -> Dataset:
+    """Return a new instance with the File Meta highdicom writes."""
+    ds = Dataset()
+    ds.preamble = b"\x00" * 128
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    ds.file_meta.FileMetaInformationVersion = b"\x00\x01"
+    # The File Meta and the library's own Contributing Equipment item stay
+    # what highdicom writes: the objects follow its templates and constructors
+    # (tested equal), and it still makes the Parametric Maps.
+    ds.file_meta.ImplementationClassUID = UID(_HIGHDICOM_IMPLEMENTATION_UID)
+    ds.file_meta.ImplementationVersionName = f"highdicom{hd.__version__}"
+    return ds
 
 
 def has_patient_geometry(source: Dataset) -> bool:
@@ -778,10 +851,14 @@ def _parametric_map(
     stored = np.round(np.clip(explanation.heatmap, 0.0, 1.0) * _PM_SCALE)
     # highdicom copies Patient and Study from the source and requires their Type
     # 2 attributes present: a shallow copy gets the empty ones (the source is
-    # not changed).
+    # not changed). It also refuses a Patient's Sex other than M, F or O (real
+    # sources carry "U"): it sees an empty one, and the map gets the source's
+    # own value back below.
     view = Dataset({element.tag: element for element in source})
     for keyword in _IDENTITY:
         view[keyword] = _copy_or_empty(source, keyword)
+    if view.PatientSex not in ("M", "F", "O"):
+        view.PatientSex = None
     pm = hd.pm.ParametricMap(
         source_images=[view],
         pixel_array=stored.astype(np.uint16),

@@ -18,6 +18,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from dicom_node.encode import file_bytes
 from dicom_node.results import (
@@ -25,7 +26,10 @@ from dicom_node.results import (
     MANUFACTURER,
     NOT_FOR_DIAGNOSIS,
     POINT_MEANING,
+    SC_SERIES_NUMBER,
     ResultSet,
+    _secondary_capture,
+    _with_source_identity,
     build_results,
     overlay,
     summary_lines,
@@ -540,6 +544,9 @@ def _at_a_fixed_time(ds: Dataset) -> bytes:
     ds = deepcopy(ds)
     ds.InstanceCreationDate = ds.ContentDate = "20260101"
     ds.InstanceCreationTime = ds.ContentTime = "120000"
+    if "DateOfSecondaryCapture" in ds:
+        ds.DateOfSecondaryCapture = "20260101"
+        ds.TimeOfSecondaryCapture = "120000"
     for item in ds.ContributingEquipmentSequence:
         if "ContributionDateTime" in item:
             item.ContributionDateTime = "20260101120000"
@@ -571,6 +578,77 @@ def test_the_report_document_is_what_highdicoms_sr_constructor_builds(
         for ref in series.ReferencedSOPSequence
     }
     assert referenced == {ds.SOPInstanceUID for ds in (*datasets, *first.captures)}
+
+
+@pytest.mark.parametrize("jpeg", [False, True])
+@pytest.mark.parametrize(
+    "kind", ["CT", "DX", "CR MONOCHROME1", "MR", "MR multi-frame", "sparse"]
+)
+def test_a_capture_is_what_highdicoms_sc_constructor_builds(
+    kind: str, jpeg: bool
+) -> None:
+    source = (
+        dcmread(corpus_file("emri_small.dcm"))
+        if kind == "MR multi-frame"
+        else sources(kind)[0]
+    )
+    rows, columns = 40, 52
+    gradient = np.linspace(0, 255, rows * columns * 3).reshape(rows, columns, 3)
+    pixels = gradient.astype(np.uint8)
+    equipment = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name="test 0",
+        software_versions="dicom-node 0",
+    )
+    uids = {"series": "2.25.1001", "sop": "2.25.1002"}
+    ours = _secondary_capture(
+        source,
+        pixels,
+        jpeg=jpeg,
+        series_uid=uids["series"],
+        sop_uid=uids["sop"],
+        number=2,
+        series_description="AI Grad-CAM: test",
+        equipment=equipment,
+    )
+    theirs = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="YBR_FULL_422" if jpeg else "RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=uids["series"],
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=uids["sop"],
+        instance_number=2,
+        manufacturer=MANUFACTURER,
+        patient_orientation=("L", "F"),
+        transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian,
+        series_description="AI Grad-CAM: test",
+        contributing_equipment=[deepcopy(equipment)],
+    )
+    for ds in (ours, theirs):  # what _capture sets after either constructor
+        ds.PatientOrientation = ["L", "F"]
+        _with_source_identity(ds, source)
+    assert _at_a_fixed_time(ours) == _at_a_fixed_time(theirs)
+
+
+def test_a_source_with_a_non_standard_patients_sex_still_gets_results(
+    tmp_path: Path,
+) -> None:
+    """Real sources carry "U" or lower case; highdicom's constructors refuse them."""
+    datasets = sources("CT")
+    for ds in datasets:
+        ds.PatientSex = "U"
+    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=1)
+    result = build_results(datasets, prediction, 1, parametric_map=True)
+    assert result.maps  # CT: a Parametric Map too
+    for i, ds in enumerate(result.datasets):
+        assert ds.PatientSex == "U"  # the source's, as it is
+        path = tmp_path / f"{i}.dcm"
+        path.write_bytes(file_bytes(ds))
+        assert dcmread(path).PatientSex == "U"
 
 
 def test_overlay_blends_the_heat_adds_a_colour_bar_and_burns_in_the_text() -> None:
