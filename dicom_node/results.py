@@ -593,28 +593,17 @@ def _document(
     """
     first = evidence[0]
     study_uid = str(first.StudyInstanceUID)
-    sr = _instance(Comprehensive3DSRStorage, sop_uid, ExplicitVRLittleEndian)
-    now = dt.datetime.now()
-    if "SpecificCharacterSet" in first:
-        sr.SpecificCharacterSet = first.SpecificCharacterSet
-    sr.InstanceCreationDate = DA(now.date())
-    sr.InstanceCreationTime = TM(now.time())
-    sr.SOPClassUID = Comprehensive3DSRStorage
-    sr.SOPInstanceUID = sop_uid
-    sr.ContentDate = DA(now.date())
-    sr.ContentTime = TM(now.time())
-    sr.Modality = "SR"
-    sr.Manufacturer = MANUFACTURER
-    sr.SeriesDescription = series_description
+    sr = _instance(
+        first,
+        Comprehensive3DSRStorage,
+        ExplicitVRLittleEndian,
+        modality="SR",
+        series=(series_uid, SR_SERIES_NUMBER, series_description),
+        sop_uid=sop_uid,
+        number=1,
+        equipment=[equipment],
+    )
     sr.ReferencedPerformedProcedureStepSequence = []
-    sr.ContributingEquipmentSequence = [
-        equipment,
-        hd.ContributingEquipment.for_highdicom(),
-    ]
-    sr.StudyInstanceUID = study_uid
-    sr.SeriesInstanceUID = series_uid
-    sr.SeriesNumber = SR_SERIES_NUMBER
-    sr.InstanceNumber = 1
     for element in root:
         sr[element.tag] = element
     sr.PerformedProcedureCodeSequence = []
@@ -742,36 +731,24 @@ def _secondary_capture(
     source's value as it is.
     """
     syntax = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
-    sc = _instance(SecondaryCaptureImageStorage, sop_uid, syntax)
-    now = dt.datetime.now()
-    if "SpecificCharacterSet" in source:
-        sc.SpecificCharacterSet = source.SpecificCharacterSet
-    sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
-    sc.InstanceCreationDate = DA(now.date())
-    sc.InstanceCreationTime = TM(now.time())
-    sc.SOPClassUID = SecondaryCaptureImageStorage
-    sc.SOPInstanceUID = sop_uid
-    sc.ContentDate = DA(now.date())
-    sc.ContentTime = TM(now.time())
-    sc.Modality = "OT"
-    sc.ConversionType = "DI"
-    sc.Manufacturer = MANUFACTURER
-    sc.SeriesDescription = series_description
-    sc.DateOfSecondaryCapture = DA(now.date())
-    sc.TimeOfSecondaryCapture = TM(now.time())
     try:  # the source's own equipment first, where it names a manufacturer
         acquisition = [hd.ContributingEquipment.for_image_acquisition(source)]
     except Exception:  # noqa: BLE001 - as highdicom: no manufacturer, no item
         acquisition = []
-    sc.ContributingEquipmentSequence = [
-        *acquisition,
-        equipment,
-        hd.ContributingEquipment.for_highdicom(),
-    ]
-    sc.StudyInstanceUID = str(source.StudyInstanceUID)
-    sc.SeriesInstanceUID = series_uid
-    sc.SeriesNumber = SC_SERIES_NUMBER
-    sc.InstanceNumber = number
+    sc = _instance(
+        source,
+        SecondaryCaptureImageStorage,
+        syntax,
+        modality="OT",
+        series=(series_uid, SC_SERIES_NUMBER, series_description),
+        sop_uid=sop_uid,
+        number=number,
+        equipment=[*acquisition, equipment],
+    )
+    sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+    sc.ConversionType = "DI"
+    sc.DateOfSecondaryCapture = sc.ContentDate
+    sc.TimeOfSecondaryCapture = sc.ContentTime
     photometric = "YBR_FULL_422" if jpeg else "RGB"
     sc.SamplesPerPixel = 3
     sc.PhotometricInterpretation = photometric
@@ -794,8 +771,22 @@ def _secondary_capture(
     return sc
 
 
-def _instance(sop_class: str, sop_uid: str, syntax: str) -> Dataset:
-    """Return a new instance with the File Meta highdicom writes."""
+def _instance(
+    source: Dataset,
+    sop_class: str,
+    syntax: str,
+    *,
+    modality: str,
+    series: tuple[str, int, str],
+    sop_uid: str,
+    number: int,
+    equipment: list[Dataset],
+) -> Dataset:
+    """Return a new instance of the source's study, as highdicom's SOPClass starts one.
+
+    ``series`` is its UID, number and description; ``equipment`` the
+    Contributing Equipment before the library's own item.
+    """
     ds = Dataset()
     ds.preamble = b"\x00" * 128
     ds.file_meta = FileMetaDataset()
@@ -808,6 +799,22 @@ def _instance(sop_class: str, sop_uid: str, syntax: str) -> Dataset:
     # (tested equal), and it still makes the Parametric Maps.
     ds.file_meta.ImplementationClassUID = UID(_HIGHDICOM_IMPLEMENTATION_UID)
     ds.file_meta.ImplementationVersionName = f"highdicom{hd.__version__}"
+    if "SpecificCharacterSet" in source:
+        ds.SpecificCharacterSet = source.SpecificCharacterSet
+    now = dt.datetime.now()
+    ds.InstanceCreationDate = ds.ContentDate = DA(now.date())
+    ds.InstanceCreationTime = ds.ContentTime = TM(now.time())
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.Modality = modality
+    ds.Manufacturer = MANUFACTURER
+    ds.StudyInstanceUID = str(source.StudyInstanceUID)
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series
+    ds.InstanceNumber = number
+    ds.ContributingEquipmentSequence = [
+        *equipment,
+        hd.ContributingEquipment.for_highdicom(),
+    ]
     return ds
 
 
