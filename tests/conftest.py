@@ -348,3 +348,14 @@ def write_toml(tmp_path: Path, config: NodeConfig) -> Path:
         lines += ["[[models]]", f'path = "{m.path}"']
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def worker_process(
+    toml: Path, stderr: Any = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """Start ``dicom-node worker --config TOML`` (output dropped unless ``stderr``)."""
+    return subprocess.Popen(
+        dicom_node_cmd("worker", "--config", str(toml)),
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )

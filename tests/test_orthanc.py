@@ -19,11 +19,11 @@ from dicom_node.demo import Orthanc, find_orthanc
 from dicom_node.index import Delivery
 from dicom_node.service import open_index
 from tests.conftest import (
-    dicom_node_cmd,
     free_port,
     make_config,
     status,
     wait_for,
+    worker_process,
     write_toml,
 )
 from tests.factories import make_artifact, make_ct
@@ -251,20 +251,12 @@ def test_a_worker_killed_mid_job_puts_one_result_set_in_orthanc(
         study_id = _upload(pacs, study)
         _send_to_node(pacs, study_id)
         toml = write_toml(tmp_path, config)
-        worker = subprocess.Popen(
-            dicom_node_cmd("worker", "--config", str(toml)),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        worker = worker_process(toml)
         wait_for(lambda: status(config)["jobs"]["running"] == 1, 60, "a running job")
         worker.kill()  # SIGKILL: no cleanup, the lease stays
         worker.wait(timeout=10)
         assert status(config)["jobs"]["done"] == 0, "the job ended before the kill"
-        worker = subprocess.Popen(
-            dicom_node_cmd("worker", "--config", str(toml)),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        worker = worker_process(toml)
         wait_for(lambda: status(config)["deliveries"]["done"] == 1, 90, "delivery")
         instances = _instances(pacs, study_id)
         assert len(instances["CT"]) == 24

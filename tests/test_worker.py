@@ -26,13 +26,13 @@ from dicom_node.worker import start_workers
 from inference import Classifier, ModelArtifact
 from tests.conftest import (
     Destination,
-    dicom_node_cmd,
     free_port,
     make_config,
     run_cli,
     status,
     store_datasets,
     wait_for,
+    worker_process,
     write_toml,
 )
 from tests.factories import make_artifact, make_ct
@@ -254,11 +254,7 @@ def test_a_worker_killed_mid_job_still_delivers_exactly_once(
     study = ct_study(24)
     store_datasets(port, study)
     toml = write_toml(tmp_path, config)
-    worker = subprocess.Popen(
-        dicom_node_cmd("worker", "--config", str(toml)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = worker_process(toml)
     try:
         wait_for(lambda: status(config)["jobs"]["running"] == 1, 60, "a running job")
         worker.kill()  # SIGKILL: no cleanup, the lease stays
@@ -266,11 +262,7 @@ def test_a_worker_killed_mid_job_still_delivers_exactly_once(
         figures = status(config)
         assert figures["jobs"]["done"] == 0, "the job ended before the kill"
         assert figures["deliveries"]["done"] == 0
-        worker = subprocess.Popen(
-            dicom_node_cmd("worker", "--config", str(toml)),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        worker = worker_process(toml)
         wait_for(lambda: status(config)["deliveries"]["done"] == 1, 90, "delivery")
     finally:
         worker.terminate()
@@ -353,11 +345,7 @@ def test_a_burst_of_studies_is_scored_together_and_a_bad_one_fails_alone(
     toml = write_toml(tmp_path, config)
     log = tmp_path / "worker.log"
     with log.open("w") as stderr:
-        worker = subprocess.Popen(
-            dicom_node_cmd("worker", "--config", str(toml)),
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
+        worker = worker_process(toml, stderr)
         try:
             wait_for(lambda: status(config)["jobs"]["failed"] == 1, 60, "bad job")
             wait_for(lambda: status(config)["deliveries"]["dead"] == 9, 60, "9 dead")
