@@ -76,10 +76,10 @@ POINT_MEANING = "where the model looked, not a boundary"
 def _cache_image_iod_lookup() -> None:
     """Remember highdicom's answer to "is this SOP class an image?" per class.
 
-    highdicom (0.28) asks it for the source of every SR and Secondary Capture
-    (``ContributingEquipment.for_image_acquisition``) by scanning the IOD's
-    module tables: ~1.5 ms a call, 2 per study, the same answer every time for
-    a SOP class. The lookup is a pure function of the UID over tables that ship
+    highdicom (0.28) asks it for the source of every Secondary Capture and
+    Parametric Map (``ContributingEquipment.for_image_acquisition``) by scanning
+    the IOD's module tables: ~1.5 ms a call, the same answer every time for a
+    SOP class. The lookup is a pure function of the UID over tables that ship
     with highdicom, so caching it changes nothing but the time. Left alone if
     highdicom no longer has it where 0.28 does.
     """
