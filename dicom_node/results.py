@@ -589,7 +589,9 @@ def _document(
     (a test compares the files): made directly, because that constructor costs
     ~4 ms a study (deep copies, a parse of the tree, validation, IOD table
     lookups) in the thread that holds the GIL the scoring thread needs. The
-    evidence is every image scored or written, all in the source's study.
+    evidence is every image scored or written; those of another study than the
+    first's (none, as the node builds results) would go to Pertinent Other
+    Evidence, as highdicom records them.
     """
     first = evidence[0]
     study_uid = str(first.StudyInstanceUID)
