@@ -412,9 +412,7 @@ def _image(
     relationship: str, name: _Code, image: Dataset, frame: int | None = None
 ) -> Dataset:
     item = _item(relationship, "IMAGE", name)
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = str(image.SOPClassUID)
-    reference.ReferencedSOPInstanceUID = str(image.SOPInstanceUID)
+    reference = _instance_reference(image)
     if frame is not None:
         reference.ReferencedFrameNumber = [frame]
     item.ReferencedSOPSequence = [reference]
@@ -639,6 +637,7 @@ def _document(
 
 
 def _instance_reference(ds: Dataset) -> Dataset:
+    """Return an item with the instance's SOP Class and Instance UIDs."""
     item = Dataset()
     item.ReferencedSOPClassUID = ds.SOPClassUID
     item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
@@ -698,9 +697,7 @@ def _capture(
         f"Grad-CAM of {label.label.name} over the source image; {NOT_FOR_DIAGNOSIS}"
     )[:10240]
     _copy_body_part(sc, source)
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    reference = _instance_reference(source)
     if int(source.get("NumberOfFrames", 1) or 1) > 1:
         reference.ReferencedFrameNumber = explanation.source.frame_index + 1
     purpose = Dataset()
