@@ -30,8 +30,8 @@ sending. Their Python work shares one GIL.
 Latency is measured on --single studies sent one at a time (each once the previous
 one's results arrived); throughput on N studies sent at once.
 
-    python bench/e2e.py [--studies 30] [--single 8] [--workers 1] [--worker-processes N]
-                        [--stable-after 0.5]
+    python bench/e2e.py [--studies 30] [--single 8] [--workers 2] [--scoring-nice 10]
+                        [--worker-processes N] [--stable-after 0.5]
 """
 
 from __future__ import annotations
@@ -198,6 +198,7 @@ def worker_processes(config: NodeConfig, workers: int, count: int) -> Iterator[N
     dest = config.destinations[0]
     toml.write_text(
         f'[node]\nstate_dir = "{config.state_dir}"\nworkers = {workers}\n'
+        f"scoring_nice = {config.scoring_nice}\n"
         'device = "cpu"\nlog_level = "WARNING"\n'
         f'[[destinations]]\nname = "{dest.name}"\nae_title = "{dest.ae_title}"\n'
         f'host = "{dest.host}"\nport = {dest.port}\n'
@@ -310,8 +311,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=30)
     parser.add_argument("--stable-after", type=float, default=0.5)
+    defaults = NodeConfig()
     parser.add_argument(
-        "--workers", type=int, default=1, help="worker threads (of each process)"
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help=f"worker threads (of each process; default {defaults.workers})",
+    )
+    parser.add_argument(
+        "--scoring-nice",
+        type=int,
+        default=defaults.scoring_nice,
+        metavar="STEPS",
+        help="[node] scoring_nice: the scoring threads' priority below the "
+        f"others' (default {defaults.scoring_nice}; 0: the same)",
     )
     parser.add_argument(
         "--worker-processes",
@@ -341,6 +354,7 @@ def main() -> int:
             destinations=(DestinationConfig("dest", "DEST", "127.0.0.1", dest.port),),
             models=(ModelConfig(model),),
             workers=0 if args.worker_processes else args.workers,
+            scoring_nice=args.scoring_nice,
             device="cpu",
             log_level="WARNING",
             source="bench",

@@ -494,10 +494,12 @@ def _config_command(args: argparse.Namespace) -> int:
         f"up to {config.batch_studies} studies at once, "
         f"Grad-CAM top {config.gradcam_top_k}, torch "
         + (
-            f"{config.torch_threads} CPU thread(s)"
+            f"{config.torch_threads} CPU thread(s) each"
             if config.torch_threads
-            else f"{scoring_threads(0)} CPU thread(s) (cores - 1)"
+            else f"{scoring_threads(0, config.workers)} CPU thread(s) each "
+            "((cores - 1) / workers)"
         )
+        + f", scoring at nice +{config.scoring_nice}"
     )
     print(
         "results          SR, Grad-CAM Secondary Captures "

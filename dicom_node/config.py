@@ -148,14 +148,20 @@ class NodeConfig:
         Level of the node's own log lines (DEBUG, INFO, WARNING, ERROR).
     workers
         Worker threads scoring studies inside ``serve`` (0: none; then
-        ``dicom-node worker`` processes do the work).
+        ``dicom-node worker`` processes do the work). Two by default: while one
+        thread's model runs, the other reads, preprocesses and explains.
     device
         Where models run: cuda, cpu, or empty for CUDA when present.
     torch_threads
-        CPU threads torch uses in a process that scores studies (``serve`` with
-        workers, ``dicom-node worker``); 0: one less than the cores the process
-        may use (at least 1), leaving a core to receiving, writing results and
+        CPU threads torch uses for each forward pass in a process that scores
+        studies (``serve`` with workers, ``dicom-node worker``); 0: one less than
+        the cores the process may use, shared among its worker threads (at
+        least 1 each), leaving a core to receiving, writing results and
         sending, which otherwise compete with torch's threads.
+    scoring_nice
+        How many nice steps below the node's other threads the scoring threads
+        run (Linux; 0..19, 0: the same priority): receiving, writing results
+        and sending come first, the model takes the CPU time they leave.
     gradcam_top_k
         Images explained with Grad-CAM per study and label.
     batch_studies
@@ -198,9 +204,10 @@ class NodeConfig:
     max_associations: int = 32
     max_pdu: int = 262144
     log_level: str = "INFO"
-    workers: int = 1
+    workers: int = 2
     device: str = ""
     torch_threads: int = 0
+    scoring_nice: int = 10
     gradcam_top_k: int = 1
     batch_studies: int = 8
     results_jpeg: bool = False
@@ -250,6 +257,11 @@ class NodeConfig:
             self.log_level in {"DEBUG", "INFO", "WARNING", "ERROR"},
             f"[node] log_level in {where}: expected DEBUG, INFO, WARNING or ERROR, "
             f"found {self.log_level!r}",
+        )
+        _check(
+            0 <= self.scoring_nice <= 19,
+            f"[node] scoring_nice in {where}: expected 0..19, "
+            f"found {self.scoring_nice}",
         )
         for key, low in (
             ("workers", 0),
@@ -375,6 +387,7 @@ _NODE_KEYS: dict[str, type] = {
     "workers": int,
     "device": str,
     "torch_threads": int,
+    "scoring_nice": int,
     "gradcam_top_k": int,
     "batch_studies": int,
     "results_jpeg": bool,

@@ -16,6 +16,7 @@ import os
 import queue
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -69,11 +70,13 @@ __all__ = [
     "claim_jobs",
     "complete_jobs",
     "eligible_images",
+    "lower_thread_priority",
     "process_jobs",
     "recover_local_leases",
     "requeue",
     "results_root",
     "run_deliveries",
+    "scoring_threads",
     "start_workers",
     "study_images",
 ]
@@ -1047,6 +1050,12 @@ class Worker(_Loop):
     written, the next group is scored. One scored group waits at most
     (memory: a group being written, one waiting, one being scored).
 
+    The scoring thread runs ``scoring_nice`` steps below the node's other
+    threads (:func:`lower_thread_priority`): on a busy small CPU, receiving,
+    writing results and sending (which hold Python's GIL, so everything else
+    waits while they are off the CPU) come first, and the model uses the CPU
+    time they leave.
+
     Parameters
     ----------
     config
@@ -1084,6 +1093,7 @@ class Worker(_Loop):
             self._writer.join(timeout)
 
     def _run(self) -> None:
+        lower_thread_priority(self.config.scoring_nice)
         self._load_models()
         super()._run()
 
@@ -1199,21 +1209,24 @@ class Workers:
             self._restore_threads = None
 
 
-def scoring_threads(configured: int) -> int:
-    """Return the CPU threads torch gets in a scoring process (``torch_threads``).
+def scoring_threads(configured: int, workers: int = 1) -> int:
+    """Return the CPU threads torch gets per forward pass (``torch_threads``).
 
     Parameters
     ----------
     configured
         ``[node] torch_threads``; 0 for automatic.
+    workers
+        Scoring threads of the process: their forward passes run at once, each
+        with this many threads.
 
     Returns
     -------
     int
-        ``configured``, or when 0 one less than the cores this process may use
-        (at least 1): with torch on every core, the node's own threads (receiving,
-        DICOM encoding, sending) keep stalling torch's, which wait for each other
-        at every layer.
+        ``configured``, or when 0 one less than the cores this process may use,
+        shared among ``workers`` (at least 1 each): with torch on every core,
+        the node's own threads (receiving, DICOM encoding, sending) keep
+        stalling torch's, which wait for each other at every layer.
     """
     if configured:
         return configured
@@ -1221,7 +1234,36 @@ def scoring_threads(configured: int) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, (cores - 1) // max(1, workers))
+
+
+def lower_thread_priority(steps: int) -> int:
+    """Lower the calling thread's CPU priority by ``steps`` nice steps (Linux).
+
+    Threads torch starts from this thread afterwards inherit it. Elsewhere, or
+    when the system refuses, nothing changes.
+
+    Parameters
+    ----------
+    steps
+        0..19; 0 changes nothing. The result is at most nice 19.
+
+    Returns
+    -------
+    int
+        The thread's nice value now (0 where it cannot be read).
+    """
+    if not sys.platform.startswith("linux"):
+        return 0  # there PRIO_PROCESS with a thread id would name a process
+    thread = threading.get_native_id()
+    try:
+        now = os.getpriority(os.PRIO_PROCESS, thread)
+        if steps:
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, now + steps))
+        return os.getpriority(os.PRIO_PROCESS, thread)
+    except OSError as exc:
+        logger.debug("scoring thread priority left as it is: %s", exc)
+        return 0
 
 
 def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
@@ -1243,9 +1285,15 @@ def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
     """
     previous_threads = None
     if workers:
-        threads = scoring_threads(config.torch_threads)
+        threads = scoring_threads(config.torch_threads, workers)
         previous_threads = set_cpu_threads(threads)
-        logger.info("torch uses %d CPU thread(s) for scoring", threads)
+        logger.info(
+            "%d scoring thread(s), torch uses %d CPU thread(s) for each, "
+            "%d nice step(s) below the node's other threads",
+            workers,
+            threads,
+            config.scoring_nice,
+        )
     released = recover_local_leases(index)
     if released:
         logger.warning(

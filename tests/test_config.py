@@ -26,6 +26,12 @@ def test_example_is_valid_and_documents_every_key(tmp_path: Path) -> None:
     assert config.database_url == ""
     assert config.stable_after == 10.0
     assert config.allow_any_caller is False
+    defaults = NodeConfig()
+    assert (config.workers, config.torch_threads, config.scoring_nice) == (
+        defaults.workers,
+        defaults.torch_threads,
+        defaults.scoring_nice,
+    )
     assert config.callers[0] == CallerConfig("PACS", "127.0.0.1")
     assert [(d.name, d.ae_title, d.port) for d in config.destinations] == [
         ("pacs", "PACS", 4242)
@@ -97,6 +103,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("", {"DICOM_NODE_CALLERS": "PACS"}, "DICOM_NODE_CALLERS"),
         ("[node]\nworkers = -1\n", {}, "[node] workers"),
         ("[node]\ntorch_threads = -1\n", {}, "[node] torch_threads"),
+        ("[node]\nscoring_nice = 20\n", {}, "[node] scoring_nice"),
+        ("", {"DICOM_NODE_NODE_SCORING_NICE": "-1"}, "[node] scoring_nice"),
         ("[node]\ndelivery_attempts = 0\n", {}, "[node] delivery_attempts"),
         ("[node]\nretry_after = 0\n", {}, "[node] retry_after"),
         ("[node]\ndevice = 'gpu'\n", {}, "[node] device"),

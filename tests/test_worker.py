@@ -6,6 +6,9 @@ import json
 import logging
 import os
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -393,19 +396,52 @@ def _content_items(ds: Any) -> list[Any]:
     return found
 
 
-@pytest.mark.parametrize("configured", [0, 3])
+@pytest.mark.parametrize(("configured", "threads"), [(0, 1), (0, 2), (3, 2)])
 def test_scoring_leaves_a_core_to_the_node_and_gives_torch_back_when_stopped(
-    tmp_path: Path, model: Path, configured: int
+    tmp_path: Path, model: Path, configured: int, threads: int
 ) -> None:
     config = node_config(tmp_path, model, free_port(), torch_threads=configured)
     cores = len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     index = open_index(config)
-    workers = start_workers(config, index, 1)
+    workers = start_workers(config, index, threads)
     try:
-        expected = configured or max(1, cores - 1)
+        # Automatic: the cores less one, shared by the threads' forward passes.
+        expected = configured or max(1, (cores - 1) // threads)
         assert torch.get_num_threads() == expected
     finally:
         workers.stop()
         index.close()
     assert torch.get_num_threads() == before
+
+
+def _nice(thread: threading.Thread) -> int:
+    assert thread.native_id is not None
+    return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux threads")
+@pytest.mark.parametrize("steps", [0, 5])
+def test_scoring_threads_run_below_the_nodes_other_threads(
+    tmp_path: Path, model: Path, steps: int
+) -> None:
+    config = node_config(tmp_path, model, free_port(), scoring_nice=steps)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    index = open_index(config)
+    workers = start_workers(config, index, 2)
+    try:
+        named = {t.name: t for t in threading.enumerate()}
+        scoring = [named["worker-1"], named["worker-2"]]
+        others = [named["worker-1-results"], named["worker-2-results"]]
+        others.append(named["outbox"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+            _nice(t) != min(19, base + steps) for t in scoring
+        ):
+            time.sleep(0.05)  # each thread lowers itself when it starts
+        assert [_nice(t) for t in scoring] == [min(19, base + steps)] * 2
+        assert [_nice(t) for t in others] == [base] * 3
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    finally:
+        workers.stop()
+        index.close()
