@@ -256,14 +256,15 @@ def thread_groups(
     process_seconds: float,
 ) -> dict[str, float]:
     """CPU seconds per kind of thread between two snapshots; threads that ended in
-    between (pynetdicom's, of finished associations) are the rest of the
-    process's CPU."""
-    pynetdicom = "associations (pynetdicom: receiving, sending)"
+    between (pynetdicom's, of finished associations, and the preprocessing
+    threads of finished scoring calls) are the rest of the process's CPU."""
+    pynetdicom = "associations (pynetdicom), ended threads"
     groups: dict[str, float] = {}
     for (tid, name), seconds in after.items():
         kind = "other (the bench itself, serve's loop)"
         for part, label in (
             ("worker-", "scoring (torch calls, preprocessing)"),
+            ("preprocess", "scoring (torch calls, preprocessing)"),
             ("-results", "writing results (SR, SC, files, index)"),
             ("outbox", "sending (outbox: files, index)"),
             ("dicom-node-scheduler", "scheduling"),

@@ -1237,7 +1237,7 @@ def scoring_threads(configured: int, workers: int = 1) -> int:
     return max(1, (cores - 1) // max(1, workers))
 
 
-def lower_thread_priority(steps: int) -> int:
+def lower_thread_priority(steps: int) -> None:
     """Lower the calling thread's CPU priority by ``steps`` nice steps (Linux).
 
     Threads torch starts from this thread afterwards inherit it. Elsewhere, or
@@ -1247,23 +1247,15 @@ def lower_thread_priority(steps: int) -> int:
     ----------
     steps
         0..19; 0 changes nothing. The result is at most nice 19.
-
-    Returns
-    -------
-    int
-        The thread's nice value now (0 where it cannot be read).
     """
-    if not sys.platform.startswith("linux"):
-        return 0  # there PRIO_PROCESS with a thread id would name a process
+    if not steps or not sys.platform.startswith("linux"):
+        return  # elsewhere PRIO_PROCESS with a thread id would name a process
     thread = threading.get_native_id()
     try:
         now = os.getpriority(os.PRIO_PROCESS, thread)
-        if steps:
-            os.setpriority(os.PRIO_PROCESS, thread, min(19, now + steps))
-        return os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, now + steps))
     except OSError as exc:
         logger.debug("scoring thread priority left as it is: %s", exc)
-        return 0
 
 
 def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:

@@ -215,7 +215,9 @@ class Classifier:
         # while the model runs on the previous batch. Each frame carries the
         # owner (study) of its data set.
         spec = self.artifact.preprocessing
-        with ThreadPoolExecutor(self.preprocess_workers) as pool:
+        with ThreadPoolExecutor(
+            self.preprocess_workers, thread_name_prefix="preprocess"
+        ) as pool:
             pending: list[Frames] = []
             pending_owners: list[int] = []
             count = 0
