@@ -497,7 +497,7 @@ def _config_command(args: argparse.Namespace) -> int:
             f"{config.torch_threads} CPU thread(s) each"
             if config.torch_threads
             else f"{scoring_threads(0, config.workers)} CPU thread(s) each "
-            "((cores - 1) / workers)"
+            "(automatic: the cores less one, shared by the workers)"
         )
         + f", scoring at nice +{config.scoring_nice}"
     )
