@@ -1209,7 +1209,7 @@ class Workers:
             self._restore_threads = None
 
 
-def scoring_threads(configured: int, workers: int = 1) -> int:
+def scoring_threads(configured: int, workers: int) -> int:
     """Return the CPU threads torch gets per forward pass (``torch_threads``).
 
     Parameters
