@@ -25,6 +25,10 @@ __all__ = [
 ]
 
 ENV_PREFIX = "DICOM_NODE_"
+# PS3.8 D.1: the smallest Maximum Length worth negotiating; above 16 MiB a single
+# PDU held in memory costs more than it saves.
+MIN_PDU = 4096
+MAX_PDU = 16 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +147,23 @@ class NodeConfig:
     max_associations
         Most associations one receiving process serves at once.
     max_pdu
-        Largest PDU the node accepts, in bytes (0 means unlimited).
+        Largest P-DATA-TF PDU the node accepts, in bytes (4096..16 MiB); a
+        larger one aborts the association before it is read.
+    acse_timeout
+        Seconds a new connection has to complete association (its whole
+        A-ASSOCIATE-RQ); until then it holds no association slot.
+    idle_timeout
+        Seconds an association may stay silent, and the most a single PDU may
+        take to arrive once its first byte has (a slow sender is cut off).
+    max_connections_per_host
+        Most connections one source address may hold open at once
+        (associating or associated).
+    max_instance_bytes
+        Largest data set the node receives; a larger one is refused with
+        0xA700 (Refused: Out of Resources, PS3.4 B.2.3) and nothing is kept.
+    max_inflated_bytes
+        Largest size a Deflated data set may inflate to (it is inflated in
+        memory to be read); a larger one is refused with 0xA700.
     log_level
         Level of the node's own log lines (DEBUG, INFO, WARNING, ERROR).
     workers
@@ -203,6 +223,11 @@ class NodeConfig:
     scp_processes: int = 1
     max_associations: int = 32
     max_pdu: int = 262144
+    acse_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections_per_host: int = 8
+    max_instance_bytes: int = 4 * 1024**3
+    max_inflated_bytes: int = 256 * 1024**2
     log_level: str = "INFO"
     workers: int = 2
     device: str = ""
@@ -250,9 +275,30 @@ class NodeConfig:
             f"found {self.max_associations}",
         )
         _check(
-            self.max_pdu == 0 or self.max_pdu >= 4096,
-            f"[node] max_pdu in {where}: expected 0 or >= 4096, found {self.max_pdu}",
+            MIN_PDU <= self.max_pdu <= MAX_PDU,
+            f"[node] max_pdu in {where}: expected {MIN_PDU}..{MAX_PDU} bytes, found "
+            f"{self.max_pdu} (0, unlimited, is not accepted: a peer could make the "
+            "node hold any PDU in memory)",
         )
+        for key in ("acse_timeout", "idle_timeout"):
+            value = getattr(self, key)
+            _check(
+                0 < value <= 3600,
+                f"[node] {key} in {where}: expected seconds in (0, 3600], "
+                f"found {value}",
+            )
+        _check(
+            1 <= self.max_connections_per_host <= 1024,
+            f"[node] max_connections_per_host in {where}: expected 1..1024, "
+            f"found {self.max_connections_per_host}",
+        )
+        for key in ("max_instance_bytes", "max_inflated_bytes"):
+            value = getattr(self, key)
+            _check(
+                value >= 1024**2,
+                f"[node] {key} in {where}: expected at least 1048576 bytes, "
+                f"found {value}",
+            )
         _check(
             self.log_level in {"DEBUG", "INFO", "WARNING", "ERROR"},
             f"[node] log_level in {where}: expected DEBUG, INFO, WARNING or ERROR, "
@@ -383,6 +429,11 @@ _NODE_KEYS: dict[str, type] = {
     "scp_processes": int,
     "max_associations": int,
     "max_pdu": int,
+    "acse_timeout": float,
+    "idle_timeout": float,
+    "max_connections_per_host": int,
+    "max_instance_bytes": int,
+    "max_inflated_bytes": int,
     "log_level": str,
     "workers": int,
     "device": str,
