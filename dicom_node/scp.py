@@ -5,20 +5,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
-import socketserver
+import ssl
+import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
-from io import BytesIO
+from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import (
     AllStoragePresentationContexts,
     PresentationContext,
@@ -38,6 +42,16 @@ from dicom_node.dimse import (
     VERIFICATION_SOP_CLASS,
 )
 from dicom_node.errors import InvalidUidError, StorageError
+from dicom_node.gate import (
+    RJ_CALLED_AE_NOT_RECOGNIZED,
+    RJ_CALLING_AE_NOT_RECOGNIZED,
+    ConnectionGate,
+    GateDecision,
+    GuardedSocket,
+    GuardedSSLSocket,
+    PduLimits,
+    Refusal,
+)
 from dicom_node.index import IndexDB, InstanceRecordRequest, RecordOutcome
 from dicom_node.log import describe_exception, quiet_pynetdicom, uid_ref
 from dicom_node.storage import InstanceKey, Storage, validate_uid
@@ -45,7 +59,10 @@ from dicom_node.storage import InstanceKey, Storage, validate_uid
 __all__ = [
     "Receiver",
     "StoreContext",
+    "audit_refusal",
+    "check_caller",
     "handle_echo",
+    "handle_pdu_recv",
     "handle_store",
 ]
 
@@ -59,8 +76,12 @@ _RJ_PERMANENT = 0x01
 _RJ_TRANSIENT = 0x02
 _RJ_SOURCE_SERVICE_USER = 0x01
 _RJ_NO_REASON = 0x01
-_RJ_CALLING_AE_NOT_RECOGNIZED = 0x03
-_RJ_CALLED_AE_NOT_RECOGNIZED = 0x07
+
+# Values at most this long are read when a received data set is checked; longer
+# ones (pixel data) stay on disk, so a large instance costs no memory.
+_DEFER_SIZE = 64 * 1024
+# Read size when a received file is hashed or a deflated one measured.
+_CHUNK = 1 << 20
 
 
 @dataclass(slots=True)
@@ -143,11 +164,11 @@ def handle_requested(event: Event, ctx: StoreContext) -> None:
     if called != ctx.config.ae_title:
         reason, diagnostic = (
             "called AE title not recognized",
-            _RJ_CALLED_AE_NOT_RECOGNIZED,
+            RJ_CALLED_AE_NOT_RECOGNIZED,
         )
     elif not ctx.config.caller_allowed(calling, address):
         reason = "calling AE title or address not on the allow-list"
-        diagnostic = _RJ_CALLING_AE_NOT_RECOGNIZED
+        diagnostic = RJ_CALLING_AE_NOT_RECOGNIZED
     try:
         association_id = ctx.index.open_association(
             calling, called, address, port, rejected_reason=reason
@@ -205,6 +226,13 @@ def handle_conn_close(event: Event, ctx: StoreContext) -> None:
     if ended is None:
         return
     association_id, outcome, stored, failed = ended
+    if outcome != "released":
+        # An association that ended in the middle of a data set leaves its
+        # partly received file in the spool.
+        try:
+            ctx.storage.sweep_orphans()
+        except OSError as exc:
+            logger.warning("cannot sweep the spool: %s", type(exc).__name__)
     try:
         ctx.index.close_association(association_id, outcome, stored, failed)
     except SQLAlchemyError as exc:
@@ -220,6 +248,33 @@ def handle_conn_close(event: Event, ctx: StoreContext) -> None:
         stored,
         failed,
     )
+
+
+def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
+    """Count the data set bytes of the C-STORE arriving; stop one over the limit.
+
+    No status can be sent before a data set has arrived whole, and receiving
+    the rest only to refuse it would let a sender fill the disk: a data set
+    that grows past ``max_instance_bytes`` gets the association aborted at that
+    point, and its partial file is removed.
+    """
+    pdu = event.pdu
+    if not isinstance(pdu, P_DATA_TF):
+        return
+    transport = event.assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    if not isinstance(sock, GuardedSocket | GuardedSSLSocket):
+        return
+    for item in pdu.presentation_data_value_items:
+        value = item.presentation_data_value or b"\x01"
+        if value[0] & 0x01:  # a command fragment: a new message (PS3.8 E.2)
+            sock.data_set_bytes = 0
+        else:
+            sock.data_set_bytes += len(value) - 1
+    if sock.data_set_bytes > ctx.config.max_instance_bytes:
+        sock.refuse(
+            f"data set over max_instance_bytes ({ctx.config.max_instance_bytes})"
+        )
 
 
 def handle_echo(event: Event, ctx: StoreContext) -> int:
@@ -267,16 +322,30 @@ def _store(
     request = event.request
     if not isinstance(request, C_STORE):
         raise TypeError(f"expected a C-STORE request, got {type(request).__name__}")
-    received_stream = request.DataSet
-    if not isinstance(received_stream, BytesIO):
-        raise TypeError("C-STORE request without a data set")
+    # Received to disk as it arrived (STORE_RECV_CHUNKED_DATASET): preamble,
+    # File Meta, then the data set exactly as the sender encoded it.
+    path = Path(event.dataset_path)
     requested_ref = uid_ref(request.AffectedSOPInstanceUID)
+    deflated = bool(event.context.transfer_syntax.is_deflated)
     try:
-        ds: Dataset = event.dataset
+        file_size = path.stat().st_size
+        data_start = _data_set_offset(path)
+        if deflated:
+            inflated = _inflated_size(path, data_start, ctx.config.max_inflated_bytes)
+            if inflated is None:
+                logger.warning(
+                    "instance %s refused: deflated data set inflates past "
+                    "max_inflated_bytes (%d)",
+                    requested_ref,
+                    ctx.config.max_inflated_bytes,
+                )
+                return (
+                    OUT_OF_RESOURCES,
+                    "deflated data set inflates past max_inflated_bytes",
+                )
+        ds: Dataset = dcmread(path, defer_size=_DEFER_SIZE)
         # Before any element is read: reading converts raw elements.
-        problem = _structure_problem(
-            ds, received_stream, deflated=event.context.transfer_syntax.is_deflated
-        )
+        problem = _structure_problem(ds, file_size, deflated=deflated)
         sop_class_uid = ds.get("SOPClassUID")
         sop_instance_uid = ds.get("SOPInstanceUID")
         study_uid = ds.get("StudyInstanceUID")
@@ -327,19 +396,14 @@ def _store(
         )
 
     ref = uid_ref(key.sop_instance_uid)
-    # One copy of the received bytes: the file (preamble, meta, data set as
-    # received); the data set is its tail, hashed in place.
-    data = event.encoded_dataset(include_meta=True)
-    with received_stream.getbuffer() as received:
-        dataset_size = received.nbytes
-    digest = hashlib.sha256(memoryview(data)[len(data) - dataset_size :]).hexdigest()
     started = time.perf_counter()
     # Write first, then index in one transaction that also detects conflicts: a
     # look-up before the write would cost a second transaction per instance.
     existed = ctx.storage.path_of(key).is_file()
     try:
-        ctx.storage.write(key, data)
-    except StorageError as exc:
+        digest = _sha256(path, data_start)
+        ctx.storage.adopt(key, path)
+    except (StorageError, OSError) as exc:
         logger.error("instance %s refused: cannot write (%s)", ref, exc)
         return OUT_OF_RESOURCES, f"storage write failed ({exc})"
     try:
@@ -352,7 +416,7 @@ def _store(
                 transfer_syntax_uid=str(event.context.transfer_syntax),
                 modality=str(modality)[:16] if modality else None,
                 path=key.relative_path,
-                size=len(data),
+                size=file_size,
                 sha256=digest,
                 association_id=association_id,
             )
@@ -381,6 +445,52 @@ def _store(
     return SUCCESS, ""
 
 
+def _data_set_offset(path: Path) -> int:
+    """Return where the data set starts in a received file.
+
+    The receiving side wrote the preamble, "DICM" and a File Meta group that
+    starts with its group length (PS3.10 7.1), explicit VR little endian.
+    """
+    with path.open("rb") as f:
+        head = f.read(144)
+    if (
+        len(head) < 144
+        or head[128:132] != b"DICM"
+        or head[132:138] != b"\x02\x00\x00\x00UL"
+    ):
+        raise ValueError("received file without a File Meta group length")
+    return 144 + int.from_bytes(head[140:144], "little")
+
+
+def _sha256(path: Path, start: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        f.seek(start)
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _inflated_size(path: Path, start: int, limit: int) -> int | None:
+    """Return the inflated size of a deflated data set, or None past ``limit``.
+
+    Inflated a chunk at a time and thrown away: a data set of a few kilobytes
+    may claim gigabytes (PS3.5 A.5, raw deflate).
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with path.open("rb") as f:
+        f.seek(start)
+        while chunk := f.read(_CHUNK):
+            while chunk:
+                total += len(inflater.decompress(chunk, _CHUNK))
+                if total > limit:
+                    return None
+                chunk = inflater.unconsumed_tail
+        total += len(inflater.flush())
+    return total if total <= limit else None
+
+
 def _discard(ctx: StoreContext, key: InstanceKey, existed: bool, ref: str) -> None:
     # Not acknowledged and not indexed: leave nothing behind. A file that was
     # there before this write belongs to an earlier, acknowledged copy.
@@ -392,13 +502,13 @@ def _discard(ctx: StoreContext, key: InstanceKey, existed: bool, ref: str) -> No
         logger.error("instance %s: cannot remove unindexed file (%s)", ref, exc)
 
 
-def _structure_problem(ds: Dataset, stream: BytesIO, *, deflated: bool) -> str:
-    """Return why a decoded data set is incomplete, or an empty string.
+def _structure_problem(ds: Dataset, file_size: int, *, deflated: bool) -> str:
+    """Return why a received data set is incomplete, or an empty string.
 
     pydicom reads a truncated data set without raising: it keeps the short value
     of the last element, or stops at a partial tag. Every top-level element of
-    defined length must hold exactly its length, and the elements must end where
-    the received data ends.
+    defined length must lie within the file and hold exactly its length, and
+    the elements must end where the file ends.
     """
     end = 0
     for elem in ds.elements():
@@ -406,7 +516,10 @@ def _structure_problem(ds: Dataset, stream: BytesIO, *, deflated: bool) -> str:
             end = -1  # a parsed sequence: its end is not known here
             continue
         if elem.length == _UNDEFINED_LENGTH:
-            size = len(elem.value or b"") + 8  # value and its delimitation item
+            if elem.value is None:
+                end = -1  # deferred: found whole, its end is not kept
+                continue
+            size = len(elem.value) + 8  # value and its delimitation item
         else:
             if elem.value is not None and len(elem.value) != elem.length:
                 return (
@@ -414,14 +527,17 @@ def _structure_problem(ds: Dataset, stream: BytesIO, *, deflated: bool) -> str:
                     f"{len(elem.value)} of {elem.length} bytes"
                 )
             size = elem.length
+            if not deflated and elem.value_tell + size > file_size:
+                return (
+                    f"data set truncated: element {elem.tag} ends past the "
+                    "received data"
+                )
         if end >= 0:
             end = max(end, elem.value_tell + size)
     if deflated or end < 0:
         return ""
-    with stream.getbuffer() as buffer:
-        received = buffer.nbytes
-    if end != received:
-        return f"data set has {received - end} bytes that are not a whole element"
+    if end != file_size:
+        return f"data set has {file_size - end} bytes that are not a whole element"
     return ""
 
 
@@ -451,12 +567,32 @@ def _supported(context: PresentationContext) -> _SupportedContext:
 
 
 class _NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, optionally sharing its port (SO_REUSEPORT)."""
+    """pynetdicom's threaded server behind the node's connection gate.
 
-    def __init__(self, *args: Any, reuse_port: bool = False, **kwargs: Any) -> None:
+    The gate (:class:`dicom_node.gate.ConnectionGate`) accepts every connection
+    and hands over only those whose A-ASSOCIATE-RQ is whole and allowed; then
+    pynetdicom runs the association as usual. Optionally shares its port with
+    other receiving processes (SO_REUSEPORT).
+    """
+
+    # The listen backlog: a burst of connections waits here, not refused.
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        *args: Any,
+        reuse_port: bool = False,
+        gate: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._reuse_port = reuse_port
         super().__init__(*args, **kwargs)
         self.contexts = [_supported(cx) for cx in self.contexts]
+        if self.socket is None:
+            raise TypeError("the server has no listening socket")
+        self.gate = ConnectionGate(
+            self.socket, admit=self.process_request, **(gate or {})
+        )
 
     def server_bind(self) -> None:
         """Bind, letting several receiving processes share the port when asked."""
@@ -464,17 +600,70 @@ class _NodeServer(ThreadedAssociationServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
-    def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept a connection with TCP_NODELAY (no Nagle delay on responses)."""
-        sock, address = super().get_request()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock, address
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept connections through the gate until :meth:`shutdown`."""
+        self.gate.serve_forever()
 
     def shutdown(self) -> None:
         """Stop accepting and close the listening socket."""
         # Not pynetdicom's shutdown: it expects the server in the AE's own list.
-        socketserver.BaseServer.shutdown(self)
+        self.gate.stop()
         self.server_close()
+
+
+def check_caller(
+    config: NodeConfig, calling_ae_title: str, called_ae_title: str, address: str
+) -> GateDecision:
+    """Decide on an association request from its AE titles and source address.
+
+    Parameters
+    ----------
+    config
+        The node configuration (its AE title and allow-list).
+    calling_ae_title
+        The calling AE title, without padding.
+    called_ae_title
+        The called AE title, without padding.
+    address
+        The peer's IP address.
+
+    Returns
+    -------
+    GateDecision
+        Admit, or reject with the A-ASSOCIATE-RJ reason (PS3.8 9.3.4).
+    """
+    if called_ae_title != config.ae_title:
+        return GateDecision(
+            "called AE title not recognized", RJ_CALLED_AE_NOT_RECOGNIZED
+        )
+    if not config.caller_allowed(calling_ae_title, address):
+        return GateDecision(
+            "calling AE title or address not on the allow-list",
+            RJ_CALLING_AE_NOT_RECOGNIZED,
+        )
+    return GateDecision()
+
+
+def audit_refusal(index: IndexDB, refusal: Refusal) -> None:
+    """Write a refused connection to the audit table; never raises.
+
+    Parameters
+    ----------
+    index
+        The index database.
+    refusal
+        What was refused and why.
+    """
+    try:
+        index.open_association(
+            refusal.calling_ae_title[:16],
+            refusal.called_ae_title[:16],
+            refusal.address,
+            refusal.port,
+            rejected_reason=refusal.reason[:200],
+        )
+    except SQLAlchemyError as exc:
+        logger.warning("could not audit a refused connection: %s", type(exc).__name__)
 
 
 def build_ae(config: NodeConfig) -> AE:
@@ -491,9 +680,14 @@ def build_ae(config: NodeConfig) -> AE:
         The configured, not yet listening, application entity.
     """
     quiet_pynetdicom()
+    # Data sets go to a file in the spool as they arrive, never whole in memory;
+    # the handler then renames the file into storage.
+    _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=config.ae_title)
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu
+    ae.acse_timeout = config.acse_timeout
+    ae.network_timeout = config.idle_timeout
     # handle_requested checks the called AE title and the allow-list (with source
     # addresses) and audits each rejection. pynetdicom's own AE title checks run
     # after it as a second line: an error in a notification handler is only
@@ -521,6 +715,8 @@ class Receiver:
         The port to listen on; ``config.port`` when None.
     reuse_port
         Share the port with other receiving processes (SO_REUSEPORT).
+    ssl_context
+        When set, the port speaks DICOM TLS only (PS3.15 B.1).
     """
 
     def __init__(
@@ -529,24 +725,43 @@ class Receiver:
         index: IndexDB,
         port: int | None = None,
         reuse_port: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
-        self.ctx = StoreContext(config, Storage(config.storage_dir), index)
+        storage = Storage(config.storage_dir)
+        self.ctx = StoreContext(config, storage, index)
         self.ae = build_ae(config)
+        # pynetdicom spools received data sets in the temporary folder; in the
+        # spool, on the storage's file system, a stored instance is a rename.
+        self._tempdir = tempfile.tempdir
+        tempfile.tempdir = str(storage.spool)
         handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, handle_requested, [self.ctx]),
             (evt.EVT_RELEASED, handle_released, [self.ctx]),
             (evt.EVT_ABORTED, handle_aborted, [self.ctx]),
             (evt.EVT_CONN_CLOSE, handle_conn_close, [self.ctx]),
+            (evt.EVT_PDU_RECV, handle_pdu_recv, [self.ctx]),
             (evt.EVT_C_ECHO, handle_echo, [self.ctx]),
             (evt.EVT_C_STORE, handle_store, [self.ctx]),
         ]
         address = (config.host, config.port if port is None else port)
+        gate = {
+            "check": lambda calling, called, host: check_caller(
+                config, calling, called, host
+            ),
+            "limits": PduLimits(config.max_pdu, config.idle_timeout),
+            "acse_timeout": config.acse_timeout,
+            "max_connections_per_host": config.max_connections_per_host,
+            "max_pending": 4 * config.max_associations,
+            "ssl_context": ssl_context,
+            "audit": lambda refusal: audit_refusal(index, refusal),
+        }
         server = self.ae.make_server(
             address,
             evt_handlers=handlers,
             server_class=_NodeServer,
             reuse_port=reuse_port,
+            gate=gate,
         )
         if not isinstance(server, _NodeServer):
             raise TypeError(f"expected a _NodeServer, got {type(server).__name__}")
@@ -583,3 +798,6 @@ class Receiver:
         for assoc in self.ae.active_associations:
             assoc.abort()
         self._thread.join(timeout=5)
+        if tempfile.tempdir == str(self.ctx.storage.spool):
+            tempfile.tempdir = self._tempdir
+        self.ctx.storage.close()

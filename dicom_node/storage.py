@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import secrets
-import time
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +87,11 @@ class InstanceKey:
 class Storage:
     """Writes instances durably: temporary file, fsync, rename, fsync of the folder.
 
-    Temporary files live in ``<root>/.incoming/`` (never inside a study folder), so
-    what a crash leaves behind is easy to find and is swept at the next start.
+    Temporary files live in a spool folder of this process under
+    ``<root>/.incoming/`` (never inside a study folder). The process holds a
+    lock on its spool while it runs; :meth:`sweep_incoming` removes the spools
+    whose process has ended, whatever their age, and leaves those of running
+    processes (other receiving processes may share the storage).
 
     Parameters
     ----------
@@ -96,37 +100,102 @@ class Storage:
     """
 
     INCOMING = ".incoming"
+    _LOCK = "lock"
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.incoming = root / self.INCOMING
         self._ensure_dir(self.incoming)
+        self._spool: Path | None = None
+        self._spool_lock: int | None = None
 
-    def sweep_incoming(self, older_than: float = 900.0) -> int:
-        """Remove temporary files a crashed writer left behind.
+    @property
+    def spool(self) -> Path:
+        """Return this process's spool folder (made and locked on first use)."""
+        if self._spool is None:
+            folder = self.incoming / f"{os.getpid()}-{secrets.token_hex(4)}"
+            folder.mkdir(mode=0o750)
+            fd = os.open(folder / self._LOCK, os.O_RDWR | os.O_CREAT, 0o640)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._spool, self._spool_lock = folder, fd
+        return self._spool
 
-        Only files older than ``older_than`` seconds go: another receiving process
-        sharing this storage may be writing the younger ones right now.
+    def close(self) -> None:
+        """Remove this process's spool folder and release its lock."""
+        if self._spool is None or self._spool_lock is None:
+            return
+        shutil.rmtree(self._spool, ignore_errors=True)
+        os.close(self._spool_lock)
+        self._spool = self._spool_lock = None
 
-        Parameters
-        ----------
-        older_than
-            Minimum age in seconds of a temporary file to remove.
+    def sweep_incoming(self) -> int:
+        """Remove what ended processes left in ``.incoming``.
+
+        A spool folder whose lock nobody holds belonged to a process that has
+        ended (a crash, a kill -9): it goes whole. Loose files (from earlier
+        versions, which wrote no spool folders) go too.
 
         Returns
         -------
         int
             How many files were removed.
         """
-        cutoff = time.time() - older_than
         removed = 0
         for entry in os.scandir(self.incoming):
-            try:
-                if entry.is_file() and entry.stat().st_mtime < cutoff:
+            if entry.is_dir(follow_symlinks=False):
+                removed += self._sweep_spool(Path(entry.path))
+            else:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed += 1
-            except FileNotFoundError:
-                continue  # removed by another process meanwhile
+        return removed
+
+    def _sweep_spool(self, folder: Path) -> int:
+        try:
+            fd = os.open(folder / self._LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            fd = None  # never locked, or half removed
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return 0  # its process runs
+            files = [p for p in folder.iterdir() if p.name != self._LOCK]
+            shutil.rmtree(folder, ignore_errors=True)
+            return len(files)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def sweep_orphans(self) -> int:
+        """Remove files of this process's spool that nothing has open.
+
+        A file is spooled while it is open: an instance being received, one
+        being written. One that is no longer open was abandoned (an association
+        aborted in the middle of a data set). Linux only (``/proc/self/fd``);
+        elsewhere nothing is removed until the next start.
+
+        Returns
+        -------
+        int
+            How many files were removed.
+        """
+        if self._spool is None or not os.path.isdir("/proc/self/fd"):
+            return 0
+        candidates = [p for p in self._spool.iterdir() if p.name != self._LOCK]
+        if not candidates:
+            return 0
+        open_paths = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                open_paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+        removed = 0
+        for path in candidates:
+            if str(path) not in open_paths:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
         return removed
 
     def path_of(self, key: InstanceKey) -> Path:
@@ -169,7 +238,7 @@ class Storage:
             the message carries the OS error's name, never the path.
         """
         final = self.path_of(key)
-        tmp = self.incoming / f"{secrets.token_hex(8)}.tmp"
+        tmp = self.spool / f"{secrets.token_hex(8)}.part"
         try:
             self._ensure_dir(final.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -179,15 +248,80 @@ class Storage:
                     written = os.write(fd, view)
                     view = view[written:]
                 os.fsync(fd)
+                # Renamed while still open: a spooled file nobody has open is
+                # abandoned (sweep_orphans).
+                os.replace(tmp, final)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise StorageError(_os_error_name(exc)) from exc
         return final
+
+    def adopt(self, key: InstanceKey, path: Path) -> Path:
+        """Move a complete file into the store atomically, replacing an older copy.
+
+        The file (received into the spool) is made durable and renamed into
+        place; from another file system it is copied first. When this returns,
+        the file and its directory entry are on stable storage.
+
+        Parameters
+        ----------
+        key
+            The instance's validated UIDs.
+        path
+            The complete DICOM file.
+
+        Returns
+        -------
+        pathlib.Path
+            The final path.
+
+        Raises
+        ------
+        StorageError
+            If the file cannot be made durable or moved (a full disk among
+            them); the message carries the OS error's name, never the path.
+        """
+        final = self.path_of(key)
+        try:
+            self._ensure_dir(final.parent)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                try:
+                    os.replace(path, final)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    self._copy_in(fd, final)
+            finally:
+                os.close(fd)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise StorageError(_os_error_name(exc)) from exc
+        return final
+
+    def _copy_in(self, source: int, final: Path) -> None:
+        tmp = self.spool / f"{secrets.token_hex(8)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                os.lseek(source, 0, os.SEEK_SET)
+                while chunk := os.read(source, 1 << 20):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.fsync(fd)
+                os.replace(tmp, final)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
 
     def remove(self, key: InstanceKey) -> None:
         """Remove a stored instance, if present, and make the removal durable.

@@ -51,7 +51,7 @@ class RunningNode:
         return sorted(
             p
             for p in self.config.state_dir.rglob("*")
-            if p.is_file() and "storage" in p.parts
+            if p.is_file() and "storage" in p.parts and ".incoming" not in p.parts
         )
 
 

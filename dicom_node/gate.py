@@ -1,0 +1,819 @@
+"""The connection gate: bounded cost before association, per-PDU limits after it."""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import queue
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+
+from dicom_node.log import RateLimiter
+
+__all__ = [
+    "ASSOCIATE_RQ_MAX",
+    "RJ_CALLED_AE_NOT_RECOGNIZED",
+    "RJ_CALLING_AE_NOT_RECOGNIZED",
+    "ConnectionGate",
+    "GateDecision",
+    "GuardedSSLSocket",
+    "GuardedSocket",
+    "PduLimits",
+    "Refusal",
+]
+
+logger = logging.getLogger(__name__)
+
+# PDU types, PS3.8 9.3.1.
+_ASSOCIATE_RQ = 0x01
+_ASSOCIATE_AC = 0x02
+_P_DATA_TF = 0x04
+_ABORT = 0x07
+
+# An A-ASSOCIATE-RQ of 128 presentation contexts, each proposing a dozen
+# transfer syntaxes, is about 45 KB; nothing legitimate comes near this cap.
+ASSOCIATE_RQ_MAX = 256 * 1024
+# PDU header (6) + protocol version (2) + reserved (2) + called and calling AE
+# titles (16 each) + reserved (32): what identifies the caller (PS3.8 9.3.2).
+_RQ_FIXED = 74
+# A-ASSOCIATE-RJ, A-RELEASE-RQ/-RP and A-ABORT carry 4 bytes (PS3.8 9.3.4-9.3.8).
+_SMALL_PDU_MAX = 64
+
+# A-ASSOCIATE-RJ and A-ABORT fields, PS3.8 9.3.4 and 9.3.8.
+_RJ_PERMANENT = 0x01
+_RJ_SOURCE_SERVICE_USER = 0x01
+RJ_CALLING_AE_NOT_RECOGNIZED = 0x03
+RJ_CALLED_AE_NOT_RECOGNIZED = 0x07
+_ABORT_SOURCE_PROVIDER = 0x02
+_ABORT_UNRECOGNIZED_PDU = 0x01
+_ABORT_INVALID_PARAMETER = 0x06
+
+# Failures of the TLS handshake or of reading a hostile stream.
+_CONNECTION_ERRORS = (OSError, ssl.SSLError, ValueError)
+
+
+@dataclass(frozen=True, slots=True)
+class PduLimits:
+    """What a connection may send once it is past the gate.
+
+    Parameters
+    ----------
+    max_pdu
+        Largest P-DATA-TF PDU length accepted.
+    pdu_seconds
+        Most seconds one PDU may take to arrive once its first byte has.
+    """
+
+    max_pdu: int
+    pdu_seconds: float
+
+    def problem(self, pdu_type: int, length: int) -> tuple[str, int] | None:
+        """Return why a PDU header is refused, with the A-ABORT reason, or None."""
+        if pdu_type == _P_DATA_TF:
+            if length > self.max_pdu:
+                return (
+                    f"P-DATA-TF PDU of {length} bytes exceeds max_pdu {self.max_pdu}",
+                    _ABORT_INVALID_PARAMETER,
+                )
+            return None
+        if pdu_type in (_ASSOCIATE_RQ, _ASSOCIATE_AC):
+            if length > ASSOCIATE_RQ_MAX:
+                return (
+                    f"association PDU of {length} bytes exceeds {ASSOCIATE_RQ_MAX}",
+                    _ABORT_INVALID_PARAMETER,
+                )
+            return None
+        if 0x03 <= pdu_type <= _ABORT:
+            if length > _SMALL_PDU_MAX:
+                return (
+                    f"PDU type 0x{pdu_type:02X} of {length} bytes",
+                    _ABORT_INVALID_PARAMETER,
+                )
+            return None
+        return f"unknown PDU type 0x{pdu_type:02X}", _ABORT_UNRECOGNIZED_PDU
+
+
+def _abort_bytes(reason: int) -> bytes:
+    pdu = A_ABORT_RQ()
+    pdu.source = _ABORT_SOURCE_PROVIDER
+    pdu.reason_diagnostic = reason
+    return pdu.encode()
+
+
+def _reject_bytes(diagnostic: int) -> bytes:
+    pdu = A_ASSOCIATE_RJ()
+    pdu.result = _RJ_PERMANENT
+    pdu.source = _RJ_SOURCE_SERVICE_USER
+    pdu.reason_diagnostic = diagnostic
+    return pdu.encode()
+
+
+class _PduGuard:
+    """Per-PDU limits on what a reader of the connection receives.
+
+    pynetdicom reads each PDU as a 6-byte header, then its body. This layer sits
+    under those reads: it checks each header before handing it on (type and
+    length against :class:`PduLimits`), gives each PDU ``pdu_seconds`` to arrive
+    once its first byte has (a sender trickling bytes is cut off, however
+    steadily it trickles), and ends the connection with an A-ABORT on the first
+    violation. After that, reads return end-of-stream, which is how a closed
+    connection looks to the reader.
+    """
+
+    _limits: PduLimits
+    _on_close: Callable[[], None] | None
+    _on_violation: Callable[[str], None] | None
+    _prefix: bytes
+    _header: bytearray
+    _out: bytes
+    _body_left: int
+    _deadline: float
+    _violation: str | None
+    _closed_once: bool
+    _poller: Any
+    # Bytes of the data set now arriving (counted by the C-STORE side).
+    data_set_bytes: int
+
+    def _guard_init(
+        self,
+        limits: PduLimits,
+        *,
+        prefix: bytes = b"",
+        on_close: Callable[[], None] | None = None,
+        on_violation: Callable[[str], None] | None = None,
+    ) -> None:
+        self._limits = limits
+        self._on_close = on_close
+        self._on_violation = on_violation
+        self._prefix = prefix
+        self._header = bytearray()
+        self._out = b""
+        self._body_left = 0
+        self._deadline = 0.0
+        self._violation = None
+        self._closed_once = False
+        self.data_set_bytes = 0
+        self._poller = select.poll()
+        self._poller.register(self._fd(), select.POLLIN)
+
+    # What the subclasses provide.
+    def _fd(self) -> int:
+        raise NotImplementedError
+
+    def _raw_recv(self, size: int) -> bytes:
+        raise NotImplementedError
+
+    def _buffered(self) -> int:
+        raise NotImplementedError
+
+    def _raw_abort(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def refuse(self, reason: str) -> None:
+        """End the connection with an A-ABORT at the next read.
+
+        Parameters
+        ----------
+        reason
+            Why, for the log (no patient data).
+        """
+        if self._violation is None:
+            self._violation = reason
+            self._abort(reason, _ABORT_INVALID_PARAMETER)
+
+    @property
+    def violation(self) -> str | None:
+        """Return why the connection was ended, or None."""
+        return self._violation
+
+    def _abort(self, reason: str, diagnostic: int) -> None:
+        self._violation = reason
+        with contextlib.suppress(*_CONNECTION_ERRORS):
+            self._raw_abort(_abort_bytes(diagnostic))
+        if self._on_violation is not None:
+            self._on_violation(reason)
+
+    def _wait(self) -> bool:
+        # Wait for data until the current PDU's deadline; False when it passed.
+        if self._buffered():
+            return True
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        return bool(self._poller.poll(max(1, int(remaining * 1000) + 1)))
+
+    def _take(self, size: int) -> bytes:
+        if self._prefix:
+            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
+            return chunk
+        if not self._wait():
+            return b""
+        return self._raw_recv(size)
+
+    def guarded_recv(self, size: int) -> bytes:
+        """Return up to ``size`` bytes of the current PDU, or b"" once ended."""
+        if self._violation is not None or size <= 0:
+            return b""
+        if self._out:
+            chunk, self._out = self._out[:size], self._out[size:]
+            return chunk
+        if self._body_left == 0:
+            # A new PDU: its first byte is here (the reader polled for it).
+            if not self._header:
+                self._deadline = time.monotonic() + self._limits.pdu_seconds
+            while len(self._header) < 6:
+                chunk = self._take(6 - len(self._header))
+                if not chunk:
+                    return self._ended("PDU header")
+                self._header += chunk
+            pdu_type, _, length = struct.unpack(">BBL", self._header)
+            problem = self._limits.problem(pdu_type, length)
+            if problem is not None:
+                self._abort(*problem)
+                return b""
+            self._out, self._header = bytes(self._header), bytearray()
+            self._body_left = length
+            chunk, self._out = self._out[:size], self._out[size:]
+            return chunk
+        chunk = self._take(min(size, self._body_left))
+        if not chunk:
+            return self._ended("PDU body")
+        self._body_left -= len(chunk)
+        return chunk
+
+    def _ended(self, where: str) -> bytes:
+        if time.monotonic() >= self._deadline and self._violation is None:
+            self._abort(
+                f"{where} not received within {self._limits.pdu_seconds:g} s",
+                _ABORT_INVALID_PARAMETER,
+            )
+        return b""
+
+    def _closing(self) -> None:
+        if not self._closed_once:
+            self._closed_once = True
+            if self._on_close is not None:
+                self._on_close()
+
+
+class GuardedSocket(_PduGuard, socket.socket):
+    """A plain TCP connection handed to pynetdicom, with per-PDU limits."""
+
+    def _fd(self) -> int:
+        return self.fileno()
+
+    def _raw_recv(self, size: int) -> bytes:
+        return socket.socket.recv(self, size)
+
+    def _buffered(self) -> int:
+        return 0
+
+    def _raw_abort(self, data: bytes) -> None:
+        socket.socket.send(self, data, socket.MSG_DONTWAIT)
+        socket.socket.shutdown(self, socket.SHUT_RDWR)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Receive within the node's per-PDU limits (see :class:`_PduGuard`)."""
+        if flags:
+            return socket.socket.recv(self, bufsize, flags)
+        return self.guarded_recv(bufsize)
+
+    def close(self) -> None:
+        """Close the connection and release its place in the per-host count."""
+        try:
+            socket.socket.close(self)
+        finally:
+            self._closing()
+
+
+class GuardedSSLSocket(_PduGuard, ssl.SSLSocket):
+    """A TLS connection handed to pynetdicom, with per-PDU limits.
+
+    The gate has already read (decrypted) the A-ASSOCIATE-RQ to check it; those
+    bytes are given back first, and counted in :meth:`pending` so that a reader
+    that polls the socket sees them.
+    """
+
+    def _fd(self) -> int:
+        return self.fileno()
+
+    def _raw_recv(self, size: int) -> bytes:
+        return ssl.SSLSocket.recv(self, size)
+
+    def _buffered(self) -> int:
+        return ssl.SSLSocket.pending(self)
+
+    def _raw_abort(self, data: bytes) -> None:
+        ssl.SSLSocket.send(self, data)
+        socket.socket.shutdown(self, socket.SHUT_RDWR)
+
+    def pending(self) -> int:
+        """Return the decrypted bytes readable without waiting."""
+        return len(self._prefix) + len(self._out) + ssl.SSLSocket.pending(self)
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        """Receive within the node's per-PDU limits (see :class:`_PduGuard`)."""
+        return self.guarded_recv(buflen)
+
+    def close(self) -> None:
+        """Close the connection and release its place in the per-host count."""
+        try:
+            ssl.SSLSocket.close(self)
+        finally:
+            self._closing()
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A connection the gate turned away, for the audit trail.
+
+    Parameters
+    ----------
+    address
+        The peer's IP address.
+    port
+        The peer's TCP port.
+    reason
+        Why (no patient data; AE titles are escaped by the log).
+    calling_ae_title
+        The calling AE title, when the request got that far.
+    called_ae_title
+        The called AE title, when the request got that far.
+    """
+
+    address: str
+    port: int
+    reason: str
+    calling_ae_title: str = ""
+    called_ae_title: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GateDecision:
+    """What the gate's check of an A-ASSOCIATE-RQ's fixed part concluded.
+
+    Parameters
+    ----------
+    reason
+        None to admit; else why the request is rejected.
+    diagnostic
+        The A-ASSOCIATE-RJ reason (PS3.8 9.3.4) when rejected.
+    """
+
+    reason: str | None = None
+    diagnostic: int = 0
+
+
+@dataclass(eq=False)
+class _Pending:
+    sock: socket.socket
+    address: str
+    port: int
+    deadline: float
+    tls: bool
+    phase: str = "header"  # handshake, header, body
+    need: int = _RQ_FIXED
+    buffer: bytearray = field(default_factory=bytearray)
+    calling: str = ""
+    called: str = ""
+    done: bool = False
+
+
+class ConnectionGate:
+    """Accepts connections and holds each one until its A-ASSOCIATE-RQ is whole.
+
+    One thread and one epoll set serve every connection that has not associated:
+    it costs no CPU while they are silent, holds no association slot, reads no
+    more than :data:`ASSOCIATE_RQ_MAX` bytes (on a plain connection it only
+    peeks: the bytes stay in the kernel until pynetdicom reads them), and closes
+    a connection that has not sent its whole request within ``acse_timeout``.
+    A request whose called AE title, calling AE title or source address is not
+    allowed is rejected (A-ASSOCIATE-RJ) here, before pynetdicom sees it. Each
+    source address may hold ``max_connections_per_host`` connections, pending or
+    associated; beyond ``max_pending`` waiting connections the oldest is closed.
+
+    Parameters
+    ----------
+    listener
+        The bound, listening socket.
+    check
+        Decides on (calling AE title, called AE title, address).
+    admit
+        Takes an admitted connection (a :class:`GuardedSocket` or
+        :class:`GuardedSSLSocket`) and the peer's address tuple.
+    limits
+        Per-PDU limits for admitted connections.
+    acse_timeout
+        Seconds a connection has to send its whole A-ASSOCIATE-RQ.
+    max_connections_per_host
+        Connections one address may hold open at once.
+    max_pending
+        Connections that may wait in the gate at once.
+    ssl_context
+        When set, every connection must complete a TLS handshake first.
+    audit
+        Called (from a background thread) with each refusal that is not
+        rate-limited, and with summaries of those that were.
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        *,
+        check: Callable[[str, str, str], GateDecision],
+        admit: Callable[[socket.socket, Any], None],
+        limits: PduLimits,
+        acse_timeout: float,
+        max_connections_per_host: int,
+        max_pending: int = 128,
+        ssl_context: ssl.SSLContext | None = None,
+        audit: Callable[[Refusal], None] | None = None,
+    ) -> None:
+        self._listener = listener
+        self._check = check
+        self._admit = admit
+        self._limits = limits
+        self._acse_timeout = acse_timeout
+        self._per_host = max_connections_per_host
+        self._max_pending = max_pending
+        self._ssl_context = ssl_context
+        if ssl_context is not None:
+            # Documented hook: wrap_socket makes this class, so the admitted
+            # connection is already guarded (no second wrapping).
+            ssl_context.sslsocket_class = GuardedSSLSocket
+        self._audit = audit
+        self._hosts: dict[str, int] = {}
+        self._hosts_lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._deadlines: list[tuple[float, int, int]] = []
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._limiter = RateLimiter(per_key=5, window=60.0)
+        self._audit_queue: queue.Queue[Refusal] = queue.Queue(maxsize=1000)
+        self._audit_dropped = 0
+        self._audit_thread = threading.Thread(
+            target=self._audit_loop, name="dicom-node-audit", daemon=True
+        )
+
+    # --- counts -------------------------------------------------------------
+
+    def connections_from(self, address: str) -> int:
+        """Return how many connections an address holds (pending or associated)."""
+        with self._hosts_lock:
+            return self._hosts.get(address, 0)
+
+    @property
+    def pending(self) -> int:
+        """Return how many connections wait in the gate."""
+        return len(self._pending)
+
+    def _take_slot(self, address: str) -> bool:
+        with self._hosts_lock:
+            held = self._hosts.get(address, 0)
+            if held >= self._per_host:
+                return False
+            self._hosts[address] = held + 1
+            return True
+
+    def _release_slot(self, address: str) -> None:
+        with self._hosts_lock:
+            held = self._hosts.get(address, 0) - 1
+            if held > 0:
+                self._hosts[address] = held
+            else:
+                self._hosts.pop(address, None)
+
+    # --- the loop -----------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Run the gate until :meth:`stop`."""
+        self._listener.setblocking(False)
+        self._epoll.register(self._listener.fileno(), select.EPOLLIN)
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._audit_thread.start()
+        next_drain = time.monotonic() + 60.0
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                timeout = min(next_drain, self._next_deadline(now + 1.0)) - now
+                for fd, events in self._epoll.poll(max(0.0, timeout)):
+                    if fd == self._listener.fileno():
+                        self._accept()
+                    elif fd == self._wake_r.fileno():
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(64)
+                    else:
+                        entry = self._pending.get(fd)
+                        if entry is not None:
+                            self._advance(entry, events)
+                now = time.monotonic()
+                self._expire(now)
+                if now >= next_drain:
+                    self._summarise()
+                    next_drain = now + 60.0
+        finally:
+            for entry in list(self._pending.values()):
+                self._close(entry)
+            self._epoll.close()
+            self._stopped.set()
+
+    def stop(self) -> None:
+        """Stop accepting and close every connection still waiting in the gate."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._stopped.wait(timeout=5)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _next_deadline(self, default: float) -> float:
+        while self._deadlines and self._deadlines[0][2] not in self._pending:
+            heapq.heappop(self._deadlines)
+        return min(default, self._deadlines[0][0]) if self._deadlines else default
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, fd = heapq.heappop(self._deadlines)
+            entry = self._pending.get(fd)
+            if entry is not None and entry.deadline <= now:
+                self._refuse(
+                    entry,
+                    f"no complete A-ASSOCIATE-RQ within {self._acse_timeout:g} s",
+                )
+
+    def _accept(self) -> None:
+        for _ in range(64):  # then let the waiting connections have a turn
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and the like: the connection stays in the backlog.
+                logger.error("cannot accept a connection: %s", type(exc).__name__)
+                return
+            address, port = str(peer[0]), int(peer[1])
+            if not self._take_slot(address):
+                sock.close()
+                self._note(
+                    Refusal(
+                        address,
+                        port,
+                        f"more than {self._per_host} connections from one address",
+                    )
+                )
+                continue
+            if len(self._pending) >= self._max_pending:
+                oldest = min(self._pending.values(), key=lambda e: e.deadline)
+                self._refuse(oldest, "closed to make room: too many waiting")
+            try:
+                self._register(sock, address, port)
+            except _CONNECTION_ERRORS:
+                sock.close()
+                self._release_slot(address)
+
+    def _register(self, sock: socket.socket, address: str, port: int) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = self._ssl_context is not None
+        if self._ssl_context is not None:
+            sock = self._ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        else:
+            # Be woken only once the whole fixed part is here.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _RQ_FIXED)
+        deadline = time.monotonic() + self._acse_timeout
+        entry = _Pending(
+            sock,
+            address,
+            port,
+            deadline,
+            tls,
+            phase="handshake" if tls else "header",
+        )
+        fd = sock.fileno()
+        self._pending[fd] = entry
+        heapq.heappush(self._deadlines, (deadline, id(entry), fd))
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        if tls:
+            self._advance(entry, 0)
+
+    # --- one connection's progress -----------------------------------------
+
+    def _advance(self, entry: _Pending, events: int) -> None:
+        try:
+            if entry.tls:
+                self._advance_tls(entry)
+            else:
+                self._advance_plain(entry, events)
+        except _CONNECTION_ERRORS as exc:
+            self._refuse(entry, f"connection failed ({type(exc).__name__})")
+
+    def _advance_plain(self, entry: _Pending, events: int) -> None:
+        data = entry.sock.recv(entry.need, socket.MSG_PEEK)
+        if len(data) < entry.need:
+            if not data or events & (select.EPOLLRDHUP | select.EPOLLHUP):
+                self._refuse(entry, "closed before a complete A-ASSOCIATE-RQ")
+            return  # woken early (memory pressure): wait for the rest
+        self._progress(entry, data)
+
+    def _advance_tls(self, entry: _Pending) -> None:
+        sock = entry.sock
+        if not isinstance(sock, ssl.SSLSocket):
+            raise TypeError("a TLS connection without its TLS socket")
+        if entry.phase == "handshake":
+            try:
+                sock.do_handshake()
+            except ssl.SSLWantReadError:
+                self._epoll.modify(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+                return
+            except ssl.SSLWantWriteError:
+                self._epoll.modify(sock.fileno(), select.EPOLLOUT)
+                return
+            entry.phase = "header"
+            self._epoll.modify(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        while len(entry.buffer) < entry.need:
+            try:
+                chunk = sock.recv(entry.need - len(entry.buffer))
+            except (ssl.SSLWantReadError, BlockingIOError):
+                return
+            if not chunk:
+                self._refuse(entry, "closed before a complete A-ASSOCIATE-RQ")
+                return
+            entry.buffer += chunk
+            if len(entry.buffer) == entry.need:
+                self._progress(entry, bytes(entry.buffer))
+                if entry.done:
+                    return
+
+    def _progress(self, entry: _Pending, data: bytes) -> None:
+        if entry.phase == "header":
+            pdu_type, _, length = struct.unpack(">BBL", data[:6])
+            if pdu_type != _ASSOCIATE_RQ:
+                self._refuse(
+                    entry,
+                    f"first PDU is type 0x{pdu_type:02X}, not A-ASSOCIATE-RQ",
+                    abort=_ABORT_UNRECOGNIZED_PDU,
+                )
+                return
+            if not _RQ_FIXED - 6 <= length <= ASSOCIATE_RQ_MAX:
+                self._refuse(
+                    entry,
+                    f"A-ASSOCIATE-RQ claims {length} bytes "
+                    f"(accepted: {_RQ_FIXED - 6}..{ASSOCIATE_RQ_MAX})",
+                    abort=_ABORT_INVALID_PARAMETER,
+                )
+                return
+            entry.called = data[10:26].decode("latin-1").strip()
+            entry.calling = data[26:42].decode("latin-1").strip()
+            decision = self._check(entry.calling, entry.called, entry.address)
+            if decision.reason is not None:
+                self._refuse(entry, decision.reason, reject=decision.diagnostic)
+                return
+            entry.phase = "body"
+            entry.need = 6 + length
+            if not entry.tls:
+                entry.sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(entry.need, 1 << 20)
+                )
+                self._advance_plain(entry, 0)
+            return
+        # The whole request is here: it must decode before pynetdicom gets it.
+        try:
+            A_ASSOCIATE_RQ().decode(data)
+        except (ValueError, KeyError, IndexError, TypeError, struct.error) as exc:
+            self._refuse(
+                entry,
+                f"A-ASSOCIATE-RQ does not decode ({type(exc).__name__})",
+                abort=_ABORT_INVALID_PARAMETER,
+            )
+            return
+        self._hand_over(entry, data)
+
+    def _hand_over(self, entry: _Pending, data: bytes) -> None:
+        entry.done = True
+        fd = entry.sock.fileno()
+        self._epoll.unregister(fd)
+        del self._pending[fd]
+        address = entry.address
+
+        def released() -> None:
+            self._release_slot(address)
+
+        sock = entry.sock
+        guarded: socket.socket
+        if isinstance(sock, GuardedSSLSocket):
+            sock._guard_init(self._limits, prefix=data, on_close=released)
+            guarded = sock
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            plain = GuardedSocket(
+                sock.family, sock.type, sock.proto, fileno=sock.detach()
+            )
+            plain._guard_init(self._limits, on_close=released)
+            guarded = plain
+        # Blocking, but never forever: a peer that stops reading or sending
+        # is given up on after this long.
+        guarded.settimeout(self._limits.pdu_seconds)
+        try:
+            self._admit(guarded, (entry.address, entry.port))
+        except (OSError, RuntimeError) as exc:
+            logger.error("cannot start an association thread: %s", type(exc).__name__)
+            guarded.close()
+
+    def _refuse(
+        self,
+        entry: _Pending,
+        reason: str,
+        *,
+        reject: int = 0,
+        abort: int = 0,
+    ) -> None:
+        if reject:
+            with contextlib.suppress(*_CONNECTION_ERRORS):
+                entry.sock.send(_reject_bytes(reject))
+        elif abort:
+            with contextlib.suppress(*_CONNECTION_ERRORS):
+                entry.sock.send(_abort_bytes(abort))
+        self._close(entry)
+        self._note(
+            Refusal(
+                entry.address,
+                entry.port,
+                reason,
+                calling_ae_title=entry.calling,
+                called_ae_title=entry.called,
+            )
+        )
+
+    def _close(self, entry: _Pending) -> None:
+        if entry.done:
+            return
+        entry.done = True
+        fd = entry.sock.fileno()
+        self._pending.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(fd)
+        with contextlib.suppress(OSError):
+            entry.sock.close()
+        self._release_slot(entry.address)
+
+    # --- log and audit, rate-limited per peer --------------------------------
+
+    def _note(self, refusal: Refusal) -> None:
+        if not self._limiter.allow(refusal.address):
+            return
+        logger.warning(
+            "connection from %s:%d refused (calling AE %r, called AE %r): %s",
+            refusal.address,
+            refusal.port,
+            refusal.calling_ae_title,
+            refusal.called_ae_title,
+            refusal.reason,
+        )
+        self._queue_audit(refusal)
+
+    def _summarise(self) -> None:
+        for address, suppressed in self._limiter.drain():
+            logger.warning(
+                "%d more refused connections from %s in the last minute "
+                "(not logged one by one)",
+                suppressed,
+                address,
+            )
+            self._queue_audit(
+                Refusal(address, 0, f"{suppressed} more refused in the last minute")
+            )
+        if self._audit_dropped:
+            logger.warning(
+                "%d refusals not written to the audit table (its queue was full)",
+                self._audit_dropped,
+            )
+            self._audit_dropped = 0
+
+    def _queue_audit(self, refusal: Refusal) -> None:
+        if self._audit is None:
+            return
+        try:
+            self._audit_queue.put_nowait(refusal)
+        except queue.Full:
+            self._audit_dropped += 1
+
+    def _audit_loop(self) -> None:
+        while True:
+            refusal = self._audit_queue.get()
+            if self._audit is not None:
+                self._audit(refusal)
