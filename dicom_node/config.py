@@ -19,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "ModelMatch",
     "NodeConfig",
+    "TlsConfig",
     "example_config_text",
     "load_config",
     "validate_ae_title",
@@ -66,12 +67,46 @@ class DestinationConfig:
         Host name or address.
     port
         TCP port.
+    tls
+        Send over DICOM TLS (PS3.15 B.1); the destination's certificate must
+        name ``host`` and be signed by ``ca_certificates``.
+    ca_certificates
+        PEM file of the certificates trusted for this destination; when None,
+        the ``[tls]`` table's, else the system's.
     """
 
     name: str
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+    ca_certificates: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """The node's DICOM TLS identity (PS3.15 B.1, BCP 195 profile).
+
+    With a ``[tls]`` table the node's port speaks TLS only, and destinations
+    with ``tls = true`` are reached with this certificate as the client's.
+
+    Parameters
+    ----------
+    certificate
+        PEM file of the node's certificate (and its chain).
+    private_key
+        PEM file of its private key; refused when others may read it.
+    ca_certificates
+        PEM file of the certificates client certificates must be signed by.
+    require_client_certificate
+        Mutual TLS: refuse a client without a certificate signed by
+        ``ca_certificates``.
+    """
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +244,8 @@ class NodeConfig:
         Where results go.
     models
         The models run on each stable study.
+    tls
+        The node's TLS identity; None: plain TCP.
     source
         The file the configuration came from, for messages.
     """
@@ -245,6 +282,7 @@ class NodeConfig:
     callers: tuple[CallerConfig, ...] = ()
     destinations: tuple[DestinationConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
+    tls: TlsConfig | None = None
     source: str = field(default="<defaults>", compare=False)
 
     def __post_init__(self) -> None:
@@ -338,6 +376,13 @@ class NodeConfig:
                 "://" in self.database_url,
                 f"[node] database_url in {where}: expected an SQLAlchemy URL such "
                 "as postgresql+psycopg://user@host/db",
+            )
+        if self.tls is not None:
+            _check(
+                not self.tls.require_client_certificate
+                or self.tls.ca_certificates is not None,
+                f"[tls] in {where}: require_client_certificate needs "
+                "ca_certificates (the CA that signs the callers' certificates)",
             )
         names = [d.name for d in self.destinations]
         _check(
@@ -455,6 +500,14 @@ _DESTINATION_KEYS: dict[str, type] = {
     "ae_title": str,
     "host": str,
     "port": int,
+    "tls": bool,
+    "ca_certificates": str,
+}
+_TLS_KEYS: dict[str, type] = {
+    "certificate": str,
+    "private_key": str,
+    "ca_certificates": str,
+    "require_client_certificate": bool,
 }
 _MODEL_KEYS: dict[str, type] = {"path": str, "sha256": str, "match": dict}
 _MATCH_KEYS = ("modalities", "body_parts", "sop_classes", "calling_ae_titles")
@@ -546,12 +599,19 @@ def config_from_mapping(
     ConfigError
         If a key is unknown, mistyped or out of range.
     """
-    unknown = set(raw) - {"node", *_LIST_SECTIONS}
+    unknown = set(raw) - {"node", "tls", *_LIST_SECTIONS}
     if unknown:
         raise ConfigError(
             f"{source}: unknown section(s) {sorted(unknown)}; expected [node], "
-            "[[callers]], [[destinations]], [[models]]"
+            "[tls], [[callers]], [[destinations]], [[models]]"
         )
+    tls_raw = raw.get("tls")
+    tls = (
+        None
+        if tls_raw is None
+        else _typed_table(tls_raw, _TLS_KEYS, f"[tls] in {source}")
+    )
+    tls_sources = dict.fromkeys(tls or {}, source)
     node_raw = raw.get("node", {})
     if not isinstance(node_raw, Mapping):
         raise ConfigError(f"{source}: [node] must be a table")
@@ -583,14 +643,24 @@ def config_from_mapping(
                 )
             node[key] = _parse_env_value(name, value, _NODE_KEYS[key])
             node_sources[key] = "environment"
+        elif rest.startswith("tls_"):
+            key = rest[len("tls_") :]
+            if key not in _TLS_KEYS:
+                raise ConfigError(
+                    f"environment variable {name}: unknown key [tls] {key}; "
+                    f"expected one of {sorted(_TLS_KEYS)}"
+                )
+            tls = tls or {}
+            tls[key] = _parse_env_value(name, value, _TLS_KEYS[key])
+            tls_sources[key] = "environment"
         elif rest in _LIST_SECTIONS:
             lists[rest] = _parse_env_list(name, value, _LIST_SECTIONS[rest])
             list_sources[rest] = "environment"
         else:
             raise ConfigError(
                 f"environment variable {name}: not a configuration key; expected "
-                "DICOM_NODE_NODE_<KEY>, DICOM_NODE_CALLERS, DICOM_NODE_DESTINATIONS "
-                "or DICOM_NODE_MODELS"
+                "DICOM_NODE_NODE_<KEY>, DICOM_NODE_TLS_<KEY>, DICOM_NODE_CALLERS, "
+                "DICOM_NODE_DESTINATIONS or DICOM_NODE_MODELS"
             )
 
     def resolve(value: str, origin: str) -> Path:
@@ -636,9 +706,33 @@ def config_from_mapping(
                     _required(d, "port", "destinations", list_sources),
                     list_sources["destinations"],
                 ),
+                tls=bool(d.get("tls", False)),
+                ca_certificates=(
+                    resolve(d["ca_certificates"], list_sources["destinations"])
+                    if "ca_certificates" in d
+                    else None
+                ),
             )
             for d in lists["destinations"]
         )
+        tls_config = None
+        if tls is not None:
+            where = f"[tls] in {source}"
+            for key in ("certificate", "private_key"):
+                if key not in tls:
+                    raise ConfigError(f"{where}: missing key {key!r}")
+            tls_config = TlsConfig(
+                certificate=resolve(tls["certificate"], tls_sources["certificate"]),
+                private_key=resolve(tls["private_key"], tls_sources["private_key"]),
+                ca_certificates=(
+                    resolve(tls["ca_certificates"], tls_sources["ca_certificates"])
+                    if "ca_certificates" in tls
+                    else None
+                ),
+                require_client_certificate=bool(
+                    tls.get("require_client_certificate", False)
+                ),
+            )
         models = tuple(
             ModelConfig(
                 path=resolve(
@@ -655,6 +749,7 @@ def config_from_mapping(
             callers=callers,
             destinations=destinations,
             models=models,
+            tls=tls_config,
             source=source,
         )
     except TypeError as exc:  # a value of the wrong type reached a check

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -172,7 +173,12 @@ def _new_ae(calling_ae_title: str, timeout: float) -> AE:
     return ae
 
 
-def echo(peer: Peer, calling_ae_title: str = "DICOMNODE", timeout: float = 30.0) -> int:
+def echo(
+    peer: Peer,
+    calling_ae_title: str = "DICOMNODE",
+    timeout: float = 30.0,
+    tls: ssl.SSLContext | None = None,
+) -> int:
     """Send one C-ECHO.
 
     Parameters
@@ -183,6 +189,8 @@ def echo(peer: Peer, calling_ae_title: str = "DICOMNODE", timeout: float = 30.0)
         Our AE title.
     timeout
         Seconds to wait for the association and the response.
+    tls
+        When set, associate over DICOM TLS with this client context.
 
     Returns
     -------
@@ -196,7 +204,9 @@ def echo(peer: Peer, calling_ae_title: str = "DICOMNODE", timeout: float = 30.0)
     """
     ae = _new_ae(calling_ae_title, timeout)
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(
+        peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls_args(tls, peer)
+    )
     if not assoc.is_established:
         raise DicomNodeError(f"association with {peer} failed: {_why_not(assoc)}")
     try:
@@ -341,6 +351,7 @@ def send_files(
     calling_ae_title: str = "DICOMNODE",
     timeout: float = 60.0,
     progress: Callable[[SendOutcome], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> SendReport:
     """Send files and folders with C-STORE, exactly as stored (no transcoding).
 
@@ -360,6 +371,8 @@ def send_files(
         Seconds to wait for an association or a response.
     progress
         Called after each file with its outcome.
+    tls
+        When set, associate over DICOM TLS with this client context.
 
     Returns
     -------
@@ -382,7 +395,7 @@ def send_files(
         items.append(found)
 
     for batch in _batches(items):
-        _send_batch(batch, peer, calling_ae_title, timeout, report, progress)
+        _send_batch(batch, peer, calling_ae_title, timeout, report, progress, tls)
     return report
 
 
@@ -407,6 +420,7 @@ def _send_batch(
     timeout: float,
     report: SendReport,
     progress: Callable[[SendOutcome], None] | None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     ae = _new_ae(calling_ae_title, timeout)
     pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in batch})
@@ -430,7 +444,12 @@ def _send_batch(
                 if reconnects > 1:
                     finish(SendOutcome(item.path, None, "association lost twice"))
                     continue
-                assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+                assoc = ae.associate(
+                    peer.host,
+                    peer.port,
+                    ae_title=peer.ae_title,
+                    tls_args=_tls_args(tls, peer),
+                )
                 if not assoc.is_established:
                     why = _why_not(assoc)
                     for rest in batch[batch.index(item) :]:
@@ -459,6 +478,13 @@ def _send_batch(
     finally:
         if assoc is not None:
             _close(assoc)
+
+
+def _tls_args(
+    tls: ssl.SSLContext | None, peer: Peer
+) -> tuple[ssl.SSLContext, str] | None:
+    # The server's certificate is checked against the host we asked for.
+    return None if tls is None else (tls, peer.host)
 
 
 def _close(assoc: Association) -> None:

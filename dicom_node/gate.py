@@ -260,7 +260,8 @@ class _PduGuard:
         return b""
 
     def _closing(self) -> None:
-        if not self._closed_once:
+        # A TLS connection closed in the gate was never handed over.
+        if not getattr(self, "_closed_once", True):
             self._closed_once = True
             if self._on_close is not None:
                 self._on_close()
@@ -647,7 +648,8 @@ class ConnectionGate:
             self._epoll.modify(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         while len(entry.buffer) < entry.need:
             try:
-                chunk = sock.recv(entry.need - len(entry.buffer))
+                # The socket's own recv: the guard starts at the hand-over.
+                chunk = ssl.SSLSocket.recv(sock, entry.need - len(entry.buffer))
             except (ssl.SSLWantReadError, BlockingIOError):
                 return
             if not chunk:
@@ -776,14 +778,22 @@ class ConnectionGate:
     def _note(self, refusal: Refusal) -> None:
         if not self._limiter.allow(refusal.address):
             return
-        logger.warning(
-            "connection from %s:%d refused (calling AE %r, called AE %r): %s",
-            refusal.address,
-            refusal.port,
-            refusal.calling_ae_title,
-            refusal.called_ae_title,
-            refusal.reason,
-        )
+        if refusal.calling_ae_title or refusal.called_ae_title:
+            logger.warning(
+                "connection from %s:%d refused (calling AE %r, called AE %r): %s",
+                refusal.address,
+                refusal.port,
+                refusal.calling_ae_title,
+                refusal.called_ae_title,
+                refusal.reason,
+            )
+        else:
+            logger.warning(
+                "connection from %s:%d refused: %s",
+                refusal.address,
+                refusal.port,
+                refusal.reason,
+            )
         self._queue_audit(refusal)
 
     def _summarise(self) -> None:

@@ -55,6 +55,7 @@ from dicom_node.gate import (
 from dicom_node.index import IndexDB, InstanceRecordRequest, RecordOutcome
 from dicom_node.log import describe_exception, quiet_pynetdicom, uid_ref
 from dicom_node.storage import InstanceKey, Storage, validate_uid
+from dicom_node.tls import server_context
 
 __all__ = [
     "Receiver",
@@ -716,7 +717,8 @@ class Receiver:
     reuse_port
         Share the port with other receiving processes (SO_REUSEPORT).
     ssl_context
-        When set, the port speaks DICOM TLS only (PS3.15 B.1).
+        When set, the port speaks DICOM TLS only (PS3.15 B.1); by default,
+        from the configuration's ``[tls]`` table.
     """
 
     def __init__(
@@ -728,6 +730,8 @@ class Receiver:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
+        if ssl_context is None and config.tls is not None:
+            ssl_context = server_context(config.tls)
         storage = Storage(config.storage_dir)
         self.ctx = StoreContext(config, storage, index)
         self.ae = build_ae(config)

@@ -16,6 +16,7 @@ import os
 import queue
 import random
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicom_node.config import ModelConfig, ModelMatch, NodeConfig
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.export import Peer, send_files
 from dicom_node.index import (
     AssociationRecord,
@@ -48,6 +49,7 @@ from dicom_node.index import (
 from dicom_node.log import describe_exception, uid_ref
 from dicom_node.results import MANUFACTURER, ResultSet, build_results, warm_up
 from dicom_node.score import write_result_files
+from dicom_node.tls import client_context
 from inference import (
     Classifier,
     InferenceError,
@@ -896,6 +898,15 @@ def claim_deliveries(
     return index.run(work)
 
 
+def _delivery_tls(config: NodeConfig, destination: str) -> ssl.SSLContext | None:
+    # A configured destination says itself; results sent back to a caller go
+    # over TLS when the node's own port speaks it.
+    for d in config.destinations:
+        if d.name == destination:
+            return client_context(config, d) if d.tls else None
+    return client_context(config) if config.tls is not None else None
+
+
 def run_deliveries(
     deliveries: Sequence[ClaimedDelivery], config: NodeConfig, index: IndexDB
 ) -> list[str]:
@@ -929,8 +940,18 @@ def run_deliveries(
         else:
             errors[delivery.id] = "result files missing"
     if owner_of:
+        try:
+            tls = _delivery_tls(config, deliveries[0].destination)
+        except ConfigError as exc:
+            tls = None
+            for delivery in deliveries:
+                errors.setdefault(delivery.id, str(exc))
+            owner_of.clear()
         report = send_files(
-            list(owner_of), deliveries[0].peer, calling_ae_title=config.ae_title
+            list(owner_of),
+            deliveries[0].peer,
+            calling_ae_title=config.ae_title,
+            tls=tls,
         )
         sent: dict[int, list[bool]] = {}
         for outcome in report.outcomes:
