@@ -123,7 +123,18 @@ def serve(
     index = open_index(config)
     swept = Storage(config.storage_dir).sweep_incoming()
     if swept:
-        logger.warning("removed %d temporary file(s) left by an earlier crash", swept)
+        logger.warning(
+            "removed %d partly received or temporary file(s) left by processes that "
+            "ended",
+            swept,
+        )
+    for caller in config.callers:
+        if caller.host is None and not config.allow_any_caller:
+            logger.warning(
+                "caller %r has no host: its AE title is accepted from any address "
+                '(AE titles are not secret; give it host = "<IP address>")',
+                caller.ae_title,
+            )
     for model in config.models:
         if not model.path.is_file():
             logger.warning(

@@ -39,8 +39,11 @@ def test_example_is_valid_and_documents_every_key(tmp_path: Path) -> None:
     assert config.models[0].path == tmp_path / "models/chest.safetensors"
     text = example_config_text()
     for key in NodeConfig.__dataclass_fields__:
-        if key not in {"callers", "destinations", "models", "source"}:
+        if key not in {"callers", "destinations", "models", "tls", "source"}:
             assert f"\n{key} = " in text, f"{key} is not in the example"
+    for key in ("certificate", "private_key", "ca_certificates"):
+        assert f"\n# {key} = " in text, f"[tls] {key} is not in the example"
+    assert all(c.host for c in config.callers), "an example caller without host"
 
 
 def test_cli_prints_the_example(tmp_path: Path) -> None:

@@ -122,6 +122,8 @@ def test_serve_stops_cleanly_on_sigterm(
         ).returncode
         == 0
     )
+    # The callers of this configuration have no host: said at start.
+    assert "caller 'TESTSCU' has no host" in serve.log
 
     serve.proc.send_signal(signal.SIGTERM)
 
