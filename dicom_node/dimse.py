@@ -32,9 +32,11 @@ INVALID_UID = 0xC001  # a Study/Series/SOP Instance/Class UID that is not a vali
 CONFLICTING_INSTANCE = 0xC002  # SOP Instance UID already stored in another series
 
 # What pydicom raises on data it cannot read: a bad preamble, a short read, a value
-# that does not decode, a malformed sequence ("No tag to read" is an OSError).
+# that does not decode, a malformed sequence ("No tag to read" is an OSError), and
+# sequences nested deeper than the reader can follow (RecursionError).
 DECODE_ERRORS: tuple[type[Exception], ...] = (
     InvalidDicomError,
+    RecursionError,
     EOFError,
     OSError,
     ValueError,
