@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -56,20 +55,57 @@ def test_write_is_atomic_and_replaces(tmp_path: Path) -> None:
 
     assert path == tmp_path / "storage/1.2/1.2.3/1.2.3.4.dcm"
     assert path.read_bytes() == b"second"
-    assert list(storage.incoming.iterdir()) == []
+    assert [p.name for p in storage.spool.iterdir()] == ["lock"]
     storage.remove(key)
     assert not path.exists()
 
 
-def test_sweep_removes_only_old_temporary_files(tmp_path: Path) -> None:
+def test_adopt_moves_a_received_file_into_place(tmp_path: Path) -> None:
     storage = Storage(tmp_path / "storage")
-    old = storage.incoming / "old.tmp"
-    young = storage.incoming / "young.tmp"
-    old.write_bytes(b"x")
-    young.write_bytes(b"x")
-    an_hour_ago = time.time() - 3600
-    os.utime(old, (an_hour_ago, an_hour_ago))
+    key = InstanceKey("1.2", "1.2.3", "1.2.3.4")
+    received = storage.spool / "received.dcm"
+    received.write_bytes(b"data set")
 
-    assert storage.sweep_incoming(older_than=900) == 1
+    path = storage.adopt(key, received)
 
-    assert sorted(p.name for p in storage.incoming.iterdir()) == ["young.tmp"]
+    assert path.read_bytes() == b"data set"
+    assert not received.exists()
+
+
+def test_sweep_removes_what_ended_processes_left(tmp_path: Path) -> None:
+    root = tmp_path / "storage"
+    # A process that ended: its spool's lock is free.
+    ended = Storage(root)
+    (ended.spool / "half-received.dcm").write_bytes(b"x" * 1000)
+    loose = ended.incoming / "old-layout.tmp"
+    loose.write_bytes(b"x")
+    folder = ended.spool
+    ended_lock = ended._spool_lock
+    assert ended_lock is not None
+    os.close(ended_lock)  # as the end of its process would
+    # A process that runs, sharing the storage: its spool stays.
+    running = Storage(root)
+    (running.spool / "arriving.dcm").write_bytes(b"y")
+
+    assert Storage(root).sweep_incoming() == 2
+
+    assert not folder.exists()
+    assert not loose.exists()
+    assert (running.spool / "arriving.dcm").exists()
+    spool = running.spool
+    running.close()  # a clean stop removes its own spool
+    assert not spool.exists()
+
+
+def test_orphans_are_the_spooled_files_nothing_has_open(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "storage")
+    abandoned = storage.spool / "abandoned.dcm"
+    abandoned.write_bytes(b"x")
+    with (storage.spool / "arriving.dcm").open("wb") as arriving:
+        arriving.write(b"y")
+        arriving.flush()
+
+        assert storage.sweep_orphans() == 1
+
+        assert not abandoned.exists()
+        assert (storage.spool / "arriving.dcm").exists()
