@@ -4,22 +4,66 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
+import threading
+import time
 import traceback
+from collections.abc import Callable
+from types import TracebackType
+from typing import TextIO
 
+from pydicom.uid import UID
 from pynetdicom import _config as pynetdicom_config
 
 __all__ = [
+    "OVERFLOW_KEY",
+    "EscapingFormatter",
     "PhiFilter",
+    "PynetdicomFilter",
+    "RateLimiter",
     "configure_logging",
     "describe_exception",
+    "escape_control",
     "quiet_pynetdicom",
+    "redact_uids",
     "uid_ref",
 ]
 
 # Loggers whose records below ERROR may quote data element values verbatim, e.g.
 # pydicom's "Invalid value for VR DA: '<value>'".
 _VALUE_QUOTING_LOGGERS = ("pydicom", "highdicom")
+
+OVERFLOW_KEY = "*"
+
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+# C0 (tab and newline included: a record is one line), DEL, C1, and the Unicode
+# line/paragraph separators and bidi controls that can fake or reorder a line.
+_ESCAPES: dict[int, str] = {
+    code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]
+}
+_ESCAPES |= {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+_ESCAPES |= {
+    code: f"\\u{code:04x}"
+    for code in [0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+}
+
+# The first line of a record starts with its level name; every further line
+# (a traceback, stack information) starts with this, so no text carried inside
+# a record can pass for a record of its own.
+_CONTINUATION = "| "
+
+# At least two components so that plain numbers and short versions ("3.0.4")
+# stay; UIDs shorter than this are not worth hiding.
+_UID_PATTERN = re.compile(r"(?<![0-9])[0-9]+(?:\.[0-9]+)+")
+_UID_MIN_LENGTH = 8
+
+# Parts of a pynetdicom message that vary per peer or per PDU: quoted values,
+# hex and decimal numbers. Removing them makes one key per message template.
+_TEMPLATE_NOISE = re.compile(r"'[^']*'|\"[^\"]*\"|0x[0-9A-Fa-f]+|[0-9]+")
+_TEMPLATE_LENGTH = 80
+_EXCEPTION_LINE_LENGTH = 200
 
 
 def uid_ref(uid: object) -> str:
@@ -61,6 +105,58 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {filename}:{last.lineno} in {last.name}"
 
 
+def escape_control(text: str) -> str:
+    r"""Make text safe to write as (part of) one log line.
+
+    Parameters
+    ----------
+    text
+        Any text, possibly chosen by a peer (an AE title, a PDU's contents).
+
+    Returns
+    -------
+    str
+        ``text`` with every C0 control character, DEL, C1 control character,
+        Unicode line or paragraph separator and bidi control written as a
+        visible escape: ``\n``, ``\r``, ``\t``, ``\x1b``, ``\u2028``.
+        Other characters, non-ASCII ones included, are kept. Backslashes are
+        not doubled, so a literal ``\n`` typed by a peer reads the same as an
+        escaped newline; neither can start a new line.
+    """
+    return text.translate(_ESCAPES)
+
+
+def redact_uids(text: str) -> str:
+    """Replace the UIDs in a text by references.
+
+    Parameters
+    ----------
+    text
+        Text that may quote UIDs chosen by a peer.
+
+    Returns
+    -------
+    str
+        ``text`` with every dotted number of at least 8 characters replaced:
+        a UID of the DICOM registry (PS3.6 Annex A: SOP classes, transfer
+        syntaxes) by ``uid:`` and its keyword, e.g. ``uid:CTImageStorage``,
+        because it is a public constant that tells an operator what the peer
+        asked for; any other by ``uid:`` and its :func:`uid_ref`. No UID is
+        left in its raw form.
+    """
+    return _UID_PATTERN.sub(_uid_replacement, text)
+
+
+def _uid_replacement(match: re.Match[str]) -> str:
+    uid = match.group(0)
+    if len(uid) < _UID_MIN_LENGTH:
+        return uid
+    keyword = UID(uid).keyword
+    if keyword:
+        return f"uid:{keyword}"
+    return f"uid:{uid_ref(uid)}"
+
+
 class PhiFilter(logging.Filter):
     """Withhold the text of records that may carry data element values.
 
@@ -97,6 +193,315 @@ def _mentions_value_quoter(record: logging.LogRecord) -> bool:
     return any(f"/{name}/" in text for name in _VALUE_QUOTING_LOGGERS)
 
 
+class RateLimiter:
+    """Count events per key and allow the first few of each in a time window.
+
+    Windows are fixed and shared by all keys: a window starts at the first
+    event (or :meth:`drain`) after the previous one has ended, and ending it
+    forgets every key. Memory is bounded: at most ``max_keys`` keys are
+    tracked in a window; events of further keys all count under the single
+    key :data:`OVERFLOW_KEY` (``"*"``), which has its own ``per_key``
+    allowance. Keys are never evicted while their window runs, so a peer
+    cannot reset its own count by sending under many other keys.
+
+    The limiter is thread-safe and has no thread of its own: the caller calls
+    :meth:`drain` from time to time and logs one summary line per key.
+
+    Parameters
+    ----------
+    per_key
+        How many events of one key are allowed in each window.
+    window
+        The window's length in seconds.
+    max_keys
+        How many keys are tracked in a window before new ones count under
+        :data:`OVERFLOW_KEY`; the suppressed counts awaiting :meth:`drain`
+        are bounded the same way.
+    clock
+        Returns the time in seconds; :func:`time.monotonic` unless a test
+        injects its own.
+
+    Raises
+    ------
+    TypeError
+        If ``per_key`` or ``max_keys`` is not an int.
+    ValueError
+        If ``per_key`` or ``max_keys`` is below 1, or ``window`` is not
+        positive.
+    """
+
+    def __init__(
+        self,
+        per_key: int = 5,
+        window: float = 60.0,
+        max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        for name, value in (("per_key", per_key), ("max_keys", max_keys)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not window > 0:
+            raise ValueError(f"window must be positive seconds, got {window}")
+        self.per_key = per_key
+        self.window = float(window)
+        self.max_keys = max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._start = clock()
+        self._counts: dict[str, int] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str) -> bool:
+        """Count one event of ``key`` and say whether to act on it.
+
+        Parameters
+        ----------
+        key
+            What the event is counted under, e.g. the peer's address.
+
+        Returns
+        -------
+        bool
+            True for the first ``per_key`` events of the key in the current
+            window, False after.
+        """
+        with self._lock:
+            self._roll(self._clock())
+            if key not in self._counts and len(self._counts) >= self.max_keys:
+                key = OVERFLOW_KEY
+            count = self._counts.get(key, 0) + 1
+            self._counts[key] = count
+            return count <= self.per_key
+
+    def drain(self) -> list[tuple[str, int]]:
+        """Return and forget the counts suppressed in finished windows.
+
+        Returns
+        -------
+        list of tuple of str and int
+            For each key with events refused by :meth:`allow` in a window that
+            has ended, the key and how many were refused, in first-seen order.
+            Events of the current window are reported once it has ended.
+        """
+        with self._lock:
+            self._roll(self._clock())
+            drained = list(self._suppressed.items())
+            self._suppressed.clear()
+            return drained
+
+    def __len__(self) -> int:
+        """Return how many keys the current window tracks."""
+        with self._lock:
+            return len(self._counts)
+
+    def _roll(self, now: float) -> None:
+        if now - self._start < self.window:
+            return
+        for key, count in self._counts.items():
+            if count > self.per_key:
+                if (
+                    key not in self._suppressed
+                    and len(self._suppressed) >= self.max_keys
+                ):
+                    key = OVERFLOW_KEY
+                self._suppressed[key] = (
+                    self._suppressed.get(key, 0) + count - self.per_key
+                )
+        self._counts.clear()
+        self._start = now
+
+
+class PynetdicomFilter(logging.Filter):
+    """Bound the volume of pynetdicom's records and keep peer values out of them.
+
+    For records from the ``pynetdicom`` loggers only, whatever their level:
+
+    - Rate limit: at most ``per_key`` records per ``window`` for each logger
+      and message template. The template is the record's format string, or,
+      because pynetdicom formats most messages itself, the first 80 characters
+      of the message with quoted values and numbers taken out; a logged
+      exception's template is its type. Once a window has ended, the next
+      pynetdicom record (or :meth:`flush`) logs one line per template through
+      the ``dicom_node.log`` logger: "pynetdicom: N similar lines suppressed in
+      the last 60 s: TEMPLATE".
+    - Tracebacks: unless ``keep_tracebacks``, a record with exception
+      information (pynetdicom's ``LOGGER.exception``) is reduced to one line:
+      the exception's type and its message, cut at 200 characters (newlines
+      in it are escaped, not cut at, since they may come from a peer's
+      value). When the traceback passes through pydicom or highdicom, whose
+      messages may quote data element values, the message is replaced by
+      where it was raised.
+    - UIDs: the whole text, message and traceback, goes through
+      :func:`redact_uids`, so a peer-supplied UID never appears raw. Registered
+      UIDs show as their keyword, others as a :func:`uid_ref`; the rest of the
+      line is kept, because pynetdicom's lines otherwise carry protocol facts
+      an operator needs (which PDU, which context, which AE title failed
+      validation).
+
+    Control characters are left to :class:`EscapingFormatter`.
+
+    Parameters
+    ----------
+    per_key
+        Records allowed per template in each window.
+    window
+        The window's length in seconds.
+    max_templates
+        Templates tracked per window; further ones share one allowance.
+    keep_tracebacks
+        Keep full tracebacks (for DEBUG logging), still with UIDs redacted.
+    clock
+        Returns the time in seconds; :func:`time.monotonic` unless a test
+        injects its own.
+
+    Raises
+    ------
+    TypeError
+        If ``per_key`` or ``max_templates`` is not an int.
+    ValueError
+        If ``per_key`` or ``max_templates`` is below 1, or ``window`` is not
+        positive.
+    """
+
+    def __init__(
+        self,
+        per_key: int = 20,
+        window: float = 60.0,
+        max_templates: int = 64,
+        keep_tracebacks: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._limiter = RateLimiter(per_key, window, max_templates, clock)
+        self._keep_tracebacks = keep_tracebacks
+        self._summaries = logging.getLogger(__name__)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rate-limit and rewrite a pynetdicom record; keep any other record.
+
+        Parameters
+        ----------
+        record
+            The record on its way to a handler.
+
+        Returns
+        -------
+        bool
+            False for a pynetdicom record over its template's allowance,
+            otherwise True.
+        """
+        if record.name != "pynetdicom" and not record.name.startswith("pynetdicom."):
+            return True
+        self.flush()
+        if not self._limiter.allow(_template(record)):
+            return False
+        if record.exc_info is not None and record.exc_info[1] is not None:
+            self._reduce_exception(record, record.exc_info)
+        text = record.getMessage()
+        record.msg = redact_uids(text)
+        record.args = ()
+        if record.exc_text:
+            record.exc_text = redact_uids(record.exc_text)
+        return True
+
+    def flush(self) -> None:
+        """Log one summary line per template suppressed in a finished window."""
+        for template, count in self._limiter.drain():
+            self._summaries.warning(
+                "pynetdicom: %d similar lines suppressed in the last %.0f s: %s",
+                count,
+                self._limiter.window,
+                template,
+            )
+
+    def _reduce_exception(self, record: logging.LogRecord, exc_info: _ExcInfo) -> None:
+        exc = exc_info[1]
+        frames = traceback.extract_tb(exc.__traceback__)
+        quotes_values = any(
+            f"/{name}/" in frame.filename
+            for frame in frames
+            for name in _VALUE_QUOTING_LOGGERS
+        )
+        record.exc_info = None
+        if self._keep_tracebacks:
+            if quotes_values:
+                lines = ["Traceback (most recent call last):\n"]
+                lines += traceback.format_list(frames)
+                lines.append(f"{type(exc).__name__}: (message withheld)")
+            else:
+                lines = traceback.format_exception(exc)
+            record.exc_text = "".join(lines).rstrip("\n")
+            if record.msg is exc:
+                # LOGGER.exception(exc): the message is the exception again.
+                record.msg = type(exc).__name__
+                record.args = ()
+            return
+        record.exc_text = None
+        if quotes_values:
+            summary = f"{describe_exception(exc)} (message withheld)"
+        else:
+            # The whole message, cut short: a newline in it may come from a
+            # peer's value, and the formatter escapes it anyway.
+            text = str(exc)[:_EXCEPTION_LINE_LENGTH]
+            summary = f"{type(exc).__name__}: {text}"
+        if record.msg is exc:
+            record.msg = summary
+        else:
+            record.msg = f"{record.getMessage()} ({summary})"
+        record.args = ()
+
+
+def _template(record: logging.LogRecord) -> str:
+    if isinstance(record.msg, BaseException):
+        return f"{record.name}: exception {type(record.msg).__name__}"
+    text = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+    if not record.args:
+        text = _TEMPLATE_NOISE.sub("#", text[: _TEMPLATE_LENGTH * 4])
+    return f"{record.name}: {text[:_TEMPLATE_LENGTH]}"
+
+
+class EscapingFormatter(logging.Formatter):
+    """A formatter whose every line is safe from control characters.
+
+    The record's first line (level, logger, message with its arguments) is
+    passed through :func:`escape_control`, so a newline or escape sequence
+    in a message or argument is written visibly and a record is one line.
+    A traceback or stack information keeps its own line breaks, because it is
+    multi-line by design; each of its lines is escaped the same way and starts
+    with ``"| "``, so no line of it can pass for a record of its own.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format a record as escaped, framed lines.
+
+        Parameters
+        ----------
+        record
+            The record to format.
+
+        Returns
+        -------
+        str
+            The record's text, without a trailing newline.
+        """
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        lines = [escape_control(self.formatMessage(record))]
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        stack = self.formatStack(record.stack_info) if record.stack_info else None
+        for block in (record.exc_text, stack):
+            if block:
+                lines += [
+                    _CONTINUATION + escape_control(line)
+                    for line in block.rstrip("\n").split("\n")
+                ]
+        return "\n".join(lines)
+
+
 def quiet_pynetdicom() -> None:
     """Stop pynetdicom from logging identifiers and raw UIDs (STYLE.md section 5)."""
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
@@ -104,27 +509,34 @@ def quiet_pynetdicom() -> None:
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
-def configure_logging(level: str = "INFO") -> logging.Handler:
-    """Send log records to stderr through a PhiFilter.
+def configure_logging(
+    level: str = "INFO", stream: TextIO | None = None
+) -> logging.Handler:
+    """Send log records to stderr through a PhiFilter and a PynetdicomFilter.
 
-    Only the command-line entry points call this.
+    Only the command-line entry points call this. Every line is written by an
+    :class:`EscapingFormatter`.
 
     Parameters
     ----------
     level
         The level for the node's own loggers (``dicom_node``); third-party
-        loggers stay at WARNING unless ``level`` is DEBUG.
+        loggers stay at WARNING unless ``level`` is DEBUG, which also keeps
+        pynetdicom's tracebacks.
+    stream
+        Where to write; standard error if None.
 
     Returns
     -------
     logging.Handler
         The installed handler.
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(
-        logging.Formatter("%(levelname)s %(name)s [%(process)d]: %(message)s")
+        EscapingFormatter("%(levelname)s %(name)s [%(process)d]: %(message)s")
     )
     handler.addFilter(PhiFilter())
+    handler.addFilter(PynetdicomFilter(keep_tracebacks=level == "DEBUG"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -1,10 +1,82 @@
-"""Logging helpers: references instead of UIDs, and the PHI filter."""
+"""Logging helpers: references instead of UIDs, the PHI filter, flood limits."""
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
 
-from dicom_node.log import PhiFilter, describe_exception, uid_ref
+import pytest
+from pydicom.uid import CTImageStorage
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+
+from dicom_node.log import (
+    OVERFLOW_KEY,
+    EscapingFormatter,
+    PhiFilter,
+    PynetdicomFilter,
+    RateLimiter,
+    configure_logging,
+    describe_exception,
+    uid_ref,
+)
+
+# Every character a log line must never carry raw: C0 but the line's own
+# newline, DEL, C1.
+FORBIDDEN = [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)] if c != 0x0A]
+HOSTILE = "EV\n\x1b[2J\x1b]0;owned\x07\r\x00\x85\x9bIL"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """Install configure_logging on a stream, then put the logging state back."""
+    root = logging.getLogger()
+    node = logging.getLogger("dicom_node")
+    saved = (list(root.handlers), root.level, node.level)
+    saved_config = (
+        pynetdicom_config.LOG_HANDLER_LEVEL,
+        pynetdicom_config.LOG_REQUEST_IDENTIFIERS,
+        pynetdicom_config.LOG_RESPONSE_IDENTIFIERS,
+    )
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)
+    try:
+        yield stream
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        node.setLevel(saved[2])
+        logging.captureWarnings(False)
+        (
+            pynetdicom_config.LOG_HANDLER_LEVEL,
+            pynetdicom_config.LOG_REQUEST_IDENTIFIERS,
+            pynetdicom_config.LOG_RESPONSE_IDENTIFIERS,
+        ) = saved_config
+
+
+def lines_of(stream: io.StringIO) -> list[str]:
+    return stream.getvalue().splitlines()
+
+
+def assert_no_raw_controls(text: str) -> None:
+    for char in FORBIDDEN:
+        assert char not in text, f"raw {char!r} in the log"
 
 
 def test_uid_ref_is_short_stable_and_not_the_uid() -> None:
@@ -70,3 +142,239 @@ def test_describe_exception_omits_the_message() -> None:
 
     assert described.startswith("ValueError at test_log.py:")
     assert "SENTINEL" not in described
+
+
+def test_control_characters_in_arguments_are_escaped(
+    log_stream: io.StringIO,
+) -> None:
+    logging.getLogger("dicom_node.gate").warning("refused caller %s", HOSTILE)
+
+    text = log_stream.getvalue()
+    assert_no_raw_controls(text)
+    assert lines_of(log_stream) == [
+        f"WARNING dicom_node.gate [{os.getpid()}]: refused caller "
+        "EV\\n\\x1b[2J\\x1b]0;owned\\x07\\r\\x00\\x85\\x9bIL"
+    ]
+
+
+def test_non_ascii_text_is_kept(log_stream: io.StringIO) -> None:
+    logging.getLogger("dicom_node.gate").warning("station %s", "Zürich Süd ☢")
+
+    assert "station Zürich Süd ☢" in log_stream.getvalue()
+
+
+def test_pynetdicom_lines_are_escaped(log_stream: io.StringIO) -> None:
+    # pynetdicom formats its messages itself, before logging them.
+    message = f"Invalid 'Calling AE Title' value '{HOSTILE}' - must not contain"
+    logging.getLogger("pynetdicom.utils").error(message)
+
+    assert_no_raw_controls(log_stream.getvalue())
+    assert len(lines_of(log_stream)) == 1
+    assert "'EV\\n\\x1b[2J" in log_stream.getvalue()
+
+
+def test_traceback_keeps_its_lines_but_each_is_escaped_and_marked(
+    log_stream: io.StringIO,
+) -> None:
+    try:
+        raise ValueError(f"bad {HOSTILE}\nERROR dicom_node.fake [1]: forged")
+    except ValueError:
+        logging.getLogger("dicom_node.worker").exception("job failed")
+
+    lines = lines_of(log_stream)
+    assert lines[0].endswith("job failed")
+    assert lines[1] == "| Traceback (most recent call last):"
+    assert all(line.startswith("| ") for line in lines[1:])
+    assert "| ERROR dicom_node.fake [1]: forged" in lines
+    assert_no_raw_controls(log_stream.getvalue())
+
+
+def test_pynetdicom_traceback_is_reduced_to_one_line(
+    log_stream: io.StringIO,
+) -> None:
+    try:
+        raise ValueError("Invalid 'Calling AE Title' value 'A\nB' - bad")
+    except ValueError as exc:
+        logging.getLogger("pynetdicom.dul").exception(exc)
+
+    assert lines_of(log_stream) == [
+        f"ERROR pynetdicom.dul [{os.getpid()}]: ValueError: "
+        "Invalid 'Calling AE Title' value 'A\\nB' - bad"
+    ]
+
+
+def test_pynetdicom_warning_does_not_quote_a_raw_uid(
+    log_stream: io.StringIO,
+) -> None:
+    peer_uid = "1.2.826.0.1.3680043.9999.20240101.123456"
+    message = f"Non-conformant 'Affected SOP Instance UID' value '{peer_uid}'"
+    logging.getLogger("pynetdicom.utils").warning(message)
+    logging.getLogger("pynetdicom.association").error(
+        "No supported service class available for the SOP Class UID '%s'",
+        CTImageStorage,
+    )
+
+    text = log_stream.getvalue()
+    assert peer_uid not in text
+    assert CTImageStorage not in text
+    assert f"value 'uid:{uid_ref(peer_uid)}'" in text
+    assert "SOP Class UID 'uid:CTImageStorage'" in text
+
+
+def test_node_lines_keep_their_numbers(log_stream: io.StringIO) -> None:
+    logging.getLogger("dicom_node.scp").warning("listening on %s", "127.0.0.1:11112")
+
+    assert "listening on 127.0.0.1:11112" in log_stream.getvalue()
+
+
+def test_pydicom_values_stay_withheld(log_stream: io.StringIO) -> None:
+    logging.getLogger("pydicom").warning("Invalid value for VR DA: '%s'", "SENTINEL")
+
+    assert "SENTINEL" not in log_stream.getvalue()
+    assert "text withheld" in log_stream.getvalue()
+
+
+def test_a_flood_of_pynetdicom_errors_is_bounded(log_stream: io.StringIO) -> None:
+    dul = logging.getLogger("pynetdicom.dul")
+    for n in range(10_000):
+        message = f"Unknown PDU type received '0x{n % 256:02X}'"
+        dul.error(message)
+        dul.error("Connection closed before the entire PDU was received")
+
+    lines = lines_of(log_stream)
+    assert len(lines) == 40
+    assert sum("Unknown PDU type" in line for line in lines) == 20
+
+
+def test_a_flood_ends_with_one_summary_per_template() -> None:
+    clock = FakeClock()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(EscapingFormatter("%(levelname)s %(name)s: %(message)s"))
+    pynetdicom_filter = PynetdicomFilter(per_key=20, window=60.0, clock=clock)
+    handler.addFilter(pynetdicom_filter)
+    dul = logging.getLogger("pynetdicom.dul")
+    summaries = logging.getLogger("dicom_node.log")
+    for logger in (dul, summaries):
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        for _ in range(10_000):
+            dul.error("The received PDU is shorter than expected (6 of 9 bytes)")
+        clock.now += 61
+        dul.error("The received PDU is shorter than expected (6 of 9 bytes)")
+    finally:
+        for logger in (dul, summaries):
+            logger.removeHandler(handler)
+            logger.propagate = True
+
+    lines = lines_of(stream)
+    assert len(lines) == 22
+    assert lines[20] == (
+        "WARNING dicom_node.log: pynetdicom: 9980 similar lines suppressed "
+        "in the last 60 s: pynetdicom.dul: The received PDU is shorter than "
+        "expected (# of # bytes)"
+    )
+    assert lines[21].startswith("ERROR pynetdicom.dul: The received PDU")
+
+
+def test_node_lines_are_not_rate_limited(log_stream: io.StringIO) -> None:
+    for n in range(100):
+        logging.getLogger("dicom_node.worker").warning("job %d failed", n)
+
+    assert len(lines_of(log_stream)) == 100
+
+
+def test_rate_limiter_allows_the_first_per_key_then_counts() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_key=5, window=60.0, clock=clock)
+
+    allowed = [limiter.allow("10.0.0.9") for _ in range(12)]
+    other = limiter.allow("10.0.0.8")
+
+    assert allowed == [True] * 5 + [False] * 7
+    assert other
+    assert limiter.drain() == []  # the window has not ended
+
+
+def test_rate_limiter_drains_once_per_finished_window() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_key=5, window=60.0, clock=clock)
+    for _ in range(12):
+        limiter.allow("10.0.0.9")
+    for _ in range(3):
+        limiter.allow("10.0.0.8")
+
+    clock.now += 60
+
+    assert limiter.drain() == [("10.0.0.9", 7)]
+    assert limiter.drain() == []
+    assert limiter.allow("10.0.0.9")  # a new window, a new allowance
+
+
+def test_rate_limiter_memory_is_bounded() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_key=1, window=60.0, max_keys=100, clock=clock)
+
+    allowed = [limiter.allow(f"10.0.{n // 256}.{n % 256}") for n in range(5_000)]
+    assert limiter.allow("10.0.0.0") is False  # a tracked key keeps its count
+
+    assert len(limiter) == 101  # 100 keys and the overflow key
+    assert sum(allowed) == 101
+    clock.now += 60
+    drained = dict(limiter.drain())
+    assert drained == {"10.0.0.0": 1, OVERFLOW_KEY: 4_899}
+    assert len(limiter) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"per_key": 0}, ValueError),
+        ({"max_keys": 0}, ValueError),
+        ({"window": 0.0}, ValueError),
+        ({"per_key": 2.5}, TypeError),
+    ],
+)
+def test_rate_limiter_refuses_bad_settings(
+    kwargs: dict[str, float], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        RateLimiter(**kwargs)  # type: ignore[arg-type]
+
+
+def test_hostile_calling_ae_title_is_logged_escaped(log_stream: io.StringIO) -> None:
+    ae = AE("NODE")
+    ae.add_supported_context(CTImageStorage)
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        port = server.server_address[1]  # type: ignore[union-attr]
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(_associate_rq(calling=b"EV\x1b[2J\nIL\x00"))
+            sock.settimeout(5)
+            assert sock.recv(1)[:1] == b"\x07"  # A-ABORT
+        deadline = time.monotonic() + 5
+        while "Calling AE Title" not in log_stream.getvalue():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        ae.shutdown()
+
+    text = log_stream.getvalue()
+    assert "value 'EV\\x1b[2J\\nIL\\x00' - must not contain" in text
+    assert_no_raw_controls(text)
+    assert "Traceback" not in text
+
+
+def _associate_rq(calling: bytes) -> bytes:
+    # PS3.8 9.3.2: A-ASSOCIATE-RQ with only its Application Context Item.
+    context = b"1.2.840.10008.3.1.1.1"
+    item = struct.pack(">BBH", 0x10, 0, len(context)) + context
+    body = (
+        struct.pack(">HH", 1, 0)
+        + b"NODE".ljust(16)
+        + calling.ljust(16)
+        + bytes(32)
+        + item
+    )
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
