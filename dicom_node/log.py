@@ -544,5 +544,27 @@ def configure_logging(
     root.setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     logging.getLogger("dicom_node").setLevel(level)
     logging.captureWarnings(True)
+    # A thread (pynetdicom's included) ended by an exception is logged like any
+    # record: escaped, rate-limited, by type and place (its text may quote values).
+    threading.excepthook = _log_thread_exception
     quiet_pynetdicom()
     return handler
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    what = (
+        describe_exception(args.exc_value)
+        if args.exc_value is not None
+        else args.exc_type.__name__
+    )
+    logging.getLogger(
+        "pynetdicom.thread"
+        if args.thread and "Thread@" in args.thread.name
+        else __name__
+    ).error(
+        "thread %s ended by an exception: %s",
+        args.thread.name if args.thread else "?",
+        what,
+    )

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -52,10 +53,12 @@ def log_stream() -> Iterator[io.StringIO]:
         pynetdicom_config.LOG_RESPONSE_IDENTIFIERS,
     )
     stream = io.StringIO()
+    saved_hook = threading.excepthook
     configure_logging("INFO", stream=stream)
     try:
         yield stream
     finally:
+        threading.excepthook = saved_hook
         for handler in list(root.handlers):
             root.removeHandler(handler)
         for handler in saved[0]:
@@ -378,3 +381,19 @@ def _associate_rq(calling: bytes) -> bytes:
         + item
     )
     return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def test_a_thread_ended_by_an_exception_is_logged_without_its_text(
+    log_stream: io.StringIO,
+) -> None:
+    def fail() -> None:
+        raise ValueError("PHI^SENTINEL\nERROR forged line")
+
+    thread = threading.Thread(target=fail, name="AcceptorThread@1")
+    thread.start()
+    thread.join()
+
+    text = log_stream.getvalue()
+    assert "thread AcceptorThread@1 ended by an exception: ValueError at" in text
+    assert "SENTINEL" not in text
+    assert len(text.splitlines()) == 1
