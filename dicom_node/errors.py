@@ -3,7 +3,9 @@
 __all__ = [
     "ConfigError",
     "DicomNodeError",
+    "IndexCorruptError",
     "IndexSchemaError",
+    "IndexUnavailableError",
     "InvalidUidError",
     "StorageError",
 ]
@@ -27,3 +29,11 @@ class StorageError(DicomNodeError):
 
 class IndexSchemaError(DicomNodeError):
     """The index database was made by another version and lacks what this one needs."""
+
+
+class IndexUnavailableError(DicomNodeError):
+    """The index database cannot be opened or reached (locked, unreadable, down)."""
+
+
+class IndexCorruptError(IndexUnavailableError):
+    """The index database file is damaged or is not an SQLite database."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
+import sqlite3
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from sqlalchemy import (
     Boolean,
@@ -25,12 +28,13 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    make_url,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -40,7 +44,11 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from dicom_node.errors import IndexSchemaError
+from dicom_node.errors import (
+    IndexCorruptError,
+    IndexSchemaError,
+    IndexUnavailableError,
+)
 
 __all__ = [
     "DELIVERY_STATES",
@@ -71,6 +79,11 @@ S = TypeVar("S")
 # Study and series ids are remembered per process to spare two look-ups per
 # instance; past this many entries the memory starts again.
 _ID_CACHE_SIZE = 100_000
+
+# Seconds a transaction off the receiving path waits for a locked index.
+_WAIT = 60.0
+# Execution option: milliseconds a transaction waits for a lock.
+_WAIT_OPTION = "dicom_node_lock_wait_ms"
 
 
 def utc_now() -> datetime:
@@ -331,36 +344,67 @@ class IndexDB:
     touch_interval
         Seconds between two updates of a study's last-received time by this
         process; must stay below the scheduler's ``stable_after``.
+    store_busy_timeout
+        Seconds the receiving path (:meth:`record_instance`,
+        :meth:`open_association`, :meth:`close_association`) waits for a locked
+        index before it fails, so that a C-STORE is refused while the sender
+        still waits for the answer; :meth:`record_error` waits a fifth of it.
+        The other transactions (scheduler, workers, outbox) wait up to 60 s.
+
+    Raises
+    ------
+    IndexCorruptError
+        If the SQLite file is damaged or is not an SQLite database.
+    IndexUnavailableError
+        If the index cannot be opened: locked, unreadable, server unreachable.
+    IndexSchemaError
+        If the index was made by an earlier version.
     """
 
     def __init__(
-        self, url: str, pool_size: int = 8, touch_interval: float = 1.0
+        self,
+        url: str,
+        pool_size: int = 8,
+        touch_interval: float = 1.0,
+        store_busy_timeout: float = 5.0,
     ) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size}
-        if self.is_sqlite:
-            kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
-        self.engine: Engine = create_engine(url, **kwargs)
-        if self.is_sqlite:
-            _configure_sqlite(self.engine)
+        self.engine: Engine = _make_engine(url, pool_size, _WAIT)
         self.sessions: sessionmaker[Session] = sessionmaker(
             self.engine, expire_on_commit=False
+        )
+        # The receiving path has its own pool, so the scheduler and workers never
+        # hold the connections a C-STORE needs, and its own shorter lock waits.
+        self._store_engine = _make_engine(url, pool_size, store_busy_timeout)
+        self._store_sessions: sessionmaker[Session] = sessionmaker(
+            self._store_engine, expire_on_commit=False
+        )
+        # record_error follows a failed C-STORE, before the answer goes back.
+        self._error_sessions: sessionmaker[Session] = sessionmaker(
+            self._store_engine.execution_options(
+                **{_WAIT_OPTION: _milliseconds(store_busy_timeout / 5)}
+            ),
+            expire_on_commit=False,
         )
         self.touch_interval = touch_interval
         self._study_ids: dict[str, int] = {}
         self._series: dict[str, tuple[int, int]] = {}
         self._study_touched: dict[str, float] = {}
         try:
-            Base.metadata.create_all(self.engine)
-            _check_schema(self.engine)
+            try:
+                Base.metadata.create_all(self.engine)
+                _check_schema(self.engine)
+            except DBAPIError as exc:
+                raise _unusable(self.engine, exc) from exc
         except BaseException:
-            self.engine.dispose()
+            self.close()
             raise
 
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+        self._store_engine.dispose()
 
     def run(self, work: Callable[[Session], T], attempts: int = 3) -> T:
         """Run ``work`` in one transaction, retrying on a lost uniqueness race.
@@ -434,7 +478,7 @@ class IndexDB:
             session.flush()
             return record.id
 
-        return self.run(work)
+        return _retrying(self._store_sessions.begin, work)
 
     def close_association(
         self,
@@ -457,7 +501,8 @@ class IndexDB:
             C-STOREs answered with a failure status.
         """
         now = utc_now()
-        self.run(
+        _retrying(
+            self._store_sessions.begin,
             lambda s: s.execute(
                 update(AssociationRecord)
                 .where(AssociationRecord.id == association_id)
@@ -467,7 +512,7 @@ class IndexDB:
                     instances_stored=instances_stored,
                     instances_failed=instances_failed,
                 )
-            )
+            ),
         )
 
     # --- instances ----------------------------------------------------------
@@ -517,12 +562,16 @@ class IndexDB:
                 "received_at": now,
                 "association_id": rq.association_id,
             }
-            inserted = conn.execute(
-                self._insert_ignore(Instance).values(
-                    sop_instance_uid=rq.sop_instance_uid, **values
-                )
+            insert = self._insert_ignore(Instance).values(
+                sop_instance_uid=rq.sop_instance_uid, **values
             )
-            if getattr(inserted, "rowcount", 0) == 1:
+            if conn.dialect.name == "postgresql":
+                # psycopg reports no row count for this insert (-1): ask for
+                # the new row instead (SQLite before 3.35 has no RETURNING).
+                is_new = conn.execute(insert.returning(Instance.id)).first() is not None
+            else:
+                is_new = getattr(conn.execute(insert), "rowcount", 0) == 1
+            if is_new:
                 outcome = RecordOutcome.NEW
             else:
                 existing = conn.execute(
@@ -557,7 +606,7 @@ class IndexDB:
 
         try:
             # A bare connection: the ORM session costs too much on this hot path.
-            outcome = _retrying(self.engine.begin, work)
+            outcome = _retrying(self._store_engine.begin, work)
         except _ConflictError:
             return RecordOutcome.CONFLICT
         # Only ids of committed rows are remembered (a rolled-back insert is not).
@@ -648,9 +697,10 @@ class IndexDB:
             )
 
         try:
-            self.run(work)
-        except OperationalError as exc:
-            # The index itself is failing (full disk, locked): the log still has it.
+            _retrying(self._error_sessions.begin, work)
+        except SQLAlchemyError as exc:
+            # The index itself is failing (locked, full disk, damaged): the log
+            # still has it.
             logger.warning(
                 "could not record an error in the index: %s", type(exc).__name__
             )
@@ -804,22 +854,148 @@ def _retrying(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _make_engine(url: str, pool_size: int, wait: float) -> Engine:
+    """Return an engine whose transactions wait at most ``wait`` s for a lock.
+
+    On SQLite that is the busy timeout (also while connecting). On PostgreSQL
+    the lock and statement timeouts are set only when ``wait`` is below the
+    default wait (the receiving path); other transactions wait as long as it
+    takes, as before.
+    """
+    wait_ms = _milliseconds(wait)
+    kwargs: dict[str, Any] = {
+        "pool_size": pool_size,
+        "max_overflow": pool_size,
+        "pool_timeout": min(wait, 30.0),
+        "execution_options": {_WAIT_OPTION: wait_ms},
+    }
+    if url.startswith("sqlite"):
+        # pysqlite's timeout is SQLite's busy timeout from the moment the
+        # connection opens (the PRAGMAs below); "connect" sets it again.
+        kwargs["connect_args"] = {"timeout": wait, "check_same_thread": False}
+        engine = create_engine(url, **kwargs)
+        _configure_sqlite(engine, wait_ms)
+        return engine
+    if url.startswith("postgresql") and "connect_timeout" not in make_url(url).query:
+        # libpq waits forever for a server that does not answer.
+        kwargs["connect_args"] = {"connect_timeout": max(2, min(10, math.ceil(wait)))}
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "postgresql" and wait < _WAIT:
+        _configure_postgresql(engine, wait_ms)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, wait_ms: int) -> None:
     # WAL lets readers run beside the one writer; synchronous=FULL makes each
     # commit durable across a power cut, not only a process crash.
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Let SQLAlchemy's "begin" hook below issue BEGIN itself.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute(f"PRAGMA busy_timeout={wait_ms}")
         cursor.close()
+        record.info[_WAIT_OPTION] = wait_ms
 
     # BEGIN IMMEDIATE takes the write lock up front, so a transaction never has to
     # upgrade a read lock and fail with SQLITE_BUSY when another process writes.
+    # A transaction asking for another wait (execution option) sets it first;
+    # the connection remembers it, so the usual case costs no statement.
     @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
+    def _on_begin(connection: Connection) -> None:
+        wanted = connection.get_execution_options()[_WAIT_OPTION]
+        info = connection.connection.info
+        if info.get(_WAIT_OPTION) != wanted:
+            connection.exec_driver_sql(f"PRAGMA busy_timeout={int(wanted)}")
+            info[_WAIT_OPTION] = wanted
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _configure_postgresql(engine: Engine, wait_ms: int) -> None:
+    # Set once per connection, so the receiving path pays no statement for it.
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET lock_timeout = {wait_ms}")
+        cursor.execute(f"SET statement_timeout = {wait_ms}")
+        cursor.close()
+        dbapi_connection.autocommit = autocommit
+
+    # A transaction asking for another wait (execution option) sets it for itself.
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        wanted = int(connection.get_execution_options()[_WAIT_OPTION])
+        if wanted != wait_ms:
+            connection.exec_driver_sql(
+                f"SELECT set_config('lock_timeout', '{wanted}', true), "
+                f"set_config('statement_timeout', '{wanted}', true)"
+            )
+
+
+# Primary SQLite result codes (https://sqlite.org/rescode.html).
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+
+
+def _unusable(engine: Engine, exc: DBAPIError) -> IndexUnavailableError:
+    """Name why the index cannot be opened, and what the operator can do."""
+    lines = str(exc.orig).strip().splitlines() if exc.orig is not None else []
+    reason = lines[0] if lines else type(exc).__name__
+    if engine.dialect.name != "sqlite":
+        where = engine.url.render_as_string(hide_password=True)
+        return IndexUnavailableError(
+            f"the index database at {where} cannot be used ({reason}). Check that "
+            "the server runs and accepts this host and user, and database_url"
+        )
+    path = engine.url.database or ":memory:"
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        what = (
+            f"is not a valid SQLite database ({reason})"
+            if primary == _SQLITE_NOTADB
+            else f"is damaged ({reason}; quick_check: {_quick_check(path)})"
+        )
+        return IndexCorruptError(
+            f"the index at {path} {what}. Stop every dicom-node process using it, "
+            f"move it aside (mv {path} {path}.corrupt; and, where they exist, "
+            f"mv {path}-wal {path}.corrupt-wal; rm {path}-shm) and start again: "
+            "a new index is made; instances under state_dir/storage stay but the "
+            "new index does not know them (re-send the studies from the PACS). Or "
+            f"restore it from a backup; 'sqlite3 {path}.corrupt .recover' may save "
+            "its rows"
+        )
+    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return IndexUnavailableError(
+            f"the index at {path} stayed locked by another process ({reason}): "
+            "end the program holding it (a sqlite3 shell, a backup) and start again"
+        )
+    return IndexUnavailableError(
+        f"the index at {path} cannot be opened ({reason}): check that its folder "
+        f"exists, that this user may read and write it and {path}-wal and "
+        f"{path}-shm beside it, and that the disk is not full"
+    )
+
+
+def _quick_check(path: str) -> str:
+    # Only on a failed start: on a 100k-instance index it takes ~0.15-0.2 s.
+    try:
+        with closing(
+            sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=1.0)
+        ) as conn:
+            row = conn.execute("PRAGMA quick_check(1)").fetchone()
+    except sqlite3.Error as exc:
+        return str(exc)
+    text = str(row[0]) if row else "no answer"
+    return " ".join(text.split())[:200]
