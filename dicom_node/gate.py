@@ -18,7 +18,7 @@ from typing import Any
 
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 
-from dicom_node.log import RateLimiter
+from dicom_node.log import RateLimiter, describe_exception
 
 __all__ = [
     "ASSOCIATE_RQ_MAX",
@@ -60,6 +60,19 @@ _ABORT_INVALID_PARAMETER = 0x06
 
 # Failures of the TLS handshake or of reading a hostile stream.
 _CONNECTION_ERRORS = (OSError, ssl.SSLError, ValueError)
+# What pynetdicom's PDU decoder raises on a malformed request (it checks item
+# lengths with assert).
+_DECODE_ERRORS = (
+    AssertionError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    NotImplementedError,
+    UnicodeDecodeError,
+    struct.error,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +438,12 @@ class ConnectionGate:
     audit
         Called (from a background thread) with each refusal that is not
         rate-limited, and with summaries of those that were.
+    on_tick
+        Called from the gate's thread after each round of events, and at least
+        once a second.
+    on_closed
+        Called (from the connection's thread) when an admitted connection is
+        closed, however its association ended.
     """
 
     def __init__(
@@ -439,8 +458,12 @@ class ConnectionGate:
         max_pending: int = 128,
         ssl_context: ssl.SSLContext | None = None,
         audit: Callable[[Refusal], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        on_closed: Callable[[], None] | None = None,
     ) -> None:
         self._listener = listener
+        self._on_tick = on_tick
+        self._on_closed = on_closed
         self._check = check
         self._admit = admit
         self._limits = limits
@@ -519,9 +542,11 @@ class ConnectionGate:
                     else:
                         entry = self._pending.get(fd)
                         if entry is not None:
-                            self._advance(entry, events)
+                            self._advance_safely(entry, events)
                 now = time.monotonic()
                 self._expire(now)
+                if self._on_tick is not None:
+                    self._on_tick()
                 if now >= next_drain:
                     self._summarise()
                     next_drain = now + 60.0
@@ -614,6 +639,17 @@ class ConnectionGate:
 
     # --- one connection's progress -----------------------------------------
 
+    def _advance_safely(self, entry: _Pending, events: int) -> None:
+        try:
+            self._advance(entry, events)
+        except Exception as exc:  # noqa: BLE001 - one connection must not end the gate
+            logger.error(
+                "connection from %s refused: unexpected %s",
+                entry.address,
+                describe_exception(exc),
+            )
+            self._refuse(entry, f"unexpected {type(exc).__name__}")
+
     def _advance(self, entry: _Pending, events: int) -> None:
         try:
             if entry.tls:
@@ -696,7 +732,7 @@ class ConnectionGate:
         # The whole request is here: it must decode before pynetdicom gets it.
         try:
             A_ASSOCIATE_RQ().decode(data)
-        except (ValueError, KeyError, IndexError, TypeError, struct.error) as exc:
+        except _DECODE_ERRORS as exc:
             self._refuse(
                 entry,
                 f"A-ASSOCIATE-RQ does not decode ({type(exc).__name__})",
@@ -714,6 +750,8 @@ class ConnectionGate:
 
         def released() -> None:
             self._release_slot(address)
+            if self._on_closed is not None:
+                self._on_closed()
 
         sock = entry.sock
         guarded: socket.socket

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import socket
@@ -9,13 +10,14 @@ import ssl
 import tempfile
 import threading
 import time
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
@@ -104,6 +106,62 @@ class StoreContext:
     index: IndexDB
     _associations: dict[int, list[Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # When to look for abandoned spool files next (after an association that
+    # did not end with a release), and how many more looks.
+    _sweep_at: float = 0.0
+    _sweeps_left: int = 0
+
+    def sweep_soon(self) -> None:
+        """Look for what ended associations left, over the next seconds.
+
+        Called when a connection closes. pynetdicom keeps a half-received file
+        open until the association's objects are collected, and an association
+        whose thread failed inside pynetdicom ends without EVT_CONN_CLOSE: the
+        look is repeated a few times.
+        """
+        with self._lock:
+            self._sweep_at = time.monotonic() + 0.5
+            self._sweeps_left = 3
+
+    def sweep_if_due(self) -> None:
+        """Clean up after ended associations when a look is due (cheap otherwise).
+
+        Removes abandoned spool files, and closes the audit rows of associations
+        whose threads ended without EVT_CONN_CLOSE.
+        """
+        with self._lock:
+            if not self._sweeps_left or time.monotonic() < self._sweep_at:
+                return
+            self._sweeps_left -= 1
+            # The last look comes when a file left open has gone stale.
+            self._sweep_at = time.monotonic() + (
+                2.0 if self._sweeps_left > 1 else self.config.idle_timeout + 1.0
+            )
+            ended = [
+                key
+                for key, entry in self._associations.items()
+                if (thread := entry[4]()) is None or not thread.is_alive()
+            ]
+            stale = [self._associations.pop(key) for key in ended]
+        for entry in stale:
+            try:
+                self.index.close_association(entry[0], "aborted", entry[2], entry[3])
+            except SQLAlchemyError as exc:
+                logger.warning(
+                    "could not record the end of association %d: %s",
+                    entry[0],
+                    type(exc).__name__,
+                )
+        try:
+            if not self.storage.has_spooled_files():
+                return
+            gc.collect()  # closes the files of associations no longer referenced
+            removed = self.storage.sweep_orphans(self.config.idle_timeout)
+        except OSError as exc:
+            logger.warning("cannot sweep the spool: %s", type(exc).__name__)
+            return
+        if removed:
+            logger.info("removed %d partly received file(s) from the spool", removed)
 
     def association_id(self, assoc: Association) -> int | None:
         """Return the index id of a running association."""
@@ -113,9 +171,15 @@ class StoreContext:
 
     def remember(self, assoc: Association, association_id: int) -> None:
         """Start tracking an accepted association."""
-        # [index id, outcome, instances stored, instances failed]
+        # [index id, outcome, instances stored, instances failed, the thread]
         with self._lock:
-            self._associations[id(assoc)] = [association_id, None, 0, 0]
+            self._associations[id(assoc)] = [
+                association_id,
+                None,
+                0,
+                0,
+                weakref.ref(assoc),
+            ]
 
     def set_outcome(self, assoc: Association, outcome: str) -> None:
         """Note how the association ended (the first outcome noted wins)."""
@@ -227,13 +291,6 @@ def handle_conn_close(event: Event, ctx: StoreContext) -> None:
     if ended is None:
         return
     association_id, outcome, stored, failed = ended
-    if outcome != "released":
-        # An association that ended in the middle of a data set leaves its
-        # partly received file in the spool.
-        try:
-            ctx.storage.sweep_orphans()
-        except OSError as exc:
-            logger.warning("cannot sweep the spool: %s", type(exc).__name__)
     try:
         ctx.index.close_association(association_id, outcome, stored, failed)
     except SQLAlchemyError as exc:
@@ -512,7 +569,11 @@ def _structure_problem(ds: Dataset, file_size: int, *, deflated: bool) -> str:
     the elements must end where the file ends.
     """
     end = 0
-    for elem in ds.elements():
+    for tag in sorted(ds.keys()):
+        # keep_deferred: a large value (pixel data) stays on disk.
+        elem = cast(
+            "DataElement | RawDataElement", ds.get_item(tag, keep_deferred=True)
+        )
         if not isinstance(elem, RawDataElement):
             end = -1  # a parsed sequence: its end is not known here
             continue
@@ -759,6 +820,8 @@ class Receiver:
             "max_pending": 4 * config.max_associations,
             "ssl_context": ssl_context,
             "audit": lambda refusal: audit_refusal(index, refusal),
+            "on_tick": self.ctx.sweep_if_due,
+            "on_closed": self.ctx.sweep_soon,
         }
         server = self.ae.make_server(
             address,

@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,13 +169,27 @@ class Storage:
             if fd is not None:
                 os.close(fd)
 
-    def sweep_orphans(self) -> int:
-        """Remove files of this process's spool that nothing has open.
+    def has_spooled_files(self) -> bool:
+        """Return whether this process's spool holds any file but its lock."""
+        if self._spool is None:
+            return False
+        with os.scandir(self._spool) as entries:
+            return any(e.name != self._LOCK for e in entries)
+
+    def sweep_orphans(self, stale_after: float) -> int:
+        """Remove files of this process's spool that were abandoned.
 
         A file is spooled while it is open: an instance being received, one
         being written. One that is no longer open was abandoned (an association
-        aborted in the middle of a data set). Linux only (``/proc/self/fd``);
+        aborted in the middle of a data set); so was one still open but
+        unchanged for ``stale_after`` seconds (a receiving association that
+        sends nothing for that long is ended). Linux only (``/proc/self/fd``);
         elsewhere nothing is removed until the next start.
+
+        Parameters
+        ----------
+        stale_after
+            Seconds without a write after which an open file is abandoned.
 
         Returns
         -------
@@ -190,10 +205,11 @@ class Storage:
         for fd in os.listdir("/proc/self/fd"):
             with contextlib.suppress(OSError):
                 open_paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+        cutoff = time.time() - stale_after
         removed = 0
         for path in candidates:
-            if str(path) not in open_paths:
-                with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                if str(path) not in open_paths or path.stat().st_mtime < cutoff:
                     path.unlink()
                     removed += 1
         return removed

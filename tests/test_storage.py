@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,12 @@ def test_orphans_are_the_spooled_files_nothing_has_open(tmp_path: Path) -> None:
         arriving.write(b"y")
         arriving.flush()
 
-        assert storage.sweep_orphans() == 1
+        assert storage.sweep_orphans(stale_after=60) == 1
 
         assert not abandoned.exists()
         assert (storage.spool / "arriving.dcm").exists()
+        # Open but unchanged for longer than stale_after: abandoned too.
+        an_hour_ago = time.time() - 3600
+        os.utime(storage.spool / "arriving.dcm", (an_hour_ago, an_hour_ago))
+        assert storage.sweep_orphans(stale_after=60) == 1
+        assert not (storage.spool / "arriving.dcm").exists()
