@@ -143,6 +143,7 @@ class StoreContext:
                 if (thread := entry[4]()) is None or not thread.is_alive()
             ]
             stale = [self._associations.pop(key) for key in ended]
+            idle = not self._associations
         for entry in stale:
             try:
                 self.index.close_association(entry[0], "aborted", entry[2], entry[3])
@@ -155,7 +156,11 @@ class StoreContext:
         try:
             if not self.storage.has_spooled_files():
                 return
-            gc.collect()  # closes the files of associations no longer referenced
+            if idle:
+                # Closes the files of associations no longer referenced; only
+                # while none runs, as a collection holds the GIL (a busy node's
+                # abandoned files go once stale).
+                gc.collect()
             removed = self.storage.sweep_orphans(self.config.idle_timeout)
         except OSError as exc:
             logger.warning("cannot sweep the spool: %s", type(exc).__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -73,6 +74,15 @@ def open_index(config: NodeConfig) -> IndexDB:
     )
 
 
+def _freeze_startup_objects() -> None:
+    # What start-up made (torch, highdicom's tables, the models: ~430,000
+    # objects) lives as long as the process: out of the collector's way, a full
+    # collection takes well under a millisecond instead of ~190 ms holding the
+    # GIL, for Python's own collections and the spool sweep's alike.
+    gc.collect()
+    gc.freeze()
+
+
 def run_receiver(
     config: NodeConfig, port: int, stop: threading.Event, reuse_port: bool
 ) -> None:
@@ -92,6 +102,7 @@ def run_receiver(
     index = open_index(config)
     receiver = Receiver(config, index, port=port, reuse_port=reuse_port)
     receiver.start()
+    _freeze_startup_objects()
     logger.info("receiving process listening on %s:%d", config.host, receiver.port)
     try:
         stop.wait()
@@ -153,6 +164,7 @@ def serve(
         on_queued=workers.nudge,
     )
     scheduler.start()
+    _freeze_startup_objects()
     children: list[ChildProcess] = []
     for _ in range(config.scp_processes - 1):
         child = spawn_receiver(port)
