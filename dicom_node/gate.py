@@ -154,8 +154,10 @@ class _PduGuard:
     _violation: str | None
     _closed_once: bool
     _poller: Any
-    # Bytes of the data set now arriving (counted by the C-STORE side).
+    # The data set now arriving: its bytes so far, and whether they were dropped
+    # (no room to write them). Kept by the C-STORE side.
     data_set_bytes: int
+    data_set_dropped: bool
 
     def _guard_init(
         self,
@@ -176,6 +178,7 @@ class _PduGuard:
         self._violation = None
         self._closed_once = False
         self.data_set_bytes = 0
+        self.data_set_dropped = False
         self._poller = select.poll()
         self._poller.register(self._fd(), select.POLLIN)
 

@@ -85,6 +85,9 @@ _RJ_NO_REASON = 0x01
 _DEFER_SIZE = 64 * 1024
 # Read size when a received file is hashed or a deflated one measured.
 _CHUNK = 1 << 20
+# Space kept free on the storage's file system while data sets arrive: what a new
+# spool file's header and a study's folders need.
+_DISK_RESERVE = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -314,12 +317,17 @@ def handle_conn_close(event: Event, ctx: StoreContext) -> None:
 
 
 def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
-    """Count the data set bytes of the C-STORE arriving; stop one over the limit.
+    """Watch the data set of the C-STORE arriving, before it is written.
 
-    No status can be sent before a data set has arrived whole, and receiving
-    the rest only to refuse it would let a sender fill the disk: a data set
-    that grows past ``max_instance_bytes`` gets the association aborted at that
-    point, and its partial file is removed.
+    A data set that grows past ``max_instance_bytes`` gets the association
+    aborted at that point and its partial file removed: no status can be sent
+    before a data set has arrived whole, and receiving the rest only to refuse
+    it would let a sender keep the node busy for as long as it likes.
+
+    When the storage's file system has no room for the fragments of this PDU
+    (keeping :data:`_DISK_RESERVE` free), they are dropped before they are
+    written, and the rest of the data set with them: the C-STORE is then
+    answered 0xA700 (Refused: Out of Resources), as a full disk should be.
     """
     pdu = event.pdu
     if not isinstance(pdu, P_DATA_TF):
@@ -328,16 +336,30 @@ def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
     sock = transport.socket if transport is not None else None
     if not isinstance(sock, GuardedSocket | GuardedSSLSocket):
         return
-    for item in pdu.presentation_data_value_items:
+    items = pdu.presentation_data_value_items
+    data = 0
+    for item in items:
         value = item.presentation_data_value or b"\x01"
         if value[0] & 0x01:  # a command fragment: a new message (PS3.8 E.2)
             sock.data_set_bytes = 0
+            sock.data_set_dropped = False
         else:
             sock.data_set_bytes += len(value) - 1
+            data += len(value) - 1
     if sock.data_set_bytes > ctx.config.max_instance_bytes:
         sock.refuse(
             f"data set over max_instance_bytes ({ctx.config.max_instance_bytes})"
         )
+        return
+    if data and (
+        sock.data_set_dropped or not ctx.storage.has_room(data, _DISK_RESERVE)
+    ):
+        sock.data_set_dropped = True
+        for item in items:
+            value = item.presentation_data_value or b"\x01"
+            if not value[0] & 0x01:
+                # The fragment's control header stays: the message still ends.
+                item.presentation_data_value = value[:1]
 
 
 def handle_echo(event: Event, ctx: StoreContext) -> int:
@@ -389,6 +411,11 @@ def _store(
     # File Meta, then the data set exactly as the sender encoded it.
     path = Path(event.dataset_path)
     requested_ref = uid_ref(request.AffectedSOPInstanceUID)
+    transport = event.assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    if isinstance(sock, GuardedSocket | GuardedSSLSocket) and sock.data_set_dropped:
+        logger.error("instance %s refused: no room on the storage disk", requested_ref)
+        return OUT_OF_RESOURCES, "storage full: data set not written"
     deflated = bool(event.context.transfer_syntax.is_deflated)
     try:
         file_size = path.stat().st_size

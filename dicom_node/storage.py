@@ -169,6 +169,27 @@ class Storage:
             if fd is not None:
                 os.close(fd)
 
+    def has_room(self, size: int, reserve: int = 64 * 1024) -> bool:
+        """Return whether ``size`` more bytes fit, keeping ``reserve`` free.
+
+        Parameters
+        ----------
+        size
+            Bytes about to be written under the storage folder.
+        reserve
+            Bytes to leave free for what always needs a little room.
+
+        Returns
+        -------
+        bool
+            False when the file system is (nearly) full or cannot be asked.
+        """
+        try:
+            st = os.statvfs(self.incoming)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= size + reserve
+
     def has_spooled_files(self) -> bool:
         """Return whether this process's spool holds any file but its lock."""
         if self._spool is None:
