@@ -756,17 +756,26 @@ class ConnectionGate:
             if self._on_closed is not None:
                 self._on_closed()
 
+        def violated(reason: str) -> None:
+            # The association's own audit row says it was aborted.
+            self._note(
+                Refusal(address, entry.port, f"association aborted: {reason}"),
+                audit=False,
+            )
+
         sock = entry.sock
         guarded: socket.socket
         if isinstance(sock, GuardedSSLSocket):
-            sock._guard_init(self._limits, prefix=data, on_close=released)
+            sock._guard_init(
+                self._limits, prefix=data, on_close=released, on_violation=violated
+            )
             guarded = sock
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             plain = GuardedSocket(
                 sock.family, sock.type, sock.proto, fileno=sock.detach()
             )
-            plain._guard_init(self._limits, on_close=released)
+            plain._guard_init(self._limits, on_close=released, on_violation=violated)
             guarded = plain
         # Blocking, but never forever: a peer that stops reading or sending
         # is given up on after this long.
@@ -816,7 +825,7 @@ class ConnectionGate:
 
     # --- log and audit, rate-limited per peer --------------------------------
 
-    def _note(self, refusal: Refusal) -> None:
+    def _note(self, refusal: Refusal, *, audit: bool = True) -> None:
         if not self._limiter.allow(refusal.address):
             return
         if refusal.calling_ae_title or refusal.called_ae_title:
@@ -830,12 +839,14 @@ class ConnectionGate:
             )
         else:
             logger.warning(
-                "connection from %s:%d refused: %s",
+                "connection from %s:%d %s: %s",
                 refusal.address,
                 refusal.port,
+                "refused" if audit else "ended",
                 refusal.reason,
             )
-        self._queue_audit(refusal)
+        if audit:
+            self._queue_audit(refusal)
 
     def _summarise(self) -> None:
         for address, suppressed in self._limiter.drain():
