@@ -260,7 +260,7 @@ def postgres_server() -> Iterator[str]:
     """A throwaway PostgreSQL server on a free loopback port: its base URL.
 
     Started with the server binaries of Debian's postgresql package (installed
-    by scripts/setup-system.sh), as the postgres user when run as root (the
+    by .ci/setup-system.sh), as the postgres user when run as root (the
     server refuses root). Skipped where they or the driver are missing.
     """
     missing = ""
@@ -270,7 +270,7 @@ def postgres_server() -> Iterator[str]:
         missing = "the postgres extra (psycopg) is not installed"
     bindir = _postgres_bin()
     if bindir is None:
-        missing = "PostgreSQL server binaries not found (scripts/setup-system.sh)"
+        missing = "PostgreSQL server binaries not found (.ci/setup-system.sh)"
     if missing:
         if os.environ.get("CI"):  # CI installs both: never skip there
             pytest.fail(missing)

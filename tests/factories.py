@@ -66,7 +66,7 @@ def dcmtk(tool: str) -> str:
     path = DCMTK_BIN / tool
     if not path.is_file():
         raise FileNotFoundError(
-            f"dcmtk's {tool} not found at {path}: run scripts/setup-system.sh"
+            f"dcmtk's {tool} not found at {path}: run .ci/setup-system.sh"
         )
     return str(path)
 

@@ -31,7 +31,7 @@ from tests.factories import make_artifact, make_ct
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
-    find_orthanc() is None, reason="Orthanc not installed (scripts/setup-system.sh)"
+    find_orthanc() is None, reason="Orthanc not installed (.ci/setup-system.sh)"
 )
 
 

@@ -1,7 +1,7 @@
 """The node on a PostgreSQL index: the scale-out path (``database_url``).
 
 A throwaway PostgreSQL server (Debian's package, installed by
-scripts/setup-system.sh) runs for the session; each test gets its own database.
+.ci/setup-system.sh) runs for the session; each test gets its own database.
 """
 
 from __future__ import annotations

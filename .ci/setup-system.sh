@@ -2,10 +2,11 @@
 # Installs the Debian tools the tests and benchmarks use: dcmtk (storescu, echoscu,
 # storescp, dsr2html), dicom3tools (dciodvfy), Orthanc (a real PACS for the
 # end-to-end test) and PostgreSQL (a throwaway server for the tests of a shared
-# index; the tests start their own, as the postgres user). Idempotent; needs root (or sudo) and Debian's package registry.
+# index; the tests start their own, as the postgres user) and openssl (certificates
+# for the DICOM TLS tests). Idempotent; needs root (or sudo) and Debian's package registry.
 set -euo pipefail
 
-packages=(dcmtk dicom3tools orthanc postgresql)
+packages=(dcmtk dicom3tools orthanc postgresql openssl)
 need=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

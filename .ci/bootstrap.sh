@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs dicom-node with its extras (idempotent).
-# Usage: bash scripts/bootstrap.sh [EXTRAS]   (default EXTRAS: dev,train)
+# Usage: bash .ci/bootstrap.sh [EXTRAS]   (default EXTRAS: dev,train)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-dev,train}"
