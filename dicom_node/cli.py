@@ -490,6 +490,22 @@ def _config_command(args: argparse.Namespace) -> int:
     print(f"stable_after     {config.stable_after} s")
     print(f"scp_processes    {config.scp_processes}")
     print(
+        f"limits           {config.max_associations} associations, "
+        f"{config.max_connections_per_host} connections per address, "
+        f"PDU {config.max_pdu} bytes, instance {config.max_instance_bytes} bytes "
+        f"(inflated {config.max_inflated_bytes}), association within "
+        f"{config.acse_timeout:g} s, idle {config.idle_timeout:g} s"
+    )
+    if config.tls is not None:
+        print(
+            f"tls              {config.tls.certificate}"
+            + (
+                ", client certificates required"
+                if config.tls.require_client_certificate
+                else ""
+            )
+        )
+    print(
         f"workers          {config.workers} on {config.device or 'auto'}, "
         f"up to {config.batch_studies} studies at once, "
         f"Grad-CAM top {config.gradcam_top_k}, torch "
@@ -521,11 +537,14 @@ def _config_command(args: argparse.Namespace) -> int:
         for c in config.callers:
             print(
                 f"caller           {c.ae_title}"
-                + (f" from {c.host}" if c.host else "")
+                + (f" from {c.host}" if c.host else " from any address")
                 + (f", results back on port {c.results_port}" if c.results_port else "")
             )
     for d in config.destinations:
-        print(f"destination      {d.name}: {d.ae_title}@{d.host}:{d.port}")
+        print(
+            f"destination      {d.name}: {d.ae_title}@{d.host}:{d.port}"
+            + (" over TLS" if d.tls else "")
+        )
     for m in config.models:
         print(
             f"model            {m.path}" + ("" if m.path.is_file() else " (not found)")
