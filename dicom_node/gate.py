@@ -391,6 +391,23 @@ class GateDecision:
     diagnostic: int = 0
 
 
+def _request_problem(request: A_ASSOCIATE_RQ) -> str:
+    """Return what a decoded A-ASSOCIATE-RQ lacks (PS3.8 9.3.2), or ""."""
+    if not request.application_context_name:
+        return "without an Application Context"
+    contexts = request.presentation_context
+    if not contexts:
+        return "without a Presentation Context"
+    for context in contexts:
+        if context.context_id is None or not context.abstract_syntax:
+            return "with a Presentation Context without an abstract syntax"
+        if not context.transfer_syntax:
+            return "with a Presentation Context without a transfer syntax"
+    if request.user_information is None:
+        return "without User Information"
+    return ""
+
+
 @dataclass(eq=False)
 class _Pending:
     sock: socket.socket
@@ -733,12 +750,16 @@ class ConnectionGate:
                 self._advance_plain(entry, 0)
             return
         # The whole request is here: it must decode before pynetdicom gets it.
+        request = A_ASSOCIATE_RQ()
         try:
-            A_ASSOCIATE_RQ().decode(data)
+            request.decode(data)
+            problem = _request_problem(request)
         except _DECODE_ERRORS as exc:
+            problem = f"does not decode ({type(exc).__name__})"
+        if problem:
             self._refuse(
                 entry,
-                f"A-ASSOCIATE-RQ does not decode ({type(exc).__name__})",
+                f"A-ASSOCIATE-RQ {problem}",
                 abort=_ABORT_INVALID_PARAMETER,
             )
             return
