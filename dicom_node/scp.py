@@ -109,8 +109,8 @@ class StoreContext:
     index: IndexDB
     _associations: dict[int, list[Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    # When to look for abandoned spool files next (after an association that
-    # did not end with a release), and how many more looks.
+    # When to look next for what ended associations left (after a connection
+    # closed), and how many more looks.
     _sweep_at: float = 0.0
     _sweeps_left: int = 0
 
