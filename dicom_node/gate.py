@@ -186,10 +186,9 @@ class _PduGuard:
     def _fd(self) -> int:
         raise NotImplementedError
 
-    def _raw_recv(self, size: int) -> bytes:
-        raise NotImplementedError
-
-    def _buffered(self) -> int:
+    def _try_recv(self, size: int, *, waited: bool) -> bytes | None:
+        # Up to size bytes, or None when none is there yet (after a wait that
+        # found the socket readable, read even if it means blocking briefly).
         raise NotImplementedError
 
     def _raw_abort(self, data: bytes) -> None:
@@ -221,8 +220,6 @@ class _PduGuard:
 
     def _wait(self) -> bool:
         # Wait for data until the current PDU's deadline; False when it passed.
-        if self._buffered():
-            return True
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
             return False
@@ -230,11 +227,16 @@ class _PduGuard:
 
     def _take(self, size: int) -> bytes:
         if self._prefix:
-            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
-            return chunk
-        if not self._wait():
-            return b""
-        return self._raw_recv(size)
+            head, self._prefix = self._prefix[:size], self._prefix[size:]
+            return head
+        # Read first, wait only when nothing is there: one system call per
+        # chunk while a data set streams in.
+        chunk = self._try_recv(size, waited=False)
+        while chunk is None:
+            if not self._wait():
+                return b""
+            chunk = self._try_recv(size, waited=True)
+        return chunk
 
     def guarded_recv(self, size: int) -> bytes:
         """Return up to ``size`` bytes of the current PDU, or b"" once ended."""
@@ -289,11 +291,11 @@ class GuardedSocket(_PduGuard, socket.socket):
     def _fd(self) -> int:
         return self.fileno()
 
-    def _raw_recv(self, size: int) -> bytes:
-        return socket.socket.recv(self, size)
-
-    def _buffered(self) -> int:
-        return 0
+    def _try_recv(self, size: int, *, waited: bool) -> bytes | None:
+        try:
+            return socket.socket.recv(self, size, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
 
     def _raw_abort(self, data: bytes) -> None:
         socket.socket.send(self, data, socket.MSG_DONTWAIT)
@@ -324,11 +326,12 @@ class GuardedSSLSocket(_PduGuard, ssl.SSLSocket):
     def _fd(self) -> int:
         return self.fileno()
 
-    def _raw_recv(self, size: int) -> bytes:
-        return ssl.SSLSocket.recv(self, size)
-
-    def _buffered(self) -> int:
-        return ssl.SSLSocket.pending(self)
+    def _try_recv(self, size: int, *, waited: bool) -> bytes | None:
+        # Decrypted bytes at hand, or a readable socket: a record may still be
+        # partial, so this read can block, for at most the socket's timeout.
+        if waited or ssl.SSLSocket.pending(self):
+            return ssl.SSLSocket.recv(self, size)
+        return None
 
     def _raw_abort(self, data: bytes) -> None:
         ssl.SSLSocket.send(self, data)
@@ -799,8 +802,19 @@ class ConnectionGate:
             plain._guard_init(self._limits, on_close=released, on_violation=violated)
             guarded = plain
         # Blocking, but never forever: a peer that stops reading or sending
-        # is given up on after this long.
-        guarded.settimeout(self._limits.pdu_seconds)
+        # is given up on after this long. A plain socket bounds its sends in the
+        # kernel (SO_SNDTIMEO) and stays blocking, so that a read is one system
+        # call; TLS reads whole records and needs the socket's own timeout.
+        if isinstance(guarded, GuardedSSLSocket):
+            guarded.settimeout(self._limits.pdu_seconds)
+        else:
+            guarded.setblocking(True)
+            seconds = self._limits.pdu_seconds
+            guarded.setsockopt(
+                socket.SOL_SOCKET,
+                socket.SO_SNDTIMEO,
+                struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000)),
+            )
         try:
             self._admit(guarded, (entry.address, entry.port))
         except (OSError, RuntimeError) as exc:

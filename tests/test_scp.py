@@ -132,8 +132,14 @@ def test_unknown_caller_is_rejected_at_association(
     assert "Association Rejected" in result.stderr
     assert "Calling AE Title Not Recognized" in result.stderr
     assert node.stored_files() == []
-    with node.index.sessions() as s:
-        assoc = s.scalars(select(AssociationRecord)).one()
+
+    def audited() -> list[AssociationRecord]:
+        with node.index.sessions() as s:
+            return list(s.scalars(select(AssociationRecord)))
+
+    # The refusal is written to the audit table off the accepting thread.
+    wait_for(lambda: bool(audited()), timeout=5, what="the audit row")
+    [assoc] = audited()
     assert (assoc.calling_ae_title, assoc.outcome) == ("INTRUDER", "rejected")
 
 
