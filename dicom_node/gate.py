@@ -18,6 +18,7 @@ from typing import Any
 
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 
+from dicom_node.dimse import DECODE_ERRORS
 from dicom_node.log import RateLimiter, describe_exception
 
 __all__ = [
@@ -60,19 +61,9 @@ _ABORT_INVALID_PARAMETER = 0x06
 
 # Failures of the TLS handshake or of reading a hostile stream.
 _CONNECTION_ERRORS = (OSError, ssl.SSLError, ValueError)
-# What pynetdicom's PDU decoder raises on a malformed request (it checks item
-# lengths with assert).
-_DECODE_ERRORS = (
-    AssertionError,
-    ValueError,
-    KeyError,
-    IndexError,
-    TypeError,
-    AttributeError,
-    NotImplementedError,
-    UnicodeDecodeError,
-    struct.error,
-)
+# What pynetdicom's PDU decoder raises on a malformed request: what a decoder
+# raises on bad data, and AssertionError (it checks item lengths with assert).
+_DECODE_ERRORS: tuple[type[Exception], ...] = (AssertionError, *DECODE_ERRORS)
 
 
 @dataclass(frozen=True, slots=True)
