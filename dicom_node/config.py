@@ -194,11 +194,13 @@ class NodeConfig:
         Most connections one source address may hold open at once
         (associating or associated).
     max_instance_bytes
-        Largest data set the node receives; a larger one is refused with
-        0xA700 (Refused: Out of Resources, PS3.4 B.2.3) and nothing is kept.
+        Largest data set the node receives (to disk, as it arrives); one that
+        grows past it gets its association aborted there, and nothing is kept
+        (no status can be sent before a data set has arrived whole).
     max_inflated_bytes
         Largest size a Deflated data set may inflate to (it is inflated in
-        memory to be read); a larger one is refused with 0xA700.
+        memory to be read); a larger one is refused with 0xA700 (Refused: Out
+        of Resources, PS3.4 B.2.3) and nothing is kept.
     log_level
         Level of the node's own log lines (DEBUG, INFO, WARNING, ERROR).
     workers
@@ -264,7 +266,7 @@ class NodeConfig:
     idle_timeout: float = 60.0
     max_connections_per_host: int = 8
     max_instance_bytes: int = 4 * 1024**3
-    max_inflated_bytes: int = 256 * 1024**2
+    max_inflated_bytes: int = 64 * 1024**2
     log_level: str = "INFO"
     workers: int = 2
     device: str = ""

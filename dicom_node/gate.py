@@ -12,6 +12,7 @@ import ssl
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "GuardedSSLSocket",
     "GuardedSocket",
     "PduLimits",
+    "Receipt",
     "Refusal",
 ]
 
@@ -122,6 +124,39 @@ def _reject_bytes(diagnostic: int) -> bytes:
     return pdu.encode()
 
 
+@dataclass(slots=True)
+class Receipt:
+    """What the receiving side keeps of the DIMSE message now arriving.
+
+    Parameters
+    ----------
+    command
+        The command set's fragments so far (small: it is capped).
+    data_bytes
+        Data set bytes so far.
+    spooled
+        Whether its data set goes to a file (a C-STORE request), once the
+        command set is whole; None before.
+    dropped
+        Whether data set fragments were dropped (no room to write them).
+    dropped_messages
+        Message IDs of the completed messages whose data sets were dropped.
+    """
+
+    command: bytearray = field(default_factory=bytearray)
+    data_bytes: int = 0
+    spooled: bool | None = None
+    dropped: bool = False
+    dropped_messages: set[int] = field(default_factory=set)
+
+    def next_message(self) -> None:
+        """Start over for the next message (the dropped IDs stay)."""
+        self.command = bytearray()
+        self.data_bytes = 0
+        self.spooled = None
+        self.dropped = False
+
+
 class _PduGuard:
     """Per-PDU limits on what a reader of the connection receives.
 
@@ -135,7 +170,7 @@ class _PduGuard:
     """
 
     _limits: PduLimits
-    _on_close: Callable[[], None] | None
+    _release: weakref.finalize[Any, Any] | None
     _on_violation: Callable[[str], None] | None
     _prefix: bytes
     _header: bytearray
@@ -143,12 +178,9 @@ class _PduGuard:
     _body_left: int
     _deadline: float
     _violation: str | None
-    _closed_once: bool
     _poller: Any
-    # The data set now arriving: its bytes so far, and whether they were dropped
-    # (no room to write them). Kept by the C-STORE side.
-    data_set_bytes: int
-    data_set_dropped: bool
+    # The DIMSE message now arriving, as the receiving side watches it.
+    receipt: Receipt
 
     def _guard_init(
         self,
@@ -159,7 +191,9 @@ class _PduGuard:
         on_violation: Callable[[str], None] | None = None,
     ) -> None:
         self._limits = limits
-        self._on_close = on_close
+        # Runs once: at close, or when the socket is collected unclosed
+        # (pynetdicom skips close() when shutdown() fails on a reset peer).
+        self._release = None if on_close is None else weakref.finalize(self, on_close)
         self._on_violation = on_violation
         self._prefix = prefix
         self._header = bytearray()
@@ -167,9 +201,7 @@ class _PduGuard:
         self._body_left = 0
         self._deadline = 0.0
         self._violation = None
-        self._closed_once = False
-        self.data_set_bytes = 0
-        self.data_set_dropped = False
+        self.receipt = Receipt()
         self._poller = select.poll()
         self._poller.register(self._fd(), select.POLLIN)
 
@@ -186,7 +218,7 @@ class _PduGuard:
         raise NotImplementedError
 
     def refuse(self, reason: str) -> None:
-        """End the connection with an A-ABORT at the next read.
+        """End the connection: send an A-ABORT now; reads return end-of-stream.
 
         Parameters
         ----------
@@ -270,10 +302,9 @@ class _PduGuard:
 
     def _closing(self) -> None:
         # A TLS connection closed in the gate was never handed over.
-        if not getattr(self, "_closed_once", True):
-            self._closed_once = True
-            if self._on_close is not None:
-                self._on_close()
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release()
 
 
 class GuardedSocket(_PduGuard, socket.socket):
@@ -310,6 +341,13 @@ class GuardedSocket(_PduGuard, socket.socket):
             self._body_left = left - len(chunk)
             return chunk
         return self.guarded_recv(bufsize)
+
+    def shutdown(self, how: int) -> None:
+        """Shut down, ignoring a connection the peer has already reset."""
+        # pynetdicom calls shutdown() then close() in one try: a reset peer
+        # would otherwise leave the socket unclosed.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self, how)
 
     def close(self) -> None:
         """Close the connection and release its place in the per-host count."""
@@ -348,6 +386,11 @@ class GuardedSSLSocket(_PduGuard, ssl.SSLSocket):
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         """Receive within the node's per-PDU limits (see :class:`_PduGuard`)."""
         return self.guarded_recv(buflen)
+
+    def shutdown(self, how: int) -> None:
+        """Shut down, ignoring a connection the peer has already reset."""
+        with contextlib.suppress(OSError):
+            ssl.SSLSocket.shutdown(self, how)
 
     def close(self) -> None:
         """Close the connection and release its place in the per-host count."""
@@ -465,9 +508,6 @@ class ConnectionGate:
     audit
         Called (from a background thread) with each refusal that is not
         rate-limited, and with summaries of those that were.
-    on_tick
-        Called from the gate's thread after each round of events, and at least
-        once a second.
     on_closed
         Called (from the connection's thread) when an admitted connection is
         closed, however its association ended.
@@ -485,11 +525,9 @@ class ConnectionGate:
         max_pending: int = 128,
         ssl_context: ssl.SSLContext | None = None,
         audit: Callable[[Refusal], None] | None = None,
-        on_tick: Callable[[], None] | None = None,
         on_closed: Callable[[], None] | None = None,
     ) -> None:
         self._listener = listener
-        self._on_tick = on_tick
         self._on_closed = on_closed
         self._check = check
         self._admit = admit
@@ -503,6 +541,7 @@ class ConnectionGate:
             # connection is already guarded (no second wrapping).
             ssl_context.sslsocket_class = GuardedSSLSocket
         self._audit = audit
+        self._accept_paused_until = 0.0
         self._hosts: dict[str, int] = {}
         self._hosts_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
@@ -572,8 +611,9 @@ class ConnectionGate:
                             self._advance_safely(entry, events)
                 now = time.monotonic()
                 self._expire(now)
-                if self._on_tick is not None:
-                    self._on_tick()
+                if self._accept_paused_until and now >= self._accept_paused_until:
+                    self._accept_paused_until = 0.0
+                    self._epoll.register(self._listener.fileno(), select.EPOLLIN)
                 if now >= next_drain:
                     self._summarise()
                     next_drain = now + 60.0
@@ -614,8 +654,13 @@ class ConnectionGate:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE and the like: the connection stays in the backlog.
-                logger.error("cannot accept a connection: %s", type(exc).__name__)
+                # EMFILE and the like: the connection stays in the backlog, and
+                # the listener is not watched for a second (it would wake the
+                # loop at once, again and again).
+                if self._limiter.allow("accept"):
+                    logger.error("cannot accept a connection: %s", type(exc).__name__)
+                self._epoll.unregister(self._listener.fileno())
+                self._accept_paused_until = time.monotonic() + 1.0
                 return
             address, port = str(peer[0]), int(peer[1])
             if not self._take_slot(address):
@@ -634,7 +679,8 @@ class ConnectionGate:
             try:
                 self._register(sock, address, port)
             except _CONNECTION_ERRORS:
-                sock.close()
+                with contextlib.suppress(OSError):
+                    sock.close()
                 self._release_slot(address)
 
     def _register(self, sock: socket.socket, address: str, port: int) -> None:
@@ -658,11 +704,15 @@ class ConnectionGate:
             phase="handshake" if tls else "header",
         )
         fd = sock.fileno()
+        try:
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        except OSError:
+            sock.close()  # the TLS wrapper, when there is one
+            raise
         self._pending[fd] = entry
         heapq.heappush(self._deadlines, (deadline, id(entry), fd))
-        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
         if tls:
-            self._advance(entry, 0)
+            self._advance_safely(entry, 0)
 
     # --- one connection's progress -----------------------------------------
 
@@ -833,6 +883,11 @@ class ConnectionGate:
         reject: int = 0,
         abort: int = 0,
     ) -> None:
+        if not entry.tls:
+            # Read what was only peeked: closing with unread bytes would reset
+            # the connection, and the peer might never read the answer.
+            with contextlib.suppress(*_CONNECTION_ERRORS):
+                entry.sock.recv(ASSOCIATE_RQ_MAX + 6, socket.MSG_DONTWAIT)
         if reject:
             with contextlib.suppress(*_CONNECTION_ERRORS):
                 entry.sock.send(_reject_bytes(reject))

@@ -13,12 +13,14 @@ import time
 import weakref
 import zlib
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
@@ -52,6 +54,7 @@ from dicom_node.gate import (
     GuardedSocket,
     GuardedSSLSocket,
     PduLimits,
+    Receipt,
     Refusal,
 )
 from dicom_node.index import IndexDB, InstanceRecordRequest, RecordOutcome
@@ -64,6 +67,7 @@ __all__ = [
     "StoreContext",
     "audit_refusal",
     "check_caller",
+    "handle_dimse_recv",
     "handle_echo",
     "handle_pdu_recv",
     "handle_store",
@@ -85,9 +89,13 @@ _RJ_NO_REASON = 0x01
 _DEFER_SIZE = 64 * 1024
 # Read size when a received file is hashed or a deflated one measured.
 _CHUNK = 1 << 20
-# Space kept free on the storage's file system while data sets arrive: what a new
-# spool file's header and a study's folders need.
-_DISK_RESERVE = 64 * 1024
+# A command set is a few hundred bytes (PS3.7 E.1); one much larger is hostile.
+_COMMAND_MAX = 64 * 1024
+# A data set that is not a C-STORE request's stays in memory (pynetdicom spools
+# only those); the node serves no message that needs one this large.
+_IN_MEMORY_MAX = 1024 * 1024
+_C_STORE_RQ = 0x0001  # PS3.7 E.1-1 Command Field
+_COMMAND_FIELD = 0x00000100  # (0000,0100) Command Field
 
 
 @dataclass(slots=True)
@@ -146,7 +154,10 @@ class StoreContext:
                 if (thread := entry[4]()) is None or not thread.is_alive()
             ]
             stale = [self._associations.pop(key) for key in ended]
-            idle = not self._associations
+            # With no association running, what the spool holds was left by
+            # ended ones (a file must be untouched a moment: one arriving on an
+            # association being set up right now is new).
+            all_before = None if self._associations else time.time() - 2.0
         for entry in stale:
             try:
                 self.index.close_association(entry[0], "aborted", entry[2], entry[3])
@@ -159,12 +170,17 @@ class StoreContext:
         try:
             if not self.storage.has_spooled_files():
                 return
-            if idle:
+            if all_before is not None:
                 # Closes the files of associations no longer referenced; only
                 # while none runs, as a collection holds the GIL (a busy node's
                 # abandoned files go once stale).
                 gc.collect()
-            removed = self.storage.sweep_orphans(self.config.idle_timeout)
+            # A running association writes at least every two idle_timeouts
+            # (one silent, one for a PDU), and its handler finishes a file soon
+            # after its last write.
+            removed = self.storage.sweep_orphans(
+                2 * self.config.idle_timeout + 60.0, all_before=all_before
+            )
         except OSError as exc:
             logger.warning("cannot sweep the spool: %s", type(exc).__name__)
             return
@@ -316,50 +332,108 @@ def handle_conn_close(event: Event, ctx: StoreContext) -> None:
     )
 
 
+def _receipt(event: Event) -> Receipt | None:
+    # The connection is the node's guarded socket once the gate admitted it.
+    transport = event.assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    if isinstance(sock, GuardedSocket | GuardedSSLSocket):
+        return sock.receipt
+    return None
+
+
+def _refuse_connection(event: Event, reason: str) -> None:
+    transport = event.assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    if isinstance(sock, GuardedSocket | GuardedSSLSocket):
+        sock.refuse(reason)
+
+
 def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
-    """Watch the data set of the C-STORE arriving, before it is written.
+    """Watch the DIMSE message arriving, before pynetdicom keeps any of it.
 
-    A data set that grows past ``max_instance_bytes`` gets the association
-    aborted at that point and its partial file removed: no status can be sent
-    before a data set has arrived whole, and receiving the rest only to refuse
-    it would let a sender keep the node busy for as long as it likes.
+    Bounds what one message may cost: its command set (held in memory) at
+    :data:`_COMMAND_MAX`; the data set of a C-STORE request (written to the
+    spool) at ``max_instance_bytes``; any other data set (held in memory; the
+    node serves only C-ECHO and C-STORE) at :data:`_IN_MEMORY_MAX`. Over a
+    bound, the association is aborted at once and a partial file is removed: no
+    status can be sent before a data set has arrived whole, and receiving the
+    rest only to refuse it would let a sender keep the node busy for as long as
+    it likes.
 
-    When the storage's file system has no room for the fragments of this PDU
-    (keeping :data:`_DISK_RESERVE` free), they are dropped before they are
+    When the storage's file system has no room for the data set fragments of
+    this PDU (keeping two PDUs' worth free), they are dropped before they are
     written, and the rest of the data set with them: the C-STORE is then
     answered 0xA700 (Refused: Out of Resources), as a full disk should be.
     """
     pdu = event.pdu
     if not isinstance(pdu, P_DATA_TF):
         return
-    transport = event.assoc.dul.socket
-    sock = transport.socket if transport is not None else None
-    if not isinstance(sock, GuardedSocket | GuardedSSLSocket):
+    receipt = _receipt(event)
+    if receipt is None:
         return
     items = pdu.presentation_data_value_items
     data = 0
     for item in items:
         value = item.presentation_data_value or b"\x01"
-        if value[0] & 0x01:  # a command fragment: a new message (PS3.8 E.2)
-            sock.data_set_bytes = 0
-            sock.data_set_dropped = False
+        if value[0] & 0x01:  # a command fragment (PS3.8 E.2)
+            receipt.command += value[1:]
+            if len(receipt.command) > _COMMAND_MAX:
+                _refuse_connection(event, f"command set over {_COMMAND_MAX} bytes")
+                return
+            if value[0] & 0x02:  # its last one: what the message is is known
+                receipt.spooled = _command_field(receipt.command) == _C_STORE_RQ
         else:
-            sock.data_set_bytes += len(value) - 1
+            receipt.data_bytes += len(value) - 1
             data += len(value) - 1
-    if sock.data_set_bytes > ctx.config.max_instance_bytes:
-        sock.refuse(
-            f"data set over max_instance_bytes ({ctx.config.max_instance_bytes})"
+    limit = ctx.config.max_instance_bytes if receipt.spooled else _IN_MEMORY_MAX
+    if receipt.data_bytes > limit:
+        _refuse_connection(
+            event,
+            f"data set over max_instance_bytes ({limit})"
+            if receipt.spooled
+            else f"data set of a message kept in memory over {limit} bytes",
         )
         return
-    if data and (
-        sock.data_set_dropped or not ctx.storage.has_room(data, _DISK_RESERVE)
+    if (
+        data
+        and receipt.spooled
+        and (
+            receipt.dropped
+            # Kept free: new spool files' headers, a study's folders, and the
+            # PDUs of other associations checked at the same moment.
+            or not ctx.storage.has_room(data, 2 * ctx.config.max_pdu)
+        )
     ):
-        sock.data_set_dropped = True
+        receipt.dropped = True
         for item in items:
             value = item.presentation_data_value or b"\x01"
             if not value[0] & 0x01:
                 # The fragment's control header stays: the message still ends.
                 item.presentation_data_value = value[:1]
+
+
+def handle_dimse_recv(event: Event, ctx: StoreContext) -> None:
+    """Note a message whose data set was dropped, and start on the next one."""
+    receipt = _receipt(event)
+    if receipt is None:
+        return
+    if receipt.dropped:
+        message_id = event.message.command_set.get("MessageID")
+        if isinstance(message_id, int):
+            receipt.dropped_messages.add(message_id)
+    receipt.next_message()
+
+
+def _command_field(command: bytearray) -> int | None:
+    # The command set is implicit VR little endian (PS3.7 6.3.1).
+    try:
+        ds = read_dataset(BytesIO(bytes(command)), True, True)
+        if _COMMAND_FIELD not in ds:
+            return None
+        return int(ds[_COMMAND_FIELD].value)
+    except DECODE_ERRORS as exc:
+        logger.debug("command set does not decode: %s", type(exc).__name__)
+        return None
 
 
 def handle_echo(event: Event, ctx: StoreContext) -> int:
@@ -411,28 +485,46 @@ def _store(
     # File Meta, then the data set exactly as the sender encoded it.
     path = Path(event.dataset_path)
     requested_ref = uid_ref(request.AffectedSOPInstanceUID)
-    transport = event.assoc.dul.socket
-    sock = transport.socket if transport is not None else None
-    if isinstance(sock, GuardedSocket | GuardedSSLSocket) and sock.data_set_dropped:
+    receipt = _receipt(event)
+    if receipt is not None and request.MessageID in receipt.dropped_messages:
+        receipt.dropped_messages.discard(request.MessageID)
         logger.error("instance %s refused: no room on the storage disk", requested_ref)
         return OUT_OF_RESOURCES, "storage full: data set not written"
     deflated = bool(event.context.transfer_syntax.is_deflated)
     try:
         file_size = path.stat().st_size
         data_start = _data_set_offset(path)
-        if deflated:
-            inflated = _inflated_size(path, data_start, ctx.config.max_inflated_bytes)
-            if inflated is None:
-                logger.warning(
-                    "instance %s refused: deflated data set inflates past "
-                    "max_inflated_bytes (%d)",
-                    requested_ref,
-                    ctx.config.max_inflated_bytes,
-                )
-                return (
-                    OUT_OF_RESOURCES,
-                    "deflated data set inflates past max_inflated_bytes",
-                )
+        inflated = (
+            _inflated_size(path, data_start, ctx.config.max_inflated_bytes)
+            if deflated
+            else 0
+        )
+    except zlib.error as exc:
+        logger.warning(
+            "instance %s refused: deflated data set is corrupt", requested_ref
+        )
+        return (
+            CANNOT_UNDERSTAND,
+            f"deflated data set does not inflate ({exc.__class__.__name__})",
+        )
+    except (OSError, ValueError) as exc:
+        # The spool file the receiving side wrote cannot be read: the node's
+        # trouble, not the data set's.
+        logger.error(
+            "instance %s refused: received file unreadable (%s)",
+            requested_ref,
+            type(exc).__name__,
+        )
+        return OUT_OF_RESOURCES, f"received file unreadable ({type(exc).__name__})"
+    if inflated is None:
+        logger.warning(
+            "instance %s refused: deflated data set inflates past "
+            "max_inflated_bytes (%d)",
+            requested_ref,
+            ctx.config.max_inflated_bytes,
+        )
+        return OUT_OF_RESOURCES, "deflated data set inflates past max_inflated_bytes"
+    try:
         ds: Dataset = dcmread(path, defer_size=_DEFER_SIZE)
         # Before any element is read: reading converts raw elements.
         problem = _structure_problem(ds, file_size, deflated=deflated)
@@ -838,6 +930,7 @@ class Receiver:
             (evt.EVT_ABORTED, handle_aborted, [self.ctx]),
             (evt.EVT_CONN_CLOSE, handle_conn_close, [self.ctx]),
             (evt.EVT_PDU_RECV, handle_pdu_recv, [self.ctx]),
+            (evt.EVT_DIMSE_RECV, handle_dimse_recv, [self.ctx]),
             (evt.EVT_C_ECHO, handle_echo, [self.ctx]),
             (evt.EVT_C_STORE, handle_store, [self.ctx]),
         ]
@@ -852,7 +945,6 @@ class Receiver:
             "max_pending": 4 * config.max_associations,
             "ssl_context": ssl_context,
             "audit": lambda refusal: audit_refusal(index, refusal),
-            "on_tick": self.ctx.sweep_if_due,
             "on_closed": self.ctx.sweep_soon,
         }
         server = self.ae.make_server(
@@ -871,6 +963,12 @@ class Receiver:
             name="dicom-node-scp",
             daemon=True,
         )
+        # Cleaning up after ended associations writes to the index: never on
+        # the accepting thread, which must not wait for a locked index.
+        self._stopping = threading.Event()
+        self._sweeper = threading.Thread(
+            target=self._sweep, name="dicom-node-sweep", daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -880,6 +978,14 @@ class Receiver:
     def start(self) -> None:
         """Start accepting associations."""
         self._thread.start()
+        self._sweeper.start()
+
+    def _sweep(self) -> None:
+        while not self._stopping.wait(0.5):
+            try:
+                self.ctx.sweep_if_due()
+            except Exception as exc:  # noqa: BLE001 - the sweeper must go on
+                logger.error("spool sweep failed: %s", describe_exception(exc))
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let running associations finish, then abort the rest.
@@ -897,6 +1003,8 @@ class Receiver:
         for assoc in self.ae.active_associations:
             assoc.abort()
         self._thread.join(timeout=5)
+        self._stopping.set()
+        self._sweeper.join(timeout=5)
         if tempfile.tempdir == str(self.ctx.storage.spool):
             tempfile.tempdir = self._tempdir
         self.ctx.storage.close()

@@ -197,20 +197,25 @@ class Storage:
         with os.scandir(self._spool) as entries:
             return any(e.name != self._LOCK for e in entries)
 
-    def sweep_orphans(self, stale_after: float) -> int:
+    def sweep_orphans(
+        self, stale_after: float, *, all_before: float | None = None
+    ) -> int:
         """Remove files of this process's spool that were abandoned.
 
         A file is spooled while it is open: an instance being received, one
         being written. One that is no longer open was abandoned (an association
         aborted in the middle of a data set); so was one still open but
-        unchanged for ``stale_after`` seconds (a receiving association that
-        sends nothing for that long is ended). Linux only (``/proc/self/fd``);
-        elsewhere nothing is removed until the next start.
+        unchanged for ``stale_after`` seconds. Files are told apart by device
+        and inode, not by name. Linux only (``/proc/self/fd``); elsewhere
+        nothing is removed until the next start.
 
         Parameters
         ----------
         stale_after
             Seconds without a write after which an open file is abandoned.
+        all_before
+            When no association is running: every file last written before
+            this time (:func:`time.time`) is abandoned, open or not.
 
         Returns
         -------
@@ -222,15 +227,19 @@ class Storage:
         candidates = [p for p in self._spool.iterdir() if p.name != self._LOCK]
         if not candidates:
             return 0
-        open_paths = set()
+        open_files = set()
         for fd in os.listdir("/proc/self/fd"):
             with contextlib.suppress(OSError):
-                open_paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+                st = os.stat(f"/proc/self/fd/{fd}")
+                open_files.add((st.st_dev, st.st_ino))
         cutoff = time.time() - stale_after
+        if all_before is not None:
+            cutoff = max(cutoff, all_before)
         removed = 0
         for path in candidates:
             with contextlib.suppress(FileNotFoundError):
-                if str(path) not in open_paths or path.stat().st_mtime < cutoff:
+                st = path.stat()
+                if (st.st_dev, st.st_ino) not in open_files or st.st_mtime < cutoff:
                     path.unlink()
                     removed += 1
         return removed

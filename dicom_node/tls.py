@@ -111,13 +111,14 @@ def client_context(
     ConfigError
         If a file cannot be loaded.
     """
-    context = _base(ssl.Purpose.SERVER_AUTH)
     cafile = destination.ca_certificates if destination is not None else None
     if cafile is None and config.tls is not None:
         cafile = config.tls.ca_certificates
     try:
-        if cafile is not None:
-            context.load_verify_locations(cafile=cafile)
+        # With a CA file, only its CAs are trusted; without, the system's.
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(_TLS12_CIPHERS)
         if config.tls is not None:
             check_private_key(config.tls.private_key)
             context.load_cert_chain(config.tls.certificate, config.tls.private_key)

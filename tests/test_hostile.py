@@ -61,6 +61,7 @@ from tests.hostile_peers import (
     pdv,
     read_pdu,
     recv_until_closed,
+    rss_bytes,
     send_file,
 )
 
@@ -331,6 +332,50 @@ def test_a_p_data_tf_stalled_mid_body_is_closed_after_idle_timeout(
     assert closed, "a stalled PDU held its connection"
     assert 2.0 - 0.1 <= seconds < 3.0, f"closed after {seconds:.2f} s"
     assert is_abort_or_nothing(reply), reply[:16].hex()
+    assert echo(node.port) == SUCCESS
+
+
+def test_an_association_ended_by_a_reset_gives_its_place_back(
+    start_node: StartNode,
+) -> None:
+    node = start_node(max_connections_per_host=2)
+    gate = node.receiver.server.gate
+    for _ in range(4):  # twice the limit: a leaked place would lock the host out
+        sock = associated(node.port)
+        sock.sendall(struct.pack(">BBLL", A_ABORT, 0, 4, 0))  # A-ABORT, then
+        sock.setsockopt(  # a reset instead of an orderly close
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        sock.close()
+    wait_until(
+        lambda: gate.connections_from(NODE_HOST) == 0, 5, "every place given back"
+    )
+    assert echo(node.port) == SUCCESS
+
+
+def test_a_flood_of_command_fragments_is_cut_off(
+    start_node: StartNode, attackers: list[socket.socket]
+) -> None:
+    node = start_node()
+    sock = associated(node.port)
+    attackers.append(sock)
+    before = rss_bytes()
+
+    # Command fragments that never end a command set, each with data: kept in
+    # memory by the receiving side until the message ends, which it never does.
+    fragment = p_data_tf(pdv(1, 0x01, b"\x00"), pdv(1, 0x00, b"\x00" * 200_000))
+    sent = 0
+    try:
+        for _ in range(100):
+            sock.sendall(fragment)
+            sent += len(fragment)
+    except OSError:
+        pass  # the node ended it
+    _, closed = recv_until_closed(sock, 3.0)
+
+    assert closed, "the node kept reading an endless message"
+    assert sent < 20_000_000
+    assert rss_bytes() - before < 50 * MB
     assert echo(node.port) == SUCCESS
 
 
