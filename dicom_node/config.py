@@ -309,10 +309,13 @@ class NodeConfig:
             f"[node] scp_processes in {where}: expected 1..64, "
             f"found {self.scp_processes}",
         )
+        # pynetdicom watches each connection with select(), which cannot watch
+        # a file descriptor above 1023: associations, their spool files, the
+        # connections waiting in the gate and the index's must stay below it.
         _check(
-            self.max_associations >= 1,
-            f"[node] max_associations in {where}: expected >= 1, "
-            f"found {self.max_associations}",
+            1 <= self.max_associations <= 200,
+            f"[node] max_associations in {where}: expected 1..200 (more receiving "
+            f"processes serve more: scp_processes), found {self.max_associations}",
         )
         _check(
             MIN_PDU <= self.max_pdu <= MAX_PDU,

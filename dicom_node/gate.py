@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 # PDU types, PS3.8 9.3.1.
 _ASSOCIATE_RQ = 0x01
 _ASSOCIATE_AC = 0x02
+_ASSOCIATE_RJ = 0x03
 _P_DATA_TF = 0x04
 _ABORT = 0x07
 
@@ -99,7 +100,7 @@ class PduLimits:
                     _ABORT_INVALID_PARAMETER,
                 )
             return None
-        if 0x03 <= pdu_type <= _ABORT:
+        if _ASSOCIATE_RJ <= pdu_type <= _ABORT:
             if length > _SMALL_PDU_MAX:
                 return (
                     f"PDU type 0x{pdu_type:02X} of {length} bytes",

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
+from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
@@ -45,7 +46,7 @@ from dicom_node.dimse import (
     SUCCESS,
     VERIFICATION_SOP_CLASS,
 )
-from dicom_node.errors import InvalidUidError, StorageError
+from dicom_node.errors import DicomNodeError, InvalidUidError, StorageError
 from dicom_node.gate import (
     RJ_CALLED_AE_NOT_RECOGNIZED,
     RJ_CALLING_AE_NOT_RECOGNIZED,
@@ -866,6 +867,14 @@ def build_ae(config: NodeConfig) -> AE:
         The configured, not yet listening, application entity.
     """
     quiet_pynetdicom()
+    # The receiving path relies on pynetdicom 3's: EVT_PDU_RECV before the DIMSE
+    # layer keeps a PDU, data sets spooled in tempfile's folder, the connection
+    # read through AssociationSocket.socket. Another major version is checked
+    # first.
+    if not pynetdicom_version.startswith("3."):
+        raise DicomNodeError(
+            f"pynetdicom {pynetdicom_version} is not supported: install pynetdicom 3"
+        )
     # Data sets go to a file in the spool as they arrive, never whole in memory;
     # the handler then renames the file into storage.
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -942,18 +951,23 @@ class Receiver:
             "limits": PduLimits(config.max_pdu, config.idle_timeout),
             "acse_timeout": config.acse_timeout,
             "max_connections_per_host": config.max_connections_per_host,
-            "max_pending": 4 * config.max_associations,
+            "max_pending": min(4 * config.max_associations, 256),
             "ssl_context": ssl_context,
             "audit": lambda refusal: audit_refusal(index, refusal),
             "on_closed": self.ctx.sweep_soon,
         }
-        server = self.ae.make_server(
-            address,
-            evt_handlers=handlers,
-            server_class=_NodeServer,
-            reuse_port=reuse_port,
-            gate=gate,
-        )
+        try:
+            server = self.ae.make_server(
+                address,
+                evt_handlers=handlers,
+                server_class=_NodeServer,
+                reuse_port=reuse_port,
+                gate=gate,
+            )
+        except BaseException:
+            tempfile.tempdir = self._tempdir
+            storage.close()
+            raise
         if not isinstance(server, _NodeServer):
             raise TypeError(f"expected a _NodeServer, got {type(server).__name__}")
         self.server: _NodeServer = server

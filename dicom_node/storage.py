@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,11 @@ class Storage:
         try:
             fd = os.open(folder / self._LOCK, os.O_RDWR)
         except FileNotFoundError:
-            fd = None  # never locked, or half removed
+            # Half made (its process is about to lock it) or half removed.
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - folder.stat().st_mtime < 60:
+                    return 0
+            fd = None
         try:
             if fd is not None:
                 try:
@@ -238,7 +243,9 @@ class Storage:
         removed = 0
         for path in candidates:
             with contextlib.suppress(FileNotFoundError):
-                st = path.stat()
+                st = path.lstat()
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # not a spooled file (the spool is the temp folder)
                 if (st.st_dev, st.st_ino) not in open_files or st.st_mtime < cutoff:
                     path.unlink()
                     removed += 1

@@ -12,6 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node.config import DestinationConfig, NodeConfig, TlsConfig
+from dicom_node.dimse import SUCCESS
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.export import Peer, echo, send_files
 from dicom_node.index import AssociationRecord
@@ -97,7 +98,7 @@ def test_mutual_tls_with_dcmtk_and_the_node_scu(
     result = dcmtk_echo(node.port, *dcmtk_client(certificates))
     assert result.returncode == 0, result.stderr
 
-    assert node_client(node, certificates, with_certificate=True)() == 0x0000
+    assert node_client(node, certificates, with_certificate=True)() == SUCCESS
 
     ct = make_ct()
     sent = tmp_path / "ct.dcm"
@@ -148,7 +149,7 @@ def test_one_way_tls_and_a_plain_client_refused(
 
     one_way = dcmtk_echo(node.port, "+tla", "+cf", str(certificates.ca))
     assert one_way.returncode == 0, one_way.stderr
-    assert node_client(node, certificates, with_certificate=False)() == 0x0000
+    assert node_client(node, certificates, with_certificate=False)() == SUCCESS
 
     plain = dcmtk_echo(node.port)
     assert plain.returncode != 0
