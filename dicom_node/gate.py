@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import os
 import queue
 import select
 import socket
@@ -828,7 +829,7 @@ class ConnectionGate:
         fd = entry.sock.fileno()
         self._epoll.unregister(fd)
         del self._pending[fd]
-        address = entry.address
+        address, port = entry.address, entry.port
 
         def released() -> None:
             self._release_slot(address)
@@ -838,43 +839,62 @@ class ConnectionGate:
         def violated(reason: str) -> None:
             # The association's own audit row says it was aborted.
             self._note(
-                Refusal(address, entry.port, f"association aborted: {reason}"),
-                audit=False,
+                Refusal(address, port, f"association aborted: {reason}"), audit=False
             )
 
-        sock = entry.sock
-        guarded: socket.socket
+        try:
+            guarded = self._guard(entry.sock, data, released, violated)
+        except OSError as exc:
+            logger.error("cannot hand a connection over: %s", type(exc).__name__)
+            with contextlib.suppress(OSError):
+                entry.sock.close()
+            self._release_slot(address)
+            return
+        try:
+            self._admit(guarded, (address, port))
+        except (OSError, RuntimeError) as exc:
+            logger.error("cannot start an association thread: %s", type(exc).__name__)
+            guarded.close()  # gives the place back
+
+    def _guard(
+        self,
+        sock: socket.socket,
+        data: bytes,
+        released: Callable[[], None],
+        violated: Callable[[str], None],
+    ) -> socket.socket:
+        # The connection as pynetdicom will read it, its place given back when
+        # it closes. Blocking, but never forever: a peer that stops reading or
+        # sending is given up on after pdu_seconds. A plain socket bounds its
+        # sends in the kernel (SO_SNDTIMEO) and stays blocking, so that a read
+        # is one system call; TLS reads whole records and needs the socket's
+        # own timeout.
+        seconds = self._limits.pdu_seconds
         if isinstance(sock, GuardedSSLSocket):
+            sock.settimeout(seconds)
             sock._guard_init(
                 self._limits, prefix=data, on_close=released, on_violation=violated
             )
-            guarded = sock
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            plain = GuardedSocket(
-                sock.family, sock.type, sock.proto, fileno=sock.detach()
-            )
-            plain._guard_init(self._limits, on_close=released, on_violation=violated)
-            guarded = plain
-        # Blocking, but never forever: a peer that stops reading or sending
-        # is given up on after this long. A plain socket bounds its sends in the
-        # kernel (SO_SNDTIMEO) and stays blocking, so that a read is one system
-        # call; TLS reads whole records and needs the socket's own timeout.
-        if isinstance(guarded, GuardedSSLSocket):
-            guarded.settimeout(self._limits.pdu_seconds)
-        else:
-            guarded.setblocking(True)
-            seconds = self._limits.pdu_seconds
-            guarded.setsockopt(
+            return sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        fd = sock.detach()
+        try:
+            plain = GuardedSocket(sock.family, sock.type, sock.proto, fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise
+        try:
+            plain.setblocking(True)
+            plain.setsockopt(
                 socket.SOL_SOCKET,
                 socket.SO_SNDTIMEO,
                 struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000)),
             )
-        try:
-            self._admit(guarded, (entry.address, entry.port))
-        except (OSError, RuntimeError) as exc:
-            logger.error("cannot start an association thread: %s", type(exc).__name__)
-            guarded.close()
+        except OSError:
+            plain.close()
+            raise
+        plain._guard_init(self._limits, on_close=released, on_violation=violated)
+        return plain
 
     def _refuse(
         self,
