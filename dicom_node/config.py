@@ -640,21 +640,11 @@ def config_from_mapping(
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         if rest.startswith("node_"):
-            key = rest[len("node_") :]
-            if key not in _NODE_KEYS:
-                raise ConfigError(
-                    f"environment variable {name}: unknown key [node] {key}; "
-                    f"expected one of {sorted(_NODE_KEYS)}"
-                )
+            key = _env_key(name, rest, "node", _NODE_KEYS)
             node[key] = _parse_env_value(name, value, _NODE_KEYS[key])
             node_sources[key] = "environment"
         elif rest.startswith("tls_"):
-            key = rest[len("tls_") :]
-            if key not in _TLS_KEYS:
-                raise ConfigError(
-                    f"environment variable {name}: unknown key [tls] {key}; "
-                    f"expected one of {sorted(_TLS_KEYS)}"
-                )
+            key = _env_key(name, rest, "tls", _TLS_KEYS)
             tls = tls or {}
             tls[key] = _parse_env_value(name, value, _TLS_KEYS[key])
             tls_sources[key] = "environment"
@@ -785,6 +775,17 @@ def _typed_value(value: object, expected: type, where: str) -> Any:
             f"{where}: expected {expected.__name__}, found {type(value).__name__}"
         )
     return value
+
+
+def _env_key(name: str, rest: str, table: str, keys: Mapping[str, type]) -> str:
+    # DICOM_NODE_<TABLE>_<KEY>: the key, checked against the table's.
+    key = rest[len(table) + 1 :]
+    if key not in keys:
+        raise ConfigError(
+            f"environment variable {name}: unknown key [{table}] {key}; "
+            f"expected one of {sorted(keys)}"
+        )
+    return key
 
 
 def _parse_env_value(name: str, value: str, expected: type) -> Any:

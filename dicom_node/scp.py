@@ -333,19 +333,21 @@ def handle_conn_close(event: Event, ctx: StoreContext) -> None:
     )
 
 
-def _receipt(event: Event) -> Receipt | None:
+def _guarded(event: Event) -> GuardedSocket | GuardedSSLSocket | None:
     # The connection is the node's guarded socket once the gate admitted it.
     transport = event.assoc.dul.socket
     sock = transport.socket if transport is not None else None
-    if isinstance(sock, GuardedSocket | GuardedSSLSocket):
-        return sock.receipt
-    return None
+    return sock if isinstance(sock, GuardedSocket | GuardedSSLSocket) else None
+
+
+def _receipt(event: Event) -> Receipt | None:
+    sock = _guarded(event)
+    return None if sock is None else sock.receipt
 
 
 def _refuse_connection(event: Event, reason: str) -> None:
-    transport = event.assoc.dul.socket
-    sock = transport.socket if transport is not None else None
-    if isinstance(sock, GuardedSocket | GuardedSSLSocket):
+    sock = _guarded(event)
+    if sock is not None:
         sock.refuse(reason)
 
 

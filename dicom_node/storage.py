@@ -11,6 +11,7 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,25 +292,11 @@ class Storage:
             the message carries the OS error's name, never the path.
         """
         final = self.path_of(key)
-        tmp = self.spool / f"{secrets.token_hex(8)}.part"
         try:
             self._ensure_dir(final.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-                # Renamed while still open: a spooled file nobody has open is
-                # abandoned (sweep_orphans).
-                os.replace(tmp, final)
-            finally:
-                os.close(fd)
+            self._place(final, [data])
             _fsync_dir(final.parent)
         except OSError as exc:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
             raise StorageError(_os_error_name(exc)) from exc
         return final
 
@@ -349,7 +336,8 @@ class Storage:
                 except OSError as exc:
                     if exc.errno != errno.EXDEV:
                         raise
-                    self._copy_in(fd, final)
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    self._place(final, iter(lambda: os.read(fd, 1 << 20), b""))
             finally:
                 os.close(fd)
             _fsync_dir(final.parent)
@@ -357,13 +345,15 @@ class Storage:
             raise StorageError(_os_error_name(exc)) from exc
         return final
 
-    def _copy_in(self, source: int, final: Path) -> None:
+    def _place(self, final: Path, chunks: Iterable[bytes]) -> None:
+        # Write a new spool file, make it durable and rename it into place; on
+        # failure nothing is left. Renamed while still open: a spooled file
+        # nobody has open is abandoned (sweep_orphans).
         tmp = self.spool / f"{secrets.token_hex(8)}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                os.lseek(source, 0, os.SEEK_SET)
-                while chunk := os.read(source, 1 << 20):
+                for chunk in chunks:
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(fd, view) :]
