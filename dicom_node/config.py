@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -229,6 +230,13 @@ class NodeConfig:
     results_parametric_map
         Also write each explained image's raw Grad-CAM as a Parametric Map
         (images with patient geometry only: CT, MR, ...).
+    results_explain_absent
+        Also picture the Grad-CAM of findings the model called absent (in a
+        cold hue, captioned ABSENT); by default only present findings get a
+        Secondary Capture.
+    device_uid
+        The node's Device UID in every result object's General Equipment;
+        empty: one derived from the host name and the AE title.
     job_attempts
         Tries of a failing job before it is marked failed.
     delivery_attempts
@@ -276,6 +284,8 @@ class NodeConfig:
     batch_studies: int = 8
     results_jpeg: bool = False
     results_parametric_map: bool = False
+    results_explain_absent: bool = False
+    device_uid: str = ""
     job_attempts: int = 3
     delivery_attempts: int = 8
     retry_after: float = 10.0
@@ -365,6 +375,15 @@ class NodeConfig:
                 value >= low,
                 f"[node] {key} in {where}: expected >= {low}, found {value}",
             )
+        _check(
+            not self.device_uid
+            or (
+                len(self.device_uid) <= 64
+                and _UID.fullmatch(self.device_uid) is not None
+            ),
+            f"[node] device_uid in {where}: not a DICOM UID (digits and dots, "
+            f"at most 64 characters, no leading zeros), found {self.device_uid!r}",
+        )
         for key in ("retry_after", "retry_max", "lease_seconds"):
             value = getattr(self, key)
             _check(
@@ -462,6 +481,10 @@ def validate_ae_title(value: object, where: str) -> str:
     return stripped
 
 
+# PS3.5 9.1: components of digits without leading zeros, joined by dots.
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -493,6 +516,8 @@ _NODE_KEYS: dict[str, type] = {
     "batch_studies": int,
     "results_jpeg": bool,
     "results_parametric_map": bool,
+    "results_explain_absent": bool,
+    "device_uid": str,
     "job_attempts": int,
     "delivery_attempts": int,
     "retry_after": float,

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.dimse import DECODE_ERRORS
-from dicom_node.encode import file_bytes
 from dicom_node.export import find_files
-from dicom_node.results import MANUFACTURER, ResultSet, build_results
+from dicom_node.identity import MANUFACTURER, node_device_uid
+from dicom_node.results import NodeIdentity, build_results
+from dicom_node.results.store import capture_png, write_result_files
 from dicom_node.storage import validate_uid
 from inference import Classifier, ModelArtifact, StudyPrediction
+
+# The observer device name of results written by `dicom-node score`.
+OFFLINE_STATION = "DICOMNODE-SCORE"
 
 __all__ = [
     "StudySummary",
@@ -83,6 +86,7 @@ def score_files(
     gradcam_top_k: int = 1,
     jpeg: bool = False,
     parametric_map: bool = False,
+    explain_absent: bool = False,
 ) -> list[StudySummary]:
     """Score DICOM files per study and write each study's result set.
 
@@ -104,6 +108,8 @@ def score_files(
     parametric_map
         Also the raw Grad-CAM as a Parametric Map, for images with patient
         geometry.
+    explain_absent
+        Also picture the Grad-CAM of findings called absent.
 
     Returns
     -------
@@ -126,10 +132,21 @@ def score_files(
             continue
         studies.setdefault(study, []).append(ds)
     summaries = []
+    # Each invocation's objects get UIDs of their own: never those of the node's
+    # runs (a PACS keeps the first copy of a UID and drops the next).
+    run_key = f"offline-{uuid.uuid4()}"
+    node = NodeIdentity(OFFLINE_STATION, node_device_uid(OFFLINE_STATION))
     for study, datasets in studies.items():
         prediction = classifier.predict(datasets, explain_top_k=gradcam_top_k)
         result = build_results(
-            datasets, prediction, 1, jpeg=jpeg, parametric_map=parametric_map
+            datasets,
+            prediction,
+            1,
+            node=node,
+            run_key=run_key,
+            jpeg=jpeg,
+            parametric_map=parametric_map,
+            explain_absent=explain_absent,
         )
         folder = out / study
         pngs = write_result_files(folder, result)
@@ -160,57 +177,6 @@ def _summary(
         folder,
         pngs,
     )
-
-
-def write_result_files(
-    folder: Path, result: ResultSet, *, png: bool = True
-) -> list[Path]:
-    """Write a result set as ``sc-N.dcm`` (and ``sc-N.png``), ``pm-N.dcm``, ``sr.dcm``.
-
-    Parameters
-    ----------
-    folder
-        Created if needed; files are replaced atomically and the folder synced.
-    result
-        The result set.
-    png
-        Also write each Secondary Capture as PNG.
-
-    Returns
-    -------
-    list of Path
-        The PNG files written.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    pngs = []
-    for i, sc in enumerate(result.captures):
-        _save(sc, folder / f"sc-{i + 1}.dcm")
-        if png:
-            pngs.append(capture_png(sc, folder / f"sc-{i + 1}.png"))
-    for i, pm in enumerate(result.maps):
-        _save(pm, folder / f"pm-{i + 1}.dcm")
-    _save(result.sr, folder / "sr.dcm")
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return pngs
-
-
-def capture_png(sc: Dataset, target: Path) -> Path:
-    """Save a Secondary Capture's image as PNG and return the path."""
-    Image.fromarray(sc.pixel_array).save(target)  # JPEG baseline decodes to RGB
-    return target
-
-
-def _save(ds: Dataset, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(file_bytes(ds))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(target)
 
 
 def sr_text(sr: Dataset) -> str:

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from dicom_node.config import ModelConfig, ModelMatch, NodeConfig
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.export import Peer, send_files
+from dicom_node.identity import MANUFACTURER, node_device_uid
 from dicom_node.index import (
     AssociationRecord,
     Delivery,
@@ -47,8 +48,8 @@ from dicom_node.index import (
     utc_now,
 )
 from dicom_node.log import describe_exception, uid_ref
-from dicom_node.results import MANUFACTURER, ResultSet, build_results, warm_up
-from dicom_node.score import write_result_files
+from dicom_node.results import NodeIdentity, ResultSet, build_results, warm_up
+from dicom_node.results.store import write_result_files
 from dicom_node.tls import client_context
 from inference import (
     Classifier,
@@ -617,10 +618,13 @@ def _complete(
         scoring.chosen,
         prediction,
         run,
-        station=config.ae_title,
+        node=NodeIdentity(
+            config.ae_title, node_device_uid(config.ae_title, config.device_uid)
+        ),
         previous_sr=previous_sr,
         jpeg=config.results_jpeg,
         parametric_map=config.results_parametric_map,
+        explain_absent=config.results_explain_absent,
     )
     folder = f"{job.study_uid}/{classifier.artifact.device_uid}-run{run}"
     write_result_files(results_root(config) / folder, result, png=False)

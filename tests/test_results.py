@@ -1,44 +1,39 @@
-"""SR and Secondary Capture results: valid under dciodvfy, readable in dsr2html."""
+"""SR, Secondary Captures and Parametric Maps: valid, honest, readable."""
 
 from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Sequence
-from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+)
 
-from dicom_node.encode import file_bytes
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.results import (
-    _IDENTITY,
-    MANUFACTURER,
     NOT_FOR_DIAGNOSIS,
     POINT_MEANING,
-    SC_SERIES_NUMBER,
+    NodeIdentity,
     ResultSet,
-    _secondary_capture,
-    _with_source_identity,
     build_results,
     overlay,
-    summary_lines,
 )
+from dicom_node.results.store import write_result_files
 from dicom_node.score import sr_text
-from inference import Classifier, CodedConcept, StudyPrediction
+from inference import Classifier, ModelArtifact, StudyPrediction
 from tests.factories import corpus_file, dcmtk, make_artifact, make_ct
 
 REPO = Path(__file__).resolve().parent.parent
+NODE = NodeIdentity("DICOMNODE", "2.25.777")
+HIGHDICOM_IMPLEMENTATION_UID = "1.2.826.0.1.3680043.9.7433.1.1"
 
 # dciodvfy warnings that describe the source's own values, which results copy
 # verbatim so that Patient and Study match, or an honest "unknown".
@@ -66,6 +61,8 @@ def sources(kind: str) -> list[Dataset]:
         return [cr]
     if kind == "MR":
         return [dcmread(corpus_file("MR_small.dcm"))]
+    if kind == "MR multi-frame":
+        return [dcmread(corpus_file("emri_small.dcm"))]
     # A source missing what real sources often miss.
     ds = make_ct(rows=64, columns=64, seed=3)
     for keyword in ("PatientBirthDate", "AccessionNumber", "BodyPartExamined"):
@@ -74,10 +71,44 @@ def sources(kind: str) -> list[Dataset]:
     return [ds]
 
 
-def results(kind: str, run: int = 1, **options: object) -> tuple[ResultSet, Dataset]:
+def artifact(nodule: bool = True, effusion: bool = True) -> ModelArtifact:
+    """The test model, each label forced present (threshold 0.001) or absent."""
+    model = make_artifact()
+    first, second = model.labels
+    model.labels = (
+        replace(first, threshold=0.001 if nodule else 0.999),
+        replace(second, threshold=0.001 if effusion else 0.999),
+    )
+    return model
+
+
+def predict(
+    datasets: list[Dataset], model: ModelArtifact | None = None, top_k: int = 1
+) -> StudyPrediction:
+    return Classifier(model or artifact(), "cpu").predict(datasets, explain_top_k=top_k)
+
+
+def results(
+    kind: str,
+    run: int = 1,
+    model: ModelArtifact | None = None,
+    *,
+    jpeg: bool = False,
+    parametric_map: bool = False,
+    explain_absent: bool = False,
+) -> tuple[ResultSet, Dataset]:
     datasets = sources(kind)
-    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=1)
-    return build_results(datasets, prediction, run, **options), datasets[0]  # type: ignore[arg-type]
+    prediction = predict(datasets, model)
+    result = build_results(
+        datasets,
+        prediction,
+        run,
+        node=NODE,
+        jpeg=jpeg,
+        parametric_map=parametric_map,
+        explain_absent=explain_absent,
+    )
+    return result, datasets[0]
 
 
 def dciodvfy_problems(path: Path) -> list[str]:
@@ -95,45 +126,14 @@ def dciodvfy_problems(path: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("kind", ["CT", "DX", "CR MONOCHROME1", "MR", "sparse"])
-def test_every_object_is_valid_and_the_sr_reads_as_a_report(
-    kind: str, tmp_path: Path
-) -> None:
-    result, source = results(kind, jpeg=kind == "DX")
-    assert len(result.captures) == 2  # the top image of each of the two labels
-    for i, ds in enumerate(result.datasets):
-        path = tmp_path / f"{i}.dcm"
-        path.write_bytes(file_bytes(ds))  # as the node writes it
-        assert dciodvfy_problems(path) == [], ds.SOPClassUID.name
-        assert ds.StudyInstanceUID == source.StudyInstanceUID
-        assert ds.PatientID == source.PatientID
-        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
-
-    sr_path = tmp_path / f"{len(result.datasets) - 1}.dcm"
-    html = subprocess.run(
-        [dcmtk("dsr2html"), str(sr_path)], capture_output=True, text=True, check=True
-    ).stdout
-    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
-    for expected in (
-        "Imaging Measurement Report",
-        "UNVERIFIED",
-        "AI Results: test",
-        "Nodule: Present (probability",
-        "Pleural effusion:",
-        "operating threshold 50.0 %",
-        "model test 0",
-        "Image Library",
-    ):
-        assert expected in text, expected
-
-    report = dcmread(sr_path)
-    parsed = hd.sr.Comprehensive3DSR.from_dataset(report, copy=True)
-    assert parsed.VerificationFlag == "UNVERIFIED"
-    measurement = _find(report, "122157")
-    probability = float(measurement.MeasuredValueSequence[0].NumericValue)
-    assert 0.0 <= probability <= 100.0
-    evaluation = _find(report, "27925004", value_type="CODE")
-    assert evaluation.ConceptCodeSequence[0].CodeMeaning in ("Present", "Absent")
+def written(result: ResultSet, folder: Path) -> list[Path]:
+    """Write the result set as the node does; return its files, SR last."""
+    write_result_files(folder, result, png=False)
+    return [
+        *sorted(folder.glob("sc-*.dcm")),
+        *sorted(folder.glob("pm-*.dcm")),
+        folder / "sr.dcm",
+    ]
 
 
 def _find(ds: Dataset, code: str, value_type: str | None = None) -> Dataset:
@@ -152,30 +152,231 @@ def _find(ds: Dataset, code: str, value_type: str | None = None) -> Dataset:
     raise LookupError(code)
 
 
-def test_captures_show_the_source_with_the_warning_burned_in(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["CT", "DX", "CR MONOCHROME1", "MR", "sparse"])
+def test_every_object_is_valid_and_the_sr_reads_as_a_report(
+    kind: str, tmp_path: Path
+) -> None:
+    result, source = results(kind, jpeg=kind == "DX")
+    assert len(result.captures) == 2  # the top image of each of the two labels
+    paths = written(result, tmp_path)
+    for path in paths:
+        assert dciodvfy_problems(path) == [], path.name
+        ds = dcmread(path)
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+
+    html = subprocess.run(
+        [dcmtk("dsr2html"), str(paths[-1])], capture_output=True, text=True, check=True
+    ).stdout
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+    for expected in (
+        "Imaging Measurement Report",
+        "UNVERIFIED",
+        "AI Results: test",
+        "Nodule: Present (probability",
+        "Pleural effusion:",
+        "operating threshold 0.1 %",
+        "model test 0",
+        "Image Library",
+    ):
+        assert expected in text, expected
+
+    report = dcmread(paths[-1])
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(report, copy=True)
+    assert parsed.VerificationFlag == "UNVERIFIED"
+    measurement = _find(report, "122157")
+    probability = float(measurement.MeasuredValueSequence[0].NumericValue)
+    assert 0.0 <= probability <= 100.0
+    evaluation = _find(report, "27925004", value_type="CODE")
+    assert evaluation.ConceptCodeSequence[0].CodeMeaning == "Present"
+
+
+@pytest.mark.parametrize("kind", ["CT", "DX"])
+def test_every_object_names_this_node_and_the_model_never_the_library(
+    kind: str, tmp_path: Path
+) -> None:
+    result, source = results(kind, parametric_map=True)
+    assert len(result.datasets) >= 3
+    for path in written(result, tmp_path):
+        ds = dcmread(path)
+        meta = ds.file_meta
+        assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID, path.name
+        assert meta.ImplementationClassUID not in (
+            HIGHDICOM_IMPLEMENTATION_UID,
+            PYDICOM_IMPLEMENTATION_UID,
+        )
+        assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
+        # General Equipment: the node.
+        assert ds.Manufacturer == "dicom-node"
+        assert ds.ManufacturerModelName == "dicom-node"
+        assert str(ds.SoftwareVersions).startswith("dicom-node ")
+        assert ds.DeviceUID == NODE.device_uid
+        assert ds.StationName == NODE.station
+        # Contributing Equipment: the source's acquisition (where it names a
+        # manufacturer) and the model, with its own Device UID; no library.
+        items = ds.ContributingEquipmentSequence
+        assert not any("ighdicom" in str(i.get("Manufacturer")) for i in items)
+        model = items[-1]
+        assert model.ManufacturerModelName == "test"
+        assert model.DeviceSerialNumber == "2.25.42"  # its Device UID
+        assert model.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+        if "Manufacturer" in source and ds.Modality != "SR":
+            assert items[0].Manufacturer == source.Manufacturer
+            assert items[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109101"
+
+
+def test_patient_and_study_are_carried_whole_into_every_object(tmp_path: Path) -> None:
+    (source,) = sources("MR")
+    source.IssuerOfPatientID = "HOSPITAL-A"
+    qualifiers = Dataset()
+    qualifiers.UniversalEntityID = "1.2.3.4.5"
+    qualifiers.UniversalEntityIDType = "ISO"
+    qualifiers.IdentifierTypeCode = "MR"
+    source.IssuerOfPatientIDQualifiersSequence = [qualifiers]
+    other = Dataset()
+    other.PatientID = "778899"
+    other.IssuerOfPatientID = "HOSPITAL-B"
+    other.TypeOfPatientID = "TEXT"
+    source.OtherPatientIDsSequence = [other]
+    source.PatientAge = "042Y"
+    source.StudyDescription = "Brain MR"
+    prediction = predict([source])
+    result = build_results([source], prediction, 1, node=NODE, parametric_map=True)
+    assert result.maps
+    assert result.captures
+    for path in written(result, tmp_path):
+        ds = dcmread(path)
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "IssuerOfPatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "PatientAge",
+            "StudyInstanceUID",
+            "StudyDate",
+            "StudyTime",
+            "StudyID",
+            "AccessionNumber",
+            "StudyDescription",
+            "ReferringPhysicianName",
+        ):
+            assert ds.get(keyword) == source.get(keyword), (path.name, keyword)
+        assert ds.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID == (
+            "1.2.3.4.5"
+        )
+        assert ds.OtherPatientIDsSequence[0].PatientID == "778899"
+        assert ds.OtherPatientIDsSequence[0].IssuerOfPatientID == "HOSPITAL-B"
+        assert dciodvfy_problems(path) == [], path.name
+
+
+def test_a_source_with_a_non_standard_patients_sex_still_gets_results(
+    tmp_path: Path,
+) -> None:
+    """Real sources carry "U"; highdicom's constructors refuse it."""
+    datasets = sources("CT")
+    for ds in datasets:
+        ds.PatientSex = "U"
+    prediction = predict(datasets)
+    result = build_results(datasets, prediction, 1, node=NODE, parametric_map=True)
+    assert result.maps  # CT: a Parametric Map too
+    for path in written(result, tmp_path):
+        assert dcmread(path).PatientSex == "U"  # the source's, as it is
+    assert all(ds.PatientSex == "U" for ds in datasets)  # the source unchanged
+
+
+def test_an_absent_finding_gets_no_picture_unless_asked(tmp_path: Path) -> None:
+    model = artifact(nodule=True, effusion=False)
+    result, _ = results("DX", model=model)
+    # Only the present finding is pictured; the absent one is a score alone.
+    assert len(result.captures) == 1
+    groups = _find(result.sr, "126010").ContentSequence
+    effusion = next(
+        g
+        for g in groups
+        if _find(g, "121071").ConceptCodeSequence[0].CodeValue == "60046008"
+    )
+    assert not [i for i in effusion.ContentSequence if i.ValueType == "IMAGE"]
+
+    asked, source = results("DX", model=model, explain_absent=True)
+    assert len(asked.captures) == 2
+    present, absent = asked.captures
+    assert "(PRESENT)" in present.ImageComments
+    assert "(ABSENT)" in absent.ImageComments
+    # The absent finding's heatmap is drawn without any warm colour: no pixel
+    # of its picture is red- or yellow-dominated (the source is grey).
+    pixels = absent.pixel_array[: source.Rows].astype(int)
+    red, blue = pixels[..., 0], pixels[..., 2]
+    assert not np.any((red > blue + 30) & (red > 60))
+    assert np.any(blue > red + 30)  # but the heat is there, in a cold hue
+    positive = present.pixel_array[: source.Rows].astype(int)
+    assert np.any(positive[..., 0] > positive[..., 2] + 60)  # jet's red
+    for path in written(asked, tmp_path):
+        assert dciodvfy_problems(path) == [], path.name
+
+
+def test_a_capture_keeps_every_pixel_and_says_what_it_shows() -> None:
     result, source = results("DX")
     sc = result.captures[0]
-    assert sc.BurnedInAnnotation == "YES"
+    # No patient-identifying text is burned in: the caption is the finding.
+    assert sc.BurnedInAnnotation == "NO"
     assert NOT_FOR_DIAGNOSIS in sc.ImageComments
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert sc.BodyPartExamined == source.BodyPartExamined
-    assert sc.Rows == source.Rows
-    assert sc.Columns > source.Columns  # the colour bar
+    factor = max(1, -(-384 // int(source.Columns)))
+    # The picture whole (enlarged when small), the scale beside it and the
+    # caption below it: nothing of the image is covered by text.
+    assert sc.Rows > factor * source.Rows
+    assert sc.Columns > factor * source.Columns
     assert sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
+    assert sc.LossyImageCompression == "00"
+
+
+def test_the_caption_is_whole_on_a_small_image() -> None:
+    grey = np.full((64, 48), 100, np.uint8)
+    heat = np.zeros((64, 48), np.float32)
+    heat[40:50, 30:40] = 1.0
+    lines = [NOT_FOR_DIAGNOSIS, "Nodule: PRESENT, probability 87 % (threshold 50 %)"]
+
+    out = overlay(grey, heat, lines)
+
+    factor = -(-384 // 48)  # enlarged to at least 384 columns
+    rows, columns = 64 * factor, 48 * factor
+    assert out.shape[0] > rows
+    assert out.shape[1] > columns
+    picture = out[:rows, :columns]
+    # No heat: the source as it was (no text over it); full heat: half the
+    # source, half jet's top colour (dark red).
+    assert picture[5, 5].tolist() == [100, 100, 100]
+    assert picture[45 * factor, 35 * factor].tolist() == [114, 50, 50]
+    assert np.all(picture[: 30 * factor, : 25 * factor] == 100)
+    # The scale: dark red at the top, dark blue at the bottom, then labels.
+    scale = out[:rows, columns:]
+    assert any(p == [128, 0, 0] for p in scale[0].tolist())
+    assert any(p == [0, 0, 128] for p in scale[-1].tolist())
+    # The caption below the picture: yellow text on black, and its last
+    # characters are drawn (the band is as wide as the picture and scale).
+    band = out[rows:].astype(int)
+    yellow = (band[..., 0] > 200) & (band[..., 1] > 200) & (band[..., 2] < 60)
+    assert yellow.sum() > 100
+    assert yellow[:, : out.shape[1] // 2].any()
+    assert yellow[:, out.shape[1] // 2 :].any()
+    assert np.array_equal(out, overlay(grey, heat, lines))
 
 
 def test_uids_are_derived_so_a_rerun_replaces_instead_of_duplicating() -> None:
     datasets = sources("CT")
-    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=1)
-    first = build_results(datasets, prediction, 1)
-    again = build_results(datasets, prediction, 1)
+    prediction = predict(datasets)
+    first = build_results(datasets, prediction, 1, node=NODE)
+    again = build_results(datasets, prediction, 1, node=NODE)
     assert [d.SOPInstanceUID for d in first.datasets] == [
         d.SOPInstanceUID for d in again.datasets
     ]
     assert [d.SeriesInstanceUID for d in first.datasets] == [
         d.SeriesInstanceUID for d in again.datasets
     ]
-    second = build_results(datasets, prediction, 2, previous_sr=first.sr)
+    second = build_results(datasets, prediction, 2, node=NODE, previous_sr=first.sr)
     assert second.sr.SOPInstanceUID != first.sr.SOPInstanceUID
     assert second.sr.SeriesInstanceUID != first.sr.SeriesInstanceUID
     predecessor = second.sr.PredecessorDocumentsSequence[0]
@@ -185,12 +386,31 @@ def test_uids_are_derived_so_a_rerun_replaces_instead_of_duplicating() -> None:
         .ReferencedSOPInstanceUID
         == first.sr.SOPInstanceUID
     )
+    # Offline scoring keys its runs apart: never the node's run 1 UIDs.
+    offline = build_results(datasets, prediction, 1, node=NODE, run_key="offline-x")
+    assert not {d.SOPInstanceUID for d in offline.datasets} & {
+        d.SOPInstanceUID for d in first.datasets
+    }
 
 
-def test_each_label_references_its_own_gradcam_images() -> None:
+def test_each_model_has_series_numbers_of_its_own() -> None:
     datasets = sources("CT")
-    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=2)
-    result = build_results(datasets, prediction, 1)
+    one = build_results(datasets, predict(datasets), 1, node=NODE)
+    other_model = artifact()
+    other_model.name = "lung-screen"
+    two = build_results(datasets, predict(datasets, other_model), 1, node=NODE)
+    numbers = {int(one.sr.SeriesNumber), int(one.captures[0].SeriesNumber)}
+    assert len(numbers) == 2
+    assert not numbers & {int(two.sr.SeriesNumber), int(two.captures[0].SeriesNumber)}
+    # The same for every study: a radiologist finds a model's results in one place.
+    again = build_results(sources("sparse"), predict(sources("sparse")), 1, node=NODE)
+    assert again.sr.SeriesNumber == one.sr.SeriesNumber
+
+
+def test_each_label_is_illustrated_by_its_own_gradcam_images() -> None:
+    datasets = sources("CT")
+    prediction = predict(datasets, top_k=2)
+    result = build_results(datasets, prediction, 1, node=NODE)
     assert len(result.captures) == 4  # two images for each of the two labels
     by_label: dict[str, set[str]] = {}
     for e, sc in zip(prediction.explanations, result.captures, strict=True):
@@ -200,10 +420,13 @@ def test_each_label_references_its_own_gradcam_images() -> None:
     for group in imaging.ContentSequence:
         finding = _find(group, "121071").ConceptCodeSequence[0].CodeMeaning
         label = "nodule" if finding == "Nodule" else "effusion"
+        illustrations = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
+        # TID 1410: "Illustration of ROI", not TID 1500's "Best illustration".
+        assert {i.ConceptNameCodeSequence[0].CodeValue for i in illustrations} == {
+            "121200"
+        }
         referenced = {
-            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-            for item in group.ContentSequence
-            if item.ValueType == "IMAGE"
+            i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in illustrations
         }
         assert referenced == by_label[label], finding
 
@@ -211,21 +434,14 @@ def test_each_label_references_its_own_gradcam_images() -> None:
 def test_a_positive_finding_is_a_point_at_the_gradcam_peak_a_negative_has_none(
     tmp_path: Path,
 ) -> None:
-    artifact = make_artifact()
-    nodule, effusion = artifact.labels
-    artifact.labels = (
-        replace(nodule, threshold=0.001),  # positive
-        replace(effusion, threshold=0.999),  # negative
-    )
     datasets = sources("CT")
-    prediction = Classifier(artifact, "cpu").predict(datasets, explain_top_k=1)
+    prediction = predict(datasets, artifact(nodule=True, effusion=False))
     assert [p.positive for p in prediction.labels] == [True, False]
     explained = next(e for e in prediction.explanations if e.label_index == 0)
     row, column = np.unravel_index(
         np.argmax(explained.heatmap), explained.heatmap.shape
     )
-    path = tmp_path / "sr.dcm"
-    path.write_bytes(file_bytes(build_results(datasets, prediction, 1).sr))
+    path = written(build_results(datasets, prediction, 1, node=NODE), tmp_path)[-1]
     assert dciodvfy_problems(path) == []
 
     report = hd.sr.Comprehensive3DSR.from_dataset(dcmread(path))
@@ -257,16 +473,15 @@ def test_a_parametric_map_holds_the_raw_gradcam_on_the_source_grid(
     kind: str, tmp_path: Path
 ) -> None:
     datasets = sources(kind)
-    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=1)
-    result = build_results(datasets, prediction, 1, parametric_map=True)
+    prediction = predict(datasets)
+    result = build_results(datasets, prediction, 1, node=NODE, parametric_map=True)
     assert len(result.maps) == len(prediction.explanations) == 2
     assert all(any(pm is ds for ds in result.datasets) for pm in result.maps)
-    for explanation, pm in zip(prediction.explanations, result.maps, strict=True):
-        path = tmp_path / f"{pm.InstanceNumber}.dcm"
-        path.write_bytes(file_bytes(pm))
-        assert dciodvfy_problems(path) == []
-        back = dcmread(path)
+    paths = written(result, tmp_path)
+    maps = [dcmread(p) for p in paths if p.name.startswith("pm-")]
+    for explanation, back in zip(prediction.explanations, maps, strict=True):
         assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map
+        assert back.ImageType[2] != "VOLUME"  # one 2-D frame, not a volume
         assert back.StudyInstanceUID == datasets[0].StudyInstanceUID
         assert back.PatientID == datasets[0].PatientID
         assert back.SeriesInstanceUID not in {d.SeriesInstanceUID for d in datasets}
@@ -281,6 +496,25 @@ def test_a_parametric_map_holds_the_raw_gradcam_on_the_source_grid(
             derived[0].SourceImageSequence[0].ReferencedSOPInstanceUID
             == explanation.source.sop_instance_uid
         )
+    for path in paths:
+        assert dciodvfy_problems(path) == [], path.name
+    # The SR references each map: in its evidence and as an illustration.
+    report = dcmread(paths[-1])
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in report.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    illustrated = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for group in _find(report, "126010").ContentSequence
+        for item in group.ContentSequence
+        if item.ValueType == "IMAGE"
+    }
+    for pm in maps:
+        assert pm.SOPInstanceUID in evidence
+        assert pm.SOPInstanceUID in illustrated
 
 
 @pytest.mark.parametrize("kind", ["DX", "CR MONOCHROME1"])
@@ -290,403 +524,21 @@ def test_a_projection_radiograph_gets_no_parametric_map(kind: str) -> None:
     assert len(result.captures) == 2
 
 
-def _highdicom_tree(
-    sources: Sequence[Dataset], result: ResultSet, prediction: StudyPrediction
-) -> list[Dataset]:
-    """The SR content highdicom's TID 1500 templates build for the same result."""
-    labels = [e.label_index for e in prediction.explanations]
-    captures = list(zip(result.captures, labels, strict=True))
-
-    def code(c: CodedConcept) -> hd.sr.CodedConcept:
-        return hd.sr.CodedConcept(c.value, c.scheme, c.meaning)
-
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=prediction.model_name, version=prediction.model_version
-    )
-    model = f"{prediction.model_name} {prediction.model_version}"
-    tracking = {  # the UIDs are the node's own (derived); taken from its SR
-        str(item.ContentSequence[0].TextValue): str(item.ContentSequence[1].UID)
-        for item in _find(result.sr, "126010").ContentSequence
-    }
-    groups = []
-    for index, p in enumerate(prediction.labels):
-        finding = code(p.label.concept)
-        explanation = next(
-            (e for e in prediction.explanations if e.label_index == index), None
-        )
-        point = p.positive and explanation is not None
-        what = POINT_MEANING if point else "whole-study score"
-        identifier = f"AI {p.label.name}: {what}"
-        options: dict[str, Any] = {
-            "tracking_identifier": hd.sr.TrackingIdentifier(
-                uid=tracking[identifier], identifier=identifier
-            ),
-            "finding_type": finding,
-            "algorithm_id": algorithm,
-            "finding_sites": (
-                [hd.sr.FindingSite(code(p.label.finding_site))]
-                if p.label.finding_site
-                else None
-            ),
-            "measurements": [
-                hd.sr.Measurement(
-                    name=hd.sr.CodedConcept("122157", "DCM", "Probability"),
-                    value=round(100 * p.probability, 2),
-                    unit=hd.sr.CodedConcept("%", "UCUM", "Percent"),
-                )
-            ],
-            "qualitative_evaluations": [
-                hd.sr.QualitativeEvaluation(
-                    name=finding,
-                    value=(
-                        hd.sr.CodedConcept("52101004", "SCT", "Present")
-                        if p.positive
-                        else hd.sr.CodedConcept("272519000", "SCT", "Absent")
-                    ),
-                )
-            ],
-        }
-        line = summary_lines(prediction)[index]
-        group: (
-            hd.sr.MeasurementsAndQualitativeEvaluations
-            | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-        )
-        if point:
-            assert explanation is not None
-            source = next(
-                ds
-                for ds in sources
-                if ds.SOPInstanceUID == explanation.source.sop_instance_uid
-            )
-            heat = explanation.heatmap
-            row, column = np.unravel_index(np.argmax(heat), heat.shape)
-            multi = int(source.get("NumberOfFrames", 1)) > 1
-            group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                referenced_region=hd.sr.ImageRegion(
-                    graphic_type=hd.sr.GraphicTypeValues.POINT,
-                    graphic_data=np.array([[column + 0.5, row + 0.5]]),
-                    source_image=hd.sr.SourceImageForRegion(
-                        source.SOPClassUID,
-                        source.SOPInstanceUID,
-                        [explanation.source.frame_index + 1] if multi else None,
-                    ),
-                ),
-                **options,
-            )
-            line += f"; the point is the Grad-CAM peak: {POINT_MEANING}"
-        else:
-            group = hd.sr.MeasurementsAndQualitativeEvaluations(**options)
-        container = group[0]
-        container.ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=hd.sr.CodedConcept("121111", "DCM", "Summary"),
-                value=f"{line}; model {model}; unverified, not for diagnostic use",
-                relationship_type="CONTAINS",
-            )
-        )
-        for capture, label_index in captures:
-            if label_index == index:
-                container.ContentSequence.append(
-                    hd.sr.ImageContentItem(
-                        name=hd.sr.CodedConcept(
-                            "121080", "DCM", "Best illustration of finding"
-                        ),
-                        referenced_sop_class_uid=capture.SOPClassUID,
-                        referenced_sop_instance_uid=capture.SOPInstanceUID,
-                        relationship_type="CONTAINS",
-                    )
-                )
-        groups.append(group)
-    modality = sources[0].Modality
-    procedure = {
-        "CT": ("25045-6", "LN", "CT unspecified body region"),
-        "DX": ("43468-8", "LN", "XR unspecified body region"),
-    }.get(modality, ("363679005", "SCT", "Imaging procedure"))
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(
-            observer_device_context=hd.sr.ObserverContext(
-                observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
-                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                    uid=prediction.device_uid,
-                    name="DICOMNODE",
-                    manufacturer_name="dicom-node",
-                    model_name=model,
-                ),
-            )
-        ),
-        procedure_reported=hd.sr.CodedConcept(*procedure),
-        imaging_measurements=groups,
-    )
-    library = hd.sr.ContainerContentItem(
-        name=hd.sr.CodedConcept("111028", "DCM", "Image Library"),
-        relationship_type="CONTAINS",
-    )
-    library_group = hd.sr.ContainerContentItem(
-        name=hd.sr.CodedConcept("126200", "DCM", "Image Library Group"),
-        relationship_type="CONTAINS",
-    )
-    library_group.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.ImageContentItem(
-                name=hd.sr.CodedConcept("260753009", "SCT", "Source"),
-                referenced_sop_class_uid=ds.SOPClassUID,
-                referenced_sop_instance_uid=ds.SOPInstanceUID,
-                relationship_type="CONTAINS",
-            )
-            for ds in sources
-        ]
-    )
-    library.ContentSequence = hd.sr.ContentSequence([library_group])
-    root = report[0]
-    root.ContentSequence.insert(len(root.ContentSequence) - 1, library)
-    return [root, *root.ContentSequence]
-
-
-@pytest.mark.parametrize("kind", ["CT", "DX", "MR multi-frame"])
-def test_the_report_tree_is_what_highdicoms_tid_1500_templates_build(
-    kind: str,
-) -> None:
-    artifact = make_artifact()
-    nodule, effusion = artifact.labels
-    artifact.labels = (  # one positive with a finding site, one negative
-        replace(
-            nodule,
-            threshold=0.001,
-            finding_site=CodedConcept("39607008", "SCT", "Lung"),
-        ),
-        replace(effusion, threshold=0.999),
-    )
-    datasets = (
-        [dcmread(corpus_file("emri_small.dcm"))]
-        if kind == "MR multi-frame"
-        else sources(kind)
-    )
-    prediction = Classifier(artifact, "cpu").predict(datasets, explain_top_k=1)
-    result = build_results(datasets, prediction, 1)
-    root, *expected = _highdicom_tree(datasets, result, prediction)
-
-    for keyword in (
-        "ValueType",
-        "ConceptNameCodeSequence",
-        "ContinuityOfContent",
-        "ContentTemplateSequence",
-    ):
-        assert result.sr[keyword] == root[keyword], keyword
-    assert [i.to_json_dict() for i in result.sr.ContentSequence] == [
-        i.to_json_dict() for i in expected
-    ]
-
-
-def _evidence_header(source: Dataset) -> Dataset:
-    """What highdicom's SR constructor needs of an evidence instance."""
-    header = Dataset()
-    for keyword in _IDENTITY:
-        header[keyword] = DataElement(
-            tag_for_keyword(keyword),  # type: ignore[arg-type]
-            dictionary_VR(keyword),
-            source.get(keyword),
-        )
-    for keyword in (
-        "SpecificCharacterSet",
-        "Modality",
-        "SeriesInstanceUID",
-        "SOPClassUID",
-        "SOPInstanceUID",
-    ):
-        if keyword in source:
-            header[keyword] = source[keyword]
-    return header
-
-
-def _highdicom_document(
-    result: ResultSet, sources: Sequence[Dataset], previous_sr: Dataset | None
-) -> Dataset:
-    """The SR highdicom's Comprehensive3DSR builds around the same content."""
-    sr = result.sr
-    root = Dataset()
-    for keyword in (
-        "ValueType",
-        "ConceptNameCodeSequence",
-        "ContinuityOfContent",
-        "ContentTemplateSequence",
-    ):
-        root[keyword] = deepcopy(sr[keyword])
-    root.ContentSequence = [deepcopy(sr.ContentSequence[0])]
-    ours = sr.ContributingEquipmentSequence[0]
-    reference = hd.sr.Comprehensive3DSR(
-        evidence=[_evidence_header(ds) for ds in (*sources, *result.captures)],
-        content=root,
-        series_instance_uid=sr.SeriesInstanceUID,
-        series_number=int(sr.SeriesNumber),
-        sop_instance_uid=sr.SOPInstanceUID,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_verified=False,
-        previous_versions=[previous_sr] if previous_sr is not None else None,
-        series_description=sr.SeriesDescription,
-        contributing_equipment=[
-            hd.ContributingEquipment(
-                manufacturer=ours.Manufacturer,
-                purpose_of_reference=codes.DCM.ProcessingEquipment,
-                manufacturer_model_name=ours.ManufacturerModelName,
-                software_versions=ours.SoftwareVersions,
-            )
-        ],
-    )
-    reference.ContentSequence = sr.ContentSequence
-    for keyword in _IDENTITY:  # the results copy the source's exactly
-        reference[keyword] = deepcopy(sr[keyword])
-    return reference
-
-
-def _at_a_fixed_time(ds: Dataset) -> bytes:
-    ds = deepcopy(ds)
-    ds.InstanceCreationDate = ds.ContentDate = "20260101"
-    ds.InstanceCreationTime = ds.ContentTime = "120000"
-    if "DateOfSecondaryCapture" in ds:
-        ds.DateOfSecondaryCapture = "20260101"
-        ds.TimeOfSecondaryCapture = "120000"
-    for item in ds.ContributingEquipmentSequence:
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = "20260101120000"
-    return file_bytes(ds)
-
-
-@pytest.mark.parametrize(
-    "kind", ["CT", "DX", "CR MONOCHROME1", "MR", "MR multi-frame", "sparse"]
-)
-def test_the_report_document_is_what_highdicoms_sr_constructor_builds(
-    kind: str,
-) -> None:
-    datasets = (
-        [dcmread(corpus_file("emri_small.dcm"))]
-        if kind == "MR multi-frame"
-        else sources(kind)
-    )
-    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=1)
-    first = build_results(datasets, prediction, 1)
-    second = build_results(datasets, prediction, 2, previous_sr=first.sr)
-    for result, previous in ((first, None), (second, first.sr)):
-        expected = _highdicom_document(result, datasets, previous)
-        assert _at_a_fixed_time(result.sr) == _at_a_fixed_time(expected)
-    assert "PredecessorDocumentsSequence" in second.sr
-    evidence = first.sr.CurrentRequestedProcedureEvidenceSequence[0]
-    referenced = {
-        ref.ReferencedSOPInstanceUID
-        for series in evidence.ReferencedSeriesSequence
+def test_a_retired_ultrasound_source_gets_valid_results(tmp_path: Path) -> None:
+    source = dcmread(corpus_file("US1_UNCR.dcm"))
+    retired = UID("1.2.840.10008.5.1.4.1.1.6")  # Ultrasound Image Storage (Retired)
+    source.SOPClassUID = retired
+    source.file_meta.MediaStorageSOPClassUID = retired
+    result = build_results([source], predict([source]), 1, node=NODE)
+    for path in written(result, tmp_path):
+        ds = dcmread(path)
+        assert ds.PatientID == source.PatientID
+        assert not [p for p in dciodvfy_problems(path) if p.startswith("Error")]
+    # The SR references the source under its own (retired) SOP class.
+    (study,) = result.sr.CurrentRequestedProcedureEvidenceSequence
+    classes = {
+        ref.ReferencedSOPClassUID
+        for series in study.ReferencedSeriesSequence
         for ref in series.ReferencedSOPSequence
     }
-    assert referenced == {ds.SOPInstanceUID for ds in (*datasets, *first.captures)}
-
-
-@pytest.mark.parametrize("jpeg", [False, True])
-@pytest.mark.parametrize(
-    "kind", ["CT", "DX", "CR MONOCHROME1", "MR", "MR multi-frame", "sparse"]
-)
-def test_a_capture_is_what_highdicoms_sc_constructor_builds(
-    kind: str, jpeg: bool
-) -> None:
-    source = (
-        dcmread(corpus_file("emri_small.dcm"))
-        if kind == "MR multi-frame"
-        else sources(kind)[0]
-    )
-    rows, columns = 40, 52
-    gradient = np.linspace(0, 255, rows * columns * 3).reshape(rows, columns, 3)
-    pixels = gradient.astype(np.uint8)
-    equipment = hd.ContributingEquipment(
-        manufacturer=MANUFACTURER,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name="test 0",
-        software_versions="dicom-node 0",
-    )
-    uids = {"series": "2.25.1001", "sop": "2.25.1002"}
-    ours = _secondary_capture(
-        source,
-        pixels,
-        jpeg=jpeg,
-        series_uid=uids["series"],
-        sop_uid=uids["sop"],
-        number=2,
-        series_description="AI Grad-CAM: test",
-        equipment=equipment,
-    )
-    theirs = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
-        pixel_array=pixels,
-        photometric_interpretation="YBR_FULL_422" if jpeg else "RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        series_instance_uid=uids["series"],
-        series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=uids["sop"],
-        instance_number=2,
-        manufacturer=MANUFACTURER,
-        patient_orientation=("L", "F"),
-        transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian,
-        series_description="AI Grad-CAM: test",
-        contributing_equipment=[deepcopy(equipment)],
-    )
-    for ds in (ours, theirs):  # what _capture sets after either constructor
-        ds.PatientOrientation = ["L", "F"]
-        _with_source_identity(ds, source)
-    assert _at_a_fixed_time(ours) == _at_a_fixed_time(theirs)
-
-
-def test_a_source_with_a_non_standard_patients_sex_still_gets_results(
-    tmp_path: Path,
-) -> None:
-    """Real sources carry "U" or lower case; highdicom's constructors refuse them."""
-    datasets = sources("CT")
-    for ds in datasets:
-        ds.PatientSex = "U"
-    prediction = Classifier(make_artifact(), "cpu").predict(datasets, explain_top_k=1)
-    result = build_results(datasets, prediction, 1, parametric_map=True)
-    assert result.maps  # CT: a Parametric Map too
-    for i, ds in enumerate(result.datasets):
-        assert ds.PatientSex == "U"  # the source's, as it is
-        path = tmp_path / f"{i}.dcm"
-        path.write_bytes(file_bytes(ds))
-        assert dcmread(path).PatientSex == "U"
-
-
-def test_overlay_blends_the_heat_adds_a_colour_bar_and_burns_in_the_text() -> None:
-    grey = np.full((200, 150), 100, np.uint8)
-    heat = np.zeros((200, 150), np.float32)
-    heat[150:180, 100:130] = 1.0
-
-    out = overlay(grey, heat, [NOT_FOR_DIAGNOSIS, "Nodule 87 % - model"])
-
-    bar = max(8, 150 // 24) + max(2, max(8, 150 // 24) // 4)
-    assert out.shape == (200, 150 + bar, 3)
-    # No heat: the source as it was; full heat: half the source, half jet's
-    # top colour (dark red).
-    assert out[100, 60].tolist() == [100, 100, 100]
-    assert out[160, 110].tolist() == [114, 50, 50]
-    # The bar runs from dark red (top) to dark blue (bottom).
-    assert out[0, -1].tolist() == [128, 0, 0]
-    assert out[-1, -1].tolist() == [0, 0, 128]
-    # The text is yellow, outlined in black, in the top-left corner.
-    corner = out[:30, :120].astype(int)
-    yellow = (corner[..., 0] > 200) & (corner[..., 1] > 200) & (corner[..., 2] < 60)
-    black = corner.max(axis=2) < 40
-    assert yellow.sum() > 50
-    assert black.sum() > 50
-    assert np.all(out[30:140, :120] == 100)  # nothing below it
-    # Drawing again (the text from the cache) gives the same picture.
-    again = overlay(grey, heat, [NOT_FOR_DIAGNOSIS, "Nodule 87 % - model"])
-    assert np.array_equal(out, again)
-
-
-@pytest.mark.parametrize("kind", ["CT", "DX", "CR MONOCHROME1", "MR"])
-def test_captures_name_the_source_equipment_and_this_node(kind: str) -> None:
-    # Built twice: the second time highdicom's image-class lookup is cached.
-    for _ in range(2):
-        result, source = results(kind)
-        equipment = result.captures[0].ContributingEquipmentSequence
-        makers = [str(item.Manufacturer) for item in equipment]
-        assert makers[:2] == [str(source.Manufacturer), "dicom-node"]
-        assert (
-            equipment[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109101"
-        )  # acquisition
+    assert retired in classes

@@ -1,0 +1,223 @@
+"""The Grad-CAM Secondary Capture, built by highdicom: what a radiologist opens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.valuerep import DS
+
+from dicom_node.identity import MANUFACTURER
+from dicom_node.results.common import (
+    NOT_FOR_DIAGNOSIS,
+    NodeIdentity,
+    algorithm_equipment,
+    finish,
+    highdicom_view,
+    model_text,
+    series_number,
+)
+from dicom_node.results.render import overlay
+from inference import Explanation, StudyPrediction, render
+
+__all__ = ["build_capture", "copy_body_part", "source_reference"]
+
+# Lossy transfer syntaxes and the method each names in Lossy Image Compression
+# Method (PS3.3 C.7.6.1.1.5.1).
+_LOSSY_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # HTJ2K
+    "1.2.840.10008.1.2.4.100": "ISO_13818_2",  # MPEG2 MP@ML
+    "1.2.840.10008.1.2.4.101": "ISO_13818_2",  # MPEG2 MP@HL
+    "1.2.840.10008.1.2.4.102": "ISO_14496_10",  # MPEG-4 AVC/H.264
+    "1.2.840.10008.1.2.4.103": "ISO_14496_10",
+    "1.2.840.10008.1.2.4.104": "ISO_14496_10",
+    "1.2.840.10008.1.2.4.105": "ISO_14496_10",
+    "1.2.840.10008.1.2.4.106": "ISO_14496_10",
+    "1.2.840.10008.1.2.4.107": "ISO_23008_2",  # HEVC/H.265
+    "1.2.840.10008.1.2.4.108": "ISO_23008_2",
+    "1.2.840.10008.1.2.4.110": "ISO_18181_1",  # JPEG XL
+    "1.2.840.10008.1.2.4.112": "ISO_18181_1",
+}
+
+
+def build_capture(
+    source: Dataset,
+    explanation: Explanation,
+    prediction: StudyPrediction,
+    number: int,
+    uid: Callable[[str], str],
+    *,
+    jpeg: bool,
+    node: NodeIdentity,
+) -> Dataset:
+    """Return the Secondary Capture of one explained image.
+
+    The source rendered with its own window, the heatmap blended over it, the
+    scale beside it and a caption below: the warning, the finding with its
+    verdict, probability and threshold, and the model.
+    """
+    label = prediction.labels[explanation.label_index]
+    meaning = label.label.concept.meaning
+    verdict = "PRESENT" if label.positive else "ABSENT"
+    caption = [
+        NOT_FOR_DIAGNOSIS,
+        f"{meaning}: {verdict}, probability {100 * label.probability:.0f} %"
+        f" (threshold {100 * label.label.threshold:.0f} %)",
+        f"Grad-CAM: where the model looked. Model: {model_text(prediction)}",
+    ]
+    pixels = overlay(
+        render(source, explanation.source.frame_index),
+        explanation.heatmap,
+        caption,
+        positive=label.positive,
+    )
+    syntax = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
+    orientation = _orientation(source)
+    description = f"AI Grad-CAM: {prediction.model_name}"[:64]
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=highdicom_view(source),
+        pixel_array=pixels,
+        photometric_interpretation="YBR_FULL_422" if jpeg else "RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=uid("sc-series"),
+        series_number=series_number(prediction.model_name, 2),
+        sop_instance_uid=uid(f"sc-{number}"),
+        instance_number=number,
+        manufacturer=MANUFACTURER,
+        # highdicom takes one letter per direction; the source's own value
+        # (e.g. "LP") is set below.
+        patient_orientation=("L", "F"),
+        transfer_syntax_uid=syntax,
+        contributing_equipment=[algorithm_equipment(prediction)],
+        series_description=description,
+    )
+    sc.PatientOrientation = orientation  # type: ignore[assignment]
+    # No patient-identifying text is burned in (PS3.3 C.7.6.1.1.7); the
+    # caption holds the finding, the model and the warning only.
+    sc.BurnedInAnnotation = "NO"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.ImageComments = (
+        f"Grad-CAM of {label.label.name} ({verdict}) over the source image; "
+        f"{NOT_FOR_DIAGNOSIS}"
+    )[:10240]
+    copy_body_part(sc, source)
+    reference = source_reference(source, explanation.source.frame_index)
+    purpose = Dataset()
+    purpose.CodeValue = "121322"
+    purpose.CodingSchemeDesignator = "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    reference.PurposeOfReferenceCodeSequence = [purpose]
+    sc.SourceImageSequence = [reference]
+    sc.DerivationDescription = "Grad-CAM heatmap blended over the rendered source"
+    _lossy(sc, source, pixels.nbytes if jpeg else None)
+    own_text = [prediction.model_name, prediction.model_version, meaning, node.station]
+    return finish(sc, source, node, own_text)
+
+
+def source_reference(source: Dataset, frame_index: int) -> Dataset:
+    """Return a reference to the source instance (and its frame when multi-frame)."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+        item.ReferencedFrameNumber = frame_index + 1
+    return item
+
+
+def _lossy(sc: Dataset, source: Dataset, raw_bytes: int | None) -> None:
+    """Set Lossy Image Compression from the source's history and this capture's.
+
+    Once lossy compression happened to the pixels an image derives from, the
+    image says so, with each step's ratio and method in order (PS3.3
+    C.7.6.1.1.5); ``raw_bytes`` is the uncompressed size of a JPEG capture.
+    """
+    ratios, methods = _source_history(source)
+    if raw_bytes is not None:
+        # The encapsulated frame with its item headers: a few bytes over.
+        ratios.append(round(raw_bytes / max(1, len(sc.PixelData)), 2))
+        methods.append("ISO_10918_1")
+    if not methods:
+        sc.LossyImageCompression = "00"
+        return
+    sc.LossyImageCompression = "01"
+    sc.LossyImageCompressionRatio = [DS(r, auto_format=True) for r in ratios]
+    sc.LossyImageCompressionMethod = methods
+
+
+def _source_history(source: Dataset) -> tuple[list[float], list[str]]:
+    """Return the ratios and methods of the lossy steps the source went through."""
+    ratios = [float(str(r)) for r in _values(source.get("LossyImageCompressionRatio"))]
+    methods = [str(m) for m in _values(source.get("LossyImageCompressionMethod"))]
+    syntax = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", ""))
+    method = _LOSSY_METHODS.get(syntax)
+    lossy = str(source.get("LossyImageCompression", "")) == "01" or method
+    if not lossy:
+        return [], []
+    if method and (not methods or methods[-1] != method):
+        # Stored lossy now: the last step is this transfer syntax.
+        methods.append(method)
+        ratios.append(_stored_ratio(source))
+    if len(ratios) != len(methods):
+        ratios = ratios[: len(methods)]
+    return ratios, methods
+
+
+def _values(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return list(value)
+    return [value]
+
+
+def _stored_ratio(source: Dataset) -> float:
+    """Uncompressed size over the size of the source's compressed pixel data."""
+    rows, columns = int(source.get("Rows", 0) or 0), int(source.get("Columns", 0) or 0)
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    samples = int(source.get("SamplesPerPixel", 1) or 1)
+    bits = int(source.get("BitsAllocated", 8) or 8)
+    raw = rows * columns * frames * samples * bits / 8
+    data = source.get("PixelData")
+    size = len(data) if isinstance(data, bytes | bytearray) else 0
+    return round(raw / size, 2) if raw and size else 1.0
+
+
+def copy_body_part(ds: Dataset, source: Dataset) -> None:
+    """Copy Body Part Examined / Laterality so General Series' Type 2C holds."""
+    for keyword in ("BodyPartExamined", "Laterality"):
+        value = source.get(keyword)
+        if value:
+            setattr(ds, keyword, value)
+        elif keyword in ds:
+            del ds[keyword]
+    if "Laterality" not in ds and "BodyPartExamined" not in ds:
+        # General Series: Laterality is Type 2C, required when the body part may
+        # be a paired structure; unknown here, so present and empty.
+        ds.Laterality = None
+
+
+def _orientation(source: Dataset) -> list[str] | str:
+    value = source.get("PatientOrientation")
+    if value and len(value) == 2:
+        return list(value)
+    iop = source.get("ImageOrientationPatient")
+    if iop and len(iop) == 6:
+        return [_direction(iop[:3]), _direction(iop[3:])]
+    return ""
+
+
+def _direction(cosines: Sequence[float]) -> str:
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))
+    order = sorted(range(3), key=lambda i: -abs(float(cosines[i])))
+    return "".join(
+        letters[i][0 if float(cosines[i]) > 0 else 1]
+        for i in order
+        if abs(float(cosines[i])) > 0.0001
+    )[:3]

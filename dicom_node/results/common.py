@@ -1,0 +1,251 @@
+"""What every result object shares: who made it, whose it is, how its text is encoded.
+
+highdicom builds each object; what is done here happens at the boundary, on the
+way in (a view of the source that highdicom accepts) and on the way out (the
+node's identity and the source's Patient and Study, as they are).
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom import charset as dicom_charset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID, SecondaryCaptureImageStorage
+
+from dicom_node.identity import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    MANUFACTURER,
+    MODEL_NAME,
+    SOFTWARE_VERSION,
+)
+from inference import StudyPrediction
+
+__all__ = [
+    "NOT_FOR_DIAGNOSIS",
+    "NodeIdentity",
+    "algorithm_equipment",
+    "finish",
+    "highdicom_view",
+    "model_text",
+    "result_uid",
+    "series_number",
+]
+
+NOT_FOR_DIAGNOSIS = "AI: not for diagnostic use"
+UTF8 = "ISO_IR 192"
+_UID_NAMESPACE = uuid.UUID("5b0c5f4e-5d0e-4d55-9a0c-64c6f1c0de01")  # dicom-node results
+_HIGHDICOM = hd.ContributingEquipment.for_highdicom().Manufacturer
+# Patient's Sex values highdicom's constructors accept; real sources carry "U".
+_SEXES = ("M", "F", "O")
+_SEX = 0x00100040  # Patient's Sex
+_SOP_CLASS = 0x00080016  # SOP Class UID
+# Type 2 attributes of Patient and Study that highdicom's constructors read.
+_TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+# highdicom warns about unusual person names with the name in the message; the
+# names come from the source as they are, and a name must never reach a log.
+warnings.filterwarnings(
+    "ignore", message=r"The string .* is unlikely to represent", category=UserWarning
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """The node that writes the results (General Equipment of each object).
+
+    Parameters
+    ----------
+    station
+        The node's AE title (Station Name; the SR's observer device name).
+    device_uid
+        The node's Device UID.
+    """
+
+    station: str
+    device_uid: str
+
+
+def result_uid(study_uid: str, device_uid: str, run: int | str, role: str) -> str:
+    """Return a UID derived from the study, the model, the run and a role.
+
+    Parameters
+    ----------
+    study_uid
+        The source study.
+    device_uid
+        The model's Device UID.
+    run
+        The run: its number in the node; a key of its own for offline scoring,
+        so that offline results never take the node's UIDs.
+    role
+        What the UID names (``sr``, ``sr-series``, ``sc-1``, ...).
+
+    Returns
+    -------
+    str
+        A ``2.25.`` UID, the same for the same inputs.
+    """
+    # A name-based (version 5) UUID as a 2.25 UID (PS3.5 B.2): stable, unique.
+    name = "\n".join((study_uid, device_uid, str(run), role))
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+
+
+def series_number(model_name: str, role: int) -> int:
+    """Return the Series Number of a model's SR (1), captures (2) or maps (3).
+
+    9 followed by three digits of the model's name and the role, e.g. 94571:
+    each model's results sit in series of their own numbers, the same for
+    every study and version of that model.
+    """
+    key = uuid.uuid5(_UID_NAMESPACE, f"series\n{model_name}").int % 1000
+    return 90000 + 10 * key + role
+
+
+def model_text(prediction: StudyPrediction) -> str:
+    """Return "<model name> <version>" as the objects name the model (64 characters)."""
+    return f"{prediction.model_name} {prediction.model_version}"[:64]
+
+
+def algorithm_equipment(prediction: StudyPrediction) -> hd.ContributingEquipment:
+    """Return the Contributing Equipment item of the model that made the result.
+
+    IHE AI Results: the algorithm as equipment, named by its Device UID.
+    """
+    # Device UID is not an attribute of a Contributing Equipment item (PS3.3
+    # C.12.1); the model's Device UID (at most 64 characters) is its serial
+    # number here, as in the SR's observer context.
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=prediction.model_name[:64],
+        software_versions=[prediction.model_version[:64], SOFTWARE_VERSION],
+        device_serial_number=prediction.device_uid[:64],
+    )
+
+
+def highdicom_view(source: Dataset) -> Dataset:
+    """Return a shallow view of the source that highdicom's constructors accept.
+
+    Its Patient's Sex is emptied when it is not M, F or O (real sources carry
+    "U", which highdicom refuses), and a retired SOP class reads as the class
+    that replaced it (highdicom has no IOD table for the retired ultrasound
+    classes; the modules are the same). :func:`finish` puts the source's own
+    values back.
+    """
+    view = Dataset({element.tag: element for element in source})
+    for keyword in _TYPE_2:  # highdicom reads them; a source may lack them
+        if keyword not in view:
+            tag = tag_for_keyword(keyword)
+            assert tag is not None
+            view[tag] = DataElement(tag, dictionary_VR(tag), None)
+    # New elements, not assignments: the view shares the source's elements,
+    # and the source must not change.
+    if str(view.get("PatientSex", "") or "") not in _SEXES:
+        view[_SEX] = DataElement(_SEX, "CS", None)
+    sop_class = str(view.get("SOPClassUID", ""))
+    if sop_class in _RETIRED:
+        view[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", _RETIRED[sop_class])
+    return view
+
+
+# Retired SOP classes old archives still send, and the class that replaced each.
+_RETIRED = {
+    "1.2.840.10008.5.1.4.1.1.6": "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image
+    "1.2.840.10008.5.1.4.1.1.3": "1.2.840.10008.5.1.4.1.1.3.1",  # US Multi-frame
+}
+
+
+def finish(
+    ds: hd.SOPClass,
+    source: Dataset,
+    node: NodeIdentity,
+    own_text: Iterable[str],
+) -> hd.SOPClass:
+    """Make a built object name the node, carry the source's identity, encode its text.
+
+    - File Meta: the node's Implementation Class UID and version name (the node
+      writes the file, PS3.10 7.1); highdicom's own Contributing Equipment item
+      is dropped (it did not contribute to the acquisition or the content).
+    - General Equipment: the node's Manufacturer, Model Name, Software
+      Versions, Device UID and Station Name.
+    - Patient and Study modules (Patient, General Study, Patient Study,
+      clinical trial): the source's, copied whole as they are.
+    - Specific Character Set: the source's when it can hold the node's own
+      text, else ISO_IR 192 (PS3.5 6.1); the copied values are re-encoded when
+      written.
+    """
+    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    ds.ContributingEquipmentSequence = [
+        item
+        for item in ds.ContributingEquipmentSequence
+        if item.get("Manufacturer") != _HIGHDICOM
+    ]
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = MODEL_NAME
+    ds.SoftwareVersions = SOFTWARE_VERSION
+    ds.DeviceUID = node.device_uid
+    ds.StationName = node.station[:16]
+    view = highdicom_view(source)
+    try:
+        ds.copy_patient_and_study_information(view)
+    except KeyError:  # a SOP class highdicom has no IOD table for
+        # Secondary Capture: the same Patient and Study modules.
+        view[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", SecondaryCaptureImageStorage)
+        ds.copy_patient_and_study_information(view)
+    if "PatientSex" in source:  # what the view emptied, as the source has it
+        ds.PatientSex = source.PatientSex
+    charset = _charset(source, own_text)
+    if charset is None:
+        if "SpecificCharacterSet" in ds:
+            del ds.SpecificCharacterSet
+    else:
+        ds.SpecificCharacterSet = charset
+    return ds
+
+
+def _charset(source: Dataset, own_text: Iterable[str]) -> str | list[str] | None:
+    """Return the Specific Character Set that holds the source's and the node's text."""
+    value = source.get("SpecificCharacterSet")
+    declared: str | list[str] | None = (
+        (list(value) if len(value) > 1 else str(value[0]))
+        if isinstance(value, Sequence) and not isinstance(value, str)
+        else (str(value) if value else None)
+    )
+    encodings = dicom_charset.convert_encodings(declared)
+    if all(_fits(text, encodings) for text in own_text):
+        return declared
+    return UTF8
+
+
+def _fits(text: str, encodings: list[str]) -> bool:
+    """Whether ``text`` survives encoding in ``encodings`` unchanged."""
+    if text.isascii():
+        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            encoded = dicom_charset.encode_string(text, encodings)
+            decoded = dicom_charset.decode_bytes(encoded, encodings, set())
+        except (UserWarning, UnicodeError, LookupError, ValueError):
+            return False
+    return decoded == text

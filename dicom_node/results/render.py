@@ -1,0 +1,151 @@
+"""The picture of a Secondary Capture: the source, the heatmap, a scale, a caption.
+
+Nothing is drawn over the image but the heatmap: the caption sits in a band of
+its own below the picture and the scale beside it, so a small image keeps all
+of its pixels visible and the text is whole. A finding the model called present
+is shown in jet colours (red is hottest); one it called absent, when absent
+findings are explained at all, in a single cold hue with "ABSENT" in the
+caption, so it cannot be read as a positive.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["overlay"]
+
+# Pictures narrower than this are enlarged (nearest neighbour, whole factors)
+# so that the caption is legible beside them.
+_MIN_COLUMNS = 384
+_MIN_FONT = 9
+_CAPTION_COLOUR = {True: (255, 255, 0), False: (255, 255, 255)}
+
+
+def _jet(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    centres = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # red, green, blue
+    out: npt.NDArray[np.float32] = np.clip(
+        1.5 - np.abs(4.0 * (v - centres)), 0.0, 1.0
+    ).astype(np.float32)
+    return out
+
+
+_LEVELS = np.linspace(0.0, 1.0, 256, dtype=np.float32)
+# The colour of each of 256 heat levels, 0..255 per channel: jet for a present
+# finding; for an absent one, black to a light cyan-blue, no red anywhere.
+_LUT = {
+    True: np.rint(255 * _jet(_LEVELS)).astype(np.int32),
+    False: np.rint(
+        255 * _LEVELS[:, None] * np.array([0.25, 0.65, 1.0], np.float32)
+    ).astype(np.int32),
+}
+
+
+@functools.lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size)
+    except (OSError, TypeError):
+        return ImageFont.load_default()
+
+
+def _width(text: str, size: int) -> int:
+    return math.ceil(_font(size).getlength(text))
+
+
+def overlay(
+    image: npt.NDArray[np.uint8],
+    heatmap: npt.NDArray[np.float32],
+    caption: Sequence[str],
+    *,
+    positive: bool = True,
+) -> npt.NDArray[np.uint8]:
+    """Blend a heatmap over a rendered image, add its scale and a caption band.
+
+    Parameters
+    ----------
+    image
+        uint8 [rows, columns] or [rows, columns, 3].
+    heatmap
+        float [rows, columns] in [0, 1].
+    caption
+        Lines written in a band below the picture (shrunk to fit its width).
+    positive
+        Whether the heatmap explains a finding the model called present (jet
+        colours) or absent (one cold hue).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB: the picture, enlarged when it is small, with the scale to
+        its right and the caption below.
+    """
+    rgb = image[..., None] if image.ndim == 2 else image
+    heat = np.clip(np.asarray(heatmap, np.float32), 0.0, 1.0)
+    factor = max(1, math.ceil(_MIN_COLUMNS / max(1, rgb.shape[1])))
+    if factor > 1:
+        rgb = rgb.repeat(factor, axis=0).repeat(factor, axis=1)
+        heat = heat.repeat(factor, axis=0).repeat(factor, axis=1)
+    lut = _LUT[positive]
+    # Integer blend: alpha = level / 510 (half opacity at full heat), rounded.
+    level = np.rint(255 * heat).astype(np.int32)[..., None]
+    blended = (rgb * (510 - level) + lut[level[..., 0]] * level + 255) // 510
+    rows, columns = level.shape[:2]
+    size = max(_MIN_FONT, min(rows, columns) // 32)
+    scale = _scale(rows, size, positive)
+    picture = np.concatenate([blended.astype(np.uint8), scale], axis=1)
+    band = _caption(caption, picture.shape[1], size, positive)
+    return np.concatenate([picture, band], axis=0)
+
+
+@functools.lru_cache(maxsize=32)
+def _scale(rows: int, size: int, positive: bool) -> npt.NDArray[np.uint8]:
+    """Return the colour bar from high (top) to low (bottom), labelled; read-only."""
+    bar_width = max(8, size)
+    gap = max(2, bar_width // 4)
+    labels = ("high", "low")
+    label_width = max(_width(text, size) for text in labels) + 2 * gap
+    panel = Image.new("RGB", (gap + bar_width + label_width, rows))
+    levels = np.rint(np.linspace(255.0, 0.0, rows)).astype(np.int32)
+    bar = np.zeros((rows, bar_width, 3), np.uint8)
+    bar[:] = _LUT[positive][levels][:, None, :]
+    panel.paste(Image.fromarray(bar, "RGB"), (gap, 0))
+    draw = ImageDraw.Draw(panel)
+    x = gap + bar_width + gap
+    draw.text((x, 0), "high", fill=(255, 255, 255), font=_font(size))
+    draw.text((x, rows - size - 2), "low", fill=(255, 255, 255), font=_font(size))
+    out = np.asarray(panel, dtype=np.uint8).copy()
+    out.flags.writeable = False
+    return out
+
+
+def _caption(
+    lines: Sequence[str], width: int, size: int, positive: bool
+) -> npt.NDArray[np.uint8]:
+    """Return a black band holding every line whole, the font shrunk to fit."""
+    while size > _MIN_FONT and max(_width(line, size) for line in lines) > width - 4:
+        size -= 1
+    fitted = [_fit(line, size, width - 4) for line in lines]
+    height = len(fitted) * (size + 4) + 4
+    band = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(band)
+    y = 2
+    for line in fitted:
+        draw.text((2, y), line, fill=_CAPTION_COLOUR[positive], font=_font(size))
+        y += size + 4
+    return np.asarray(band, dtype=np.uint8)
+
+
+def _fit(line: str, size: int, width: int) -> str:
+    """Return the line, cut with "..." if it is still wider than the band."""
+    if _width(line, size) <= width:
+        return line
+    while line and _width(line + "...", size) > width:
+        line = line[:-1]
+    return line + "..."
