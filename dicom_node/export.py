@@ -34,6 +34,7 @@ from pynetdicom.transport import AssociationSocket
 from dicom_node.config import validate_ae_title
 from dicom_node.dimse import DECODE_ERRORS, VERIFICATION_SOP_CLASS
 from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.log import quiet_pynetdicom
 
 __all__ = [
@@ -167,6 +168,9 @@ class _ResponseGuard:
 def _new_ae(calling_ae_title: str, timeout: float) -> AE:
     quiet_pynetdicom()
     ae = _NoDelayAE(ae_title=calling_ae_title)
+    # Associations name this project (PS3.7 D.3.3.2), not the library.
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout

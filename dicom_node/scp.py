@@ -58,6 +58,7 @@ from dicom_node.gate import (
     Receipt,
     Refusal,
 )
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.index import IndexDB, InstanceRecordRequest, RecordOutcome
 from dicom_node.log import describe_exception, quiet_pynetdicom, uid_ref
 from dicom_node.storage import InstanceKey, Storage, validate_uid
@@ -881,6 +882,9 @@ def build_ae(config: NodeConfig) -> AE:
     # the handler then renames the file into storage.
     _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=config.ae_title)
+    # Associations name this project (PS3.7 D.3.3.2), not the library.
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu
     ae.acse_timeout = config.acse_timeout
