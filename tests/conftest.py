@@ -73,9 +73,15 @@ def make_config(tmp_path: Path, **overrides: Any) -> NodeConfig:
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    """A small model file (tests.factories.make_artifact) for a node to load."""
+    """A small model file (tests.factories.make_artifact) for a node to load.
+
+    Both findings at threshold 0: always present, so that every study gets a
+    Grad-CAM capture per label (absent findings get none by default).
+    """
     path = tmp_path / "model.safetensors"
-    make_artifact().save(path)
+    artifact = make_artifact()
+    artifact.labels = tuple(replace(label, threshold=0.0) for label in artifact.labels)
+    artifact.save(path)
     return path
 
 

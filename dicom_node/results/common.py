@@ -48,6 +48,7 @@ _HIGHDICOM = hd.ContributingEquipment.for_highdicom().Manufacturer
 _SEXES = ("M", "F", "O")
 _SEX = 0x00100040  # Patient's Sex
 _SOP_CLASS = 0x00080016  # SOP Class UID
+_CHARSET = 0x00080005  # Specific Character Set
 # Type 2 attributes of Patient and Study that highdicom's constructors read.
 _TYPE_2 = (
     "PatientName",
@@ -146,7 +147,8 @@ def highdicom_view(source: Dataset) -> Dataset:
     """Return a shallow view of the source that highdicom's constructors accept.
 
     Its Patient's Sex is emptied when it is not M, F or O (real sources carry
-    "U", which highdicom refuses), and a retired SOP class reads as the class
+    "U", which highdicom refuses), an empty first Specific Character Set value
+    reads as ISO 2022 IR 6, and a retired SOP class reads as the class
     that replaced it (highdicom has no IOD table for the retired ultrasound
     classes; the modules are the same). :func:`finish` puts the source's own
     values back.
@@ -161,6 +163,13 @@ def highdicom_view(source: Dataset) -> Dataset:
     # and the source must not change.
     if str(view.get("PatientSex", "") or "") not in _SEXES:
         view[_SEX] = DataElement(_SEX, "CS", None)
+    charset = view.get("SpecificCharacterSet")
+    if isinstance(charset, Sequence) and not isinstance(charset, str) and charset:
+        if not charset[0]:
+            # An empty first value is the default repertoire (PS3.3
+            # C.12.1.1.2), which highdicom refuses; ISO 2022 IR 6 names it.
+            values = ["ISO 2022 IR 6", *charset[1:]]
+            view[_CHARSET] = DataElement(_CHARSET, "CS", values)
     sop_class = str(view.get("SOPClassUID", ""))
     if sop_class in _RETIRED:
         view[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", _RETIRED[sop_class])
@@ -214,7 +223,14 @@ def finish(
         ds.copy_patient_and_study_information(view)
     if "PatientSex" in source:  # what the view emptied, as the source has it
         ds.PatientSex = source.PatientSex
-    charset = _charset(source, own_text)
+    declared = _declared(source)
+    charset = _charset(declared, own_text)
+    if charset != declared:
+        # Every copied value, nested ones included, decoded from the source's
+        # character set now, so that it is written in the new one.
+        if declared is not None:
+            ds.SpecificCharacterSet = declared
+        ds.decode()
     if charset is None:
         if "SpecificCharacterSet" in ds:
             del ds.SpecificCharacterSet
@@ -223,15 +239,29 @@ def finish(
     return ds
 
 
-def _charset(source: Dataset, own_text: Iterable[str]) -> str | list[str] | None:
-    """Return the Specific Character Set that holds the source's and the node's text."""
+def _declared(source: Dataset) -> str | list[str] | None:
+    """Return the source's Specific Character Set (None: the default repertoire)."""
     value = source.get("SpecificCharacterSet")
-    declared: str | list[str] | None = (
-        (list(value) if len(value) > 1 else str(value[0]))
-        if isinstance(value, Sequence) and not isinstance(value, str)
-        else (str(value) if value else None)
-    )
-    encodings = dicom_charset.convert_encodings(declared)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [str(v) for v in value] if len(value) > 1 else str(value[0])
+    return str(value) if value else None
+
+
+def _charset(
+    declared: str | list[str] | None, own_text: Iterable[str]
+) -> str | list[str] | None:
+    """Return the Specific Character Set that holds the source's and the node's text."""
+    terms = [declared] if isinstance(declared, str) or declared is None else declared
+    # The default repertoire is ASCII (PS3.5 6.1.2.2); pydicom reads it as
+    # Latin-1, which would let a byte outside the repertoire through.
+    encodings = [
+        "ascii"
+        if term in (None, "", "ISO_IR 6", "ISO 2022 IR 6")
+        else dicom_charset.python_encoding.get(str(term), "")
+        for term in terms
+    ]
+    if not all(encodings):  # a term pydicom does not know: say it in UTF-8
+        return UTF8
     if all(_fits(text, encodings) for text in own_text):
         return declared
     return UTF8
