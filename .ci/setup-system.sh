@@ -3,10 +3,14 @@
 # storescp, dsr2html), dicom3tools (dciodvfy), Orthanc (a real PACS for the
 # end-to-end test) and PostgreSQL (a throwaway server for the tests of a shared
 # index; the tests start their own, as the postgres user) and openssl (certificates
-# for the DICOM TLS tests). Idempotent; needs root (or sudo) and Debian's package registry.
+# for the DICOM TLS tests), libpixelmed-java (/usr/share/java/pixelmed.jar: pixelmed's
+# DicomSRValidator for tests/test_conformance.py) with default-jre-headless to run
+# it (libpixelmed-java does not depend on a Java runtime; pixelmed-apps, which does,
+# only adds /usr/bin wrappers, and its DicomSRValidator one fails on Java 17's XPath
+# limits). Idempotent; needs root (or sudo) and Debian's package registry.
 set -euo pipefail
 
-packages=(dcmtk dicom3tools orthanc postgresql openssl)
+packages=(dcmtk dicom3tools orthanc postgresql openssl libpixelmed-java default-jre-headless)
 need=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

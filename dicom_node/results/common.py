@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+from highdicom.enum import SpecificCharacterSetValues
 from pydicom import charset as dicom_charset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -147,8 +148,8 @@ def highdicom_view(source: Dataset) -> Dataset:
     """Return a shallow view of the source that highdicom's constructors accept.
 
     Its Patient's Sex is emptied when it is not M, F or O (real sources carry
-    "U", which highdicom refuses), an empty first Specific Character Set value
-    reads as ISO 2022 IR 6, and a retired SOP class reads as the class
+    "U", which highdicom refuses), a Specific Character Set highdicom refuses
+    reads as ISO_IR 192, and a retired SOP class reads as the class
     that replaced it (highdicom has no IOD table for the retired ultrasound
     classes; the modules are the same). :func:`finish` puts the source's own
     values back.
@@ -163,13 +164,12 @@ def highdicom_view(source: Dataset) -> Dataset:
     # and the source must not change.
     if str(view.get("PatientSex", "") or "") not in _SEXES:
         view[_SEX] = DataElement(_SEX, "CS", None)
-    charset = view.get("SpecificCharacterSet")
-    if isinstance(charset, Sequence) and not isinstance(charset, str) and charset:
-        if not charset[0]:
-            # An empty first value is the default repertoire (PS3.3
-            # C.12.1.1.2), which highdicom refuses; ISO 2022 IR 6 names it.
-            values = ["ISO 2022 IR 6", *charset[1:]]
-            view[_CHARSET] = DataElement(_CHARSET, "CS", values)
+    if not _highdicom_takes(_declared(source)):
+        # highdicom 0.28 refuses valid sets: an empty first value (the default
+        # repertoire, PS3.3 C.12.1.1.2) and ISO 2022 IR 149 (its enum misspells
+        # it IR 159). The view's set only labels highdicom's object (the values
+        # are decoded already); finish() writes the right one.
+        view[_CHARSET] = DataElement(_CHARSET, "CS", UTF8)
     sop_class = str(view.get("SOPClassUID", ""))
     if sop_class in _RETIRED:
         view[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", _RETIRED[sop_class])
@@ -237,6 +237,19 @@ def finish(
     else:
         ds.SpecificCharacterSet = charset
     return ds
+
+
+def _highdicom_takes(declared: str | list[str] | None) -> bool:
+    """Whether highdicom's constructors accept this Specific Character Set."""
+    terms = [declared] if isinstance(declared, str) or declared is None else declared
+    for term in terms:
+        if term is None:
+            continue
+        try:
+            SpecificCharacterSetValues(term)
+        except ValueError:
+            return False
+    return True
 
 
 def _declared(source: Dataset) -> str | list[str] | None:
