@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from tests.conftest import (
     worker_process,
     write_toml,
 )
-from tests.factories import make_artifact, make_ct
+from tests.factories import corpus_file, make_artifact, make_ct
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,11 +36,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.parametrize("source", ["DX sample", "CR chest (pydicom-data)"])
 def test_orthanc_sends_a_study_and_finds_the_results_in_it(
-    tmp_path: Path, run_serve: Callable[[NodeConfig], int]
+    source: str, tmp_path: Path, run_serve: Callable[[NodeConfig], int]
 ) -> None:
     model = tmp_path / "model.safetensors"
-    make_artifact().save(model)
+    artifact = make_artifact()  # both findings present: a Grad-CAM image each
+    artifact.labels = tuple(replace(label, threshold=0.0) for label in artifact.labels)
+    artifact.save(model)
     node_port = free_port()
     binary = find_orthanc()
     assert binary is not None
@@ -62,8 +66,12 @@ def test_orthanc_sends_a_study_and_finds_the_results_in_it(
             models=(ModelConfig(model),),
         )
         run_serve(config)
-        source = next((REPO / "sample_dicoms" / "dx" / "dicom").rglob("*.dcm"))
-        uploaded = json.loads(pacs.request("/instances", source.read_bytes()))
+        path = (
+            next((REPO / "sample_dicoms" / "dx" / "dicom").rglob("*.dcm"))
+            if source == "DX sample"
+            else corpus_file("RG1_UNCR.dcm")  # a real chest CR, 1760 x 2140
+        )
+        uploaded = json.loads(pacs.request("/instances", path.read_bytes()))
         study_id = uploaded["ParentStudy"]
         sent = json.loads(
             pacs.request("/modalities/node/store", json.dumps(study_id).encode())
