@@ -94,7 +94,9 @@ def model_file(folder: Path) -> Path:
         device_uid=str(generate_uid()),
         architecture="resnet18",
         preprocessing=PreprocessSpec(size=(224, 224)),
-        labels=(Label("nodule", CodedConcept("27925004", "SCT", "Nodule"), 0.5),),
+        # Threshold 0: every study positive, so each gets its Grad-CAM capture
+        # (absent findings get none), the same work per study in every run.
+        labels=(Label("nodule", CodedConcept("27925004", "SCT", "Nodule"), 0.0),),
         state_dict=build_model("resnet18", 1, 1).state_dict(),
     )
     path = folder / "model.safetensors"
@@ -199,6 +201,7 @@ def worker_processes(config: NodeConfig, workers: int, count: int) -> Iterator[N
     toml.write_text(
         f'[node]\nstate_dir = "{config.state_dir}"\nworkers = {workers}\n'
         f"scoring_nice = {config.scoring_nice}\n"
+        f"results_processes = {config.results_processes}\n"
         'device = "cpu"\nlog_level = "WARNING"\n'
         f'[[destinations]]\nname = "{dest.name}"\nae_title = "{dest.ae_title}"\n'
         f'host = "{dest.host}"\nport = {dest.port}\n'
@@ -336,6 +339,15 @@ def main() -> int:
         "0 (default): in the node's own threads",
     )
     parser.add_argument(
+        "--results-processes",
+        type=int,
+        default=defaults.results_processes,
+        metavar="N",
+        help="[node] results_processes: processes building the result objects "
+        f"beside each scoring process (default {defaults.results_processes}; 0: "
+        "in the worker's results thread)",
+    )
+    parser.add_argument(
         "--single", type=int, default=8, help="studies sent one at a time (latency)"
     )
     args = parser.parse_args()
@@ -356,6 +368,7 @@ def main() -> int:
             models=(ModelConfig(model),),
             workers=0 if args.worker_processes else args.workers,
             scoring_nice=args.scoring_nice,
+            results_processes=args.results_processes,
             device="cpu",
             log_level="WARNING",
             source="bench",

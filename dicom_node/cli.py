@@ -18,10 +18,10 @@ from typing import Any
 from dicom_node import __version__
 from dicom_node.config import NodeConfig, example_config_text, load_config
 from dicom_node.demo import run_demo
-from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.errors import ConfigError, DicomNodeError, InvalidUidError
 from dicom_node.export import SendOutcome, echo, parse_peer, send_files
 from dicom_node.log import configure_logging, describe_exception
-from dicom_node.score import score_files
+from dicom_node.score import score_run
 from dicom_node.service import (
     ChildProcess,
     open_index,
@@ -29,6 +29,7 @@ from dicom_node.service import (
     run_worker,
     serve,
 )
+from dicom_node.storage import validate_uid
 from dicom_node.worker import requeue, scoring_threads
 
 __all__ = ["build_parser", "main"]
@@ -171,13 +172,31 @@ def build_parser() -> argparse.ArgumentParser:
         "way the node does, per study: the TID 1500 SR and the Grad-CAM Secondary "
         "Captures go to DIR/<study>/, a PNG of each Grad-CAM image beside them, "
         "and a summary (per study: label, probability, Present/Absent) to stdout. "
-        "Nothing is sent anywhere.",
+        "Nothing is sent anywhere. As in the node, only image storage instances "
+        "are scored (never SEG, RT, SR, KO, PR, Parametric Maps, encapsulated "
+        "documents or waveforms, nor the node's own results), and only those of "
+        "the modalities, body parts and SOP classes the model accepts; the "
+        "options below replace the model's lists. Files passed over are counted "
+        "with the reason; when nothing is scored the command fails and says why.",
     )
-    p_score.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p_score.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="DICOM files and folders (searched recursively)",
+    )
     p_score.add_argument(
         "--model", type=Path, required=True, help="a .safetensors model file"
     )
-    p_score.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p_score.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="each study's SR, captures (DICOM and PNG) and maps go to "
+        "DIR/<Study Instance UID>/",
+    )
     p_score.add_argument("--json", action="store_true", help="print one JSON object")
     p_score.add_argument("--device", default="", help="cpu or cuda (default: auto)")
     p_score.add_argument(
@@ -191,6 +210,40 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write the raw Grad-CAM as a Parametric Map (pm-N.dcm) for "
         "images with patient geometry (CT, MR, ...; not projection radiographs)",
+    )
+    p_score.add_argument(
+        "--explain-absent",
+        action="store_true",
+        help="also a Grad-CAM image for findings called absent (cold colours, "
+        "captioned ABSENT); by default only present findings get one",
+    )
+    p_score.add_argument(
+        "--modality",
+        action="append",
+        metavar="MODALITY",
+        help="score images of this Modality (e.g. DX; repeat for more) instead of "
+        "the modalities the model accepts",
+    )
+    p_score.add_argument(
+        "--body-part",
+        action="append",
+        metavar="BODY_PART",
+        help="score images of this Body Part Examined (e.g. CHEST; repeat for "
+        "more) instead of the body parts the model accepts",
+    )
+    p_score.add_argument(
+        "--sop-class",
+        action="append",
+        metavar="UID",
+        help="score images of this SOP Class UID (repeat for more) instead of the "
+        "SOP classes the model accepts",
+    )
+    p_score.add_argument(
+        "--any-image",
+        action="store_true",
+        help="score every image storage instance, whatever modalities, body parts "
+        "and SOP classes the model accepts (--modality, --body-part and "
+        "--sop-class still restrict); non-images are never scored",
     )
 
     p_demo = sub.add_parser(
@@ -351,7 +404,12 @@ def _score(args: argparse.Namespace) -> int:
         raise ConfigError(f"no such file or folder: {', '.join(map(str, missing))}")
     if args.gradcam_top_k < 0:
         raise ConfigError("--gradcam-top-k: expected >= 0")
-    summaries = score_files(
+    for uid in args.sop_class or []:
+        try:
+            validate_uid(uid, "--sop-class")
+        except InvalidUidError as exc:
+            raise ConfigError(str(exc)) from exc
+    run = score_run(
         args.paths,
         args.model,
         args.out,
@@ -359,16 +417,36 @@ def _score(args: argparse.Namespace) -> int:
         gradcam_top_k=args.gradcam_top_k,
         jpeg=args.jpeg,
         parametric_map=args.parametric_map,
+        explain_absent=args.explain_absent,
+        modalities=[m.upper() for m in args.modality] if args.modality else None,
+        body_parts=args.body_part,
+        sop_classes=args.sop_class,
+        any_image=args.any_image,
     )
     if args.json:
-        print(json.dumps({"studies": [s.to_dict() for s in summaries]}, indent=2))
-    else:
-        for summary in summaries:
-            print(summary.text())
-    if not summaries:
-        print("dicom-node: no scorable image found", file=sys.stderr)
+        print(json.dumps(run.to_dict(), indent=2))
+    elif run.studies or run.passed_over:
+        print(run.text())
+    if run.studies:
+        return EXIT_OK
+    if not run.passed_over:
+        print("dicom-node: nothing to score: no file found", file=sys.stderr)
         return EXIT_FAILURE
-    return EXIT_OK
+    reasons = "; ".join(
+        f"{reason}: {count} file(s)"
+        for reason, count in sorted(run.passed_over.items())
+    )
+    print(
+        f"dicom-node: nothing to score: no image the model accepts ({reasons})",
+        file=sys.stderr,
+    )
+    if run.not_accepted:
+        print(
+            "dicom-node: --modality, --body-part, --sop-class or --any-image score "
+            "images the model does not accept",
+            file=sys.stderr,
+        )
+    return EXIT_FAILURE
 
 
 def _receiver_process(config: NodeConfig, port: int) -> None:
@@ -518,13 +596,15 @@ def _config_command(args: argparse.Namespace) -> int:
         + f", scoring at nice +{config.scoring_nice}"
     )
     print(
-        "results          SR, Grad-CAM Secondary Captures "
+        "results          SR, Grad-CAM Secondary Captures of "
+        + ("every finding " if config.results_explain_absent else "present findings ")
         + ("(JPEG baseline)" if config.results_jpeg else "(RGB)")
         + (
             ", Parametric Maps (images with patient geometry)"
             if config.results_parametric_map
             else ""
         )
+        + f"; built in {config.results_processes} process(es) beside each scorer"
     )
     print(
         f"retries          jobs {config.job_attempts}, deliveries "

@@ -234,6 +234,10 @@ class NodeConfig:
         Also picture the Grad-CAM of findings the model called absent (in a
         cold hue, captioned ABSENT); by default only present findings get a
         Secondary Capture.
+    results_processes
+        Processes of each scoring process that build and write result sets
+        (highdicom's Python work, off the scoring process's GIL); 0: its
+        results thread builds them.
     device_uid
         The node's Device UID in every result object's General Equipment;
         empty: one derived from the host name and the AE title.
@@ -285,6 +289,7 @@ class NodeConfig:
     results_jpeg: bool = False
     results_parametric_map: bool = False
     results_explain_absent: bool = False
+    results_processes: int = 1
     device_uid: str = ""
     job_attempts: int = 3
     delivery_attempts: int = 8
@@ -366,6 +371,7 @@ class NodeConfig:
             ("workers", 0),
             ("torch_threads", 0),
             ("gradcam_top_k", 0),
+            ("results_processes", 0),
             ("batch_studies", 1),
             ("job_attempts", 1),
             ("delivery_attempts", 1),
@@ -517,6 +523,7 @@ _NODE_KEYS: dict[str, type] = {
     "results_jpeg": bool,
     "results_parametric_map": bool,
     "results_explain_absent": bool,
+    "results_processes": int,
     "device_uid": str,
     "job_attempts": int,
     "delivery_attempts": int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +12,11 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_node.config import ModelMatch
 from dicom_node.dimse import DECODE_ERRORS
+from dicom_node.eligibility import instance_problem, match_problem, model_match
 from dicom_node.export import find_files
-from dicom_node.identity import MANUFACTURER, node_device_uid
+from dicom_node.identity import node_device_uid
 from dicom_node.results import NodeIdentity, build_results
 from dicom_node.results.store import capture_png, write_result_files
 from dicom_node.storage import validate_uid
@@ -23,9 +26,11 @@ from inference import Classifier, ModelArtifact, StudyPrediction
 OFFLINE_STATION = "DICOMNODE-SCORE"
 
 __all__ = [
+    "ScoreRun",
     "StudySummary",
     "capture_png",
     "score_files",
+    "score_run",
     "sr_text",
     "write_result_files",
 ]
@@ -77,7 +82,63 @@ class StudySummary:
         return "\n".join(lines)
 
 
-def score_files(
+@dataclass(slots=True)
+class ScoreRun:
+    """What a ``score`` run did: the studies scored and the files passed over.
+
+    Parameters
+    ----------
+    studies
+        One summary per study scored, in the order first seen.
+    passed_over
+        Files not scored, counted per reason (``"not an image: Segmentation
+        Storage"``, ``"modality not in ['DX']"``, ...).
+    match
+        The rule applied: the model's accepted modalities, body parts and SOP
+        classes, as the options replaced them.
+    not_accepted
+        The reasons in ``passed_over`` that come from ``match`` (images the
+        model does not accept), not from the files themselves.
+    """
+
+    studies: list[StudySummary]
+    passed_over: dict[str, int]
+    match: ModelMatch
+    not_accepted: frozenset[str] = frozenset()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the run as JSON-able values."""
+        return {
+            "studies": [s.to_dict() for s in self.studies],
+            "passed_over": dict(self.passed_over),
+            "accepts": {
+                "modalities": list(self.match.modalities),
+                "body_parts": list(self.match.body_parts),
+                "sop_classes": list(self.match.sop_classes),
+            },
+        }
+
+    def passed_over_text(self) -> str:
+        """Return the files passed over as lines a person reads; empty if none."""
+        if not self.passed_over:
+            return ""
+        total = sum(self.passed_over.values())
+        lines = [f"passed over {total} file(s):"]
+        for reason, count in sorted(
+            self.passed_over.items(), key=lambda item: (-item[1], item[0])
+        ):
+            lines.append(f"  {count:5d}  {reason}")
+        return "\n".join(lines)
+
+    def text(self) -> str:
+        """Return the studies and the files passed over as lines a person reads."""
+        parts = [s.text() for s in self.studies]
+        if self.passed_over:
+            parts.append(self.passed_over_text())
+        return "\n".join(parts)
+
+
+def score_run(
     paths: Sequence[Path],
     model: Path,
     out: Path,
@@ -87,14 +148,22 @@ def score_files(
     jpeg: bool = False,
     parametric_map: bool = False,
     explain_absent: bool = False,
-) -> list[StudySummary]:
-    """Score DICOM files per study and write each study's result set.
+    modalities: Sequence[str] | None = None,
+    body_parts: Sequence[str] | None = None,
+    sop_classes: Sequence[str] | None = None,
+    any_image: bool = False,
+) -> ScoreRun:
+    """Score DICOM files per study the way the node does; write each result set.
+
+    An instance is scored when the node would score it with this model
+    (:func:`dicom_node.eligibility.passed_over_reason`): an image storage SOP
+    class, not a result of the node, of a modality, body part and SOP class the
+    model accepts (each list replaced when given here).
 
     Parameters
     ----------
     paths
-        Files and folders (searched recursively); non-DICOM files and objects
-        without pixel data are passed over.
+        Files and folders (searched recursively).
     model
         The model file.
     out
@@ -110,28 +179,34 @@ def score_files(
         geometry.
     explain_absent
         Also picture the Grad-CAM of findings called absent.
+    modalities
+        When given, replaces the model's accepted Modality values.
+    body_parts
+        When given, replaces the model's accepted Body Part Examined values.
+    sop_classes
+        When given, replaces the model's accepted SOP Class UIDs.
+    any_image
+        Ignore the model's accepted lists: every image storage instance is
+        scored (unless ``modalities``, ``body_parts`` or ``sop_classes`` restrict).
 
     Returns
     -------
-    list of StudySummary
-        One per study, in the order first seen.
+    ScoreRun
+        The studies scored, and the files passed over with the reasons; no
+        study when nothing was eligible.
     """
     artifact = ModelArtifact.load(model)
+    match = model_match(
+        {} if any_image else artifact.accepts,
+        modalities=modalities,
+        body_parts=body_parts,
+        sop_classes=sop_classes,
+    )
+    studies, passed_over, not_accepted = _select(paths, match)
+    summaries: list[StudySummary] = []
+    if not studies:
+        return ScoreRun(summaries, passed_over, match, not_accepted)
     classifier = Classifier(artifact, device or None)
-    studies: dict[str, list[Dataset]] = {}
-    for path, _ in find_files(paths):
-        try:
-            ds = dcmread(path)
-        except DECODE_ERRORS:
-            continue
-        if "PixelData" not in ds or str(ds.get("Manufacturer", "")) == MANUFACTURER:
-            continue
-        try:
-            study = validate_uid(ds.get("StudyInstanceUID", ""), "StudyInstanceUID")
-        except ValueError:
-            continue
-        studies.setdefault(study, []).append(ds)
-    summaries = []
     # Each invocation's objects get UIDs of their own: never those of the node's
     # runs (a PACS keeps the first copy of a UID and drops the next).
     run_key = f"offline-{uuid.uuid4()}"
@@ -151,7 +226,90 @@ def score_files(
         folder = out / study
         pngs = write_result_files(folder, result)
         summaries.append(_summary(study, len(datasets), prediction, folder, pngs))
-    return summaries
+    return ScoreRun(summaries, passed_over, match, not_accepted)
+
+
+def score_files(
+    paths: Sequence[Path],
+    model: Path,
+    out: Path,
+    *,
+    device: str = "",
+    gradcam_top_k: int = 1,
+    jpeg: bool = False,
+    parametric_map: bool = False,
+    explain_absent: bool = False,
+    modalities: Sequence[str] | None = None,
+    body_parts: Sequence[str] | None = None,
+    sop_classes: Sequence[str] | None = None,
+    any_image: bool = False,
+) -> list[StudySummary]:
+    """Score DICOM files per study and write each study's result set.
+
+    :func:`score_run`, less what was passed over.
+
+    Parameters
+    ----------
+    paths, model, out, device, gradcam_top_k, jpeg, parametric_map
+        As for :func:`score_run`.
+    explain_absent, modalities, body_parts, sop_classes, any_image
+        As for :func:`score_run`.
+
+    Returns
+    -------
+    list of StudySummary
+        One per study, in the order first seen.
+    """
+    return score_run(
+        paths,
+        model,
+        out,
+        device=device,
+        gradcam_top_k=gradcam_top_k,
+        jpeg=jpeg,
+        parametric_map=parametric_map,
+        explain_absent=explain_absent,
+        modalities=modalities,
+        body_parts=body_parts,
+        sop_classes=sop_classes,
+        any_image=any_image,
+    ).studies
+
+
+def _select(
+    paths: Sequence[Path], match: ModelMatch
+) -> tuple[dict[str, list[Dataset]], dict[str, int], frozenset[str]]:
+    """Read the files; group those to score by study, count the others by reason.
+
+    Returns the studies, the counts, and which reasons come from the match.
+    """
+    studies: dict[str, list[Dataset]] = {}
+    passed_over: Counter[str] = Counter()
+    not_accepted: set[str] = set()
+    for path, _ in find_files(paths):
+        try:
+            ds = dcmread(path)
+        except DECODE_ERRORS:
+            passed_over["not a DICOM file pydicom can read"] += 1
+            continue
+        sop_class_uid = str(ds.get("SOPClassUID", "")) or str(
+            ds.file_meta.get("MediaStorageSOPClassUID", "")
+        )
+        reason = instance_problem(ds, sop_class_uid)
+        if not reason:
+            reason = match_problem(ds, sop_class_uid, match)
+            if reason:
+                not_accepted.add(reason)
+        if not reason:
+            try:
+                study = validate_uid(ds.get("StudyInstanceUID", ""), "StudyInstanceUID")
+            except ValueError:
+                reason = "no valid Study Instance UID"
+            else:
+                studies.setdefault(study, []).append(ds)
+                continue
+        passed_over[reason] += 1
+    return studies, dict(passed_over), frozenset(not_accepted)
 
 
 def _summary(

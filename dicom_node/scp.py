@@ -21,9 +21,10 @@ from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, _config, evt
+from pydicom.uid import UID, AllTransferSyntaxes
+from pynetdicom import AE, _config, evt, register_uid
 from pynetdicom import __version__ as pynetdicom_version
+from pynetdicom import sop_class as pynetdicom_sop_class
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
@@ -31,7 +32,10 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import (
     AllStoragePresentationContexts,
     PresentationContext,
+    StoragePresentationContexts,
 )
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -73,6 +77,7 @@ __all__ = [
     "handle_echo",
     "handle_pdu_recv",
     "handle_store",
+    "storage_sop_classes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -897,10 +902,53 @@ def build_ae(config: NodeConfig) -> AE:
     if not config.allow_any_caller:
         ae.require_calling_aet = sorted({c.ae_title for c in config.callers})
     ae.add_supported_context(VERIFICATION_SOP_CLASS, AllTransferSyntaxes)
-    for cx in AllStoragePresentationContexts:
-        if cx.abstract_syntax is not None:
-            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+    for sop_class_uid in storage_sop_classes():
+        if _stored_by_pynetdicom(sop_class_uid):
+            ae.add_supported_context(sop_class_uid, AllTransferSyntaxes)
     return ae
+
+
+def _stored_by_pynetdicom(sop_class_uid: str) -> bool:
+    """Make pynetdicom's C-STORE service handle a storage class it does not know.
+
+    pynetdicom aborts an association that sends an instance of a SOP class it
+    maps to no service class (its retired storage classes, such as Ultrasound
+    Image Storage 1.2.840.10008.5.1.4.1.1.6); its ``register_uid`` maps one to
+    the Storage Service Class, under pydicom's keyword for the UID. False when
+    that cannot be done: the class is then refused at negotiation, not aborted.
+    """
+    if uid_to_service_class(sop_class_uid) is not ServiceClass:
+        return True  # pynetdicom knows it
+    keyword = UID(sop_class_uid).keyword
+    if not keyword or hasattr(pynetdicom_sop_class, keyword):
+        return False  # a keyword pynetdicom uses for another UID stays its own
+    register_uid(sop_class_uid, keyword, StorageServiceClass)
+    return True
+
+
+def storage_sop_classes() -> list[str]:
+    """Return the storage SOP classes the node accepts, retired ones included.
+
+    pynetdicom's AllStoragePresentationContexts leaves out storage classes
+    that its StoragePresentationContexts (the 120 a requestor can propose)
+    still lists: the retired Ultrasound Image Storage (1.2.840.10008.5.1.4.1.1.6)
+    and Ultrasound Multi-frame Image Storage (1.2.840.10008.5.1.4.1.1.3) that
+    old ultrasound archives send, the retired NM, XA Bi-Plane and VL trial
+    classes, and retired print and standalone objects. dcmtk's storescp accepts
+    them; so does the node. The limit of 128 presentation contexts (odd IDs
+    1-255, PS3.8 9.3.2.2) binds what a requestor proposes, not what an acceptor
+    supports.
+
+    Returns
+    -------
+    list of str
+        SOP Class UIDs, each once, in pynetdicom's order.
+    """
+    uids: dict[str, None] = {}
+    for cx in (*AllStoragePresentationContexts, *StoragePresentationContexts):
+        if cx.abstract_syntax is not None:
+            uids.setdefault(str(cx.abstract_syntax), None)
+    return list(uids)
 
 
 class Receiver:

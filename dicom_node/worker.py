@@ -33,9 +33,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicom_node.config import ModelConfig, ModelMatch, NodeConfig
+from dicom_node.eligibility import model_match, passed_over_reason
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.export import Peer, send_files
-from dicom_node.identity import MANUFACTURER, node_device_uid
+from dicom_node.identity import node_device_uid
 from dicom_node.index import (
     AssociationRecord,
     Delivery,
@@ -48,8 +49,8 @@ from dicom_node.index import (
     utc_now,
 )
 from dicom_node.log import describe_exception, uid_ref
-from dicom_node.results import NodeIdentity, ResultSet, build_results, warm_up
-from dicom_node.results.store import write_result_files
+from dicom_node.results import NodeIdentity
+from dicom_node.results.builder import BuildRequest, Built, ResultBuilder
 from dicom_node.tls import client_context
 from inference import (
     Classifier,
@@ -322,6 +323,10 @@ def eligible_images(
 ) -> tuple[list[Dataset], str]:
     """Pick the images a model runs on.
 
+    The rule is :func:`dicom_node.eligibility.passed_over_reason`, the one
+    offline ``dicom-node score`` applies: image storage SOP classes only, never
+    the node's own results, then the match.
+
     Parameters
     ----------
     images
@@ -339,31 +344,15 @@ def eligible_images(
         The eligible data sets, and why none was (empty when some were).
     """
     if match is None:
-        match = ModelMatch(
-            modalities=tuple(accepts.get("modalities", [])),
-            body_parts=tuple(accepts.get("body_parts", [])),
-            sop_classes=tuple(accepts.get("sop_classes", [])),
-        )
-    body_parts = {b.upper() for b in match.body_parts}
+        match = model_match(accepts)
     chosen: list[Dataset] = []
     reasons: set[str] = set()
     for image, ds in zip(images, datasets, strict=True):
-        if "PixelData" not in ds and "FloatPixelData" not in ds:
-            reasons.add("no pixel data")
-        elif str(ds.get("Manufacturer", "")) == MANUFACTURER:
-            reasons.add("a result of this node")
-        elif match.modalities and str(ds.get("Modality", "")) not in match.modalities:
-            reasons.add(f"modality not in {list(match.modalities)}")
-        elif body_parts and str(ds.get("BodyPartExamined", "")).upper() not in (
-            body_parts
-        ):
-            reasons.add(f"body part not in {sorted(body_parts)}")
-        elif match.sop_classes and image.sop_class_uid not in match.sop_classes:
-            reasons.add("SOP class not accepted")
-        elif match.calling_ae_titles and (
-            image.calling_ae_title not in match.calling_ae_titles
-        ):
-            reasons.add(f"sender not in {list(match.calling_ae_titles)}")
+        reason = passed_over_reason(
+            ds, image.sop_class_uid, match, image.calling_ae_title
+        )
+        if reason:
+            reasons.add(reason)
         else:
             chosen.append(ds)
     if chosen:
@@ -436,6 +425,9 @@ class _Scoring:
     chosen: list[Dataset]
 
 
+# Builds result sets in the calling thread (no results processes).
+_INLINE = ResultBuilder(0)
+
 # Scored studies and their predictions, on their way to results.
 Scored = list[tuple["_Scoring", StudyPrediction]]
 
@@ -489,7 +481,11 @@ def process_jobs(
 
 
 def complete_jobs(
-    scored: Scored, config: NodeConfig, index: IndexDB, started: float
+    scored: Scored,
+    config: NodeConfig,
+    index: IndexDB,
+    started: float,
+    builder: ResultBuilder | None = None,
 ) -> list[JobOutcome]:
     """Write the results of scored studies and queue their deliveries.
 
@@ -503,6 +499,8 @@ def complete_jobs(
         The index.
     started
         When their scoring started (for the log).
+    builder
+        Builds and writes the result sets (in its processes); None: here.
 
     Returns
     -------
@@ -520,6 +518,7 @@ def complete_jobs(
             config,
             index,
             started,
+            builder or _INLINE,
         )
         for scoring, prediction in scored
     ]
@@ -606,30 +605,34 @@ def _complete(
     config: NodeConfig,
     index: IndexDB,
     started: float,
+    builder: ResultBuilder,
 ) -> JobOutcome:
     """Write a scored study's results and queue its deliveries."""
     job, classifier = scoring.job, scoring.classifier
     previous = _previous(index, job)
     run = previous[0] + 1 if previous else 1
-    previous_sr = (
-        dcmread(results_root(config) / previous[1] / "sr.dcm") if previous else None
-    )
-    result = build_results(
-        scoring.chosen,
-        prediction,
-        run,
-        node=NodeIdentity(
-            config.ae_title, node_device_uid(config.ae_title, config.device_uid)
-        ),
-        previous_sr=previous_sr,
-        jpeg=config.results_jpeg,
-        parametric_map=config.results_parametric_map,
-        explain_absent=config.results_explain_absent,
-    )
     folder = f"{job.study_uid}/{classifier.artifact.device_uid}-run{run}"
-    write_result_files(results_root(config) / folder, result, png=False)
+    built = builder.build(
+        BuildRequest(
+            # The images as stored: the builder reads them again (in its own
+            # process) rather than receiving their pixels.
+            sources=tuple(Path(str(ds.filename)) for ds in scoring.chosen),
+            prediction=prediction,
+            run=run,
+            node=NodeIdentity(
+                config.ae_title, node_device_uid(config.ae_title, config.device_uid)
+            ),
+            folder=results_root(config) / folder,
+            previous_sr=(
+                results_root(config) / previous[1] / "sr.dcm" if previous else None
+            ),
+            jpeg=config.results_jpeg,
+            parametric_map=config.results_parametric_map,
+            explain_absent=config.results_explain_absent,
+        )
+    )
     peers = _destinations(config, scoring.images)
-    outcome = _commit(index, job, result, prediction, folder, peers)
+    outcome = _commit(index, job, built, prediction, folder, peers)
     logger.info(
         "study %s scored by %s in %.2f s: %s; %d delivery(ies) queued",
         uid_ref(job.study_uid),
@@ -686,7 +689,7 @@ def _destinations(
 def _commit(
     index: IndexDB,
     job: ClaimedJob,
-    result: ResultSet,
+    result: Built,
     prediction: StudyPrediction,
     folder: str,
     peers: Sequence[tuple[str, Peer]],
@@ -721,7 +724,7 @@ def _commit(
             model=job.model,
             run=result.run,
             device_uid=prediction.device_uid,
-            sr_sop_instance_uid=str(result.sr.SOPInstanceUID),
+            sr_sop_instance_uid=result.sr_uid,
             folder=folder,
             summary=summary,
             created_at=now,
@@ -1091,13 +1094,22 @@ class Worker(_Loop):
         The shared model cache.
     name
         The thread's name (part of the lease owner).
+    builder
+        Builds and writes the result sets (the process's results pool);
+        None: the results thread builds them itself.
     """
 
     def __init__(
-        self, config: NodeConfig, index: IndexDB, models: ModelCache, name: str
+        self,
+        config: NodeConfig,
+        index: IndexDB,
+        models: ModelCache,
+        name: str,
+        builder: ResultBuilder | None = None,
     ) -> None:
         super().__init__(name)
         self.config, self.index, self.models = config, index, models
+        self.builder = builder or _INLINE
         self.owner = _owner(name)
         self.on_delivery_queued: Callable[[], None] | None = None
         self._scored: queue.Queue[tuple[Scored, float] | None] = queue.Queue(1)
@@ -1157,10 +1169,17 @@ class Worker(_Loop):
         return True
 
     def _write_results(self) -> None:
-        warm_up()  # while no study waits for it
+        try:  # while no study waits for it
+            self.builder.start()
+        except Exception as exc:  # noqa: BLE001 - the first study tries again
+            logger.error(
+                "%s: results processes: %s", self.name, describe_exception(exc)
+            )
         while (item := self._scored.get()) is not None:
             try:
-                outcomes = complete_jobs(item[0], self.config, self.index, item[1])
+                outcomes = complete_jobs(
+                    item[0], self.config, self.index, item[1], self.builder
+                )
             except Exception as exc:  # noqa: BLE001 - keep the thread alive
                 # Only the index can fail here (a job's own errors are handled);
                 # the leases run out and the jobs are done again.
@@ -1211,13 +1230,19 @@ class Workers:
     restore_threads
         torch's CPU threads before the job threads set theirs: set again when
         they stop (a node embedded in a larger program leaves it as it was).
+    builder
+        The results processes the job threads share; stopped last.
     """
 
     def __init__(
-        self, loops: Sequence[_Loop], restore_threads: int | None = None
+        self,
+        loops: Sequence[_Loop],
+        restore_threads: int | None = None,
+        builder: ResultBuilder | None = None,
     ) -> None:
         self.loops = list(loops)
         self._restore_threads = restore_threads
+        self._builder = builder
 
     def nudge(self) -> None:
         """Wake the job threads: new jobs were queued."""
@@ -1229,6 +1254,9 @@ class Workers:
         """Stop every thread after its current step."""
         for loop in self.loops:
             loop.stop(timeout)
+        if self._builder is not None:
+            self._builder.close()
+            self._builder = None
         if self._restore_threads is not None:
             set_cpu_threads(self._restore_threads)
             self._restore_threads = None
@@ -1318,15 +1346,16 @@ def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
         )
     models = ModelCache(config.device)
     outbox = Outbox(config, index, "outbox")
+    builder = ResultBuilder(config.results_processes) if workers else None
     loops: list[_Loop] = []
     for i in range(workers):
-        worker = Worker(config, index, models, f"worker-{i + 1}")
+        worker = Worker(config, index, models, f"worker-{i + 1}", builder)
         worker.on_delivery_queued = outbox.wake.set
         loops.append(worker)
     loops.append(outbox)
     for loop in loops:
         loop.start()
-    return Workers(loops, previous_threads)
+    return Workers(loops, previous_threads, builder)
 
 
 def requeue(index: IndexDB, *, dead: bool, failed_jobs: bool) -> dict[str, int]:

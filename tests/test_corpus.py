@@ -22,7 +22,10 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.presentation import (
+    AllStoragePresentationContexts,
+    StoragePresentationContexts,
+)
 from sqlalchemy import select
 
 from dicom_node.dimse import (
@@ -36,7 +39,12 @@ from dicom_node.index import Instance, Series, Study
 from tests.conftest import RunningNode, store_files
 from tests.factories import pydicom_corpus, raw_file
 
-STORAGE_CLASSES = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+# Every storage class pynetdicom knows, the retired ones that only its requestor
+# list (StoragePresentationContexts) names included: the node accepts those too.
+STORAGE_CLASSES = {
+    str(cx.abstract_syntax)
+    for cx in (*AllStoragePresentationContexts, *StoragePresentationContexts)
+}
 NOT_DICOM_SUFFIXES = {".txt", ".json", ".dump", ".icc", ".gz"}
 # The test's own reading of PS3.5 9.1, written apart from the node's.
 UID_RE = re.compile(r"^(0|[0-9]+)(\.[0-9]+)*$")

@@ -18,7 +18,11 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE
-from pynetdicom.presentation import PresentationContext
+from pynetdicom.presentation import (
+    AllStoragePresentationContexts,
+    PresentationContext,
+    StoragePresentationContexts,
+)
 from sqlalchemy import select
 
 from dicom_node.config import CallerConfig
@@ -31,12 +35,14 @@ from dicom_node.dimse import (
 )
 from dicom_node.index import AssociationRecord, ErrorRecord, Instance
 from tests.conftest import RunningNode, store_datasets, store_files, wait_for
-from tests.factories import dcmtk, encode_body, make_ct, raw_file
+from tests.factories import corpus_file, dcmtk, encode_body, make_ct, raw_file
 
 # PS3.4 C.6.1.3.1 Patient Root Query/Retrieve - FIND (pydicom.uid does not name it).
 PATIENT_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.1.1")
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+RETIRED_US_IMAGE = "1.2.840.10008.5.1.4.1.1.6"  # Ultrasound Image Storage (Retired)
+RETIRED_US_MULTI_FRAME = "1.2.840.10008.5.1.4.1.1.3"  # its multi-frame class
 
 
 def run_dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
@@ -361,3 +367,50 @@ def test_each_association_gets_its_own_copy_of_the_supported_contexts(
     assert server_contexts[1].context_id is None
     # and associations still negotiate against every one of them
     test_non_storage_sop_class_is_rejected_at_negotiation(node)
+
+
+def test_retired_storage_classes_are_accepted_at_negotiation(node: RunningNode) -> None:
+    # pynetdicom's AllStoragePresentationContexts leaves out these retired storage
+    # classes (Ultrasound 1.2.840.10008.5.1.4.1.1.6 and ...1.1.3 among them) that
+    # old archives still send; dcmtk's storescp accepts them.
+    retired = sorted(
+        {str(cx.abstract_syntax) for cx in StoragePresentationContexts}
+        - {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    )
+    assert {RETIRED_US_IMAGE, RETIRED_US_MULTI_FRAME} <= set(retired)
+    ae = AE(ae_title="TESTSCU")
+    for uid in retired:
+        ae.add_requested_context(uid)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    try:
+        assert assoc.is_established
+        accepted = sorted(str(cx.abstract_syntax) for cx in assoc.accepted_contexts)
+    finally:
+        assoc.release()
+    assert accepted == retired
+
+
+def test_dcmtk_storescu_stores_a_real_retired_ultrasound_instance(
+    node: RunningNode,
+) -> None:
+    # pydicom-data's color-px.dcm: a real Ultrasound Image Storage (Retired)
+    # instance. -R: storescu proposes the file's own class (its default list
+    # has no retired class), as an old archive does.
+    source = corpus_file("color-px.dcm")
+    ds = dcmread(source)
+    assert ds.SOPClassUID == RETIRED_US_IMAGE
+
+    result = run_dcmtk(
+        "storescu",
+        *("-v", "-R", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)),
+        str(source),
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Received Store Response (Success)" in result.stdout + result.stderr
+    rows = instance_rows(node)
+    assert [(r.sop_instance_uid, r.sop_class_uid) for r in rows] == [
+        (ds.SOPInstanceUID, RETIRED_US_IMAGE)
+    ]
+    stored = node.config.storage_dir / rows[0].path
+    assert dcmread(stored) == ds  # stored as sent

@@ -20,6 +20,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, SecondaryCaptureImageStorage
+from pydicom.valuerep import DA, TM
 
 from dicom_node.identity import (
     IMPLEMENTATION_CLASS_UID,
@@ -50,6 +51,8 @@ _SEXES = ("M", "F", "O")
 _SEX = 0x00100040  # Patient's Sex
 _SOP_CLASS = 0x00080016  # SOP Class UID
 _CHARSET = 0x00080005  # Specific Character Set
+_STUDY_DATE = 0x00080020
+_STUDY_TIME = 0x00080030
 # Type 2 attributes of Patient and Study that highdicom's constructors read.
 _TYPE_2 = (
     "PatientName",
@@ -148,13 +151,14 @@ def highdicom_view(source: Dataset) -> Dataset:
     """Return a shallow view of the source that highdicom's constructors accept.
 
     Its Patient's Sex is emptied when it is not M, F or O (real sources carry
-    "U", which highdicom refuses), a Specific Character Set highdicom refuses
-    reads as ISO_IR 192, and a retired SOP class reads as the class
+    "U", which highdicom refuses), so is a Study Date or Time it cannot parse,
+    a Specific Character Set highdicom refuses reads as ISO_IR 192, and a
+    retired SOP class reads as the class
     that replaced it (highdicom has no IOD table for the retired ultrasound
     classes; the modules are the same). :func:`finish` puts the source's own
     values back.
     """
-    view = Dataset({element.tag: element for element in source})
+    view = _identity_view(source)
     for keyword in _TYPE_2:  # highdicom reads them; a source may lack them
         if keyword not in view:
             tag = tag_for_keyword(keyword)
@@ -164,12 +168,26 @@ def highdicom_view(source: Dataset) -> Dataset:
     # and the source must not change.
     if str(view.get("PatientSex", "") or "") not in _SEXES:
         view[_SEX] = DataElement(_SEX, "CS", None)
+    for tag, kind in ((_STUDY_DATE, DA), (_STUDY_TIME, TM)):
+        value = view[tag].value if tag in view else None
+        try:
+            kind(value or "")
+        except ValueError:
+            # Old sources write "11:20:00" (ACR-NEMA); highdicom parses the
+            # value and refuses it. finish() copies the source's as it is.
+            view[tag] = DataElement(tag, "DA" if kind is DA else "TM", None)
     if not _highdicom_takes(_declared(source)):
         # highdicom 0.28 refuses valid sets: an empty first value (the default
         # repertoire, PS3.3 C.12.1.1.2) and ISO 2022 IR 149 (its enum misspells
         # it IR 159). The view's set only labels highdicom's object (the values
         # are decoded already); finish() writes the right one.
         view[_CHARSET] = DataElement(_CHARSET, "CS", UTF8)
+    return view
+
+
+def _identity_view(source: Dataset) -> Dataset:
+    """Return a shallow view of the source (a retired SOP class: its successor)."""
+    view = Dataset({element.tag: element for element in source})
     sop_class = str(view.get("SOPClassUID", ""))
     if sop_class in _RETIRED:
         view[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", _RETIRED[sop_class])
@@ -214,15 +232,15 @@ def finish(
     ds.SoftwareVersions = SOFTWARE_VERSION
     ds.DeviceUID = node.device_uid
     ds.StationName = node.station[:16]
-    view = highdicom_view(source)
+    # The source's values as they are ("U", "11:20:00" included): the copy
+    # does not check them, only highdicom's constructors do.
+    view = _identity_view(source)
     try:
         ds.copy_patient_and_study_information(view)
     except KeyError:  # a SOP class highdicom has no IOD table for
         # Secondary Capture: the same Patient and Study modules.
         view[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", SecondaryCaptureImageStorage)
         ds.copy_patient_and_study_information(view)
-    if "PatientSex" in source:  # what the view emptied, as the source has it
-        ds.PatientSex = source.PatientSex
     declared = _declared(source)
     charset = _charset(declared, own_text)
     if charset != declared:

@@ -1,0 +1,176 @@
+"""Result sets built and written in a process of their own.
+
+Building the objects with highdicom is Python work (deep copies, template
+checks, IOD table lookups: tens of milliseconds a study) that would hold the
+scoring process's GIL while its scoring threads wait for it. A worker hands each
+scored study to a small pool of processes instead: the child reads the sources
+from storage, builds the result set and writes its files; the worker gets back
+what the index needs.
+
+The pool's processes are started fresh (``spawn``), never forked from the
+threaded worker; they import the results package once, when the worker starts.
+(``forkserver`` would put its socket in tempfile's folder, which the receiver
+points at its spool.)
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+
+from dicom_node.results import NodeIdentity, build_results, warm_up
+from dicom_node.results.store import write_result_files
+from inference import StudyPrediction
+
+__all__ = ["BuildRequest", "Built", "ResultBuilder", "build_and_write"]
+
+
+@dataclass(frozen=True, slots=True)
+class BuildRequest:
+    """What a result set is built from; every field crosses a process boundary.
+
+    Parameters
+    ----------
+    sources
+        The stored files of the images scored.
+    prediction
+        The study's prediction (heatmaps included).
+    run
+        The run number.
+    node
+        The node writing the results.
+    folder
+        Where the result set's files go.
+    previous_sr
+        The file of the SR this run replaces, if any.
+    jpeg, parametric_map, explain_absent
+        As :func:`dicom_node.results.build_results`.
+    """
+
+    sources: tuple[Path, ...]
+    prediction: StudyPrediction
+    run: int
+    node: NodeIdentity
+    folder: Path
+    previous_sr: Path | None = None
+    jpeg: bool = False
+    parametric_map: bool = False
+    explain_absent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """What the index records of a written result set.
+
+    Parameters
+    ----------
+    run
+        The run number.
+    sr_uid
+        The SR's SOP Instance UID.
+    """
+
+    run: int
+    sr_uid: str
+
+
+def build_and_write(request: BuildRequest) -> Built:
+    """Read the sources, build the result set and write its files.
+
+    Parameters
+    ----------
+    request
+        What to build.
+
+    Returns
+    -------
+    Built
+        The run and the SR's UID.
+    """
+    sources = [dcmread(path) for path in request.sources]
+    previous = dcmread(request.previous_sr) if request.previous_sr else None
+    result = build_results(
+        sources,
+        request.prediction,
+        request.run,
+        node=request.node,
+        previous_sr=previous,
+        jpeg=request.jpeg,
+        parametric_map=request.parametric_map,
+        explain_absent=request.explain_absent,
+    )
+    write_result_files(request.folder, result, png=False)
+    return Built(result.run, str(result.sr.SOPInstanceUID))
+
+
+def _follow_parent(parent: int) -> None:
+    """End this process when its parent is gone (killed: it cannot stop us)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
+
+
+class ResultBuilder:
+    """A pool of processes that build and write result sets.
+
+    Parameters
+    ----------
+    processes
+        How many; 0 builds in the calling thread (tests, one-off tools).
+    """
+
+    def __init__(self, processes: int = 1) -> None:
+        self.processes = processes
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start the processes now (they import highdicom and load its tables)."""
+        if self.processes:
+            self._executor().submit(warm_up).result()
+
+    def build(self, request: BuildRequest) -> Built:
+        """Build and write one result set; raise what building raised.
+
+        A pool whose process died is replaced; the study's job fails this
+        try and is retried.
+        """
+        if not self.processes:
+            return build_and_write(request)
+        try:
+            return self._executor().submit(build_and_write, request).result()
+        except BrokenProcessPool:
+            with self._lock:
+                self._pool = None
+            raise
+
+    def close(self) -> None:
+        """Stop the processes (waiting for the one at work)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                context = multiprocessing.get_context("spawn")
+                self._pool = ProcessPoolExecutor(
+                    self.processes,
+                    mp_context=context,
+                    initializer=_follow_parent,
+                    initargs=(os.getpid(),),
+                )
+            return self._pool
