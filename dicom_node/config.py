@@ -235,9 +235,10 @@ class NodeConfig:
         cold hue, captioned ABSENT); by default only present findings get a
         Secondary Capture.
     results_processes
-        Processes of each scoring process that build and write result sets
-        (highdicom's Python work, off the scoring process's GIL); 0: its
-        results thread builds them.
+        Processes beside each scoring process that build and write result
+        sets (highdicom's Python work, off the scoring process's GIL); 0: its
+        results thread builds them. Worth it only with cores to spare: on 2
+        cores the process competes with the model for the CPU.
     device_uid
         The node's Device UID in every result object's General Equipment;
         empty: one derived from the host name and the AE title.
@@ -289,7 +290,7 @@ class NodeConfig:
     results_jpeg: bool = False
     results_parametric_map: bool = False
     results_explain_absent: bool = False
-    results_processes: int = 1
+    results_processes: int = 0
     device_uid: str = ""
     job_attempts: int = 3
     delivery_attempts: int = 8

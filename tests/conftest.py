@@ -341,6 +341,7 @@ def write_toml(tmp_path: Path, config: NodeConfig) -> Path:
         f"lease_seconds = {config.lease_seconds}",
         f"job_attempts = {config.job_attempts}",
         f"delivery_attempts = {config.delivery_attempts}",
+        f"results_processes = {config.results_processes}",
     ]
     for d in config.destinations:
         lines += [

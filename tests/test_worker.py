@@ -65,13 +65,17 @@ def ct_study(n: int = 2) -> list[Any]:
     return study
 
 
+@pytest.mark.parametrize("results_processes", [0, 1])
 def test_a_stable_study_is_scored_and_its_results_delivered(
+    results_processes: int,
     tmp_path: Path,
     model: Path,
     destination: Destination,
     run_serve: Callable[[NodeConfig], int],
 ) -> None:
-    config = node_config(tmp_path, model, destination.port)
+    config = node_config(
+        tmp_path, model, destination.port, results_processes=results_processes
+    )
     port = run_serve(config)
     study = ct_study()
     assert store_datasets(port, study) == [0, 0]
@@ -276,6 +280,53 @@ def test_a_worker_killed_mid_job_still_delivers_exactly_once(
     figures = status(config)
     assert figures["results"] == 1
     assert figures["jobs"]["done"] == 1
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_workers_results_process_ends_with_it(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    config = node_config(
+        tmp_path, model, destination.port, workers=0, results_processes=1
+    )
+    port = run_serve(config)
+    toml = write_toml(tmp_path, config)
+    worker = worker_process(toml)
+    try:
+        assert store_datasets(port, ct_study()) == [0, 0]
+        wait_for(lambda: status(config)["deliveries"]["done"] == 1, 90, "delivery")
+        children = _children(worker.pid)
+        assert children, "no results process beside the worker"
+        worker.kill()  # SIGKILL: the worker cannot stop its children
+        worker.wait(timeout=10)
+        wait_for(lambda: not any(_alive(pid) for pid in children), 10, "children gone")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
 
 
 def test_score_writes_results_and_a_summary(tmp_path: Path, model: Path) -> None:
