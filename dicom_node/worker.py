@@ -614,8 +614,8 @@ def _complete(
     folder = f"{job.study_uid}/{classifier.artifact.device_uid}-run{run}"
     built = builder.build(
         BuildRequest(
-            # The images as stored: the builder reads them again (in its own
-            # process) rather than receiving their pixels.
+            # The images as stored: a results process reads them itself rather
+            # than receiving their pixels; here, the data sets read are used.
             sources=tuple(Path(str(ds.filename)) for ds in scoring.chosen),
             prediction=prediction,
             run=run,
@@ -629,7 +629,8 @@ def _complete(
             jpeg=config.results_jpeg,
             parametric_map=config.results_parametric_map,
             explain_absent=config.results_explain_absent,
-        )
+        ),
+        scoring.chosen,
     )
     peers = _destinations(config, scoring.images)
     outcome = _commit(index, job, built, prediction, folder, peers)
@@ -1346,7 +1347,11 @@ def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
         )
     models = ModelCache(config.device)
     outbox = Outbox(config, index, "outbox")
-    builder = ResultBuilder(config.results_processes) if workers else None
+    builder = (
+        ResultBuilder(config.results_processes, config.lease_seconds)
+        if workers
+        else None
+    )
     loops: list[_Loop] = []
     for i in range(workers):
         worker = Worker(config, index, models, f"worker-{i + 1}", builder)

@@ -542,3 +542,70 @@ def test_a_retired_ultrasound_source_gets_valid_results(tmp_path: Path) -> None:
         for ref in series.ReferencedSOPSequence
     }
     assert retired in classes
+
+
+@pytest.mark.parametrize("birth_date", ["19700000", "SENTINEL", "1970"])
+def test_a_source_with_an_unparsable_date_still_gets_results(
+    birth_date: str, tmp_path: Path
+) -> None:
+    """highdicom parses Patient's Birth Date; real archives hold values it refuses."""
+    datasets = sources("CT")
+    for ds in datasets:
+        ds.PatientBirthDate = birth_date
+        ds.StudyTime = "11:20:00"  # ACR-NEMA style, as old ultrasound files have
+    result = build_results(datasets, predict(datasets), 1, node=NODE)
+    for path in written(result, tmp_path):
+        back = dcmread(path)
+        assert back.PatientBirthDate == birth_date  # the source's, as it is
+        assert back.StudyTime == "11:20:00"
+
+
+def test_a_non_ascii_label_switches_the_capture_to_utf8(tmp_path: Path) -> None:
+    model = artifact(nodule=True, effusion=False)
+    first, second = model.labels
+    model.labels = (replace(first, name="knötchen"), second)
+    (source,) = sources("sparse")
+    assert "SpecificCharacterSet" not in source
+    result = build_results([source], predict([source], model), 1, node=NODE)
+    for path in written(result, tmp_path):
+        back = dcmread(path)
+        assert back.SpecificCharacterSet == "ISO_IR 192", path.name
+        assert dciodvfy_problems(path) == [], path.name
+    (capture,) = result.captures
+    assert "knötchen" in dcmread(tmp_path / "sc-1.dcm").ImageComments
+    assert "knötchen" in capture.ImageComments
+
+
+def _lossy_source(said: str | None, syntax: str | None = None) -> Dataset:
+    (source,) = sources("sparse")
+    if said is not None:
+        source.LossyImageCompression = said
+    if syntax is not None:
+        source.file_meta.TransferSyntaxUID = UID(syntax)
+    return source
+
+
+@pytest.mark.parametrize(
+    ("said", "syntax", "expected"),
+    [
+        (None, None, ("00", None)),  # never compressed
+        ("01", None, ("01", None)),  # lossy before, how not recorded: never reset
+        ("00", "1.2.840.10008.1.2.4.91", ("00", None)),  # JPEG 2000, said lossless
+        (None, "1.2.840.10008.1.2.4.91", ("01", ["ISO_15444_1"])),  # not said
+        (None, "1.2.840.10008.1.2.4.50", ("01", ["ISO_10918_1"])),  # JPEG baseline
+    ],
+)
+def test_lossy_image_compression_follows_the_source(
+    said: str | None, syntax: str | None, expected: tuple[str, list[str] | None]
+) -> None:
+    from dicom_node.results.capture import lossy_history
+
+    capture = Dataset()
+    lossy_history(capture, _lossy_source(said, syntax), None)
+    flag, methods = expected
+    assert capture.LossyImageCompression == flag
+    if methods is None:
+        assert "LossyImageCompressionMethod" not in capture
+    else:
+        value = capture.LossyImageCompressionMethod
+        assert ([value] if isinstance(value, str) else list(value)) == methods

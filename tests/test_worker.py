@@ -318,7 +318,11 @@ def test_a_killed_workers_results_process_ends_with_it(
     try:
         assert store_datasets(port, ct_study()) == [0, 0]
         wait_for(lambda: status(config)["deliveries"]["done"] == 1, 90, "delivery")
-        children = _children(worker.pid)
+        children = [
+            pid
+            for pid in _children(worker.pid)
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
         assert children, "no results process beside the worker"
         worker.kill()  # SIGKILL: the worker cannot stop its children
         worker.wait(timeout=10)

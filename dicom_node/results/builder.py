@@ -21,12 +21,15 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from dicom_node.results import NodeIdentity, build_results, warm_up
 from dicom_node.results.store import write_result_files
@@ -84,20 +87,25 @@ class Built:
     sr_uid: str
 
 
-def build_and_write(request: BuildRequest) -> Built:
-    """Read the sources, build the result set and write its files.
+def build_and_write(
+    request: BuildRequest, sources: Sequence[Dataset] | None = None
+) -> Built:
+    """Build the result set and write its files.
 
     Parameters
     ----------
     request
         What to build.
+    sources
+        The sources, already read; None: read them from ``request.sources``.
 
     Returns
     -------
     Built
         The run and the SR's UID.
     """
-    sources = [dcmread(path) for path in request.sources]
+    if sources is None:
+        sources = [dcmread(path) for path in request.sources]
     previous = dcmread(request.previous_sr) if request.previous_sr else None
     result = build_results(
         sources,
@@ -130,43 +138,60 @@ class ResultBuilder:
     Parameters
     ----------
     processes
-        How many; 0 builds in the calling thread (tests, one-off tools).
+        How many; 0 builds in the calling thread.
+    timeout
+        Longest a result set may take in a process, in seconds; then the pool
+        is replaced and the study's job fails this try.
     """
 
-    def __init__(self, processes: int = 1) -> None:
+    def __init__(self, processes: int = 1, timeout: float = 600.0) -> None:
         self.processes = processes
+        self.timeout = timeout
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
+        self._closed = False
 
     def start(self) -> None:
         """Start the processes now (they import highdicom and load its tables)."""
         if self.processes:
             self._executor().submit(warm_up).result()
 
-    def build(self, request: BuildRequest) -> Built:
+    def build(
+        self, request: BuildRequest, sources: Sequence[Dataset] | None = None
+    ) -> Built:
         """Build and write one result set; raise what building raised.
 
-        A pool whose process died is replaced; the study's job fails this
-        try and is retried.
+        ``sources`` (already read) are used when building here; a process
+        reads the files. A pool whose process died, or that ran past
+        ``timeout``, is replaced; the study's job fails this try and is
+        retried.
         """
         if not self.processes:
-            return build_and_write(request)
+            return build_and_write(request, sources)
+        pool = self._executor()
         try:
-            return self._executor().submit(build_and_write, request).result()
-        except BrokenProcessPool:
+            return pool.submit(build_and_write, request).result(self.timeout)
+        except (BrokenProcessPool, FutureTimeout):
             with self._lock:
-                self._pool = None
+                if self._pool is pool:
+                    self._pool = None
+            # A process stuck past the timeout is left to finish or die with
+            # the node; its pool takes no more work.
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
 
     def close(self) -> None:
-        """Stop the processes (waiting for the one at work)."""
+        """Stop the processes (waiting for the one at work); no more builds."""
         with self._lock:
+            self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the results processes are stopped")
             if self._pool is None:
                 context = multiprocessing.get_context("spawn")
                 self._pool = ProcessPoolExecutor(

@@ -22,16 +22,13 @@ from dicom_node.results.common import (
 from dicom_node.results.render import overlay
 from inference import Explanation, StudyPrediction, render
 
-__all__ = ["build_capture", "copy_body_part", "source_reference"]
+__all__ = ["build_capture", "copy_body_part", "lossy_history"]
 
-# Lossy transfer syntaxes and the method each names in Lossy Image Compression
-# Method (PS3.3 C.7.6.1.1.5.1).
+# Transfer syntaxes that are lossy, and the method each names in Lossy Image
+# Compression Method (PS3.3 C.7.6.1.1.5.1).
 _LOSSY_METHODS = {
     "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline
     "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended
-    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
-    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # HTJ2K
     "1.2.840.10008.1.2.4.100": "ISO_13818_2",  # MPEG2 MP@ML
     "1.2.840.10008.1.2.4.101": "ISO_13818_2",  # MPEG2 MP@HL
     "1.2.840.10008.1.2.4.102": "ISO_14496_10",  # MPEG-4 AVC/H.264
@@ -41,8 +38,14 @@ _LOSSY_METHODS = {
     "1.2.840.10008.1.2.4.106": "ISO_14496_10",
     "1.2.840.10008.1.2.4.107": "ISO_23008_2",  # HEVC/H.265
     "1.2.840.10008.1.2.4.108": "ISO_23008_2",
-    "1.2.840.10008.1.2.4.110": "ISO_18181_1",  # JPEG XL
-    "1.2.840.10008.1.2.4.112": "ISO_18181_1",
+}
+# Transfer syntaxes that may be lossy or lossless: the source's own Lossy Image
+# Compression decides; a source that does not say is taken as lossy.
+_MAYBE_LOSSY_METHODS = {
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # HTJ2K
+    "1.2.840.10008.1.2.4.112": "ISO_18181_1",  # JPEG XL
 }
 
 
@@ -116,9 +119,8 @@ def build_capture(
     reference.PurposeOfReferenceCodeSequence = [purpose]
     sc.SourceImageSequence = [reference]
     sc.DerivationDescription = "Grad-CAM heatmap blended over the rendered source"
-    _lossy(sc, source, pixels.nbytes if jpeg else None)
-    own_text = [prediction.model_name, prediction.model_version, meaning, node.station]
-    return finish(sc, source, node, own_text)
+    lossy_history(sc, source, pixels.nbytes if jpeg else None)
+    return finish(sc, source, node)
 
 
 def source_reference(source: Dataset, frame_index: int) -> Dataset:
@@ -131,42 +133,73 @@ def source_reference(source: Dataset, frame_index: int) -> Dataset:
     return item
 
 
-def _lossy(sc: Dataset, source: Dataset, raw_bytes: int | None) -> None:
-    """Set Lossy Image Compression from the source's history and this capture's.
+def lossy_history(ds: Dataset, source: Dataset, jpeg_bytes: int | None) -> None:
+    """Set Lossy Image Compression from the source's history and this object's.
 
     Once lossy compression happened to the pixels an image derives from, the
-    image says so, with each step's ratio and method in order (PS3.3
-    C.7.6.1.1.5); ``raw_bytes`` is the uncompressed size of a JPEG capture.
+    image says so ("01" is never reset), with each step's ratio and method in
+    order when they are known (PS3.3 C.7.6.1.1.5); ``jpeg_bytes`` is the
+    uncompressed size of a capture stored as JPEG baseline.
     """
-    ratios, methods = _source_history(source)
-    if raw_bytes is not None:
-        # The encapsulated frame with its item headers: a few bytes over.
-        ratios.append(round(raw_bytes / max(1, len(sc.PixelData)), 2))
-        methods.append("ISO_10918_1")
-    if not methods:
-        sc.LossyImageCompression = "00"
-        return
-    sc.LossyImageCompression = "01"
-    sc.LossyImageCompressionRatio = [DS(r, auto_format=True) for r in ratios]
-    sc.LossyImageCompressionMethod = methods
+    lossy, ratios, methods = _source_history(source)
+    if jpeg_bytes is not None:
+        lossy = True
+        if methods is not None:
+            methods.append("ISO_10918_1")
+            if ratios is not None:
+                # The encapsulated frame with its item headers: a few bytes over.
+                ratios.append(round(jpeg_bytes / max(1, len(ds.PixelData)), 2))
+    for keyword in (
+        "LossyImageCompression",
+        "LossyImageCompressionRatio",
+        "LossyImageCompressionMethod",
+    ):
+        if keyword in ds:
+            del ds[keyword]
+    ds.LossyImageCompression = "01" if lossy else "00"
+    if lossy and methods:
+        ds.LossyImageCompressionMethod = methods
+        if ratios:
+            ds.LossyImageCompressionRatio = [DS(r, auto_format=True) for r in ratios]
 
 
-def _source_history(source: Dataset) -> tuple[list[float], list[str]]:
-    """Return the ratios and methods of the lossy steps the source went through."""
-    ratios = [float(str(r)) for r in _values(source.get("LossyImageCompressionRatio"))]
-    methods = [str(m) for m in _values(source.get("LossyImageCompressionMethod"))]
+def _source_history(
+    source: Dataset,
+) -> tuple[bool, list[float] | None, list[str] | None]:
+    """Return whether the source went through lossy compression, and its steps.
+
+    The ratios and methods are None when not known (a source that says "01"
+    without them); the ratios also when they do not pair with the methods.
+    """
+    said = str(source.get("LossyImageCompression", "") or "")
+    ratios: list[float] | None = [
+        float(str(r)) for r in _values(source.get("LossyImageCompressionRatio"))
+    ]
+    methods: list[str] | None = [
+        str(m) for m in _values(source.get("LossyImageCompressionMethod"))
+    ]
     syntax = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", ""))
     method = _LOSSY_METHODS.get(syntax)
-    lossy = str(source.get("LossyImageCompression", "")) == "01" or method
-    if not lossy:
-        return [], []
-    if method and (not methods or methods[-1] != method):
-        # Stored lossy now: the last step is this transfer syntax.
+    if method is None and said != "00":
+        method = _MAYBE_LOSSY_METHODS.get(syntax)
+    if said != "01" and method is None:
+        return False, [], []
+    if said == "01" and not methods and method is None:
+        methods = None  # lossy before, how is not recorded
+    if methods is not None and method and not methods:
+        # Stored lossy now, no method recorded: this transfer syntax is the step
+        # (a single recorded ratio is its ratio).
+        methods = [method]
+        if ratios is not None and len(ratios) != 1:
+            ratios = [_stored_ratio(source)]
+    elif methods is not None and method and methods[-1] != method:
+        # Stored lossy now, after the recorded steps: one more.
         methods.append(method)
-        ratios.append(_stored_ratio(source))
-    if len(ratios) != len(methods):
-        ratios = ratios[: len(methods)]
-    return ratios, methods
+        if ratios is not None:
+            ratios.append(_stored_ratio(source))
+    if methods is None or ratios is None or len(ratios) != len(methods):
+        ratios = None
+    return True, ratios, methods
 
 
 def _values(value: object) -> list[object]:

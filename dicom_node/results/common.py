@@ -7,9 +7,10 @@ node's identity and the source's Patient and Study, as they are).
 
 from __future__ import annotations
 
+import copy
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -18,6 +19,7 @@ from pydicom import charset as dicom_charset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, SecondaryCaptureImageStorage
 from pydicom.valuerep import DA, TM
@@ -53,6 +55,7 @@ _SOP_CLASS = 0x00080016  # SOP Class UID
 _CHARSET = 0x00080005  # Specific Character Set
 _STUDY_DATE = 0x00080020
 _STUDY_TIME = 0x00080030
+_BIRTH_DATE = 0x00100030
 # Type 2 attributes of Patient and Study that highdicom's constructors read.
 _TYPE_2 = (
     "PatientName",
@@ -151,7 +154,8 @@ def highdicom_view(source: Dataset) -> Dataset:
     """Return a shallow view of the source that highdicom's constructors accept.
 
     Its Patient's Sex is emptied when it is not M, F or O (real sources carry
-    "U", which highdicom refuses), so is a Study Date or Time it cannot parse,
+    "U", which highdicom refuses), so is a Study Date, Study Time or Patient's
+    Birth Date it cannot parse,
     a Specific Character Set highdicom refuses reads as ISO_IR 192, and a
     retired SOP class reads as the class
     that replaced it (highdicom has no IOD table for the retired ultrasound
@@ -168,13 +172,14 @@ def highdicom_view(source: Dataset) -> Dataset:
     # and the source must not change.
     if str(view.get("PatientSex", "") or "") not in _SEXES:
         view[_SEX] = DataElement(_SEX, "CS", None)
-    for tag, kind in ((_STUDY_DATE, DA), (_STUDY_TIME, TM)):
+    for tag, kind in ((_STUDY_DATE, DA), (_STUDY_TIME, TM), (_BIRTH_DATE, DA)):
         value = view[tag].value if tag in view else None
         try:
             kind(value or "")
         except ValueError:
-            # Old sources write "11:20:00" (ACR-NEMA); highdicom parses the
-            # value and refuses it. finish() copies the source's as it is.
+            # Old sources write "11:20:00" (ACR-NEMA), others "19700000";
+            # highdicom parses the value and refuses it. finish() copies the
+            # source's as it is.
             view[tag] = DataElement(tag, "DA" if kind is DA else "TM", None)
     if not _highdicom_takes(_declared(source)):
         # highdicom 0.28 refuses valid sets: an empty first value (the default
@@ -201,12 +206,7 @@ _RETIRED = {
 }
 
 
-def finish(
-    ds: hd.SOPClass,
-    source: Dataset,
-    node: NodeIdentity,
-    own_text: Iterable[str],
-) -> hd.SOPClass:
+def finish(ds: hd.SOPClass, source: Dataset, node: NodeIdentity) -> hd.SOPClass:
     """Make a built object name the node, carry the source's identity, encode its text.
 
     - File Meta: the node's Implementation Class UID and version name (the node
@@ -216,9 +216,9 @@ def finish(
       Versions, Device UID and Station Name.
     - Patient and Study modules (Patient, General Study, Patient Study,
       clinical trial): the source's, copied whole as they are.
-    - Specific Character Set: the source's when it can hold the node's own
-      text, else ISO_IR 192 (PS3.5 6.1); the copied values are re-encoded when
-      written.
+    - Specific Character Set: the source's when it can hold every text value
+      of the object (the node's own: model, findings, captions), else ISO_IR
+      192 (PS3.5 6.1); the copied values are re-encoded when written.
     """
     ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
@@ -241,8 +241,13 @@ def finish(
         # Secondary Capture: the same Patient and Study modules.
         view[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", SecondaryCaptureImageStorage)
         ds.copy_patient_and_study_information(view)
+    # The copy shares the source's element objects: give the object its own,
+    # so that nothing done to one changes the other.
+    for tag in list(ds.keys()):
+        if tag in source and ds.get_item(tag) is source.get_item(tag):
+            ds[tag] = copy.deepcopy(source[tag])
     declared = _declared(source)
-    charset = _charset(declared, own_text)
+    charset = _charset(declared, _text_values(ds))
     if charset != declared:
         # Every copied value, nested ones included, decoded from the source's
         # character set now, so that it is written in the new one.
@@ -281,7 +286,7 @@ def _declared(source: Dataset) -> str | list[str] | None:
 def _charset(
     declared: str | list[str] | None, own_text: Iterable[str]
 ) -> str | list[str] | None:
-    """Return the Specific Character Set that holds the source's and the node's text."""
+    """Return the Specific Character Set that holds every text value given."""
     terms = [declared] if isinstance(declared, str) or declared is None else declared
     # The default repertoire is ASCII (PS3.5 6.1.2.2); pydicom reads it as
     # Latin-1, which would let a byte outside the repertoire through.
@@ -293,20 +298,51 @@ def _charset(
     ]
     if not all(encodings):  # a term pydicom does not know: say it in UTF-8
         return UTF8
-    if all(_fits(text, encodings) for text in own_text):
+    codecs = dicom_charset.convert_encodings(declared)  # as pydicom writes
+    if all(_fits(text, encodings, codecs) for text in own_text):
         return declared
     return UTF8
 
 
-def _fits(text: str, encodings: list[str]) -> bool:
-    """Whether ``text`` survives encoding in ``encodings`` unchanged."""
+def _fits(text: str, encodings: list[str], codecs: list[str]) -> bool:
+    """Whether ``text`` survives being written with pydicom's ``codecs`` unchanged.
+
+    Each character must be in the repertoire of one of ``encodings`` (checked
+    strictly, without pydicom's fallback, which warns and writes replacement
+    characters; the warnings machinery is not safe to switch beside other
+    threads); then the whole text must come back as it was.
+    """
     if text.isascii():
         return True
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            encoded = dicom_charset.encode_string(text, encodings)
-            decoded = dicom_charset.decode_bytes(encoded, encodings, set())
-        except (UserWarning, UnicodeError, LookupError, ValueError):
+    for character in set(text):
+        if not any(_encodes(character, encoding) for encoding in encodings):
             return False
+    try:
+        encoded = dicom_charset.encode_string(text, codecs)
+        decoded = dicom_charset.decode_bytes(encoded, codecs, set())
+    except (UnicodeError, LookupError, ValueError):
+        return False
     return decoded == text
+
+
+def _encodes(character: str, encoding: str) -> bool:
+    try:
+        character.encode(encoding)
+    except (UnicodeError, LookupError):
+        return False
+    return True
+
+
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+
+
+def _text_values(ds: Dataset) -> Iterator[str]:
+    """Yield every text value of a data set, nested ones included."""
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value or ():
+                yield from _text_values(item)
+        elif element.VR in _TEXT_VRS and element.value is not None:
+            value = element.value
+            values = value if isinstance(value, MultiValue) else [value]
+            yield from (str(v) for v in values if not isinstance(v, bytes))

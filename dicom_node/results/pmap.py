@@ -9,7 +9,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.identity import MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION
-from dicom_node.results.capture import copy_body_part
+from dicom_node.results.capture import copy_body_part, lossy_history
 from dicom_node.results.common import (
     NodeIdentity,
     algorithm_equipment,
@@ -77,7 +77,7 @@ def build_map(
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,
         software_versions=SOFTWARE_VERSION,
-        device_serial_number=node.station[:64],
+        device_serial_number=node.device_uid[:64],
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[
             hd.pm.RealWorldValueMapping(
@@ -102,5 +102,5 @@ def build_map(
         contributing_equipment=[algorithm_equipment(prediction)],
     )
     copy_body_part(pm, source)
-    own_text = [prediction.model_name, prediction.model_version, label.concept.meaning]
-    return finish(pm, source, node, own_text)
+    lossy_history(pm, source, None)
+    return finish(pm, source, node)

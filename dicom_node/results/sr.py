@@ -314,16 +314,4 @@ def build_report(
                 uid_ = str(reference.ReferencedSOPInstanceUID)
                 if uid_ in classes:
                     reference.ReferencedSOPClassUID = classes[uid_]
-    own_text = [
-        prediction.model_name,
-        prediction.model_version,
-        node.station,
-        *(p.label.concept.meaning for p in prediction.labels),
-        *(p.label.name for p in prediction.labels),
-        *(
-            p.label.finding_site.meaning
-            for p in prediction.labels
-            if p.label.finding_site
-        ),
-    ]
-    return finish(sr, scored[0], node, own_text)
+    return finish(sr, scored[0], node)
