@@ -427,6 +427,13 @@ def _score(args: argparse.Namespace) -> int:
         print(json.dumps(run.to_dict(), indent=2))
     elif run.studies or run.passed_over:
         print(run.text())
+    if run.failed:
+        print(
+            f"dicom-node: {len(run.failed)} study(ies) could not be scored "
+            "(see FAILED above)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     if run.studies:
         return EXIT_OK
     if not run.passed_over:

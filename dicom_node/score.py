@@ -17,6 +17,7 @@ from dicom_node.dimse import DECODE_ERRORS
 from dicom_node.eligibility import instance_problem, match_problem, model_match
 from dicom_node.export import find_files
 from dicom_node.identity import node_device_uid
+from dicom_node.log import describe_exception
 from dicom_node.results import NodeIdentity, build_results
 from dicom_node.results.store import capture_png, write_result_files
 from dicom_node.storage import validate_uid
@@ -99,17 +100,25 @@ class ScoreRun:
     not_accepted
         The reasons in ``passed_over`` that come from ``match`` (images the
         model does not accept), not from the files themselves.
+    failed
+        Studies that could not be scored or written: Study Instance UID and
+        why (the error's type and where; no values of the files).
     """
 
     studies: list[StudySummary]
     passed_over: dict[str, int]
     match: ModelMatch
     not_accepted: frozenset[str] = frozenset()
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the run as JSON-able values."""
         return {
             "studies": [s.to_dict() for s in self.studies],
+            "failed": [
+                {"study_instance_uid": study, "reason": reason}
+                for study, reason in self.failed
+            ],
             "passed_over": dict(self.passed_over),
             "accepts": {
                 "modalities": list(self.match.modalities),
@@ -133,6 +142,7 @@ class ScoreRun:
     def text(self) -> str:
         """Return the studies and the files passed over as lines a person reads."""
         parts = [s.text() for s in self.studies]
+        parts += [f"study {study} FAILED: {reason}" for study, reason in self.failed]
         if self.passed_over:
             parts.append(self.passed_over_text())
         return "\n".join(parts)
@@ -211,22 +221,27 @@ def score_run(
     # runs (a PACS keeps the first copy of a UID and drops the next).
     run_key = f"offline-{uuid.uuid4()}"
     node = NodeIdentity(OFFLINE_STATION, node_device_uid(OFFLINE_STATION))
+    failed: list[tuple[str, str]] = []
     for study, datasets in studies.items():
-        prediction = classifier.predict(datasets, explain_top_k=gradcam_top_k)
-        result = build_results(
-            datasets,
-            prediction,
-            1,
-            node=node,
-            run_key=run_key,
-            jpeg=jpeg,
-            parametric_map=parametric_map,
-            explain_absent=explain_absent,
-        )
-        folder = out / study
-        pngs = write_result_files(folder, result)
+        try:  # one study that cannot be scored does not stop the others
+            prediction = classifier.predict(datasets, explain_top_k=gradcam_top_k)
+            result = build_results(
+                datasets,
+                prediction,
+                1,
+                node=node,
+                run_key=run_key,
+                jpeg=jpeg,
+                parametric_map=parametric_map,
+                explain_absent=explain_absent,
+            )
+            folder = out / study
+            pngs = write_result_files(folder, result)
+        except Exception as exc:  # noqa: BLE001 - reported per study
+            failed.append((study, describe_exception(exc)))
+            continue
         summaries.append(_summary(study, len(datasets), prediction, folder, pngs))
-    return ScoreRun(summaries, passed_over, match, not_accepted)
+    return ScoreRun(summaries, passed_over, match, not_accepted, failed)
 
 
 def score_files(

@@ -144,3 +144,24 @@ def test_help_explains_commands() -> None:
     serve_help = run_cli("serve", "--help").stdout
     assert "SIGTERM" in serve_help
     assert "--config" in serve_help
+
+
+def test_score_goes_on_past_a_study_it_cannot_score(
+    tmp_path: Path, model: Path
+) -> None:
+    """One study whose pixels cannot be decoded fails alone, named, exit 1."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = make_ct(rows=64, columns=64, seed=1)
+    bad = make_ct(rows=64, columns=64, seed=2)
+    bad.PixelData = bad.PixelData[:100]  # truncated: cannot be decoded
+    for name, ds in (("good.dcm", good), ("bad.dcm", bad)):
+        ds.save_as(folder / name, enforce_file_format=True)
+    out = tmp_path / "out"
+    done = run_cli("score", "--model", str(model), str(folder), "--out", str(out))
+    assert done.returncode == 1
+    assert f"study {bad.StudyInstanceUID} FAILED:" in done.stdout
+    assert "1 study(ies) could not be scored" in done.stderr
+    assert (out / str(good.StudyInstanceUID) / "sr.dcm").is_file()
+    assert not (out / str(bad.StudyInstanceUID)).exists()
+    assert str(bad.PatientName) not in done.stdout + done.stderr
