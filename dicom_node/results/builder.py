@@ -152,9 +152,11 @@ class ResultBuilder:
         self._closed = False
 
     def start(self) -> None:
-        """Start the processes now (they import highdicom and load its tables)."""
+        """Load highdicom's tables (in the processes, or here) before a study waits."""
         if self.processes:
             self._executor().submit(warm_up).result()
+        else:
+            warm_up()
 
     def build(
         self, request: BuildRequest, sources: Sequence[Dataset] | None = None
