@@ -424,6 +424,9 @@ def run_demo(work: Path, samples: Path, timeout: float = 240.0) -> int:
             models=(ModelConfig(model),),
             workers=1,
             device="cpu",
+            # The demo shows a Grad-CAM picture of every finding, absent ones
+            # in their cold hue; a node pictures present findings only.
+            results_explain_absent=True,
             source="demo",
         )
         config = replace(config, log_level="WARNING")
