@@ -30,7 +30,6 @@ __all__ = [
     "ScoreRun",
     "StudySummary",
     "capture_png",
-    "score_files",
     "score_run",
     "sr_text",
     "write_result_files",
@@ -242,53 +241,6 @@ def score_run(
             continue
         summaries.append(_summary(study, len(datasets), prediction, folder, pngs))
     return ScoreRun(summaries, passed_over, match, not_accepted, failed)
-
-
-def score_files(
-    paths: Sequence[Path],
-    model: Path,
-    out: Path,
-    *,
-    device: str = "",
-    gradcam_top_k: int = 1,
-    jpeg: bool = False,
-    parametric_map: bool = False,
-    explain_absent: bool = False,
-    modalities: Sequence[str] | None = None,
-    body_parts: Sequence[str] | None = None,
-    sop_classes: Sequence[str] | None = None,
-    any_image: bool = False,
-) -> list[StudySummary]:
-    """Score DICOM files per study and write each study's result set.
-
-    :func:`score_run`, less what was passed over.
-
-    Parameters
-    ----------
-    paths, model, out, device, gradcam_top_k, jpeg, parametric_map
-        As for :func:`score_run`.
-    explain_absent, modalities, body_parts, sop_classes, any_image
-        As for :func:`score_run`.
-
-    Returns
-    -------
-    list of StudySummary
-        One per study, in the order first seen.
-    """
-    return score_run(
-        paths,
-        model,
-        out,
-        device=device,
-        gradcam_top_k=gradcam_top_k,
-        jpeg=jpeg,
-        parametric_map=parametric_map,
-        explain_absent=explain_absent,
-        modalities=modalities,
-        body_parts=body_parts,
-        sop_classes=sop_classes,
-        any_image=any_image,
-    ).studies
 
 
 def _select(

@@ -1,7 +1,7 @@
 """Issue 16 acceptance: every result object is conformant and carries its patient.
 
 Each real source below is scored once per run (a module-wide cache) with the offline
-scorer, ``dicom_node.score.score_files``, with ``parametric_map=True`` (and, for some
+scorer, ``dicom_node.score.score_run``, with ``parametric_map=True`` (and, for some
 sources, ``jpeg=True``, and for the character-set cases with a model whose name is not
 ASCII). Every object written (the SR, each Secondary Capture, each Parametric Map) is
 then checked with real tools:
@@ -53,7 +53,7 @@ from pydicom.uid import (
 )
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 
-from dicom_node.score import score_files
+from dicom_node.score import score_run
 from inference import ModelArtifact, set_cpu_threads
 from tests.factories import corpus_file, make_artifact
 
@@ -448,7 +448,7 @@ class Campaign:
             return f"source of {run} not found: {exc}"
         out = folder / "out"
         try:
-            summaries = score_files(
+            scored_run = score_run(
                 [source_path],
                 self.models[run.non_ascii],
                 out,
@@ -458,10 +458,13 @@ class Campaign:
                 any_image=True,  # every image storage instance, as issue 16 lists
             )
         except Exception as exc:  # noqa: BLE001 - each test of the run reports it
-            return f"score_files raised on {run}: {type(exc).__name__}: {exc}"
+            return f"score_run raised on {run}: {type(exc).__name__}: {exc}"
+        if scored_run.failed:
+            return f"score_run failed {run}: {scored_run.failed}"
+        summaries = scored_run.studies
         if len(summaries) != 1:
             # 0: the scorer passed over the source (no pixels, not an image).
-            return f"score_files wrote {len(summaries)} result sets for {run}, not 1"
+            return f"score_run wrote {len(summaries)} result sets for {run}, not 1"
         written = summaries[0].folder
         source = dcmread(source_path, stop_before_pixels=True)
         scored = Scored(
