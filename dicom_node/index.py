@@ -51,27 +51,57 @@ from dicom_node.errors import (
 )
 
 __all__ = [
-    "DELIVERY_STATES",
-    "JOB_STATES",
     "AssociationRecord",
     "Base",
     "Delivery",
+    "DeliveryState",
     "ErrorRecord",
     "IndexDB",
     "Instance",
     "InstanceRecordRequest",
     "Job",
+    "JobState",
     "RecordOutcome",
     "ResultRecord",
     "Series",
     "Study",
+    "ThreadRecord",
+    "ThreadState",
     "utc_now",
 ]
 
 logger = logging.getLogger(__name__)
 
-JOB_STATES = ("pending", "running", "done", "failed", "skipped")
-DELIVERY_STATES = ("pending", "sending", "done", "dead")
+
+class JobState(enum.StrEnum):
+    """Where a job stands; the README's "Jobs and deliveries" table says who moves it.
+
+    Stored as its value; compares equal to it.
+    """
+
+    PENDING = "pending"  # waiting to be claimed (after next_attempt_at, if set)
+    RUNNING = "running"  # claimed: a worker holds its lease
+    DONE = "done"  # its result set is written and its deliveries queued
+    FAILED = "failed"  # given up on; `dicom-node retry --failed-jobs` queues it again
+    SKIPPED = "skipped"  # the study has no image the model accepts
+
+
+class DeliveryState(enum.StrEnum):
+    """Where a delivery stands; see the README's "Jobs and deliveries" table."""
+
+    PENDING = "pending"  # waiting to be sent (after next_attempt_at)
+    SENDING = "sending"  # claimed: the outbox of some process holds its lease
+    DONE = "done"  # every file was accepted by the destination
+    DEAD = "dead"  # out of tries; `dicom-node retry --dead` queues it again
+
+
+class ThreadState(enum.StrEnum):
+    """How a long-running thread of the node last reported itself."""
+
+    RUNNING = "running"  # its last step worked (or it had nothing to do)
+    FAILING = "failing"  # its last step raised; it tries again after a pause
+    STOPPED = "stopped"  # it was stopped cleanly
+
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -197,8 +227,9 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    # The configured model, by its file's absolute path (ModelConfig.key).
     model: Mapped[str] = mapped_column(String(500))
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -223,9 +254,11 @@ class ResultRecord(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    # The model that made it: its name and version, and the start of its SHA-256.
     model: Mapped[str] = mapped_column(String(500))
-    # 1 for the first result set of this study and model, then 2, 3, ...
+    # 1 for the first result set of this study by this Device UID, then 2, 3, ...
     run: Mapped[int] = mapped_column(Integer)
+    # The model's Device UID (new for each training run): what runs are counted by.
     device_uid: Mapped[str] = mapped_column(String(64))
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     # Folder of the result files, relative to the results root.
@@ -246,8 +279,7 @@ class Delivery(Base):
     ae_title: Mapped[str] = mapped_column(String(16))
     host: Mapped[str] = mapped_column(String(255))
     port: Mapped[int] = mapped_column(Integer)
-    # pending, sending, done or dead
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
     lease_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
@@ -277,6 +309,26 @@ class ErrorRecord(Base):
     association_id: Mapped[int | None] = mapped_column(
         ForeignKey("associations.id"), nullable=True
     )
+
+
+class ThreadRecord(Base):
+    """A long-running thread of a node process: its last heartbeat and error.
+
+    Written by :class:`dicom_node.loop.Loop`; read by ``dicom-node status``.
+    """
+
+    __tablename__ = "threads"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # host:pid:name, as lease owners are written.
+    owner: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=ThreadState.RUNNING)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    beat_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The exception's type and place, never its message.
+    last_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,12 +778,12 @@ class IndexDB:
             def count(model: type[Base]) -> int:
                 return int(session.scalar(select(func.count()).select_from(model)) or 0)
 
-            jobs = dict.fromkeys(JOB_STATES, 0)
+            jobs = dict.fromkeys(JobState, 0)
             for state, n in session.execute(
                 select(Job.state, func.count()).group_by(Job.state)
             ):
                 jobs[state] = int(n)
-            deliveries = dict.fromkeys(DELIVERY_STATES, 0)
+            deliveries = dict.fromkeys(DeliveryState, 0)
             for state, n in session.execute(
                 select(Delivery.state, func.count()).group_by(Delivery.state)
             ):
