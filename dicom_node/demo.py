@@ -32,9 +32,9 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.export import Peer, send_files
 from dicom_node.index import Delivery, ResultRecord, Study
 from dicom_node.log import quiet_pynetdicom
+from dicom_node.results.store import results_root
 from dicom_node.score import capture_png, sr_text
 from dicom_node.service import open_index, running_node
-from dicom_node.worker import results_root
 
 __all__ = ["Orthanc", "find_orthanc", "receiver_ae", "run_demo"]
 
@@ -496,7 +496,7 @@ def _report(
     config: NodeConfig,
 ) -> bool:
     ok = bool(rows) and len(rows) >= len(truth)
-    root = results_root(config)
+    root = results_root(config.state_dir)
     pngs = config.state_dir.parent / "gradcam"
     pngs.mkdir(exist_ok=True)
     shown_sr = False

@@ -1,4 +1,10 @@
-"""Result files on disk: one folder per result set, written by pydicom."""
+"""Result files on disk: one folder per result set, written by pydicom.
+
+This module owns the layout. The node keeps its result sets under
+``state_dir/results/<Study Instance UID>/<model Device UID>-run<N>/``; a folder
+holds ``sc-N.dcm`` (Secondary Captures), ``pm-N.dcm`` (Parametric Maps) and
+``sr.dcm``, and, from ``dicom-node score``, ``sc-N.png``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,58 @@ from pydicom.dataset import Dataset
 
 from dicom_node.results import ResultSet
 
-__all__ = ["capture_png", "write_result_files"]
+__all__ = [
+    "capture_png",
+    "delivery_files",
+    "result_folder",
+    "results_root",
+    "write_result_files",
+]
+
+_SR = "sr.dcm"
+
+
+def results_root(state_dir: Path) -> Path:
+    """Return the folder the node keeps its result sets under."""
+    return state_dir / "results"
+
+
+def result_folder(study_uid: str, device_uid: str, run: int) -> str:
+    """Return a result set's folder, relative to :func:`results_root`.
+
+    Parameters
+    ----------
+    study_uid
+        The study's Study Instance UID.
+    device_uid
+        The model's Device UID.
+    run
+        The run of this model on this study (1, 2, ...).
+    """
+    return f"{study_uid}/{device_uid}-run{run}"
+
+
+def delivery_files(folder: Path) -> list[Path]:
+    """Return a written result set's files in the order they are sent.
+
+    The images first, the SR that references them last, so a PACS that
+    receives the SR already holds what it points to.
+
+    Parameters
+    ----------
+    folder
+        The result set's folder.
+
+    Returns
+    -------
+    list of Path
+        Captures, maps, then the SR (which may be missing: check).
+    """
+    return [
+        *sorted(folder.glob("sc-*.dcm")),
+        *sorted(folder.glob("pm-*.dcm")),
+        folder / _SR,
+    ]
 
 
 def write_result_files(
@@ -41,7 +98,7 @@ def write_result_files(
             pngs.append(capture_png(sc, folder / f"sc-{i + 1}.png"))
     for i, pm in enumerate(result.maps):
         _save(pm, folder / f"pm-{i + 1}.dcm")
-    _save(result.sr, folder / "sr.dcm")
+    _save(result.sr, folder / _SR)
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
