@@ -11,7 +11,7 @@ import time
 import traceback
 from collections.abc import Callable
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
 
 from pydicom.uid import UID
 from pynetdicom import _config as pynetdicom_config
@@ -24,6 +24,7 @@ __all__ = [
     "RateLimiter",
     "configure_logging",
     "describe_exception",
+    "describe_traceback",
     "escape_control",
     "quiet_pynetdicom",
     "redact_uids",
@@ -103,6 +104,32 @@ def describe_exception(exc: BaseException) -> str:
     last = frames[-1]
     filename = last.filename.rsplit("/", 1)[-1]
     return f"{type(exc).__name__} at {filename}:{last.lineno} in {last.name}"
+
+
+def describe_traceback(exc: BaseException) -> str:
+    """Return an exception's traceback without its message (which may quote data).
+
+    Parameters
+    ----------
+    exc
+        The exception.
+
+    Returns
+    -------
+    str
+        The frames (file, line, function, source line), most recent last, then
+        the exception's type; for a chained exception, its cause's type and place.
+    """
+    lines = ["Traceback (most recent call last):"]
+    lines += [
+        line.rstrip("\n")
+        for line in traceback.format_list(traceback.extract_tb(exc.__traceback__))
+    ]
+    lines.append(f"{type(exc).__name__} (message not logged: it may quote data)")
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        lines.append(f"raised while handling {describe_exception(cause)}")
+    return "\n".join(lines)
 
 
 def escape_control(text: str) -> str:
@@ -470,7 +497,8 @@ class EscapingFormatter(logging.Formatter):
     in a message or argument is written visibly and a record is one line.
     A traceback or stack information keeps its own line breaks, because it is
     multi-line by design; each of its lines is escaped the same way and starts
-    with ``"| "``, so no line of it can pass for a record of its own.
+    with ``"| "``, so no line of it can pass for a record of its own. A
+    traceback never shows the exception's message, which may quote data.
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -500,6 +528,24 @@ class EscapingFormatter(logging.Formatter):
                     for line in block.rstrip("\n").split("\n")
                 ]
         return "\n".join(lines)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        """Format a traceback without the exception's message (it may quote data).
+
+        Parameters
+        ----------
+        ei
+            ``(type, value, traceback)`` as ``sys.exc_info()`` gives it.
+
+        Returns
+        -------
+        str
+            :func:`describe_traceback` of the exception.
+        """
+        value = ei[1] if isinstance(ei, tuple) else ei
+        if isinstance(value, BaseException):
+            return describe_traceback(value)
+        return super().formatException(ei)
 
 
 def quiet_pynetdicom() -> None:
