@@ -270,7 +270,7 @@ def thread_groups(
             ("preprocess", "scoring (torch calls, preprocessing)"),
             ("-results", "writing results (SR, SC, files, index)"),
             ("outbox", "sending (outbox: files, index)"),
-            ("dicom-node-scheduler", "scheduling"),
+            ("scheduler", "scheduling"),
             ("torch", "torch and other native threads"),
             ("Acceptor", pynetdicom),
             ("Requestor", pynetdicom),

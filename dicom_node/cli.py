@@ -12,14 +12,24 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from dicom_node import __version__
 from dicom_node.config import NodeConfig, example_config_text, load_config
 from dicom_node.demo import run_demo
-from dicom_node.errors import ConfigError, DicomNodeError, InvalidUidError
-from dicom_node.export import SendOutcome, echo, parse_peer, send_files
+from dicom_node.errors import (
+    AssociationError,
+    AssociationRejectedError,
+    ConfigError,
+    DicomNodeError,
+    InvalidUidError,
+    ListenError,
+)
+from dicom_node.export import Peer, SendOutcome, echo, parse_peer, send_files
+from dicom_node.index import DeliveryState, JobState, ThreadState
+from dicom_node.jobs import requeue
 from dicom_node.log import configure_logging, describe_exception
 from dicom_node.score import score_run
 from dicom_node.service import (
@@ -29,8 +39,9 @@ from dicom_node.service import (
     run_worker,
     serve,
 )
+from dicom_node.status import STALE_AFTER, NodeStatus, node_status
 from dicom_node.storage import validate_uid
-from dicom_node.worker import requeue, scoring_threads
+from dicom_node.worker import scoring_threads
 
 __all__ = ["build_parser", "main"]
 
@@ -40,6 +51,16 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+# Our calling AE title for echo and send unless --aet: dcmtk's storescu default,
+# which the example configuration's [[callers]] allows from 127.0.0.1, so that
+# `dicom-node echo DICOMNODE@127.0.0.1:11112` reaches a node started from it.
+DEFAULT_CALLING_AE_TITLE = "STORESCU"
+
+# A-ASSOCIATE-RJ result, source and reason (PS3.8 9.3.4, Table 9-21).
+_RJ_TRANSIENT = 2
+_RJ_SERVICE_USER = 1
+_RJ_CALLED_AE = 7
+
 _DESCRIPTION = """\
 dicom-node: a DICOM AI node beside your PACS. It receives studies over DICOM
 (C-STORE), stores them durably (Success only once an instance is on disk and in
@@ -47,6 +68,12 @@ the index), scores each stable study with the configured models, explains the
 score with Grad-CAM, and sends the results back as DICOM: a TID 1500 Structured
 Report and Secondary Capture images, in new series of the same study.
 """
+
+
+_AET_HELP = (
+    f"our (calling) AE title (default {DEFAULT_CALLING_AE_TITLE}, which the example "
+    "configuration's [[callers]] allows from 127.0.0.1); the peer must know it"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,25 +120,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_status = sub.add_parser(
         "status",
-        help="counts of associations, studies, instances, jobs and the last errors",
-        description="Read the index and print what the node holds: associations "
-        "by outcome, studies, series, instances, jobs by state and the last errors.",
+        help="what the node holds, and what is failing",
+        description="Read the index and print what the node holds (associations "
+        "by outcome, studies, series, instances, jobs, results and deliveries by "
+        "state), then, newest first: failing deliveries (dead, or waiting to be "
+        "tried again) with the destination and last error, failed and skipped "
+        "jobs with the reason, rejected associations (calling AE title, address, "
+        "reason), the last errors, and threads that fail or have gone silent. "
+        "Studies are named by a hash of their UID, never by patient data.",
     )
     add_config(p_status)
-    p_status.add_argument("--json", action="store_true", help="print one JSON object")
     p_status.add_argument(
-        "--errors", type=int, default=10, metavar="N", help="show the last N errors"
+        "--json",
+        action="store_true",
+        help="print one JSON object (its keys: README, Operations)",
+    )
+    p_status.add_argument(
+        "--errors",
+        type=int,
+        default=10,
+        metavar="N",
+        help="show at most N entries of each list (default 10)",
     )
 
     p_echo = sub.add_parser(
         "echo",
         help="C-ECHO a peer (test a link)",
         description="Open an association with a peer and send one C-ECHO. Exits 0 "
-        "when the peer answers Success.",
+        "when the peer answers Success. Otherwise says what happened: connection "
+        "refused (nothing listens there), no answer within the timeout, rejected "
+        "by the peer (its reason, and what to change), or aborted.",
     )
     p_echo.add_argument("peer", metavar="AET@HOST:PORT", help="the peer to test")
     p_echo.add_argument(
-        "--aet", default="DICOMNODE", help="our (calling) AE title (default DICOMNODE)"
+        "--aet",
+        default=DEFAULT_CALLING_AE_TITLE,
+        help=_AET_HELP,
     )
     p_echo.add_argument(
         "--timeout", type=float, default=30.0, help="seconds (default 30)"
@@ -130,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", required=True, metavar="AET@HOST:PORT", help="the destination"
     )
     p_send.add_argument(
-        "--aet", default="DICOMNODE", help="our (calling) AE title (default DICOMNODE)"
+        "--aet",
+        default=DEFAULT_CALLING_AE_TITLE,
+        help=_AET_HELP,
     )
     p_send.add_argument(
         "--timeout", type=float, default=60.0, help="seconds (default 60)"
@@ -302,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(_config(args))
         if args.command == "status":
-            return _status(_config(args), as_json=args.json, last_errors=args.errors)
+            return _status(_config(args), as_json=args.json, limit=args.errors)
         if args.command == "echo":
             configure_logging("WARNING")
             return _echo(args)
@@ -323,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _score(args)
     except ConfigError as exc:
         print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ListenError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DicomNodeError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
@@ -479,57 +528,164 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _status(config: NodeConfig, *, as_json: bool, last_errors: int) -> int:
+def _status(config: NodeConfig, *, as_json: bool, limit: int) -> int:
     configure_logging("WARNING")
     _require_index(config)
+    if limit < 0:
+        raise ConfigError("--errors: expected >= 0")
     index = open_index(config)
     try:
-        status = index.status(last_errors=last_errors)
+        status = node_status(index, limit=limit)
     finally:
         index.close()
     if as_json:
         print(json.dumps(status, indent=2))
-        return EXIT_OK
+    else:
+        print(_status_text(status, limit))
+    return EXIT_OK
+
+
+def _status_text(status: NodeStatus, limit: int) -> str:
+    """Return the counts, then one section per kind of failure, one line each."""
     by_outcome = ", ".join(
         f"{k} {v}" for k, v in sorted(status["associations_by_outcome"].items())
     )
-    print(
+    lines = [
+        f"now           {_when(status['at'])}",
         f"associations  {status['associations']}"
-        + (f" ({by_outcome})" if by_outcome else "")
-    )
-    waiting = status["studies_waiting"]
-    print(f"studies       {status['studies']} ({waiting} waiting to become stable)")
-    print(f"series        {status['series']}")
-    print(f"instances     {status['instances']}")
-    print("jobs          " + ", ".join(f"{k} {v}" for k, v in status["jobs"].items()))
-    for job in status["failed_jobs"]:
-        print(f"  job {job['id']} {job['state']}: {job['reason']}")
-    print(f"results       {status['results']}")
-    print(
+        + (f" ({by_outcome})" if by_outcome else ""),
+        f"studies       {status['studies']} ({status['studies_waiting']} waiting "
+        "to become stable)",
+        f"series        {status['series']}",
+        f"instances     {status['instances']}",
+        "jobs          " + ", ".join(f"{k} {v}" for k, v in status["jobs"].items()),
+        f"results       {status['results']}",
         "deliveries    "
-        + ", ".join(f"{k} {v}" for k, v in status["deliveries"].items())
-    )
-    for d in status["dead_deliveries"]:
-        print(
-            f"  dead: delivery {d['id']} to {d['destination']} after "
-            f"{d['attempts']} tries: {d['last_error']}  (dicom-node retry --dead)"
+        + ", ".join(f"{k} {v}" for k, v in status["deliveries"].items()),
+    ]
+    if limit == 0:
+        return "\n".join(lines)
+    newest = f"newest first, at most {limit}"
+
+    deliveries = []
+    for d in status["failing_deliveries"]:
+        to = f"{d['destination']} ({d['ae_title']}@{d['host']}:{d['port']})"
+        if d["state"] == DeliveryState.DEAD:
+            head = f"dead: delivery {d['id']} to {to} after {_tries(d['attempts'])}"
+        else:
+            next_at = d["next_attempt_at"]
+            head = (
+                f"retrying: delivery {d['id']} to {to}, {_tries(d['attempts'])} "
+                f"so far, next at {_when(next_at) if next_at else 'once due'}"
+            )
+        deliveries.append(f"{head}: {d['last_error'] or 'no error recorded'}")
+    if any(d["state"] == DeliveryState.DEAD for d in status["failing_deliveries"]):
+        deliveries.append(
+            "(fix the destination, then 'dicom-node retry --dead' sends them again)"
         )
-    errors = status["last_errors"]
-    print(f"last errors   {len(errors) or 'none'}")
-    for e in errors:
-        status_text = f" {e['status']}" if e["status"] else ""
-        print(f"  {e['at']} {e['source']}{status_text}: {e['message']}")
-    return EXIT_OK
+    _section(lines, f"failing deliveries ({newest})", deliveries)
+
+    jobs = [
+        f"{j['state']}: job {j['id']} (study {j['study']}, model {j['model']}, "
+        f"{_tries(j['attempts'])}): {j['reason'] or 'no reason recorded'}"
+        for j in status["failed_jobs"]
+    ]
+    if any(j["state"] == JobState.FAILED for j in status["failed_jobs"]):
+        jobs.append("('dicom-node retry --failed-jobs' queues failed jobs again)")
+    _section(lines, f"failed and skipped jobs ({newest})", jobs)
+
+    _section(
+        lines,
+        f"rejected associations ({newest})",
+        [
+            f"{_when(a['at'])} from {a['peer_address']}:{a['peer_port']}, calling "
+            f"AE {a['calling_ae_title']!r}, called AE {a['called_ae_title']!r}: "
+            f"{a['reason'] or 'no reason recorded'}"
+            for a in status["rejected_associations"]
+        ],
+    )
+    _section(
+        lines,
+        f"last errors ({newest})",
+        [
+            f"{_when(e['at'])} {e['source']}"
+            + (f" {e['status']}" if e["status"] else "")
+            + f": {e['message']}"
+            for e in status["last_errors"]
+        ],
+    )
+    threads = []
+    for t in status["unhealthy_threads"]:
+        what = f"{t['name']} ({t['owner']})"
+        if t["state"] == ThreadState.FAILING:
+            since = t["failing_since"]
+            what += (
+                f" failing since {_when(since) if since else 'unknown'}: "
+                f"{t['last_error'] or 'no error recorded'}"
+            )
+            if t["silent"]:
+                what += f"; silent since {_when(t['beat_at'])}"
+        else:
+            what += (
+                f" silent since {_when(t['beat_at'])}: no heartbeat for over "
+                f"{STALE_AFTER:g} s (process killed or stuck?)"
+            )
+        threads.append(what)
+    _section(lines, "unhealthy threads", threads)
+    return "\n".join(lines)
+
+
+def _section(lines: list[str], title: str, items: list[str]) -> None:
+    lines.append("")
+    if not items:
+        lines.append(f"{title}: none")
+        return
+    lines.append(f"{title}:")
+    lines.extend(f"  {item}" for item in items)
+
+
+def _tries(n: int) -> str:
+    return f"{n} try" if n == 1 else f"{n} tries"
+
+
+def _when(iso: str) -> str:
+    return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _echo(args: argparse.Namespace) -> int:
     peer = parse_peer(args.peer)
-    status = echo(peer, calling_ae_title=args.aet, timeout=args.timeout)
+    try:
+        status = echo(peer, calling_ae_title=args.aet, timeout=args.timeout)
+    except AssociationError as exc:
+        print(f"C-ECHO {peer} failed: {exc}", file=sys.stderr)
+        _print_hint(exc, args.aet, peer)
+        return EXIT_FAILURE
     if status == 0:
         print(f"C-ECHO {peer}: Success")
         return EXIT_OK
     print(f"C-ECHO {peer}: status 0x{status:04X}", file=sys.stderr)
     return EXIT_FAILURE
+
+
+def _print_hint(error: AssociationError | None, aet: str, peer: Peer) -> None:
+    """Say what to do about a rejected association, when the reason says it."""
+    if not isinstance(error, AssociationRejectedError):
+        return
+    if error.source == _RJ_SERVICE_USER and error.reason == _RJ_CALLED_AE:
+        hint = (
+            f"the peer does not answer to the AE title {peer.ae_title!r}: put its "
+            "own AE title before the @"
+        )
+    elif error.result == _RJ_TRANSIENT:
+        hint = "the peer is busy or at a limit: try again later"
+    else:
+        hint = (
+            f"the peer does not accept the calling AE title {aet!r} from this "
+            "host: add this AE title (and host) to [[callers]] in the node's "
+            "configuration (for a PACS: to its known DICOM nodes), or pass --aet "
+            "with an AE title it allows"
+        )
+    print(f"hint: {hint}", file=sys.stderr)
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -559,6 +715,8 @@ def _send(args: argparse.Namespace) -> int:
         f"{report.sent} sent, {failed} failed, {len(report.skipped)} skipped "
         f"(to {peer})"
     )
+    rejected = next((o.rejection for o in report.failed if o.rejection), None)
+    _print_hint(rejected, args.aet, peer)
     return EXIT_FAILURE if failed or not report.outcomes else EXIT_OK
 
 

@@ -154,8 +154,14 @@ class ModelConfig:
 
     @property
     def key(self) -> str:
-        """Return the name jobs for this model are filed under."""
-        return str(self.path)
+        """Return the name jobs for this model are filed under: its absolute path.
+
+        A job names the configured model it is for; the result sets it makes
+        name the model itself (name, version, Device UID, SHA-256), and runs
+        are counted per study and Device UID, so replacing the file or moving
+        it to another path never reuses a run.
+        """
+        return os.path.abspath(self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -604,7 +610,10 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeCon
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    return config_from_mapping(raw, source=str(path), base_dir=path.parent, environ=env)
+    # The folder's real path: a node and a worker started with the same file
+    # named differently (absolute, relative, through a link) see the same paths.
+    base_dir = path.parent.resolve()
+    return config_from_mapping(raw, source=str(path), base_dir=base_dir, environ=env)
 
 
 def config_from_mapping(
@@ -694,8 +703,8 @@ def config_from_mapping(
     def resolve(value: str, origin: str) -> Path:
         p = Path(value).expanduser()
         if p.is_absolute() or origin == "environment":
-            return p
-        return base_dir / p
+            return Path(os.path.abspath(p))
+        return Path(os.path.abspath(base_dir / p))
 
     kwargs: dict[str, Any] = {
         k: v for k, v in node.items() if k not in {"state_dir", "log_level"}

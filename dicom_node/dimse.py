@@ -1,6 +1,7 @@
 """DIMSE constants the node uses, named and cited."""
 
 import struct
+import traceback
 
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -12,8 +13,10 @@ __all__ = [
     "DECODE_ERRORS",
     "INVALID_UID",
     "OUT_OF_RESOURCES",
+    "READER_ERRORS",
     "SUCCESS",
     "VERIFICATION_SOP_CLASS",
+    "is_decode_error",
 ]
 
 # PS3.4 A.4 Verification Service Class (pydicom.uid does not name it).
@@ -42,8 +45,33 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (
     ValueError,
     KeyError,
     IndexError,
-    TypeError,
-    AttributeError,
     NotImplementedError,
     struct.error,
 )
+# Raised by the readers (pydicom, pynetdicom's PDU decoding) on some malformed
+# data, and by the node's own code only when it is wrong.
+READER_ERRORS: tuple[type[Exception], ...] = (TypeError, AttributeError)
+_READERS = ("/pydicom/", "/pynetdicom/")
+
+
+def is_decode_error(exc: BaseException) -> bool:
+    """Return whether ``exc`` says the data could not be read (not that we erred).
+
+    Parameters
+    ----------
+    exc
+        What reading raised.
+
+    Returns
+    -------
+    bool
+        True for :data:`DECODE_ERRORS`, and for :data:`READER_ERRORS` raised
+        inside pydicom or pynetdicom; False for anything else, e.g. a TypeError
+        of the node's own code, which must surface as the bug it is.
+    """
+    if isinstance(exc, DECODE_ERRORS):
+        return True
+    if isinstance(exc, READER_ERRORS):
+        frames = traceback.extract_tb(exc.__traceback__)
+        return bool(frames) and any(r in frames[-1].filename for r in _READERS)
+    return False

@@ -9,10 +9,12 @@ import re
 import socket
 import ssl
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -24,23 +26,31 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
-from pynetdicom.presentation import build_context
+from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import code_to_category
 from pynetdicom.transport import AssociationSocket
 
 from dicom_node.config import validate_ae_title
-from dicom_node.dimse import DECODE_ERRORS, VERIFICATION_SOP_CLASS
-from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.dimse import VERIFICATION_SOP_CLASS, is_decode_error
+from dicom_node.errors import (
+    AssociationError,
+    AssociationRejectedError,
+    ConfigError,
+)
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.log import quiet_pynetdicom
 
 __all__ = [
+    "OutboundAssociation",
     "Peer",
     "SendOutcome",
     "SendReport",
+    "associate",
     "echo",
     "find_files",
     "parse_peer",
@@ -107,21 +117,83 @@ def parse_peer(text: str) -> Peer:
     return Peer(aet, match["host"].strip("[]"), port)
 
 
-class _NoDelayAE(AE):
-    """pynetdicom's AE with TCP_NODELAY on its outbound sockets.
+# PS3.8 9.3.4 (Table 9-21): the result, source and reason of an A-ASSOCIATE-RJ.
+_RJ_RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
+_RJ_SOURCES = {
+    1: "service-user",
+    2: "service-provider (ACSE)",
+    3: "service-provider (presentation)",
+}
+_RJ_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised",
+    (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
+# PS3.8 9.3.8 (Table 9-26): the source of an A-ABORT.
+_ABORT_SOURCES = {0: "the peer", 2: "the peer's DICOM upper layer"}
 
-    Without it, Nagle's algorithm and the peer's delayed ACK hold each small
-    DIMSE message back by up to 40 ms: a two-object result set took ~140 ms to
-    send on loopback, ~16 ms with TCP_NODELAY on both sides.
+
+class _TcpSocket(socket.socket):
+    """A TCP socket that keeps what its ``connect`` raised.
+
+    pynetdicom (3.0) logs a failed connect and drops the exception: the
+    association is then merely "aborted", whether the peer refused the
+    connection or no host answered in time.
     """
+
+    connect_error: OSError | None = None
+
+    def connect(self, address: Any) -> None:
+        """Connect, remembering the error if it fails."""
+        try:
+            super().connect(address)
+        except OSError as exc:
+            self.connect_error = exc
+            raise
+
+
+class _ScuAE(AE):
+    """pynetdicom's AE for our outbound associations.
+
+    Its sockets have TCP_NODELAY: without it, Nagle's algorithm and the peer's
+    delayed ACK hold each small DIMSE message back by up to 40 ms (a two-object
+    result set took ~140 ms to send on loopback, ~16 ms with TCP_NODELAY on
+    both sides). And it keeps the error of a failed TCP connect, which
+    pynetdicom does not (see :class:`_TcpSocket`); over TLS the TCP connect is
+    the TLS socket's own, so there it is not known.
+    """
+
+    def __init__(self, ae_title: str) -> None:
+        super().__init__(ae_title=ae_title)
+        self._sockets: weakref.WeakKeyDictionary[Association, _TcpSocket] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _create_socket(
         self, assoc: Association, address: Any, tls_args: Any
     ) -> AssociationSocket:
         sock = super()._create_socket(assoc, address, tls_args)
-        if sock.socket is not None:
-            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw = sock.socket
+        if raw is not None:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            timeout = raw.gettimeout()
+            # The same bound descriptor (options kept), in a socket that
+            # remembers why connect failed.
+            tcp = _TcpSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+            tcp.settimeout(timeout)
+            sock.socket = tcp
+            self._sockets[assoc] = tcp
         return sock
+
+    def connect_error(self, assoc: Association) -> OSError | None:
+        """Return what the TCP connect of ``assoc`` raised, if it failed."""
+        tcp = self._sockets.get(assoc)
+        return None if tcp is None else tcp.connect_error
 
 
 class _ResponseGuard:
@@ -165,16 +237,200 @@ class _ResponseGuard:
             self._outstanding.clear()
 
 
-def _new_ae(calling_ae_title: str, timeout: float) -> AE:
+@dataclass(slots=True)
+class _Heard:
+    """What the peer did while associating: pynetdicom's events, noted."""
+
+    connected: bool = False
+    # The A-ABORT (or A-P-ABORT: the connection was lost) that ended it.
+    abort: A_ABORT | A_P_ABORT | None = None
+
+    def on_conn_open(self, event: Event) -> None:
+        self.connected = True
+
+    def on_acse_recv(self, event: Event) -> None:
+        primitive = event.primitive  # type: ignore[attr-defined]
+        if isinstance(primitive, (A_ABORT, A_P_ABORT)):
+            self.abort = primitive
+
+
+class OutboundAssociation:
+    """An established association of ours with a peer (we are the requestor).
+
+    Made by :func:`associate`. Each request is sent with the reactor thread
+    kept off its response (see ``_ResponseGuard``), and a missing response is
+    an :class:`~dicom_node.errors.AssociationError` that says why.
+
+    Parameters
+    ----------
+    assoc
+        The established pynetdicom association.
+    peer
+        Who it is with.
+    timeout
+        Seconds a response may take.
+    heard
+        What the peer did (connection, abort), noted by :func:`associate`.
+    """
+
+    def __init__(
+        self, assoc: Association, peer: Peer, timeout: float, heard: _Heard
+    ) -> None:
+        self.assoc = assoc
+        self.peer = peer
+        self.timeout = timeout
+        self._heard = heard
+        self._guard = _ResponseGuard(assoc)
+
+    @property
+    def is_established(self) -> bool:
+        """Return whether the association still stands."""
+        return bool(self.assoc.is_established)
+
+    def send_c_echo(self) -> int:
+        """Send a C-ECHO and return its status.
+
+        Returns
+        -------
+        int
+            The status of the response.
+
+        Raises
+        ------
+        AssociationError
+            If no response came: the peer aborted or the time ran out.
+        """
+        return self._status(lambda: self.assoc.send_c_echo(), "C-ECHO")
+
+    def send_c_store(self, dataset: Dataset | Path) -> int:
+        """Send a C-STORE of a data set, or of a file exactly as stored.
+
+        Parameters
+        ----------
+        dataset
+            The data set, or the path of a DICOM file (sent without decoding).
+
+        Returns
+        -------
+        int
+            The status of the response.
+
+        Raises
+        ------
+        AssociationError
+            If no response came: the peer aborted or the time ran out.
+        ValueError
+            If no presentation context accepted by the peer fits the data set.
+        AttributeError
+            If the data set lacks what a C-STORE needs (pynetdicom's check).
+        """
+        return self._status(lambda: self.assoc.send_c_store(dataset), "C-STORE")
+
+    def _status(self, send: Callable[[], Dataset], what: str) -> int:
+        started = time.monotonic()
+        with self._guard.request():
+            rsp = send()
+        if "Status" in rsp:
+            return int(rsp.Status)
+        # An abort while we waited is still at the head of the DUL's queue:
+        # the reactor, paused for the request, has not read it yet.
+        abort: object = self._heard.abort or self.assoc.dul.peek_next_pdu()
+        if isinstance(abort, (A_ABORT, A_P_ABORT)):
+            raise AssociationError(f"no {what} response: {_aborted(abort, self.peer)}")
+        if time.monotonic() - started < self.timeout * 0.9:
+            raise AssociationError(
+                f"no {what} response from {self.peer}: the association ended "
+                "before it came"
+            )
+        raise AssociationError(
+            f"no {what} response from {self.peer} within {self.timeout:g} s"
+        )
+
+    def close(self) -> None:
+        """Release the association if it stands, else make sure it is closed."""
+        assoc = self.assoc
+        if assoc.is_established:
+            assoc.release()
+        elif not (assoc.is_aborted or assoc.is_released or assoc.is_rejected):
+            assoc.abort()
+
+    def __enter__(self) -> OutboundAssociation:
+        """Return this association."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the association."""
+        self.close()
+
+
+def associate(
+    peer: Peer,
+    contexts: Sequence[PresentationContext],
+    calling_ae_title: str,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+) -> OutboundAssociation:
+    """Open an association with a peer, the way the node's SCU does.
+
+    Parameters
+    ----------
+    peer
+        Who to associate with.
+    contexts
+        The presentation contexts to propose (at most 128).
+    calling_ae_title
+        Our AE title.
+    timeout
+        Seconds to wait for the TCP connection, the association and each
+        response.
+    tls
+        When set, associate over DICOM TLS with this client context.
+
+    Returns
+    -------
+    OutboundAssociation
+        The established association; close it (or use it in ``with``).
+
+    Raises
+    ------
+    AssociationRejectedError
+        If the peer answered A-ASSOCIATE-RJ; the message gives its reason in
+        words and codes.
+    AssociationError
+        If the association was not established otherwise: the connection was
+        refused, nobody answered in time, the peer aborted. The message says
+        which.
+    """
     quiet_pynetdicom()
-    ae = _NoDelayAE(ae_title=calling_ae_title)
+    ae = _ScuAE(calling_ae_title)
     # Associations name this project (PS3.7 D.3.3.2), not the library.
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.connection_timeout = timeout
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
-    return ae
+    heard = _Heard()
+    try:
+        assoc = ae.associate(
+            peer.host,
+            peer.port,
+            contexts=list(contexts),
+            ae_title=peer.ae_title,
+            tls_args=_tls_args(tls, peer),
+            evt_handlers=[
+                (evt.EVT_CONN_OPEN, heard.on_conn_open),
+                (evt.EVT_ACSE_RECV, heard.on_acse_recv),
+            ],
+        )
+    except socket.gaierror as exc:  # pynetdicom resolves the name first
+        raise AssociationError(
+            f"cannot connect to {peer}: the host name {peer.host!r} does not "
+            f"resolve ({exc.strerror})"
+        ) from exc
+    if not assoc.is_established:
+        raise _failure(assoc, ae.connect_error(assoc), heard, peer, timeout, tls)
+    return OutboundAssociation(assoc, peer, timeout, heard)
 
 
 def echo(
@@ -192,7 +448,7 @@ def echo(
     calling_ae_title
         Our AE title.
     timeout
-        Seconds to wait for the association and the response.
+        Seconds to wait for the connection, the association and the response.
     tls
         When set, associate over DICOM TLS with this client context.
 
@@ -203,24 +459,15 @@ def echo(
 
     Raises
     ------
-    DicomNodeError
-        If the association is rejected or aborted, or no response arrives.
+    AssociationRejectedError
+        If the peer rejects the association (its reason in words and codes).
+    AssociationError
+        If the association fails otherwise (refused, no answer, aborted), or no
+        response arrives; the message says which.
     """
-    ae = _new_ae(calling_ae_title, timeout)
-    ae.add_requested_context(VERIFICATION_SOP_CLASS)
-    assoc = ae.associate(
-        peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls_args(tls, peer)
-    )
-    if not assoc.is_established:
-        raise DicomNodeError(f"association with {peer} failed: {_why_not(assoc)}")
-    try:
-        with _ResponseGuard(assoc).request():
-            rsp = assoc.send_c_echo()
-    finally:
-        _close(assoc)
-    if "Status" not in rsp:
-        raise DicomNodeError(f"no C-ECHO response from {peer} (timeout or abort)")
-    return int(rsp.Status)
+    context = build_context(VERIFICATION_SOP_CLASS)
+    with associate(peer, [context], calling_ae_title, timeout, tls) as link:
+        return link.send_c_echo()
 
 
 @dataclass(slots=True)
@@ -235,11 +482,14 @@ class SendOutcome:
         The C-STORE status, or None when nothing was sent or no answer came.
     error
         Why it failed or was skipped; empty on success.
+    rejection
+        The peer's A-ASSOCIATE-RJ, when it rejected the association for this file.
     """
 
     path: Path
     status: int | None
     error: str = ""
+    rejection: AssociationRejectedError | None = None
 
     @property
     def ok(self) -> bool:
@@ -332,7 +582,9 @@ def _inspect(path: Path) -> _Item | str:
         ds = dcmread(path, force=True)
         sop_class = ds.get("SOPClassUID")
         sop_instance = ds.get("SOPInstanceUID")
-    except DECODE_ERRORS as exc:
+    except Exception as exc:
+        if not is_decode_error(exc):
+            raise
         return f"not a DICOM file ({type(exc).__name__})"
     if not sop_class or not sop_instance:
         return "not a DICOM instance (no SOP Class/Instance UID)"
@@ -426,9 +678,8 @@ def _send_batch(
     progress: Callable[[SendOutcome], None] | None,
     tls: ssl.SSLContext | None = None,
 ) -> None:
-    ae = _new_ae(calling_ae_title, timeout)
     pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in batch})
-    ae.requested_contexts = [build_context(UID(c), [UID(t)]) for c, t in pairs]
+    contexts = [build_context(UID(c), [UID(t)]) for c, t in pairs]
     # Send file contents as they are on disk, without decoding and re-encoding.
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
@@ -437,51 +688,52 @@ def _send_batch(
         if progress:
             progress(outcome)
 
-    assoc: Association | None = None
-    guard: _ResponseGuard | None = None
+    link: OutboundAssociation | None = None
     reconnects = 0
+    lost = ""
     try:
         for item in batch:
-            if assoc is None or not assoc.is_established:
-                if assoc is not None:
+            if link is None or not link.is_established:
+                if link is not None:
+                    link.close()
                     reconnects += 1
                 if reconnects > 1:
-                    finish(SendOutcome(item.path, None, "association lost twice"))
+                    finish(
+                        SendOutcome(item.path, None, f"association lost twice ({lost})")
+                    )
                     continue
-                assoc = ae.associate(
-                    peer.host,
-                    peer.port,
-                    ae_title=peer.ae_title,
-                    tls_args=_tls_args(tls, peer),
-                )
-                if not assoc.is_established:
-                    why = _why_not(assoc)
+                try:
+                    link = associate(peer, contexts, calling_ae_title, timeout, tls)
+                except AssociationError as exc:
+                    rejection = (
+                        exc if isinstance(exc, AssociationRejectedError) else None
+                    )
                     for rest in batch[batch.index(item) :]:
                         finish(
-                            SendOutcome(rest.path, None, f"association failed: {why}")
+                            SendOutcome(
+                                rest.path, None, f"association failed: {exc}", rejection
+                            )
                         )
                     return
-                guard = _ResponseGuard(assoc)
             try:
-                with cast(_ResponseGuard, guard).request():
-                    rsp = assoc.send_c_store(
-                        item.dataset if item.dataset is not None else item.path
-                    )
+                status = link.send_c_store(
+                    item.dataset if item.dataset is not None else item.path
+                )
             except (ValueError, AttributeError) as exc:
                 # No accepted context for this class and syntax, or unsendable.
                 finish(SendOutcome(item.path, None, f"not sent: {exc}"))
                 continue
-            if "Status" not in rsp:
-                finish(SendOutcome(item.path, None, "no response (timeout or abort)"))
+            except AssociationError as exc:
+                lost = str(exc)
+                finish(SendOutcome(item.path, None, lost))
                 continue
-            status = int(rsp.Status)
             outcome = SendOutcome(item.path, status)
             if not outcome.ok:
                 outcome.error = f"status 0x{status:04X} ({code_to_category(status)})"
             finish(outcome)
     finally:
-        if assoc is not None:
-            _close(assoc)
+        if link is not None:
+            link.close()
 
 
 def _tls_args(
@@ -491,16 +743,93 @@ def _tls_args(
     return None if tls is None else (tls, peer.host)
 
 
-def _close(assoc: Association) -> None:
-    if assoc.is_established:
-        assoc.release()
-    elif not (assoc.is_aborted or assoc.is_released or assoc.is_rejected):
-        assoc.abort()
-
-
-def _why_not(assoc: Association) -> str:
+def _failure(
+    assoc: Association,
+    connect_error: OSError | None,
+    heard: _Heard,
+    peer: Peer,
+    timeout: float,
+    tls: ssl.SSLContext | None,
+) -> AssociationError:
+    """Say why an association was not established, as an operator needs it."""
+    where = f"{peer.host}:{peer.port}"
+    # pynetdicom (3.0.4) checks that the connection is up only after queuing
+    # the request: a peer that answers and closes at once (the node's gate
+    # does, with A-ASSOCIATE-RJ) can leave its answer unread in the DUL's
+    # queue and the association "aborted" (about 1 rejection in 40).
+    # (object: pynetdicom's annotation of peek_next_pdu reads as None to mypy.)
+    queued: object = assoc.dul.peek_next_pdu()
+    rj: A_ASSOCIATE | None = None
     if assoc.is_rejected:
-        return "rejected by the peer (A-ASSOCIATE-RJ)"
-    if assoc.is_aborted:
-        return "aborted"
-    return "no answer (connection refused or timeout)"
+        rj = assoc.acceptor.primitive
+    elif isinstance(queued, A_ASSOCIATE) and queued.result in (1, 2):
+        rj = queued
+    if rj is not None:
+        result, source = int(rj.result or 0), int(rj.result_source or 0)
+        reason = int(rj.diagnostic or 0)
+        words = _RJ_REASONS.get((source, reason), "reason not defined by DICOM")
+        return AssociationRejectedError(
+            f"rejected by the peer {peer}: {words} (result {result} "
+            f"{_RJ_RESULTS.get(result, 'unknown')}, source {source} "
+            f"{_RJ_SOURCES.get(source, 'unknown')}, reason {reason})",
+            result,
+            source,
+            reason,
+        )
+    # pynetdicom aborts an association whose TCP connect failed, so "aborted"
+    # alone says nothing: the connect error, and whether the peer said
+    # anything, tell what happened.
+    if isinstance(connect_error, ConnectionRefusedError):
+        return AssociationError(
+            f"connection refused by {where}: nothing listens on that port (is the "
+            "peer running, and is the port right?)"
+        )
+    if isinstance(connect_error, TimeoutError):
+        return AssociationError(
+            f"no answer from {where} within {timeout:g} s: the host is down or "
+            "unreachable, or a firewall drops the connection"
+        )
+    if connect_error is not None:
+        return AssociationError(
+            f"cannot connect to {where}: "
+            f"{connect_error.strerror or type(connect_error).__name__}"
+        )
+    if not heard.connected:
+        return AssociationError(
+            f"cannot connect to {where}"
+            + (
+                " over TLS: refused, no answer, or the TLS handshake failed "
+                "(certificates, or the peer does not speak TLS there)"
+                if tls is not None
+                else ""
+            )
+        )
+    abort = heard.abort or queued
+    if isinstance(abort, (A_ABORT, A_P_ABORT)):
+        return AssociationError(_aborted(abort, peer))
+    accepted = assoc.acceptor.primitive
+    if accepted is not None and accepted.result == 0:
+        return AssociationError(
+            f"{peer} accepted the association but none of the proposed "
+            "presentation contexts (SOP class and transfer syntax)"
+        )
+    return AssociationError(
+        f"no answer from {peer} to the association request within {timeout:g} s "
+        "after connecting: is it a DICOM port"
+        + ("" if tls is not None else ", or does it expect TLS")
+        + "?"
+    )
+
+
+def _aborted(abort: A_ABORT | A_P_ABORT, peer: Peer) -> str:
+    if isinstance(abort, A_ABORT):
+        source = int(abort.abort_source or 0)
+        who = _ABORT_SOURCES.get(source, "the peer")
+        return f"aborted by {who} {peer} (A-ABORT, source {source})"
+    # An A-P-ABORT is what the local DICOM layer reports when the connection
+    # closed unexpectedly or the peer sent what it cannot read (PS3.8 7.4).
+    return (
+        f"the connection to {peer} was closed without a DICOM answer "
+        f"(A-P-ABORT, reason {int(abort.provider_reason or 0)}): the peer may "
+        "have closed it, or it speaks something else on that port"
+    )

@@ -20,7 +20,7 @@ from typing import Any
 
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 
-from dicom_node.dimse import DECODE_ERRORS
+from dicom_node.dimse import DECODE_ERRORS, READER_ERRORS
 from dicom_node.log import RateLimiter, describe_exception
 
 __all__ = [
@@ -67,7 +67,13 @@ _ABORT_INVALID_PARAMETER = 0x06
 _CONNECTION_ERRORS = (OSError, ssl.SSLError, ValueError)
 # What pynetdicom's PDU decoder raises on a malformed request: what a decoder
 # raises on bad data, and AssertionError (it checks item lengths with assert).
-_DECODE_ERRORS: tuple[type[Exception], ...] = (AssertionError, *DECODE_ERRORS)
+# pynetdicom's PDU decoding raises these too on malformed bytes; the gate
+# refuses such a request rather than let it end the gate's thread.
+_DECODE_ERRORS: tuple[type[Exception], ...] = (
+    AssertionError,
+    *DECODE_ERRORS,
+    *READER_ERRORS,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -992,5 +998,13 @@ class ConnectionGate:
     def _audit_loop(self) -> None:
         while True:
             refusal = self._audit_queue.get()
-            if self._audit is not None:
+            if self._audit is None:
+                continue
+            try:
                 self._audit(refusal)
+            except Exception as exc:
+                logger.error(
+                    "audit of a refused connection failed: %s",
+                    describe_exception(exc),
+                    exc_info=exc,
+                )

@@ -26,7 +26,6 @@ from sqlalchemy import (
     TypeDecorator,
     create_engine,
     event,
-    func,
     inspect,
     make_url,
     select,
@@ -34,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -750,113 +749,12 @@ class IndexDB:
 
         try:
             _retrying(self._error_sessions.begin, work)
-        except SQLAlchemyError as exc:
+        except Exception as exc:  # noqa: BLE001 - it must never raise
             # The index itself is failing (locked, full disk, damaged): the log
             # still has it.
             logger.warning(
                 "could not record an error in the index: %s", type(exc).__name__
             )
-
-    # --- status -------------------------------------------------------------
-
-    def status(self, last_errors: int = 10) -> dict[str, Any]:
-        """Return counts of what the index holds, and the last errors.
-
-        Parameters
-        ----------
-        last_errors
-            How many of the most recent errors to include.
-
-        Returns
-        -------
-        dict
-            ``associations``, ``studies``, ``series``, ``instances``, ``jobs``
-            (state -> count) and ``last_errors``.
-        """
-        with self.sessions() as session:
-
-            def count(model: type[Base]) -> int:
-                return int(session.scalar(select(func.count()).select_from(model)) or 0)
-
-            jobs = dict.fromkeys(JobState, 0)
-            for state, n in session.execute(
-                select(Job.state, func.count()).group_by(Job.state)
-            ):
-                jobs[state] = int(n)
-            deliveries = dict.fromkeys(DeliveryState, 0)
-            for state, n in session.execute(
-                select(Delivery.state, func.count()).group_by(Delivery.state)
-            ):
-                deliveries[state] = int(n)
-            dead = session.scalars(
-                select(Delivery)
-                .where(Delivery.state == "dead")
-                .order_by(Delivery.id.desc())
-                .limit(last_errors)
-            ).all()
-            failed = session.scalars(
-                select(Job)
-                .where(Job.state.in_(("failed", "skipped")))
-                .order_by(Job.id.desc())
-                .limit(last_errors)
-            ).all()
-            associations = {
-                outcome: int(n)
-                for outcome, n in session.execute(
-                    select(AssociationRecord.outcome, func.count()).group_by(
-                        AssociationRecord.outcome
-                    )
-                )
-            }
-            errors = session.scalars(
-                select(ErrorRecord).order_by(ErrorRecord.id.desc()).limit(last_errors)
-            ).all()
-            return {
-                "associations": count(AssociationRecord),
-                "associations_by_outcome": associations,
-                "studies": count(Study),
-                "series": count(Series),
-                "instances": count(Instance),
-                "studies_waiting": int(
-                    session.scalar(
-                        select(func.count())
-                        .select_from(Study)
-                        .where(Study.needs_processing.is_(True))
-                    )
-                    or 0
-                ),
-                "jobs": jobs,
-                "results": count(ResultRecord),
-                "deliveries": deliveries,
-                "dead_deliveries": [
-                    {
-                        "id": d.id,
-                        "destination": d.destination,
-                        "attempts": d.attempts,
-                        "last_error": d.last_error,
-                    }
-                    for d in dead
-                ],
-                "failed_jobs": [
-                    {
-                        "id": j.id,
-                        "state": j.state,
-                        "model": j.model,
-                        "attempts": j.attempts,
-                        "reason": j.last_error,
-                    }
-                    for j in failed
-                ],
-                "last_errors": [
-                    {
-                        "at": e.at.isoformat(),
-                        "source": e.source,
-                        "status": None if e.status is None else f"0x{e.status:04X}",
-                        "message": e.message,
-                    }
-                    for e in errors
-                ],
-            }
 
 
 def _check_schema(engine: Engine) -> None:

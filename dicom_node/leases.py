@@ -13,6 +13,7 @@ import os
 import random
 import socket
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, select, true, update
 from sqlalchemy.orm import Session
@@ -89,7 +90,7 @@ def release(
     state: JobState | DeliveryState,
     *,
     only_if: ColumnElement[bool] | None = None,
-    **values: object,
+    **values: Any,
 ) -> bool:
     """Give a held row back: set its state, clear its lease, set ``values``.
 

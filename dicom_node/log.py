@@ -518,10 +518,15 @@ class EscapingFormatter(logging.Formatter):
         if self.usesTime():
             record.asctime = self.formatTime(record, self.datefmt)
         lines = [escape_control(self.formatMessage(record))]
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
+        # Formatted here, not taken from the record: another handler's formatter
+        # may have cached a traceback that shows the message.
+        exc_text = (
+            self.formatException(record.exc_info)
+            if record.exc_info
+            else record.exc_text
+        )
         stack = self.formatStack(record.stack_info) if record.stack_info else None
-        for block in (record.exc_text, stack):
+        for block in (exc_text, stack):
             if block:
                 lines += [
                     _CONTINUATION + escape_control(line)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from dicom_node.index import IndexDB, Job, Study, utc_now
+from dicom_node.index import IndexDB, Job, JobState, Study, utc_now
 from dicom_node.log import uid_ref
+from dicom_node.loop import Loop
 
 __all__ = ["Scheduler", "schedule_stable_studies"]
 
@@ -77,7 +76,7 @@ def schedule_stable_studies(
                     select(Job.id).where(
                         Job.study_id == study_id,
                         Job.model == key,
-                        Job.state == "pending",
+                        Job.state == JobState.PENDING,
                     )
                 )
                 if pending is not None:
@@ -86,7 +85,7 @@ def schedule_stable_studies(
                     Job(
                         study_id=study_id,
                         model=key,
-                        state="pending",
+                        state=JobState.PENDING,
                         attempts=0,
                         created_at=current,
                         updated_at=current,
@@ -102,7 +101,7 @@ def schedule_stable_studies(
     return len(claimed)
 
 
-class Scheduler:
+class Scheduler(Loop):
     """Runs :func:`schedule_stable_studies` in a background thread.
 
     Parameters
@@ -124,35 +123,16 @@ class Scheduler:
         stable_after: float,
         on_queued: Callable[[], None] | None = None,
     ) -> None:
+        # Check often enough that a study is queued within ~25% of stable_after.
+        super().__init__("scheduler", index, idle=min(1.0, max(0.05, stable_after / 4)))
         self.index = index
         self.on_queued = on_queued
         self.model_keys = tuple(model_keys)
         self.stable_after = stable_after
-        # Check often enough that a study is queued within ~25% of stable_after.
-        self.interval = min(1.0, max(0.05, stable_after / 4))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="dicom-node-scheduler", daemon=True
-        )
 
-    def start(self) -> None:
-        """Start the background thread."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the background thread and wait for it."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                found = schedule_stable_studies(
-                    self.index, self.model_keys, self.stable_after
-                )
-                if found and self.on_queued is not None:
-                    self.on_queued()
-            except SQLAlchemyError as exc:
-                # The index is busy or failing; the next round tries again.
-                logger.warning("scheduling round failed: %s", type(exc).__name__)
+    def step(self) -> bool:
+        """Queue the jobs of the studies that became stable; wake the workers."""
+        found = schedule_stable_studies(self.index, self.model_keys, self.stable_after)
+        if found and self.on_queued is not None:
+            self.on_queued()
+        return False  # a round finds every stable study: rest until the next

@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.config import ModelMatch
-from dicom_node.dimse import DECODE_ERRORS
+from dicom_node.dimse import is_decode_error
 from dicom_node.eligibility import instance_problem, match_problem, model_match
 from dicom_node.export import find_files
 from dicom_node.identity import node_device_uid
@@ -256,7 +256,9 @@ def _select(
     for path, _ in find_files(paths):
         try:
             ds = dcmread(path)
-        except DECODE_ERRORS:
+        except Exception as exc:
+            if not is_decode_error(exc):
+                raise
             passed_over["not a DICOM file pydicom can read"] += 1
             continue
         sop_class_uid = str(ds.get("SOPClassUID", "")) or str(

@@ -44,13 +44,18 @@ from dicom_node.dimse import (
     CANNOT_UNDERSTAND,
     CONFLICTING_INSTANCE,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    DECODE_ERRORS,
     INVALID_UID,
     OUT_OF_RESOURCES,
     SUCCESS,
     VERIFICATION_SOP_CLASS,
+    is_decode_error,
 )
-from dicom_node.errors import DicomNodeError, InvalidUidError, StorageError
+from dicom_node.errors import (
+    DicomNodeError,
+    InvalidUidError,
+    ListenError,
+    StorageError,
+)
 from dicom_node.gate import (
     RJ_CALLED_AE_NOT_RECOGNIZED,
     RJ_CALLING_AE_NOT_RECOGNIZED,
@@ -65,6 +70,7 @@ from dicom_node.gate import (
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.index import IndexDB, InstanceRecordRequest, RecordOutcome
 from dicom_node.log import describe_exception, quiet_pynetdicom, uid_ref
+from dicom_node.loop import Loop
 from dicom_node.storage import InstanceKey, Storage, validate_uid
 from dicom_node.tls import server_context
 
@@ -440,7 +446,9 @@ def _command_field(command: bytearray) -> int | None:
         if _COMMAND_FIELD not in ds:
             return None
         return int(ds[_COMMAND_FIELD].value)
-    except DECODE_ERRORS as exc:
+    except Exception as exc:
+        if not is_decode_error(exc):
+            raise
         logger.debug("command set does not decode: %s", type(exc).__name__)
         return None
 
@@ -472,10 +480,10 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     association_id = ctx.association_id(event.assoc)
     try:
         status, message = _store(event, ctx, association_id)
-    except Exception as exc:  # noqa: BLE001 - the handler must answer, never raise
+    except Exception as exc:
         status = OUT_OF_RESOURCES
         message = f"unexpected {describe_exception(exc)}"
-        logger.error("C-STORE failed: %s", message)
+        logger.error("C-STORE failed: %s", message, exc_info=exc)
     ctx.count(event.assoc, status == SUCCESS)
     if status != SUCCESS:
         ctx.index.record_error(
@@ -542,7 +550,9 @@ def _store(
         study_uid = ds.get("StudyInstanceUID")
         series_uid = ds.get("SeriesInstanceUID")
         modality = ds.get("Modality")
-    except DECODE_ERRORS as exc:
+    except Exception as exc:
+        if not is_decode_error(exc):
+            raise  # the node's own bug: answered 0xA700, logged with its traceback
         logger.warning(
             "instance %s refused: data set does not parse (%s)",
             requested_ref,
@@ -951,6 +961,19 @@ def storage_sop_classes() -> list[str]:
     return list(uids)
 
 
+class _SpoolSweeper(Loop):
+    """Sweeps the spool when due, in a thread of the node's loop class."""
+
+    def __init__(self, ctx: StoreContext) -> None:
+        super().__init__("spool-sweep", ctx.index, idle=0.5)
+        self.ctx = ctx
+
+    def step(self) -> bool:
+        """Sweep the spool if it is due."""
+        self.ctx.sweep_if_due()
+        return False
+
+
 class Receiver:
     """One receiving process's SCP: an AE, its server thread and handler context.
 
@@ -967,6 +990,12 @@ class Receiver:
     ssl_context
         When set, the port speaks DICOM TLS only (PS3.15 B.1); by default,
         from the configuration's ``[tls]`` table.
+
+    Raises
+    ------
+    ListenError
+        If the port cannot be bound: in use, privileged, or an address that is
+        not this machine's; the message names the address and port.
     """
 
     def __init__(
@@ -1018,9 +1047,12 @@ class Receiver:
                 reuse_port=reuse_port,
                 gate=gate,
             )
-        except BaseException:
+        except BaseException as exc:
             tempfile.tempdir = self._tempdir
             storage.close()
+            if isinstance(exc, OSError):
+                # The bind failed: the port is taken, privileged, or not ours.
+                raise ListenError.from_os_error(address[0], address[1], exc) from exc
             raise
         if not isinstance(server, _NodeServer):
             raise TypeError(f"expected a _NodeServer, got {type(server).__name__}")
@@ -1033,10 +1065,7 @@ class Receiver:
         )
         # Cleaning up after ended associations writes to the index: never on
         # the accepting thread, which must not wait for a locked index.
-        self._stopping = threading.Event()
-        self._sweeper = threading.Thread(
-            target=self._sweep, name="dicom-node-sweep", daemon=True
-        )
+        self._sweeper = _SpoolSweeper(self.ctx)
 
     @property
     def port(self) -> int:
@@ -1047,13 +1076,6 @@ class Receiver:
         """Start accepting associations."""
         self._thread.start()
         self._sweeper.start()
-
-    def _sweep(self) -> None:
-        while not self._stopping.wait(0.5):
-            try:
-                self.ctx.sweep_if_due()
-            except Exception as exc:  # noqa: BLE001 - the sweeper must go on
-                logger.error("spool sweep failed: %s", describe_exception(exc))
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let running associations finish, then abort the rest.
@@ -1071,8 +1093,7 @@ class Receiver:
         for assoc in self.ae.active_associations:
             assoc.abort()
         self._thread.join(timeout=5)
-        self._stopping.set()
-        self._sweeper.join(timeout=5)
+        self._sweeper.stop(timeout=5)
         if tempfile.tempdir == str(self.ctx.storage.spool):
             tempfile.tempdir = self._tempdir
         self.ctx.storage.close()

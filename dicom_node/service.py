@@ -146,7 +146,8 @@ def serve(
                 '(AE titles are not secret; give it host = "<IP address>")',
                 caller.ae_title,
             )
-    for model in config.models:
+    for model in config.models if not config.workers else ():
+        # (With worker threads here, they say it when they load the models.)
         if not model.path.is_file():
             logger.warning(
                 "model file %s not found: its jobs will wait until it exists",

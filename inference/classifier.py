@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,8 @@ from inference.gradcam import gradcam_at, gradcam_from_features, head, trunk, up
 from inference.preprocess import Frames, FrameSource, heatmap_to_source, preprocess
 
 __all__ = ["Classifier", "Explanation", "LabelPrediction", "StudyPrediction"]
+
+logger = logging.getLogger(__name__)
 
 # A frame kept for Grad-CAM: probability, frame index, layer4 activations, input.
 _Kept = tuple[float, int, torch.Tensor, torch.Tensor]
@@ -175,7 +179,14 @@ class Classifier:
                 with torch.inference_mode():
                     for _ in range(2):  # the first calls optimise the graph
                         graph(example)
-        except Exception:  # noqa: BLE001 - any failure: the eager model is correct
+        except Exception as exc:  # noqa: BLE001 - any failure: the eager model is correct
+            where = traceback.extract_tb(exc.__traceback__)
+            logger.warning(
+                "model %s not traced (%s%s): it runs eagerly, slower",
+                self.artifact.name,
+                type(exc).__name__,
+                f" at {where[-1].name}" if where else "",
+            )
             return
         self._trunk = graph
         self.traced = True

@@ -8,7 +8,7 @@ import pytest
 
 from dicom_node.config import CallerConfig, NodeConfig, example_config_text, load_config
 from dicom_node.errors import ConfigError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def write(tmp_path: Path, text: str) -> Path:

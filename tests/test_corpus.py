@@ -36,8 +36,8 @@ from dicom_node.dimse import (
     SUCCESS,
 )
 from dicom_node.index import Instance, Series, Study
-from tests.conftest import RunningNode, store_files
 from tests.factories import pydicom_corpus, raw_file
+from tests.helpers import RunningNode, store_files
 
 # Every storage class pynetdicom knows, the retired ones that only its requestor
 # list (StoragePresentationContexts) names included: the node accepts those too.

@@ -19,7 +19,8 @@ from dicom_node.config import DestinationConfig, ModelConfig, NodeConfig
 from dicom_node.dimse import SUCCESS
 from dicom_node.eligibility import image_storage_problem
 from dicom_node.scp import storage_sop_classes
-from tests.conftest import (
+from tests.factories import corpus_file, dcmtk, make_artifact, make_ct
+from tests.helpers import (
     Destination,
     make_config,
     run_cli,
@@ -27,7 +28,6 @@ from tests.conftest import (
     store_datasets,
     wait_for,
 )
-from tests.factories import corpus_file, dcmtk, make_artifact, make_ct
 
 RETIRED_US_IMAGE = "1.2.840.10008.5.1.4.1.1.6"
 RETIRED_US_MULTI_FRAME = "1.2.840.10008.5.1.4.1.1.3"
@@ -192,7 +192,7 @@ def test_a_study_of_only_non_images_is_stored_but_not_scored(
     figures = status(config)
     assert figures["instances"] == 5
     assert figures["results"] == 0
-    reason = figures["failed_jobs"][0]["reason"]
+    reason = figures["failed_jobs"][0]["reason"] or ""
     assert reason.startswith("no image the model accepts")
     for name in (
         "Segmentation Storage",

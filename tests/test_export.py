@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
+import socket
 import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
+from pynetdicom.presentation import build_context
 
-from dicom_node.export import _close, _new_ae, _ResponseGuard
-from tests.conftest import Destination
+from dicom_node.errors import AssociationError, AssociationRejectedError
+from dicom_node.export import Peer, associate, echo, send_files
 from tests.factories import make_ct
+from tests.helpers import Destination, RunningNode
 
 
 def _store_while_polled(
@@ -21,31 +26,32 @@ def _store_while_polled(
     The polling thread does what pynetdicom's reactor thread does when its
     pause before a request misses: it reads the queue without blocking.
     """
-    ae = _new_ae("TESTSCU", timeout=1.0)
-    ae.add_requested_context(
-        datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID
+    peer = Peer("DEST", "127.0.0.1", destination.port)
+    context = build_context(
+        datasets[0].SOPClassUID, [datasets[0].file_meta.TransferSyntaxUID]
     )
     statuses: list[int | None] = []
     for ds in datasets:  # one association per send: a lost response aborts it
-        assoc = ae.associate("127.0.0.1", destination.port, ae_title="DEST")
-        assert assoc.is_established
-        guard = _ResponseGuard(assoc) if guarded else None
-        stop = threading.Event()
+        with associate(peer, [context], "TESTSCU", timeout=1.0) as link:
+            stop = threading.Event()
 
-        def poll(assoc: Any = assoc, stop: threading.Event = stop) -> None:
-            while not stop.is_set():
-                assoc.dimse.get_msg(block=False)
+            def poll(assoc: Any = link.assoc, stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    assoc.dimse.get_msg(block=False)
 
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        try:
-            with guard.request() if guard else contextlib.nullcontext():
-                rsp = assoc.send_c_store(ds)
-        finally:
-            stop.set()
-            poller.join()
-            _close(assoc)
-        statuses.append(int(rsp.Status) if "Status" in rsp else None)
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+            try:
+                if guarded:
+                    statuses.append(link.send_c_store(ds))
+                else:  # past the guard: pynetdicom's own request
+                    rsp = link.assoc.send_c_store(ds)
+                    statuses.append(int(rsp.Status) if "Status" in rsp else None)
+            except AssociationError:
+                statuses.append(None)
+            finally:
+                stop.set()
+                poller.join()
     return statuses
 
 
@@ -55,3 +61,110 @@ def test_a_response_is_not_taken_by_the_reactor(destination: Destination) -> Non
     datasets = [make_ct() for _ in range(10)]
     assert _store_while_polled(destination, datasets, guarded=True) == [0x0000] * 10
     assert len(destination.received) == 10
+
+
+@pytest.fixture
+def listener() -> Iterator[Callable[[Callable[[socket.socket], object]], int]]:
+    """Start a raw TCP peer on loopback that treats each connection with a function."""
+    servers: list[socket.socket] = []
+
+    def start(serve: Callable[[socket.socket], object]) -> int:
+        server = socket.create_server(("127.0.0.1", 0))
+        servers.append(server)
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return  # closed by the fixture
+                with conn:
+                    serve(conn)
+
+        threading.Thread(target=accept, daemon=True).start()
+        return int(server.getsockname()[1])
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again: nothing listens there
+
+
+def test_a_refused_connection_is_called_refused() -> None:
+    port = _closed_port()
+
+    with pytest.raises(AssociationError) as caught:
+        echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=5)
+
+    assert str(caught.value).startswith(f"connection refused by 127.0.0.1:{port}")
+    assert "aborted" not in str(caught.value)
+
+
+def test_a_silent_peer_is_no_answer_within_the_timeout(
+    listener: Callable[[Callable[[socket.socket], object]], int],
+) -> None:
+    done = threading.Event()
+    port = listener(lambda conn: done.wait(10))  # connects, never answers
+
+    try:
+        with pytest.raises(AssociationError) as caught:
+            echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=1)
+    finally:
+        done.set()
+
+    assert "no answer" in str(caught.value)
+    assert "within 1 s" in str(caught.value)
+
+
+def test_an_abort_is_called_an_abort_by_the_peer(
+    listener: Callable[[Callable[[socket.socket], object]], int],
+) -> None:
+    a_abort = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # PS3.8 9.3.8, source 0
+
+    def answer(conn: socket.socket) -> None:
+        conn.recv(65536)  # the A-ASSOCIATE-RQ
+        conn.sendall(a_abort)
+        conn.recv(1)  # until our side closes
+
+    port = listener(answer)
+
+    with pytest.raises(AssociationError) as caught:
+        echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=5)
+
+    assert f"aborted by the peer PACS@127.0.0.1:{port}" in str(caught.value)
+
+
+def test_every_rejection_is_read_as_one_with_its_reason(node: RunningNode) -> None:
+    """The node's gate rejects and closes at once; that once read as "aborted"."""
+    peer = Peer("DICOMNODE", "127.0.0.1", node.port)
+    for _ in range(20):
+        with pytest.raises(AssociationRejectedError) as caught:
+            echo(peer, "STRANGER", timeout=5)
+        rejection = caught.value
+        assert (rejection.result, rejection.source, rejection.reason) == (1, 1, 3)
+        assert str(rejection) == (
+            f"rejected by the peer {peer}: calling AE title not recognised "
+            "(result 1 rejected-permanent, source 1 service-user, reason 3)"
+        )
+
+
+def test_send_files_names_a_refused_connection(tmp_path: Path) -> None:
+    path = tmp_path / "ct.dcm"
+    make_ct().save_as(path, enforce_file_format=True)
+    port = _closed_port()
+
+    report = send_files([path], Peer("PACS", "127.0.0.1", port), "TESTSCU", 5)
+
+    (outcome,) = report.outcomes
+    assert outcome.status is None
+    assert outcome.error.startswith(
+        f"association failed: connection refused by 127.0.0.1:{port}"
+    )
+    assert outcome.rejection is None

@@ -22,8 +22,8 @@ from dicom_node.dimse import OUT_OF_RESOURCES, SUCCESS, VERIFICATION_SOP_CLASS
 from dicom_node.errors import IndexCorruptError, IndexUnavailableError
 from dicom_node.index import IndexDB, Instance, InstanceRecordRequest, RecordOutcome
 from dicom_node.log import quiet_pynetdicom
-from tests.conftest import RunningNode, free_port, make_config, run_cli, write_toml
 from tests.factories import make_ct
+from tests.helpers import RunningNode, free_port, make_config, run_cli, write_toml
 
 
 def index_path(node: RunningNode) -> Path:

@@ -16,8 +16,9 @@ from dicom_node.config import ModelConfig
 from dicom_node.dimse import OUT_OF_RESOURCES, SUCCESS
 from dicom_node.index import Instance, Job, Study
 from dicom_node.scheduler import schedule_stable_studies
-from tests.conftest import RunningNode, store_datasets, wait_for
+from dicom_node.status import node_status
 from tests.factories import make_ct, storescu_folder, write_study
+from tests.helpers import RunningNode, store_datasets, wait_for
 
 
 @pytest.mark.slow
@@ -52,7 +53,7 @@ def test_eight_concurrent_associations_of_100_instances(
     assert sorted(rows) == sorted(sent_uids)  # no duplicates, none missing
     assert studies == 1
     wait_for(
-        lambda: node.index.status()["associations_by_outcome"] == {"released": 8},
+        lambda: node_status(node.index)["associations_by_outcome"] == {"released": 8},
         what="eight released associations in the audit",
     )
 
@@ -90,7 +91,7 @@ def test_stable_study_gets_one_pending_job_per_model(
         node.port, [make_ct(study_uid, series_uid, instance_number=9)]
     ) == [SUCCESS]
     wait_for(
-        lambda: len(jobs()) == 2 and node.index.status()["studies_waiting"] == 0,
+        lambda: len(jobs()) == 2 and node_status(node.index)["studies_waiting"] == 0,
         what="rescheduling",
     )
     assert jobs() == [(keys[0], "pending"), (keys[1], "pending")]
@@ -170,4 +171,4 @@ def test_full_disk_answers_out_of_resources_and_leaves_nothing(
             dcmread(f).PixelData == datasets[int(dcmread(f).InstanceNumber)].PixelData
         )
     assert not list(tiny_disk.rglob("*.tmp"))
-    assert node.index.status()["instances"] == stored_count
+    assert node_status(node.index)["instances"] == stored_count

@@ -176,11 +176,12 @@ def test_pynetdicom_lines_are_escaped(log_stream: io.StringIO) -> None:
     assert "'EV\\n\\x1b[2J" in log_stream.getvalue()
 
 
-def test_traceback_keeps_its_lines_but_each_is_escaped_and_marked(
+def test_traceback_keeps_its_lines_each_marked_and_never_the_message(
     log_stream: io.StringIO,
 ) -> None:
+    message = f"bad {HOSTILE}\nERROR dicom_node.fake [1]: forged Smith^John"
     try:
-        raise ValueError(f"bad {HOSTILE}\nERROR dicom_node.fake [1]: forged")
+        raise ValueError(message)
     except ValueError:
         logging.getLogger("dicom_node.worker").exception("job failed")
 
@@ -188,7 +189,9 @@ def test_traceback_keeps_its_lines_but_each_is_escaped_and_marked(
     assert lines[0].endswith("job failed")
     assert lines[1] == "| Traceback (most recent call last):"
     assert all(line.startswith("| ") for line in lines[1:])
-    assert "| ERROR dicom_node.fake [1]: forged" in lines
+    assert "raise ValueError(message)" in lines[-2]
+    assert lines[-1] == "| ValueError (message not logged: it may quote data)"
+    assert "Smith^John" not in log_stream.getvalue()
     assert_no_raw_controls(log_stream.getvalue())
 
 

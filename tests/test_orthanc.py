@@ -16,10 +16,11 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from dicom_node.config import CallerConfig, DestinationConfig, ModelConfig, NodeConfig
-from dicom_node.demo import Orthanc, find_orthanc
+from dicom_node.demo.pacs import Orthanc, find_orthanc
 from dicom_node.index import Delivery
 from dicom_node.service import open_index
-from tests.conftest import (
+from tests.factories import corpus_file, make_artifact, make_ct
+from tests.helpers import (
     free_port,
     make_config,
     status,
@@ -27,7 +28,6 @@ from tests.conftest import (
     worker_process,
     write_toml,
 )
-from tests.factories import corpus_file, make_artifact, make_ct
 
 REPO = Path(__file__).resolve().parent.parent
 

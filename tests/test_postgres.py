@@ -15,11 +15,18 @@ from sqlalchemy import select
 
 from dicom_node.config import NodeConfig
 from dicom_node.index import Job, Study, utc_now
+from dicom_node.jobs import claim_jobs
 from dicom_node.scheduler import schedule_stable_studies
 from dicom_node.service import open_index
-from dicom_node.worker import claim_jobs
-from tests.conftest import Destination, make_config, status, store_datasets, wait_for
-from tests.test_worker import ct_study, node_config
+from tests.helpers import (
+    Destination,
+    ct_study,
+    make_config,
+    node_config,
+    status,
+    store_datasets,
+    wait_for,
+)
 
 
 def test_a_study_is_scored_and_delivered_with_a_postgresql_index(

@@ -34,8 +34,9 @@ from dicom_node.dimse import (
     SUCCESS,
 )
 from dicom_node.index import AssociationRecord, ErrorRecord, Instance
-from tests.conftest import RunningNode, store_datasets, store_files, wait_for
+from dicom_node.status import node_status
 from tests.factories import corpus_file, dcmtk, encode_body, make_ct, raw_file
+from tests.helpers import RunningNode, store_datasets, store_files, wait_for
 
 # PS3.4 C.6.1.3.1 Patient Root Query/Retrieve - FIND (pydicom.uid does not name it).
 PATIENT_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.1.1")
@@ -99,7 +100,7 @@ def test_dcmtk_storescu_instance_is_stored_as_sent_and_indexed(
             stored_path.relative_to(node.config.storage_dir).as_posix(),
         )
     ]
-    status = node.index.status()
+    status = node_status(node.index)
     assert (status["studies"], status["series"], status["instances"]) == (1, 1, 1)
 
     def association() -> AssociationRecord:

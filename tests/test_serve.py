@@ -23,14 +23,6 @@ from dicom_node.dimse import SUCCESS
 from dicom_node.export import Peer, SendOutcome, send_files
 from dicom_node.index import IndexDB, Instance
 from dicom_node.log import PhiFilter
-from tests.conftest import (
-    RunningNode,
-    dicom_node_cmd,
-    run_cli,
-    store_datasets,
-    store_files,
-    wait_for,
-)
 from tests.factories import (
     SENTINEL_BIRTH_DATE,
     SENTINEL_NAME,
@@ -38,6 +30,14 @@ from tests.factories import (
     make_ct,
     storescu_folder,
     write_study,
+)
+from tests.helpers import (
+    RunningNode,
+    dicom_node_cmd,
+    run_cli,
+    store_datasets,
+    store_files,
+    wait_for,
 )
 
 SENTINELS = (SENTINEL_NAME, "SENTINEL^PHI", SENTINEL_BIRTH_DATE, SENTINEL_PATIENT_ID)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,17 +75,32 @@ def test_adopt_moves_a_received_file_into_place(tmp_path: Path) -> None:
     assert not received.exists()
 
 
+# A receiving process that ends without closing its storage (killed): it
+# leaves its spool folder, and its end frees the spool's lock.
+ENDED_PROCESS = """
+import sys
+from pathlib import Path
+from dicom_node.storage import Storage
+
+storage = Storage(Path(sys.argv[1]))
+(storage.spool / "half-received.dcm").write_bytes(b"x" * 1000)
+print(storage.spool)
+"""
+
+
 def test_sweep_removes_what_ended_processes_left(tmp_path: Path) -> None:
     root = tmp_path / "storage"
-    # A process that ended: its spool's lock is free.
-    ended = Storage(root)
-    (ended.spool / "half-received.dcm").write_bytes(b"x" * 1000)
-    loose = ended.incoming / "old-layout.tmp"
+    ended = subprocess.run(
+        [sys.executable, "-c", ENDED_PROCESS, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    folder = Path(ended.stdout.strip())
+    assert (folder / "half-received.dcm").exists()
+    loose = root / Storage.INCOMING / "old-layout.tmp"
     loose.write_bytes(b"x")
-    folder = ended.spool
-    ended_lock = ended._spool_lock
-    assert ended_lock is not None
-    os.close(ended_lock)  # as the end of its process would
     # A process that runs, sharing the storage: its spool stays.
     running = Storage(root)
     (running.spool / "arriving.dcm").write_bytes(b"y")

@@ -19,8 +19,8 @@ from dicom_node.index import AssociationRecord
 from dicom_node.scp import Receiver
 from dicom_node.service import open_index
 from dicom_node.tls import client_context
-from tests.conftest import RunningNode, make_config
 from tests.factories import dcmtk, make_ct
+from tests.helpers import RunningNode, make_config
 from tests.tls_certificates import Certificates, make_certificates
 
 

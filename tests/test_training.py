@@ -323,10 +323,10 @@ def test_fit_under_torchrun_with_two_processes(data: Path, tmp_path: Path) -> No
 def test_no_process_gets_a_batch_of_one_frame(world: int) -> None:
     # BatchNorm cannot train on one frame: under DDP a short last batch is
     # left out when it would leave a process a single frame.
-    from training.engine import _batch_starts
+    from training.engine import batch_starts
 
     for n in range(1, 80):
-        for start in _batch_starts(n, 8, world):
+        for start in batch_starts(n, 8, world):
             size = min(8, n - start)
             parts = [len(range(rank, size, world)) for rank in range(world)]
             assert min(parts) >= 2, (n, start, parts)

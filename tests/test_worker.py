@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,21 +17,25 @@ from typing import Any
 import pytest
 import torch
 from pydicom import dcmread
+from sqlalchemy import select
 
 from dicom_node.config import (
     CallerConfig,
-    DestinationConfig,
     ModelConfig,
     ModelMatch,
     NodeConfig,
 )
-from dicom_node.service import open_index
+from dicom_node.index import Job
+from dicom_node.service import open_index, running_node
 from dicom_node.worker import start_workers
 from inference import Classifier, ModelArtifact
-from tests.conftest import (
+from tests.factories import make_artifact, make_ct
+from tests.helpers import (
     Destination,
+    ct_study,
+    dicom_node_cmd,
     free_port,
-    make_config,
+    node_config,
     run_cli,
     status,
     store_datasets,
@@ -38,31 +43,6 @@ from tests.conftest import (
     worker_process,
     write_toml,
 )
-from tests.factories import make_artifact, make_ct
-
-
-def node_config(tmp_path: Path, model: Path, port: int, **overrides: Any) -> NodeConfig:
-    settings: dict[str, Any] = {
-        "stable_after": 0.3,
-        "models": (ModelConfig(model),),
-        "destinations": (DestinationConfig("pacs", "DEST", "127.0.0.1", port),),
-        "retry_after": 0.2,
-        "retry_max": 0.5,
-        "lease_seconds": 30.0,
-    }
-    settings.update(overrides)
-    return make_config(tmp_path, **settings)
-
-
-def ct_study(n: int = 2) -> list[Any]:
-    first = make_ct(rows=64, columns=64, seed=11)
-    study = [first]
-    for i in range(1, n):
-        ds = make_ct(rows=64, columns=64, seed=11 + i)
-        ds.StudyInstanceUID = first.StudyInstanceUID
-        ds.SeriesInstanceUID = first.SeriesInstanceUID
-        study.append(ds)
-    return study
 
 
 @pytest.mark.parametrize("results_processes", [0, 1])
@@ -185,9 +165,9 @@ def test_destination_down_is_retried_then_dead_lettered_and_revived(
     store_datasets(port, ct_study())
     wait_for(lambda: status(config)["deliveries"]["dead"] == 1, 60, "dead letter")
     figures = status(config)
-    dead = figures["dead_deliveries"][0]
+    dead = figures["failing_deliveries"][0]
     assert dead["attempts"] == 3
-    assert "association failed" in dead["last_error"]
+    assert "association failed" in (dead["last_error"] or "")
     shown = run_cli("status", "--config", str(write_toml(tmp_path, config)))
     assert "dead: delivery" in shown.stdout
     assert "dicom-node retry --dead" in shown.stdout
@@ -221,7 +201,7 @@ def test_a_study_no_model_accepts_is_skipped_with_the_reason(
     port = run_serve(config)
     store_datasets(port, ct_study())
     wait_for(lambda: status(config)["jobs"]["skipped"] == 1, 60, "skipped job")
-    reason = status(config)["failed_jobs"][0]["reason"]
+    reason = status(config)["failed_jobs"][0]["reason"] or ""
     assert "modality not in ['DX', 'CR']" in reason
     assert destination.received == []
 
@@ -369,15 +349,58 @@ def test_score_writes_results_and_a_summary(tmp_path: Path, model: Path) -> None
 def test_a_failing_job_is_retried_then_failed_with_the_reason(
     tmp_path: Path, destination: Destination, run_serve: Callable[[NodeConfig], int]
 ) -> None:
-    missing = tmp_path / "not-there.safetensors"
-    config = node_config(tmp_path, missing, destination.port, job_attempts=2)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    config = node_config(tmp_path, broken, destination.port, job_attempts=2)
     port = run_serve(config)
     store_datasets(port, ct_study())
     wait_for(lambda: status(config)["jobs"]["failed"] == 1, 60, "failed job")
     job = status(config)["failed_jobs"][0]
     assert job["attempts"] == 2
-    assert job["reason"] == f"after 2 tries: model file {missing} not found"
+    assert (job["reason"] or "").startswith(
+        f"after 2 tries: {broken} is not a safetensors"
+    )
     assert destination.received == []
+
+
+def test_jobs_wait_for_a_model_file_that_appears_later(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    later = tmp_path / "models" / "later.safetensors"
+    config = node_config(tmp_path, later, destination.port, job_attempts=2)
+    port = run_serve(config)
+    store_datasets(port, ct_study())
+
+    def waiting() -> list[Job]:
+        index = open_index(config)
+        try:
+            with index.sessions() as session:
+                return list(session.scalars(select(Job)))
+        finally:
+            index.close()
+
+    # Longer than job_attempts tries at retry_after 0.2 s would take to fail it.
+    wait_for(
+        lambda: any((j.last_error or "").startswith("waiting") for j in waiting()),
+        30,
+        "the job waiting for its model",
+    )
+    time.sleep(2.0)
+    (job,) = waiting()
+    assert job.state == "pending"
+    assert job.last_error == f"waiting: model file {later} not found"
+    assert status(config)["jobs"]["failed"] == 0
+
+    later.parent.mkdir()
+    later.write_bytes(model.read_bytes())
+    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "results sent")
+    (job,) = waiting()
+    assert job.state == "done"
+    assert job.attempts == 1
+    assert len(destination.received) >= 3
 
 
 def test_a_burst_of_studies_is_scored_together_and_a_bad_one_fails_alone(
@@ -500,3 +523,72 @@ def test_scoring_threads_run_below_the_nodes_other_threads(
     finally:
         workers.stop()
         index.close()
+
+
+def test_a_node_and_a_worker_whose_configs_spell_the_model_path_differently_agree(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    (tmp_path / "models").mkdir()
+    shutil.copy(model, tmp_path / "models" / "chest.safetensors")
+    # serve names it one way (as --config /etc/dicom-node/node.toml would) ...
+    spelled = tmp_path / "models" / ".." / "models" / "chest.safetensors"
+    config = node_config(tmp_path, spelled, destination.port, workers=0)
+    port = run_serve(config)  # receives and schedules; no worker threads
+    # ... the worker another: --config node.toml, from the file's own folder.
+    toml = write_toml(tmp_path, config)
+    toml.write_text(
+        toml.read_text().replace(
+            f'path = "{spelled}"', 'path = "models/chest.safetensors"'
+        )
+    )
+    worker = subprocess.Popen(
+        dicom_node_cmd("worker", "--config", "node.toml"),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert store_datasets(port, ct_study()) == [0, 0]
+        wait_for(lambda: status(config)["deliveries"]["done"] == 1, 90, "delivery")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    figures = status(config)
+    assert figures["jobs"]["done"] == 1
+    assert figures["jobs"]["failed"] == 0
+
+
+def test_a_model_moved_to_another_path_goes_on_counting_its_runs(
+    tmp_path: Path, model: Path, destination: Destination
+) -> None:
+    study = ct_study(3)
+    first = node_config(tmp_path, model, destination.port)
+    with running_node(first) as port:
+        store_datasets(port, study[:2])
+        wait_for(lambda: status(first)["deliveries"]["done"] == 1, 60, "run 1 sent")
+    results = first.state_dir / "results"
+    (run_1,) = [p.parent for p in results.rglob("sr.dcm")]
+    delivered = {p.name: p.read_bytes() for p in run_1.iterdir()}
+
+    moved = tmp_path / "renamed" / "model.safetensors"
+    moved.parent.mkdir()
+    shutil.move(model, moved)
+    second = node_config(tmp_path, moved, destination.port)
+    with running_node(second) as port:
+        store_datasets(port, study[2:])
+        wait_for(lambda: status(second)["deliveries"]["done"] == 2, 60, "run 2 sent")
+
+    folders = sorted(p.parent.name for p in results.rglob("sr.dcm"))
+    device_uid = ModelArtifact.load(moved).device_uid
+    assert folders == [f"{device_uid}-run1", f"{device_uid}-run2"]
+    assert {p.name: p.read_bytes() for p in run_1.iterdir()} == delivered
+    srs = [ds for ds in destination.received if ds.Modality == "SR"]
+    assert len({ds.SOPInstanceUID for ds in srs}) == 2
+    cited = srs[1].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert cited.SeriesInstanceUID == srs[0].SeriesInstanceUID
+    assert cited.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        srs[0].SOPInstanceUID
+    )

@@ -53,6 +53,7 @@ __all__ = [
     "Dataset",
     "FitResult",
     "augment",
+    "batch_starts",
     "evaluate",
     "fit",
     "load_frames",
@@ -235,12 +236,29 @@ def _batches(
         order = torch.multinomial(weights, n, replacement=True, generator=generator)
     else:
         order = torch.randperm(n, generator=generator)
-    return [order[i : i + batch_size] for i in _batch_starts(n, batch_size, world)]
+    return [order[i : i + batch_size] for i in batch_starts(n, batch_size, world)]
 
 
-def _batch_starts(n: int, batch_size: int, world: int = 1) -> range:
-    # A last batch that would leave a process a single frame is left out:
-    # BatchNorm cannot train on one frame.
+def batch_starts(n: int, batch_size: int, world: int = 1) -> range:
+    """Return where each batch of an epoch starts (their number: steps per epoch).
+
+    A last batch that would leave a process a single frame is left out:
+    BatchNorm cannot train on one frame.
+
+    Parameters
+    ----------
+    n
+        Frames in the epoch.
+    batch_size
+        Frames per batch, over all processes.
+    world
+        Processes that share each batch (DDP world size).
+
+    Returns
+    -------
+    range
+        The index of each batch's first frame.
+    """
     return range(0, n + 1 - 2 * world, batch_size)
 
 
@@ -606,7 +624,7 @@ def fit(
         if config.balance == "weighted"
         else None
     )
-    steps_per_epoch = len(_batch_starts(len(train), config.batch_size, world))
+    steps_per_epoch = len(batch_starts(len(train), config.batch_size, world))
 
     def stage_of(epoch: int) -> int:
         return 1 if epoch < config.freeze_epochs else 2

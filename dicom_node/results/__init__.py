@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, CTImageStorage, generate_uid
 
 from dicom_node.identity import MANUFACTURER
 from dicom_node.results.capture import build_capture
@@ -51,10 +51,41 @@ __all__ = [
     "build_results",
     "has_patient_geometry",
     "overlay",
+    "report_reference",
     "result_uid",
     "summary_lines",
     "warm_up",
 ]
+
+
+def report_reference(study_uid: str, device_uid: str, run: int, sr_uid: str) -> Dataset:
+    """Return what a later run's SR cites of this run's SR (its predecessor).
+
+    Built from what the index records of the run: the SR's series follows
+    from the study, the model and the run as every result UID does.
+
+    Parameters
+    ----------
+    study_uid
+        The study.
+    device_uid
+        The model's Device UID.
+    run
+        The earlier run.
+    sr_uid
+        Its SR's SOP Instance UID.
+
+    Returns
+    -------
+    Dataset
+        Study, series, SOP class and SOP instance of the earlier SR.
+    """
+    ds = Dataset()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = result_uid(study_uid, device_uid, run, "sr-series")
+    ds.SOPClassUID = Comprehensive3DSRStorage
+    ds.SOPInstanceUID = sr_uid
+    return ds
 
 
 @dataclass(frozen=True, slots=True)

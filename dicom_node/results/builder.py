@@ -55,7 +55,8 @@ class BuildRequest:
     folder
         Where the result set's files go.
     previous_sr
-        The file of the SR this run replaces, if any.
+        The SR this run replaces, if any, as
+        :func:`dicom_node.results.report_reference` gives it.
     jpeg, parametric_map, explain_absent
         As :func:`dicom_node.results.build_results`.
     """
@@ -65,7 +66,7 @@ class BuildRequest:
     run: int
     node: NodeIdentity
     folder: Path
-    previous_sr: Path | None = None
+    previous_sr: Dataset | None = None
     jpeg: bool = False
     parametric_map: bool = False
     explain_absent: bool = False
@@ -106,7 +107,7 @@ def build_and_write(
     """
     if sources is None:
         sources = [dcmread(path) for path in request.sources]
-    previous = dcmread(request.previous_sr) if request.previous_sr else None
+    previous = request.previous_sr
     result = build_results(
         sources,
         request.prediction,

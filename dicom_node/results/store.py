@@ -9,6 +9,7 @@ holds ``sc-N.dcm`` (Secondary Captures), ``pm-N.dcm`` (Parametric Maps) and
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from PIL import Image
@@ -20,8 +21,11 @@ from dicom_node.results import ResultSet
 __all__ = [
     "capture_png",
     "delivery_files",
+    "discard_folder",
+    "publish_folder",
     "result_folder",
     "results_root",
+    "staging_folder",
     "write_result_files",
 ]
 
@@ -46,6 +50,53 @@ def result_folder(study_uid: str, device_uid: str, run: int) -> str:
         The run of this model on this study (1, 2, ...).
     """
     return f"{study_uid}/{device_uid}-run{run}"
+
+
+def staging_folder(folder: str, job_id: int) -> str:
+    """Return where a job writes a result set before it is published.
+
+    Parameters
+    ----------
+    folder
+        The result set's folder (:func:`result_folder`).
+    job_id
+        The job writing it: each job has its own, so a job whose lease ran
+        out never writes into the folder of the job that took over.
+    """
+    study, name = folder.rsplit("/", 1)
+    return f"{study}/.{name}.job{job_id}"
+
+
+def discard_folder(root: Path, folder: str) -> None:
+    """Remove a folder under ``root`` and everything in it, if it exists."""
+    shutil.rmtree(root / folder, ignore_errors=True)
+
+
+def publish_folder(root: Path, staging: str, folder: str) -> None:
+    """Move a written result set into its folder.
+
+    Call only when the index holds no result set of that folder: a folder
+    there is then a leftover of a try that stopped before it was recorded,
+    and is replaced.
+
+    Parameters
+    ----------
+    root
+        The results root.
+    staging
+        Where it was written (:func:`staging_folder`).
+    folder
+        Its folder.
+    """
+    target = root / folder
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(root / staging, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def delivery_files(folder: Path) -> list[Path]:

@@ -1,0 +1,309 @@
+"""Completion: a scored study's result set written, recorded and queued for delivery.
+
+Runs are counted per study and model Device UID: run N's UIDs follow from the
+study, the Device UID and N, so a job done again after a crash writes the same
+objects. A result set is written into a folder of its own job and moved into
+place only while the job still holds its lease and no recorded result set has
+that folder: a delivered run's files are never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.config import NodeConfig
+from dicom_node.export import Peer
+from dicom_node.identity import node_device_uid
+from dicom_node.index import (
+    Delivery,
+    DeliveryState,
+    IndexDB,
+    Job,
+    JobState,
+    ResultRecord,
+    utc_now,
+)
+from dicom_node.jobs import ClaimedJob, JobOutcome, guard
+from dicom_node.leases import release
+from dicom_node.log import uid_ref
+from dicom_node.results import NodeIdentity, report_reference
+from dicom_node.results.builder import BuildRequest, Built, ResultBuilder
+from dicom_node.results.store import (
+    discard_folder,
+    publish_folder,
+    result_folder,
+    results_root,
+    staging_folder,
+)
+from dicom_node.scoring import Scored, Scoring, StudyImage
+from inference import StudyPrediction
+
+__all__ = ["complete_jobs", "destinations"]
+
+logger = logging.getLogger(__name__)
+
+# Builds result sets in the calling thread (no results processes).
+_INLINE = ResultBuilder(0)
+
+
+def complete_jobs(
+    scored: Scored,
+    config: NodeConfig,
+    index: IndexDB,
+    started: float,
+    builder: ResultBuilder | None = None,
+) -> list[JobOutcome]:
+    """Write the results of scored studies and queue their deliveries.
+
+    Parameters
+    ----------
+    scored
+        Studies and their predictions.
+    config
+        The node configuration.
+    index
+        The index.
+    started
+        When their scoring started (for the log).
+    builder
+        Builds and writes the result sets (in its processes); None: here.
+
+    Returns
+    -------
+    list of JobOutcome
+        One per study; each job row is updated to match.
+    """
+    return [
+        guard(
+            scoring.job,
+            config,
+            index,
+            _complete,
+            scoring,
+            prediction,
+            config,
+            index,
+            started,
+            builder or _INLINE,
+        )
+        for scoring, prediction in scored
+    ]
+
+
+def _complete(
+    scoring: Scoring,
+    prediction: StudyPrediction,
+    config: NodeConfig,
+    index: IndexDB,
+    started: float,
+    builder: ResultBuilder,
+) -> JobOutcome:
+    """Write a scored study's results and queue its deliveries."""
+    job = scoring.job
+    device_uid = prediction.device_uid
+    previous = _previous_run(index, job.study_id, device_uid)
+    run = previous[0] + 1 if previous else 1
+    root = results_root(config.state_dir)
+    folder = result_folder(job.study_uid, device_uid, run)
+    staging = staging_folder(folder, job.id)
+    discard_folder(root, staging)  # what an earlier try of this job left
+    built = builder.build(
+        BuildRequest(
+            # The images as stored: a results process reads them itself rather
+            # than receiving their pixels; here, the data sets read are used.
+            sources=tuple(Path(str(ds.filename)) for ds in scoring.chosen),
+            prediction=prediction,
+            run=run,
+            node=NodeIdentity(
+                config.ae_title, node_device_uid(config.ae_title, config.device_uid)
+            ),
+            folder=root / staging,
+            previous_sr=(
+                report_reference(job.study_uid, device_uid, previous[0], previous[1])
+                if previous
+                else None
+            ),
+            jpeg=config.results_jpeg,
+            parametric_map=config.results_parametric_map,
+            explain_absent=config.results_explain_absent,
+        ),
+        scoring.chosen,
+    )
+    if not _may_publish(index, job, folder):
+        discard_folder(root, staging)
+        logger.warning(
+            "job %d: lease lost, or run %d already recorded; left to its new worker",
+            job.id,
+            run,
+        )
+        return JobOutcome("lost", "lease lost")
+    publish_folder(root, staging, folder)
+    peers = destinations(config, scoring.images)
+    outcome = _commit(
+        index, job, built, prediction, scoring.model.identity, folder, peers
+    )
+    logger.info(
+        "study %s scored by %s in %.2f s: %s; %d delivery(ies) queued",
+        uid_ref(job.study_uid),
+        prediction.model_name,
+        time.perf_counter() - started,
+        ", ".join(
+            f"{p.label.name} {'positive' if p.positive else 'negative'}"
+            for p in prediction.labels
+        ),
+        len(peers),
+    )
+    return outcome
+
+
+def _previous_run(
+    index: IndexDB, study_id: int, device_uid: str
+) -> tuple[int, str] | None:
+    """Return the last recorded run of a study by a model, and its SR's UID."""
+    with index.sessions() as session:
+        row = session.execute(
+            select(ResultRecord.run, ResultRecord.sr_sop_instance_uid)
+            .where(
+                ResultRecord.study_id == study_id,
+                ResultRecord.device_uid == device_uid,
+            )
+            .order_by(ResultRecord.run.desc())
+            .limit(1)
+        ).first()
+    return (int(row[0]), str(row[1])) if row else None
+
+
+def _may_publish(index: IndexDB, job: ClaimedJob, folder: str) -> bool:
+    """Return whether the job still holds its lease and no result set has ``folder``."""
+
+    def work(session: Session) -> bool:
+        held = session.scalar(
+            select(Job.id).where(
+                Job.id == job.id,
+                Job.state == JobState.RUNNING,
+                Job.lease_owner == job.owner,
+            )
+        )
+        taken = session.scalar(
+            select(ResultRecord.id).where(ResultRecord.folder == folder)
+        )
+        return held is not None and taken is None
+
+    return index.run(work)
+
+
+def destinations(
+    config: NodeConfig, images: Sequence[StudyImage]
+) -> list[tuple[str, Peer]]:
+    """Return where a study's results go: the destinations, and its senders.
+
+    A caller with a ``results_port`` gets back the results of the studies it
+    sent (to its configured host, or the address it sent from).
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    images
+        The study's instances, with who sent them.
+
+    Returns
+    -------
+    list of (name, Peer)
+        Each peer once.
+    """
+    peers: list[tuple[str, Peer]] = [
+        (d.name, Peer(d.ae_title, d.host, d.port)) for d in config.destinations
+    ]
+    senders = {
+        (i.calling_ae_title, i.peer_address) for i in images if i.calling_ae_title
+    }
+    for caller in config.callers:
+        port = caller.results_port
+        if port is None:
+            continue
+        for ae_title, address in sorted(senders, key=str):
+            if ae_title != caller.ae_title or address is None:
+                continue
+            if caller.host is not None and caller.host != address:
+                continue
+            peer = Peer(caller.ae_title, caller.host or address, port)
+            peers.append((f"caller {caller.ae_title}", peer))
+    unique: dict[Peer, str] = {}
+    for name, peer in peers:
+        unique.setdefault(peer, name)
+    return [(name, peer) for peer, name in unique.items()]
+
+
+def _commit(
+    index: IndexDB,
+    job: ClaimedJob,
+    result: Built,
+    prediction: StudyPrediction,
+    model: str,
+    folder: str,
+    peers: Sequence[tuple[str, Peer]],
+) -> JobOutcome:
+    summary = json.dumps(
+        {
+            p.label.name: {"probability": p.probability, "positive": p.positive}
+            for p in prediction.labels
+        }
+    )
+
+    def work(session: Session) -> int | None:
+        now = utc_now()
+        if not release(
+            session,
+            Job,
+            job.id,
+            job.owner,
+            JobState.DONE,
+            only_if=Job.state == JobState.RUNNING,
+            last_error=None,
+        ):
+            return None  # the lease ran out and another worker has the job
+        record = ResultRecord(
+            job_id=job.id,
+            study_id=job.study_id,
+            model=model[:500],
+            run=result.run,
+            device_uid=prediction.device_uid,
+            sr_sop_instance_uid=result.sr_uid,
+            folder=folder,
+            summary=summary,
+            created_at=now,
+        )
+        session.add(record)
+        session.flush()
+        for name, peer in peers:
+            session.add(
+                Delivery(
+                    result_id=record.id,
+                    destination=name[:100],
+                    ae_title=peer.ae_title,
+                    host=peer.host,
+                    port=peer.port,
+                    state=DeliveryState.PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        return record.id
+
+    result_id = index.run(work)
+    if result_id is None:
+        logger.warning(
+            "job %d: lease lost before it was done; left to its new worker", job.id
+        )
+        return JobOutcome("lost", "lease lost")
+    return JobOutcome(JobState.DONE)

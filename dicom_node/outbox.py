@@ -1,0 +1,284 @@
+"""The outbox: due deliveries claimed and sent, to one peer over one association.
+
+A delivery is queued ``pending`` when its result set is recorded, claimed
+(``sending``, with a lease) by an outbox thread of any process, and left
+``done``, ``pending`` (to be tried again after a pause that doubles) or
+``dead`` (out of tries) by that thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from dicom_node.config import NodeConfig
+from dicom_node.errors import ConfigError
+from dicom_node.export import Peer, send_files
+from dicom_node.index import (
+    Delivery,
+    DeliveryState,
+    IndexDB,
+    ResultRecord,
+    utc_now,
+)
+from dicom_node.leases import backoff, owner_name, release
+from dicom_node.loop import Loop
+from dicom_node.results.store import delivery_files, results_root
+from dicom_node.tls import client_context
+
+__all__ = [
+    "DELIVERIES_AT_ONCE",
+    "ClaimedDelivery",
+    "Outbox",
+    "claim_deliveries",
+    "run_deliveries",
+]
+
+logger = logging.getLogger(__name__)
+# Result sets sent to one peer over one association (an SR and its captures each).
+DELIVERIES_AT_ONCE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A delivery this worker holds the lease of."""
+
+    id: int
+    folder: str
+    destination: str
+    peer: Peer
+    attempts: int
+    owner: str
+
+
+def claim_deliveries(
+    index: IndexDB, owner: str, lease_seconds: float, limit: int
+) -> list[ClaimedDelivery]:
+    """Claim the oldest due delivery and up to ``limit - 1`` more to its peer.
+
+    Due: pending and due, or sending with an expired lease. Deliveries to one
+    peer are claimed together so they share one association.
+
+    Parameters
+    ----------
+    index
+        The index.
+    owner
+        Who claims them.
+    lease_seconds
+        How long the claim holds.
+    limit
+        Most deliveries to claim.
+
+    Returns
+    -------
+    list of ClaimedDelivery
+        Oldest first, all to one peer; empty when nothing is due.
+    """
+
+    def work(session: Session) -> list[ClaimedDelivery]:
+        now = utc_now()
+        due = or_(
+            and_(
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.next_attempt_at <= now,
+            ),
+            and_(
+                Delivery.state == DeliveryState.SENDING,
+                Delivery.lease_expires_at < now,
+            ),
+        )
+        rows = session.execute(
+            select(Delivery, ResultRecord.folder)
+            .join(ResultRecord, Delivery.result_id == ResultRecord.id)
+            .where(due)
+            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .limit(limit + 8)
+            .with_for_update(skip_locked=True)
+        ).all()
+        claimed: list[ClaimedDelivery] = []
+        for delivery, folder in rows:
+            delivery_id, state, attempts = (
+                delivery.id,
+                delivery.state,
+                delivery.attempts,
+            )
+            peer = Peer(delivery.ae_title, delivery.host, delivery.port)
+            if len(claimed) == limit or (claimed and peer != claimed[0].peer):
+                continue
+            done = session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id == delivery_id,
+                    Delivery.state == state,
+                    Delivery.attempts == attempts,
+                )
+                .values(
+                    state=DeliveryState.SENDING,
+                    attempts=attempts + 1,
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if getattr(done, "rowcount", 0) != 1:
+                continue
+            claimed.append(
+                ClaimedDelivery(
+                    delivery_id,
+                    str(folder),
+                    delivery.destination,
+                    peer,
+                    attempts + 1,
+                    owner,
+                )
+            )
+        return claimed
+
+    return index.run(work)
+
+
+def _delivery_tls(config: NodeConfig, destination: str) -> ssl.SSLContext | None:
+    # A configured destination says itself; results sent back to a caller go
+    # over TLS when the node's own port speaks it.
+    for d in config.destinations:
+        if d.name == destination:
+            return client_context(config, d) if d.tls else None
+    return client_context(config) if config.tls is not None else None
+
+
+def run_deliveries(
+    deliveries: Sequence[ClaimedDelivery], config: NodeConfig, index: IndexDB
+) -> list[DeliveryState]:
+    """Send result sets to their (one) peer over one association; record each outcome.
+
+    Parameters
+    ----------
+    deliveries
+        Claimed deliveries, all to one peer.
+    config
+        The node configuration (AE title, attempts, backoff).
+    index
+        The index.
+
+    Returns
+    -------
+    list of DeliveryState
+        Each delivery's new state: done, pending (to be retried) or dead.
+    """
+    errors: dict[int, str] = {}
+    owner_of: dict[Path, int] = {}
+    root = results_root(config.state_dir)
+    for delivery in deliveries:
+        files = delivery_files(root / delivery.folder)
+        if all(f.is_file() for f in files):
+            owner_of.update(dict.fromkeys(files, delivery.id))
+        else:
+            errors[delivery.id] = "result files missing"
+    if owner_of:
+        try:
+            tls = _delivery_tls(config, deliveries[0].destination)
+        except ConfigError as exc:
+            tls = None
+            for delivery in deliveries:
+                errors.setdefault(delivery.id, str(exc))
+            owner_of.clear()
+        report = send_files(
+            list(owner_of),
+            deliveries[0].peer,
+            calling_ae_title=config.ae_title,
+            tls=tls,
+        )
+        sent: dict[int, list[bool]] = {}
+        for outcome in report.outcomes:
+            delivery_id = owner_of[outcome.path]
+            sent.setdefault(delivery_id, []).append(outcome.ok)
+            if not outcome.ok and delivery_id not in errors:
+                errors[delivery_id] = outcome.error or "not accepted"
+        for delivery_id, oks in sent.items():
+            if not all(oks):
+                errors[delivery_id] = (
+                    f"{oks.count(False)} of {len(oks)} not accepted: "
+                    f"{errors[delivery_id]}"
+                )
+    now = utc_now()
+    changes: list[tuple[ClaimedDelivery, DeliveryState, dict[str, Any]]] = []
+    for delivery in deliveries:
+        error = errors.get(delivery.id, "")
+        values: dict[str, Any]
+        if not error:
+            state, values = (
+                DeliveryState.DONE,
+                {"delivered_at": now, "last_error": None},
+            )
+        elif delivery.attempts >= config.delivery_attempts:
+            state, values = DeliveryState.DEAD, {"last_error": error[:2000]}
+        else:
+            wait = backoff(delivery.attempts, config.retry_after, config.retry_max)
+            state = DeliveryState.PENDING
+            values = {
+                "last_error": error[:2000],
+                "next_attempt_at": now + timedelta(seconds=wait),
+            }
+        changes.append((delivery, state, values))
+
+    def work(session: Session) -> None:
+        for delivery, state, values in changes:
+            release(session, Delivery, delivery.id, delivery.owner, state, **values)
+
+    index.run(work)
+    for delivery, state, _ in changes:
+        if state == DeliveryState.DONE:
+            logger.info(
+                "delivered result set %s to %s",
+                delivery.folder.split("/")[-1],
+                delivery.destination,
+            )
+        else:
+            logger.warning(
+                "delivery %d to %s, try %d: %s (now %s)",
+                delivery.id,
+                delivery.destination,
+                delivery.attempts,
+                errors[delivery.id],
+                state,
+            )
+    return [state for _, state, _ in changes]
+
+
+class Outbox(Loop):
+    """Sends due deliveries in a thread.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    index
+        The index.
+    name
+        The thread's name (part of the lease owner).
+    """
+
+    def __init__(self, config: NodeConfig, index: IndexDB, name: str) -> None:
+        super().__init__(name, index)
+        self.config, self.index = config, index
+        self.owner = owner_name(name)
+
+    def step(self) -> bool:
+        """Claim due deliveries to one peer and send them over one association."""
+        deliveries = claim_deliveries(
+            self.index, self.owner, self.config.lease_seconds, DELIVERIES_AT_ONCE
+        )
+        if not deliveries:
+            return False
+        run_deliveries(deliveries, self.config, self.index)
+        return True

@@ -1,0 +1,354 @@
+"""Scoring: a claimed study's images read, chosen and run through its model.
+
+Small studies of one model share forward passes (a burst of one-image studies
+is scored a batch at a time); a study with a batch of images or more is scored
+alone, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from dicom_node.config import ModelConfig, ModelMatch, NodeConfig
+from dicom_node.eligibility import model_match, passed_over_reason
+from dicom_node.errors import DicomNodeError, ModelMissingError
+from dicom_node.index import (
+    AssociationRecord,
+    IndexDB,
+    Instance,
+    JobState,
+    Series,
+)
+from dicom_node.jobs import ClaimedJob, JobOutcome, finish_job, guard
+from dicom_node.log import describe_exception
+from inference import (
+    Classifier,
+    InferenceError,
+    ModelArtifact,
+    StudyPrediction,
+    file_sha256,
+)
+
+__all__ = [
+    "LoadedModel",
+    "ModelCache",
+    "Scored",
+    "Scoring",
+    "StudyImage",
+    "eligible_images",
+    "process_jobs",
+    "study_images",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StudyImage:
+    """A stored instance of a study, with who sent it."""
+
+    path: Path
+    sop_class_uid: str
+    modality: str | None
+    calling_ae_title: str | None
+    peer_address: str | None
+
+
+def study_images(index: IndexDB, study_id: int, storage_root: Path) -> list[StudyImage]:
+    """Return the stored instances of a study.
+
+    Parameters
+    ----------
+    index
+        The index.
+    study_id
+        The study's row id.
+    storage_root
+        The storage folder the instance paths are relative to.
+
+    Returns
+    -------
+    list of StudyImage
+        In the order they were received.
+    """
+    with index.sessions() as session:
+        rows = session.execute(
+            select(
+                Instance.path,
+                Instance.sop_class_uid,
+                Series.modality,
+                AssociationRecord.calling_ae_title,
+                AssociationRecord.peer_address,
+            )
+            .join(Series, Instance.series_id == Series.id)
+            .outerjoin(
+                AssociationRecord, Instance.association_id == AssociationRecord.id
+            )
+            .where(Series.study_id == study_id)
+            .order_by(Instance.id)
+        ).all()
+    return [
+        StudyImage(storage_root / path, sop_class, modality, calling, address)
+        for path, sop_class, modality, calling, address in rows
+    ]
+
+
+def eligible_images(
+    images: Sequence[StudyImage],
+    datasets: Sequence[Dataset],
+    match: ModelMatch | None,
+    accepts: dict[str, list[str]],
+) -> tuple[list[Dataset], str]:
+    """Pick the images a model runs on.
+
+    The rule is :func:`dicom_node.eligibility.passed_over_reason`, the one
+    offline ``dicom-node score`` applies: image storage SOP classes only, never
+    the node's own results, then the match.
+
+    Parameters
+    ----------
+    images
+        The study's instances.
+    datasets
+        The same instances, read.
+    match
+        The configured match, or None to use the model's own ``accepts``.
+    accepts
+        The artifact's accepted modalities, body parts and SOP classes.
+
+    Returns
+    -------
+    tuple
+        The eligible data sets, and why none was (empty when some were).
+    """
+    if match is None:
+        match = model_match(accepts)
+    chosen: list[Dataset] = []
+    reasons: set[str] = set()
+    for image, ds in zip(images, datasets, strict=True):
+        reason = passed_over_reason(
+            ds, image.sop_class_uid, match, image.calling_ae_title
+        )
+        if reason:
+            reasons.add(reason)
+        else:
+            chosen.append(ds)
+    if chosen:
+        return chosen, ""
+    return [], "no image the model accepts (" + "; ".join(sorted(reasons)) + ")"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A configured model, loaded: its classifier and what identifies it.
+
+    Parameters
+    ----------
+    classifier
+        Runs the model.
+    sha256
+        The SHA-256 of the model file it was loaded from.
+    """
+
+    classifier: Classifier
+    sha256: str
+
+    @property
+    def identity(self) -> str:
+        """Return what the index records of the model: name, version, SHA-256 start."""
+        artifact = self.classifier.artifact
+        return f"{artifact.name} {artifact.version} sha256:{self.sha256[:12]}"
+
+
+class ModelCache:
+    """Loads each configured model once (again when its file changes).
+
+    Parameters
+    ----------
+    device
+        Where models run; empty for CUDA when present.
+    """
+
+    def __init__(self, device: str = "") -> None:
+        self.device = device or None
+        self._lock = threading.Lock()
+        self._loaded: dict[str, tuple[float, LoadedModel]] = {}
+        self._missing_said: set[str] = set()
+
+    def get(self, model: ModelConfig) -> LoadedModel:
+        """Return a configured model, loaded.
+
+        Raises
+        ------
+        ModelMissingError
+            If its file does not exist.
+        inference.ArtifactError
+            If it is not a valid model file or its SHA-256 differs from the pin.
+        """
+        try:
+            mtime = model.path.stat().st_mtime
+        except OSError as exc:
+            raise ModelMissingError(f"model file {model.path} not found") from exc
+        with self._lock:
+            cached = self._loaded.get(model.key)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+            sha256 = file_sha256(model.path)
+            artifact = ModelArtifact.load(model.path, expected_sha256=model.sha256)
+            # Traced: the node's other threads must not stall the forward pass.
+            classifier = Classifier(artifact, self.device, trace=True)
+            loaded = LoadedModel(classifier, sha256)
+            self._loaded[model.key] = (mtime, loaded)
+            logger.info(
+                "loaded model %s %s (%s, Device UID %s) on %s%s",
+                artifact.name,
+                artifact.version,
+                model.path.name,
+                artifact.device_uid,
+                classifier.device,
+                " (traced)" if classifier.traced else " (not traced: runs eagerly)",
+            )
+            return loaded
+
+    def load_all(self, models: Sequence[ModelConfig]) -> None:
+        """Load every model now, so no study waits for one; say which cannot be."""
+        for model in models:
+            try:
+                self.get(model)
+            except ModelMissingError as exc:
+                with self._lock:
+                    said = model.key in self._missing_said
+                    self._missing_said.add(model.key)
+                if not said:  # once, not once per worker thread
+                    logger.warning("%s: its jobs will wait until it exists", exc)
+            except Exception as exc:  # noqa: BLE001 - its jobs say why, too
+                logger.error(
+                    "model not loaded: %s",
+                    str(exc)
+                    if isinstance(exc, InferenceError | DicomNodeError)
+                    else describe_exception(exc),
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class Scoring:
+    """A claimed job whose study is read and has images for its model."""
+
+    job: ClaimedJob
+    model: LoadedModel
+    images: list[StudyImage]
+    chosen: list[Dataset]
+
+
+# Scored studies and their predictions, on their way to results.
+Scored = list[tuple[Scoring, StudyPrediction]]
+
+
+def process_jobs(
+    jobs: Sequence[ClaimedJob],
+    config: NodeConfig,
+    index: IndexDB,
+    models: ModelCache,
+    finish: Callable[[Scored, float], None],
+) -> None:
+    """Score claimed studies with their models; hand each scored group on.
+
+    A job that fails does not fail the others: it is retried with backoff,
+    then marked failed (:func:`dicom_node.jobs.guard`).
+
+    Parameters
+    ----------
+    jobs
+        The claimed jobs.
+    config
+        The node configuration.
+    index
+        The index.
+    models
+        Loaded models.
+    finish
+        Called with each scored group and when its scoring started: writes the
+        results and queues the deliveries
+        (:func:`dicom_node.completion.complete_jobs`).
+    """
+    waiting: list[Scoring] = []  # read, not scored yet: one model, < a batch
+
+    def score_waiting() -> None:
+        if waiting:
+            started = time.perf_counter()
+            finish(_score_together(waiting, config, index), started)
+            waiting.clear()
+
+    for job in jobs:
+        prepared = guard(job, config, index, _prepare, job, config, index, models)
+        if isinstance(prepared, JobOutcome):
+            continue
+        classifier = prepared.model.classifier
+        if waiting and waiting[0].model.classifier is not classifier:
+            score_waiting()
+        waiting.append(prepared)
+        if sum(len(w.chosen) for w in waiting) >= classifier.batch_size:
+            score_waiting()
+    score_waiting()
+
+
+def _prepare(
+    job: ClaimedJob, config: NodeConfig, index: IndexDB, models: ModelCache
+) -> Scoring | JobOutcome:
+    model = next((m for m in config.models if m.key == job.model), None)
+    if model is None:
+        return finish_job(
+            index,
+            job,
+            JobState.FAILED,
+            f"model {job.model} is not in this process's configuration",
+        )
+    loaded = models.get(model)
+    images = study_images(index, job.study_id, config.storage_dir)
+    datasets = [dcmread(i.path) for i in images]
+    chosen, reason = eligible_images(
+        images, datasets, model.match, loaded.classifier.artifact.accepts
+    )
+    if not chosen:
+        return finish_job(index, job, JobState.SKIPPED, reason)
+    return Scoring(job, loaded, images, chosen)
+
+
+def _score_together(
+    group: Sequence[Scoring], config: NodeConfig, index: IndexDB
+) -> Scored:
+    """Score studies of one model in shared batches (one by one if that fails)."""
+    classifier = group[0].model.classifier
+    if len(group) > 1:
+        try:
+            predictions = classifier.predict_many(
+                [s.chosen for s in group], explain_top_k=config.gradcam_top_k
+            )
+        except Exception:  # noqa: BLE001 - found again below, study by study
+            logger.info(
+                "a batch of %d studies failed; scoring them one by one", len(group)
+            )
+        else:
+            return list(zip(group, predictions, strict=True))
+    scored: Scored = []
+    for scoring in group:
+        prediction = guard(
+            scoring.job,
+            config,
+            index,
+            classifier.predict,
+            scoring.chosen,
+            config.gradcam_top_k,
+        )
+        if not isinstance(prediction, JobOutcome):
+            scored.append((scoring, prediction))
+    return scored
