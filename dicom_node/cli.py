@@ -60,6 +60,8 @@ DEFAULT_CALLING_AE_TITLE = "STORESCU"
 _RJ_TRANSIENT = 2
 _RJ_SERVICE_USER = 1
 _RJ_CALLED_AE = 7
+_RJ_CALLING_AE = 3
+_RJ_NO_REASON = 1
 
 _DESCRIPTION = """\
 dicom-node: a DICOM AI node beside your PACS. It receives studies over DICOM
@@ -678,13 +680,19 @@ def _print_hint(error: AssociationError | None, aet: str, peer: Peer) -> None:
         )
     elif error.result == _RJ_TRANSIENT:
         hint = "the peer is busy or at a limit: try again later"
-    else:
+    elif error.source == _RJ_SERVICE_USER and error.reason in (
+        _RJ_CALLING_AE,
+        _RJ_NO_REASON,
+    ):
         hint = (
-            f"the peer does not accept the calling AE title {aet!r} from this "
+            ("perhaps " if error.reason == _RJ_NO_REASON else "")
+            + f"the peer does not accept the calling AE title {aet!r} from this "
             "host: add this AE title (and host) to [[callers]] in the node's "
             "configuration (for a PACS: to its known DICOM nodes), or pass --aet "
             "with an AE title it allows"
         )
+    else:
+        return  # the reason printed says it all
     print(f"hint: {hint}", file=sys.stderr)
 
 

@@ -136,19 +136,19 @@ def _complete(
         ),
         scoring.chosen,
     )
-    if not _may_publish(index, job, folder):
-        discard_folder(root, staging)
-        logger.warning(
-            "job %d: lease lost, or run %d already recorded; left to its new worker",
-            job.id,
-            run,
-        )
-        return JobOutcome("lost", "lease lost")
-    publish_folder(root, staging, folder)
     peers = destinations(config, scoring.images)
     outcome = _commit(
-        index, job, built, prediction, scoring.model.identity, folder, peers
+        index,
+        job,
+        built,
+        prediction,
+        scoring.model.identity,
+        (root, staging, folder),
+        peers,
     )
+    if outcome.state != JobState.DONE:
+        discard_folder(root, staging)
+        return outcome
     logger.info(
         "study %s scored by %s in %.2f s: %s; %d delivery(ies) queued",
         uid_ref(job.study_uid),
@@ -178,25 +178,6 @@ def _previous_run(
             .limit(1)
         ).first()
     return (int(row[0]), str(row[1])) if row else None
-
-
-def _may_publish(index: IndexDB, job: ClaimedJob, folder: str) -> bool:
-    """Return whether the job still holds its lease and no result set has ``folder``."""
-
-    def work(session: Session) -> bool:
-        held = session.scalar(
-            select(Job.id).where(
-                Job.id == job.id,
-                Job.state == JobState.RUNNING,
-                Job.lease_owner == job.owner,
-            )
-        )
-        taken = session.scalar(
-            select(ResultRecord.id).where(ResultRecord.folder == folder)
-        )
-        return held is not None and taken is None
-
-    return index.run(work)
 
 
 def destinations(
@@ -248,9 +229,18 @@ def _commit(
     result: Built,
     prediction: StudyPrediction,
     model: str,
-    folder: str,
+    place: tuple[Path, str, str],
     peers: Sequence[tuple[str, Peer]],
 ) -> JobOutcome:
+    """Record the result set, move it into place and queue its deliveries.
+
+    In one transaction: the job is done only while this worker holds its
+    lease; the run is recorded (a unique key: a second writer of the run
+    waits, then fails); the files are moved from the job's folder into the
+    run's (a folder there without a record is a leftover and is replaced);
+    the deliveries are queued. Whatever fails, the transaction leaves nothing.
+    """
+    root, staging, folder = place
     summary = json.dumps(
         {
             p.label.name: {"probability": p.probability, "positive": p.positive}
@@ -258,7 +248,7 @@ def _commit(
         }
     )
 
-    def work(session: Session) -> int | None:
+    def work(session: Session) -> str:
         now = utc_now()
         if not release(
             session,
@@ -269,7 +259,16 @@ def _commit(
             only_if=Job.state == JobState.RUNNING,
             last_error=None,
         ):
-            return None  # the lease ran out and another worker has the job
+            return "lost"  # the lease ran out and another worker has the job
+        taken = session.scalar(
+            select(ResultRecord.id).where(
+                ResultRecord.study_id == job.study_id,
+                ResultRecord.device_uid == prediction.device_uid,
+                ResultRecord.run == result.run,
+            )
+        )
+        if taken is not None:
+            return "taken"
         record = ResultRecord(
             job_id=job.id,
             study_id=job.study_id,
@@ -282,7 +281,7 @@ def _commit(
             created_at=now,
         )
         session.add(record)
-        session.flush()
+        session.flush()  # takes the run's unique key before the files move
         for name, peer in peers:
             session.add(
                 Delivery(
@@ -298,12 +297,31 @@ def _commit(
                     updated_at=now,
                 )
             )
-        return record.id
+        session.flush()
+        publish_folder(root, staging, folder)
+        return "done"
 
-    result_id = index.run(work)
-    if result_id is None:
+    state = index.run(work)
+    if state == "lost":
         logger.warning(
             "job %d: lease lost before it was done; left to its new worker", job.id
         )
         return JobOutcome("lost", "lease lost")
+    if state == "taken":
+        # Another try of this study and model recorded the run first: this
+        # one is done again at once, as the next run.
+        def again(session: Session) -> None:
+            release(
+                session,
+                Job,
+                job.id,
+                job.owner,
+                JobState.PENDING,
+                attempts=job.attempts - 1,
+                next_attempt_at=utc_now(),
+            )
+
+        index.run(again)
+        logger.info("job %d: run %d was recorded meanwhile; again", job.id, result.run)
+        return JobOutcome(JobState.PENDING, "run recorded meanwhile")
     return JobOutcome(JobState.DONE)

@@ -781,6 +781,12 @@ def config_from_mapping(
             )
             for m in lists["models"]
         )
+        model_keys = [m.key for m in models]
+        for key in {k for k in model_keys if model_keys.count(k) > 1}:
+            raise ConfigError(
+                f"[[models]] in {list_sources['models']}: the model file {key} is "
+                "listed twice; list each model once (give it one match)"
+            )
         return NodeConfig(
             **kwargs,
             callers=callers,

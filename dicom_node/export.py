@@ -27,6 +27,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, evt
+from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -138,6 +139,10 @@ _RJ_REASONS = {
 _ABORT_SOURCES = {0: "the peer", 2: "the peer's DICOM upper layer"}
 
 
+# The pynetdicom versions whose private AE._create_socket the node extends.
+_SOCKET_HOOK = pynetdicom_version.startswith("3.0.")
+
+
 class _TcpSocket(socket.socket):
     """A TCP socket that keeps what its ``connect`` raised.
 
@@ -179,7 +184,9 @@ class _ScuAE(AE):
     ) -> AssociationSocket:
         sock = super()._create_socket(assoc, address, tls_args)
         raw = sock.socket
-        if raw is not None:
+        # AE._create_socket is private: relied on as pynetdicom 3.0 has it; on
+        # another version the socket is left as pynetdicom made it.
+        if raw is not None and _SOCKET_HOOK:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             timeout = raw.gettimeout()
             # The same bound descriptor (options kept), in a socket that

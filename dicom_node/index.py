@@ -24,11 +24,13 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     create_engine,
     event,
     inspect,
     make_url,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -242,7 +244,18 @@ class Job(Base):
 
     study: Mapped[Study] = relationship()
 
-    __table_args__ = (Index("ix_jobs_state", "state"),)
+    __table_args__ = (
+        Index("ix_jobs_state", "state"),
+        # One job per study and model runs at a time: a second claim fails.
+        Index(
+            "ux_jobs_one_running",
+            "study_id",
+            "model",
+            unique=True,
+            sqlite_where=text("state = 'running'"),
+            postgresql_where=text("state = 'running'"),
+        ),
+    )
 
 
 class ResultRecord(Base):
@@ -265,6 +278,9 @@ class ResultRecord(Base):
     # JSON: per label name, probability and positive (no patient data).
     summary: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    # A run is recorded once: a second writer of run N waits, then fails.
+    __table_args__ = (UniqueConstraint("study_id", "device_uid", "run"),)
 
 
 class Delivery(Base):

@@ -10,12 +10,13 @@ time, so the runs of a study by a model are numbered without gaps or twins.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
 from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from dicom_node.config import NodeConfig
@@ -69,13 +70,21 @@ class JobOutcome:
 
 
 def claim_jobs(
-    index: IndexDB, owner: str, lease_seconds: float, max_attempts: int, limit: int
+    index: IndexDB,
+    owner: str,
+    lease_seconds: float,
+    max_attempts: int,
+    limit: int,
+    models: Sequence[str],
 ) -> list[ClaimedJob]:
-    """Claim the oldest due jobs: pending, or running with an expired lease.
+    """Claim the oldest due jobs of ``models``: pending, or running, lease expired.
 
+    Only jobs of the models the claiming process can run now are claimed
+    (configured there, file present): the others wait for a process that can.
     A job is not claimed while another job of its study and model is running
-    under a live lease (it waits its turn). A job whose worker stopped during
-    ``max_attempts`` tries is marked failed instead of being claimed again.
+    (the index allows one; it waits its turn). A job whose worker stopped
+    during ``max_attempts`` tries is marked failed instead of being claimed
+    again.
 
     Parameters
     ----------
@@ -89,12 +98,17 @@ def claim_jobs(
         Tries a job gets.
     limit
         Most jobs to claim.
+    models
+        The keys (:attr:`dicom_node.config.ModelConfig.key`) of the models the
+        claiming process can run.
 
     Returns
     -------
     list of ClaimedJob
         Oldest first; empty when nothing is due.
     """
+    if not models:
+        return []
     other = aliased(Job)
 
     def work(session: Session) -> list[ClaimedJob]:
@@ -111,22 +125,18 @@ def claim_jobs(
             other.model == Job.model,
             other.id != Job.id,
             other.state == JobState.RUNNING,
-            other.lease_expires_at >= now,
         )
         rows = session.execute(
             select(Job.id, Job.state, Job.attempts, Job.study_id, Job.model)
-            .where(due, ~busy)
+            .where(due, Job.model.in_(list(models)), ~busy)
             .order_by(Job.id)
             .limit(limit + 8)
             .with_for_update(skip_locked=True)
         ).all()
         claimed_jobs: list[ClaimedJob] = []
-        taken: set[tuple[int, str]] = set()
         for job_id, state, attempts, study_id, model in rows:
             if len(claimed_jobs) == limit:
                 break
-            if (study_id, model) in taken:
-                continue  # one job per study and model at a time
             if state == JobState.RUNNING and attempts >= max_attempts:
                 release(
                     session,
@@ -138,20 +148,29 @@ def claim_jobs(
                     last_error=f"its worker stopped during {attempts} tries",
                 )
                 continue
-            claimed = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == state, Job.attempts == attempts)
-                .values(
-                    state=JobState.RUNNING,
-                    attempts=attempts + 1,
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    updated_at=now,
-                )
-            )
+            try:
+                # A savepoint: another process may have just claimed a job of
+                # the same study and model (the unique index says so).
+                with session.begin_nested():
+                    claimed = session.execute(
+                        update(Job)
+                        .where(
+                            Job.id == job_id,
+                            Job.state == state,
+                            Job.attempts == attempts,
+                        )
+                        .values(
+                            state=JobState.RUNNING,
+                            attempts=attempts + 1,
+                            lease_owner=owner,
+                            lease_expires_at=now + timedelta(seconds=lease_seconds),
+                            updated_at=now,
+                        )
+                    )
+            except IntegrityError:
+                continue
             if getattr(claimed, "rowcount", 0) != 1:
                 continue
-            taken.add((study_id, model))
             study_uid = session.scalar(
                 select(Study.study_instance_uid).where(Study.id == study_id)
             )

@@ -4,10 +4,11 @@ Every background thread of the node (the scheduler, each worker's scoring and
 results threads, the outbox) survives any error of a step: the index failing
 is logged as a warning, anything else at ERROR with the traceback (never the
 exception's message, which may quote data); either way the thread pauses,
-longer after each failure in a row, and tries again. Each thread writes its
-state to the index's ``threads`` table: a heartbeat every :data:`BEAT_SECONDS`,
-``failing`` with the error while its steps fail, ``stopped`` when stopped, so
-``dicom-node status`` can say when one is unhealthy.
+longer after each failure in a row, and tries again. Each thread's state is in
+the index's ``threads`` table (``running``; ``failing`` with the error while
+its steps fail; ``stopped``), with a heartbeat that a thread of the process
+writes every :data:`BEAT_SECONDS` while the thread is alive, so ``dicom-node
+status`` can say when one is failing or its process is gone.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import ClassVar
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from dicom_node.errors import IndexUnavailableError
 from dicom_node.index import IndexDB, ThreadRecord, ThreadState, utc_now
 from dicom_node.leases import backoff, owner_name, process_gone
 from dicom_node.log import describe_exception
@@ -50,8 +53,11 @@ _FORGET_AFTER = timedelta(days=7)
 class ThreadHealth:
     """A thread's row in the index's ``threads`` table.
 
-    Writing it never raises: when the index fails, the thread goes on and the
-    next beat tries again.
+    The thread writes its state when it changes (started, failing, well
+    again, stopped); a heartbeat thread of the process writes every
+    :data:`BEAT_SECONDS` that it is alive, also during a long step (a slow
+    peer, a big study). Writing never raises: when the index fails, the
+    thread goes on and the next write tries again (a lost row is written anew).
 
     Parameters
     ----------
@@ -61,64 +67,78 @@ class ThreadHealth:
         The thread's name.
     """
 
+    _registry: ClassVar[set[ThreadHealth]] = set()
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+    _beater: ClassVar[threading.Thread | None] = None
+
     def __init__(self, index: IndexDB | None, name: str) -> None:
         self.index = index
         self.name = name
         self.owner = owner_name(name)
-        self._beaten = 0.0
-        self._failing = False
+        self.state = ThreadState.RUNNING
+        self.started_at = utc_now()
+        self.failing_since: datetime | None = None
+        self.last_error: str | None = None
+        self._thread: threading.Thread | None = None
 
     def started(self) -> None:
-        """Record that the thread runs (replacing a row of an earlier thread)."""
-        now = utc_now()
+        """Record that the calling thread runs (replacing an earlier thread's row)."""
+        self._thread = threading.current_thread()
+        self.state, self.started_at = ThreadState.RUNNING, utc_now()
+        self.failing_since = self.last_error = None
+        self._write(self._upsert)
+        if self.index is not None:
+            with self._registry_lock:
+                self._registry.add(self)
+                if ThreadHealth._beater is None:
+                    ThreadHealth._beater = threading.Thread(
+                        target=_beat_forever, name="heartbeat", daemon=True
+                    )
+                    ThreadHealth._beater.start()
 
-        def work(session: Session) -> None:
-            session.execute(
-                delete(ThreadRecord).where(ThreadRecord.owner == self.owner)
-            )
-            session.add(
-                ThreadRecord(
-                    owner=self.owner,
-                    name=self.name[:64],
-                    state=ThreadState.RUNNING,
-                    started_at=now,
-                    beat_at=now,
-                )
-            )
-
-        self._write(work)
-        self._beaten = time.monotonic()
-
-    def beat(self) -> None:
-        """Record that the thread is well; written at most every BEAT_SECONDS."""
-        if not self._failing and time.monotonic() - self._beaten < BEAT_SECONDS:
+    def recovered(self) -> None:
+        """Record that a step worked after failures."""
+        if self.state != ThreadState.FAILING:
             return
-        self._set(ThreadState.RUNNING, failing_since=None, last_error=None)
-        self._failing = False
-        self._beaten = time.monotonic()
+        self.state, self.failing_since, self.last_error = (
+            ThreadState.RUNNING,
+            None,
+            None,
+        )
+        self._write(self._upsert)
 
     def failing(self, exc: BaseException) -> None:
         """Record that the thread's last step failed with ``exc``."""
-        values: dict[str, object] = {"last_error": describe_exception(exc)[:500]}
-        if not self._failing:
-            values["failing_since"] = utc_now()
-        self._set(ThreadState.FAILING, **values)
-        self._failing = True
-        self._beaten = time.monotonic()
+        if self.state != ThreadState.FAILING:
+            self.failing_since = utc_now()
+        self.state = ThreadState.FAILING
+        self.last_error = describe_exception(exc)[:500]
+        self._write(self._upsert)
 
     def stopped(self) -> None:
         """Record that the thread was stopped cleanly."""
-        self._set(ThreadState.STOPPED)
+        self.state = ThreadState.STOPPED
+        with self._registry_lock:
+            self._registry.discard(self)
+        self._write(self._upsert)
 
-    def _set(self, state: ThreadState, **values: object) -> None:
-        def work(session: Session) -> None:
-            session.execute(
-                update(ThreadRecord)
-                .where(ThreadRecord.owner == self.owner)
-                .values(state=state, beat_at=utc_now(), **values)
-            )
-
-        self._write(work)
+    def _upsert(self, session: Session) -> None:
+        values = {
+            "name": self.name[:64],
+            "state": self.state,
+            "started_at": self.started_at,
+            "beat_at": utc_now(),
+            "failing_since": self.failing_since,
+            "last_error": self.last_error,
+        }
+        changed = session.execute(
+            update(ThreadRecord)
+            .where(ThreadRecord.owner == self.owner)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(changed, "rowcount", 0) == 0:
+            session.add(ThreadRecord(owner=self.owner, **values))
 
     def _write(self, work: Callable[[Session], None]) -> None:
         if self.index is None:
@@ -126,7 +146,36 @@ class ThreadHealth:
         try:
             self.index.run(work)
         except Exception as exc:  # noqa: BLE001 - the thread's work comes first
-            logger.debug("%s: heartbeat not written: %s", self.name, type(exc).__name__)
+            logger.debug("%s: health not written: %s", self.name, type(exc).__name__)
+
+    @classmethod
+    def beat_all(cls) -> None:
+        """Write that each registered thread that is alive still is."""
+        with cls._registry_lock:
+            alive = [
+                h
+                for h in cls._registry
+                if h._thread is not None and h._thread.is_alive()
+            ]
+        by_index: dict[int, list[ThreadHealth]] = {}
+        for health in alive:
+            by_index.setdefault(id(health.index), []).append(health)
+        for group in by_index.values():
+
+            def work(session: Session, group: list[ThreadHealth] = group) -> None:
+                for health in group:
+                    health._upsert(session)
+
+            group[0]._write(work)
+
+
+def _beat_forever() -> None:
+    while True:
+        time.sleep(BEAT_SECONDS)
+        try:
+            ThreadHealth.beat_all()
+        except Exception as exc:  # noqa: BLE001 - the heartbeat must go on
+            logger.debug("heartbeat failed: %s", type(exc).__name__)
 
 
 def forget_gone_threads(index: IndexDB) -> int:
@@ -195,6 +244,11 @@ class Loop:
         """Return whether the thread runs."""
         return self._thread.is_alive()
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (without asking it to)."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def step(self) -> bool:
         """Do one piece of work; return whether there was any."""
         raise NotImplementedError
@@ -224,7 +278,7 @@ class Loop:
                     "%s: working again after %d failure(s)", self.name, failures
                 )
                 failures = 0
-            self.health.beat()
+                self.health.recovered()
             if not busy and not self._stop.is_set():
                 self.wake.wait(self.idle)
                 self.wake.clear()
@@ -244,7 +298,7 @@ def report_failure(name: str, exc: BaseException, failures: int, then: str) -> N
     then
         What happens next, e.g. "trying again in 2.0 s".
     """
-    if isinstance(exc, SQLAlchemyError):
+    if _index_unavailable(exc):
         logger.warning(
             "%s: index unavailable (%s); %s (failure %d in a row)",
             name,
@@ -261,3 +315,14 @@ def report_failure(name: str, exc: BaseException, failures: int, then: str) -> N
             failures,
             exc_info=exc,
         )
+
+
+def _index_unavailable(exc: BaseException) -> bool:
+    """Return whether ``exc`` says the index cannot be reached or is busy.
+
+    Anything else from the database (a unique key, a statement it refuses) is
+    the node's own error and is logged as one, with its traceback.
+    """
+    if isinstance(exc, IndexUnavailableError | OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

@@ -60,12 +60,13 @@ class ClaimedDelivery:
 
 
 def claim_deliveries(
-    index: IndexDB, owner: str, lease_seconds: float, limit: int
+    index: IndexDB, owner: str, lease_seconds: float, limit: int, max_attempts: int
 ) -> list[ClaimedDelivery]:
     """Claim the oldest due delivery and up to ``limit - 1`` more to its peer.
 
     Due: pending and due, or sending with an expired lease. Deliveries to one
-    peer are claimed together so they share one association.
+    peer are claimed together so they share one association. A delivery whose
+    sender stopped during ``max_attempts`` tries is dead instead.
 
     Parameters
     ----------
@@ -77,6 +78,8 @@ def claim_deliveries(
         How long the claim holds.
     limit
         Most deliveries to claim.
+    max_attempts
+        Tries a delivery gets (``delivery_attempts``).
 
     Returns
     -------
@@ -112,6 +115,17 @@ def claim_deliveries(
                 delivery.attempts,
             )
             peer = Peer(delivery.ae_title, delivery.host, delivery.port)
+            if state == DeliveryState.SENDING and attempts >= max_attempts:
+                release(
+                    session,
+                    Delivery,
+                    delivery_id,
+                    None,
+                    DeliveryState.DEAD,
+                    only_if=Delivery.state == DeliveryState.SENDING,
+                    last_error=f"its sender stopped during {attempts} tries",
+                )
+                continue
             if len(claimed) == limit or (claimed and peer != claimed[0].peer):
                 continue
             done = session.execute(
@@ -276,7 +290,11 @@ class Outbox(Loop):
     def step(self) -> bool:
         """Claim due deliveries to one peer and send them over one association."""
         deliveries = claim_deliveries(
-            self.index, self.owner, self.config.lease_seconds, DELIVERIES_AT_ONCE
+            self.index,
+            self.owner,
+            self.config.lease_seconds,
+            DELIVERIES_AT_ONCE,
+            self.config.delivery_attempts,
         )
         if not deliveries:
             return False

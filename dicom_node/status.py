@@ -39,9 +39,9 @@ __all__ = [
 ]
 
 # Seconds without a heartbeat after which a thread that did not stop cleanly is
-# shown as silent. A well thread beats every 10 s (dicom_node.loop.BEAT_SECONDS),
-# so a minute is six beats missed: its process was killed (kill -9, out of
-# memory, power cut) or one of its steps has hung.
+# shown as silent. Its process writes a heartbeat every 10 s for each of its
+# threads that is alive (dicom_node.loop.BEAT_SECONDS), so a minute is six beats
+# missed: the process was killed (kill -9, out of memory, power cut) or hangs.
 STALE_AFTER = 60.0
 
 # AssociationRecord.outcome of an association the node refused (IndexDB

@@ -20,12 +20,11 @@ from dicom_node.config import NodeConfig
 from dicom_node.index import IndexDB, JobState
 from dicom_node.jobs import claim_jobs
 from dicom_node.leases import owner_name, recover_local_leases
+from dicom_node.log import describe_exception
 from dicom_node.loop import (
     BEAT_SECONDS,
     Loop,
-    ThreadHealth,
     forget_gone_threads,
-    report_failure,
 )
 from dicom_node.outbox import Outbox
 from dicom_node.results.builder import ResultBuilder
@@ -33,6 +32,7 @@ from dicom_node.scoring import ModelCache, Scored, process_jobs
 from inference import set_cpu_threads
 
 __all__ = [
+    "ResultsWriter",
     "Worker",
     "Workers",
     "lower_thread_priority",
@@ -41,6 +41,57 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class ResultsWriter(Loop):
+    """A worker's results thread: writes each scored group's results, in turn.
+
+    Parameters
+    ----------
+    worker
+        The worker whose scored groups it takes.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(f"{worker.name}-results", worker.index, idle=0.0)
+        self.worker = worker
+
+    def _run(self) -> None:
+        self.health.started()
+        builder = self.worker.builder
+        if builder is not None:
+            try:  # while no study waits for it
+                builder.start()
+            except Exception as exc:
+                logger.error(
+                    "%s: results processes: %s",
+                    self.name,
+                    describe_exception(exc),
+                    exc_info=exc,
+                )
+        self.run_steps()
+        self.health.stopped()
+
+    def step(self) -> bool:
+        """Write the next scored group's results; end at the worker's stop mark."""
+        try:
+            item = self.worker.scored.get(timeout=BEAT_SECONDS)
+        except queue.Empty:
+            return False
+        if item is None:
+            self._stop.set()
+            return False
+        worker = self.worker
+        # A group whose writing fails (the index) is done again when the
+        # jobs' leases run out.
+        outcomes = complete_jobs(
+            item[0], worker.config, worker.index, item[1], worker.builder
+        )
+        if worker.on_delivery_queued is not None and any(
+            o.state == JobState.DONE for o in outcomes
+        ):
+            worker.on_delivery_queued()
+        return True
 
 
 class Worker(Loop):
@@ -85,11 +136,8 @@ class Worker(Loop):
         self.builder = builder
         self.owner = owner_name(name)
         self.on_delivery_queued: Callable[[], None] | None = None
-        self._scored: queue.Queue[tuple[Scored, float] | None] = queue.Queue(1)
-        self._writer_health = ThreadHealth(index, f"{name}-results")
-        self._writer = threading.Thread(
-            target=self._write_results, name=f"{name}-results", daemon=True
-        )
+        self.scored: queue.Queue[tuple[Scored, float] | None] = queue.Queue(1)
+        self._writer = ResultsWriter(self)
 
     def start(self) -> None:
         """Start the scoring and the results threads."""
@@ -99,9 +147,8 @@ class Worker(Loop):
     def stop(self, timeout: float | None = None) -> None:
         """Stop claiming; write the results of what was scored, then stop."""
         super().stop(timeout)
-        self._scored.put(None)
-        if self._writer.is_alive():
-            self._writer.join(timeout)
+        self.scored.put(None)
+        self._writer.join(timeout)
 
     def _run(self) -> None:
         self.health.started()
@@ -119,6 +166,8 @@ class Worker(Loop):
             self.config.lease_seconds,
             self.config.job_attempts,
             self.config.batch_studies,
+            # A missing model's jobs wait, unclaimed, until its file exists.
+            [m.key for m in self.config.models if m.path.is_file()],
         )
         if not jobs:
             return False
@@ -127,50 +176,9 @@ class Worker(Loop):
             self.config,
             self.index,
             self.models,
-            lambda scored, started: self._scored.put((scored, started)),
+            lambda scored, started: self.scored.put((scored, started)),
         )
         return True
-
-    def _write_results(self) -> None:
-        health = self._writer_health
-        health.started()
-        if self.builder is not None:
-            try:  # while no study waits for it
-                self.builder.start()
-            except Exception as exc:
-                logger.error("%s: results processes: %s", self.name, exc, exc_info=exc)
-        failures = 0
-        while True:
-            try:
-                item = self._scored.get(timeout=BEAT_SECONDS)
-            except queue.Empty:
-                health.beat()
-                continue
-            if item is None:
-                break
-            try:
-                outcomes = complete_jobs(
-                    item[0], self.config, self.index, item[1], self.builder
-                )
-            except Exception as exc:  # noqa: BLE001 - keep the thread alive
-                # Only the index can fail here (a job's own errors are handled):
-                # the leases run out and the jobs are done again.
-                failures += 1
-                report_failure(
-                    f"{self.name}-results",
-                    exc,
-                    failures,
-                    "its jobs are done again when their leases run out",
-                )
-                health.failing(exc)
-                continue
-            failures = 0
-            health.beat()
-            if self.on_delivery_queued is not None and any(
-                o.state == JobState.DONE for o in outcomes
-            ):
-                self.on_delivery_queued()
-        health.stopped()
 
 
 class Workers:

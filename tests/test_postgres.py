@@ -89,7 +89,7 @@ def test_workers_claiming_at_once_take_each_job_exactly_once(
 
         def worker(owner: str) -> None:
             mine = claimed.setdefault(owner, [])
-            while batch := claim_jobs(index, owner, 600.0, 3, 4):
+            while batch := claim_jobs(index, owner, 600.0, 3, 4, ["model"]):
                 mine.extend(job.id for job in batch)
 
         workers = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]

@@ -30,7 +30,7 @@ from dicom_node.demo.pacs import PACS_AE, BuiltinPacs, Orthanc, find_orthanc
 from dicom_node.errors import DicomNodeError
 from dicom_node.export import Peer, send_files
 from dicom_node.index import Delivery, DeliveryState, ResultRecord, Study
-from dicom_node.results.store import results_root
+from dicom_node.results.store import capture_files, report_file, results_root
 from dicom_node.score import capture_png, sr_text
 from dicom_node.service import open_index, running_node
 
@@ -320,13 +320,13 @@ def _report(
             f"{stored} object(s) in the PACS]"
         )
         ok = ok and state == DeliveryState.DONE
-        for sc in sorted((root / folder).glob("sc-*.dcm")):
+        for sc in capture_files(root / folder):
             png = pngs / f"{study[-12:]}-{sc.stem}.png"
             capture_png(dcmread(sc), png)
             _say(f"      Grad-CAM image: {png}")
         if not shown_sr:
             _say("\n  The first study's SR, as a viewer lists it:")
-            for line in sr_text(dcmread(root / folder / "sr.dcm")).splitlines():
+            for line in sr_text(dcmread(report_file(root / folder))).splitlines():
                 _say("    " + line)
             _say("")
             shown_sr = True

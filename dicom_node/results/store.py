@@ -19,10 +19,12 @@ from pydicom.dataset import Dataset
 from dicom_node.results import ResultSet
 
 __all__ = [
+    "capture_files",
     "capture_png",
     "delivery_files",
     "discard_folder",
     "publish_folder",
+    "report_file",
     "result_folder",
     "results_root",
     "staging_folder",
@@ -60,11 +62,12 @@ def staging_folder(folder: str, job_id: int) -> str:
     folder
         The result set's folder (:func:`result_folder`).
     job_id
-        The job writing it: each job has its own, so a job whose lease ran
-        out never writes into the folder of the job that took over.
+        The job writing it: each job has its own (whatever its run), so a job
+        whose lease ran out never writes into the folder of the job that took
+        over, and a try of the job replaces what an earlier try left.
     """
-    study, name = folder.rsplit("/", 1)
-    return f"{study}/.{name}.job{job_id}"
+    study = folder.rsplit("/", 1)[0]
+    return f"{study}/.job{job_id}"
 
 
 def discard_folder(root: Path, folder: str) -> None:
@@ -92,11 +95,12 @@ def publish_folder(root: Path, staging: str, folder: str) -> None:
     if target.exists():
         shutil.rmtree(target)
     os.rename(root / staging, target)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for parent in (target.parent, target.parent.parent):  # the study's may be new
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def delivery_files(folder: Path) -> list[Path]:
@@ -116,10 +120,20 @@ def delivery_files(folder: Path) -> list[Path]:
         Captures, maps, then the SR (which may be missing: check).
     """
     return [
-        *sorted(folder.glob("sc-*.dcm")),
+        *capture_files(folder),
         *sorted(folder.glob("pm-*.dcm")),
-        folder / _SR,
+        report_file(folder),
     ]
+
+
+def capture_files(folder: Path) -> list[Path]:
+    """Return a written result set's Secondary Captures, in order."""
+    return sorted(folder.glob("sc-*.dcm"))
+
+
+def report_file(folder: Path) -> Path:
+    """Return a result set's SR file (which may be missing: check)."""
+    return folder / _SR
 
 
 def write_result_files(
