@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ from dicom_node.errors import (
     ListenError,
 )
 from dicom_node.export import Peer, SendOutcome, echo, parse_peer, send_files
-from dicom_node.index import DeliveryState, JobState, ThreadState
 from dicom_node.jobs import requeue
 from dicom_node.log import configure_logging, describe_exception
 from dicom_node.score import score_run
@@ -39,7 +37,7 @@ from dicom_node.service import (
     run_worker,
     serve,
 )
-from dicom_node.status import STALE_AFTER, NodeStatus, node_status
+from dicom_node.status import node_status, status_text
 from dicom_node.storage import validate_uid
 from dicom_node.worker import scoring_threads
 
@@ -543,115 +541,8 @@ def _status(config: NodeConfig, *, as_json: bool, limit: int) -> int:
     if as_json:
         print(json.dumps(status, indent=2))
     else:
-        print(_status_text(status, limit))
+        print(status_text(status, limit))
     return EXIT_OK
-
-
-def _status_text(status: NodeStatus, limit: int) -> str:
-    """Return the counts, then one section per kind of failure, one line each."""
-    by_outcome = ", ".join(
-        f"{k} {v}" for k, v in sorted(status["associations_by_outcome"].items())
-    )
-    lines = [
-        f"now           {_when(status['at'])}",
-        f"associations  {status['associations']}"
-        + (f" ({by_outcome})" if by_outcome else ""),
-        f"studies       {status['studies']} ({status['studies_waiting']} waiting "
-        "to become stable)",
-        f"series        {status['series']}",
-        f"instances     {status['instances']}",
-        "jobs          " + ", ".join(f"{k} {v}" for k, v in status["jobs"].items()),
-        f"results       {status['results']}",
-        "deliveries    "
-        + ", ".join(f"{k} {v}" for k, v in status["deliveries"].items()),
-    ]
-    if limit == 0:
-        return "\n".join(lines)
-    newest = f"newest first, at most {limit}"
-
-    deliveries = []
-    for d in status["failing_deliveries"]:
-        to = f"{d['destination']} ({d['ae_title']}@{d['host']}:{d['port']})"
-        if d["state"] == DeliveryState.DEAD:
-            head = f"dead: delivery {d['id']} to {to} after {_tries(d['attempts'])}"
-        else:
-            next_at = d["next_attempt_at"]
-            head = (
-                f"retrying: delivery {d['id']} to {to}, {_tries(d['attempts'])} "
-                f"so far, next at {_when(next_at) if next_at else 'once due'}"
-            )
-        deliveries.append(f"{head}: {d['last_error'] or 'no error recorded'}")
-    if any(d["state"] == DeliveryState.DEAD for d in status["failing_deliveries"]):
-        deliveries.append(
-            "(fix the destination, then 'dicom-node retry --dead' sends them again)"
-        )
-    _section(lines, f"failing deliveries ({newest})", deliveries)
-
-    jobs = [
-        f"{j['state']}: job {j['id']} (study {j['study']}, model {j['model']}, "
-        f"{_tries(j['attempts'])}): {j['reason'] or 'no reason recorded'}"
-        for j in status["failed_jobs"]
-    ]
-    if any(j["state"] == JobState.FAILED for j in status["failed_jobs"]):
-        jobs.append("('dicom-node retry --failed-jobs' queues failed jobs again)")
-    _section(lines, f"failed and skipped jobs ({newest})", jobs)
-
-    _section(
-        lines,
-        f"rejected associations ({newest})",
-        [
-            f"{_when(a['at'])} from {a['peer_address']}:{a['peer_port']}, calling "
-            f"AE {a['calling_ae_title']!r}, called AE {a['called_ae_title']!r}: "
-            f"{a['reason'] or 'no reason recorded'}"
-            for a in status["rejected_associations"]
-        ],
-    )
-    _section(
-        lines,
-        f"last errors ({newest})",
-        [
-            f"{_when(e['at'])} {e['source']}"
-            + (f" {e['status']}" if e["status"] else "")
-            + f": {e['message']}"
-            for e in status["last_errors"]
-        ],
-    )
-    threads = []
-    for t in status["unhealthy_threads"]:
-        what = f"{t['name']} ({t['owner']})"
-        if t["state"] == ThreadState.FAILING:
-            since = t["failing_since"]
-            what += (
-                f" failing since {_when(since) if since else 'unknown'}: "
-                f"{t['last_error'] or 'no error recorded'}"
-            )
-            if t["silent"]:
-                what += f"; silent since {_when(t['beat_at'])}"
-        else:
-            what += (
-                f" silent since {_when(t['beat_at'])}: no heartbeat for over "
-                f"{STALE_AFTER:g} s (process killed or stuck?)"
-            )
-        threads.append(what)
-    _section(lines, "unhealthy threads", threads)
-    return "\n".join(lines)
-
-
-def _section(lines: list[str], title: str, items: list[str]) -> None:
-    lines.append("")
-    if not items:
-        lines.append(f"{title}: none")
-        return
-    lines.append(f"{title}:")
-    lines.extend(f"  {item}" for item in items)
-
-
-def _tries(n: int) -> str:
-    return f"{n} try" if n == 1 else f"{n} tries"
-
-
-def _when(iso: str) -> str:
-    return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _echo(args: argparse.Namespace) -> int:

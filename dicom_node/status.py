@@ -36,6 +36,7 @@ __all__ = [
     "RejectedAssociation",
     "UnhealthyThread",
     "node_status",
+    "status_text",
 ]
 
 # Seconds without a heartbeat after which a thread that did not stop cleanly is
@@ -320,3 +321,123 @@ def _unhealthy_threads(
         }
         for t in rows
     ]
+
+
+def status_text(status: NodeStatus, limit: int) -> str:
+    """Return the status as ``dicom-node status`` prints it.
+
+    Parameters
+    ----------
+    status
+        What :func:`node_status` returned.
+    limit
+        The most entries of each list it was asked for (0: the counts only).
+
+    Returns
+    -------
+    str
+        The counts, then one section per kind of trouble, one line per entry.
+    """
+    by_outcome = ", ".join(
+        f"{k} {v}" for k, v in sorted(status["associations_by_outcome"].items())
+    )
+    lines = [
+        f"now           {_when(status['at'])}",
+        f"associations  {status['associations']}"
+        + (f" ({by_outcome})" if by_outcome else ""),
+        f"studies       {status['studies']} ({status['studies_waiting']} waiting "
+        "to become stable)",
+        f"series        {status['series']}",
+        f"instances     {status['instances']}",
+        "jobs          " + ", ".join(f"{k} {v}" for k, v in status["jobs"].items()),
+        f"results       {status['results']}",
+        "deliveries    "
+        + ", ".join(f"{k} {v}" for k, v in status["deliveries"].items()),
+    ]
+    if limit == 0:
+        return "\n".join(lines)
+    newest = f"newest first, at most {limit}"
+
+    deliveries = []
+    for d in status["failing_deliveries"]:
+        to = f"{d['destination']} ({d['ae_title']}@{d['host']}:{d['port']})"
+        if d["state"] == DeliveryState.DEAD:
+            head = f"dead: delivery {d['id']} to {to} after {_tries(d['attempts'])}"
+        else:
+            next_at = d["next_attempt_at"]
+            head = (
+                f"retrying: delivery {d['id']} to {to}, {_tries(d['attempts'])} "
+                f"so far, next at {_when(next_at) if next_at else 'once due'}"
+            )
+        deliveries.append(f"{head}: {d['last_error'] or 'no error recorded'}")
+    if any(d["state"] == DeliveryState.DEAD for d in status["failing_deliveries"]):
+        deliveries.append(
+            "(fix the destination, then 'dicom-node retry --dead' sends them again)"
+        )
+    _section(lines, f"failing deliveries ({newest})", deliveries)
+
+    jobs = [
+        f"{j['state']}: job {j['id']} (study {j['study']}, model {j['model']}, "
+        f"{_tries(j['attempts'])}): {j['reason'] or 'no reason recorded'}"
+        for j in status["failed_jobs"]
+    ]
+    if any(j["state"] == JobState.FAILED for j in status["failed_jobs"]):
+        jobs.append("('dicom-node retry --failed-jobs' queues failed jobs again)")
+    _section(lines, f"failed and skipped jobs ({newest})", jobs)
+
+    _section(
+        lines,
+        f"rejected associations ({newest})",
+        [
+            f"{_when(a['at'])} from {a['peer_address']}:{a['peer_port']}, calling "
+            f"AE {a['calling_ae_title']!r}, called AE {a['called_ae_title']!r}: "
+            f"{a['reason'] or 'no reason recorded'}"
+            for a in status["rejected_associations"]
+        ],
+    )
+    _section(
+        lines,
+        f"last errors ({newest})",
+        [
+            f"{_when(e['at'])} {e['source']}"
+            + (f" {e['status']}" if e["status"] else "")
+            + f": {e['message']}"
+            for e in status["last_errors"]
+        ],
+    )
+    threads = []
+    for t in status["unhealthy_threads"]:
+        what = f"{t['name']} ({t['owner']})"
+        if t["state"] == ThreadState.FAILING:
+            since = t["failing_since"]
+            what += (
+                f" failing since {_when(since) if since else 'unknown'}: "
+                f"{t['last_error'] or 'no error recorded'}"
+            )
+            if t["silent"]:
+                what += f"; silent since {_when(t['beat_at'])}"
+        else:
+            what += (
+                f" silent since {_when(t['beat_at'])}: no heartbeat for over "
+                f"{STALE_AFTER:g} s (process killed or stuck?)"
+            )
+        threads.append(what)
+    _section(lines, "unhealthy threads", threads)
+    return "\n".join(lines)
+
+
+def _section(lines: list[str], title: str, items: list[str]) -> None:
+    lines.append("")
+    if not items:
+        lines.append(f"{title}: none")
+        return
+    lines.append(f"{title}:")
+    lines.extend(f"  {item}" for item in items)
+
+
+def _tries(n: int) -> str:
+    return f"{n} try" if n == 1 else f"{n} tries"
+
+
+def _when(iso: str) -> str:
+    return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S UTC")
