@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import subprocess
@@ -14,14 +15,15 @@ import torch
 from pydicom import dcmread
 
 from inference import Classifier, ModelArtifact, build_model
-from training.cli import main
-from training.config import TrainConfig
+from training.cli import build_parser, main
+from training.config import DataSizes, TrainConfig, choose
 from training.data import load_samples
 from training.engine import (
     augment,
     evaluate,
     fit,
     load_frames,
+    measure,
     negative_cell_loss,
 )
 
@@ -119,7 +121,9 @@ def test_cell_loss_and_a_finer_gradcam_layer(
     assert json.loads(capsys.readouterr().out)["pointing_game_images"] == 24
     bad = ["fit", str(data), "--out", str(model), *TINY, "--gradcam-layer", "x"]
     assert main(bad) != 0
-    assert "gradcam_layer: expected layer2, layer3 or layer4" in capsys.readouterr().err
+    assert (
+        "--gradcam-layer: expected layer2, layer3 or layer4" in capsys.readouterr().err
+    )
 
 
 def test_artifact_gives_the_training_code_s_probabilities(
@@ -330,3 +334,164 @@ def test_no_process_gets_a_batch_of_one_frame(world: int) -> None:
             size = min(8, n - start)
             parts = [len(range(rank, size, world)) for rank in range(world)]
             assert min(parts) >= 2, (n, start, parts)
+
+
+# 8-px nodules on 128-px images, as `medtrain synth --size 128` draws them.
+SYNTH_128 = DataSizes(image_side=128, lesion=8.0, lesions=300)
+
+
+def test_without_init_weights_every_layer_trains_at_a_size_for_the_lesions() -> None:
+    config, why = choose({}, SYNTH_128)
+
+    # bench/train.py's recipe for a model from scratch.
+    assert (config.freeze_epochs, config.unfreeze_from) == (0, "conv1")
+    assert (config.size, config.gradcam_layer) == (192, "layer2")
+    assert (config.patience, config.cell_loss, config.epochs) == (10, 1.0, 20)
+    assert (config.batch_size, config.finetune_lr) == (32, 5e-4)
+    assert any(
+        line.startswith("every layer trains from the first epoch (no frozen stage)")
+        for line in why
+    )
+    assert any(
+        line.startswith(
+            "input 192 px: the smallest lesions are 8.0 px across at 128 px"
+        )
+        for line in why
+    )
+    assert any(line.startswith("Grad-CAM at layer2 (24x24 grid") for line in why)
+
+
+def test_with_init_weights_the_two_stage_recipe() -> None:
+    config, why = choose({"init_weights": "imagenet.pth"}, SYNTH_128)
+
+    assert (config.freeze_epochs, config.unfreeze_from, config.patience) == (
+        2,
+        "layer1",
+        5,
+    )
+    assert any(
+        line.startswith("the head trains alone for 2 epochs, then layer1 on")
+        for line in why
+    )
+    # One epoch leaves no head-only stage, and is still valid.
+    short, _ = choose({"init_weights": "imagenet.pth", "epochs": 1}, SYNTH_128)
+    assert (short.freeze_epochs, short.epochs) == (0, 1)
+
+
+def test_size_and_gradcam_layer_follow_the_lesions_and_the_images() -> None:
+    # Large lesions need no upscaling, and a coarse layer still covers them.
+    big, _ = choose({}, DataSizes(image_side=2048, lesion=300.0, lesions=10))
+    assert (big.size, big.gradcam_layer) == (256, "layer4")
+    # Tiny lesions on large images: the size is capped, the finest layer used.
+    tiny, why = choose({}, DataSizes(image_side=2048, lesion=10.0, lesions=10))
+    assert (tiny.size, tiny.gradcam_layer) == (512, "layer2")
+    assert any("512 px at most" in line for line in why)
+    assert any("smaller than any layer's node spacing" in line for line in why)
+    # Without masks: the images' side (at most 256) and a grid >= 7 cells across.
+    plain, why = choose({}, DataSizes(image_side=128))
+    assert (plain.size, plain.gradcam_layer) == (128, "layer3")
+    assert any("no lesion masks" in line for line in why)
+    large, _ = choose({}, DataSizes(image_side=2048))
+    assert (large.size, large.gradcam_layer) == (256, "layer4")
+
+
+def test_a_value_the_user_gives_wins() -> None:
+    given = {
+        "size": 128,
+        "gradcam_layer": "layer4",
+        "freeze_epochs": 1,
+        "unfreeze_from": "layer2",
+        "patience": 3,
+        "cell_loss": 0.0,
+    }
+    config, why = choose(given, SYNTH_128)
+
+    assert {k: getattr(config, k) for k in given} == given
+    assert why == []
+    # A given size still sizes the chosen Grad-CAM layer: 8 px at 128 px.
+    config, _ = choose({"size": 128}, SYNTH_128)
+    assert (config.size, config.gradcam_layer) == (128, "layer2")
+
+
+def test_measure_reads_image_and_lesion_sizes(data: Path) -> None:
+    sizes = measure(load_samples(data))
+
+    assert sizes.image_side == 64
+    assert sizes.lesions == 24  # every positive image has a mask
+    assert sizes.lesion is not None
+    # synth's nodules have radii of 3-6 % of the side: 4-8 px at 64 px.
+    assert 3.5 < sizes.lesion < 6.0
+
+
+def test_one_epoch_just_works_and_records_the_choices(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "m.safetensors"
+    small = ["--size", "32", "--batch-size", "8"]
+
+    assert main(["fit", str(data), "--out", str(model), "--epochs", "1", *small]) == 0
+
+    out = capsys.readouterr().out
+    assert (
+        "every layer trains from the first epoch (no frozen stage): no --init-" in out
+    )
+    assert "epoch 1/1 stage 2" in out
+    saved = json.loads((tmp_path / "m-report" / "config.json").read_text())
+    assert (saved["freeze_epochs"], saved["unfreeze_from"]) == (0, "conv1")
+    assert (saved["size"], saved["gradcam_layer"], saved["patience"]) == (
+        32,
+        "layer2",
+        1,
+    )
+    # What is still invalid is named by its flag.
+    bad = ["--epochs", "1", "--freeze-epochs", "3", *small]
+    assert main(["fit", str(data), "--out", str(model), *bad]) == 1
+    assert "--freeze-epochs: expected 0..1 (--epochs), found 3" in (
+        capsys.readouterr().err
+    )
+
+
+def test_every_argument_has_help_and_fit_help_teaches(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = build_parser()
+    commands = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    for name in ("fit", "evaluate", "explain"):
+        for action in commands.choices[name]._actions:
+            assert action.help, (name, action.dest)
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+
+    text = capsys.readouterr().out
+    for column in ("path ", "label ", "patient_id ", "split ", "mask "):
+        assert f"\n  {column}" in text, column
+    assert "medtrain fit data/train --out models/chest.safetensors\n" in text
+
+
+def test_an_unknown_finding_lists_the_known_ones(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = list(csv.DictReader((data / "labels.csv").open()))
+    manifest = tmp_path / "labels.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "patient_id"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {
+                    "path": str(data / row["path"]),
+                    "label": "abnormal" if row["label"] == "nodule" else "normal",
+                    "patient_id": row["patient_id"],
+                }
+            )
+
+    out = str(tmp_path / "m.safetensors")
+    assert main(["fit", str(manifest), "--out", out, "--size", "32"]) == 1
+
+    err = capsys.readouterr().err
+    assert "no code known for 'abnormal'" in err
+    assert "consolidation, effusion, mass, nodule, pneumothorax" in err
+    assert '--code "27925004,SCT,Nodule"' in err

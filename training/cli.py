@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -23,7 +24,7 @@ from inference import (
     gradcam,
     preprocess,
 )
-from training.config import TrainConfig, read_toml
+from training.config import choose, read_toml
 from training.data import DataError, load_samples
 from training.engine import (
     Dataset,
@@ -31,6 +32,7 @@ from training.engine import (
     fit,
     lesion_frames,
     load_frames,
+    measure,
     pointing,
 )
 from training.metrics import auroc, binary_metrics, calibration_error
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         "DICOM under OUT/dicom/<patient>/<study>/, the lesion mask of each positive "
         "image under OUT/masks/, and OUT/labels.csv (path, label, patient_id, "
         "study_uid, mask). Positive images carry a subtle nodule in a lung field. "
-        "The same seed gives the same data.",
+        "The same seed gives the same data. With --background, the DX images are "
+        "cut from real radiographs instead of drawn: a harder benchmark.",
     )
     synth.add_argument("out", type=Path, metavar="OUT", help="output folder")
     synth.add_argument("--n", type=_positive, required=True, help="number of images")
@@ -94,25 +97,53 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="fraction of positive images (default 0.5)",
     )
+    synth.add_argument(
+        "--background",
+        metavar="DIR",
+        help="cut each DX image from a real radiograph: a folder of DICOM "
+        "radiographs (searched recursively; grayscale, at least --size a side), or "
+        "'pydicom-data' for the chest CR that package installs (RG1_UNCR.dcm; "
+        "nothing is downloaded). Each image is a different crop (40-85%% of the "
+        "side), flip, window, gamma and noise; a positive one carries a simulated "
+        "nodule of radius 2.8-6%% of the side and contrast 0.2-0.7 of the window, "
+        "a third of them faint",
+    )
     fit = sub.add_parser(
         "fit",
         help="train a model and write the artifact dicom-node loads",
-        description="Train a ResNet on labelled images (DATA: a labels.csv manifest, "
-        "a folder holding one, or <root>/<class>/ folders), split by patient. Stage "
-        "1 trains the head with the backbone frozen, stage 2 fine-tunes; early "
-        "stopping keeps the best epoch. Writes MODEL (.safetensors), "
-        "MODEL-report/ (metrics.json, history.csv, plots, model-card.md) and a "
-        "resumable checkpoint MODEL.ckpt. Settings come from --config TOML, then "
-        "flags. Under torchrun (e.g. torchrun --nproc-per-node 2 $(which medtrain) "
-        "fit ...) the processes train one model with DDP: gloo on the CPU, nccl "
-        "with one GPU each; --batch-size is the whole batch, shared among them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_FIT_DESCRIPTION,
+        epilog=_FIT_EPILOG,
     )
-    fit.add_argument("data", type=Path, metavar="DATA")
-    fit.add_argument("--out", type=Path, required=True, metavar="MODEL")
-    fit.add_argument("--config", type=Path, help="TOML file of TrainConfig keys")
-    fit.add_argument("--resume", action="store_true", help="continue MODEL.ckpt")
+    fit.add_argument(
+        "data",
+        type=Path,
+        metavar="DATA",
+        help="labels.csv, a folder holding one, or a folder of <class>/ folders",
+    )
+    fit.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="MODEL",
+        help="the model file to write, ending in .safetensors; the report goes "
+        "to MODEL-report/, the checkpoint to MODEL.ckpt",
+    )
+    fit.add_argument(
+        "--config",
+        type=Path,
+        metavar="TOML",
+        help="settings file: the flags below as keys in snake_case "
+        "(freeze_epochs = 0); flags given here win over it",
+    )
+    fit.add_argument("--resume", action="store_true", help="continue from MODEL.ckpt")
     fit.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    fit.add_argument("--cache", type=Path, help="preprocessing cache folder")
+    fit.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="preprocessing cache folder (default: .medtrain-cache beside MODEL)",
+    )
     for flag, kind, text in _FIT_FLAGS:
         if kind is bool:
             fit.add_argument(flag, action="store_true", default=None, help=text)
@@ -127,11 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
         "PPV, NPV at the model's threshold and the calibration error; with lesion "
         "masks, the Grad-CAM pointing game.",
     )
-    evaluate.add_argument("model", type=Path, metavar="MODEL")
-    evaluate.add_argument("data", type=Path, metavar="DATA")
+    evaluate.add_argument(
+        "model", type=Path, metavar="MODEL", help="the .safetensors file fit wrote"
+    )
+    evaluate.add_argument(
+        "data",
+        type=Path,
+        metavar="DATA",
+        help="labelled images, as for fit: labels.csv (a mask column adds the "
+        "pointing game), a folder holding one, or <class>/ folders",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument("--device", help="cpu or cuda")
-    evaluate.add_argument("--cache", type=Path, help="preprocessing cache folder")
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    evaluate.add_argument(
+        "--cache", type=Path, metavar="DIR", help="preprocessing cache folder"
+    )
 
     explain = sub.add_parser(
         "explain",
@@ -139,37 +180,112 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each DICOM FILE, write DIR/<name>.png: the image, the "
         "Grad-CAM heatmap over it and the model's score.",
     )
-    explain.add_argument("model", type=Path, metavar="MODEL")
-    explain.add_argument("files", type=Path, nargs="+", metavar="FILE")
-    explain.add_argument("--out", type=Path, required=True, metavar="DIR")
-    explain.add_argument("--device", help="cpu or cuda")
+    explain.add_argument(
+        "model", type=Path, metavar="MODEL", help="the .safetensors file fit wrote"
+    )
+    explain.add_argument(
+        "files", type=Path, nargs="+", metavar="FILE", help="DICOM files to explain"
+    )
+    explain.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder for the PNGs (made when missing)",
+    )
+    explain.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     return parser
 
+
+_FIT_DESCRIPTION = """\
+Train a ResNet on labelled images, split by patient (stratified, by --seed), and
+write MODEL (.safetensors, what dicom-node loads), MODEL-report/ (metrics.json,
+history.csv, config.json, plots, model-card.md) and a resumable MODEL.ckpt.
+
+DATA is a labels.csv manifest, a folder holding one, or <root>/<class>/ folders
+of DICOM, PNG or JPEG files. labels.csv columns (other columns are ignored):
+  path        the image file, relative to the manifest's folder (required)
+  label       its class name, e.g. nodule or normal (required)
+  patient_id  whose image it is: no patient is in two splits (default: the file)
+  split       train, val or test to fix the image's split (default: drawn)
+  mask        a PNG lesion mask of a positive image, at the image's size: sizes
+              the input and the Grad-CAM layer, and scores the pointing game
+The positive class is the one not called normal, negative or absent (or
+--positive); nodule, mass, effusion, pneumothorax and consolidation have SNOMED
+CT codes built in, another name needs --code.
+
+With no other flag, fit chooses for the data and prints each choice and why:
+without --init-weights every layer trains from the first epoch; with it, the
+head trains alone for 2 epochs and then layer1 on fine-tunes; the input size
+makes the smallest lesions span about 3 cells of the ResNet stem's 1/4 grid;
+the Grad-CAM layer is one whose grid a lesion covers a node of. A value given
+by a flag or in --config always wins.
+
+Under torchrun (torchrun --nproc-per-node 2 $(which medtrain) fit ...) the
+processes train one model with DDP: gloo on the CPU, nccl with one GPU each;
+--batch-size is the whole batch, shared among them."""
+
+_FIT_EPILOG = """\
+example:
+  medtrain synth data/train --n 600 --seed 1 --size 128
+  medtrain fit data/train --out models/chest.safetensors
+  medtrain evaluate models/chest.safetensors data/test"""
 
 # Flags of `fit`: each overrides the TrainConfig key of the same name.
 _FIT_FLAGS: list[tuple[str, type, str]] = [
     ("--architecture", str, "resnet18 (default) .. resnet152"),
-    ("--size", int, "input side in pixels (default 128)"),
+    ("--size", int, "input side in pixels (default: chosen from the data)"),
     ("--channels", int, "1 (default) or 3"),
     ("--epochs", int, "most epochs (default 20)"),
-    ("--freeze-epochs", int, "head-only epochs first (default 2)"),
-    ("--unfreeze-from", str, "stage 2 trains from conv1 / layer1..4 (default layer1)"),
-    ("--batch-size", int, "default 32"),
-    ("--lr", float, "stage 1 learning rate (default 1e-3)"),
-    ("--finetune-lr", float, "stage 2 learning rate (default 5e-4)"),
+    (
+        "--freeze-epochs",
+        int,
+        "head-only epochs first (default 0; 2 with --init-weights)",
+    ),
+    (
+        "--unfreeze-from",
+        str,
+        "train from conv1 (every layer) or layer1..4 (default conv1; layer1 with "
+        "--init-weights)",
+    ),
+    ("--batch-size", int, "images per step (default 32)"),
+    ("--lr", float, "learning rate of the head-only epochs (default 1e-3)"),
+    ("--finetune-lr", float, "learning rate after them (default 5e-4)"),
     ("--weight-decay", float, "AdamW weight decay (default 1e-4)"),
-    ("--label-smoothing", float, "default 0.05"),
+    ("--warmup-fraction", float, "share of each stage's steps warming up (0.1)"),
+    ("--label-smoothing", float, "targets y(1 - s) + s/2 (default 0.05)"),
     ("--balance", str, "weighted (default), sampler or none"),
     ("--dropout", float, "before the head (default 0)"),
-    ("--cell-loss", float, "weight of the negative-image per-location loss (0)"),
-    ("--gradcam-layer", str, "layer4 (default), layer3 or layer2: finer heatmaps"),
+    (
+        "--cell-loss",
+        float,
+        "weight of the loss that trains every location of a normal image to "
+        "score negative, keeping heatmaps on the finding (default 1; 0: off)",
+    ),
+    (
+        "--gradcam-layer",
+        str,
+        "layer2, layer3 or layer4: where heatmaps are drawn, finer to coarser "
+        "(default: chosen from the lesion masks and --size)",
+    ),
     ("--hflip", bool, "random horizontal flips (off: laterality matters)"),
-    ("--patience", int, "early stopping patience in epochs (default 5)"),
+    (
+        "--patience",
+        int,
+        "epochs without a better validation loss before stopping (default: "
+        "half of --epochs; 5 with --init-weights)",
+    ),
     ("--val-fraction", float, "patients for validation (default 0.2)"),
     ("--test-fraction", float, "patients held out for a test (default 0)"),
-    ("--seed", int, "default 0"),
+    ("--seed", int, "seed of the split, initialisation, augmentation (0)"),
     ("--positive", str, "the positive class (default: the one not named normal)"),
-    ("--code", str, "finding code value,scheme,meaning (known names have one)"),
+    (
+        "--code",
+        str,
+        "the finding's coded concept value,scheme,meaning, e.g. "
+        "27925004,SCT,Nodule (known names have one)",
+    ),
+    ("--finding-site", str, "the site's value,scheme,meaning (39607008,SCT,Lung)"),
     ("--target-sensitivity", float, "threshold reaching it (default: Youden's J)"),
     ("--name", str, "model name in the artifact"),
     ("--version", str, "model version in the artifact"),
@@ -197,8 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     if args.command == "synth":
+        from training.realistic import synthesize_realistic
         from training.synthetic import synthesize
 
+        if args.background is not None and args.modality != "DX":
+            print("medtrain: --background makes DX images only", file=sys.stderr)
+            return EXIT_USAGE
         if args.size < 32:
             print("medtrain: --size must be at least 32", file=sys.stderr)
             return EXIT_USAGE
@@ -208,10 +328,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        labels = synthesize(
-            args.out, args.n, args.seed, args.modality, args.size, args.prevalence
-        )
-        print(f"wrote {args.n} {args.modality} images and {labels}")
+        if args.background is None:
+            labels = synthesize(
+                args.out, args.n, args.seed, args.modality, args.size, args.prevalence
+            )
+            print(f"wrote {args.n} {args.modality} images and {labels}")
+            return EXIT_OK
+        try:
+            labels = synthesize_realistic(
+                args.out,
+                args.n,
+                args.seed,
+                args.background,
+                args.size,
+                args.prevalence,
+            )
+        except ValueError as exc:
+            print(f"medtrain: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"wrote {args.n} DX images on {args.background} and {labels}")
         return EXIT_OK
     try:
         if args.command == "fit":
@@ -236,7 +371,6 @@ def _fit(args: argparse.Namespace) -> int:
         key = flag[2:].replace("-", "_")
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
-    config = TrainConfig(**values)
     out: Path = args.out
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: the model file must end in .safetensors")
@@ -246,6 +380,10 @@ def _fit(args: argparse.Namespace) -> int:
     cache = args.cache or out.parent / ".medtrain-cache"
     device = _device(args.device)
     samples = load_samples(args.data)
+    config, choices = choose(values, measure(samples))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+        for line in choices:
+            print(line)
     result = fit(samples, config, checkpoint, cache, device, resume=args.resume)
     if result.rank != 0:
         return 0  # under torchrun, rank 0 writes the model and the report

@@ -34,7 +34,7 @@ from inference import (
     build_model,
     preprocess,
 )
-from training.config import KNOWN_FINDINGS, TrainConfig
+from training.config import KNOWN_FINDINGS, DataSizes, TrainConfig
 from training.data import (
     IMAGE_SUFFIXES,
     DataError,
@@ -57,6 +57,7 @@ __all__ = [
     "evaluate",
     "fit",
     "load_frames",
+    "measure",
     "train_one_epoch",
 ]
 
@@ -561,7 +562,7 @@ def fit(
     rank, world, device = init_distributed(device)
     if config.batch_size < 2 * world:
         raise ValueError(
-            f"batch_size: {config.batch_size} is shared among {world} processes; "
+            f"--batch-size: {config.batch_size} is shared among {world} processes; "
             f"expected at least {2 * world} (two frames each, for BatchNorm)"
         )
     if rank != 0:
@@ -574,11 +575,14 @@ def fit(
     )
     if not code:
         raise DataError(
-            f"no code known for {positive!r}; give --code value,scheme,meaning"
+            f"no code known for {positive!r}; the known findings are "
+            f"{', '.join(sorted(KNOWN_FINDINGS))}. Name the class after one of "
+            "them, or give the finding's coded concept as value,scheme,meaning, "
+            'e.g. --code "27925004,SCT,Nodule" (SNOMED CT)'
         )
-    concept = _concept(code, "code")
+    concept = _concept(code, "--code")
     site = (
-        _concept(config.finding_site, "finding_site") if config.finding_site else None
+        _concept(config.finding_site, "--finding-site") if config.finding_site else None
     )
     test_fraction = config.test_fraction
     splits = split_by_patient(
@@ -917,6 +921,66 @@ def lesion_frames(
         if mask.any():
             pairs.append((preprocess(dcmread(sample.path), spec), mask))
     return pairs
+
+
+def measure(samples: Sequence[Sample], most: int = 500) -> DataSizes:
+    """Measure the images' side and the smallest lesions, for choosing settings.
+
+    Parameters
+    ----------
+    samples
+        The labelled files; up to ``most`` images and ``most`` masks, spread
+        evenly over them, are read (headers only for DICOM).
+    most
+        The most files of each kind read.
+
+    Returns
+    -------
+    DataSizes
+        The median image side (the geometric mean of rows and columns), and the
+        10th percentile of the lesions' diameters (that of a disc of the mask's
+        area), scaled to that side.
+    """
+    sides: list[float] = []
+    for sample in _spread(samples, most):
+        try:
+            if sample.path.suffix.lower() in IMAGE_SUFFIXES:
+                with Image.open(sample.path) as image:
+                    columns, rows = image.size
+            else:
+                ds = dcmread(
+                    sample.path,
+                    stop_before_pixels=True,
+                    specific_tags=["Rows", "Columns"],
+                )
+                rows, columns = int(ds.Rows), int(ds.Columns)
+        except (OSError, ValueError, AttributeError):
+            continue  # fit reads every file later and says which one fails
+        sides.append(math.sqrt(rows * columns))
+    if not sides:
+        return DataSizes(None)
+    side = round(float(np.median(sides)))
+    fractions: list[float] = []
+    for sample in _spread([s for s in samples if s.mask is not None], most):
+        if sample.mask is None:
+            continue
+        try:
+            with Image.open(sample.mask) as image:
+                mask = np.asarray(image) > 0
+        except OSError:
+            continue
+        if mask.ndim == 2 and mask.any():
+            diameter = 2 * math.sqrt(float(mask.sum()) / math.pi)
+            fractions.append(diameter / math.sqrt(mask.shape[0] * mask.shape[1]))
+    if not fractions:
+        return DataSizes(side)
+    return DataSizes(side, float(np.percentile(fractions, 10)) * side, len(fractions))
+
+
+def _spread(samples: Sequence[Sample], most: int) -> Sequence[Sample]:
+    if len(samples) <= most:
+        return samples
+    return [samples[i] for i in np.linspace(0, len(samples) - 1, most).astype(int)]
 
 
 def pointing(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +44,20 @@ from pydicom.uid import (
 )
 from scipy.ndimage import gaussian_filter  # type: ignore[import-untyped]
 
-__all__ = ["SyntheticImage", "make_ct_slice", "make_dx", "synthesize"]
+__all__ = [
+    "ImageMaker",
+    "SyntheticImage",
+    "dx_dataset",
+    "make_ct_slice",
+    "make_dx",
+    "synthesize",
+    "write_set",
+]
 
 # A root for the UIDs the synthesizer makes (the pydicom root: UUID-derived UIDs).
 _UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 _COMPRESSED = (RLELossless, JPEGLSLossless, JPEG2000Lossless)
+_SOP_CLASSES = {"DX": DigitalXRayImageStorageForPresentation, "CT": CTImageStorage}
 
 FloatImage = npt.NDArray[np.float64]
 BoolImage = npt.NDArray[np.bool_]
@@ -229,7 +239,6 @@ def _common(
     study_index: int,
     modality: str,
     sop_class: UID,
-    rows: int,
 ) -> None:
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = sop_class
@@ -258,12 +267,26 @@ def _common(
     ds.SoftwareVersions = "1"
     ds.InstitutionName = "Synthetic Hospital"
     ds.SamplesPerPixel = 1
-    ds.Rows = rows
-    ds.Columns = rows
     ds.BurnedInAnnotation = "NO"
 
 
-def _dx_dataset(pixels: npt.NDArray[np.uint16], monochrome1: bool) -> Dataset:
+def dx_dataset(pixels: npt.NDArray[np.uint16], monochrome1: bool) -> Dataset:
+    """Return the image part of a DX For Presentation instance: chest PA, 12 bits.
+
+    Parameters
+    ----------
+    pixels
+        Stored values (0..4095), rows x columns.
+    monochrome1
+        Whether ``pixels`` are stored inverted (MONOCHROME1, Presentation LUT
+        Shape INVERSE).
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        The DX image, DX detector and presentation attributes and Pixel Data;
+        the patient, study and series attributes are added by ``write_set``.
+    """
     ds = Dataset()
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.PresentationIntentType = "FOR PRESENTATION"
@@ -291,6 +314,7 @@ def _dx_dataset(pixels: npt.NDArray[np.uint16], monochrome1: bool) -> Dataset:
     ds.PixelRepresentation = 0
     ds.WindowCenter = 2048
     ds.WindowWidth = 4096
+    ds.Rows, ds.Columns = pixels.shape
     ds.PixelData = pixels.tobytes()
     return ds
 
@@ -319,6 +343,7 @@ def _ct_dataset(
     ds.RescaleType = "HU"
     ds.WindowCenter = -600
     ds.WindowWidth = 1500
+    ds.Rows, ds.Columns = pixels.shape
     ds.PixelData = pixels.tobytes()
     return ds
 
@@ -369,10 +394,75 @@ def synthesize(
     """
     if modality not in ("DX", "CT"):
         raise ValueError(f"modality: expected DX or CT, found {modality!r}")
-    if n < 1:
-        raise ValueError(f"n: expected >= 1, found {n}")
     if size < 32:
         raise ValueError(f"size: expected >= 32, found {size}")
+
+    def make(
+        rng: np.random.Generator, positive: bool
+    ) -> tuple[Dataset, BoolImage | None]:
+        if modality == "DX":
+            image, mask = make_dx(rng, size, positive)
+            monochrome1 = bool(rng.random() < 0.25)
+            stored = image * 4095.0
+            if monochrome1:
+                stored = 4095.0 - stored
+            return dx_dataset(np.round(stored).astype(np.uint16), monochrome1), mask
+        hu, mask = make_ct_slice(rng, size, positive)
+        pixels = np.round(hu + 1024.0).clip(0, 4095).astype(np.uint16)
+        return _ct_dataset(pixels, size, rng), mask
+
+    return write_set(out, n, seed, modality, make, prevalence)
+
+
+# Makes one image: (rng, positive) -> the modality's image data set, pixels set,
+# and the lesion mask (None for a negative image).
+ImageMaker = Callable[[np.random.Generator, bool], tuple[Dataset, BoolImage | None]]
+
+
+def write_set(
+    out: Path,
+    n: int,
+    seed: int,
+    modality: str,
+    make: ImageMaker,
+    prevalence: float = 0.5,
+) -> Path:
+    """Write ``n`` images from ``make`` as DICOM studies, their masks and labels.csv.
+
+    Patients get one to three studies of one image each; about 30 % of the
+    instances are compressed losslessly. ``make`` draws from the same seeded
+    generator, so the same seed gives the same files.
+
+    Parameters
+    ----------
+    out
+        Output folder: ``dicom/<patient>/<study>/<sop>.dcm``, ``masks/<sop>.png``
+        and ``labels.csv`` (path, label, patient_id, study_uid, mask).
+    n
+        Number of images.
+    seed
+        Seed of the generator passed to ``make``.
+    modality
+        ``DX`` or ``CT``: the SOP class and the study description.
+    make
+        Returns an image's data set (image module and pixels) and its mask.
+    prevalence
+        Fraction of positive images (0 to 1).
+
+    Returns
+    -------
+    pathlib.Path
+        The labels.csv written.
+
+    Raises
+    ------
+    ValueError
+        If an argument is out of range.
+    """
+    if modality not in _SOP_CLASSES:
+        raise ValueError(f"modality: expected DX or CT, found {modality!r}")
+    if n < 1:
+        raise ValueError(f"n: expected >= 1, found {n}")
     if not 0.0 <= prevalence <= 1.0:
         raise ValueError(f"prevalence: expected 0..1, found {prevalence}")
     from PIL import Image
@@ -391,20 +481,7 @@ def synthesize(
             if index >= n:
                 break
             positive = index in positives
-            if modality == "DX":
-                image, mask = make_dx(rng, size, positive)
-                monochrome1 = bool(rng.random() < 0.25)
-                stored = image * 4095.0
-                if monochrome1:
-                    stored = 4095.0 - stored
-                pixels = np.round(stored).astype(np.uint16)
-                body = _dx_dataset(pixels, monochrome1)
-                sop_class = DigitalXRayImageStorageForPresentation
-            else:
-                hu, mask = make_ct_slice(rng, size, positive)
-                pixels = np.round(hu + 1024.0).clip(0, 4095).astype(np.uint16)
-                body = _ct_dataset(pixels, size, rng)
-                sop_class = CTImageStorage
+            body, mask = make(rng, positive)
             study_uid = _uid(rng)
             study_date = dt.date(2020, 1, 1) + dt.timedelta(
                 days=int(rng.integers(0, 1500))
@@ -417,8 +494,7 @@ def synthesize(
                 study_date=study_date,
                 study_index=study_index,
                 modality=modality,
-                sop_class=sop_class,
-                rows=size,
+                sop_class=_SOP_CLASSES[modality],
             )
             body.file_meta = FileMetaDataset()
             body.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
