@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -259,9 +260,10 @@ class DataSizes:
     lesions: int = 0
 
 
-def _round32(value: float) -> int:
-    # A multiple of 32 keeps every ResNet grid exact.
-    return int(min(_MAX_SIZE, max(_MIN_SIZE, 32 * round(value / 32))))
+def _round32(value: float, *, up: bool = False) -> int:
+    # A multiple of 32 keeps every ResNet grid exact; up: at least ``value``.
+    steps = math.ceil(value / 32) if up else round(value / 32)
+    return int(min(_MAX_SIZE, max(_MIN_SIZE, 32 * steps)))
 
 
 def choose(given: Mapping[str, Any], sizes: DataSizes) -> tuple[TrainConfig, list[str]]:
@@ -368,7 +370,7 @@ def choose(given: Mapping[str, Any], sizes: DataSizes) -> tuple[TrainConfig, lis
             reason = f"{images}; no lesion masks to size it by"
         else:
             wanted = side * _LESION_CELLS * _STEM_STRIDE / lesion
-            size = max(plain, _round32(wanted))
+            size = max(plain, _round32(wanted, up=True))
             cells = lesion * size / side / _STEM_STRIDE
             reason = (
                 f"the smallest lesions are {lesion:.1f} px across at {side} px; "
