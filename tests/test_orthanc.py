@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -276,3 +277,24 @@ def test_a_worker_killed_mid_job_puts_one_result_set_in_orthanc(
             worker.terminate()
             worker.wait(timeout=30)
         pacs.stop()
+
+
+def test_orthanc_whose_port_was_taken_meanwhile_starts_on_another(
+    tmp_path: Path,
+) -> None:
+    binary = find_orthanc()
+    assert binary is not None
+    pacs = Orthanc(binary, tmp_path / "orthanc")
+    taken = pacs.port
+    with socket.socket() as squatter:  # takes the port between choice and start
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        pacs.start()
+        try:
+            assert pacs.port != taken
+            assert pacs.get("/system")["DicomPort"] == pacs.port
+            assert (
+                "already in use" in (tmp_path / "orthanc" / "orthanc.log").read_text()
+            )
+        finally:
+            pacs.stop()

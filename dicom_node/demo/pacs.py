@@ -148,6 +148,10 @@ class Orthanc:
     def start(self, *, keep: bool = False) -> None:
         """Write the configuration, start Orthanc and wait for its REST API.
 
+        The ports were free when chosen; another process may take one before
+        Orthanc binds it. Orthanc then exits saying so, and (unless ``keep``
+        asks for the same ports) it is started again on fresh ones.
+
         Parameters
         ----------
         keep
@@ -157,6 +161,33 @@ class Orthanc:
         if self.folder.exists() and not keep:
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if self._start_once():
+                return
+            if keep or not self._port_taken():
+                break
+            self.port, self.http = _free_port(), _free_port()
+        raise DicomNodeError(
+            f"Orthanc did not start; see {self._log}; its last lines:\n"
+            + self._log_tail()
+        )
+
+    @property
+    def _log(self) -> Path:
+        return self.folder / "orthanc.log"
+
+    def _log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self._log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _port_taken(self) -> bool:
+        return "already in use" in self._log_tail(lines=20)
+
+    def _start_once(self) -> bool:
+        """Start Orthanc on the chosen ports; True once its REST API answers."""
         config = {
             "Name": "dicom-node demo PACS",
             "StorageDirectory": str(self.folder / "db"),
@@ -172,22 +203,21 @@ class Orthanc:
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
-        log = (self.folder / "orthanc.log").open("ab")
-        self._process = subprocess.Popen(
-            [self.binary, str(path)], stdout=log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 30
+        with self._log.open("ab") as log:
+            self._process = subprocess.Popen(
+                [self.binary, str(path)], stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 self.get("/system")
-                return
+                return True
             except OSError:
                 if self._process.poll() is not None:
-                    break
+                    return False
                 time.sleep(0.2)
-        raise DicomNodeError(
-            f"Orthanc did not start; see {self.folder / 'orthanc.log'}"
-        )
+        self.stop()
+        return False
 
     def get(self, route: str) -> Any:
         """GET a REST route and return its JSON."""
