@@ -498,3 +498,66 @@ def test_an_unknown_finding_lists_the_known_ones(
     assert "no code known for 'abnormal'" in err
     assert "consolidation, effusion, mass, nodule, pneumothorax" in err
     assert '--code "27925004,SCT,Nodule"' in err
+
+
+def _stderr_on_a_terminal(args: list[str]) -> tuple[str, str]:
+    """Run ``medtrain ARGS`` with stderr on a pseudo-terminal: (stdout, stderr)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    with subprocess.Popen(
+        [sys.executable, "-c", "from training.cli import main; main()", *args],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    ) as process:
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the process closed its end
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out = process.stdout.read() if process.stdout else ""
+        assert process.wait(timeout=120) == 0, seen.decode(errors="replace")
+    os.close(master)
+    return out, seen.decode(errors="replace")
+
+
+@pytest.mark.timeout(180)
+def test_progress_bars_on_a_terminal_only(data: Path, tmp_path: Path) -> None:
+    synth = ["synth", str(tmp_path / "s"), "--n", "12", "--size", "32"]
+    out, err = _stderr_on_a_terminal(synth)
+    # A bar is drawn at 0 % and then at most every 0.1 s; it is erased at the end.
+    assert "writing:   0%" in err
+    assert "/12 [" in err
+    assert out.startswith("wrote 12 DX images")
+
+    model = str(tmp_path / "m.safetensors")
+    fit_args = ["fit", str(data), "--out", model, "--epochs", "1", *TINY[:2]]
+    out, err = _stderr_on_a_terminal(fit_args)
+    assert "preprocessing:   0%" in err
+    assert "epoch 1/1:" in err
+    assert "epoch 1/1 stage 2" in out  # the epoch's line, not broken by the bar
+
+    out, err = _stderr_on_a_terminal(["evaluate", model, str(data)])
+    assert "scoring:   0%" in err
+    assert "Grad-CAM:   0%" in err
+
+    medtrain = [sys.executable, "-c", "from training.cli import main; main()"]
+    piped = subprocess.run(  # not a terminal: no bar, nothing on stderr
+        [*medtrain, "synth", str(tmp_path / "p"), "--n", "12", "--size", "32"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert piped.returncode == 0
+    assert piped.stderr == ""

@@ -36,6 +36,7 @@ from training.engine import (
     pointing,
 )
 from training.metrics import auroc, binary_metrics, calibration_error
+from training.progress import bar
 from training.report import overlay_png, write_report
 
 __all__ = ["build_parser", "main"]
@@ -329,20 +330,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return EXIT_USAGE
         if args.background is None:
-            labels = synthesize(
-                args.out, args.n, args.seed, args.modality, args.size, args.prevalence
-            )
+            with bar(args.n, "writing") as shown:
+                labels = synthesize(
+                    args.out,
+                    args.n,
+                    args.seed,
+                    args.modality,
+                    args.size,
+                    args.prevalence,
+                    shown.update,
+                )
             print(f"wrote {args.n} {args.modality} images and {labels}")
             return EXIT_OK
         try:
-            labels = synthesize_realistic(
-                args.out,
-                args.n,
-                args.seed,
-                args.background,
-                args.size,
-                args.prevalence,
-            )
+            with bar(args.n, "writing") as shown:
+                labels = synthesize_realistic(
+                    args.out,
+                    args.n,
+                    args.seed,
+                    args.background,
+                    args.size,
+                    args.prevalence,
+                    shown.update,
+                )
         except ValueError as exc:
             print(f"medtrain: {exc}", file=sys.stderr)
             return EXIT_FAILURE
@@ -397,9 +407,14 @@ def _fit(args: argparse.Namespace) -> int:
         | {"calibration_error": calibration_error(val_scores, val.y.numpy())}
     )
     if result.splits["test"]:
-        test = load_frames(
-            result.splits["test"], positive, artifact.preprocessing, cache
-        )
+        with bar(len(result.splits["test"]), "test split") as shown:
+            test = load_frames(
+                result.splits["test"],
+                positive,
+                artifact.preprocessing,
+                cache,
+                shown.update,
+            )
         _, test_scores = evaluate(model, test, device)
         result.metrics["test"] = {
             "frames": len(test),
@@ -453,13 +468,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     classifier = Classifier(artifact, device=args.device)
     samples = load_samples(args.data)
     label = artifact.labels[0]
-    data = load_frames(samples, label.name, artifact.preprocessing, args.cache)
-    scores = np.concatenate(
-        [
-            classifier.forward(data.x[i : i + 32])[0][:, 0].double().numpy()
-            for i in range(0, len(data), 32)
-        ]
-    )
+    with bar(len(samples), "preprocessing") as shown:
+        data = load_frames(
+            samples, label.name, artifact.preprocessing, args.cache, shown.update
+        )
+    batches = []
+    with bar(len(data), "scoring") as shown:
+        for i in range(0, len(data), 32):
+            batch = data.x[i : i + 32]
+            batches.append(classifier.forward(batch)[0][:, 0].double().numpy())
+            shown.update(len(batch))
+    scores = np.concatenate(batches)
     y = data.y.numpy()
     result: dict[str, Any] = {
         "model": f"{artifact.name} {artifact.version}",
@@ -470,9 +489,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         **binary_metrics(scores, y, label.threshold),
         "calibration_error": calibration_error(scores, y),
     }
-    scored, images = pointing(
-        classifier, lesion_frames(samples, label.name, artifact.preprocessing)
-    )
+    pairs = lesion_frames(samples, label.name, artifact.preprocessing)
+    with bar(len(pairs), "Grad-CAM") as shown:
+        scored, images = pointing(classifier, pairs, shown.update)
     if images:
         result["pointing_game"] = scored
         result["pointing_game_images"] = images
@@ -498,31 +517,38 @@ def _explain(args: argparse.Namespace) -> int:
     classifier = Classifier(artifact, device=args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     label = artifact.labels[0]
-    for path in args.files:
-        try:
-            ds = dcmread(path)
-        except (InvalidDicomError, OSError) as exc:
-            raise DataError(f"{path}: cannot read as DICOM ({exc})") from exc
-        prediction = classifier.predict([ds], explain_top_k=1)
-        explanation = prediction.explanations[0]
-        spec = artifact.preprocessing
-        plain = replace(
-            spec,
-            size=(explanation.source.rows, explanation.source.columns),
-            resize="stretch",
-            mean=(0.0,) * spec.channels,
-            std=(1.0,) * spec.channels,
-        )
-        image = preprocess(ds, plain).pixels[explanation.source.frame_index].mean(dim=0)
-        p = prediction.labels[0]
-        verdict = "Present" if p.positive else "Absent"
-        target = args.out / f"{path.stem}.png"
-        overlay_png(
-            target,
-            image.numpy(),
-            explanation.heatmap,
-            f"{label.name}: p = {p.probability:.2f} "
-            f"({verdict} at {label.threshold:.2f})",
-        )
-        print(f"{path}: p({label.name}) = {p.probability:.3f} {verdict} -> {target}")
+    with bar(len(args.files), "explaining") as shown:
+        for path in args.files:
+            try:
+                ds = dcmread(path)
+            except (InvalidDicomError, OSError) as exc:
+                raise DataError(f"{path}: cannot read as DICOM ({exc})") from exc
+            prediction = classifier.predict([ds], explain_top_k=1)
+            explanation = prediction.explanations[0]
+            spec = artifact.preprocessing
+            plain = replace(
+                spec,
+                size=(explanation.source.rows, explanation.source.columns),
+                resize="stretch",
+                mean=(0.0,) * spec.channels,
+                std=(1.0,) * spec.channels,
+            )
+            image = (
+                preprocess(ds, plain).pixels[explanation.source.frame_index].mean(dim=0)
+            )
+            p = prediction.labels[0]
+            verdict = "Present" if p.positive else "Absent"
+            target = args.out / f"{path.stem}.png"
+            overlay_png(
+                target,
+                image.numpy(),
+                explanation.heatmap,
+                f"{label.name}: p = {p.probability:.2f} "
+                f"({verdict} at {label.threshold:.2f})",
+            )
+            shown.write(
+                f"{path}: p({label.name}) = {p.probability:.3f} {verdict} -> {target}",
+                file=sys.stdout,
+            )
+            shown.update(1)
     return EXIT_OK

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,6 +47,7 @@ from training.metrics import (
     threshold_for_sensitivity,
     youden_threshold,
 )
+from training.progress import Progress, bar
 
 __all__ = [
     "Dataset",
@@ -88,7 +88,11 @@ class Dataset:
 
 
 def load_frames(
-    samples: Sequence[Sample], positive: str, spec: PreprocessSpec, cache: Path | None
+    samples: Sequence[Sample],
+    positive: str,
+    spec: PreprocessSpec,
+    cache: Path | None,
+    progress: Progress | None = None,
 ) -> Dataset:
     """Preprocess every sample (through the cache) into one in-memory data set.
 
@@ -102,6 +106,8 @@ def load_frames(
         The preprocessing spec.
     cache
         Cache folder, or None.
+    progress
+        Called with 1 after each sample.
 
     Returns
     -------
@@ -116,6 +122,8 @@ def load_frames(
         xs.append(frames)
         ys += [float(sample.label == positive)] * len(frames)
         owners += [sample] * len(frames)
+        if progress is not None:
+            progress(1)
     height, width = spec.size
     x = torch.cat(xs) if xs else torch.empty((0, spec.channels, height, width))
     return Dataset(x, torch.tensor(ys, dtype=torch.float32), owners)
@@ -604,8 +612,9 @@ def fit(
     )
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 fills the cache first; the others read it
-    train = load_frames(splits["train"], positive, spec, cache)
-    val = load_frames(splits["val"], positive, spec, cache)
+    with bar(len(splits["train"]) + len(splits["val"]), "preprocessing") as shown:
+        train = load_frames(splits["train"], positive, spec, cache, shown.update)
+        val = load_frames(splits["val"], positive, spec, cache, shown.update)
     if world > 1 and rank == 0:
         dist.barrier()
     if float(train.y.sum()) in (0.0, float(len(train))):
@@ -684,40 +693,33 @@ def fit(
             f"(best so far: epoch {state['best_epoch'] + 1})"
         )
 
-    interactive = sys.stderr.isatty() and rank == 0
     for epoch in range(int(state["epoch"]), config.epochs):
         stage = stage_of(epoch)
         if epoch > 0 and stage != stage_of(epoch - 1):
             optimizer, scheduler = make_optimizer(stage)
+        what = f"epoch {epoch + 1}/{config.epochs}"
+        with bar(0, what, unit="batch", show=rank == 0) as shown:
 
-        def progress(
-            i: int, n: int, loss: float, rate: float, epoch: int = epoch
-        ) -> None:
-            if interactive:
-                left = (n - i) * config.batch_size / max(rate, 1e-9)
-                print(
-                    "\r"
-                    + progress_bar(epoch + 1, config.epochs, i, n, loss, rate, left),
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            def progress(
+                i: int, n: int, loss: float, rate: float, shown: Any = shown
+            ) -> None:
+                shown.total = n
+                shown.set_postfix_str(f"loss {loss:.4f}, {rate:.1f} img/s", False)
+                shown.update(i - shown.n)
 
-        train_loss, rate = train_one_epoch(
-            net,
-            train,
-            optimizer,
-            scheduler,
-            config,
-            pos_weight,
-            device,
-            generator,
-            progress,
-            rank,
-            world,
-        )
-        if interactive:
-            print(file=sys.stderr)
+            train_loss, rate = train_one_epoch(
+                net,
+                train,
+                optimizer,
+                scheduler,
+                config,
+                pos_weight,
+                device,
+                generator,
+                progress,
+                rank,
+                world,
+            )
         if world > 1:  # the same BatchNorm statistics everywhere, so the same
             for buffer in model.buffers():  # validation loss and stop decision
                 dist.broadcast(buffer, 0)
@@ -984,7 +986,9 @@ def _spread(samples: Sequence[Sample], most: int) -> Sequence[Sample]:
 
 
 def pointing(
-    classifier: Classifier, pairs: Sequence[tuple[Frames, npt.NDArray[np.bool_]]]
+    classifier: Classifier,
+    pairs: Sequence[tuple[Frames, npt.NDArray[np.bool_]]],
+    progress: Progress | None = None,
 ) -> tuple[float, int]:
     """Score the Grad-CAM pointing game on (frames, lesion mask) pairs.
 
@@ -994,6 +998,8 @@ def pointing(
         The model, its heatmaps drawn as the node draws them.
     pairs
         From :func:`lesion_frames`.
+    progress
+        Called with 1 after each pair.
 
     Returns
     -------
@@ -1007,46 +1013,9 @@ def pointing(
             if heatmap.shape == mask.shape:
                 heatmaps.append(heatmap)
                 masks.append(mask)
+        if progress is not None:
+            progress(1)
     return pointing_game(heatmaps, masks), len(heatmaps)
-
-
-def progress_bar(
-    epoch: int,
-    epochs: int,
-    batch: int,
-    batches: int,
-    loss: float,
-    rate: float,
-    left: float,
-) -> str:
-    """Return the one-line progress bar of an epoch.
-
-    Parameters
-    ----------
-    epoch, epochs
-        This epoch (from 1) and the most epochs.
-    batch, batches
-        Batches done and in all.
-    loss
-        Mean training loss so far.
-    rate
-        Images per second.
-    left
-        Seconds left in this epoch.
-
-    Returns
-    -------
-    str
-        e.g. ``epoch 3/20 [##########          ]  8/16 loss 0.5123   45.2 img/s
-        0:05 left`` (one line).
-    """
-    filled = 20 * batch // max(batches, 1)
-    minutes, seconds = divmod(round(left), 60)
-    width = len(str(batches))
-    return (
-        f"epoch {epoch}/{epochs} [{'#' * filled:<20}] {batch:>{width}}/{batches} "
-        f"loss {loss:.4f} {rate:6.1f} img/s {minutes}:{seconds:02d} left"
-    )
 
 
 def _silent(_: str) -> None:

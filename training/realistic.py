@@ -44,6 +44,7 @@ from pydicom.errors import InvalidDicomError
 from scipy.ndimage import gaussian_filter  # type: ignore[import-untyped]
 
 from inference import PreprocessError, decode_frames
+from training.progress import Progress
 from training.synthetic import dx_dataset, write_set
 
 __all__ = [
@@ -463,6 +464,7 @@ def synthesize_realistic(
     background: str | Path = PYDICOM_DATA,
     size: int = 256,
     prevalence: float = 0.5,
+    progress: Progress | None = None,
 ) -> Path:
     """Write ``n`` labelled DX images cut from real radiographs, masks and labels.csv.
 
@@ -481,6 +483,8 @@ def synthesize_realistic(
         Image side in pixels (>= 32).
     prevalence
         Fraction of positive images (0 to 1).
+    progress
+        Called with 1 after each image written.
 
     Returns
     -------
@@ -514,4 +518,4 @@ def synthesize_realistic(
         pixels = np.round(stored).astype(np.uint16)
         return _derived(pixels, monochrome1, view, source, (centre, width)), mask
 
-    return write_set(out, n, seed, "DX", make, prevalence)
+    return write_set(out, n, seed, "DX", make, prevalence, progress)

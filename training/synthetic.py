@@ -44,6 +44,8 @@ from pydicom.uid import (
 )
 from scipy.ndimage import gaussian_filter  # type: ignore[import-untyped]
 
+from training.progress import Progress
+
 __all__ = [
     "ImageMaker",
     "SyntheticImage",
@@ -363,6 +365,7 @@ def synthesize(
     modality: str = "DX",
     size: int = 256,
     prevalence: float = 0.5,
+    progress: Progress | None = None,
 ) -> Path:
     """Write ``n`` labelled synthetic images as DICOM, their masks and labels.csv.
 
@@ -381,6 +384,8 @@ def synthesize(
         Image side in pixels (>= 32).
     prevalence
         Fraction of positive images (0 to 1).
+    progress
+        Called with 1 after each image written.
 
     Returns
     -------
@@ -411,7 +416,7 @@ def synthesize(
         pixels = np.round(hu + 1024.0).clip(0, 4095).astype(np.uint16)
         return _ct_dataset(pixels, size, rng), mask
 
-    return write_set(out, n, seed, modality, make, prevalence)
+    return write_set(out, n, seed, modality, make, prevalence, progress)
 
 
 # Makes one image: (rng, positive) -> the modality's image data set, pixels set,
@@ -426,6 +431,7 @@ def write_set(
     modality: str,
     make: ImageMaker,
     prevalence: float = 0.5,
+    progress: Progress | None = None,
 ) -> Path:
     """Write ``n`` images from ``make`` as DICOM studies, their masks and labels.csv.
 
@@ -448,6 +454,8 @@ def write_set(
         Returns an image's data set (image module and pixels) and its mask.
     prevalence
         Fraction of positive images (0 to 1).
+    progress
+        Called with 1 after each image written.
 
     Returns
     -------
@@ -531,6 +539,8 @@ def write_set(
                 }
             )
             index += 1
+            if progress is not None:
+                progress(1)
     with labels_path.open("w", newline="") as f:
         writer = csv.DictWriter(
             f, fieldnames=["path", "label", "patient_id", "study_uid", "mask"]
