@@ -12,7 +12,7 @@ different tissue from image to image.
 
 Nodule. A positive image carries one: a sphere's projection, lobulated (its
 radius varies with the angle by up to +/-12 %, second and third harmonics) and
-soft-edged (thickness ``(1 - (d / R)^2)^p`` with p 0.5-1.2), of radius 2.8-6 %
+soft-edged (thickness ``(1 - (d / R)^2)^p`` with p 0.5-1.2), of radius 3.5-7 %
 of the side and peak contrast 0.2-0.7 of the window (both log-uniform: a third
 under 0.3, faint beside the ribs, vessels and the real masses of the chest). It
 is added to the windowed background (radiographs store log exposure, where
@@ -76,7 +76,7 @@ BoolImage = npt.NDArray[np.bool_]
 _CROP = (0.4, 0.85)  # crop side, fraction of the background's shorter side
 _LOW = (0.5, 5.0)  # window low end, percentile of the crop
 _HIGH = (95.0, 99.5)  # window high end, percentile of the crop
-_RADIUS = (0.028, 0.06)  # nodule radius, fraction of the side (log-uniform)
+_RADIUS = (0.035, 0.07)  # nodule radius, fraction of the side (log-uniform)
 _CONTRAST = (0.2, 0.7)  # nodule peak, fraction of the window (log-uniform)
 _EDGE = (0.5, 1.2)  # profile exponent: 0.5 a sphere's projection, higher softer
 _LOBES = 0.12  # largest amplitude of each radial harmonic
