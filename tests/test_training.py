@@ -20,11 +20,11 @@ from training.config import DataSizes, TrainConfig, choose
 from training.data import load_samples
 from training.engine import (
     augment,
+    cell_loss,
     evaluate,
     fit,
     load_frames,
     measure,
-    negative_cell_loss,
 )
 
 TINY = ["--size", "32", "--epochs", "2", "--freeze-epochs", "1", "--batch-size", "8"]
@@ -97,9 +97,17 @@ def test_cell_loss_and_a_finer_gradcam_layer(
     fc = model_net.fc
     cells = (features.permute(0, 2, 3, 1) @ fc.weight[0] + fc.bias[0])[1:]
     expected = torch.nn.functional.softplus(cells).mean()  # BCE against 0
-    torch.testing.assert_close(negative_cell_loss(model_net, features, y), expected)
-    none = negative_cell_loss(model_net, features, torch.ones(3))
+    torch.testing.assert_close(cell_loss(model_net, features, y), expected)
+    none = cell_loss(model_net, features, torch.ones(3))
     assert float(none.detach()) == 0.0
+    # With a lesion mask, the cells the lesion reaches are trained positive too.
+    masks = torch.zeros(3, 1, 64, 64, dtype=torch.bool)
+    masks[0, 0, 40:44, 10:14] = True  # the positive's lesion: in cell (1, 0)
+    all_cells = features.permute(0, 2, 3, 1) @ fc.weight[0] + fc.bias[0]
+    reached = torch.nn.functional.softplus(-all_cells[0, 1, 0]).mean()  # against 1
+    torch.testing.assert_close(
+        cell_loss(model_net, features, y, masks), expected + reached
+    )
 
     # fit with it writes an artifact that explains at layer2 (1/8 of the side).
     model = tmp_path / "model.safetensors"
@@ -270,17 +278,54 @@ def test_config_file_and_flags(
     assert "unknown key(s) ['sise']" in capsys.readouterr().err
 
 
+def test_masks_are_loaded_in_the_input_geometry_and_move_with_their_images(
+    data: Path,
+) -> None:
+    from inference import PreprocessSpec
+
+    samples = load_samples(data)
+    frames = load_frames(samples, "nodule", PreprocessSpec(size=(32, 32)), None)
+    assert frames.masks is not None
+    assert frames.masks.shape == (len(frames), 1, 32, 32)
+    has_lesion = frames.masks.flatten(1).any(dim=1)
+    assert torch.equal(has_lesion, frames.y.bool())  # every positive has its mask
+    # At the mask's place the image is mostly brighter than in a ring around it
+    # (a lesion beside a rib is not).
+    masks = frames.masks[has_lesion].float()
+    grown = torch.nn.functional.max_pool2d(masks, 5, stride=1, padding=2) > 0
+    ring = grown & ~frames.masks[has_lesion]
+    brighter = [
+        bool(x[mask].mean() > x[around].mean())
+        for x, mask, around in zip(
+            frames.x[has_lesion], masks.bool(), ring, strict=True
+        )
+    ]
+    assert sum(brighter) >= 0.8 * len(brighter), brighter
+
+    config = TrainConfig(size=32, hflip=True, intensity=0.0)
+    image = frames.masks[has_lesion][:4].float()
+    moved, moved_masks = augment(
+        image,
+        config,
+        torch.Generator().manual_seed(3),
+        masks=frames.masks[has_lesion][:4],
+    )
+    assert moved_masks is not None
+    assert torch.equal(moved_masks, moved > 0.5)  # the same geometry as the image
+    assert not torch.equal(moved_masks, frames.masks[has_lesion][:4])
+
+
 def test_augment_parts_match_the_whole_batch() -> None:
     # Under DDP each process augments its part of a batch; together the parts
     # must be exactly the single-process augmentation of the whole batch.
     config = TrainConfig(size=32, hflip=True)
     x = torch.randn(7, 1, 32, 32)
-    whole = augment(x, config, torch.Generator().manual_seed(5))
+    whole, _ = augment(x, config, torch.Generator().manual_seed(5))
     for rank in range(2):
         generator = torch.Generator().manual_seed(5)
         part = slice(rank, 7, 2)
         torch.testing.assert_close(
-            augment(x[part], config, generator, part), whole[part]
+            augment(x[part], config, generator, part)[0], whole[part]
         )
         # Every process leaves its generator where the whole batch would.
         reference = torch.Generator().manual_seed(5)
@@ -349,7 +394,7 @@ def test_without_init_weights_every_layer_trains_at_a_size_for_the_lesions() -> 
     # bench/train.py's recipe for a model from scratch.
     assert (config.freeze_epochs, config.unfreeze_from) == (0, "conv1")
     assert (config.size, config.gradcam_layer) == (192, "layer2")
-    assert (config.patience, config.cell_loss, config.epochs) == (10, 1.0, 20)
+    assert (config.patience, config.cell_loss, config.epochs) == (8, 1.0, 16)
     assert (config.batch_size, config.finetune_lr) == (32, 5e-4)
     assert any(
         line.startswith("every layer trains from the first epoch (no frozen stage)")

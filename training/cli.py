@@ -237,7 +237,7 @@ _FIT_FLAGS: list[tuple[str, type, str]] = [
     ("--architecture", str, "resnet18 (default) .. resnet152"),
     ("--size", int, "input side in pixels (default: chosen from the data)"),
     ("--channels", int, "1 (default) or 3"),
-    ("--epochs", int, "most epochs (default 20)"),
+    ("--epochs", int, "most epochs (default 16)"),
     (
         "--freeze-epochs",
         int,
@@ -261,7 +261,9 @@ _FIT_FLAGS: list[tuple[str, type, str]] = [
         "--cell-loss",
         float,
         "weight of the loss that trains every location of a normal image to "
-        "score negative, keeping heatmaps on the finding (default 1; 0: off)",
+        "score negative and, where masks are given, the locations a lesion "
+        "covers to score positive, keeping heatmaps on the finding "
+        "(default 1; 0: off)",
     ),
     (
         "--gradcam-layer",

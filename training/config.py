@@ -66,10 +66,11 @@ class TrainConfig:
     dropout
         Dropout before the head.
     cell_loss
-        Weight of a per-location loss on negative images: every layer4 cell of
-        a normal image is trained to score negative (the image-level rule
-        "no finding anywhere"), so the evidence of a positive image stays
-        where the finding is and Grad-CAM points at it. 0 turns it off.
+        Weight of a per-location loss: every layer4 cell of a normal image is
+        trained to score negative (the image-level rule "no finding
+        anywhere"), and where a positive image has a lesion mask, the cells
+        the lesion reaches to score positive; so the evidence stays where the
+        finding is and Grad-CAM points at it. 0 turns it off.
     gradcam_layer
         The stage Grad-CAM explains at in the artifact: layer4, or layer3 /
         layer2 for finer heatmaps (layer4 is 4x4 at 128 px); :func:`choose`
@@ -118,7 +119,7 @@ class TrainConfig:
     window_center: float | None = None
     window_width: float | None = None
     resize: str = "stretch"
-    epochs: int = 20
+    epochs: int = 16
     freeze_epochs: int = 0
     unfreeze_from: str = "conv1"
     batch_size: int = 32
@@ -138,7 +139,7 @@ class TrainConfig:
     intensity: float = 0.1
     hflip: bool = False
     vflip: bool = False
-    patience: int = 10
+    patience: int = 8
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     seed: int = 0
@@ -413,7 +414,13 @@ def choose(given: Mapping[str, Any], sizes: DataSizes) -> tuple[TrainConfig, lis
         chosen["cell_loss"] = base.cell_loss
         why.append(
             f"cell loss {chosen['cell_loss']}: every location of a normal image "
-            "is trained to score negative, so heatmaps stay on the finding"
+            "is trained to score negative"
+            + (
+                ", and the locations a lesion mask covers to score positive"
+                if sizes.lesions
+                else ""
+            )
+            + ", so heatmaps stay on the finding"
         )
     return TrainConfig(**(chosen | dict(given))), why
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ __all__ = [
     "load_manifest",
     "load_samples",
     "load_tree",
+    "mask_frame",
     "preprocessed",
     "split_by_patient",
 ]
@@ -295,6 +296,40 @@ def preprocessed(
         np.save(tmp, frames.numpy())
         tmp.replace(key)
     return frames
+
+
+def mask_frame(path: Path, spec: PreprocessSpec) -> torch.Tensor:
+    """Return a lesion mask (PNG) in the model input's geometry: bool [1, 1, H, W].
+
+    The mask goes through the resize the images go through (stretch or
+    letterbox), so a pixel of it lies where the same pixel of the image lies.
+
+    Parameters
+    ----------
+    path
+        The mask: non-zero where the lesion is.
+    spec
+        The images' preprocessing spec (its size and resize are used).
+
+    Raises
+    ------
+    DataError
+        If the mask cannot be read as an image.
+    """
+    plain = replace(
+        spec,
+        channels=1,
+        window="fixed",
+        window_center=127.5,
+        window_width=255.0,
+        mean=(0.0,),
+        std=(1.0,),
+    )
+    try:
+        frames = _image_frames(path, plain)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the mask ({exc})") from exc
+    return frames[:1] > 0.5
 
 
 def _image_frames(path: Path, spec: PreprocessSpec) -> torch.Tensor:
