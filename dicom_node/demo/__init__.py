@@ -207,8 +207,8 @@ def run_demo(work: Path, samples: Path, timeout: float = 240.0) -> int:
     pacs: Orthanc | BuiltinPacs = (
         Orthanc(orthanc, work / "pacs") if orthanc else BuiltinPacs(work / "pacs")
     )
-    _say(f"[2/5] starting the PACS: {pacs.name} as {PACS_AE} on 127.0.0.1:{pacs.port}")
     pacs.start()
+    _say(f"[2/5] started the PACS: {pacs.name} as {PACS_AE} on 127.0.0.1:{pacs.port}")
     try:
         state = work / "node"
         if state.exists():

@@ -157,6 +157,12 @@ class Orthanc:
         keep
             Keep what an earlier start stored (a restart after :meth:`stop`, at
             the same ports); by default Orthanc starts empty.
+
+        Raises
+        ------
+        DicomNodeError
+            If Orthanc does not start (the message ends with its log's last
+            lines).
         """
         if self.folder.exists() and not keep:
             shutil.rmtree(self.folder)
@@ -210,12 +216,16 @@ class Orthanc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                self.get("/system")
-                return True
-            except OSError:
+                answer = self.get("/system")
+            except (OSError, ValueError):
                 if self._process.poll() is not None:
                     return False
                 time.sleep(0.2)
+                continue
+            # Ours, not another server that holds the HTTP port meanwhile.
+            if self._process.poll() is None and answer.get("DicomPort") == self.port:
+                return True
+            break
         self.stop()
         return False
 
