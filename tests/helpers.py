@@ -271,3 +271,34 @@ def worker_process(
         stdout=subprocess.DEVNULL,
         stderr=stderr,
     )
+
+
+def stderr_on_a_terminal(command: list[str]) -> tuple[str, str]:
+    """Run a command with stderr on a 24 x 120 pseudo-terminal: (stdout, stderr).
+
+    Asserts that it exits 0 (its stderr is in the message otherwise).
+    """
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=slave, text=True
+    ) as process:
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the process closed its end
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out = process.stdout.read() if process.stdout else ""
+        assert process.wait(timeout=120) == 0, seen.decode(errors="replace")
+    os.close(master)
+    return out, seen.decode(errors="replace")

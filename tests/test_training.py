@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,10 @@ import torch
 from pydicom import dcmread
 
 from inference import Classifier, ModelArtifact, build_model
+from tests.helpers import stderr_on_a_terminal
 from training.cli import build_parser, main
 from training.config import DataSizes, TrainConfig, choose
-from training.data import load_samples
+from training.data import DataError, image_size, load_samples, mask_frame
 from training.engine import (
     augment,
     cell_loss,
@@ -27,6 +29,12 @@ from training.engine import (
     measure,
 )
 
+# medtrain in a child process, its exit status main()'s.
+MEDTRAIN = [
+    sys.executable,
+    "-c",
+    "import sys; from training.cli import main; sys.exit(main())",
+]
 TINY = ["--size", "32", "--epochs", "2", "--freeze-epochs", "1", "--batch-size", "8"]
 
 
@@ -90,7 +98,7 @@ def test_fit_evaluate_explain_end_to_end(
 def test_cell_loss_and_a_finer_gradcam_layer(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The per-location loss scores every layer4 cell of the negatives only.
+    # The per-location loss scores every layer4 cell of the negatives.
     model_net = build_model("resnet18", 1, 1)
     features = torch.randn(3, 512, 2, 2)
     y = torch.tensor([1.0, 0.0, 0.0])
@@ -103,6 +111,7 @@ def test_cell_loss_and_a_finer_gradcam_layer(
     # With a lesion mask, the cells the lesion reaches are trained positive too.
     masks = torch.zeros(3, 1, 64, 64, dtype=torch.bool)
     masks[0, 0, 40:44, 10:14] = True  # the positive's lesion: in cell (1, 0)
+    masks[1, 0, 0:4, 0:4] = True  # a negative's mask is no lesion: ignored
     all_cells = features.permute(0, 2, 3, 1) @ fc.weight[0] + fc.bias[0]
     reached = torch.nn.functional.softplus(-all_cells[0, 1, 0]).mean()  # against 1
     torch.testing.assert_close(
@@ -215,6 +224,13 @@ def test_resume_continues_where_it_stopped(data: Path, tmp_path: Path) -> None:
     for name, tensor in straight.artifact.state_dict.items():
         torch.testing.assert_close(resumed.artifact.state_dict[name], tensor, msg=name)
 
+    # Resumed with other settings (another default, a flag left out): refused.
+    longer = replace(config, epochs=4)
+    with pytest.raises(DataError, match="epochs 3 there, 4 now"):
+        fit(
+            samples, longer, tmp_path / "b.ckpt", None, torch.device("cpu"), resume=True
+        )
+
 
 def test_bad_manifest_fails_naming_the_row(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -279,28 +295,27 @@ def test_config_file_and_flags(
 
 
 def test_masks_are_loaded_in_the_input_geometry_and_move_with_their_images(
-    data: Path,
+    data: Path, tmp_path: Path
 ) -> None:
+    from PIL import Image
+
     from inference import PreprocessSpec
 
     samples = load_samples(data)
-    frames = load_frames(samples, "nodule", PreprocessSpec(size=(32, 32)), None)
+    spec = PreprocessSpec(size=(32, 32))
+    assert load_frames(samples, "nodule", spec, None).masks is None  # not asked for
+    frames = load_frames(samples, "nodule", spec, None, masks=True)
     assert frames.masks is not None
     assert frames.masks.shape == (len(frames), 1, 32, 32)
     has_lesion = frames.masks.flatten(1).any(dim=1)
     assert torch.equal(has_lesion, frames.y.bool())  # every positive has its mask
-    # At the mask's place the image is mostly brighter than in a ring around it
-    # (a lesion beside a rib is not).
-    masks = frames.masks[has_lesion].float()
-    grown = torch.nn.functional.max_pool2d(masks, 5, stride=1, padding=2) > 0
-    ring = grown & ~frames.masks[has_lesion]
-    brighter = [
-        bool(x[mask].mean() > x[around].mean())
-        for x, mask, around in zip(
-            frames.x[has_lesion], masks.bool(), ring, strict=True
-        )
-    ]
-    assert sum(brighter) >= 0.8 * len(brighter), brighter
+    # Each lesion lies where its mask file puts it (centroids, in image pixels).
+    owners = [s for s, lesion in zip(frames.samples, has_lesion, strict=True) if lesion]
+    for sample, mask in zip(owners, frames.masks[has_lesion], strict=True):
+        assert sample.mask is not None
+        drawn = np.argwhere(np.asarray(Image.open(sample.mask)) > 0).mean(axis=0)
+        loaded = (mask[0].nonzero().float().mean(dim=0).numpy() + 0.5) * 2 - 0.5
+        assert np.abs(loaded - drawn).max() < 1.5, (loaded, drawn)
 
     config = TrainConfig(size=32, hflip=True, intensity=0.0)
     image = frames.masks[has_lesion][:4].float()
@@ -311,8 +326,27 @@ def test_masks_are_loaded_in_the_input_geometry_and_move_with_their_images(
         masks=frames.masks[has_lesion][:4],
     )
     assert moved_masks is not None
-    assert torch.equal(moved_masks, moved > 0.5)  # the same geometry as the image
+    assert torch.equal(moved_masks, moved > 0.05)  # the same geometry as the image
     assert not torch.equal(moved_masks, frames.masks[has_lesion][:4])
+
+    # A mask stored 0/1 (or 16-bit, or coloured) marks the same pixels as 0/255.
+    sample = next(s for s in samples if s.mask is not None)
+    assert sample.mask is not None
+    pixels = np.asarray(Image.open(sample.mask))
+    ones = tmp_path / "ones.png"
+    Image.fromarray((pixels > 0).astype(np.uint8)).save(ones)
+    side = image_size(sample.path)
+    assert torch.equal(
+        mask_frame(ones, spec, side), mask_frame(sample.mask, spec, side)
+    )
+    assert bool(mask_frame(ones, spec, side).any())
+    # A mask of another size than its image is refused, not stretched onto it.
+    small = tmp_path / "small.png"
+    Image.fromarray(pixels[::2, ::2]).save(small)
+    with pytest.raises(
+        DataError, match="the mask is 32 x 32 pixels, its image 64 x 64"
+    ):
+        mask_frame(small, spec, side)
 
 
 def test_augment_parts_match_the_whole_batch() -> None:
@@ -320,13 +354,18 @@ def test_augment_parts_match_the_whole_batch() -> None:
     # must be exactly the single-process augmentation of the whole batch.
     config = TrainConfig(size=32, hflip=True)
     x = torch.randn(7, 1, 32, 32)
-    whole, _ = augment(x, config, torch.Generator().manual_seed(5))
+    masks = torch.rand(7, 1, 32, 32) > 0.9
+    whole, whole_masks = augment(
+        x, config, torch.Generator().manual_seed(5), masks=masks
+    )
+    assert whole_masks is not None
     for rank in range(2):
         generator = torch.Generator().manual_seed(5)
         part = slice(rank, 7, 2)
-        torch.testing.assert_close(
-            augment(x[part], config, generator, part)[0], whole[part]
-        )
+        mine, my_masks = augment(x[part], config, generator, part, masks[part])
+        torch.testing.assert_close(mine, whole[part])
+        assert my_masks is not None
+        assert torch.equal(my_masks, whole_masks[part])
         # Every process leaves its generator where the whole batch would.
         reference = torch.Generator().manual_seed(5)
         augment(x, config, reference)
@@ -431,14 +470,16 @@ def test_size_and_gradcam_layer_follow_the_lesions_and_the_images() -> None:
     big, _ = choose({}, DataSizes(image_side=2048, lesion=300.0, lesions=10))
     assert (big.size, big.gradcam_layer) == (256, "layer4")
     # Tiny lesions on large images: the size is capped, the finest layer used.
-    tiny, why = choose({}, DataSizes(image_side=2048, lesion=10.0, lesions=10))
+    tiny, tiny_why = choose({}, DataSizes(image_side=2048, lesion=10.0, lesions=10))
     assert (tiny.size, tiny.gradcam_layer) == (512, "layer2")
-    assert any("512 px at most" in line for line in why)
-    assert any("smaller than any layer's node spacing" in line for line in why)
+    assert any("512 px at most" in line for line in tiny_why)
+    assert any("smaller than any layer's node spacing" in line for line in tiny_why)
     # Without masks: the images' side (at most 256) and a grid >= 7 cells across.
     plain, why = choose({}, DataSizes(image_side=128))
     assert (plain.size, plain.gradcam_layer) == (128, "layer3")
     assert any("no lesion masks" in line for line in why)
+    assert not any("a lesion mask covers" in line for line in why)
+    assert any("a lesion mask covers to score positive" in line for line in tiny_why)
     large, _ = choose({}, DataSizes(image_side=2048))
     assert (large.size, large.gradcam_layer) == (256, "layer4")
 
@@ -545,42 +586,10 @@ def test_an_unknown_finding_lists_the_known_ones(
     assert '--code "27925004,SCT,Nodule"' in err
 
 
-def _stderr_on_a_terminal(args: list[str]) -> tuple[str, str]:
-    """Run ``medtrain ARGS`` with stderr on a pseudo-terminal: (stdout, stderr)."""
-    import fcntl
-    import os
-    import pty
-    import struct
-    import termios
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    with subprocess.Popen(
-        [sys.executable, "-c", "from training.cli import main; main()", *args],
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        text=True,
-    ) as process:
-        os.close(slave)
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the process closed its end
-                break
-            if not chunk:
-                break
-            seen += chunk
-        out = process.stdout.read() if process.stdout else ""
-        assert process.wait(timeout=120) == 0, seen.decode(errors="replace")
-    os.close(master)
-    return out, seen.decode(errors="replace")
-
-
 @pytest.mark.timeout(180)
 def test_progress_bars_on_a_terminal_only(data: Path, tmp_path: Path) -> None:
     synth = ["synth", str(tmp_path / "s"), "--n", "12", "--size", "32"]
-    out, err = _stderr_on_a_terminal(synth)
+    out, err = stderr_on_a_terminal(MEDTRAIN + synth)
     # A bar is drawn at 0 % and then at most every 0.1 s; it is erased at the end.
     assert "writing:   0%" in err
     assert "/12 [" in err
@@ -588,21 +597,67 @@ def test_progress_bars_on_a_terminal_only(data: Path, tmp_path: Path) -> None:
 
     model = str(tmp_path / "m.safetensors")
     fit_args = ["fit", str(data), "--out", model, "--epochs", "1", *TINY[:2]]
-    out, err = _stderr_on_a_terminal(fit_args)
+    out, err = stderr_on_a_terminal(MEDTRAIN + fit_args)
     assert "preprocessing:   0%" in err
     assert "epoch 1/1:" in err
-    assert "epoch 1/1 stage 2" in out  # the epoch's line, not broken by the bar
+    assert "epoch 1/1 stage 2" in out
 
-    out, err = _stderr_on_a_terminal(["evaluate", model, str(data)])
+    out, err = stderr_on_a_terminal([*MEDTRAIN, "evaluate", model, str(data)])
     assert "scoring:   0%" in err
     assert "Grad-CAM:   0%" in err
 
-    medtrain = [sys.executable, "-c", "from training.cli import main; main()"]
     piped = subprocess.run(  # not a terminal: no bar, nothing on stderr
-        [*medtrain, "synth", str(tmp_path / "p"), "--n", "12", "--size", "32"],
+        [*MEDTRAIN, "synth", str(tmp_path / "p"), "--n", "12", "--size", "32"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert piped.returncode == 0
     assert piped.stderr == ""
+
+
+@pytest.mark.timeout(180)
+def test_pretrain_writes_weights_fit_starts_from(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    # Crops of a real radiograph: drawn phantoms differ too little from one
+    # another for views of one to be told from views of the others.
+    made = tmp_path / "made"
+    synth = ["synth", str(made), "--n", "48", "--seed", "4", "--size", "64"]
+    assert main([*synth, "--background", "pydicom-data"]) == 0
+    unlabelled = made / "dicom"
+    (unlabelled / "notes.dcm").write_bytes(b"not DICOM")  # skipped, not fatal
+    weights = tmp_path / "ssl.safetensors"
+    tiny = ["--size", "64", "--epochs", "5", "--batch-size", "8", "--seed", "1"]
+
+    assert main(["pretrain", str(unlabelled), "--out", str(weights), *tiny]) == 0
+
+    out = capsys.readouterr().out
+    assert "48 images from 48 files (1 skipped: not images), 64 px, resnet18" in out
+    losses = [
+        float(line.rsplit(" ", 1)[1])
+        for line in out.splitlines()
+        if line.startswith("epoch ") and "contrastive loss" in line
+    ]
+    assert len(losses) == 5
+    assert losses[-1] < losses[0] - 0.1  # the views of an image came together
+    state = load_file(str(weights))
+    assert "conv1.weight" in state
+    assert not any(k.startswith("fc.") for k in state)
+    random = build_model("resnet18", 1, 1).state_dict()
+    assert not torch.equal(
+        state["layer1.0.conv1.weight"], random["layer1.0.conv1.weight"]
+    )
+
+    model = tmp_path / "m.safetensors"
+    start = ["--init-weights", str(weights), *TINY]
+    assert main(["fit", str(data), "--out", str(model), *start]) == 0
+    assert "--init-weights given" in capsys.readouterr().out  # the two-stage recipe
+
+    assert main(["pretrain", str(tmp_path / "none"), "--out", str(weights)]) == 1
+    assert "none: not a folder" in capsys.readouterr().err
+    few = ["--batch-size", "64", "--size", "32"]
+    assert main(["pretrain", str(unlabelled), "--out", str(weights), *few]) == 1
+    assert "--batch-size 64 needs at least that many" in capsys.readouterr().err

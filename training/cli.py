@@ -36,6 +36,7 @@ from training.engine import (
     pointing,
 )
 from training.metrics import auroc, binary_metrics, calibration_error
+from training.pretrain import PretrainConfig
 from training.progress import bar
 from training.report import overlay_png, write_report
 
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'pydicom-data' for the chest CR that package installs (RG1_UNCR.dcm; "
         "nothing is downloaded). Each image is a different crop (40-85%% of the "
         "side), flip, window, gamma and noise; a positive one carries a simulated "
-        "nodule of radius 2.8-6%% of the side and contrast 0.2-0.7 of the window, "
+        "nodule of radius 3.5-7%% of the side and contrast 0.2-0.7 of the window, "
         "a third of them faint",
     )
     fit = sub.add_parser(
@@ -195,6 +196,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the PNGs (made when missing)",
     )
     explain.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+    pre = sub.add_parser(
+        "pretrain",
+        help="self-supervised starting weights from unlabelled images",
+        description="Train a ResNet backbone on the unlabelled images under DIR "
+        "(DICOM, PNG or JPEG, searched recursively; e.g. what the node received) "
+        "with SimCLR contrastive learning: two random views of an image (rotated, "
+        "shifted, zoomed, flipped, contrast, brightness, noise) are pulled "
+        "together, views of different images pushed apart. Writes OUT, a state "
+        "dict of the backbone for `medtrain fit DATA --out M --init-weights OUT`. "
+        "Files that are not images are skipped.",
+    )
+    pre.add_argument(
+        "dir", type=Path, metavar="DIR", help="folder of unlabelled images"
+    )
+    pre.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="OUT",
+        help="the weights file to write (.safetensors)",
+    )
+    defaults = PretrainConfig()
+    for flag, kind, text in (
+        ("--architecture", str, "resnet18 (default), resnet34, resnet50, ..."),
+        ("--size", int, f"input side in pixels (default {defaults.size})"),
+        ("--epochs", int, f"passes over the images (default {defaults.epochs})"),
+        (
+            "--batch-size",
+            int,
+            f"images per batch, each the others' negatives (default "
+            f"{defaults.batch_size})",
+        ),
+        ("--lr", float, f"AdamW learning rate (default {defaults.lr})"),
+        (
+            "--temperature",
+            float,
+            f"of the contrastive loss (default {defaults.temperature})",
+        ),
+        (
+            "--noise",
+            float,
+            f"standard deviation of the noise added to each view, in normalized "
+            f"units (default {defaults.noise})",
+        ),
+        ("--seed", int, f"random seed (default {defaults.seed})"),
+    ):
+        pre.add_argument(flag, type=kind, default=None, help=text)
+    pre.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    pre.add_argument(
+        "--cache", type=Path, metavar="DIR", help="preprocessing cache folder"
+    )
     return parser
 
 
@@ -210,7 +263,8 @@ of DICOM, PNG or JPEG files. labels.csv columns (other columns are ignored):
   patient_id  whose image it is: no patient is in two splits (default: the file)
   split       train, val or test to fix the image's split (default: drawn)
   mask        a PNG lesion mask of a positive image, at the image's size: sizes
-              the input and the Grad-CAM layer, and scores the pointing game
+              the input and the Grad-CAM layer, trains the lesion's locations
+              to score positive (--cell-loss), and scores the pointing game
 The positive class is the one not called normal, negative or absent (or
 --positive); nodule, mass, effusion, pneumothorax and consolidation have SNOMED
 CT codes built in, another name needs --code.
@@ -367,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "pretrain":
+            return _pretrain(args)
     except (DataError, ArtifactError, PreprocessError, ValueError) as exc:
         print(f"medtrain: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -511,6 +567,38 @@ def _evaluate(args: argparse.Namespace) -> int:
     for key, value in result.items():
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"{key:<22}{text}")
+    return EXIT_OK
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from training.pretrain import image_files, pretrain
+
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out {args.out}: the weights file must end in .safetensors")
+    given = {
+        key: getattr(args, key)
+        for key in (
+            "architecture",
+            "size",
+            "epochs",
+            "batch_size",
+            "lr",
+            "temperature",
+            "noise",
+            "seed",
+        )
+        if getattr(args, key) is not None
+    }
+    config = PretrainConfig(**given)
+    result = pretrain(
+        image_files(args.dir), config, args.out, args.cache, _device(args.device)
+    )
+    print(
+        f"wrote {args.out}: {config.architecture} backbone after {config.epochs} "
+        f"epochs on {result.images} images ({result.seconds / 60:.1f} min, "
+        f"contrastive loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}); "
+        f"start from it with: medtrain fit DATA --out MODEL --init-weights {args.out}"
+    )
     return EXIT_OK
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -21,6 +22,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "DataError",
     "Sample",
+    "image_size",
     "load_manifest",
     "load_samples",
     "load_tree",
@@ -284,7 +286,10 @@ def preprocessed(
         if key.is_file():
             return torch.from_numpy(np.load(key, allow_pickle=False))
     if sample.path.suffix.lower() in IMAGE_SUFFIXES:
-        frames = _image_frames(sample.path, spec)
+        try:
+            frames = _image_frames(sample.path, spec)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{sample.path}: cannot read as an image ({exc})") from exc
     else:
         try:
             frames = preprocess(dcmread(sample.path), spec).pixels
@@ -298,11 +303,15 @@ def preprocessed(
     return frames
 
 
-def mask_frame(path: Path, spec: PreprocessSpec) -> torch.Tensor:
+def mask_frame(
+    path: Path, spec: PreprocessSpec, image_size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Return a lesion mask (PNG) in the model input's geometry: bool [1, 1, H, W].
 
+    Any non-zero pixel is lesion (0/1, 0/255, 16-bit or coloured masks alike).
     The mask goes through the resize the images go through (stretch or
-    letterbox), so a pixel of it lies where the same pixel of the image lies.
+    letterbox), so a pixel of it lies where the same pixel of the image lies;
+    an input pixel is lesion where the lesion covers more than 5 % of it.
 
     Parameters
     ----------
@@ -310,12 +319,28 @@ def mask_frame(path: Path, spec: PreprocessSpec) -> torch.Tensor:
         The mask: non-zero where the lesion is.
     spec
         The images' preprocessing spec (its size and resize are used).
+    image_size
+        The image's (rows, columns): the mask must be as large.
 
     Raises
     ------
     DataError
-        If the mask cannot be read as an image.
+        If the mask cannot be read as an image, or its size is not its image's.
     """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            lesion = np.asarray(image) != 0
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the mask ({exc})") from exc
+    if lesion.ndim == 3:
+        lesion = lesion.any(axis=2)
+    if image_size is not None and lesion.shape != tuple(image_size):
+        raise DataError(
+            f"{path}: the mask is {lesion.shape[1]} x {lesion.shape[0]} pixels, its "
+            f"image {image_size[1]} x {image_size[0]}"
+        )
     plain = replace(
         spec,
         channels=1,
@@ -325,22 +350,44 @@ def mask_frame(path: Path, spec: PreprocessSpec) -> torch.Tensor:
         mean=(0.0,),
         std=(1.0,),
     )
+    return _array_frames(lesion.astype(np.uint8) * 255, plain)[:1] > 0.05
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """Return an image file's (rows, columns) without decoding its pixels.
+
+    Raises
+    ------
+    DataError
+        If the file is neither a readable DICOM nor an image.
+    """
+    from PIL import Image
+
     try:
-        frames = _image_frames(path, plain)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the mask ({exc})") from exc
-    return frames[:1] > 0.5
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            with Image.open(path) as image:
+                return image.height, image.width
+        ds = dcmread(path, stop_before_pixels=True)
+        return int(ds.Rows), int(ds.Columns)
+    except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: cannot read its size ({exc})") from exc
 
 
 def _image_frames(path: Path, spec: PreprocessSpec) -> torch.Tensor:
     from PIL import Image
+
+    with Image.open(path) as image:
+        rgb = image.mode not in ("L", "I;16", "I")
+        array = np.asarray(image.convert("RGB" if rgb else "L"), dtype=np.uint8)
+    return _array_frames(array, spec)
+
+
+def _array_frames(array: npt.NDArray[np.uint8], spec: PreprocessSpec) -> torch.Tensor:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
     # Wrap the pixels in a minimal data set so PNG / JPEG take the same path.
-    with Image.open(path) as image:
-        rgb = image.mode not in ("L", "I;16", "I")
-        array = np.asarray(image.convert("RGB" if rgb else "L"), dtype=np.uint8)
+    rgb = array.ndim == 3
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

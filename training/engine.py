@@ -38,6 +38,7 @@ from training.data import (
     IMAGE_SUFFIXES,
     DataError,
     Sample,
+    image_size,
     mask_frame,
     preprocessed,
     split_by_patient,
@@ -60,6 +61,7 @@ __all__ = [
     "fit",
     "load_frames",
     "measure",
+    "schedule",
     "train_one_epoch",
 ]
 
@@ -80,8 +82,8 @@ class Dataset:
         The file of each frame.
     masks
         bool [N, 1, H, W]: where each frame's lesion is, in the input's
-        geometry (all False where no mask is known), or None when no sample
-        has a mask.
+        geometry (all False where none is known), or None when no mask was
+        loaded or none marks a pixel.
     """
 
     x: torch.Tensor
@@ -100,6 +102,7 @@ def load_frames(
     spec: PreprocessSpec,
     cache: Path | None,
     progress: Progress | None = None,
+    masks: bool = False,
 ) -> Dataset:
     """Preprocess every sample (through the cache) into one in-memory data set.
 
@@ -115,31 +118,40 @@ def load_frames(
         Cache folder, or None.
     progress
         Called with 1 after each sample.
+    masks
+        Load the lesion masks of the positive single-frame samples that have
+        one (for training: the other uses read them at the image's size).
 
     Returns
     -------
     Dataset
-        One row per frame (a multi-frame file gives several), with the lesion
-        masks of the positive single-frame samples that have one.
+        One row per frame (a multi-frame file gives several).
+
+    Raises
+    ------
+    DataError
+        If a file cannot be read, or a mask is not its image's size.
     """
     xs: list[torch.Tensor] = []
     ys: list[float] = []
     owners: list[Sample] = []
     height, width = spec.size
-    masks: list[torch.Tensor] = []
+    lesions: list[torch.Tensor] = []
     for sample in samples:
         frames = preprocessed(sample, spec, cache)
         xs.append(frames)
         ys += [float(sample.label == positive)] * len(frames)
         owners += [sample] * len(frames)
-        if sample.mask is not None and sample.label == positive and len(frames) == 1:
-            masks.append(mask_frame(sample.mask, spec))
-        else:
-            masks.append(torch.zeros((len(frames), 1, height, width), dtype=torch.bool))
+        lesion = sample.mask if sample.label == positive else None
+        if masks and lesion is not None and len(frames) == 1:
+            lesions.append(mask_frame(lesion, spec, image_size(sample.path)))
+        elif masks:
+            blank = torch.zeros((len(frames), 1, height, width), dtype=torch.bool)
+            lesions.append(blank)
         if progress is not None:
             progress(1)
     x = torch.cat(xs) if xs else torch.empty((0, spec.channels, height, width))
-    known = torch.cat(masks) if masks else None
+    known = torch.cat(lesions) if lesions else None
     return Dataset(
         x,
         torch.tensor(ys, dtype=torch.float32),
@@ -224,7 +236,7 @@ def augment(
     moved = (
         None
         if masks is None
-        else F.grid_sample(masks.float(), grid, align_corners=False) > 0.5
+        else F.grid_sample(masks.float(), grid, align_corners=False) > 0.05
     )
     return (
         (out - mean) * contrast.view(-1, 1, 1, 1) + mean + brightness.view(-1, 1, 1, 1)
@@ -245,7 +257,8 @@ def _freeze(model: nn.Module, train_from: str | None) -> list[nn.Parameter]:
     return params
 
 
-def _schedule(steps: int, warmup_fraction: float) -> Callable[[int], float]:
+def schedule(steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    """Return the learning-rate factor of each step: linear warm-up, cosine decay."""
     warmup = max(1, int(steps * warmup_fraction))
 
     def factor(step: int) -> float:
@@ -667,8 +680,16 @@ def fit(
     )
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 fills the cache first; the others read it
-    with bar(len(splits["train"]) + len(splits["val"]), "preprocessing") as shown:
-        train = load_frames(splits["train"], positive, spec, cache, shown.update)
+    total = len(splits["train"]) + len(splits["val"])
+    with bar(total, "preprocessing", show=rank == 0) as shown:
+        train = load_frames(
+            splits["train"],
+            positive,
+            spec,
+            cache,
+            shown.update,
+            masks=config.cell_loss > 0,
+        )
         val = load_frames(splits["val"], positive, spec, cache, shown.update)
     if world > 1 and rank == 0:
         dist.barrier()
@@ -712,8 +733,8 @@ def fit(
         epochs = (
             config.freeze_epochs if stage == 1 else config.epochs - config.freeze_epochs
         )
-        schedule = _schedule(max(1, epochs * steps_per_epoch), config.warmup_fraction)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        factor = schedule(max(1, epochs * steps_per_epoch), config.warmup_fraction)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     state: dict[str, Any] = {
         "epoch": 0,
@@ -726,6 +747,20 @@ def fit(
     optimizer, scheduler = make_optimizer(stage_of(0))
     if resume:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        # The run goes on with the settings it began with (a default may have
+        # changed since, or a flag been left out): a different one is refused.
+        before = saved.get("config", config.to_dict())
+        changed = [
+            f"{key} {before[key]!r} there, {value!r} now"
+            for key, value in config.to_dict().items()
+            if key in before and before[key] != value
+        ]
+        if changed:
+            raise DataError(
+                f"--resume: {checkpoint.name} was made with other settings ("
+                + "; ".join(changed)
+                + "); give the flags it was made with"
+            )
         model.load_state_dict(saved["model"])
         optimizer, scheduler = make_optimizer(stage_of(int(saved["epoch"])))
         if stage_of(int(saved["epoch"])) == saved["stage"]:
@@ -754,12 +789,11 @@ def fit(
         if epoch > 0 and stage != stage_of(epoch - 1):
             optimizer, scheduler = make_optimizer(stage)
         what = f"epoch {epoch + 1}/{config.epochs}"
-        with bar(0, what, unit="batch", show=rank == 0) as shown:
+        with bar(steps_per_epoch, what, unit="batch", show=rank == 0) as shown:
 
             def progress(
                 i: int, n: int, loss: float, rate: float, shown: Any = shown
             ) -> None:
-                shown.total = n
                 shown.set_postfix_str(f"loss {loss:.4f}, {rate:.1f} img/s", False)
                 shown.update(i - shown.n)
 
@@ -809,7 +843,7 @@ def fit(
         state["epoch"] = epoch + 1
         if rank == 0:
             _save_checkpoint(
-                checkpoint, model, optimizer, scheduler, stage, generator, state
+                checkpoint, model, optimizer, scheduler, stage, generator, state, config
             )
         if state["bad_epochs"] >= config.patience:
             log(f"early stop: no better validation loss for {config.patience} epochs")
@@ -1103,9 +1137,11 @@ def _save_checkpoint(
     stage: int,
     generator: torch.Generator,
     state: dict[str, Any],
+    config: TrainConfig,
 ) -> None:
     # Tensors and plain values only, so torch.load(weights_only=True) reads it.
     payload = {
+        "config": config.to_dict(),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

@@ -1,10 +1,4 @@
-"""Progress bars for medtrain's long steps: on a terminal only, on stderr.
-
-Library functions take ``progress``, a callable advanced by a count (a bar's
-``update``), so they know nothing of terminals; the CLI makes the bars. Output
-that is not a terminal (a log file, a pipe, CI) gets no bar, only the lines
-medtrain prints anyway.
-"""
+"""Progress bars for medtrain's long steps, on stderr when it is a terminal."""
 
 from __future__ import annotations
 
@@ -22,6 +16,11 @@ Progress = Callable[[int], object]
 
 def bar(total: int, what: str, unit: str = "image", show: bool = True) -> tqdm[Never]:
     """Return a progress bar on stderr, disabled when stderr is not a terminal.
+
+    Output that is not a terminal (a log file, a pipe, CI) gets no bar, only
+    the lines medtrain prints anyway. Functions that loop over files take a
+    ``progress`` callable (a bar's ``update``); ``fit`` and ``pretrain`` draw
+    their own epoch bars.
 
     Parameters
     ----------
