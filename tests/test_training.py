@@ -547,7 +547,7 @@ def test_every_argument_has_help_and_fit_help_teaches(
     commands = next(
         a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
     )
-    for name in ("fit", "evaluate", "explain"):
+    for name in ("synth", "fit", "evaluate", "explain", "pretrain"):
         for action in commands.choices[name]._actions:
             assert action.help, (name, action.dest)
 
