@@ -326,7 +326,7 @@ def test_masks_are_loaded_in_the_input_geometry_and_move_with_their_images(
         masks=frames.masks[has_lesion][:4],
     )
     assert moved_masks is not None
-    assert torch.equal(moved_masks, moved > 0.05)  # the same geometry as the image
+    assert torch.equal(moved_masks, moved > 0.5)  # the same geometry as the image
     assert not torch.equal(moved_masks, frames.masks[has_lesion][:4])
 
     # A mask stored 0/1 (or 16-bit, or coloured) marks the same pixels as 0/255.

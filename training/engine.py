@@ -236,7 +236,7 @@ def augment(
     moved = (
         None
         if masks is None
-        else F.grid_sample(masks.float(), grid, align_corners=False) > 0.05
+        else F.grid_sample(masks.float(), grid, align_corners=False) > 0.5
     )
     return (
         (out - mean) * contrast.view(-1, 1, 1, 1) + mean + brightness.view(-1, 1, 1, 1)
