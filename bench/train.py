@@ -48,15 +48,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from PIL import Image
-from pydicom import dcmread
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from inference import ModelArtifact, build_model  # noqa: E402
 from inference.gradcam import gradcam_at, upsample  # noqa: E402
-from inference.preprocess import PreprocessSpec, preprocess  # noqa: E402
+from inference.preprocess import PreprocessSpec  # noqa: E402
 from training.cli import main as medtrain  # noqa: E402
+from training.data import load_samples  # noqa: E402
+from training.engine import load_frames  # noqa: E402
 from training.metrics import auroc  # noqa: E402
 
 SETS = ("synthetic", "realistic", "pretrain")
@@ -80,6 +81,14 @@ def verdict(met: bool) -> str:
 
 def progress(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def fit_time(seconds: float) -> str:
+    """The report line of a fit's time against the target."""
+    return (
+        f"  fit time        {seconds / 60:6.1f} min   (target < {FIT_MINUTES:.0f} "
+        f"min: {verdict(seconds < FIT_MINUTES * 60)})"
+    )
 
 
 def make_data(work: Path, name: str, extra: list[str]) -> tuple[Path, Path]:
@@ -208,14 +217,10 @@ def bare_loop(
 
 def load_set(folder: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (through inference.preprocess, the file's window) and 0/1 labels."""
-    spec = PreprocessSpec(size=(size, size))
-    with (folder / "labels.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    x = torch.stack(
-        [preprocess(dcmread(folder / r["path"]), spec).pixels[0] for r in rows]
+    data = load_frames(
+        load_samples(folder), "nodule", PreprocessSpec((size, size)), None
     )
-    y = torch.tensor([r["label"] == "nodule" for r in rows], dtype=torch.float32)
-    return x, y
+    return data.x, data.y
 
 
 def plain_loop(
@@ -272,8 +277,7 @@ def synthetic(work: Path, device: str) -> list[str]:
     return [
         f"synthetic DX set (600 / 300 at 128 px; fit chose a {size}-px input, "
         f"Grad-CAM at {layer})",
-        f"  fit time        {fit_s / 60:6.1f} min   (target < {FIT_MINUTES:.0f} min: "
-        f"{verdict(fit_s < FIT_MINUTES * 60)})",
+        fit_time(fit_s),
         f"  test AUROC      {auc:8.3f}   (target >= 0.95: {verdict(auc >= 0.95)})",
         f"  pointing game   {game if game is None else f'{game:8.3f}'}   "
         f"(target >= 0.8: {verdict(game is not None and game >= 0.8)}; ceiling "
@@ -300,8 +304,7 @@ def realistic(work: Path, device: str) -> list[str]:
         "realistic set (600 / 300 at 128 px, nodules on real chest radiograph "
         f"crops; fit chose a {artifact.preprocessing.size[0]}-px input, Grad-CAM "
         f"at {artifact.gradcam_layer})",
-        f"  fit time        {fit_s / 60:6.1f} min   (target < {FIT_MINUTES:.0f} min: "
-        f"{verdict(fit_s < FIT_MINUTES * 60)})",
+        fit_time(fit_s),
         f"  plain loop      test AUROC {aurocs[-1]:.3f} after {len(aurocs)} epochs, "
         f"best {aurocs[best]:.3f} at epoch {best + 1} ({plain_s / 60:.1f} min; per "
         f"epoch {' '.join(f'{a:.3f}' for a in aurocs)})",
