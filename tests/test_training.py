@@ -27,6 +27,7 @@ from training.engine import (
     fit,
     load_frames,
     measure,
+    mixup,
 )
 
 # medtrain in a child process, its exit status main()'s.
@@ -370,6 +371,52 @@ def test_augment_parts_match_the_whole_batch() -> None:
         reference = torch.Generator().manual_seed(5)
         augment(x, config, reference)
         assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_mixup_blends_images_and_targets_alike_and_unites_findings() -> None:
+    # Each image is filled with its own target value: after mixup an image's
+    # value must still be its target's, so both were blended with the same
+    # partner and weight.
+    target = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    x = target.view(-1, 1, 1, 1).expand(-1, 1, 8, 8).clone()
+    y = target.clone()
+    masks = torch.zeros(6, 1, 8, 8, dtype=torch.bool)
+    masks[1, 0, 2, 2] = masks[3, 0, 5, 5] = True
+    generator = torch.Generator().manual_seed(3)
+    mixed, mixed_target, mixed_y, mixed_masks = mixup(
+        x, target.clone(), y, masks, 0.4, generator, 6
+    )
+    assert mixed_masks is not None
+    torch.testing.assert_close(mixed.mean(dim=(1, 2, 3)), mixed_target)
+    assert not torch.equal(mixed_target, target)  # something was blended
+    # A blend holds a finding where either image did, with its lesion's mask.
+    assert torch.all(mixed_y >= y)
+    for i in range(6):
+        assert bool(mixed_y[i]) == bool(mixed_masks[i].any())
+    # Under DDP each process blends within its part and leaves its generator
+    # where the whole batch would.
+    reference = torch.Generator().manual_seed(3)
+    mixup(x, target.clone(), y, masks, 0.4, reference, 6)
+    part = slice(1, 6, 2)
+    generator = torch.Generator().manual_seed(3)
+    mine = mixup(x[part], target[part], y[part], masks[part], 0.4, generator, 6, part)
+    torch.testing.assert_close(mine[0].mean(dim=(1, 2, 3)), mine[1])
+    assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_mixup_flag_trains_and_is_recorded(data: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.safetensors"
+    assert main(["fit", str(data), "--out", str(model), *TINY, "--mixup", "0.4"]) == 0
+    assert ModelArtifact.load(model).training["config"]["mixup"] == 0.4
+
+
+def test_a_negative_mixup_is_refused_naming_the_flag(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "m.safetensors"
+    assert main(["fit", str(data), "--out", str(model), "--mixup", "-1"]) == 1
+    assert "--mixup: expected >= 0, found -1.0" in capsys.readouterr().err
+    assert not model.exists()
 
 
 def test_fit_under_torchrun_with_two_processes(data: Path, tmp_path: Path) -> None:

@@ -327,6 +327,12 @@ _FIT_FLAGS: list[tuple[str, type, str]] = [
     ),
     ("--hflip", bool, "random horizontal flips (off: laterality matters)"),
     (
+        "--mixup",
+        float,
+        "blend each batch with a shuffled copy of itself, weight ~ Beta(a, a) "
+        "(default 0: off)",
+    ),
+    (
         "--patience",
         int,
         "epochs without a better validation loss before stopping (default: "

@@ -89,6 +89,9 @@ class TrainConfig:
         Random horizontal flips (off: laterality matters on radiographs).
     vflip
         Random vertical flips.
+    mixup
+        Mixup's Beta(a, a) parameter: each batch is blended with a shuffled
+        copy of itself, its targets likewise (0: off, the default).
     patience
         Epochs without a better validation loss before stopping.
     val_fraction, test_fraction
@@ -139,6 +142,7 @@ class TrainConfig:
     intensity: float = 0.1
     hflip: bool = False
     vflip: bool = False
+    mixup: float = 0.0
     patience: int = 8
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -205,6 +209,7 @@ class TrainConfig:
                 self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
                 "--target-sensitivity: expected (0, 1]",
             ),
+            (self.mixup >= 0, f"--mixup: expected >= 0, found {self.mixup}"),
             (
                 self.cell_loss >= 0,
                 f"--cell-loss: expected >= 0, found {self.cell_loss}",

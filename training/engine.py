@@ -243,6 +243,56 @@ def augment(
     ), moved
 
 
+def mixup(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    y: torch.Tensor,
+    masks: torch.Tensor | None,
+    alpha: float,
+    generator: torch.Generator,
+    whole: int,
+    part: slice = slice(None),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Blend a batch with a shuffled copy of itself (mixup, ``config.mixup``).
+
+    One weight ``lam ~ Beta(alpha, alpha)`` per batch: images and targets become
+    ``lam * a + (1 - lam) * b``. For the cell loss, a blend holds a finding when
+    either image does (its lesion stays visible, fainter), and the masks are
+    united.
+
+    Parameters
+    ----------
+    x, target, y
+        This process's part of the batch, its soft targets and its labels.
+    masks
+        Its lesion masks, or None.
+    alpha
+        The Beta distribution's parameter.
+    generator
+        Random source. Under DDP each process blends within its part, drawing
+        the numbers of the whole batch (``whole`` images) so that the
+        processes' generators stay in step.
+    whole
+        Images in the whole batch.
+    part
+        Which of them this process holds.
+
+    Returns
+    -------
+    tuple
+        The blended images, targets, labels (for the cell loss) and masks.
+    """
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    order = torch.rand(whole, generator=generator)[part].argsort()
+    x = lam * x + (1 - lam) * x[order]
+    target = lam * target + (1 - lam) * target[order]
+    y = torch.maximum(y, y[order])
+    if masks is not None:
+        masks = masks | masks[order]
+    return x, target, y, masks
+
+
 def _freeze(model: nn.Module, train_from: str | None) -> list[nn.Parameter]:
     """Train the head, and the backbone from ``train_from`` on (None: head only)."""
     start = len(_STAGES) if train_from is None else _STAGES.index(train_from)
@@ -431,6 +481,10 @@ def train_one_epoch(
                 )
             y = data.y[index]
             target = y * (1 - config.label_smoothing) + config.label_smoothing / 2
+            if config.mixup > 0:
+                x, target, y, masks = mixup(
+                    x, target, y, masks, config.mixup, generator, len(whole), part
+                )
             x = x.to(device, memory_format=torch.channels_last)
             target = target.to(device)
             with _autocast(device, config):
@@ -603,6 +657,7 @@ def fit(
     device: torch.device,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> FitResult:
     """Train a model and choose its operating threshold on validation data.
 
@@ -629,6 +684,9 @@ def fit(
         Continue from ``checkpoint``.
     log
         Where the per-epoch lines go (rank 0 only).
+    on_epoch
+        Called on rank 0 after each epoch with its number (from 1) and the
+        model as it stands (e.g. to keep each epoch's weights; do not change it).
 
     Returns
     -------
@@ -841,6 +899,8 @@ def fit(
             f"val AUROC {val_auc:.3f}, {rate:.0f} img/s" + (" *" if improved else "")
         )
         state["epoch"] = epoch + 1
+        if rank == 0 and on_epoch is not None:
+            on_epoch(epoch + 1, model)
         if rank == 0:
             _save_checkpoint(
                 checkpoint, model, optimizer, scheduler, stage, generator, state, config
