@@ -31,7 +31,7 @@ Latency is measured on --single studies sent one at a time (each once the previo
 one's results arrived); throughput on N studies sent at once.
 
     python bench/e2e.py [--studies 30] [--single 8] [--workers 2] [--scoring-nice 10]
-                        [--worker-processes N] [--stable-after 0.5]
+                        [--worker-processes N] [--stable-after 0.5] [--device cpu]
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def worker_processes(config: NodeConfig, workers: int, count: int) -> Iterator[N
         f'[node]\nstate_dir = "{config.state_dir}"\nworkers = {workers}\n'
         f"scoring_nice = {config.scoring_nice}\n"
         f"results_processes = {config.results_processes}\n"
-        'device = "cpu"\nlog_level = "WARNING"\n'
+        f'device = "{config.device}"\nlog_level = "WARNING"\n'
         f'[[destinations]]\nname = "{dest.name}"\nae_title = "{dest.ae_title}"\n'
         f'host = "{dest.host}"\nport = {dest.port}\n'
         f'[[models]]\npath = "{config.models[0].path}"\n'
@@ -291,12 +291,14 @@ def cpu_seconds() -> float:
     return times.user + times.system
 
 
-def inference_only(model: Path, files: list[Path]) -> tuple[float, float, float]:
+def inference_only(
+    model: Path, files: list[Path], device: str = "cpu"
+) -> tuple[float, float, float]:
     """The model alone on these studies: studies/s one study per call, CPU seconds
     per study of that, and studies/s with 8 studies per call (as the node scores a
     burst)."""
     # As the node loads it (traced; alone, the same speed as eager).
-    classifier = Classifier(ModelArtifact.load(model), "cpu", trace=True)
+    classifier = Classifier(ModelArtifact.load(model), device, trace=True)
     datasets: list[Dataset] = [dcmread(f) for f in files]
     n = len(datasets)
     classifier.predict(datasets[:1], explain_top_k=1)  # warm up
@@ -350,6 +352,12 @@ def main() -> int:
     parser.add_argument(
         "--single", type=int, default=8, help="studies sent one at a time (latency)"
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="[node] device of the node and of the inference-only baseline "
+        "(default cpu; cuda on a GPU host: bench/gpu.sh)",
+    )
     args = parser.parse_args()
     quiet_pynetdicom()
     with tempfile.TemporaryDirectory() as tmp:
@@ -357,7 +365,7 @@ def main() -> int:
         model = model_file(work)
         (work / "in").mkdir()
         files = studies(work / "in", args.studies)
-        before_node, baseline_cpu, batched = inference_only(model, files)
+        before_node, baseline_cpu, batched = inference_only(model, files, args.device)
         dest = Destination(work / "dest")
         config = NodeConfig(
             port=0,
@@ -369,7 +377,7 @@ def main() -> int:
             workers=0 if args.worker_processes else args.workers,
             scoring_nice=args.scoring_nice,
             results_processes=args.results_processes,
-            device="cpu",
+            device=args.device,
             log_level="WARNING",
             source="bench",
         )
@@ -439,7 +447,7 @@ def main() -> int:
             ).all()
         received = {str(uid): at for uid, at in rows}
         index.close()
-        after_node, _, _ = inference_only(model, files)
+        after_node, _, _ = inference_only(model, files, args.device)
     baseline = (before_node + after_node) / 2
 
     def after_stable(uid: str) -> float:

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 from torch import nn
 
-__all__ = ["gradcam", "gradcam_from_features", "gradcam_full_backward", "head", "trunk"]
+__all__ = [
+    "gradcam",
+    "gradcam_from_features",
+    "gradcam_full_backward",
+    "gradcam_map",
+    "head",
+    "trunk",
+]
 
 
 def trunk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -83,10 +90,24 @@ def gradcam_from_features(
     with torch.enable_grad():
         logits = head(model, activations)
         (grads,) = torch.autograd.grad(logits[:, label_index].sum(), activations)
-    return _cam(activations.detach(), grads)
+    return gradcam_map(activations.detach(), grads)
 
 
-def _cam(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+def gradcam_map(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM from a stage's activations and the gradients of a logit at them.
+
+    Parameters
+    ----------
+    activations, grads
+        [N, K, h, w] each.
+
+    Returns
+    -------
+    torch.Tensor
+        Heatmaps [N, h, w] in [0, 1]: ReLU of the channels weighted by their
+        mean gradient, each divided by its maximum (all zero when nothing speaks
+        for the label).
+    """
     weights = grads.mean(dim=(2, 3), keepdim=True)  # alpha_k: pooled gradients
     cam = F.relu((weights * activations).sum(dim=1))
     peak = cam.amax(dim=(1, 2), keepdim=True)
@@ -137,7 +158,7 @@ def gradcam_at(
             out = stage(out)
         logits = head(model, out)
         (grads,) = torch.autograd.grad(logits[:, label_index].sum(), activations)
-    return _cam(activations.detach(), grads)
+    return gradcam_map(activations.detach(), grads)
 
 
 def gradcam(
@@ -265,4 +286,4 @@ def gradcam_full_backward(
     activations = saved["a"]
     if activations.grad is None:
         raise RuntimeError(f"no gradient reached {layer}")
-    return upsample(_cam(activations.detach(), activations.grad), x.shape[-2:])
+    return upsample(gradcam_map(activations.detach(), activations.grad), x.shape[-2:])

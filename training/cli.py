@@ -197,6 +197,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
+    vis = sub.add_parser(
+        "visualize",
+        help="look inside a model: filters, stage activations, CAM and Grad-CAM",
+        description="Write DIR/index.html and the PNGs it shows: the first "
+        "convolution's filters as a grid; for each FILE (DICOM, PNG or JPEG; "
+        "the first frame), each ResNet stage's strongest activation maps, and "
+        "the image under Grad-CAM at each stage (layer1 ... layer4) beside CAM "
+        "(which exists at layer4 only, the stage the head reads). Open "
+        "DIR/index.html in a browser.",
+    )
+    vis.add_argument(
+        "model", type=Path, metavar="MODEL", help="the .safetensors file fit wrote"
+    )
+    vis.add_argument(
+        "files",
+        type=Path,
+        nargs="*",
+        metavar="FILE",
+        help="images to look at (none: the filters only)",
+    )
+    vis.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder for index.html and the PNGs (made when missing)",
+    )
+    vis.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
     pre = sub.add_parser(
         "pretrain",
         help="self-supervised starting weights from unlabelled images",
@@ -427,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "visualize":
+            return _visualize(args)
         if args.command == "pretrain":
             return _pretrain(args)
     except (DataError, ArtifactError, PreprocessError, ValueError) as exc:
@@ -605,6 +636,18 @@ def _pretrain(args: argparse.Namespace) -> int:
         f"contrastive loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}); "
         f"start from it with: medtrain fit DATA --out MODEL --init-weights {args.out}"
     )
+    return EXIT_OK
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from training.visualize import visualize
+
+    artifact = ModelArtifact.load(args.model)
+    with bar(len(args.files), "visualizing") as shown:
+        done = visualize(
+            artifact, args.files, args.out, _device(args.device), shown.update
+        )
+    print(f"wrote {len(done.images)} images and {done.index}: open it in a browser")
     return EXIT_OK
 
 

@@ -15,10 +15,11 @@ import numpy.typing as npt
 from inference import ModelArtifact
 from training.metrics import roc_curve
 
-__all__ = ["overlay_png", "write_report"]
+__all__ = ["overlay_png", "pyplot", "write_report"]
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """Return matplotlib.pyplot, drawing to files."""
     import matplotlib
 
     matplotlib.use("Agg")  # no screen needed
@@ -81,7 +82,7 @@ def write_report(
             writer = csv.DictWriter(f, fieldnames=list(history[0]))
             writer.writeheader()
             writer.writerows(history)
-    plt = _plt()
+    plt = pyplot()
     threshold = artifact.labels[0].threshold
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
@@ -237,7 +238,7 @@ def overlay_png(
     title
         Text above the image (the score).
     """
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5.4))
     ax.imshow(image, cmap="gray")
     shown = ax.imshow(heatmap, cmap="jet", alpha=0.35, vmin=0, vmax=1)
