@@ -18,6 +18,7 @@ from inference.errors import ArtifactError
 from inference.gradcam import GRADCAM_LAYERS
 from inference.model import ARCHITECTURES, build_model
 from inference.preprocess import PreprocessSpec
+from inference.variants import VARIANTS
 
 __all__ = [
     "AGGREGATIONS",
@@ -29,7 +30,8 @@ __all__ = [
     "weights_sha256",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reads; a plain model is written as 1
+QUANTIZATION_PREFIX = "int8."  # tensors of ModelArtifact.quantization in the file
 METADATA_KEY = "dicom_node_model"
 AGGREGATIONS = ("max", "mean", "topk_mean")
 
@@ -125,6 +127,14 @@ class ModelArtifact:
         Accepted inputs: ``modalities``, ``body_parts``, ``sop_classes`` lists.
     training
         Training data summary and metrics (free-form JSON).
+    variant
+        Empty for a model as trained; for a deployment variant
+        (``medtrain export``), its ``format`` (int8, fp16, bf16), the ``source``
+        model it was made from and what was ``measured`` against it (format
+        version 2).
+    quantization
+        An int8 variant's activation ranges (see :mod:`inference.variants`),
+        stored beside the weights and covered by their SHA-256.
     """
 
     name: str
@@ -141,6 +151,8 @@ class ModelArtifact:
     gradcam_offset: tuple[float, float] = (0.0, 0.0)
     accepts: dict[str, list[str]] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    variant: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Check the fields that the runtime depends on."""
@@ -177,11 +189,28 @@ class ModelArtifact:
         unknown = set(self.accepts) - {"modalities", "body_parts", "sop_classes"}
         if unknown:
             raise ValueError(f"accepts: unknown key(s) {sorted(unknown)}")
+        kind = self.variant.get("format") if self.variant else None
+        if self.variant and kind not in VARIANTS:
+            raise ArtifactError(
+                f"variant: unknown format {kind!r}; this dicom-node runs "
+                f"{', '.join(VARIANTS)}"
+            )
+        if bool(self.quantization) != (kind == "int8"):
+            raise ArtifactError(
+                "an int8 variant needs its activation ranges, and only it has them"
+            )
 
     @property
     def weights_sha256(self) -> str:
         """Return the SHA-256 of the weights (names, dtypes, shapes and bytes)."""
-        return weights_sha256(self.state_dict)
+        return weights_sha256(self._tensors())
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the file holds, by its name there."""
+        return {
+            **self.state_dict,
+            **{QUANTIZATION_PREFIX + k: v for k, v in self.quantization.items()},
+        }
 
     def build(self) -> torch.nn.Module:
         """Return the model with these weights, in eval mode.
@@ -209,8 +238,8 @@ class ModelArtifact:
 
     def metadata(self) -> dict[str, Any]:
         """Return the JSON document stored in the file header."""
-        return {
-            "format_version": FORMAT_VERSION,
+        document: dict[str, Any] = {
+            "format_version": 2 if self.variant else 1,
             "model": {
                 "name": self.name,
                 "version": self.version,
@@ -231,6 +260,9 @@ class ModelArtifact:
             "training": self.training,
             "weights_sha256": self.weights_sha256,
         }
+        if self.variant:
+            document["variant"] = self.variant
+        return document
 
     def save(self, path: Path) -> str:
         """Write the artifact; return the file's SHA-256 (for a config pin).
@@ -246,7 +278,7 @@ class ModelArtifact:
             SHA-256 of the written file.
         """
         tensors = {
-            k: v.detach().to("cpu").contiguous() for k, v in self.state_dict.items()
+            k: v.detach().to("cpu").contiguous() for k, v in self._tensors().items()
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(
@@ -304,7 +336,11 @@ class ModelArtifact:
             meta = json.loads(header[METADATA_KEY])
         except json.JSONDecodeError as exc:
             raise ArtifactError(f"{path}: the model document is not JSON") from exc
-        artifact = _from_metadata(meta, state_dict, str(path))
+        quantization = {
+            k[len(QUANTIZATION_PREFIX) :]: state_dict.pop(k)
+            for k in [k for k in state_dict if k.startswith(QUANTIZATION_PREFIX)]
+        }
+        artifact = _from_metadata(meta, state_dict, quantization, str(path))
         recorded = _get(meta, "weights_sha256", str(path))
         if artifact.weights_sha256 != recorded:
             raise ArtifactError(
@@ -358,7 +394,10 @@ def _concept(data: Any, where: str) -> CodedConcept:
 
 
 def _from_metadata(
-    meta: Mapping[str, Any], state_dict: dict[str, torch.Tensor], where: str
+    meta: Mapping[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    quantization: dict[str, torch.Tensor],
+    where: str,
 ) -> ModelArtifact:
     version = _get(meta, "format_version", where)
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -396,6 +435,8 @@ def _from_metadata(
             gradcam_offset=_offset(meta.get("gradcam_offset", [0.0, 0.0])),
             accepts=dict(meta.get("accepts", {})),
             training=dict(meta.get("training", {})),
+            variant=dict(meta.get("variant", {})),
+            quantization=quantization,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{where}: invalid model document ({exc})") from exc

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from inference.artifact import Label, ModelArtifact
 from inference.gradcam import gradcam_at, gradcam_from_features, head, trunk, upsample
 from inference.preprocess import Frames, FrameSource, heatmap_to_source, preprocess
+from inference.variants import Trunk, int8_trunk
 
 __all__ = ["Classifier", "Explanation", "LabelPrediction", "StudyPrediction"]
 
@@ -131,6 +132,13 @@ class Classifier:
         stall it. Measured on 2 cores with one busy Python thread beside it:
         eager 92 ms per image, traced 38 (36 for both alone). Where tracing is
         not possible the model runs eagerly; :attr:`traced` says which.
+
+    A deployment variant (:mod:`inference.variants`) runs as such: an int8
+    model's trunk runs quantized on the CPU (on CUDA, the fp32 weights it
+    carries run); an fp16 / bf16 model runs in that type on CUDA (autocast,
+    unless ``precision`` says otherwise) and in fp32 on the CPU. Grad-CAM at
+    layer4 uses the trunk's activations; at layer2 / layer3 it runs the fp32
+    weights (a quantized layer has no gradient).
     """
 
     def __init__(
@@ -152,17 +160,30 @@ class Classifier:
         self.device = torch.device(
             device or ("cuda" if torch.cuda.is_available() else "cpu")
         )
+        kind = artifact.variant.get("format") if artifact.variant else None
+        if (
+            kind in ("fp16", "bf16")
+            and precision == "fp32"
+            and self.device.type == "cuda"
+        ):
+            precision = str(kind)
         self.precision = precision
         self.batch_size = batch_size
         self.preprocess_workers = max(1, preprocess_workers)
         self.model = artifact.build().to(self.device)
         self.model.to(memory_format=torch.channels_last)
         self._trunk: Callable[[torch.Tensor], torch.Tensor] = partial(trunk, self.model)
+        self.int8 = kind == "int8" and self.device.type == "cpu"
+        if self.int8:
+            spec = artifact.preprocessing
+            self._trunk = int8_trunk(
+                self.model, spec.channels, spec.size, artifact.quantization
+            )
         self.traced = False
         if trace and self.device.type == "cpu" and _PRECISIONS[precision] is None:
-            self._trace()
+            self._trace(self._trunk if self.int8 else Trunk(self.model))
 
-    def _trace(self) -> None:
+    def _trace(self, module: Callable[[torch.Tensor], torch.Tensor]) -> None:
         spec = self.artifact.preprocessing
         example = torch.zeros(
             (1, spec.channels, *spec.size), device=self.device
@@ -174,7 +195,7 @@ class Classifier:
                 warnings.simplefilter("ignore")
                 with torch.no_grad():
                     graph = torch.jit.trace(  # type: ignore[no-untyped-call]
-                        _Trunk(self.model), example
+                        module, example
                     )
                 with torch.inference_mode():
                     for _ in range(2):  # the first calls optimise the graph
@@ -451,17 +472,6 @@ class Classifier:
         at_input = upsample(cam, size, self.artifact.gradcam_offset)[0].cpu()
         heatmap = heatmap_to_source(at_input, source).numpy().astype(np.float32)
         return Explanation(label, frame, source, probability, heatmap)
-
-
-class _Trunk(torch.nn.Module):
-    """The ResNet's layers up to layer4, as a module to trace."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return trunk(self.model, x)
 
 
 def _take(pending: list[Frames], n: int) -> tuple[Frames, list[Frames], int]:

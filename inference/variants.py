@@ -1,0 +1,158 @@
+"""Deployment variants of a model: int8 for CPU serving, fp16 / bf16 weights for GPUs.
+
+An int8 variant keeps the fp32 weights and adds the activation ranges observed
+on calibration images (``ModelArtifact.quantization``); the node quantizes the
+trunk from them when it loads the model (PyTorch's FX graph mode, static, the
+x86 backend: convolutions run on int8, the head stays fp32, so Grad-CAM at
+layer4 works from the trunk's features as before). A model made again from the
+same file is the same model, bit for bit. An fp16 / bf16 variant stores its
+weights in that type; on CUDA the model runs in it, on the CPU it runs in fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from inference.errors import ArtifactError
+from inference.gradcam import trunk
+
+__all__ = [
+    "INT8_BACKEND",
+    "VARIANTS",
+    "Trunk",
+    "int8_trunk",
+    "observer_state",
+    "prepare_int8",
+]
+
+VARIANTS = ("int8", "fp16", "bf16")
+INT8_BACKEND = "x86"
+_OBSERVER = "activation_post_process"
+
+
+class Trunk(nn.Module):
+    """A ResNet's layers up to layer4, as a module of its own (to trace or quantize).
+
+    Parameters
+    ----------
+    model
+        The ResNet.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return layer4's activations of ``x``."""
+        return trunk(self.model, x)
+
+
+def prepare_int8(
+    model: nn.Module, channels: int, size: tuple[int, int]
+) -> torch.fx.GraphModule:
+    """Return the trunk of ``model`` (a copy) with observers, ready to calibrate.
+
+    Parameters
+    ----------
+    model
+        The fp32 ResNet.
+    channels, size
+        The input's channels and (rows, columns).
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        With observers: run calibration images through it (no gradients),
+        then :func:`observer_state` gives what an int8 variant stores.
+
+    Raises
+    ------
+    ArtifactError
+        If this PyTorch has no x86 quantized engine.
+    """
+    try:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import prepare_fx
+    except ImportError as exc:
+        raise ArtifactError(
+            f"int8 models need torch.ao.quantization, which this PyTorch "
+            f"{torch.__version__} lacks: use the fp32 model"
+        ) from exc
+    if INT8_BACKEND not in torch.backends.quantized.supported_engines:
+        raise ArtifactError(
+            f"int8 models need PyTorch's {INT8_BACKEND} quantized engine, which this "
+            f"PyTorch lacks ({', '.join(torch.backends.quantized.supported_engines)})"
+        )
+    torch.backends.quantized.engine = INT8_BACKEND
+    example = (torch.zeros(1, channels, *size),)
+    mapping = get_default_qconfig_mapping(INT8_BACKEND)
+    with warnings.catch_warnings():
+        # PyTorch marks this quantization API deprecated (for torchao); it
+        # runs, and a PyTorch without it is refused above with a message.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return prepare_fx(Trunk(copy.deepcopy(model)).eval(), mapping, example)
+
+
+def observer_state(prepared: nn.Module) -> dict[str, torch.Tensor]:
+    """Return the activation ranges a calibrated :func:`prepare_int8` module saw."""
+    return {
+        k: v.detach().clone()
+        for k, v in prepared.state_dict().items()
+        if k.startswith(_OBSERVER)
+    }
+
+
+def int8_trunk(
+    model: nn.Module,
+    channels: int,
+    size: tuple[int, int],
+    observers: dict[str, torch.Tensor],
+) -> nn.Module:
+    """Return the int8 trunk of ``model`` quantized with the stored ranges.
+
+    Parameters
+    ----------
+    model
+        The fp32 ResNet (the variant's weights).
+    channels, size
+        The input's channels and (rows, columns).
+    observers
+        From :func:`observer_state` (``ModelArtifact.quantization``).
+
+    Returns
+    -------
+    torch.nn.Module
+        Input [N, C, H, W] float32 to layer4's activations, float32.
+
+    Raises
+    ------
+    ArtifactError
+        If the ranges do not fit the model.
+    """
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    prepared = prepare_int8(model, channels, size)
+    expected = set(observer_state(prepared))
+    if set(observers) != expected:
+        raise ArtifactError(
+            "int8 ranges do not fit the model: "
+            f"{len(set(observers) - expected)} unknown, "
+            f"{len(expected - set(observers))} missing"
+        )
+    try:
+        prepared.load_state_dict(observers, strict=False)
+    except RuntimeError as exc:
+        raise ArtifactError(f"int8 ranges do not fit the model: {exc}") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # as in prepare_int8
+        warnings.simplefilter("ignore", DeprecationWarning)
+        quantized: Any = convert_fx(prepared)
+    quantized.eval()
+    return quantized  # type: ignore[no-any-return]

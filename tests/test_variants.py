@@ -1,0 +1,177 @@
+"""`medtrain export`: deployment variants the node runs, measured against it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from inference import ArtifactError, Classifier, ModelArtifact, file_sha256
+from tests.helpers import run_cli
+from training.cli import main
+from training.data import load_samples
+
+TINY = ["--size", "64", "--epochs", "3", "--batch-size", "16"]
+# A test that comes first sets up the module's fit and int8 export (~30 s alone).
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small model fit on synthetic DX images, and held-out images."""
+    root = tmp_path_factory.mktemp("export")
+    train, test = root / "train", root / "test"
+    assert main(["synth", str(train), "--n", "64", "--seed", "31", "--size", "64"]) == 0
+    assert main(["synth", str(test), "--n", "48", "--seed", "32", "--size", "64"]) == 0
+    model = root / "model.safetensors"
+    assert main(["fit", str(train), "--out", str(model), *TINY]) == 0
+    return model, test
+
+
+@pytest.fixture(scope="module")
+def int8(trained: tuple[Path, Path]) -> tuple[Path, str]:
+    """The trained model's int8 variant, and what export printed."""
+    model, test = trained
+    out = model.with_name("int8.safetensors")
+    argv = ["export", str(model), "--format", "int8", "--data", str(test)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*argv, "--out", str(out), "--tolerance", "1"]) == 0
+    return out, printed.getvalue()
+
+
+def held_out(test: Path) -> list[Dataset]:
+    return [dcmread(s.path) for s in load_samples(test)]
+
+
+def test_int8_variant_carries_the_model_and_runs_quantized_in_the_node(
+    trained: tuple[Path, Path], int8: tuple[Path, str]
+) -> None:
+    (model, test), (out, printed) = trained, int8
+    assert "int8 of medtrain-model" in printed
+    assert "agreement at the threshold" in printed
+
+    source, variant = ModelArtifact.load(model), ModelArtifact.load(out)
+    assert variant.variant["format"] == "int8"
+    assert variant.variant["source"]["sha256"] == file_sha256(model)
+    assert variant.variant["source"]["device_uid"] == source.device_uid
+    assert variant.device_uid != source.device_uid  # a Device UID of its own
+    assert variant.labels == source.labels
+    assert variant.preprocessing == source.preprocessing
+    measured = variant.variant["measured"]
+    assert measured["images"] == 48
+    assert 0 <= measured["agreement_at_threshold"] <= 1
+    assert measured["auroc_delta"] == pytest.approx(
+        measured["auroc"] - measured["auroc_source"]
+    )
+
+    # The node's classifier runs it quantized and explains it with Grad-CAM.
+    fp32 = Classifier(source, device="cpu", trace=True)
+    quantized = Classifier(variant, device="cpu", trace=True)
+    assert quantized.int8
+    assert not fp32.int8
+    datasets = held_out(test)
+    agree, differences = 0, []
+    for ds in datasets:
+        a, b = fp32.predict([ds]).labels[0], quantized.predict([ds]).labels[0]
+        agree += a.positive == b.positive
+        differences.append(abs(a.probability - b.probability))
+    for ds in datasets[:3]:  # Grad-CAM as the fp32 model draws it, nearly
+        heatmap = quantized.predict([ds], explain_top_k=1).explanations[0].heatmap
+        reference = fp32.predict([ds], explain_top_k=1).explanations[0].heatmap
+        assert heatmap.shape == (ds.Rows, ds.Columns)
+        np.testing.assert_allclose(heatmap, reference, atol=0.25)
+    assert agree >= 0.98 * len(datasets)
+    assert max(differences) < 0.1
+    assert max(differences) > 0  # it is not the fp32 model
+
+
+def test_int8_variant_scores_through_dicom_node_score(
+    trained: tuple[Path, Path], int8: tuple[Path, str], tmp_path: Path
+) -> None:
+    (_, test), (out, _) = trained, int8
+    image = load_samples(test)[0].path
+    result = str(tmp_path / "r")
+    done = run_cli(
+        "score", "--model", str(out), str(image), "--out", result, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "r").rglob("sr.dcm"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)]
+)
+def test_half_precision_variants_store_their_type_and_run_on_the_cpu(
+    trained: tuple[Path, Path], tmp_path: Path, kind: str, dtype: torch.dtype
+) -> None:
+    model, test = trained
+    out = tmp_path / f"{kind}.safetensors"
+    argv = ["export", str(model), "--format", kind, "--data", str(test)]
+    assert main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+    variant = ModelArtifact.load(out)
+    assert variant.variant["format"] == kind
+    assert variant.state_dict["conv1.weight"].dtype == dtype
+    assert out.stat().st_size < 0.6 * model.stat().st_size
+    source = ModelArtifact.load(model)
+    fp32 = Classifier(source, device="cpu")
+    half = Classifier(variant, device="cpu")  # widened to fp32 on the CPU
+    for ds in held_out(test)[:8]:
+        a, b = fp32.predict([ds]).labels[0], half.predict([ds]).labels[0]
+        assert b.probability == pytest.approx(a.probability, abs=0.02)
+
+
+def test_a_tampered_variant_is_refused(int8: tuple[Path, str], tmp_path: Path) -> None:
+    out = tmp_path / "int8.safetensors"
+    shutil.copy(int8[0], out)
+    pinned = file_sha256(out)
+    with safe_open(str(out), framework="pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    ranges = [k for k in tensors if k.startswith("int8.") and k.endswith("max_val")]
+    assert ranges  # the activation ranges are in the file
+    tensors[ranges[0]] = tensors[ranges[0]] * 4  # a range changed, the rest kept
+    save_file(tensors, str(out), metadata=header)
+
+    with pytest.raises(ArtifactError, match="do not match their recorded SHA-256"):
+        ModelArtifact.load(out)
+    with pytest.raises(ArtifactError, match="the file changed"):
+        ModelArtifact.load(out, expected_sha256=pinned)
+
+
+def test_export_refuses_what_it_cannot_measure(
+    trained: tuple[Path, Path],
+    int8: tuple[Path, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (model, test), (variant, _) = trained, int8
+    out = tmp_path / "v.safetensors"
+    # A variant is not exported again.
+    argv = ["--data", str(test), "--tolerance", "1"]
+    again = ["export", str(variant), "--format", "bf16", "--out", str(out)]
+    assert main([*again, *argv]) == 1
+    assert "already a int8 variant" in capsys.readouterr().err
+    # Held-out data of one class cannot measure an AUROC.
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    rows = (test / "labels.csv").read_text().splitlines()
+    kept = [rows[0]] + [r for r in rows[1:] if ",normal," in r]
+    (normals / "labels.csv").write_text(
+        "\n".join(r.replace("dicom/", str(test / "dicom") + "/", 1) for r in kept)
+    )
+    export = ["export", str(model), "--format", "int8", "--out", str(out)]
+    assert main([*export, "--data", str(normals)]) == 1
+    assert "one class only" in capsys.readouterr().err
+    assert main([*export, "--data", str(test), "--tolerance", "-1"]) == 1
+    assert "--tolerance: expected >= 0" in capsys.readouterr().err
+    assert not out.exists()
