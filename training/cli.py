@@ -370,7 +370,12 @@ _FIT_FLAGS: list[tuple[str, type, str]] = [
     ("--architecture", str, "resnet18 (default) .. resnet152"),
     ("--size", int, "input side in pixels (default: chosen from the data)"),
     ("--channels", int, "1 (default) or 3"),
-    ("--epochs", int, "most epochs (default 16)"),
+    (
+        "--epochs",
+        int,
+        "most epochs (default: 16 to 24, chosen from the input size; 16 with "
+        "--init-weights)",
+    ),
     (
         "--freeze-epochs",
         int,
