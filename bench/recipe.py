@@ -58,7 +58,9 @@ SWA_EPOCHS = 4
 def changes(component: str, defaults: TrainConfig) -> dict[str, Any]:
     """The settings a fit-measured component changes from the defaults."""
     if component == "size":
-        return {"size": round(defaults.size * 1.2 / 32) * 32}
+        # The epochs kept: fit would choose fewer for a larger input.
+        size = round(defaults.size * 1.2 / 32) * 32
+        return {"size": size, "epochs": defaults.epochs, "patience": defaults.patience}
     if component == "augment":
         return {
             "rotation": defaults.rotation * 2,

@@ -177,7 +177,11 @@ class Classifier:
         if self.int8:
             spec = artifact.preprocessing
             self._trunk = int8_trunk(
-                self.model, spec.channels, spec.size, artifact.quantization
+                self.model,
+                spec.channels,
+                spec.size,
+                artifact.quantization,
+                str(artifact.variant.get("torch", "")),
             )
         self.traced = False
         if trace and self.device.type == "cpu" and _PRECISIONS[precision] is None:

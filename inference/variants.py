@@ -114,6 +114,7 @@ def int8_trunk(
     channels: int,
     size: tuple[int, int],
     observers: dict[str, torch.Tensor],
+    made_with: str = "",
 ) -> nn.Module:
     """Return the int8 trunk of ``model`` quantized with the stored ranges.
 
@@ -125,6 +126,9 @@ def int8_trunk(
         The input's channels and (rows, columns).
     observers
         From :func:`observer_state` (``ModelArtifact.quantization``).
+    made_with
+        The PyTorch version that made them, for the message when they do not
+        fit (the observers' names follow PyTorch's graph of the model).
 
     Returns
     -------
@@ -144,7 +148,9 @@ def int8_trunk(
         raise ArtifactError(
             "int8 ranges do not fit the model: "
             f"{len(set(observers) - expected)} unknown, "
-            f"{len(expected - set(observers))} missing"
+            f"{len(expected - set(observers))} missing (made with PyTorch "
+            f"{made_with or 'unknown'}, this is {torch.__version__}): export the "
+            "int8 variant again with this PyTorch, or run the fp32 model"
         )
     try:
         prepared.load_state_dict(observers, strict=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from inference import build_model
 from inference.gradcam import gradcam_full_backward
 from tests.factories import make_artifact
 from tests.helpers import ct_study
@@ -72,6 +74,22 @@ def test_visualize_without_images_draws_the_filters_only(
     assert main(["visualize", str(model), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["filters.png", "index.html"]
     assert "the filters only" in (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_model_with_dropout_before_its_head_is_drawn(
+    images: list[Path], tmp_path: Path
+) -> None:
+    torch.manual_seed(1)
+    artifact = dataclasses.replace(
+        make_artifact(size=64),
+        dropout=0.2,
+        state_dict=build_model("resnet18", 2, 1, dropout=0.2).state_dict(),
+    )
+    model = tmp_path / "dropout.safetensors"
+    artifact.save(model)
+    out = tmp_path / "inside"
+    assert main(["visualize", str(model), str(images[1]), "--out", str(out)]) == 0
+    assert (out / "hand-cams.png").is_file()
 
 
 def test_a_file_that_is_no_image_is_named_in_the_error(

@@ -347,7 +347,7 @@ def choose(given: Mapping[str, Any], sizes: DataSizes) -> tuple[TrainConfig, lis
         chosen["size"] = size
         why.append(f"input {size} px: {reason}")
     pretrained = bool(value("init_weights"))
-    if "epochs" not in given and not pretrained:
+    if "epochs" not in given and not pretrained and size >= 32:  # else refused below
         # The same work per image as 16 epochs at 192 px (the synthetic set's
         # input, 12 min for 600 images here), up to 24 epochs: a smaller input
         # gets a longer schedule (bench/recipe.py, 160 px: 24 epochs gave test

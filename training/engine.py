@@ -808,16 +808,18 @@ def fit(
         # The run goes on with the settings it began with (a default may have
         # changed since, or a flag been left out): a different one is refused.
         before = saved.get("config", config.to_dict())
+        defaults = TrainConfig().to_dict()  # a key newer than the checkpoint
         changed = [
-            f"{key} {before[key]!r} there, {value!r} now"
+            f"{key} {before.get(key, defaults[key])!r} there, {value!r} now"
             for key, value in config.to_dict().items()
-            if key in before and before[key] != value
+            if before.get(key, defaults[key]) != value
         ]
         if changed:
             raise DataError(
                 f"--resume: {checkpoint.name} was made with other settings ("
                 + "; ".join(changed)
-                + "); give the flags it was made with"
+                + "); give the flags it was made with (a default chosen for the "
+                "data, such as the epochs, may have changed since)"
             )
         model.load_state_dict(saved["model"])
         optimizer, scheduler = make_optimizer(stage_of(int(saved["epoch"])))

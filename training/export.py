@@ -103,7 +103,7 @@ def export(
         raise ValueError(f"--tolerance: expected >= 0, found {tolerance}")
     if source.variant:
         raise DataError(
-            f"{source_path} is already a {source.variant.get('format')} variant; "
+            f"{source_path} is already a variant ({source.variant.get('format')}); "
             "export from the model fit wrote"
         )
     label = source.labels[0]
@@ -120,9 +120,12 @@ def export(
         device = torch.device("cpu")
         spec = source.preprocessing
         prepared = prepare_int8(source.build(), spec.channels, spec.size)
+        # A seeded sample of DIR, whatever its order (a CSV sorted by class).
+        sample = torch.randperm(len(frames), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            for start in range(0, min(len(frames), CALIBRATION_IMAGES), 16):
-                prepared(frames.x[start : start + 16])
+            chosen = sample[:CALIBRATION_IMAGES]
+            for start in range(0, len(chosen), 16):
+                prepared(frames.x[chosen[start : start + 16]])
         variant_fields: dict[str, Any] = {"quantization": observer_state(prepared)}
     else:
         dtype = torch.float16 if kind == "fp16" else torch.bfloat16
@@ -134,6 +137,7 @@ def export(
         }
     record: dict[str, Any] = {
         "format": kind,
+        "torch": torch.__version__,
         "source": {
             "name": source.name,
             "version": source.version,
@@ -142,6 +146,7 @@ def export(
         },
     }
     if kind == "int8":
+        # Of the images measured: calibration needs no labels, only ranges.
         record["calibration_images"] = min(len(frames), CALIBRATION_IMAGES)
     variant = replace(
         source,

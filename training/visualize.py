@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -98,24 +99,24 @@ def visualize(
     for path in files:
         frames = preprocessed(Sample(path, "", ""), artifact.preprocessing, None)
         x = frames[:1].to(device)
-        maps = stage_maps(model, x)
+        maps = stage_maps(model, x, {artifact.gradcam_layer: artifact.gradcam_offset})
         probability = float(torch.sigmoid(torch.tensor(maps.logit)))
         name = _unique(path.stem, names)
         image = _unit(x[0].float().mean(dim=0).cpu().numpy())
         strongest = out / f"{name}-activations.png"
         _activation_grid(maps.activations, strongest)
         cams = out / f"{name}-cams.png"
-        _cam_row(image, maps.gradcam, maps.cam, cams)
+        _cam_row(image, maps.gradcam, maps.cam, cams, artifact.gradcam_layer)
         verdict = "Present" if probability >= label.threshold else "Absent"
         sections.append(
             f"<section><h2>{html.escape(path.name)}</h2>"
             f"<p>p({html.escape(label.name)}) = {probability:.3f}: {verdict} at the "
             f"threshold {label.threshold:.2f}</p>"
             f"<h3>Grad-CAM at each stage, and CAM</h3>"
-            f'<img src="{html.escape(cams.name)}" alt="heatmaps of '
+            f'<img src="{_src(cams.name)}" alt="heatmaps of '
             f'{html.escape(name)}">'
             f"<h3>Each stage's {TOP_CHANNELS} strongest activation maps</h3>"
-            f'<img src="{html.escape(strongest.name)}" alt="activations of '
+            f'<img src="{_src(strongest.name)}" alt="activations of '
             f'{html.escape(name)}"></section>'
         )
         images += [cams, strongest]
@@ -149,7 +150,11 @@ class StageMaps:
     logit: float
 
 
-def stage_maps(model: nn.Module, x: torch.Tensor) -> StageMaps:
+def stage_maps(
+    model: nn.Module,
+    x: torch.Tensor,
+    offsets: Mapping[str, tuple[float, float]] | None = None,
+) -> StageMaps:
     """Run one input [1, C, H, W] with the stages hooked; one backward for all.
 
     Parameters
@@ -158,6 +163,9 @@ def stage_maps(model: nn.Module, x: torch.Tensor) -> StageMaps:
         The ResNet, in eval mode.
     x
         The input.
+    offsets
+        Per stage, (rows, columns) in input pixels by which its heatmap is
+        drawn displaced (the artifact's ``gradcam_offset`` at its layer).
 
     Returns
     -------
@@ -181,10 +189,18 @@ def stage_maps(model: nn.Module, x: torch.Tensor) -> StageMaps:
     activations = {s: kept[s].detach() for s in STAGES}
     size = x.shape[-2:]
     gradcam = {
-        stage: upsample(gradcam_map(activations[stage], grad), size)[0].cpu().numpy()
+        stage: upsample(
+            gradcam_map(activations[stage], grad),
+            size,
+            (offsets or {}).get(stage, (0.0, 0.0)),
+        )[0]
+        .cpu()
+        .numpy()
         for stage, grad in zip(STAGES, grads, strict=True)
     }
-    weights = cast(Any, model).fc.weight.detach()[0]
+    fc: Any = cast(Any, model).fc
+    linear: Any = fc[-1] if isinstance(fc, nn.Sequential) else fc  # dropout first
+    weights = linear.weight.detach()[0]
     cam = torch.relu((weights[None, :, None, None] * activations["layer4"]).sum(1))
     cam = cam / cam.amax().clamp_min(1e-12)
     return StageMaps(
@@ -193,6 +209,11 @@ def stage_maps(model: nn.Module, x: torch.Tensor) -> StageMaps:
         upsample(cam, size)[0].cpu().numpy(),
         float(logits[0, 0].detach()),
     )
+
+
+def _src(name: str) -> str:
+    """Return a file name as an HTML attribute's URL (``#``, ``?``, ``%`` kept)."""
+    return html.escape(urllib.parse.quote(name))
 
 
 def _unit(values: npt.NDArray[Any]) -> FloatImage:
@@ -266,10 +287,14 @@ def _cam_row(
     heatmaps: dict[str, FloatImage],
     cam: FloatImage,
     path: Path,
+    node_layer: str,
 ) -> None:
     """Draw the image under Grad-CAM at each stage, then under CAM."""
     plt = pyplot()
-    panels = [(f"Grad-CAM {s}", heatmaps[s]) for s in STAGES] + [("CAM layer4", cam)]
+    panels = [
+        (f"Grad-CAM {s}" + (" (the node's)" if s == node_layer else ""), heatmaps[s])
+        for s in STAGES
+    ] + [("CAM layer4", cam)]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.7))
     for ax, (title, heatmap) in zip(axes, panels, strict=True):
         ax.imshow(image, cmap="gray")
