@@ -135,8 +135,9 @@ class Classifier:
 
     A deployment variant (:mod:`inference.variants`) runs as such: an int8
     model's trunk runs quantized on the CPU (on CUDA, the fp32 weights it
-    carries run); an fp16 / bf16 model runs in that type on CUDA (autocast,
-    unless ``precision`` says otherwise) and in fp32 on the CPU. Grad-CAM at
+    carries run); an fp16 / bf16 model computes in that type on CUDA (autocast,
+    its weights widened to fp32; a ``precision`` other than fp32 wins) and in
+    fp32 on the CPU. Grad-CAM at
     layer4 uses the trunk's activations; at layer2 / layer3 it runs the fp32
     weights (a quantized layer has no gradient).
     """

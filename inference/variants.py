@@ -6,7 +6,8 @@ trunk from them when it loads the model (PyTorch's FX graph mode, static, the
 x86 backend: convolutions run on int8, the head stays fp32, so Grad-CAM at
 layer4 works from the trunk's features as before). A model made again from the
 same file is the same model, bit for bit. An fp16 / bf16 variant stores its
-weights in that type; on CUDA the model runs in it, on the CPU it runs in fp32.
+weights in that type; on CUDA the model computes in it (autocast), on the CPU in
+fp32.
 """
 
 from __future__ import annotations
