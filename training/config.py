@@ -284,10 +284,9 @@ def choose(given: Mapping[str, Any], sizes: DataSizes) -> tuple[TrainConfig, lis
     epochs: 23 at 160 px), and the patience is half the epochs (a model from
     scratch has a noisy validation loss at first); with it, the two-stage
     recipe (16 epochs, head alone for 2, then from layer1 on, patience 5). The
-    input side is the
-    images' side (up to 256), raised where lesion masks show the smallest
-    lesions would span fewer than about three cells of the ResNet stem's 1/4
-    grid (up to 512; a multiple of 32); the Grad-CAM layer is the
+    input side is the images' side (up to 256), raised where lesion masks show
+    the smallest lesions would span fewer than about three cells of the ResNet
+    stem's 1/4 grid (up to 512; a multiple of 32); the Grad-CAM layer is the
     coarsest whose grid spacing a lesion covers (1/8 of the side for layer2),
     or, without masks, the coarsest with at least 7 cells across.
 
