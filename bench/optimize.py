@@ -21,8 +21,6 @@ Target: >= 1.5x with an AUROC delta of at most 0.01.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import statistics
 import sys
 import tempfile
@@ -35,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.train import run  # noqa: E402
 from inference import (  # noqa: E402
     Classifier,
     CodedConcept,
@@ -44,7 +43,6 @@ from inference import (  # noqa: E402
     build_model,
 )
 from inference.variants import observer_state, prepare_int8  # noqa: E402
-from training.cli import main as medtrain  # noqa: E402
 
 SIZE = 224
 LABEL = Label("nodule", CodedConcept("27925004", "SCT", "Nodule"), 0.5)
@@ -89,26 +87,17 @@ def images_per_s(artifact: ModelArtifact, batch: int, repeat: int) -> float:
     return batch / statistics.median(seconds)
 
 
-def medtrain_run(argv: list[str]) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = medtrain(argv)
-    if code != 0:
-        raise SystemExit(f"medtrain {argv[0]} failed ({code}):\n{out.getvalue()}")
-    return out.getvalue()
-
-
 def trained(work: Path) -> tuple[Path, Path]:
     """A resnet18 fit on synthetic DX images, and held-out images."""
     train, test = work / "train", work / "test"
     for folder, n, seed in ((train, 400, 1), (test, 200, 2)):
         if not (folder / "labels.csv").is_file():
             argv = ["synth", str(folder), "--n", str(n), "--seed", str(seed)]
-            medtrain_run([*argv, "--size", "128"])
+            run([*argv, "--size", "128"])
     model = work / "model.safetensors"
     if not model.is_file():
         print("fitting a resnet18 on 400 synthetic images (a few minutes) ...")
-        medtrain_run(["fit", str(train), "--out", str(model), "--epochs", "6"])
+        run(["fit", str(train), "--out", str(model), "--epochs", "6"])
     return model, test
 
 
@@ -139,7 +128,7 @@ def main() -> int:
         model, data = (args.model, args.data) if args.model else trained(work)
         out = work / "int8.safetensors"
         argv = ["export", str(model), "--format", "int8", "--data", str(data)]
-        print(medtrain_run([*argv, "--out", str(out), "--tolerance", "1"]).strip())
+        print(run([*argv, "--out", str(out), "--tolerance", "1"]).strip())
         measured = ModelArtifact.load(out).variant["measured"]
     print(
         f"int8 vs fp32 at batch 8: {speed['resnet18', 8]:.2f}x, AUROC delta "

@@ -47,7 +47,14 @@ from bench.train import FIT_MINUTES, make_data, progress, run  # noqa: E402
 from inference import ModelArtifact  # noqa: E402
 from training.config import TrainConfig, choose  # noqa: E402
 from training.data import load_samples  # noqa: E402
-from training.engine import augment, evaluate, fit, load_frames, measure  # noqa: E402
+from training.engine import (  # noqa: E402
+    Dataset,
+    augment,
+    evaluate,
+    fit,
+    load_frames,
+    measure,
+)
 from training.metrics import auroc  # noqa: E402
 
 COMPONENTS = ("tta", "swa", "mixup", "augment", "size", "longer")
@@ -115,21 +122,20 @@ def evaluated(model: Path, test: Path, device: torch.device) -> dict[str, Any]:
     return dict(json.loads(run(argv)))
 
 
-def test_set(work: Path, model: Path, test: Path) -> tuple[Any, str]:
-    """The test frames in the model's preprocessing, and the positive class."""
-    artifact = ModelArtifact.load(model)
-    positive = artifact.labels[0].name
+def frames_of(work: Path, artifact: ModelArtifact, folder: Path) -> Dataset:
+    """A folder's frames in the model's preprocessing (through the recipe cache)."""
     spec = artifact.preprocessing
     cache = work / "recipe" / f"cache-{spec.size[0]}"
-    return load_frames(load_samples(test), positive, spec, cache), positive
+    return load_frames(load_samples(folder), artifact.labels[0].name, spec, cache)
 
 
 def tta_auroc(
     work: Path, model: Path, test: Path, config: TrainConfig, device: torch.device
 ) -> float:
     """Test AUROC of the mean probability over the image and augmented views."""
-    data, _ = test_set(work, model, test)
-    net = ModelArtifact.load(model).build().to(device)
+    artifact = ModelArtifact.load(model)
+    data = frames_of(work, artifact, test)
+    net = artifact.build().to(device)
     _, plain = evaluate(net, data, device)
     views = [plain]
     generator = torch.Generator().manual_seed(0)
@@ -155,12 +161,7 @@ def swa_model(
         for k, v in states[-1].items()
     }
     net.load_state_dict(mean)
-    data = load_frames(
-        load_samples(train),
-        artifact.labels[0].name,
-        artifact.preprocessing,
-        work / "recipe" / f"cache-{artifact.preprocessing.size[0]}",
-    )
+    data = frames_of(work, artifact, train)
     loader = [data.x[i : i + 64].to(device) for i in range(0, len(data), 64)]
     torch.optim.swa_utils.update_bn(loader, net)
     out = model.with_name("model-swa.safetensors")
