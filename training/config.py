@@ -357,6 +357,7 @@ def choose(given: Mapping[str, Any], sizes: DataSizes) -> tuple[TrainConfig, lis
             f"{chosen['epochs']} epochs: at {size} px, the work per image of "
             f"{_EPOCHS_AT} epochs at {_BUDGET_SIDE} px"
             + (f", {_MOST_EPOCHS} at most" if budget > _MOST_EPOCHS else "")
+            + (f", {base.epochs} at least" if budget < base.epochs else "")
         )
     epochs = int(value("epochs"))
     if pretrained:
