@@ -1,16 +1,17 @@
-"""Deployment variants on this CPU: fp32 against int8, speed and AUROC.
+"""Deployment variants on this CPU: fp32 against int8 and ONNX, speed and AUROC.
 
 Speed: for resnet18 and resnet50 at the node's input (1 channel, 224 px), images/s
-of the node's classifier (``Classifier.forward``, traced, channels_last: what the
-node runs) with the fp32 model and with its int8 variant, at batch 1 and 8
-(median of --repeat timed batches after warm-up; random weights, int8 ranges
-calibrated on random frames: speed does not depend on them).
+of the node's classifier (``Classifier.forward``: what the node runs) with the
+fp32 model (traced, channels_last), its int8 variant (traced) and its ONNX
+variant (onnxruntime), at batch 1 and 8 (median of --repeat timed batches after
+warm-up; random weights, int8 ranges calibrated on random frames: speed does not
+depend on them).
 
-Accuracy: ``medtrain export --format int8`` of a trained model on held-out images
-(--model M --data DIR; by default a resnet18 fit here on 400 ``medtrain synth``
-DX images, seed 1, and measured on 200 others, seed 2, at 128 px), which prints
-the AUROC change, the largest probability difference and the agreement at the
-threshold. ONNX is not built yet.
+Accuracy: ``medtrain export --format int8`` and ``--format onnx`` of a trained
+model on held-out images (--model M --data DIR; by default a resnet18 fit here
+on 400 ``medtrain synth`` DX images, seed 1, and measured on 200 others, seed 2,
+at 128 px), which print the AUROC change, the largest probability difference
+and the agreement at the threshold.
 
 Last line: ``int8 vs fp32 at batch 8: N.NNx, AUROC delta D.DDD`` (resnet18).
 Target: >= 1.5x with an AUROC delta of at most 0.01.
@@ -42,14 +43,21 @@ from inference import (  # noqa: E402
     PreprocessSpec,
     build_model,
 )
-from inference.variants import observer_state, prepare_int8  # noqa: E402
+from inference.variants import (  # noqa: E402
+    ONNX_OPSET,
+    observer_state,
+    onnx_graph,
+    prepare_int8,
+)
 
 SIZE = 224
 LABEL = Label("nodule", CodedConcept("27925004", "SCT", "Nodule"), 0.5)
 
 
-def random_model(architecture: str) -> tuple[ModelArtifact, ModelArtifact]:
-    """A random-weight fp32 model at the node's input, and its int8 variant."""
+def random_model(
+    architecture: str,
+) -> tuple[ModelArtifact, ModelArtifact, ModelArtifact]:
+    """A random-weight fp32 model at the node's input, its int8 and ONNX variants."""
     torch.manual_seed(0)
     fp32 = ModelArtifact(
         name=f"bench-{architecture}",
@@ -70,7 +78,13 @@ def random_model(architecture: str) -> tuple[ModelArtifact, ModelArtifact]:
         variant={"format": "int8"},
         quantization=observer_state(prepared),
     )
-    return fp32, int8
+    onnx = replace(
+        fp32,
+        device_uid="2.25.3",
+        variant={"format": "onnx", "opset": ONNX_OPSET},
+        onnx_graph=onnx_graph(fp32.build(), 1, (SIZE, SIZE)),
+    )
+    return fp32, int8, onnx
 
 
 def images_per_s(artifact: ModelArtifact, batch: int, repeat: int) -> float:
@@ -113,22 +127,24 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     speed: dict[tuple[str, int], float] = {}
     for architecture in ("resnet18", "resnet50"):
-        fp32, int8 = random_model(architecture)
+        fp32, int8, onnx = random_model(architecture)
         for batch in (1, 8):
             a = images_per_s(fp32, batch, args.repeat)
             b = images_per_s(int8, batch, args.repeat)
+            c = images_per_s(onnx, batch, args.repeat)
             speed[architecture, batch] = b / a
             print(
                 f"{architecture:<9} batch {batch}: fp32 {a:6.1f} im/s, int8 {b:6.1f} "
-                f"im/s ({b / a:.2f}x)"
+                f"im/s ({b / a:.2f}x), onnx {c:6.1f} im/s ({c / a:.2f}x)"
             )
     with tempfile.TemporaryDirectory() as temp:
         work = args.work or Path(temp)
         work.mkdir(parents=True, exist_ok=True)
         model, data = (args.model, args.data) if args.model else trained(work)
-        out = work / "int8.safetensors"
-        argv = ["export", str(model), "--format", "int8", "--data", str(data)]
-        print(run([*argv, "--out", str(out), "--tolerance", "1"]).strip())
+        for kind in ("onnx", "int8"):
+            out = work / f"{kind}.safetensors"
+            argv = ["export", str(model), "--format", kind, "--data", str(data)]
+            print(run([*argv, "--out", str(out), "--tolerance", "1"]).strip())
         measured = ModelArtifact.load(out).variant["measured"]
     print(
         f"int8 vs fp32 at batch 8: {speed['resnet18', 8]:.2f}x, AUROC delta "

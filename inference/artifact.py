@@ -32,6 +32,7 @@ __all__ = [
 
 FORMAT_VERSION = 2  # the newest this reads; a plain model is written as 1
 QUANTIZATION_PREFIX = "int8."  # tensors of ModelArtifact.quantization in the file
+ONNX_GRAPH_KEY = "onnx.graph"  # ModelArtifact.onnx_graph in the file, as uint8
 METADATA_KEY = "dicom_node_model"
 AGGREGATIONS = ("max", "mean", "topk_mean")
 
@@ -129,12 +130,16 @@ class ModelArtifact:
         Training data summary and metrics (free-form JSON).
     variant
         Empty for a model as trained; for a deployment variant
-        (``medtrain export``), its ``format`` (int8, fp16, bf16), the ``source``
+        (``medtrain export``), its ``format`` (int8, fp16, bf16, onnx), the ``source``
         model it was made from and what was ``measured`` against it (format
         version 2).
     quantization
         An int8 variant's activation ranges (see :mod:`inference.variants`),
         stored beside the weights and covered by their SHA-256.
+    onnx_graph
+        An ONNX variant's graph of the trunk (a serialized ONNX model, see
+        :mod:`inference.variants`), stored beside the weights as bytes and
+        covered by their SHA-256.
     """
 
     name: str
@@ -153,6 +158,7 @@ class ModelArtifact:
     training: dict[str, Any] = field(default_factory=dict)
     variant: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, torch.Tensor] = field(default_factory=dict)
+    onnx_graph: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         """Check the fields that the runtime depends on."""
@@ -199,6 +205,8 @@ class ModelArtifact:
             raise ArtifactError(
                 "an int8 variant needs its activation ranges, and only it has them"
             )
+        if bool(self.onnx_graph) != (kind == "onnx"):
+            raise ArtifactError("an ONNX variant needs its graph, and only it has one")
 
     @property
     def weights_sha256(self) -> str:
@@ -207,10 +215,15 @@ class ModelArtifact:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the file holds, by its name there."""
-        return {
+        tensors = {
             **self.state_dict,
             **{QUANTIZATION_PREFIX + k: v for k, v in self.quantization.items()},
         }
+        if self.onnx_graph:
+            tensors[ONNX_GRAPH_KEY] = torch.frombuffer(
+                bytearray(self.onnx_graph), dtype=torch.uint8
+            )
+        return tensors
 
     def build(self) -> torch.nn.Module:
         """Return the model with these weights, in eval mode.
@@ -340,7 +353,9 @@ class ModelArtifact:
             k[len(QUANTIZATION_PREFIX) :]: state_dict.pop(k)
             for k in [k for k in state_dict if k.startswith(QUANTIZATION_PREFIX)]
         }
-        artifact = _from_metadata(meta, state_dict, quantization, str(path))
+        graph = state_dict.pop(ONNX_GRAPH_KEY, None)
+        onnx_graph = b"" if graph is None else graph.numpy().tobytes()
+        artifact = _from_metadata(meta, state_dict, quantization, onnx_graph, str(path))
         recorded = _get(meta, "weights_sha256", str(path))
         if artifact.weights_sha256 != recorded:
             raise ArtifactError(
@@ -397,6 +412,7 @@ def _from_metadata(
     meta: Mapping[str, Any],
     state_dict: dict[str, torch.Tensor],
     quantization: dict[str, torch.Tensor],
+    onnx_graph: bytes,
     where: str,
 ) -> ModelArtifact:
     version = _get(meta, "format_version", where)
@@ -437,6 +453,7 @@ def _from_metadata(
             training=dict(meta.get("training", {})),
             variant=dict(meta.get("variant", {})),
             quantization=quantization,
+            onnx_graph=onnx_graph,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{where}: invalid model document ({exc})") from exc

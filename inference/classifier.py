@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from inference.artifact import Label, ModelArtifact
 from inference.gradcam import gradcam_at, gradcam_from_features, head, trunk, upsample
 from inference.preprocess import Frames, FrameSource, heatmap_to_source, preprocess
-from inference.variants import Trunk, int8_trunk
+from inference.variants import OnnxTrunk, Trunk, int8_trunk, onnxruntime_version
 
 __all__ = ["Classifier", "Explanation", "LabelPrediction", "StudyPrediction"]
 
@@ -137,9 +137,10 @@ class Classifier:
     model's trunk runs quantized on the CPU (on CUDA, the fp32 weights it
     carries run); an fp16 / bf16 model computes in that type on CUDA (autocast,
     its weights widened to fp32; a ``precision`` other than fp32 wins) and in
-    fp32 on the CPU. Grad-CAM at
-    layer4 uses the trunk's activations; at layer2 / layer3 it runs the fp32
-    weights (a quantized layer has no gradient).
+    fp32 on the CPU; an ONNX model's trunk runs in onnxruntime on the CPU
+    where it is installed (else, and on CUDA, the fp32 weights it carries run).
+    Grad-CAM at layer4 uses the trunk's activations; at layer2 / layer3 it runs
+    the fp32 weights (a quantized or ONNX layer has no gradient in PyTorch).
     """
 
     def __init__(
@@ -184,8 +185,25 @@ class Classifier:
                 artifact.quantization,
                 str(artifact.variant.get("torch", "")),
             )
+        self.onnx = kind == "onnx" and self.device.type == "cpu"
+        if self.onnx:
+            if onnxruntime_version() is None:
+                # The same weights are in the file: the model runs as trained.
+                logger.warning(
+                    "model %s is an ONNX variant and onnxruntime is not installed: "
+                    "it runs in PyTorch (install dicom-node[onnx])",
+                    artifact.name,
+                )
+                self.onnx = False
+            else:
+                self._trunk = OnnxTrunk(artifact.onnx_graph, torch.get_num_threads())
         self.traced = False
-        if trace and self.device.type == "cpu" and _PRECISIONS[precision] is None:
+        if (
+            trace
+            and not self.onnx
+            and self.device.type == "cpu"
+            and _PRECISIONS[precision] is None
+        ):
             self._trace(self._trunk if self.int8 else Trunk(self.model))
 
     def _trace(self, module: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -1,4 +1,4 @@
-"""Deployment variants of a model: int8 for CPU serving, fp16 / bf16 weights for GPUs.
+"""Deployment variants of a model: int8 and ONNX for CPU serving, fp16 / bf16 for GPUs.
 
 An int8 variant keeps the fp32 weights and adds the activation ranges observed
 on calibration images (``ModelArtifact.quantization``); the node quantizes the
@@ -7,7 +7,10 @@ x86 backend: convolutions run on int8, the head stays fp32, so Grad-CAM at
 layer4 works from the trunk's features as before). A model made again from the
 same file is the same model, bit for bit. An fp16 / bf16 variant stores its
 weights in that type; on CUDA the model computes in it (autocast), on the CPU in
-fp32.
+fp32. An ONNX variant keeps the fp32 weights and adds the trunk as an ONNX
+graph (:data:`ONNX_OPSET`, input [N, C, H, W] float32 to layer4's activations),
+which the node runs with onnxruntime on the CPU where it is installed; the head
+and Grad-CAM stay in PyTorch, as for int8.
 """
 
 from __future__ import annotations
@@ -24,14 +27,19 @@ from inference.gradcam import trunk
 
 __all__ = [
     "INT8_BACKEND",
+    "ONNX_OPSET",
     "VARIANTS",
+    "OnnxTrunk",
     "Trunk",
     "int8_trunk",
     "observer_state",
+    "onnx_graph",
+    "onnxruntime_version",
     "prepare_int8",
 ]
 
-VARIANTS = ("int8", "fp16", "bf16")
+VARIANTS = ("int8", "fp16", "bf16", "onnx")
+ONNX_OPSET = 18
 INT8_BACKEND = "x86"
 _OBSERVER = "activation_post_process"
 
@@ -163,3 +171,111 @@ def int8_trunk(
         quantized: Any = convert_fx(prepared)
     quantized.eval()
     return quantized  # type: ignore[no-any-return]
+
+
+def onnx_graph(model: nn.Module, channels: int, size: tuple[int, int]) -> bytes:
+    """Return the trunk of ``model`` as a serialized ONNX model (:data:`ONNX_OPSET`).
+
+    Parameters
+    ----------
+    model
+        The fp32 ResNet.
+    channels, size
+        The input's channels and (rows, columns).
+
+    Returns
+    -------
+    bytes
+        An ONNX model: input ``pixels`` [N, C, H, W] float32 (any N), output
+        ``features``, layer4's activations.
+
+    Raises
+    ------
+    ArtifactError
+        If the exporter's packages (onnx, onnxscript) are missing or it fails.
+    """
+    try:
+        import onnx  # noqa: F401 - the exporter needs both
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ArtifactError(
+            "ONNX export needs the onnx and onnxscript packages: install "
+            "dicom-node[onnx]"
+        ) from exc
+    example = (torch.zeros(2, channels, *size),)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on its own beta
+            program = torch.onnx.export(
+                Trunk(copy.deepcopy(model)).eval(),
+                example,
+                input_names=["pixels"],
+                output_names=["features"],
+                dynamic_shapes=({0: batch},),
+                opset_version=ONNX_OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+    except Exception as exc:  # any exporter failure: the user's message
+        raise ArtifactError(
+            f"ONNX export failed ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
+    if program is None:
+        raise ArtifactError("ONNX export returned no program")
+    graph: bytes = program.model_proto.SerializeToString()
+    return graph
+
+
+def onnxruntime_version() -> str | None:
+    """Return the installed onnxruntime's version, or None without one."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return str(onnxruntime.__version__)
+
+
+class OnnxTrunk:
+    """Runs an ONNX variant's trunk with onnxruntime on the CPU.
+
+    Parameters
+    ----------
+    graph
+        From :func:`onnx_graph` (``ModelArtifact.onnx_graph``).
+    threads
+        onnxruntime's intra-op threads (the node's torch threads).
+
+    Raises
+    ------
+    ArtifactError
+        If onnxruntime is not installed or cannot load the graph.
+    """
+
+    def __init__(self, graph: bytes, threads: int) -> None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise ArtifactError(
+                "ONNX variants run with onnxruntime, which is not installed: "
+                "install dicom-node[onnx]"
+            ) from exc
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only, never per-run lines
+        try:
+            self.session = onnxruntime.InferenceSession(
+                graph, options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own types
+            raise ArtifactError(
+                f"onnxruntime cannot load the ONNX graph ({type(exc).__name__}: "
+                f"{str(exc)[:300]}): export the variant again"
+            ) from exc
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Return layer4's activations of ``x`` [N, C, H, W] (float32, CPU)."""
+        pixels = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (features,) = self.session.run(["features"], {"pixels": pixels})
+        return torch.from_numpy(features)

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from inference import ArtifactError, Classifier, ModelArtifact, file_sha256
 from tests.helpers import run_cli
 from training.cli import main
-from training.data import load_samples
+from training.data import DataError, load_samples
+from training.export import check_tolerance
 
 TINY = ["--size", "64", "--epochs", "3", "--batch-size", "16"]
 # A test that comes first sets up the module's fit and int8 export (~30 s alone).
@@ -187,3 +188,108 @@ def test_export_refuses_what_it_cannot_measure(
     assert main([*export, "--data", str(test), "--tolerance", "-1"]) == 1
     assert "--tolerance: expected >= 0" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def onnx_variant(trained: tuple[Path, Path]) -> tuple[Path, str]:
+    """The trained model's ONNX variant, and what export printed."""
+    model, test = trained
+    out = model.with_name("onnx.safetensors")
+    argv = ["export", str(model), "--format", "onnx", "--data", str(test)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*argv, "--out", str(out)]) == 0
+    return out, printed.getvalue()
+
+
+def test_onnx_variant_runs_in_onnxruntime_as_the_model_does(
+    trained: tuple[Path, Path], onnx_variant: tuple[Path, str], tmp_path: Path
+) -> None:
+    import onnx  # the onnx extra, which CI installs
+
+    (model, test), (out, printed) = trained, onnx_variant
+    assert "onnx of medtrain-model" in printed
+    source, variant = ModelArtifact.load(model), ModelArtifact.load(out)
+    assert variant.variant["format"] == "onnx"
+    assert variant.variant["opset"] == 18
+    assert variant.variant["onnxruntime"]
+    assert variant.device_uid != source.device_uid
+    measured = variant.variant["measured"]
+    assert measured["images"] == 48
+    assert measured["agreement_at_threshold"] == 1.0
+    assert measured["largest_probability_difference"] < 1e-3
+
+    # The graph in the file is a valid ONNX model of the trunk, at the opset stated.
+    graph = onnx.load_from_string(variant.onnx_graph)
+    onnx.checker.check_model(graph)
+    assert {o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")} == {
+        18
+    }
+    assert [i.name for i in graph.graph.input] == ["pixels"]
+
+    # The node's classifier runs it in onnxruntime; scores and Grad-CAM (at the
+    # model's layer and at layer4, from the graph's activations) match PyTorch's.
+    fp32 = Classifier(source, device="cpu", trace=True)
+    runtime = Classifier(variant, device="cpu", trace=True)
+    assert runtime.onnx
+    assert not runtime.traced
+    at4 = dataclasses.replace(variant, gradcam_layer="layer4")
+    pairs = [
+        (runtime, fp32),
+        (
+            Classifier(at4, device="cpu"),
+            Classifier(dataclasses.replace(source, gradcam_layer="layer4"), "cpu"),
+        ),
+    ]
+    for ds in held_out(test)[:6]:
+        for onnx_model, torch_model in pairs:
+            a, b = torch_model.predict([ds], 1), onnx_model.predict([ds], 1)
+            assert b.labels[0].probability == pytest.approx(
+                a.labels[0].probability, abs=1e-4
+            )
+            assert b.labels[0].positive == a.labels[0].positive
+            np.testing.assert_allclose(
+                b.explanations[0].heatmap, a.explanations[0].heatmap, atol=1e-2
+            )
+
+    # dicom-node score runs it too.
+    image = load_samples(test)[0].path
+    done = run_cli(
+        "score",
+        "--model",
+        str(out),
+        str(image),
+        "--out",
+        str(tmp_path / "r"),
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "r").rglob("sr.dcm"))) == 1
+
+
+def test_a_tampered_onnx_graph_is_refused(
+    onnx_variant: tuple[Path, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "onnx.safetensors"
+    shutil.copy(onnx_variant[0], out)
+    with safe_open(str(out), framework="pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    graph = tensors["onnx.graph"].clone()
+    graph[-100] ^= 1  # one bit of the graph's weights
+    tensors["onnx.graph"] = graph
+    save_file(tensors, str(out), metadata=header)
+    with pytest.raises(ArtifactError, match="do not match their recorded SHA-256"):
+        ModelArtifact.load(out)
+
+
+def test_a_variant_whose_auroc_drops_past_the_tolerance_is_refused() -> None:
+    data = Path("held-out")
+    check_tolerance("int8", data, 0.90, 0.895, 0.01)  # within
+    check_tolerance("int8", data, 0.90, 0.93, 0.0)  # better
+    with pytest.raises(DataError) as refused:
+        check_tolerance("int8", data, 0.90, 0.88, 0.01)
+    assert str(refused.value) == (
+        "the int8 variant's AUROC on held-out is 0.8800 against the source's "
+        "0.9000, a drop of 0.0200 over --tolerance 0.01; nothing written"
+    )

@@ -24,7 +24,7 @@ from inference import (
     gradcam,
     preprocess,
 )
-from inference.variants import VARIANTS
+from inference.variants import ONNX_OPSET, VARIANTS
 from training.config import choose, read_toml
 from training.data import DataError, load_samples
 from training.engine import (
@@ -200,11 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser(
         "export",
-        help="a deployment variant of a model: int8 (CPU), fp16 or bf16 (GPU)",
+        help="a deployment variant of a model: int8 or onnx (CPU), fp16 or bf16 (GPU)",
         description="Write a variant of MODEL that the node loads by path like "
         "any model: int8 (static quantization of the convolutions, activation "
-        "ranges calibrated on images of DIR; for CPU serving), fp16 or bf16 "
-        "weights (for GPU serving; on a CPU they run in fp32). It keeps MODEL's "
+        "ranges calibrated on images of DIR; for CPU serving), onnx (the "
+        f"convolutional trunk as an ONNX graph, opset {ONNX_OPSET}, run by "
+        "onnxruntime on the CPU; needs dicom-node[onnx]), fp16 or bf16 weights "
+        "(for GPU "
+        "serving; on a CPU they run in fp32). It keeps MODEL's "
         "labels, thresholds and preprocessing, gets a Device UID of its own, and "
         "records what was measured on DIR against MODEL, both run as the node runs "
         "them: AUROC and its change, the largest probability difference, agreement "
@@ -220,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         required=True,
         choices=VARIANTS,
-        help="int8 (CPU), fp16 or bf16 (GPU)",
+        help="int8 or onnx (CPU), fp16 or bf16 (GPU)",
     )
     exp.add_argument(
         "--data",
@@ -242,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument(
         "--device",
-        help="where both models run for the measurement (int8: the CPU; default: "
+        help="where both models run for the measurement (int8, onnx: the CPU; default: "
         "cuda when available)",
     )
     exp.add_argument("--cache", type=Path, help="preprocessing cache folder")

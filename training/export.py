@@ -1,7 +1,8 @@
 """``medtrain export``: a deployment variant of a model, measured against it.
 
-int8 (static: activation ranges calibrated on images of DIR) for CPU serving,
-fp16 / bf16 weights for GPU serving. The variant carries the source's metadata
+int8 (static: activation ranges calibrated on images of DIR) and ONNX (the
+trunk as an ONNX graph, run by onnxruntime) for CPU serving, fp16 / bf16 weights
+for GPU serving. The variant carries the source's metadata
 (labels, thresholds, preprocessing), a Device UID of its own and what was
 measured on DIR against the source, as the node runs both (:class:`Classifier`):
 AUROC and its change, the largest probability difference, agreement at each
@@ -21,14 +22,21 @@ import numpy as np
 import torch
 from pydicom.uid import generate_uid
 
-from inference import Classifier, ModelArtifact, file_sha256
-from inference.variants import VARIANTS, observer_state, prepare_int8
+from inference import ArtifactError, Classifier, ModelArtifact, file_sha256
+from inference.variants import (
+    ONNX_OPSET,
+    VARIANTS,
+    observer_state,
+    onnx_graph,
+    onnxruntime_version,
+    prepare_int8,
+)
 from training.data import DataError, load_samples
 from training.engine import load_frames
 from training.metrics import auroc
 from training.progress import Progress
 
-__all__ = ["CALIBRATION_IMAGES", "Exported", "export"]
+__all__ = ["CALIBRATION_IMAGES", "Exported", "check_tolerance", "export"]
 
 CALIBRATION_IMAGES = 128  # of DIR, for int8's activation ranges
 _BATCH = 8  # the node's batch of frames
@@ -69,14 +77,15 @@ def export(
     source_path
         Its file (for its SHA-256 in the variant's record).
     kind
-        int8, fp16 or bf16.
+        int8, fp16, bf16 or onnx.
     data
         Labelled held-out images (a ``labels.csv`` folder, as ``fit`` reads);
         int8 calibrates on up to :data:`CALIBRATION_IMAGES` of them.
     tolerance
         The largest AUROC drop accepted.
     device
-        Where both models run for the measurement (int8 runs on the CPU).
+        Where both models run for the measurement (int8 and onnx run on the
+        CPU).
     cache
         Preprocessing cache folder, or None.
     progress
@@ -92,6 +101,9 @@ def export(
     DataError
         If the data cannot measure it (one class only), or the AUROC drops by
         more than ``tolerance``.
+    ArtifactError
+        If the variant cannot be made here (no quantized engine, no ONNX
+        exporter or onnxruntime).
     ValueError
         If ``kind`` or ``tolerance`` is not valid.
     """
@@ -127,6 +139,19 @@ def export(
             for start in range(0, len(chosen), 16):
                 prepared(frames.x[chosen[start : start + 16]])
         variant_fields: dict[str, Any] = {"quantization": observer_state(prepared)}
+    elif kind == "onnx":
+        # Checked against the PyTorch model in onnxruntime below, as the node
+        # runs it; without onnxruntime the node would run the PyTorch weights.
+        if onnxruntime_version() is None:
+            raise ArtifactError(
+                "an ONNX variant is measured in onnxruntime, which is not "
+                "installed: install dicom-node[onnx]"
+            )
+        device = torch.device("cpu")
+        spec = source.preprocessing
+        variant_fields = {
+            "onnx_graph": onnx_graph(source.build(), spec.channels, spec.size)
+        }
     else:
         dtype = torch.float16 if kind == "fp16" else torch.bfloat16
         variant_fields = {
@@ -148,6 +173,9 @@ def export(
     if kind == "int8":
         # Of the images measured: calibration needs no labels, only ranges.
         record["calibration_images"] = min(len(frames), CALIBRATION_IMAGES)
+    if kind == "onnx":
+        record["opset"] = ONNX_OPSET
+        record["onnxruntime"] = onnxruntime_version()
     variant = replace(
         source,
         device_uid=str(generate_uid()),
@@ -174,14 +202,28 @@ def export(
         "speedup": after_speed / before_speed,
         "tolerance": tolerance,
     }
-    if auc_before - auc_after > tolerance:
-        raise DataError(
-            f"the {kind} variant's AUROC on {data} is {auc_after:.4f} against the "
-            f"source's {auc_before:.4f}, a drop of {auc_before - auc_after:.4f} "
-            f"over --tolerance {tolerance}; nothing written"
-        )
+    check_tolerance(kind, data, auc_before, auc_after, tolerance)
     record["measured"] = measured
     return Exported(replace(variant, variant=record), measured)
+
+
+def check_tolerance(
+    kind: str, data: Path, source_auroc: float, variant_auroc: float, tolerance: float
+) -> None:
+    """Refuse a variant whose AUROC on ``data`` drops by more than ``tolerance``.
+
+    Raises
+    ------
+    DataError
+        Naming both figures and the tolerance.
+    """
+    drop = source_auroc - variant_auroc
+    if drop > tolerance:
+        raise DataError(
+            f"the {kind} variant's AUROC on {data} is {variant_auroc:.4f} against "
+            f"the source's {source_auroc:.4f}, a drop of {drop:.4f} over "
+            f"--tolerance {tolerance}; nothing written"
+        )
 
 
 def _run(
