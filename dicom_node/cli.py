@@ -316,6 +316,33 @@ def build_parser() -> argparse.ArgumentParser:
         "made with medtrain when missing)",
     )
 
+    p_conformance = sub.add_parser(
+        "conformance",
+        help="print the node's DICOM Conformance Statement",
+        description="Print a DICOM Conformance Statement (PS3.2 layout) made from "
+        "the node's own tables: the SOP classes and transfer syntaxes it accepts "
+        "as SCP, the result objects it creates and sends as SCU, its C-STORE "
+        "statuses, association limits, TLS, character sets and the codes its SR "
+        "uses. With --config, the settings of that configuration (AE title, "
+        "port, limits, TLS, results options) are stated; without, the defaults.",
+    )
+    p_conformance.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("DICOM_NODE_CONFIG") or None,
+        help="the node's TOML configuration (default: $DICOM_NODE_CONFIG, else "
+        "the defaults)",
+    )
+    p_conformance.add_argument(
+        "--format",
+        choices=("md", "html"),
+        default="md",
+        help="Markdown (default) or a standalone HTML page",
+    )
+    p_conformance.add_argument(
+        "--out", type=Path, help="write it to this file (default: standard output)"
+    )
+
     p_config = sub.add_parser(
         "config",
         help="print the example configuration, or check one",
@@ -357,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _send(args)
         if args.command == "config":
             return _config_command(args)
+        if args.command == "conformance":
+            return _conformance(args)
         if args.command == "worker":
             return _worker(_config(args))
         if args.command == "retry":
@@ -391,6 +420,24 @@ def _config(args: argparse.Namespace) -> NodeConfig:
             "('dicom-node config --example > node.toml' writes one)"
         )
     return load_config(Path(args.config))
+
+
+def _conformance(args: argparse.Namespace) -> int:
+    from dicom_node.conformance import render, statement
+
+    config = load_config(Path(args.config)) if args.config else NodeConfig()
+    text = render(statement(config), args.format)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            args.out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise DicomNodeError(
+                f"--out {args.out}: cannot write ({exc.strerror or exc})"
+            ) from exc
+        print(f"wrote {args.out}")
+    return EXIT_OK
 
 
 def _serve(config: NodeConfig) -> int:

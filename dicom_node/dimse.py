@@ -14,6 +14,7 @@ __all__ = [
     "INVALID_UID",
     "OUT_OF_RESOURCES",
     "READER_ERRORS",
+    "STORE_STATUSES",
     "SUCCESS",
     "VERIFICATION_SOP_CLASS",
     "is_decode_error",
@@ -33,6 +34,33 @@ CANNOT_UNDERSTAND = (
 # clear of pynetdicom's own 0xC210 / 0xC211.
 INVALID_UID = 0xC001  # a Study/Series/SOP Instance/Class UID that is not a valid UID
 CONFLICTING_INSTANCE = 0xC002  # SOP Instance UID already stored in another series
+
+# What each C-STORE status the node answers means, and when (the conformance
+# statement's table).
+STORE_STATUSES: dict[int, tuple[str, str]] = {
+    SUCCESS: ("Success", "Stored on stable storage and indexed"),
+    OUT_OF_RESOURCES: (
+        "Refused: Out of Resources",
+        "The storage disk is full, a write or the index failed or is locked, "
+        "or a Deflated data set inflates past max_inflated_bytes; the sender "
+        "may retry later",
+    ),
+    DATASET_DOES_NOT_MATCH_SOP_CLASS: (
+        "Error: Data Set does not match SOP Class",
+        "SOP Class, SOP Instance, Study or Series Instance UID missing, or "
+        "different from the request's",
+    ),
+    CANNOT_UNDERSTAND: (
+        "Error: Cannot understand",
+        "The data set does not parse (nesting too deep included) or is "
+        "structurally wrong",
+    ),
+    INVALID_UID: ("Error: Cannot understand (invalid UID)", "A UID is not valid"),
+    CONFLICTING_INSTANCE: (
+        "Error: Cannot understand (conflict)",
+        "The SOP Instance or Series UID is already filed under another study or series",
+    ),
+}
 
 # What pydicom raises on data it cannot read: a bad preamble, a short read, a value
 # that does not decode, a malformed sequence ("No tag to read" is an OSError), and

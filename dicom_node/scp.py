@@ -77,6 +77,7 @@ from dicom_node.tls import server_context
 __all__ = [
     "Receiver",
     "StoreContext",
+    "accepted_sop_classes",
     "audit_refusal",
     "check_caller",
     "handle_dimse_recv",
@@ -912,10 +913,18 @@ def build_ae(config: NodeConfig) -> AE:
     if not config.allow_any_caller:
         ae.require_calling_aet = sorted({c.ae_title for c in config.callers})
     ae.add_supported_context(VERIFICATION_SOP_CLASS, AllTransferSyntaxes)
-    for sop_class_uid in storage_sop_classes():
-        if _stored_by_pynetdicom(sop_class_uid):
-            ae.add_supported_context(sop_class_uid, AllTransferSyntaxes)
+    for sop_class_uid in accepted_sop_classes():
+        ae.add_supported_context(sop_class_uid, AllTransferSyntaxes)
     return ae
+
+
+def accepted_sop_classes() -> list[str]:
+    """Return the storage SOP classes the node's AE accepts (any transfer syntax).
+
+    Those of :func:`storage_sop_classes` that pynetdicom's Storage service
+    handles (a class it cannot be taught is left out, refused at negotiation).
+    """
+    return [uid for uid in storage_sop_classes() if _stored_by_pynetdicom(uid)]
 
 
 def _stored_by_pynetdicom(sop_class_uid: str) -> bool:

@@ -9,11 +9,11 @@ from pathlib import Path
 from dicom_node.config import DestinationConfig, NodeConfig, TlsConfig
 from dicom_node.errors import ConfigError
 
-__all__ = ["check_private_key", "client_context", "server_context"]
+__all__ = ["TLS12_CIPHERS", "check_private_key", "client_context", "server_context"]
 
 # BCP 195 (RFC 9325): TLS 1.2 or later; for TLS 1.2 only AEAD suites with
 # forward secrecy. TLS 1.3's suites all qualify and are set apart by OpenSSL.
-_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL"
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL"
 
 
 def check_private_key(path: Path) -> None:
@@ -45,7 +45,7 @@ def check_private_key(path: Path) -> None:
 def _base(purpose: ssl.Purpose) -> ssl.SSLContext:
     context = ssl.create_default_context(purpose)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(_TLS12_CIPHERS)
+    context.set_ciphers(TLS12_CIPHERS)
     return context
 
 
@@ -118,7 +118,7 @@ def client_context(
         # With a CA file, only its CAs are trusted; without, the system's.
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_ciphers(_TLS12_CIPHERS)
+        context.set_ciphers(TLS12_CIPHERS)
         if config.tls is not None:
             check_private_key(config.tls.private_key)
             context.load_cert_chain(config.tls.certificate, config.tls.private_key)

@@ -28,7 +28,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import Comprehensive3DSRStorage, CTImageStorage, generate_uid
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    ParametricMapStorage,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from dicom_node.identity import MANUFACTURER
 from dicom_node.results.capture import build_capture
@@ -39,14 +47,17 @@ from dicom_node.results.common import (
 )
 from dicom_node.results.pmap import build_map, has_patient_geometry
 from dicom_node.results.render import overlay
-from dicom_node.results.sr import POINT_MEANING, build_report, summary_lines
+from dicom_node.results.sr import POINT_MEANING, SR_CODES, build_report, summary_lines
 from inference import StudyPrediction
 
 __all__ = [
     "MANUFACTURER",
     "NOT_FOR_DIAGNOSIS",
     "POINT_MEANING",
+    "RESULT_OBJECTS",
+    "SR_CODES",
     "NodeIdentity",
+    "ResultObject",
     "ResultSet",
     "build_results",
     "has_patient_geometry",
@@ -86,6 +97,72 @@ def report_reference(study_uid: str, device_uid: str, run: int, sr_uid: str) -> 
     ds.SOPClassUID = Comprehensive3DSRStorage
     ds.SOPInstanceUID = sr_uid
     return ds
+
+
+@dataclass(frozen=True, slots=True)
+class ResultObject:
+    """A kind of object the node creates, as the conformance statement lists it.
+
+    Parameters
+    ----------
+    role
+        ``sr``, ``sc`` or ``pm``.
+    sop_class_uid
+        Its SOP class.
+    syntax
+        The transfer syntax it is written (and sent) in.
+    jpeg_syntax
+        The one with ``results_jpeg`` on, where that changes it.
+    when
+        When one is created.
+    content
+        What it holds.
+    """
+
+    role: str
+    sop_class_uid: str
+    syntax: str
+    jpeg_syntax: str
+    when: str
+    content: str
+
+
+# highdicom writes the SR and the map in Explicit VR Little Endian (its
+# default); the captures ask for theirs (capture.py).
+RESULT_OBJECTS: tuple[ResultObject, ...] = (
+    ResultObject(
+        "sr",
+        str(Comprehensive3DSRStorage),
+        str(ExplicitVRLittleEndian),
+        "",
+        "One per study, model and run",
+        "TID 1500 Measurement Report: per label a finding Present / Absent with "
+        "its probability; for an explained present finding a TID 1410 group "
+        "with a SCOORD POINT at the heatmap's peak and the captures as "
+        "Illustration of ROI; the scored images in the Image Library; "
+        "unverified, complete",
+    ),
+    ResultObject(
+        "sc",
+        str(SecondaryCaptureImageStorage),
+        str(ExplicitVRLittleEndian),
+        str(JPEGBaseline8Bit),
+        "One per explained image of a present finding (and, with "
+        "results_explain_absent, of an absent one)",
+        "RGB: the source image in its own window with the heatmap blended over "
+        "it, a colour scale and a caption that says it is not for diagnostic "
+        "use; Conversion Type WSD; Lossy Image Compression stated",
+    ),
+    ResultObject(
+        "pm",
+        str(ParametricMapStorage),
+        str(ExplicitVRLittleEndian),
+        "",
+        "With results_parametric_map, one per explained image that has patient "
+        "geometry (CT, MR, ...)",
+        "The raw heatmap (0 to 1, float) on the source image's plane",
+    ),
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from dicom_node.results.common import (
 )
 from inference import CodedConcept, Explanation, StudyPrediction
 
-__all__ = ["POINT_MEANING", "build_report", "summary_lines"]
+__all__ = ["POINT_MEANING", "SR_CODES", "build_report", "summary_lines"]
 
 # What the SCOORD point of a positive finding stands for (in its Tracking
 # Identifier and summary).
@@ -54,6 +54,26 @@ _PROCEDURES = {
     "PT": _Code("44136-0", "LN", "PET unspecified body region"),
 }
 _IMAGING = _Code("363679005", "SCT", "Imaging procedure")
+
+# The codes the node itself writes (findings use the model's): the
+# conformance statement lists them.
+SR_CODES: tuple[tuple[str, str, str], ...] = tuple(
+    (str(c.value), str(c.scheme_designator), str(c.meaning))
+    for c in (
+        _PRESENT,
+        _ABSENT,
+        _PROBABILITY,
+        _PERCENT,
+        _SUMMARY,
+        _ILLUSTRATION,
+        _SOURCE,
+        _IMAGE_LIBRARY,
+        _IMAGE_LIBRARY_GROUP,
+        _DEVICE,
+        *_PROCEDURES.values(),
+        _IMAGING,
+    )
+)
 
 
 def summary_lines(prediction: StudyPrediction) -> list[str]:

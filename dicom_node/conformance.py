@@ -1,0 +1,507 @@
+"""The node's DICOM Conformance Statement (PS3.2 layout), made from its own tables.
+
+Everything a statement lists that the code decides comes from where the code
+decides it: the SOP classes and transfer syntaxes the receiving AE is built
+with (:func:`dicom_node.scp.accepted_sop_classes`), the C-STORE statuses it
+answers (:data:`dicom_node.dimse.STORE_STATUSES`), the result objects it
+creates and how it sends them (:data:`dicom_node.results.RESULT_OBJECTS`), its
+identity, its TLS profile, and the limits of the configuration given. A
+statement of the example configuration is one call away:
+``dicom-node conformance --config node.toml``.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pydicom.uid import UID, AllTransferSyntaxes
+from pynetdicom import __version__ as pynetdicom_version
+from pynetdicom.presentation import build_context
+
+from dicom_node import __version__
+from dicom_node.config import NodeConfig
+from dicom_node.dimse import STORE_STATUSES, VERIFICATION_SOP_CLASS
+from dicom_node.identity import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    MANUFACTURER,
+    MODEL_NAME,
+)
+from dicom_node.results import RESULT_OBJECTS, SR_CODES
+from dicom_node.scp import accepted_sop_classes
+from dicom_node.tls import TLS12_CIPHERS
+
+__all__ = ["FORMATS", "Section", "Table", "render", "statement"]
+
+FORMATS = ("md", "html")
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A table of the statement.
+
+    Parameters
+    ----------
+    caption
+        What it lists.
+    header
+        Column titles.
+    rows
+        One tuple of cells per row.
+    """
+
+    caption: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A numbered section: paragraphs and tables, in order.
+
+    Parameters
+    ----------
+    number
+        E.g. ``4.2.1``.
+    title
+        Its title.
+    blocks
+        Paragraphs (str) and tables.
+    """
+
+    number: str
+    title: str
+    blocks: tuple[str | Table, ...]
+
+
+def _name(uid: str) -> str:
+    return UID(uid).name if UID(uid).is_valid and UID(uid).name != uid else uid
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
+
+
+def accepted_contexts() -> list[tuple[str, list[str]]]:
+    """Return (SOP Class UID, transfer syntax UIDs) for each context accepted as SCP."""
+    syntaxes = [str(ts) for ts in AllTransferSyntaxes]
+    return [(str(VERIFICATION_SOP_CLASS), syntaxes)] + [
+        (uid, syntaxes) for uid in accepted_sop_classes()
+    ]
+
+
+def statement(config: NodeConfig) -> list[Section]:
+    """Return the conformance statement of a node run with ``config``.
+
+    Parameters
+    ----------
+    config
+        The configuration (its AE title, port, limits, TLS and results settings
+        are stated).
+
+    Returns
+    -------
+    list of Section
+        In PS3.2's order; :func:`render` writes them out.
+    """
+    accepted = accepted_contexts()
+    syntaxes = accepted[0][1]
+    created = [o for o in RESULT_OBJECTS if _creates(o.role, config)]
+    verification_scu = [
+        str(ts) for ts in build_context(VERIFICATION_SOP_CLASS).transfer_syntax
+    ]
+    tls = config.tls
+    sections = [
+        Section(
+            "1",
+            "Conformance Statement Overview",
+            (
+                f"{MODEL_NAME} {__version__} receives images over DICOM (Storage "
+                "SCP), scores each study with a classifier, and sends the results "
+                "back as DICOM objects it creates (Storage SCU): a Structured "
+                "Report (TID 1500), Secondary Capture images with the heatmap and, "
+                "when configured, Parametric Maps. It answers Verification as SCP "
+                "and uses it as SCU to check destinations. It reads and writes no "
+                "media.",
+                Table(
+                    "Network services",
+                    ("SOP classes", "User of service (SCU)", "Provider (SCP)"),
+                    (
+                        (
+                            "Verification",
+                            "Yes (dicom-node echo)",
+                            "Yes",
+                        ),
+                        (
+                            f"Storage: {len(accepted) - 1} SOP classes (Table 4.2-2)",
+                            "Result objects (Table 4.2-5); dicom-node send: any "
+                            "file as stored",
+                            "Yes",
+                        ),
+                    ),
+                ),
+            ),
+        ),
+        Section(
+            "3",
+            "Introduction",
+            (
+                "Generated by `dicom-node conformance` from the node's own tables, "
+                + (
+                    "for the default configuration"
+                    if config.source == "<defaults>"
+                    else f"for the configuration {config.source}"
+                )
+                + "; what depends on the configuration says so. Terms are those "
+                "of PS3.2 and PS3.7.",
+            ),
+        ),
+        Section(
+            "4.1",
+            "Networking: implementation model",
+            (
+                "One Application Entity, the node, serves every DICOM function. "
+                "A modality or PACS stores a study to it (C-STORE); each instance "
+                "is written to disk and indexed before Success is answered. A study "
+                f"that has been quiet for stable_after seconds "
+                f"({config.stable_after:g} s here) is scored by each model that "
+                "accepts it; the result objects are written, then sent to each "
+                "configured destination (C-STORE, retried with backoff, dead-"
+                "lettered after delivery_attempts tries). The receiving, scoring "
+                "and sending activities run concurrently (threads and, when "
+                "configured, processes sharing the index).",
+            ),
+        ),
+        Section(
+            "4.2.1",
+            "AE specification: SOP classes",
+            (
+                Table(
+                    "Table 4.2-1: SOP classes of the node's AE",
+                    ("SOP class", "SCU", "SCP"),
+                    (
+                        ("Verification", "Yes", "Yes"),
+                        ("Storage SOP classes of Table 4.2-2", "No", "Yes"),
+                        *((_name(o.sop_class_uid), "Yes", "No") for o in created),
+                    ),
+                ),
+            ),
+        ),
+        Section(
+            "4.2.2",
+            "Association policies",
+            (
+                "Application Context Name: 1.2.840.10008.3.1.1.1. The node "
+                "answers one operation at a time per association (asynchronous "
+                "operations window 1/1, not negotiated) and negotiates no "
+                "extended, user identity or SCP/SCU role selection items.",
+                Table(
+                    "Table 4.2-3: Implementation identifying information",
+                    ("Item", "Value"),
+                    (
+                        ("Implementation Class UID", IMPLEMENTATION_CLASS_UID),
+                        ("Implementation Version Name", IMPLEMENTATION_VERSION_NAME),
+                        ("Manufacturer", MANUFACTURER),
+                        ("Network library", f"pynetdicom {pynetdicom_version}"),
+                    ),
+                ),
+                Table(
+                    "Table 4.2-4: Association acceptance limits (configuration)",
+                    ("Setting", "Value", "Meaning"),
+                    (
+                        ("ae_title", config.ae_title, "Called AE title required"),
+                        ("port", str(config.port), "TCP port listened on"),
+                        (
+                            "max_associations",
+                            str(config.max_associations),
+                            "Associations at once per receiving process",
+                        ),
+                        (
+                            "scp_processes",
+                            str(config.scp_processes),
+                            "Receiving processes sharing the port",
+                        ),
+                        (
+                            "max_connections_per_host",
+                            str(config.max_connections_per_host),
+                            "Connections at once from one source address",
+                        ),
+                        (
+                            "max_pdu",
+                            str(config.max_pdu),
+                            "Maximum PDU length received; a longer PDU aborts",
+                        ),
+                        (
+                            "acse_timeout",
+                            f"{config.acse_timeout:g} s",
+                            "Time a connection has to associate",
+                        ),
+                        (
+                            "idle_timeout",
+                            f"{config.idle_timeout:g} s",
+                            "Silence, or time for one PDU, before release",
+                        ),
+                        (
+                            "max_instance_bytes",
+                            _bytes(config.max_instance_bytes),
+                            "Largest data set; a larger one aborts the association",
+                        ),
+                        (
+                            "max_inflated_bytes",
+                            _bytes(config.max_inflated_bytes),
+                            "Largest inflated Deflated data set; larger: 0xA700",
+                        ),
+                    ),
+                ),
+                "Association acceptance: the called AE title must be the node's. "
+                + _callers(config)
+                + " Association initiation: the node associates with each "
+                "destination to send result objects, proposing each object's SOP "
+                "class with the transfer syntax it was written in, and to send "
+                "Verification (dicom-node echo) with "
+                + ", ".join(_name(ts) for ts in verification_scu)
+                + ".",
+                Table(
+                    "Table 4.2-5: Result objects sent as SCU (configuration: "
+                    f"results_jpeg = {str(config.results_jpeg).lower()}, "
+                    "results_parametric_map = "
+                    f"{str(config.results_parametric_map).lower()})",
+                    ("SOP class", "SOP Class UID", "Transfer syntax", "When"),
+                    tuple(
+                        (
+                            _name(o.sop_class_uid),
+                            o.sop_class_uid,
+                            _name(_syntax(o.role, config)),
+                            o.when,
+                        )
+                        for o in created
+                    ),
+                ),
+            ),
+        ),
+        Section(
+            "4.2.3",
+            "Presentation contexts accepted (Storage and Verification SCP)",
+            (
+                "Every SOP class of Table 4.2-2 is accepted with any transfer "
+                "syntax of Table 4.2-6, in the SCP role, without extended "
+                "negotiation. The node stores each instance as received, in the "
+                "transfer syntax it arrived in; it decodes pixel data only to "
+                "score it. A proposed context with another abstract syntax or no "
+                "listed transfer syntax is rejected.",
+                Table(
+                    "Table 4.2-2: SOP classes accepted",
+                    ("SOP class", "SOP Class UID"),
+                    tuple((_name(uid), uid) for uid, _ in accepted),
+                ),
+                Table(
+                    "Table 4.2-6: Transfer syntaxes accepted",
+                    ("Transfer syntax", "UID"),
+                    tuple((_name(ts), ts) for ts in syntaxes),
+                ),
+            ),
+        ),
+        Section(
+            "4.2.4",
+            "SOP specific conformance: Storage SCP",
+            (
+                "Level 2 (Full) storage: every attribute is kept as received, the "
+                "file is fsynced and indexed before Success. A second copy of an "
+                "instance replaces the first. Each C-STORE is answered with one "
+                "of these statuses:",
+                Table(
+                    "Table 4.2-7: C-STORE response statuses",
+                    ("Status", "Code", "When"),
+                    tuple(
+                        (meaning, f"{code:04X}", when)
+                        for code, (meaning, when) in STORE_STATUSES.items()
+                    ),
+                ),
+            ),
+        ),
+        Section(
+            "4.3",
+            "Network interfaces and security",
+            (
+                f"TCP/IP, on address {config.host} port {config.port}. "
+                + (
+                    "DICOM TLS (PS3.15 B.1, the non-downgrading BCP 195 profile): "
+                    "the port speaks TLS only, TLS 1.2 or later; TLS 1.2 cipher "
+                    f"suites {TLS12_CIPHERS}; "
+                    + (
+                        "a client certificate signed by the configured CA is "
+                        "required (mutual TLS)."
+                        if tls.require_client_certificate
+                        else "no client certificate is required."
+                    )
+                    if tls is not None
+                    else "No TLS on this configuration (add a [tls] table for "
+                    "DICOM TLS, PS3.15 B.1, BCP 195 profile)."
+                )
+                + " Destinations may use TLS each (tls = true).",
+            ),
+        ),
+        Section("5", "Media interchange", ("None.",)),
+        Section(
+            "6",
+            "Support of character sets",
+            (
+                "Received instances are stored as received, in any Specific "
+                "Character Set. Created objects copy the source study's Specific "
+                "Character Set and the values read from it; where the node's own "
+                "text (model name, finding) does not fit that repertoire, or the "
+                "source declares a term the node does not know, the object is "
+                "written in ISO_IR 192 (UTF-8) with every copied value re-encoded "
+                "(PS3.5 6.1).",
+            ),
+        ),
+        Section(
+            "7",
+            "Security",
+            (
+                "The node authenticates peers by their calling AE title and "
+                "source address (Table 4.2-4 and the [[callers]] list) and, with "
+                "TLS and require_client_certificate, by certificate. Refused "
+                "associations and connections are logged and written to the "
+                "audit table (rate-limited per source address); patient data "
+                "never reaches the log. Before association, a connection costs a "
+                "bounded amount: PDU lengths are checked before they are read.",
+            ),
+        ),
+        Section(
+            "8.1",
+            "Annex: IODs created",
+            (
+                "Every object names the node: Manufacturer "
+                f"{MANUFACTURER}, Manufacturer's Model Name {MODEL_NAME}, "
+                "Software Versions, the node's Device UID and AE title (Station "
+                "Name), and a Contributing Equipment item for the model. The "
+                "Patient and General Study modules are copied from the source "
+                "study. Result UIDs are derived from the study, the model's Device "
+                "UID and the run, so a run sent twice is the same objects.",
+                Table(
+                    "Table 8.1-1: Objects created",
+                    ("SOP class", "Content"),
+                    tuple((_name(o.sop_class_uid), o.content) for o in created),
+                ),
+            ),
+        ),
+        Section(
+            "8.2",
+            "Annex: coded terminology and templates",
+            (
+                "The Structured Report follows TID 1500 (Measurement Report) with "
+                "TID 1410 (planar ROI) groups for explained present findings and "
+                "TID 1501 groups otherwise; findings use each model's own codes. "
+                "Codes the node itself uses:",
+                Table(
+                    "Table 8.2-1: Coded concepts used in the SR",
+                    ("Code value", "Coding scheme", "Code meaning"),
+                    tuple(SR_CODES),
+                ),
+            ),
+        ),
+    ]
+    return sections
+
+
+def _callers(config: NodeConfig) -> str:
+    if config.allow_any_caller:
+        return "Any calling AE title is accepted (allow_any_caller = true)."
+    if not config.callers:
+        return (
+            "No caller is configured: every association is rejected until "
+            "[[callers]] are added."
+        )
+    return (
+        f"The calling AE title must be one of the {len(config.callers)} "
+        "configured callers, from the address configured for it where one is; "
+        "others are rejected (A-ASSOCIATE-RJ, permanent, calling AE title not "
+        "recognised) and audited."
+    )
+
+
+def _creates(role: str, config: NodeConfig) -> bool:
+    return role != "pm" or config.results_parametric_map
+
+
+def _syntax(role: str, config: NodeConfig) -> str:
+    for o in RESULT_OBJECTS:
+        if o.role == role:
+            return o.jpeg_syntax if config.results_jpeg and o.jpeg_syntax else o.syntax
+    raise KeyError(role)
+
+
+def render(sections: Sequence[Section], fmt: str = "md") -> str:
+    """Return the statement as Markdown (``md``) or a standalone HTML page.
+
+    Raises
+    ------
+    ValueError
+        If ``fmt`` is not one of :data:`FORMATS`.
+    """
+    if fmt == "md":
+        return _markdown(sections)
+    if fmt == "html":
+        return _html(sections)
+    raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, found {fmt!r}")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(sections: Iterable[Section]) -> str:
+    lines = [f"# DICOM Conformance Statement: {MODEL_NAME} {__version__}", ""]
+    for section in sections:
+        lines += [f"## {section.number} {section.title}", ""]
+        for block in section.blocks:
+            if isinstance(block, str):
+                lines += [block, ""]
+                continue
+            lines += [f"**{block.caption}**", ""]
+            lines.append("| " + " | ".join(map(_cell, block.header)) + " |")
+            lines.append("|" + "---|" * len(block.header))
+            lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in block.rows]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _html(sections: Iterable[Section]) -> str:
+    title = html.escape(f"DICOM Conformance Statement: {MODEL_NAME} {__version__}")
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{title}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}"
+        "table{border-collapse:collapse;margin:1em 0}"
+        "th,td{border:1px solid #999;padding:.2em .5em;text-align:left}"
+        "caption{font-weight:bold;text-align:left}</style>",
+        f"</head><body><h1>{title}</h1>",
+    ]
+    for section in sections:
+        out.append(
+            f"<h2>{html.escape(section.number)} {html.escape(section.title)}</h2>"
+        )
+        for block in section.blocks:
+            if isinstance(block, str):
+                out.append(f"<p>{html.escape(block)}</p>")
+                continue
+            out.append(f"<table><caption>{html.escape(block.caption)}</caption>")
+            out.append(
+                "<tr>"
+                + "".join(f"<th>{html.escape(h)}</th>" for h in block.header)
+                + "</tr>"
+            )
+            out += [
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                for row in block.rows
+            ]
+            out.append("</table>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
