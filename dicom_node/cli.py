@@ -685,6 +685,16 @@ def _config_command(args: argparse.Namespace) -> int:
         f"(inflated {config.max_inflated_bytes}), association within "
         f"{config.acse_timeout:g} s, idle {config.idle_timeout:g} s"
     )
+    periods = config.retention
+
+    def kept(days: float) -> str:
+        return f"{days:g} days" if days else "forever"
+
+    print(
+        f"retention        studies {kept(periods.studies_days)} after they settle, "
+        f"results {kept(periods.results_days)} after delivery, audit rows "
+        f"{kept(periods.audit_days)}"
+    )
     if config.tls is not None:
         print(
             f"tls              {config.tls.certificate}"

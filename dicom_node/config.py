@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -20,6 +21,7 @@ __all__ = [
     "ModelConfig",
     "ModelMatch",
     "NodeConfig",
+    "RetentionConfig",
     "TlsConfig",
     "example_config_text",
     "load_config",
@@ -82,6 +84,42 @@ class DestinationConfig:
     port: int
     tls: bool = False
     ca_certificates: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """How long the node keeps what it holds; 0 keeps it forever.
+
+    Parameters
+    ----------
+    studies_days
+        Received instances are deleted this many days after their study
+        settled: every job ended and every delivery of its results ended
+        (delivered, or dead-lettered), and nothing arrived since. A study
+        with a pending job or delivery is never touched.
+    results_days
+        Result files (SR, captures, maps) are deleted this many days after
+        every delivery of them ended (or, without destinations, after they
+        were written).
+    audit_days
+        Rows of associations (accepted and rejected) and of errors older than
+        this are deleted; an association whose instances are still held is
+        kept.
+    """
+
+    studies_days: float = 0.0
+    results_days: float = 0.0
+    audit_days: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Check the periods."""
+        for key in ("studies_days", "results_days", "audit_days"):
+            value = getattr(self, key)
+            _check(
+                math.isfinite(value) and 0 <= value <= 36500,
+                f"[retention] {key}: expected days in 0..36500 (0: keep "
+                f"forever), found {value}",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +305,8 @@ class NodeConfig:
         The models run on each stable study.
     tls
         The node's TLS identity; None: plain TCP.
+    retention
+        How long studies, results and audit rows are kept.
     source
         The file the configuration came from, for messages.
     """
@@ -307,6 +347,7 @@ class NodeConfig:
     destinations: tuple[DestinationConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
     tls: TlsConfig | None = None
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     source: str = field(default="<defaults>", compare=False)
 
     def __post_init__(self) -> None:
@@ -553,6 +594,11 @@ _TLS_KEYS: dict[str, type] = {
     "ca_certificates": str,
     "require_client_certificate": bool,
 }
+_RETENTION_KEYS: dict[str, type] = {
+    "studies_days": float,
+    "results_days": float,
+    "audit_days": float,
+}
 _MODEL_KEYS: dict[str, type] = {"path": str, "sha256": str, "match": dict}
 _MATCH_KEYS = ("modalities", "body_parts", "sop_classes", "calling_ae_titles")
 _LIST_SECTIONS: dict[str, dict[str, type]] = {
@@ -646,12 +692,15 @@ def config_from_mapping(
     ConfigError
         If a key is unknown, mistyped or out of range.
     """
-    unknown = set(raw) - {"node", "tls", *_LIST_SECTIONS}
+    unknown = set(raw) - {"node", "tls", "retention", *_LIST_SECTIONS}
     if unknown:
         raise ConfigError(
             f"{source}: unknown section(s) {sorted(unknown)}; expected [node], "
-            "[tls], [[callers]], [[destinations]], [[models]]"
+            "[tls], [retention], [[callers]], [[destinations]], [[models]]"
         )
+    retention = _typed_table(
+        raw.get("retention", {}), _RETENTION_KEYS, f"[retention] in {source}"
+    )
     tls_raw = raw.get("tls")
     tls = (
         None
@@ -685,6 +734,9 @@ def config_from_mapping(
             key = _env_key(name, rest, "node", _NODE_KEYS)
             node[key] = _parse_env_value(name, value, _NODE_KEYS[key])
             node_sources[key] = "environment"
+        elif rest.startswith("retention_"):
+            key = _env_key(name, rest, "retention", _RETENTION_KEYS)
+            retention[key] = _parse_env_value(name, value, _RETENTION_KEYS[key])
         elif rest.startswith("tls_"):
             key = _env_key(name, rest, "tls", _TLS_KEYS)
             tls = tls or {}
@@ -696,7 +748,8 @@ def config_from_mapping(
         else:
             raise ConfigError(
                 f"environment variable {name}: not a configuration key; expected "
-                "DICOM_NODE_NODE_<KEY>, DICOM_NODE_TLS_<KEY>, DICOM_NODE_CALLERS, "
+                "DICOM_NODE_NODE_<KEY>, DICOM_NODE_TLS_<KEY>, "
+                "DICOM_NODE_RETENTION_<KEY>, DICOM_NODE_CALLERS, "
                 "DICOM_NODE_DESTINATIONS or DICOM_NODE_MODELS"
             )
 
@@ -793,6 +846,7 @@ def config_from_mapping(
             destinations=destinations,
             models=models,
             tls=tls_config,
+            retention=RetentionConfig(**retention),
             source=source,
         )
     except TypeError as exc:  # a value of the wrong type reached a check

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Dialect,
@@ -64,6 +65,7 @@ __all__ = [
     "JobState",
     "RecordOutcome",
     "ResultRecord",
+    "RetentionRecord",
     "Series",
     "Study",
     "ThreadRecord",
@@ -324,6 +326,34 @@ class ErrorRecord(Base):
     association_id: Mapped[int | None] = mapped_column(
         ForeignKey("associations.id"), nullable=True
     )
+
+
+class RetentionRecord(Base):
+    """What the retention sweep deleted, and when (no patient data).
+
+    One row per study whose instances were deleted (``kind`` "study"), per
+    result set whose files were deleted ("results"), and per sweep that
+    deleted audit rows ("audit").
+    """
+
+    __tablename__ = "retention"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String(16))
+    study_id: Mapped[int | None] = mapped_column(
+        ForeignKey("studies.id"), nullable=True
+    )
+    result_id: Mapped[int | None] = mapped_column(
+        ForeignKey("results.id"), nullable=True, unique=True
+    )
+    # Files (or rows, for "audit") deleted, and the bytes of the files.
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Where a study's files wait (relative to the storage root) until the
+    # sweep has checked that no instance arriving meanwhile took their place;
+    # None once they are gone.
+    holding: Mapped[str | None] = mapped_column(String(300), nullable=True)
 
 
 class ThreadRecord(Base):

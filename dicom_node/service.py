@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
 from dicom_node.index import IndexDB
+from dicom_node.retention import RetentionSweeper
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import Receiver
 from dicom_node.storage import Storage
@@ -165,6 +166,14 @@ def serve(
         on_queued=workers.nudge,
     )
     scheduler.start()
+    periods = config.retention
+    retention = (
+        RetentionSweeper(index, config)
+        if periods.studies_days or periods.results_days or periods.audit_days
+        else None
+    )
+    if retention is not None:
+        retention.start()
     _freeze_startup_objects()
     children: list[ChildProcess] = []
     for _ in range(config.scp_processes - 1):
@@ -203,6 +212,8 @@ def serve(
                 child.kill()
                 child.join()
         scheduler.stop()
+        if retention is not None:
+            retention.stop()
         workers.stop(timeout=30)
         index.close()
         logger.info("stopped")

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.config import CallerConfig, NodeConfig, example_config_text, load_config
+from dicom_node.config import (
+    CallerConfig,
+    NodeConfig,
+    RetentionConfig,
+    example_config_text,
+    load_config,
+)
 from dicom_node.errors import ConfigError
 from tests.helpers import run_cli
 
@@ -39,8 +45,18 @@ def test_example_is_valid_and_documents_every_key(tmp_path: Path) -> None:
     assert config.models[0].path == tmp_path / "models/chest.safetensors"
     text = example_config_text()
     for key in NodeConfig.__dataclass_fields__:
-        if key not in {"callers", "destinations", "models", "tls", "source"}:
+        if key not in {
+            "callers",
+            "destinations",
+            "models",
+            "tls",
+            "retention",
+            "source",
+        }:
             assert f"\n{key} = " in text, f"{key} is not in the example"
+    assert config.retention == RetentionConfig(30, 90, 365)
+    for key in RetentionConfig.__dataclass_fields__:
+        assert f"\n{key} = " in text, f"[retention] {key} is not in the example"
     for key in ("certificate", "private_key", "ca_certificates"):
         assert f"\n# {key} = " in text, f"[tls] {key} is not in the example"
     assert all(c.host for c in config.callers), "an example caller without host"
