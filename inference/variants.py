@@ -31,6 +31,7 @@ __all__ = [
     "VARIANTS",
     "OnnxTrunk",
     "Trunk",
+    "check_onnx_export",
     "int8_trunk",
     "observer_state",
     "onnx_graph",
@@ -194,14 +195,7 @@ def onnx_graph(model: nn.Module, channels: int, size: tuple[int, int]) -> bytes:
     ArtifactError
         If the exporter's packages (onnx, onnxscript) are missing or it fails.
     """
-    try:
-        import onnx  # noqa: F401 - the exporter needs both
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise ArtifactError(
-            "ONNX export needs the onnx and onnxscript packages: install "
-            "dicom-node[onnx]"
-        ) from exc
+    check_onnx_export()
     example = (torch.zeros(2, channels, *size),)
     batch = torch.export.Dim("batch", min=1)
     try:
@@ -225,6 +219,23 @@ def onnx_graph(model: nn.Module, channels: int, size: tuple[int, int]) -> bytes:
         raise ArtifactError("ONNX export returned no program")
     graph: bytes = program.model_proto.SerializeToString()
     return graph
+
+
+def check_onnx_export() -> None:
+    """Raise :class:`ArtifactError` unless ONNX can be exported and run here."""
+    try:
+        import onnx  # noqa: F401 - the exporter needs both
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ArtifactError(
+            "ONNX export needs the onnx and onnxscript packages: install "
+            "dicom-node[onnx]"
+        ) from exc
+    if onnxruntime_version() is None:
+        raise ArtifactError(
+            "an ONNX variant is measured in onnxruntime, which is not installed: "
+            "install dicom-node[onnx]"
+        )
 
 
 def onnxruntime_version() -> str | None:
@@ -264,14 +275,20 @@ class OnnxTrunk:
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only, never per-run lines
+        # Idle threads sleep instead of spinning: the node's receiving and
+        # sending threads share the cores (as with torch_threads and nice).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = onnxruntime.InferenceSession(
                 graph, options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own types
             raise ArtifactError(
-                f"onnxruntime cannot load the ONNX graph ({type(exc).__name__}: "
-                f"{str(exc)[:300]}): export the variant again"
+                f"onnxruntime {onnxruntime.__version__} cannot load the ONNX graph "
+                f"({type(exc).__name__}: {str(exc)[:300]}); the file's SHA-256 "
+                "matched, so an onnxruntime older than the one that measured it "
+                "(the variant's record says which) is the likely cause: upgrade "
+                "onnxruntime, or run the source model"
             ) from exc
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -193,6 +193,8 @@ def test_export_refuses_what_it_cannot_measure(
 @pytest.fixture(scope="module")
 def onnx_variant(trained: tuple[Path, Path]) -> tuple[Path, str]:
     """The trained model's ONNX variant, and what export printed."""
+    # The onnx extra (CI installs it; `bootstrap.sh dev,train,onnx` here).
+    pytest.importorskip("onnxruntime")
     model, test = trained
     out = model.with_name("onnx.safetensors")
     argv = ["export", str(model), "--format", "onnx", "--data", str(test)]

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from pydicom.uid import generate_uid
 
-from inference import ArtifactError, Classifier, ModelArtifact, file_sha256
+from inference import Classifier, ModelArtifact, file_sha256
 from inference.variants import (
     ONNX_OPSET,
     VARIANTS,
+    check_onnx_export,
     observer_state,
     onnx_graph,
     onnxruntime_version,
@@ -118,6 +119,8 @@ def export(
             f"{source_path} is already a variant ({source.variant.get('format')}); "
             "export from the model fit wrote"
         )
+    if kind == "onnx":
+        check_onnx_export()  # before minutes of preprocessing, not after
     label = source.labels[0]
     frames = load_frames(
         load_samples(data), label.name, source.preprocessing, cache, progress
@@ -141,12 +144,7 @@ def export(
         variant_fields: dict[str, Any] = {"quantization": observer_state(prepared)}
     elif kind == "onnx":
         # Checked against the PyTorch model in onnxruntime below, as the node
-        # runs it; without onnxruntime the node would run the PyTorch weights.
-        if onnxruntime_version() is None:
-            raise ArtifactError(
-                "an ONNX variant is measured in onnxruntime, which is not "
-                "installed: install dicom-node[onnx]"
-            )
+        # runs it.
         device = torch.device("cpu")
         spec = source.preprocessing
         variant_fields = {
