@@ -7,10 +7,13 @@
 # DicomSRValidator for tests/test_conformance.py) with default-jre-headless to run
 # it (libpixelmed-java does not depend on a Java runtime; pixelmed-apps, which does,
 # only adds /usr/bin wrappers, and its DicomSRValidator one fails on Java 17's XPath
-# limits). Idempotent; needs root (or sudo) and Debian's package registry.
+# limits), and chromium (the browser tests/test_web.py opens the status page in,
+# driven by Playwright; nothing is downloaded at test time). Idempotent; needs
+# root (or sudo) and Debian's package registry.
 set -euo pipefail
 
-packages=(dcmtk dicom3tools orthanc postgresql openssl libpixelmed-java default-jre-headless)
+packages=(dcmtk dicom3tools orthanc postgresql openssl libpixelmed-java default-jre-headless
+    chromium)
 need=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

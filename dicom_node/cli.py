@@ -695,6 +695,17 @@ def _config_command(args: argparse.Namespace) -> int:
         f"results {kept(periods.results_days)} after delivery, audit rows "
         f"{kept(periods.audit_days)}"
     )
+    http = config.http
+    print(
+        "http             "
+        + (
+            f"{http.host}:{http.port}: /metrics, /healthz, /readyz, status page"
+            + (", patient names shown" if http.show_patient else "")
+            + (", bearer token required" if http.token_file else "")
+            if http.port
+            else "off"
+        )
+    )
     if config.tls is not None:
         print(
             f"tls              {config.tls.certificate}"

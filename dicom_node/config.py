@@ -18,6 +18,7 @@ from dicom_node.errors import ConfigError
 __all__ = [
     "CallerConfig",
     "DestinationConfig",
+    "HttpConfig",
     "ModelConfig",
     "ModelMatch",
     "NodeConfig",
@@ -84,6 +85,45 @@ class DestinationConfig:
     port: int
     tls: bool = False
     ca_certificates: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """The HTTP listener: metrics, health, a status page.
+
+    Parameters
+    ----------
+    host
+        Address to listen on (the loopback by default: put a reverse proxy
+        with TLS in front to serve further).
+    port
+        TCP port; 0 turns the listener off.
+    show_patient
+        Show patient names and IDs on the status page (off: studies are named
+        by uid_ref only).
+    token_file
+        A file holding a bearer token every request but ``/healthz`` must
+        carry (``Authorization: Bearer ...``); None: no token.
+    min_free_bytes
+        ``/readyz`` fails when the storage disk has less free space.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    show_patient: bool = False
+    token_file: Path | None = None
+    min_free_bytes: int = 1024**3
+
+    def __post_init__(self) -> None:
+        """Check the port and threshold."""
+        _check(
+            0 <= self.port <= 65535,
+            f"[http] port: expected 0 (off) or 1..65535, found {self.port}",
+        )
+        _check(
+            self.min_free_bytes >= 0,
+            f"[http] min_free_bytes: expected >= 0, found {self.min_free_bytes}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +347,8 @@ class NodeConfig:
         The node's TLS identity; None: plain TCP.
     retention
         How long studies, results and audit rows are kept.
+    http
+        The HTTP listener (metrics, health, status page); off by default.
     source
         The file the configuration came from, for messages.
     """
@@ -348,6 +390,7 @@ class NodeConfig:
     models: tuple[ModelConfig, ...] = ()
     tls: TlsConfig | None = None
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     source: str = field(default="<defaults>", compare=False)
 
     def __post_init__(self) -> None:
@@ -594,6 +637,13 @@ _TLS_KEYS: dict[str, type] = {
     "ca_certificates": str,
     "require_client_certificate": bool,
 }
+_HTTP_KEYS: dict[str, type] = {
+    "host": str,
+    "port": int,
+    "show_patient": bool,
+    "token_file": str,
+    "min_free_bytes": int,
+}
 _RETENTION_KEYS: dict[str, type] = {
     "studies_days": float,
     "results_days": float,
@@ -692,12 +742,14 @@ def config_from_mapping(
     ConfigError
         If a key is unknown, mistyped or out of range.
     """
-    unknown = set(raw) - {"node", "tls", "retention", *_LIST_SECTIONS}
+    unknown = set(raw) - {"node", "tls", "retention", "http", *_LIST_SECTIONS}
     if unknown:
         raise ConfigError(
             f"{source}: unknown section(s) {sorted(unknown)}; expected [node], "
-            "[tls], [retention], [[callers]], [[destinations]], [[models]]"
+            "[tls], [http], [retention], [[callers]], [[destinations]], [[models]]"
         )
+    http = _typed_table(raw.get("http", {}), _HTTP_KEYS, f"[http] in {source}")
+    http_sources = dict.fromkeys(http, source)
     retention = _typed_table(
         raw.get("retention", {}), _RETENTION_KEYS, f"[retention] in {source}"
     )
@@ -734,6 +786,10 @@ def config_from_mapping(
             key = _env_key(name, rest, "node", _NODE_KEYS)
             node[key] = _parse_env_value(name, value, _NODE_KEYS[key])
             node_sources[key] = "environment"
+        elif rest.startswith("http_"):
+            key = _env_key(name, rest, "http", _HTTP_KEYS)
+            http[key] = _parse_env_value(name, value, _HTTP_KEYS[key])
+            http_sources[key] = "environment"
         elif rest.startswith("retention_"):
             key = _env_key(name, rest, "retention", _RETENTION_KEYS)
             retention[key] = _parse_env_value(name, value, _RETENTION_KEYS[key])
@@ -749,8 +805,8 @@ def config_from_mapping(
             raise ConfigError(
                 f"environment variable {name}: not a configuration key; expected "
                 "DICOM_NODE_NODE_<KEY>, DICOM_NODE_TLS_<KEY>, "
-                "DICOM_NODE_RETENTION_<KEY>, DICOM_NODE_CALLERS, "
-                "DICOM_NODE_DESTINATIONS or DICOM_NODE_MODELS"
+                "DICOM_NODE_HTTP_<KEY>, DICOM_NODE_RETENTION_<KEY>, "
+                "DICOM_NODE_CALLERS, DICOM_NODE_DESTINATIONS or DICOM_NODE_MODELS"
             )
 
     def resolve(value: str, origin: str) -> Path:
@@ -847,6 +903,16 @@ def config_from_mapping(
             models=models,
             tls=tls_config,
             retention=RetentionConfig(**retention),
+            http=HttpConfig(
+                **{
+                    **http,
+                    "token_file": (
+                        resolve(http["token_file"], http_sources["token_file"])
+                        if "token_file" in http
+                        else None
+                    ),
+                }
+            ),
             source=source,
         )
     except TypeError as exc:  # a value of the wrong type reached a check

@@ -20,6 +20,7 @@ from typing import Any
 
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 
+from dicom_node import metrics
 from dicom_node.dimse import DECODE_ERRORS, READER_ERRORS
 from dicom_node.log import RateLimiter, describe_exception
 
@@ -947,6 +948,7 @@ class ConnectionGate:
     # --- log and audit, rate-limited per peer --------------------------------
 
     def _note(self, refusal: Refusal, *, audit: bool = True) -> None:
+        metrics.association("rejected" if audit else "aborted", refusal.reason)
         if not self._limiter.allow(refusal.address):
             return
         if refusal.calling_ae_title or refusal.called_ae_title:

@@ -19,6 +19,7 @@ from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
+from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError, ModelMissingError
 from dicom_node.index import (
@@ -59,6 +60,8 @@ class ClaimedJob:
     model: str
     attempts: int
     owner: str
+    # Seconds from queued to this claim (its first try only; else 0).
+    waited: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,14 +130,16 @@ def claim_jobs(
             other.state == JobState.RUNNING,
         )
         rows = session.execute(
-            select(Job.id, Job.state, Job.attempts, Job.study_id, Job.model)
+            select(
+                Job.id, Job.state, Job.attempts, Job.study_id, Job.model, Job.created_at
+            )
             .where(due, Job.model.in_(list(models)), ~busy)
             .order_by(Job.id)
             .limit(limit + 8)
             .with_for_update(skip_locked=True)
         ).all()
         claimed_jobs: list[ClaimedJob] = []
-        for job_id, state, attempts, study_id, model in rows:
+        for job_id, state, attempts, study_id, model, created_at in rows:
             if len(claimed_jobs) == limit:
                 break
             if state == JobState.RUNNING and attempts >= max_attempts:
@@ -174,12 +179,19 @@ def claim_jobs(
             study_uid = session.scalar(
                 select(Study.study_instance_uid).where(Study.id == study_id)
             )
+            waited = (now - created_at).total_seconds() if attempts == 0 else 0.0
             claimed_jobs.append(
-                ClaimedJob(job_id, study_id, str(study_uid), model, attempts + 1, owner)
+                ClaimedJob(
+                    job_id, study_id, str(study_uid), model, attempts + 1, owner, waited
+                )
             )
         return claimed_jobs
 
-    return index.run(work)
+    claimed = index.run(work)
+    for job in claimed:
+        if job.attempts == 1:
+            metrics.job_waited(job.waited)
+    return claimed
 
 
 def finish_job(

@@ -24,6 +24,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from dicom_node import metrics
 from dicom_node.errors import IndexUnavailableError
 from dicom_node.index import IndexDB, ThreadRecord, ThreadState, utc_now
 from dicom_node.leases import backoff, owner_name, process_gone
@@ -176,6 +177,7 @@ def _beat_forever() -> None:
             ThreadHealth.beat_all()
         except Exception as exc:  # noqa: BLE001 - the heartbeat must go on
             logger.debug("heartbeat failed: %s", type(exc).__name__)
+        metrics.process_figures()
 
 
 def forget_gone_threads(index: IndexDB) -> int:

@@ -12,13 +12,15 @@ import logging
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.errors import ConfigError
 from dicom_node.export import Peer, send_files
@@ -27,6 +29,7 @@ from dicom_node.index import (
     DeliveryState,
     IndexDB,
     ResultRecord,
+    Study,
     utc_now,
 )
 from dicom_node.leases import backoff, owner_name, release
@@ -250,6 +253,7 @@ def run_deliveries(
             release(session, Delivery, delivery.id, delivery.owner, state, **values)
 
     index.run(work)
+    _measure(index, config, changes, now)
     for delivery, state, _ in changes:
         if state == DeliveryState.DONE:
             logger.info(
@@ -267,6 +271,38 @@ def run_deliveries(
                 state,
             )
     return [state for _, state, _ in changes]
+
+
+def _measure(
+    index: IndexDB,
+    config: NodeConfig,
+    changes: Sequence[tuple[ClaimedDelivery, DeliveryState, dict[str, Any]]],
+    now: datetime,
+) -> None:
+    """Count the tries by outcome; time each delivered study from stable to here."""
+    for _, state, _ in changes:
+        metrics.delivered(
+            {DeliveryState.DONE: "done", DeliveryState.DEAD: "dead"}.get(state, "retry")
+        )
+    done = [d.id for d, state, _ in changes if state == DeliveryState.DONE]
+    if not done:
+        return
+    try:
+        arrived = index.run(
+            lambda s: list(
+                s.scalars(
+                    select(Study.last_received_at)
+                    .join(ResultRecord, ResultRecord.study_id == Study.id)
+                    .join(Delivery, Delivery.result_id == ResultRecord.id)
+                    .where(Delivery.id.in_(done))
+                )
+            )
+        )
+    except SQLAlchemyError:
+        return  # a figure is not worth a failed step
+    for last in arrived:
+        stable = last + timedelta(seconds=config.stable_after)
+        metrics.result_latency((now - stable).total_seconds())
 
 
 class Outbox(Loop):

@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
+from dicom_node import metrics
 from dicom_node.config import ModelConfig, ModelMatch, NodeConfig
 from dicom_node.eligibility import model_match, passed_over_reason
 from dicom_node.errors import DicomNodeError, ModelMissingError
@@ -215,9 +216,18 @@ class ModelCache:
                 model.path.name,
                 artifact.device_uid,
                 classifier.device,
-                " (traced)" if classifier.traced else " (not traced: runs eagerly)",
+                " (onnxruntime)"
+                if classifier.onnx
+                else " (traced)"
+                if classifier.traced
+                else " (not traced: runs eagerly)",
             )
             return loaded
+
+    def loaded_keys(self) -> set[str]:
+        """Return the keys of the models loaded (for readiness)."""
+        with self._lock:
+            return set(self._loaded)
 
     def load_all(self, models: Sequence[ModelConfig]) -> None:
         """Load every model now, so no study waits for one; say which cannot be."""
@@ -285,7 +295,14 @@ def process_jobs(
     def score_waiting() -> None:
         if waiting:
             started = time.perf_counter()
-            finish(_score_together(waiting, config, index), started)
+            scored = _score_together(waiting, config, index)
+            for _, prediction in scored:
+                metrics.scored(
+                    prediction.model_name,
+                    prediction.model_seconds,
+                    prediction.gradcam_seconds,
+                )
+            finish(scored, started)
             waiting.clear()
 
     for job in jobs:

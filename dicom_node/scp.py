@@ -39,6 +39,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.dimse import (
     CANNOT_UNDERSTAND,
@@ -283,9 +284,11 @@ def handle_requested(event: Event, ctx: StoreContext) -> None:
             address,
             type(exc).__name__,
         )
+        metrics.association("rejected", "index unavailable")
         _reject(assoc, _RJ_TRANSIENT, _RJ_NO_REASON)
         return
     if reason is not None:
+        metrics.association("rejected", reason)
         logger.warning(
             "association from %s:%d (calling AE %r, called AE %r) rejected: %s",
             address,
@@ -297,6 +300,7 @@ def handle_requested(event: Event, ctx: StoreContext) -> None:
         _reject(assoc, _RJ_PERMANENT, diagnostic)
         return
     ctx.remember(assoc, association_id)
+    metrics.association("accepted")
     logger.info(
         "association %d from %s:%d (calling AE %r) requested",
         association_id,
@@ -329,6 +333,8 @@ def handle_conn_close(event: Event, ctx: StoreContext) -> None:
     if ended is None:
         return
     association_id, outcome, stored, failed = ended
+    if outcome == "aborted":
+        metrics.association("aborted")
     try:
         ctx.index.close_association(association_id, outcome, stored, failed)
     except SQLAlchemyError as exc:
@@ -638,6 +644,7 @@ def _store(
             CONFLICTING_INSTANCE,
             "SOP Instance or Series UID already filed under another study/series",
         )
+    metrics.received(file_size)
     logger.debug(
         "instance %s stored (%s) in %.1f ms",
         ref,
@@ -1080,6 +1087,10 @@ class Receiver:
     def port(self) -> int:
         """Return the port actually listened on."""
         return int(self.server.server_address[1])
+
+    def alive(self) -> bool:
+        """Return whether the SCP's server thread runs."""
+        return self._thread.is_alive()
 
     def start(self) -> None:
         """Start accepting associations."""

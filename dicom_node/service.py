@@ -10,13 +10,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from dicom_node import metrics
 from dicom_node.config import NodeConfig
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import DicomNodeError, ListenError
 from dicom_node.index import IndexDB
 from dicom_node.retention import RetentionSweeper
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import Receiver
 from dicom_node.storage import Storage
+from dicom_node.web import Probes, WebServer
 from dicom_node.worker import start_workers
 
 __all__ = [
@@ -132,7 +134,25 @@ def serve(
     on_ready
         Called with the port once the node accepts associations.
     """
+    # Before any metric exists: every process of the node writes its figures
+    # there, and /metrics adds them up.
+    metrics.share()
+    metrics.process_figures()  # loads prometheus-client now, not in a C-STORE
     index = open_index(config)
+    # Listening (and its token read) before anything starts: a bad [http]
+    # stops serve here, with nothing to wind down.
+    threads: list[tuple[str, Callable[[], bool]]] = []
+    models: list[Callable[[], set[str]]] = []
+    try:
+        web = _web_server(
+            config,
+            index,
+            lambda: [(name, alive()) for name, alive in threads],
+            (lambda: models[0]() if models else set()) if config.workers else None,
+        )
+    except BaseException:
+        index.close()
+        raise
     swept = Storage(config.storage_dir).sweep_incoming()
     if swept:
         logger.warning(
@@ -174,6 +194,13 @@ def serve(
     )
     if retention is not None:
         retention.start()
+    threads.append(("receiver", receiver.alive))
+    for loop in (scheduler, *workers.loops, *([retention] if retention else [])):
+        threads.append((loop.name, loop.is_alive))
+    if workers.models is not None:
+        models.append(workers.models.loaded_keys)
+    if web is not None:
+        web.start()
     _freeze_startup_objects()
     children: list[ChildProcess] = []
     for _ in range(config.scp_processes - 1):
@@ -203,6 +230,8 @@ def serve(
                     children[i].start()
     finally:
         logger.info("shutting down: no new associations, finishing running ones")
+        if web is not None:
+            web.stop()
         for child in children:
             child.terminate()
         receiver.stop()
@@ -229,8 +258,22 @@ def run_worker(config: NodeConfig, stop: threading.Event) -> None:
     stop
         Set (by a signal handler) to shut down after the current job.
     """
+    metrics.share()
     index = open_index(config)
     workers = start_workers(config, index, max(1, config.workers))
+    try:
+        web = _web_server(
+            config,
+            index,
+            lambda: [(loop.name, loop.is_alive()) for loop in workers.loops],
+            workers.models.loaded_keys if workers.models else None,
+        )
+    except BaseException:
+        workers.stop()
+        index.close()
+        raise
+    if web is not None:
+        web.start()
     logger.info(
         "worker running %d job thread(s) on the index of %s",
         len(workers.loops) - 1,
@@ -240,9 +283,43 @@ def run_worker(config: NodeConfig, stop: threading.Event) -> None:
         stop.wait()
     finally:
         logger.info("stopping: finishing the current jobs")
+        if web is not None:
+            web.stop()
         workers.stop()
         index.close()
         logger.info("stopped")
+
+
+def _web_server(
+    config: NodeConfig,
+    index: IndexDB,
+    threads: Callable[[], list[tuple[str, bool]]],
+    models_loaded: Callable[[], set[str]] | None,
+) -> WebServer | None:
+    """Return the HTTP listener (bound, not yet serving) when [http] port is set.
+
+    Raises
+    ------
+    ListenError
+        If its address cannot be listened on.
+    """
+    if not config.http.port:
+        return None
+    try:
+        web = WebServer(Probes(index, config, threads, models_loaded))
+    except OSError as exc:
+        raise ListenError(
+            config.http.host,
+            config.http.port,
+            f"[http] {exc.strerror or exc}: choose another [http] port, or 0 to "
+            "turn the listener off",
+        ) from exc
+    logger.info(
+        "http on %s:%d: /metrics, /healthz, /readyz, status page at /",
+        config.http.host,
+        web.port,
+    )
+    return web
 
 
 @contextmanager

@@ -193,6 +193,8 @@ class Workers:
         they stop (a node embedded in a larger program leaves it as it was).
     builder
         The results processes the job threads share; stopped last.
+    models
+        The models the job threads load (for readiness).
     """
 
     def __init__(
@@ -200,8 +202,10 @@ class Workers:
         loops: Sequence[Loop],
         restore_threads: int | None = None,
         builder: ResultBuilder | None = None,
+        models: ModelCache | None = None,
     ) -> None:
         self.loops = list(loops)
+        self.models = models
         self._restore_threads = restore_threads
         self._builder = builder
 
@@ -321,4 +325,4 @@ def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
     loops.append(outbox)
     for loop in loops:
         loop.start()
-    return Workers(loops, previous_threads, builder)
+    return Workers(loops, previous_threads, builder, models)

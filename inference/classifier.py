@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -98,6 +99,11 @@ class StudyPrediction:
         float32 [frames, labels].
     explanations
         Grad-CAM heatmaps of the top frames.
+    model_seconds
+        Wall time of preprocessing and forward passes spent on this study (its
+        share, by frames, of batches shared with other studies).
+    gradcam_seconds
+        Wall time of its Grad-CAM heatmaps.
     """
 
     model_name: str
@@ -107,6 +113,8 @@ class StudyPrediction:
     frames: tuple[FrameSource, ...]
     frame_probabilities: npt.NDArray[np.float32]
     explanations: tuple[Explanation, ...] = ()
+    model_seconds: float = 0.0
+    gradcam_seconds: float = 0.0
 
 
 class Classifier:
@@ -356,6 +364,7 @@ class Classifier:
         kept: list[list[list[_Kept]]] = [[[] for _ in range(n_labels)] for _ in studies]
         datasets = [ds for study in studies for ds in study]
         owners = [i for i, study in enumerate(studies) for _ in study]
+        started = time.perf_counter()
         for batch, batch_owners in self._batches(datasets, owners):
             probs, features = self.forward(batch.pixels)
             for study in dict.fromkeys(batch_owners):
@@ -383,8 +392,15 @@ class Classifier:
                         (p, i, f.clone(), x.clone())
                         for p, i, f, x in candidates[:explain_top_k]
                     ]
+        frames = max(1, sum(len(s) for s in sources))
+        per_frame = (time.perf_counter() - started) / frames
         return [
-            self._study_prediction(torch.cat(probabilities[s]), sources[s], kept[s])
+            self._study_prediction(
+                torch.cat(probabilities[s]),
+                sources[s],
+                kept[s],
+                per_frame * len(sources[s]),
+            )
             for s in range(len(studies))
         ]
 
@@ -393,17 +409,20 @@ class Classifier:
         probabilities: torch.Tensor,
         sources: list[FrameSource],
         kept: list[list[_Kept]],
+        model_seconds: float = 0.0,
     ) -> StudyPrediction:
         frame_probs = probabilities.numpy().astype(np.float32)
         labels = tuple(
             self._label_prediction(label, frame_probs[:, i])
             for i, label in enumerate(self.artifact.labels)
         )
+        started = time.perf_counter()
         explanations = tuple(
             self._explain(label, frame, feats, pixels, p, sources[frame])
             for label, best in enumerate(kept)
             for p, frame, feats, pixels in best
         )
+        gradcam_seconds = time.perf_counter() - started if explanations else 0.0
         return StudyPrediction(
             model_name=self.artifact.name,
             model_version=self.artifact.version,
@@ -412,6 +431,8 @@ class Classifier:
             frames=tuple(sources),
             frame_probabilities=frame_probs,
             explanations=explanations,
+            model_seconds=model_seconds,
+            gradcam_seconds=gradcam_seconds,
         )
 
     def explain(

@@ -146,3 +146,20 @@ def postgres_url(postgres_server: str) -> str:
     with psycopg.connect(f"{dsn}/postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return f"{postgres_server}/{name}"
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(
+    browser_type_launch_args: dict[str, Any],
+) -> dict[str, Any]:
+    """Debian's chromium (setup-system.sh), never a browser Playwright downloads.
+
+    Without its sandbox when the tests run as root (as in CI), which chromium
+    refuses otherwise.
+    """
+    args = ["--no-sandbox"] if os.geteuid() == 0 else []
+    return {
+        **browser_type_launch_args,
+        "executable_path": "/usr/bin/chromium",
+        "args": args,
+    }

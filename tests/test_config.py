@@ -46,6 +46,7 @@ def test_example_is_valid_and_documents_every_key(tmp_path: Path) -> None:
     text = example_config_text()
     for key in NodeConfig.__dataclass_fields__:
         if key not in {
+            "http",
             "callers",
             "destinations",
             "models",
@@ -55,6 +56,9 @@ def test_example_is_valid_and_documents_every_key(tmp_path: Path) -> None:
         }:
             assert f"\n{key} = " in text, f"{key} is not in the example"
     assert config.retention == RetentionConfig(30, 90, 365)
+    assert (config.http.port, config.http.host) == (8080, "127.0.0.1")
+    for key in ("host", "port", "show_patient", "token_file", "min_free_bytes"):
+        assert f"{key} = " in text, f"[http] {key} is not in the example"
     for key in RetentionConfig.__dataclass_fields__:
         assert f"\n{key} = " in text, f"[retention] {key} is not in the example"
     for key in ("certificate", "private_key", "ca_certificates"):

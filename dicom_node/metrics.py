@@ -1,0 +1,274 @@
+"""Prometheus metrics of the node, shared by its processes (prometheus-client).
+
+The receiving processes, the results processes and the process that serves
+``/metrics`` are different processes; prometheus-client's multiprocess mode
+lets each write its figures to files in one folder, which the scrape adds up.
+The folder is chosen once, before any metric exists (:func:`share`): a new
+temporary folder of the process that calls it (``serve``, ``dicom-node
+worker``), which the processes it starts inherit through the environment, and
+which goes when that process ends. A ``dicom-node worker`` process therefore
+has metrics of its own, served by its own ``[http]`` listener.
+
+Metrics are made on first use; every recording function is cheap and never
+raises.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import resource
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CONTENT_TYPE",
+    "ENV",
+    "association",
+    "delivered",
+    "exposition",
+    "job_waited",
+    "process_figures",
+    "received",
+    "result_latency",
+    "scored",
+    "share",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Seconds: a study's wait for a worker, its model and Grad-CAM time, and the
+# time from stable to delivered.
+_FAST = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SLOW = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+_lock = threading.Lock()
+_made: dict[str, Any] = {}
+
+
+def share() -> Path:
+    """Write this process's metrics, and its children's, to files in one folder.
+
+    Must run before the first metric is made in this process. A folder chosen
+    earlier (by a parent, through the environment) is kept; else a new
+    temporary one is made, removed when this process exits.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder in use.
+    """
+    chosen = os.environ.get(ENV)
+    if chosen:
+        return Path(chosen)
+    folder = Path(tempfile.mkdtemp(prefix="dicom-node-metrics-"))
+    os.environ[ENV] = str(folder)
+    owner = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:  # not in a child that inherited the handler
+            shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(remove)
+    return folder
+
+
+def _metric(name: str, make: Callable[[Any], Any]) -> Any:
+    with _lock:
+        found = _made.get(name)
+        if found is None:
+            import prometheus_client
+
+            found = _made[name] = make(prometheus_client)
+        return found
+
+
+def _safely(record: Callable[[], None]) -> None:
+    try:
+        record()
+    except Exception as exc:  # noqa: BLE001 - a metric never fails the node's work
+        logger.debug("metric not recorded: %s", type(exc).__name__)
+
+
+def received(size: int) -> None:
+    """Count an instance stored (Success) and its bytes."""
+
+    def record() -> None:
+        _metric(
+            "instances",
+            lambda p: p.Counter(
+                "dicom_node_instances_received",
+                "Instances stored and acknowledged with Success",
+            ),
+        ).inc()
+        _metric(
+            "bytes",
+            lambda p: p.Counter(
+                "dicom_node_bytes_received", "Bytes of the instances stored"
+            ),
+        ).inc(size)
+
+    _safely(record)
+
+
+def association(outcome: str, reason: str = "") -> None:
+    """Count an association by its outcome (accepted, rejected, aborted) and reason.
+
+    Numbers in the reason (lengths, counts) are replaced by N: one series per
+    kind of reason, however many peers send whatever lengths.
+    """
+    reason = re.sub(r"\d+", "N", reason)[:80]
+    _safely(
+        lambda: (
+            _metric(
+                "associations",
+                lambda p: p.Counter(
+                    "dicom_node_associations",
+                    "Associations by outcome, with the reason of a rejection or abort",
+                    ["outcome", "reason"],
+                ),
+            )
+            .labels(outcome, reason)
+            .inc()
+        )
+    )
+
+
+def job_waited(seconds: float) -> None:
+    """Observe how long a job waited from queued to claimed."""
+    _safely(
+        lambda: _metric(
+            "job_wait",
+            lambda p: p.Histogram(
+                "dicom_node_job_wait_seconds",
+                "Time a job waited from queued to claimed by a worker",
+                buckets=_SLOW,
+            ),
+        ).observe(max(0.0, seconds))
+    )
+
+
+def scored(model: str, model_seconds: float, gradcam_seconds: float) -> None:
+    """Observe a study's model time (preprocessing, forward) and Grad-CAM time."""
+
+    def record() -> None:
+        _metric(
+            "inference",
+            lambda p: p.Histogram(
+                "dicom_node_inference_seconds",
+                "Model time per study: decoding, preprocessing and forward passes",
+                ["model"],
+                buckets=_FAST,
+            ),
+        ).labels(model).observe(model_seconds)
+        _metric(
+            "gradcam",
+            lambda p: p.Histogram(
+                "dicom_node_gradcam_seconds",
+                "Grad-CAM time per study",
+                ["model"],
+                buckets=_FAST,
+            ),
+        ).labels(model).observe(gradcam_seconds)
+
+    _safely(record)
+
+
+def delivered(outcome: str) -> None:
+    """Count a delivery try by its outcome: done, retry or dead."""
+    _safely(
+        lambda: (
+            _metric(
+                "deliveries",
+                lambda p: p.Counter(
+                    "dicom_node_deliveries",
+                    "Delivery tries by outcome (done, retry, dead)",
+                    ["outcome"],
+                ),
+            )
+            .labels(outcome)
+            .inc()
+        )
+    )
+
+
+def result_latency(seconds: float) -> None:
+    """Observe the time from a study becoming stable to its results delivered."""
+    _safely(
+        lambda: _metric(
+            "latency",
+            lambda p: p.Histogram(
+                "dicom_node_result_latency_seconds",
+                "Time from a study becoming stable to its results delivered",
+                buckets=_SLOW,
+            ),
+        ).observe(max(0.0, seconds))
+    )
+
+
+def process_figures() -> None:
+    """Record this process's resident memory and CPU time (one series per pid)."""
+
+    def record() -> None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        _metric(
+            "cpu",
+            lambda p: p.Gauge(
+                "dicom_node_process_cpu_seconds",
+                "CPU time of each node process (user and system)",
+                multiprocess_mode="all",
+            ),
+        ).set(usage.ru_utime + usage.ru_stime)
+        _metric(
+            "rss",
+            lambda p: p.Gauge(
+                "dicom_node_process_resident_memory_bytes",
+                "Resident memory of each node process",
+                multiprocess_mode="all",
+            ),
+        ).set(_resident_bytes())
+
+    _safely(record)
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def exposition(extra: Iterable[Any] = ()) -> bytes:
+    """Return every process's metrics in Prometheus's text format.
+
+    Parameters
+    ----------
+    extra
+        Collectors to add (figures read from the index at scrape time).
+    """
+    import prometheus_client
+    from prometheus_client import multiprocess, values
+
+    process_figures()
+    registry = prometheus_client.CollectorRegistry()
+    if values.ValueClass is not values.MutexValue:  # chosen at its import
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:  # one process (no folder was chosen before): its own metrics
+        registry = prometheus_client.REGISTRY
+    for collector in extra:
+        registry.register(collector)
+    try:
+        return bytes(prometheus_client.generate_latest(registry))
+    finally:
+        if registry is prometheus_client.REGISTRY:
+            for collector in extra:
+                registry.unregister(collector)

@@ -1,0 +1,572 @@
+"""The node's HTTP listener (``[http]``): metrics, health and a read-only status page.
+
+- ``/metrics``: Prometheus text format, every process of the node
+  (:mod:`dicom_node.metrics`) plus the index's job and outbox states.
+- ``/healthz``: 200 while the process runs.
+- ``/readyz``: 200 when the index answers, the storage is writable with more
+  than ``min_free_bytes`` free, every configured model is loaded and every
+  thread of the node is alive; else 503. Both answer JSON with the reasons.
+- ``/``: recent studies (by uid_ref; patient name and ID only with
+  ``show_patient``), each model's job, verdict and deliveries, failures with
+  their reasons, queue depths and the Grad-CAM captures as thumbnails; it
+  reloads itself every 10 seconds.
+
+Only GET. With ``token_file``, every request but ``/healthz`` needs
+``Authorization: Bearer <token>``. Connections are served by at most
+:data:`MAX_CLIENTS` threads, each read with a timeout; more are closed at once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import io
+import json
+import logging
+import os
+import re
+import stat
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydicom import dcmread
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicom_node import metrics
+from dicom_node.config import NodeConfig
+from dicom_node.errors import ConfigError
+from dicom_node.index import (
+    Delivery,
+    DeliveryState,
+    ErrorRecord,
+    IndexDB,
+    Instance,
+    Job,
+    JobState,
+    ResultRecord,
+    Series,
+    Study,
+)
+from dicom_node.log import uid_ref
+from dicom_node.results.store import capture_files, results_root
+
+__all__ = ["MAX_CLIENTS", "Probes", "WebServer", "read_token"]
+
+logger = logging.getLogger(__name__)
+
+MAX_CLIENTS = 16  # connections served at once
+_TIMEOUT = 5.0  # seconds a client has for its request
+_THUMBNAIL = 192  # pixels, the longer side
+_RECENT = 30  # studies on the status page
+_REFRESH = 10  # seconds between the page's reloads
+_CAPTURE = re.compile(r"^/capture/(\d{1,12})/(\d{1,3})\.png$")
+
+
+@dataclass(frozen=True, slots=True)
+class Probes:
+    """What the listener reads: the index, the configuration, the live threads.
+
+    Parameters
+    ----------
+    index
+        The index.
+    config
+        The node configuration.
+    threads
+        The node's long-running threads of this process: (name, alive) pairs.
+    models_loaded
+        The keys of the configured models this process has loaded; None when
+        this process scores nothing (worker processes do).
+    """
+
+    index: IndexDB
+    config: NodeConfig
+    threads: Callable[[], Sequence[tuple[str, bool]]]
+    models_loaded: Callable[[], set[str]] | None = None
+
+
+def read_token(path: Path | None) -> str | None:
+    """Return the bearer token in ``path`` (None without one).
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read, is empty, or others may read it.
+    """
+    if path is None:
+        return None
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"[http] token_file {path}: cannot read it ({exc})") from exc
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ConfigError(
+            f"[http] token_file {path}: readable by others (mode "
+            f"{stat.S_IMODE(mode):04o}); run chmod 600 {path}"
+        )
+    if not token:
+        raise ConfigError(f"[http] token_file {path}: empty")
+    return token
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], probes: Probes, token: str | None):
+        self.probes = probes
+        self.token = token
+        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # A thread per connection, but never more than MAX_CLIENTS of them.
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = _TIMEOUT
+    server_version = "dicom-node"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("http %s", format % args)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if path != "/healthz" and not self._authorised():
+                self._send(
+                    HTTPStatus.UNAUTHORIZED,
+                    b'{"error": "bearer token required"}\n',
+                    "application/json",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+                return
+            if path == "/healthz":
+                self._json(HTTPStatus.OK, {"status": "alive"})
+            elif path == "/readyz":
+                problems = readiness(self.server.probes)
+                self._json(
+                    HTTPStatus.SERVICE_UNAVAILABLE if problems else HTTPStatus.OK,
+                    {"ready": not problems, "problems": problems},
+                )
+            elif path == "/metrics":
+                body = metrics.exposition([_IndexCollector(self.server.probes.index)])
+                self._send(HTTPStatus.OK, body, metrics.CONTENT_TYPE)
+            elif path == "/":
+                page = status_page(self.server.probes)
+                self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
+            elif match := _CAPTURE.match(path):
+                image = capture_thumbnail(
+                    self.server.probes, int(match[1]), int(match[2])
+                )
+                if image is None:
+                    self._json(HTTPStatus.NOT_FOUND, {"error": "no such capture"})
+                else:
+                    self._send(HTTPStatus.OK, image, "image/png")
+            else:
+                self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+        except (ConnectionError, TimeoutError):
+            return
+        except Exception as exc:
+            logger.warning(
+                "http %s failed: %s", path[:40], type(exc).__name__, exc_info=exc
+            )
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "failed"})
+
+    def do_HEAD(self) -> None:
+        self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "GET only"})
+
+    def _authorised(self) -> bool:
+        token = self.server.token
+        if token is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        )
+
+    def _json(self, status: HTTPStatus, body: dict[str, Any]) -> None:
+        self._send(status, (json.dumps(body) + "\n").encode(), "application/json")
+
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", "default-src 'self'")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _IndexCollector:
+    """Job and outbox states read from the index at scrape time."""
+
+    def __init__(self, index: IndexDB) -> None:
+        self.index = index
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        def counts(session: Session) -> tuple[dict[str, int], dict[str, int]]:
+            jobs = dict(
+                session.execute(
+                    select(Job.state, func.count()).group_by(Job.state)
+                ).all()
+            )
+            deliveries = dict(
+                session.execute(
+                    select(Delivery.state, func.count()).group_by(Delivery.state)
+                ).all()
+            )
+            return jobs, deliveries
+
+        jobs, deliveries = self.index.run(counts)
+        family = GaugeMetricFamily(
+            "dicom_node_jobs", "Jobs in the index by state", labels=["state"]
+        )
+        for state in JobState:
+            family.add_metric([state.value], float(jobs.get(state.value, 0)))
+        yield family
+        family = GaugeMetricFamily(
+            "dicom_node_outbox", "Deliveries in the index by state", labels=["state"]
+        )
+        for outbox_state in DeliveryState:
+            family.add_metric(
+                [outbox_state.value], float(deliveries.get(outbox_state.value, 0))
+            )
+        yield family
+
+
+def readiness(probes: Probes) -> list[str]:
+    """Return what keeps the node from being ready (empty: ready)."""
+    problems: list[str] = []
+    try:
+        # A plain read on a pooled connection, outside the index's write
+        # transactions (which take SQLite's write lock).
+        raw = probes.index.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+        finally:
+            raw.close()
+    except Exception as exc:  # noqa: BLE001 - any failure: not ready
+        problems.append(f"index unavailable ({type(exc).__name__})")
+    storage = probes.config.storage_dir
+    try:
+        probe = storage / f".ready-{os.getpid()}-{threading.get_ident()}"
+        with probe.open("wb") as f:
+            f.write(b"ready")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        free = os.statvfs(storage)
+        left = free.f_bavail * free.f_frsize
+        if left < probes.config.http.min_free_bytes:
+            problems.append(
+                f"storage has {left} bytes free, under min_free_bytes "
+                f"{probes.config.http.min_free_bytes}"
+            )
+    except OSError as exc:
+        problems.append(f"storage not writable ({exc.strerror or type(exc).__name__})")
+    if probes.models_loaded is not None:
+        loaded = probes.models_loaded()
+        problems += [
+            f"model {m.path.name} not loaded"
+            for m in probes.config.models
+            if m.key not in loaded
+        ]
+    problems += [
+        f"thread {name} not running" for name, alive in probes.threads() if not alive
+    ]
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    study_id: int
+    ref: str
+    modalities: str
+    instances: int
+    arrived: datetime
+    patient: str
+    jobs: list[tuple[str, str, str]]  # model, state, error
+    results: list[
+        tuple[int, str, list[tuple[str, str]], int]
+    ]  # id, verdict, deliveries, captures
+
+
+def _recent(session: Session, probes: Probes) -> list[_Row]:
+    rows: list[_Row] = []
+    studies = session.scalars(
+        select(Study).order_by(Study.last_received_at.desc()).limit(_RECENT)
+    ).all()
+    root = results_root(probes.config.state_dir)
+    for study in studies:
+        modalities = sorted(
+            {
+                str(m)
+                for m in session.scalars(
+                    select(Series.modality).where(Series.study_id == study.id)
+                )
+                if m
+            }
+        )
+        instances = session.scalar(
+            select(func.count())
+            .select_from(Instance)
+            .join(Series, Instance.series_id == Series.id)
+            .where(Series.study_id == study.id)
+        )
+        jobs = [
+            (Path(model).stem, str(state), (error or "")[:200])
+            for model, state, error in session.execute(
+                select(Job.model, Job.state, Job.last_error)
+                .where(Job.study_id == study.id)
+                .order_by(Job.id)
+            )
+        ]
+        results = []
+        for result in session.scalars(
+            select(ResultRecord)
+            .where(ResultRecord.study_id == study.id)
+            .order_by(ResultRecord.id)
+        ):
+            deliveries = [
+                (str(d), str(s))
+                for d, s in session.execute(
+                    select(Delivery.destination, Delivery.state).where(
+                        Delivery.result_id == result.id
+                    )
+                )
+            ]
+            captures = len(capture_files(root / result.folder))
+            results.append((result.id, _verdict(result), deliveries, captures))
+        patient = ""
+        if probes.config.http.show_patient:
+            patient = _patient(session, probes.config.storage_dir, study.id)
+        rows.append(
+            _Row(
+                study.id,
+                uid_ref(study.study_instance_uid),
+                ", ".join(modalities),
+                int(instances or 0),
+                study.last_received_at,
+                patient,
+                jobs,
+                results,
+            )
+        )
+    return rows
+
+
+def _verdict(result: ResultRecord) -> str:
+    try:
+        labels = json.loads(result.summary)
+        return "; ".join(
+            f"{name}: {'Present' if v['positive'] else 'Absent'} "
+            f"{100 * float(v['probability']):.0f} %"
+            for name, v in labels.items()
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "?"
+
+
+def _patient(session: Session, storage: Path, study_id: int) -> str:
+    path = session.scalar(
+        select(Instance.path)
+        .join(Series, Instance.series_id == Series.id)
+        .where(Series.study_id == study_id)
+        .limit(1)
+    )
+    if path is None:
+        return ""
+    try:
+        ds = dcmread(
+            storage / path,
+            stop_before_pixels=True,
+            specific_tags=["SpecificCharacterSet", "PatientName", "PatientID"],
+        )
+        return f"{ds.get('PatientName', '')} ({ds.get('PatientID', '')})"
+    except Exception:  # noqa: BLE001 - a page never fails on one file
+        return "?"
+
+
+def status_page(probes: Probes) -> str:
+    """Return the status page's HTML."""
+
+    def read(
+        session: Session,
+    ) -> tuple[list[_Row], dict[str, int], dict[str, int], list[Any]]:
+        rows = _recent(session, probes)
+        jobs = dict(
+            session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        )
+        outbox = dict(
+            session.execute(
+                select(Delivery.state, func.count()).group_by(Delivery.state)
+            ).all()
+        )
+        errors = session.execute(
+            select(ErrorRecord.at, ErrorRecord.source, ErrorRecord.message)
+            .order_by(ErrorRecord.id.desc())
+            .limit(10)
+        ).all()
+        return rows, jobs, outbox, list(errors)
+
+    rows, jobs, outbox, errors = probes.index.run(read)
+    e = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="refresh" content="{_REFRESH}">',
+        f"<title>dicom-node {e(probes.config.ae_title)}</title>",
+        "<style>body{font-family:sans-serif;margin:1em}"
+        "table{border-collapse:collapse}th,td{border:1px solid #bbb;"
+        "padding:.2em .4em;vertical-align:top;text-align:left}"
+        ".failed,.dead{color:#b00}.done{color:#070}img{max-height:96px}</style>",
+        "</head><body>",
+        f"<h1>dicom-node {e(probes.config.ae_title)}</h1>",
+        '<p id="queues">Jobs: '
+        + ", ".join(f"{e(s.value)} {jobs.get(s.value, 0)}" for s in JobState)
+        + ". Deliveries: "
+        + ", ".join(f"{e(s.value)} {outbox.get(s.value, 0)}" for s in DeliveryState)
+        + ".</p>",
+        "<h2>Recent studies</h2>",
+        '<table id="studies"><tr><th>Study</th>'
+        + ("<th>Patient</th>" if probes.config.http.show_patient else "")
+        + "<th>Modality</th><th>Images</th><th>Last arrival (UTC)</th>"
+        "<th>Jobs</th><th>Results</th></tr>",
+    ]
+    for row in rows:
+        jobs_cell = "<br>".join(
+            f'{e(model)}: <span class="{e(state)}">{e(state)}</span>'
+            + (f" ({e(error)})" if error and state != "done" else "")
+            for model, state, error in row.jobs
+        )
+        results_cell = "<br>".join(
+            f"{e(verdict)} "
+            + ", ".join(
+                f'{e(dest)} <span class="{e(state)}">{e(state)}</span>'
+                for dest, state in deliveries
+            )
+            + "".join(
+                f'<br><img alt="Grad-CAM capture {n}" src="/capture/{rid}/{n}.png">'
+                for n in range(1, captures + 1)
+            )
+            for rid, verdict, deliveries, captures in row.results
+        )
+        out.append(
+            f'<tr class="study"><td>{e(row.ref)}</td>'
+            + (f"<td>{e(row.patient)}</td>" if probes.config.http.show_patient else "")
+            + f"<td>{e(row.modalities)}</td><td>{row.instances}</td>"
+            f"<td>{e(row.arrived.strftime('%Y-%m-%d %H:%M:%S'))}</td>"
+            f"<td>{jobs_cell}</td><td>{results_cell}</td></tr>"
+        )
+    out.append("</table>")
+    out.append('<h2>Last errors</h2><ul id="errors">')
+    out += [
+        f"<li>{e(at.strftime('%Y-%m-%d %H:%M:%S'))} {e(source)}: {e(message)}</li>"
+        for at, source, message in errors
+    ]
+    out.append("</ul></body></html>")
+    return "\n".join(out) + "\n"
+
+
+def capture_thumbnail(probes: Probes, result_id: int, number: int) -> bytes | None:
+    """Return a result set's capture ``number`` (1-based) as a small PNG, or None."""
+    folder = probes.index.run(
+        lambda s: s.scalar(
+            select(ResultRecord.folder).where(ResultRecord.id == result_id)
+        )
+    )
+    if folder is None:
+        return None
+    captures = capture_files(results_root(probes.config.state_dir) / folder)
+    if not 1 <= number <= len(captures):
+        return None
+    image = Image.fromarray(dcmread(captures[number - 1]).pixel_array)
+    image.thumbnail((_THUMBNAIL, _THUMBNAIL))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+class WebServer:
+    """The listener in a thread of its own.
+
+    Parameters
+    ----------
+    probes
+        What it reads.
+
+    Raises
+    ------
+    ConfigError
+        If the token file is not usable.
+    OSError
+        If the address cannot be listened on.
+    """
+
+    def __init__(self, probes: Probes) -> None:
+        http = probes.config.http
+        self._server = _Server(
+            (http.host, http.port), probes, read_token(http.token_file)
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        """Return the port listened on."""
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Serve in the background."""
+        self._thread.start()
+
+    def alive(self) -> bool:
+        """Return whether the listener's thread runs."""
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
