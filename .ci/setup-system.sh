@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian tools the tests and benchmarks use: dcmtk (storescu, echoscu,
-# storescp, dsr2html), dicom3tools (dciodvfy), Orthanc (a real PACS for the
-# end-to-end test) and PostgreSQL (a throwaway server for the tests of a shared
+# storescp, dsr2html), dicom3tools (dciodvfy), Orthanc and its DICOMweb plugin (a
+# real PACS for the end-to-end tests, DICOM and STOW-RS) and PostgreSQL (a throwaway server for the tests of a shared
 # index; the tests start their own, as the postgres user) and openssl (certificates
 # for the DICOM TLS tests), libpixelmed-java (/usr/share/java/pixelmed.jar: pixelmed's
 # DicomSRValidator for tests/test_conformance.py) with default-jre-headless to run
@@ -12,8 +12,8 @@
 # root (or sudo) and Debian's package registry.
 set -euo pipefail
 
-packages=(dcmtk dicom3tools orthanc postgresql openssl libpixelmed-java default-jre-headless
-    chromium)
+packages=(dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl libpixelmed-java
+    default-jre-headless chromium)
 need=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

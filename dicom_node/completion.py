@@ -200,8 +200,11 @@ def destinations(
     list of (name, Peer)
         Each peer once.
     """
+    # A DICOMweb destination is recorded by its URL, with no AE title and
+    # port 0: the outbox sends it STOW-RS (the index keeps one peer shape).
     peers: list[tuple[str, Peer]] = [
-        (d.name, Peer(d.ae_title, d.host, d.port)) for d in config.destinations
+        (d.name, Peer("", d.url, 0) if d.url else Peer(d.ae_title, d.host, d.port))
+        for d in config.destinations
     ]
     senders = {
         (i.calling_ae_title, i.peer_address) for i in images if i.calling_ae_title

@@ -7,7 +7,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -76,7 +76,13 @@ class DestinationConfig:
         name ``host`` and be signed by ``ca_certificates``.
     ca_certificates
         PEM file of the certificates trusted for this destination; when None,
-        the ``[tls]`` table's, else the system's.
+        the ``[tls]`` table's, else the system's (for ``url``: the system's).
+    url
+        A DICOMweb service's base URL (e.g. ``https://pacs/dicom-web``): the
+        results are sent with STOW-RS instead of C-STORE (``ae_title``,
+        ``host`` and ``port`` are then empty).
+    token_file
+        For ``url``: a file holding a bearer token sent with each request.
     """
 
     name: str
@@ -85,6 +91,8 @@ class DestinationConfig:
     port: int
     tls: bool = False
     ca_certificates: Path | None = None
+    url: str | None = None
+    token_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -630,6 +638,8 @@ _DESTINATION_KEYS: dict[str, type] = {
     "port": int,
     "tls": bool,
     "ca_certificates": str,
+    "url": str,
+    "token_file": str,
 }
 _TLS_KEYS: dict[str, type] = {
     "certificate": str,
@@ -840,8 +850,17 @@ def config_from_mapping(
             )
             for c in lists["callers"]
         )
+        for d in lists["destinations"]:
+            if "token_file" in d and "url" not in d:
+                raise ConfigError(
+                    f"[[destinations]] {d.get('name', '?')!r} in "
+                    f"{list_sources['destinations']}: token_file is for a DICOMweb "
+                    "destination (url)"
+                )
         destinations = tuple(
-            DestinationConfig(
+            _dicomweb_destination(d, list_sources["destinations"], resolve)
+            if "url" in d
+            else DestinationConfig(
                 name=_required(d, "name", "destinations", list_sources),
                 ae_title=validate_ae_title(
                     _required(d, "ae_title", "destinations", list_sources),
@@ -997,6 +1016,39 @@ def _required(
     if key not in table:
         raise ConfigError(f"[[{section}]] in {sources[section]}: missing key {key!r}")
     return table[key]
+
+
+def _dicomweb_destination(
+    d: Mapping[str, Any], source: str, resolve: Callable[[str, str], Path]
+) -> DestinationConfig:
+    """Return a ``[[destinations]]`` entry with ``url``: a DICOMweb STOW-RS service."""
+    where = f"[[destinations]] {d.get('name', '?')!r} in {source}"
+    name = d.get("name")
+    if not name:
+        raise ConfigError(f"{where}: missing key 'name'")
+    dicom_keys = sorted({"ae_title", "host", "port", "tls"} & set(d))
+    if dicom_keys:
+        raise ConfigError(
+            f"{where}: url (DICOMweb) and {', '.join(dicom_keys)} (DICOM) "
+            "exclude each other; give one kind of destination per entry"
+        )
+    url = str(d["url"]).strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url) or len(url) > 255:
+        raise ConfigError(
+            f"{where}: url must be an http:// or https:// URL of at most 255 "
+            f"characters, found {url[:80]!r}"
+        )
+    return DestinationConfig(
+        name=str(name),
+        ae_title="",
+        host="",
+        port=0,
+        ca_certificates=(
+            resolve(d["ca_certificates"], source) if "ca_certificates" in d else None
+        ),
+        url=url,
+        token_file=resolve(d["token_file"], source) if "token_file" in d else None,
+    )
 
 
 def _checked_host(value: str | None, source: str) -> str | None:

@@ -260,9 +260,11 @@ def statement(config: NodeConfig) -> list[Section]:
                 ),
                 "Association acceptance: the called AE title must be the node's. "
                 + _callers(config)
-                + " Association initiation: the node associates with each "
+                + " Association initiation: the node associates with each DICOM "
                 "destination to send result objects, proposing each object's SOP "
-                "class with the transfer syntax it was written in, and to send "
+                "class with the transfer syntax it was written in (a destination "
+                "given by url gets them by DICOMweb STOW-RS, PS3.18 10.5, "
+                "application/dicom, one request per result set), and to send "
                 "Verification (dicom-node echo) with "
                 + ", ".join(_name(ts) for ts in verification_scu)
                 + ".",

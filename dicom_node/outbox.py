@@ -35,6 +35,7 @@ from dicom_node.index import (
 from dicom_node.leases import backoff, owner_name, release
 from dicom_node.loop import Loop
 from dicom_node.results.store import delivery_files, results_root
+from dicom_node.stow import stow
 from dicom_node.tls import client_context
 
 __all__ = [
@@ -173,6 +174,31 @@ def _delivery_tls(config: NodeConfig, destination: str) -> ssl.SSLContext | None
     return client_context(config) if config.tls is not None else None
 
 
+def _stow_all(
+    deliveries: Sequence[ClaimedDelivery],
+    owner_of: dict[Path, int],
+    config: NodeConfig,
+    errors: dict[int, str],
+) -> None:
+    destination = next(
+        (d for d in config.destinations if d.name == deliveries[0].destination), None
+    )
+    for delivery in deliveries:
+        files = [path for path, owner in owner_of.items() if owner == delivery.id]
+        if not files:
+            continue
+        try:
+            outcomes = stow(files, delivery.peer.host, destination)
+        except ConfigError as exc:
+            errors[delivery.id] = str(exc)
+            continue
+        refused = [o for o in outcomes if not o.ok]
+        if refused:
+            errors[delivery.id] = (
+                f"{len(refused)} of {len(outcomes)} not stored: {refused[0].error}"
+            )
+
+
 def run_deliveries(
     deliveries: Sequence[ClaimedDelivery], config: NodeConfig, index: IndexDB
 ) -> list[DeliveryState]:
@@ -201,6 +227,11 @@ def run_deliveries(
             owner_of.update(dict.fromkeys(files, delivery.id))
         else:
             errors[delivery.id] = "result files missing"
+    if owner_of and deliveries[0].peer.port == 0:
+        # A DICOMweb destination (its URL in the host field): STOW-RS, one
+        # request per result set.
+        _stow_all(deliveries, owner_of, config, errors)
+        owner_of.clear()
     if owner_of:
         try:
             tls = _delivery_tls(config, deliveries[0].destination)

@@ -360,7 +360,11 @@ def status_text(status: NodeStatus, limit: int) -> str:
 
     deliveries = []
     for d in status["failing_deliveries"]:
-        to = f"{d['destination']} ({d['ae_title']}@{d['host']}:{d['port']})"
+        to = (
+            f"{d['destination']} ({d['host']}, STOW-RS)"
+            if d["port"] == 0  # a DICOMweb destination: its URL
+            else f"{d['destination']} ({d['ae_title']}@{d['host']}:{d['port']})"
+        )
         if d["state"] == DeliveryState.DEAD:
             head = f"dead: delivery {d['id']} to {to} after {_tries(d['attempts'])}"
         else:

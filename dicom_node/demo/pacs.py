@@ -126,6 +126,8 @@ class Orthanc:
         Orthanc's DicomModalities: name -> [AE title, host, port].
     ae_title
         Orthanc's own AE title.
+    plugins
+        Plugin files to load (e.g. the DICOMweb plugin).
     """
 
     name = "Orthanc"
@@ -136,7 +138,9 @@ class Orthanc:
         folder: Path,
         modalities: dict[str, list[object]] | None = None,
         ae_title: str = PACS_AE,
+        plugins: list[str] | None = None,
     ) -> None:
+        self.plugins = plugins or []
         self.binary = binary
         self.folder = folder
         self.modalities = modalities or {}
@@ -205,7 +209,7 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False,
-            "Plugins": [],
+            "Plugins": self.plugins,
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))

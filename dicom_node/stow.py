@@ -1,0 +1,162 @@
+"""Results to a DICOMweb service: STOW-RS (PS3.18 10.5), sent with dicomweb-client.
+
+A ``[[destinations]]`` entry with ``url`` gets its result sets this way instead
+of by C-STORE, through the same outbox: one request per result set, every
+instance's outcome read from the response (its Failed SOP Sequence), and the
+same retries, backoff and dead letter.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node.config import DestinationConfig
+from dicom_node.dimse import is_decode_error
+from dicom_node.errors import ConfigError
+
+__all__ = ["StowOutcome", "stow"]
+
+logger = logging.getLogger(__name__)
+
+_TIMEOUT = 60.0  # seconds for a request
+
+
+@dataclass(frozen=True, slots=True)
+class StowOutcome:
+    """What became of one file.
+
+    Parameters
+    ----------
+    path
+        The file.
+    ok
+        Stored by the service.
+    error
+        Why not, in words (no patient data).
+    """
+
+    path: Path
+    ok: bool
+    error: str = ""
+
+
+def _token(destination: DestinationConfig | None) -> str | None:
+    path = destination.token_file if destination else None
+    if path is None:
+        return None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"token_file {path}: cannot read it ({exc})") from exc
+    if not token:
+        raise ConfigError(f"token_file {path}: empty")
+    return token
+
+
+def stow(
+    paths: Sequence[Path], url: str, destination: DestinationConfig | None
+) -> list[StowOutcome]:
+    """Store files at a DICOMweb service in one STOW-RS request.
+
+    Parameters
+    ----------
+    paths
+        The result set's files.
+    url
+        The service's base URL (the delivery's; ``/studies`` is appended).
+    destination
+        Its configuration (token, CA certificates), when still configured.
+
+    Returns
+    -------
+    list of StowOutcome
+        One per file, in order.
+
+    Raises
+    ------
+    ConfigError
+        If the token file cannot be read.
+    """
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    token = _token(destination)
+    datasets, uids, outcomes = [], [], {}
+    for path in paths:
+        try:
+            ds = dcmread(path)
+        except Exception as exc:
+            if not is_decode_error(exc):
+                raise
+            outcomes[path] = StowOutcome(path, False, "result file unreadable")
+            continue
+        datasets.append(ds)
+        uids.append((path, str(ds.SOPInstanceUID)))
+    if not datasets:
+        return [outcomes[p] for p in paths]
+    session = requests.Session()
+    if destination is not None and destination.ca_certificates is not None:
+        session.verify = str(destination.ca_certificates)
+    client = DICOMwebClient(
+        url=url,
+        session=session,
+        headers={"Authorization": f"Bearer {token}"} if token else None,
+        timeout=_TIMEOUT,
+    )
+    # One try per request: the outbox retries with its own backoff and dead
+    # letter, as for DICOM peers.
+    client.set_http_retry_params(retry=False)
+    try:
+        response = client.store_instances(datasets)
+    except requests.HTTPError as exc:
+        code = exc.response.status_code if exc.response is not None else 0
+        reason = exc.response.reason if exc.response is not None else ""
+        error = f"HTTP {code} {reason}".strip()
+        outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
+    except (requests.RequestException, OSError) as exc:
+        error = f"not reached ({type(exc).__name__})"
+        outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
+    else:
+        outcomes.update(_read_response(response, uids))
+    finally:
+        session.close()
+    return [outcomes[p] for p in paths]
+
+
+def _read_response(
+    response: Dataset, uids: Sequence[tuple[Path, str]]
+) -> dict[Path, StowOutcome]:
+    """Each file's outcome from a Store Instances Response (PS3.18 10.5.3)."""
+    failed = {
+        str(item.get("ReferencedSOPInstanceUID", "")): item.get("FailureReason")
+        for item in response.get("FailedSOPSequence", [])
+    }
+    stored = {
+        str(item.get("ReferencedSOPInstanceUID", ""))
+        for item in response.get("ReferencedSOPSequence", [])
+    }
+    # A response that lists instances must list each stored one; an empty one
+    # (HTTP 200 without a body) stands for all.
+    listed = bool(failed or stored)
+    outcomes = {}
+    for path, uid in uids:
+        if uid in failed:
+            reason = failed[uid]
+            outcomes[path] = StowOutcome(
+                path,
+                False,
+                f"refused (failure reason 0x{int(reason):04X})"
+                if reason is not None
+                else "refused",
+            )
+        elif listed and uid not in stored:
+            outcomes[path] = StowOutcome(path, False, "not confirmed by the service")
+        else:
+            outcomes[path] = StowOutcome(path, True)
+    return outcomes

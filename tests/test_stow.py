@@ -1,0 +1,155 @@
+"""DICOMweb destinations: results sent with STOW-RS, through the same outbox.
+
+A real Orthanc with its DICOMweb plugin (Debian's orthanc-dicomweb) sends a
+study to the node over DICOM and gets the results back over STOW-RS; a service
+that cannot be reached gets the same retries and dead letter as a DICOM peer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.config import (
+    CallerConfig,
+    DestinationConfig,
+    ModelConfig,
+    NodeConfig,
+    load_config,
+)
+from dicom_node.demo.pacs import Orthanc, find_orthanc
+from dicom_node.errors import ConfigError
+from tests.factories import make_artifact
+from tests.helpers import (
+    ct_study,
+    free_port,
+    make_config,
+    node_config,
+    status,
+    store_datasets,
+    wait_for,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def web_destination(url: str) -> DestinationConfig:
+    return DestinationConfig("pacs-web", "", "", 0, url=url)
+
+
+@pytest.mark.skipif(
+    find_orthanc() is None or not PLUGIN.is_file(),
+    reason="Orthanc and orthanc-dicomweb not installed (.ci/setup-system.sh)",
+)
+def test_orthanc_gets_the_results_over_stow_rs(
+    tmp_path: Path, run_serve: Callable[[NodeConfig], int]
+) -> None:
+    model = tmp_path / "model.safetensors"
+    artifact = make_artifact()  # both findings present: a Grad-CAM image each
+    artifact.labels = tuple(replace(label, threshold=0.0) for label in artifact.labels)
+    artifact.save(model)
+    node_port = free_port()
+    binary = find_orthanc()
+    assert binary is not None
+    pacs = Orthanc(
+        binary,
+        tmp_path / "orthanc",
+        modalities={"node": ["DICOMNODE", "127.0.0.1", node_port]},
+        ae_title="ORTHANC",
+        plugins=[str(PLUGIN)],
+    )
+    pacs.start()
+    try:
+        config = make_config(
+            tmp_path,
+            port=node_port,
+            stable_after=0.5,
+            callers=(CallerConfig("ORTHANC", "127.0.0.1"),),
+            destinations=(web_destination(f"http://127.0.0.1:{pacs.http}/dicom-web"),),
+            models=(ModelConfig(model),),
+        )
+        run_serve(config)
+        path = next((REPO / "sample_dicoms" / "dx" / "dicom").rglob("*.dcm"))
+        study_id = json.loads(pacs.request("/instances", path.read_bytes()))[
+            "ParentStudy"
+        ]
+        sent = json.loads(
+            pacs.request("/modalities/node/store", json.dumps(study_id).encode())
+        )
+        assert sent.get("FailedInstancesCount", 0) == 0, sent
+
+        def modalities() -> dict[str, int]:
+            found: dict[str, int] = {}
+            for series in pacs.get(f"/studies/{study_id}/series"):
+                modality = series["MainDicomTags"].get("Modality", "")
+                found[modality] = found.get(modality, 0) + len(series["Instances"])
+            return found
+
+        wait_for(lambda: modalities().get("SR") == 1, 60, "the SR in Orthanc")
+        wait_for(lambda: status(config)["deliveries"]["done"] == 1, 20, "delivered")
+        assert modalities() == {"DX": 1, "SR": 1, "OT": 2}
+        # What Orthanc holds is what the node wrote, byte for byte in content.
+        written = {
+            str(dcmread(p).SOPInstanceUID)
+            for p in (config.state_dir / "results").rglob("*.dcm")
+        }
+        held = {
+            i["MainDicomTags"]["SOPInstanceUID"]
+            for i in pacs.get(f"/studies/{study_id}/instances")
+            if i["MainDicomTags"]["SOPInstanceUID"] in written
+        }
+        assert held == written
+    finally:
+        pacs.stop()
+
+
+def test_a_service_that_cannot_be_reached_is_retried_then_dead_lettered(
+    tmp_path: Path, model: Path, run_serve: Callable[[NodeConfig], int]
+) -> None:
+    config = node_config(
+        tmp_path,
+        model,
+        free_port(),
+        destinations=(web_destination(f"http://127.0.0.1:{free_port()}/dicom-web"),),
+        delivery_attempts=2,
+    )
+    port = run_serve(config)
+    assert store_datasets(port, ct_study()) == [0, 0]
+    wait_for(lambda: status(config)["deliveries"]["dead"] == 1, 60, "dead-lettered")
+    failing = status(config)["failing_deliveries"]
+    assert failing[0]["attempts"] == 2
+    assert "not reached (ConnectionError)" in str(failing[0]["last_error"])
+
+
+def test_a_dicomweb_destination_is_checked(tmp_path: Path) -> None:
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        '[[destinations]]\nname = "web"\nurl = "https://pacs.example/dicom-web/"\n'
+        'token_file = "pacs.token"\n'
+    )
+    config = load_config(toml)
+    (web,) = config.destinations
+    assert web.url == "https://pacs.example/dicom-web"
+    assert web.token_file == tmp_path / "pacs.token"
+    toml.write_text(
+        '[[destinations]]\nname = "web"\nurl = "https://pacs/dicom-web"\nport = 104\n'
+    )
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_config(toml)
+    toml.write_text('[[destinations]]\nname = "web"\nurl = "ftp://pacs/"\n')
+    with pytest.raises(ConfigError, match="http:// or https://"):
+        load_config(toml)
+    toml.write_text(
+        '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\n'
+        'token_file = "t"\n'
+    )
+    with pytest.raises(ConfigError, match="token_file is for a DICOMweb"):
+        load_config(toml)
