@@ -3,11 +3,12 @@
 The receiving processes, the results processes and the process that serves
 ``/metrics`` are different processes; prometheus-client's multiprocess mode
 lets each write its figures to files in one folder, which the scrape adds up.
-The folder is chosen once, before any metric exists (:func:`share`): a new
-temporary folder of the process that calls it (``serve``, ``dicom-node
-worker``), which the processes it starts inherit through the environment, and
-which goes when that process ends. A ``dicom-node worker`` process therefore
-has metrics of its own, served by its own ``[http]`` listener.
+The folder is chosen once, before any metric exists (:func:`share`): ``serve``
+makes a temporary folder (gone when it ends), which the processes it starts
+inherit through the environment, and names it in ``<state_dir>/metrics.path``;
+a ``dicom-node worker`` on the same host and state folder joins it, so
+``serve``'s ``/metrics`` counts the worker's studies too. A worker that finds no
+``serve`` there keeps its own (served by its own ``[http]`` listener).
 
 Metrics are made on first use; every recording function is cheap and never
 raises.
@@ -44,6 +45,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The pid that chose ENV (not a DICOM_NODE_* name: those are configuration).
+_OWNER = "PROMETHEUS_MULTIPROC_DIR_OWNER"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds: a study's wait for a worker, its model and Grad-CAM time, and the
 # time from stable to delivered.
@@ -54,21 +57,40 @@ _lock = threading.Lock()
 _made: dict[str, Any] = {}
 
 
-def share() -> Path:
+def share(state_dir: Path, join: bool = False) -> bool:
     """Write this process's metrics, and its children's, to files in one folder.
 
-    Must run before the first metric is made in this process. A folder chosen
-    earlier (by a parent, through the environment) is kept; else a new
-    temporary one is made, removed when this process exits.
+    Must run before the first metric is made in this process. A folder this
+    process chose before is kept (a node run again in one process); one named
+    in the environment by another process (a program that started this one)
+    is not: this process's own children inherit it, not its own commands.
+
+    Parameters
+    ----------
+    state_dir
+        The node's state folder, where ``serve`` names its folder.
+    join
+        Join the folder ``serve`` named there, when it still exists (a
+        worker); else (``serve``) make one and name it there.
 
     Returns
     -------
-    pathlib.Path
-        The folder in use.
+    bool
+        Whether this process joined another's folder (its figures are then
+        served by that process's ``/metrics``).
     """
-    chosen = os.environ.get(ENV)
-    if chosen:
-        return Path(chosen)
+    if os.environ.get(ENV) and os.environ.get(_OWNER) == str(os.getpid()):
+        return False
+    os.environ[_OWNER] = str(os.getpid())
+    named = state_dir / "metrics.path"
+    if join:
+        try:
+            folder = Path(named.read_text(encoding="utf-8").strip())
+        except (OSError, UnicodeDecodeError):
+            folder = None
+        if folder is not None and folder.is_dir():
+            os.environ[ENV] = str(folder)
+            return True
     folder = Path(tempfile.mkdtemp(prefix="dicom-node-metrics-"))
     os.environ[ENV] = str(folder)
     owner = os.getpid()
@@ -78,7 +100,17 @@ def share() -> Path:
             shutil.rmtree(folder, ignore_errors=True)
 
     atexit.register(remove)
-    return folder
+    if not join:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            partial = named.with_name(f".{named.name}.{owner}")
+            partial.write_text(str(folder), encoding="utf-8")
+            partial.replace(named)
+        except OSError as exc:
+            logger.warning(
+                "workers cannot join this node's metrics: %s", exc.strerror or exc
+            )
+    return False
 
 
 def _metric(name: str, make: Callable[[Any], Any]) -> Any:

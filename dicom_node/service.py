@@ -136,7 +136,7 @@ def serve(
     """
     # Before any metric exists: every process of the node writes its figures
     # there, and /metrics adds them up.
-    metrics.share()
+    metrics.share(config.state_dir)
     metrics.process_figures()  # loads prometheus-client now, not in a C-STORE
     index = open_index(config)
     # Listening (and its token read) before anything starts: a bad [http]
@@ -258,20 +258,23 @@ def run_worker(config: NodeConfig, stop: threading.Event) -> None:
     stop
         Set (by a signal handler) to shut down after the current job.
     """
-    metrics.share()
+    joined = metrics.share(config.state_dir, join=True)
     index = open_index(config)
     workers = start_workers(config, index, max(1, config.workers))
-    try:
-        web = _web_server(
-            config,
-            index,
-            lambda: [(loop.name, loop.is_alive()) for loop in workers.loops],
-            workers.models.loaded_keys if workers.models else None,
-        )
-    except BaseException:
-        workers.stop()
-        index.close()
-        raise
+    web = None
+    if joined:
+        logger.info("metrics counted by the serve process of %s", config.state_dir)
+    else:
+        try:
+            web = _web_server(
+                config,
+                index,
+                lambda: [(loop.name, loop.is_alive()) for loop in workers.loops],
+                workers.models.loaded_keys if workers.models else None,
+            )
+        except (DicomNodeError, OSError) as exc:
+            # A worker does its work without a listener of its own.
+            logger.warning("this worker's metrics are not served: %s", exc)
     if web is not None:
         web.start()
     logger.info(

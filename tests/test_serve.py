@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import threading
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,19 +34,24 @@ from tests.factories import (
 )
 from tests.helpers import (
     RunningNode,
+    ct_study,
     dicom_node_cmd,
+    free_port,
     run_cli,
     store_datasets,
     store_files,
     wait_for,
+    worker_process,
 )
 
 SENTINELS = (SENTINEL_NAME, "SENTINEL^PHI", SENTINEL_BIRTH_DATE, SENTINEL_PATIENT_ID)
 
 
-def write_config(tmp_path: Path, **node: object) -> Path:
+def write_config(tmp_path: Path, http_port: int = 0, **node: object) -> Path:
     values = {"port": 0, "stable_after": 0.5, "log_level": "DEBUG", **node}
     lines = ["[node]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    if http_port:
+        lines += ["[http]", f"port = {http_port}"]
     lines += [
         "[[callers]]",
         'ae_title = "TESTSCU"',
@@ -240,7 +246,10 @@ def test_status_json_counts(
 def test_several_receiving_processes_share_the_port(
     tmp_path: Path, serve_processes: list[ServeProcess]
 ) -> None:
-    serve = start_serve(write_config(tmp_path, scp_processes=3, log_level="INFO"))
+    web = free_port()
+    serve = start_serve(
+        write_config(tmp_path, http_port=web, scp_processes=3, log_level="INFO")
+    )
     serve_processes.append(serve)
     wait_for(
         lambda: serve.log.count("receiving process listening") == 2,
@@ -259,6 +268,22 @@ def test_several_receiving_processes_share_the_port(
         run_cli("status", "--config", str(tmp_path / "node.toml"), "--json").stdout
     )
     assert status["instances"] == 120
+    # /metrics adds up what every receiving process counted.
+    with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    received = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("dicom_node_instances_received_total ")
+    ]
+    assert received == [120.0]
+    accepted = [
+        line
+        for line in text.splitlines()
+        if line.startswith('dicom_node_associations_total{outcome="accepted"')
+    ]
+    assert accepted
+    assert float(accepted[0].split()[-1]) == 6.0
     serve.proc.send_signal(signal.SIGTERM)
     assert serve.proc.wait(30) == 0
 
@@ -315,3 +340,31 @@ def test_no_patient_data_in_captured_records(
     assert "text withheld" in caplog.text  # pydicom did warn about the bad DA
     for sentinel in SENTINELS:
         assert sentinel not in caplog.text
+
+
+def test_a_worker_process_is_counted_by_serves_metrics(
+    tmp_path: Path, model: Path, serve_processes: list[ServeProcess]
+) -> None:
+    web = free_port()
+    toml = write_config(tmp_path, http_port=web, workers=0, log_level="INFO")
+    serve = start_serve(toml)
+    serve_processes.append(serve)
+    worker = worker_process(toml)
+    try:
+        assert store_datasets(serve.port, ct_study()) == [0, 0]
+
+        def scored_by_the_worker() -> float:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{web}/metrics", timeout=10
+            ) as r:
+                text = r.read().decode()
+            return sum(
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("dicom_node_inference_seconds_count{")
+            )
+
+        wait_for(lambda: scored_by_the_worker() == 1, 90, "the worker's study counted")
+    finally:
+        worker.terminate()
+        worker.wait(30)
