@@ -432,7 +432,7 @@ def status_page(probes: Probes) -> str:
 
     def read(
         session: Session,
-    ) -> tuple[list[_Row], dict[str, int], dict[str, int], list[Any]]:
+    ) -> tuple[list[_Row], dict[str, int], dict[str, int], list[Any], list[Any]]:
         rows = _recent(session, probes)
         jobs = dict(
             session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
@@ -447,9 +447,20 @@ def status_page(probes: Probes) -> str:
             .order_by(ErrorRecord.id.desc())
             .limit(10)
         ).all()
-        return rows, jobs, outbox, list(errors)
+        failing = session.execute(
+            select(
+                Delivery.destination,
+                Delivery.state,
+                Delivery.attempts,
+                Delivery.last_error,
+            )
+            .where(Delivery.last_error.is_not(None), Delivery.state != "done")
+            .order_by(Delivery.updated_at.desc())
+            .limit(10)
+        ).all()
+        return rows, jobs, outbox, [*errors], [*failing]
 
-    rows, jobs, outbox, errors = probes.index.run(read)
+    rows, jobs, outbox, errors, failing = probes.index.run(read)
     e = html.escape
     out = [
         "<!DOCTYPE html>",
@@ -499,6 +510,13 @@ def status_page(probes: Probes) -> str:
             f"<td>{jobs_cell}</td><td>{results_cell}</td></tr>"
         )
     out.append("</table>")
+    out.append('<h2>Failing deliveries</h2><ul id="failing">')
+    out += [
+        f"<li>{e(destination)}: {e(str(state))} after {attempts} tr"
+        f"{'y' if attempts == 1 else 'ies'}: {e((error or '')[:300])}</li>"
+        for destination, state, attempts, error in failing
+    ]
+    out.append("</ul>")
     out.append('<h2>Last errors</h2><ul id="errors">')
     out += [
         f"<li>{e(at.strftime('%Y-%m-%d %H:%M:%S'))} {e(source)}: {e(message)}</li>"

@@ -8,6 +8,7 @@ that cannot be reached gets the same retries and dead letter as a DICOM peer.
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydicom import dcmread
 from dicom_node.config import (
     CallerConfig,
     DestinationConfig,
+    HttpConfig,
     ModelConfig,
     NodeConfig,
     load_config,
@@ -114,12 +116,14 @@ def test_orthanc_gets_the_results_over_stow_rs(
 def test_a_service_that_cannot_be_reached_is_retried_then_dead_lettered(
     tmp_path: Path, model: Path, run_serve: Callable[[NodeConfig], int]
 ) -> None:
+    web = free_port()
     config = node_config(
         tmp_path,
         model,
         free_port(),
         destinations=(web_destination(f"http://127.0.0.1:{free_port()}/dicom-web"),),
         delivery_attempts=2,
+        http=HttpConfig(port=web),
     )
     port = run_serve(config)
     assert store_datasets(port, ct_study()) == [0, 0]
@@ -127,6 +131,12 @@ def test_a_service_that_cannot_be_reached_is_retried_then_dead_lettered(
     failing = status(config)["failing_deliveries"]
     assert failing[0]["attempts"] == 2
     assert "not reached (ConnectionError)" in str(failing[0]["last_error"])
+    # The status page lists it with its reason.
+    with urllib.request.urlopen(f"http://127.0.0.1:{web}/", timeout=10) as r:
+        page = r.read().decode()
+    failing_section = page.split('<ul id="failing">', 1)[1].split("</ul>", 1)[0]
+    assert "pacs-web: dead after 2 tries" in failing_section
+    assert "not reached (ConnectionError)" in failing_section
 
 
 def test_a_dicomweb_destination_is_checked(tmp_path: Path) -> None:
