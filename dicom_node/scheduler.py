@@ -6,14 +6,14 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.index import IndexDB, Job, JobState, Study, utc_now
 from dicom_node.log import uid_ref
 from dicom_node.loop import Loop
 
-__all__ = ["Scheduler", "schedule_stable_studies"]
+__all__ = ["Scheduler", "earliest_waiting", "schedule_stable_studies"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,27 @@ def schedule_stable_studies(
     return len(claimed)
 
 
+def earliest_waiting(index: IndexDB) -> datetime | None:
+    """Return the last arrival of the study that will be stable first, if any waits."""
+    return index.run(
+        lambda s: s.scalar(
+            select(func.min(Study.last_received_at)).where(
+                Study.needs_processing.is_(True)
+            )
+        )
+    )
+
+
 class Scheduler(Loop):
-    """Runs :func:`schedule_stable_studies` in a background thread.
+    """Runs :func:`schedule_stable_studies` in a background thread, at the deadlines.
+
+    After each round it sleeps until the earliest waiting study becomes stable
+    (its last arrival plus ``stable_after``), so a study is queued the moment
+    it is due rather than at the next poll. Arrivals stored by this process
+    wake it when no study was waiting (:meth:`arrived`); arrivals through other
+    processes (more receiving processes, other hosts) are found by a look at
+    least every quarter of ``stable_after`` (at most 1 s), always before they
+    are due.
 
     Parameters
     ----------
@@ -123,16 +142,35 @@ class Scheduler(Loop):
         stable_after: float,
         on_queued: Callable[[], None] | None = None,
     ) -> None:
-        # Check often enough that a study is queued within ~25% of stable_after.
-        super().__init__("scheduler", index, idle=min(1.0, max(0.05, stable_after / 4)))
+        # Look often enough that another process's new study is seen before it
+        # is due.
+        self.poll = min(1.0, max(0.05, stable_after / 4))
+        super().__init__("scheduler", index, idle=self.poll)
         self.index = index
         self.on_queued = on_queued
         self.model_keys = tuple(model_keys)
         self.stable_after = stable_after
+        self._waiting = True  # a study may be waiting: no wake on arrival needed
+
+    def arrived(self) -> None:
+        """Say an instance was stored here: wake the thread if nothing waited."""
+        if not self._waiting:
+            self._waiting = True
+            self.wake.set()
 
     def step(self) -> bool:
-        """Queue the jobs of the studies that became stable; wake the workers."""
+        """Queue the studies that became stable; sleep until the next is due."""
         found = schedule_stable_studies(self.index, self.model_keys, self.stable_after)
         if found and self.on_queued is not None:
             self.on_queued()
-        return False  # a round finds every stable study: rest until the next
+        earliest = earliest_waiting(self.index)
+        if earliest is None:
+            self._waiting = False
+            self.idle = self.poll
+            return False
+        self._waiting = True
+        due = earliest + timedelta(seconds=self.stable_after) - utc_now()
+        # Not less than a few milliseconds: a study just found due is being
+        # claimed by another process's scheduler.
+        self.idle = min(self.poll, max(0.005, due.total_seconds()))
+        return False

@@ -12,6 +12,7 @@ import threading
 import time
 import weakref
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -125,11 +126,15 @@ class StoreContext:
         The file store.
     index
         The index database.
+    on_stored
+        Called after each instance stored (the scheduler of this process:
+        a study's deadline has moved).
     """
 
     config: NodeConfig
     storage: Storage
     index: IndexDB
+    on_stored: Callable[[], None] | None = None
     _associations: dict[int, list[Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # When to look next for what ended associations left (after a connection
@@ -492,6 +497,8 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         message = f"unexpected {describe_exception(exc)}"
         logger.error("C-STORE failed: %s", message, exc_info=exc)
     ctx.count(event.assoc, status == SUCCESS)
+    if status == SUCCESS and ctx.on_stored is not None:
+        ctx.on_stored()
     if status != SUCCESS:
         ctx.index.record_error(
             "store", message, status=status, association_id=association_id

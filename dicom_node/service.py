@@ -185,6 +185,7 @@ def serve(
         config.stable_after,
         on_queued=workers.nudge,
     )
+    receiver.ctx.on_stored = scheduler.arrived
     scheduler.start()
     periods = config.retention
     retention = (

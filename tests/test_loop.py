@@ -111,3 +111,47 @@ def test_a_scheduler_that_meets_an_unexpected_error_logs_it_and_goes_on(
         assert record.state == "stopped"
     finally:
         index.close()
+
+
+def test_a_study_is_queued_when_it_becomes_stable_not_at_a_later_poll(
+    tmp_path: Path,
+) -> None:
+    # With stable_after 2 s, the scheduler looks at least every 0.5 s; a study
+    # whose deadline it knows is queued at that deadline, not up to 0.5 s later.
+    index = open_index(make_config(tmp_path))
+    scheduler = Scheduler(index, ["model"], 2.0)
+    late: list[float] = []
+    try:
+        scheduler.start()
+        for _ in range(3):
+            uid = generate_uid()
+            arrived = utc_now()
+
+            def work(session: Session, uid: str = uid, at: object = arrived) -> None:
+                session.add(
+                    Study(
+                        study_instance_uid=uid,
+                        first_received_at=at,
+                        last_received_at=at,
+                        needs_processing=True,
+                    )
+                )
+
+            index.run(work)
+            scheduler.arrived()
+            before = _jobs(index)
+
+            def queued_one(n: int = before) -> bool:
+                return _jobs(index) == n + 1
+
+            wait_for(queued_one, 10, "the study queued")
+            with index.sessions() as session:
+                queued = session.scalars(
+                    select(Job.created_at).order_by(Job.id.desc())
+                ).first()
+            assert queued is not None
+            late.append((queued - arrived).total_seconds() - 2.0)
+    finally:
+        scheduler.stop()
+        index.close()
+    assert all(-0.01 <= s < 0.15 for s in late), late
