@@ -13,11 +13,13 @@
 
 Only GET. With ``token_file``, every request but ``/healthz`` needs
 ``Authorization: Bearer <token>``. Connections are served by at most
-:data:`MAX_CLIENTS` threads, each read with a timeout; more are closed at once.
+:data:`MAX_CLIENTS` threads, each read with a timeout and the whole exchange
+within a deadline; more are closed at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import html
 import io
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import re
+import socket
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +66,8 @@ __all__ = ["MAX_CLIENTS", "Probes", "WebServer", "read_token"]
 logger = logging.getLogger(__name__)
 
 MAX_CLIENTS = 16  # connections served at once
-_TIMEOUT = 5.0  # seconds a client has for its request
+_TIMEOUT = 5.0  # seconds a client has for each read of its request
+_DEADLINE = 15.0  # seconds for a whole request and its answer
 _THUMBNAIL = 192  # pixels, the longer side
 _RECENT = 30  # studies on the status page
 _REFRESH = 10  # seconds between the page's reloads
@@ -140,10 +144,21 @@ class _Server(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # A whole request and its answer within _DEADLINE, however slowly the
+        # client sends (a byte every few seconds would meet every read's timeout).
+        deadline = threading.Timer(_DEADLINE, _cut, (request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self.slots.release()
+
+
+def _cut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -270,3 +270,30 @@ def test_status_page_in_a_browser(
             assert refresh.get_attribute("content") == "10"
         finally:
             browser.close()
+
+
+def test_a_slow_sender_is_cut_off(
+    served: Callable[..., tuple[NodeConfig, int, int]],
+) -> None:
+    _, _, web = served()
+    sock = socket.create_connection(("127.0.0.1", web))
+    sock.settimeout(1)
+    started = time.monotonic()
+    closed_after = None
+    try:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n")
+        while time.monotonic() - started < 30:
+            try:
+                sock.sendall(b"X")  # a byte every 2 s: within each read's timeout
+                if sock.recv(1024) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                time.sleep(1)
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+    finally:
+        sock.close()
+    assert closed_after is not None
+    assert 14 <= closed_after <= 20  # the 15 s deadline of a whole request
