@@ -1033,10 +1033,11 @@ def _dicomweb_destination(
             "exclude each other; give one kind of destination per entry"
         )
     url = str(d["url"]).strip().rstrip("/")
-    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url) or len(url) > 255:
+    if not re.fullmatch(r"https?://[^\s/@?#]+(/[^\s?#]*)?", url) or len(url) > 255:
         raise ConfigError(
             f"{where}: url must be an http:// or https:// URL of at most 255 "
-            f"characters, found {url[:80]!r}"
+            "characters, without user:password@, query or fragment (a token goes "
+            f"in token_file), found {url[:80]!r}"
         )
     return DestinationConfig(
         name=str(name),

@@ -117,6 +117,8 @@ _ID_CACHE_SIZE = 100_000
 _WAIT = 60.0
 # Execution option: milliseconds a transaction waits for a lock.
 _WAIT_OPTION = "dicom_node_lock_wait_ms"
+# A transaction that only reads: on SQLite a deferred BEGIN (no write lock).
+_READ_OPTION = "dicom_node_read_only"
 
 
 def utc_now() -> datetime:
@@ -484,6 +486,12 @@ class IndexDB:
             ),
             expire_on_commit=False,
         )
+        # Readers (the status page, /metrics) take no write lock: on SQLite's
+        # WAL they never hold up a C-STORE.
+        self._read_sessions: sessionmaker[Session] = sessionmaker(
+            self.engine.execution_options(**{_READ_OPTION: True}),
+            expire_on_commit=False,
+        )
         self.touch_interval = touch_interval
         self._study_ids: dict[str, int] = {}
         self._series: dict[str, tuple[int, int]] = {}
@@ -524,6 +532,22 @@ class IndexDB:
             If the database fails, or the race is lost ``attempts`` times.
         """
         return _retrying(self.sessions.begin, work, attempts)
+
+    def read(self, work: Callable[[Session], T]) -> T:
+        """Run ``work``, which only reads, in a transaction that takes no write lock.
+
+        Parameters
+        ----------
+        work
+            A function of the session; it must not write.
+
+        Returns
+        -------
+        T
+            What ``work`` returned.
+        """
+        with self._read_sessions.begin() as session:
+            return work(session)
 
     # --- associations -------------------------------------------------------
 
@@ -911,7 +935,10 @@ def _configure_sqlite(engine: Engine, wait_ms: int) -> None:
         if info.get(_WAIT_OPTION) != wanted:
             connection.exec_driver_sql(f"PRAGMA busy_timeout={int(wanted)}")
             info[_WAIT_OPTION] = wanted
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        options = connection.get_execution_options()
+        connection.exec_driver_sql(
+            "BEGIN" if options.get(_READ_OPTION) else "BEGIN IMMEDIATE"
+        )
 
 
 def _configure_postgresql(engine: Engine, wait_ms: int) -> None:

@@ -7,8 +7,9 @@ The folder is chosen once, before any metric exists (:func:`share`): ``serve``
 makes a temporary folder (gone when it ends), which the processes it starts
 inherit through the environment, and names it in ``<state_dir>/metrics.path``;
 a ``dicom-node worker`` on the same host and state folder joins it, so
-``serve``'s ``/metrics`` counts the worker's studies too. A worker that finds no
-``serve`` there keeps its own (served by its own ``[http]`` listener).
+``serve``'s ``/metrics`` counts the worker's studies too (the systemd units
+share one private /tmp for this). A worker on another host has no listener:
+its figures are not served.
 
 Metrics are made on first use; every recording function is cheap and never
 raises.

@@ -183,9 +183,13 @@ def _stow_all(
     destination = next(
         (d for d in config.destinations if d.name == deliveries[0].destination), None
     )
+    unreachable = ""
     for delivery in deliveries:
         files = [path for path, owner in owner_of.items() if owner == delivery.id]
         if not files:
+            continue
+        if unreachable:
+            errors[delivery.id] = unreachable
             continue
         try:
             outcomes = stow(files, delivery.peer.host, destination)
@@ -197,6 +201,10 @@ def _stow_all(
             errors[delivery.id] = (
                 f"{len(refused)} of {len(outcomes)} not stored: {refused[0].error}"
             )
+            if refused[0].error.startswith("not reached"):
+                # The rest would wait out the same timeout each, past the
+                # lease: they are tried again with this one.
+                unreachable = errors[delivery.id]
 
 
 def run_deliveries(

@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig, RetentionConfig
@@ -45,6 +46,7 @@ from dicom_node.index import (
     Study,
     utc_now,
 )
+from dicom_node.log import describe_exception
 from dicom_node.loop import Loop
 from dicom_node.results.store import results_root
 
@@ -129,23 +131,42 @@ def sweep(
     storage = config.storage_dir
     # Files a sweep that ended early (a crash, a stop) left aside.
     report.held += _held_rows(index)
-    if periods.studies_days > 0:
+    stop = settle or threading.Event()
+    # On PostgreSQL an instance can be indexed again between the check and the
+    # delete (no database-wide write lock as on SQLite): received studies are
+    # kept there; results and audit rows go as configured.
+    if periods.studies_days > 0 and index.is_sqlite:
         cutoff = now - timedelta(days=periods.studies_days)
-        while True:
-            ids = index.run(lambda s: _settled_studies(s, cutoff))
+        skipped: set[int] = set()
+        while not stop.is_set():
+            ids = [
+                i
+                for i in index.run(lambda s: _settled_studies(s, cutoff, skipped))
+                if i not in skipped
+            ]
             if not ids:
                 break
             for study_id in ids:
-                row = _purge_study(index, storage, study_id, cutoff, now)
+                if stop.is_set():
+                    break
+                try:
+                    row = _purge_study(index, storage, study_id, cutoff, now)
+                except (OSError, SQLAlchemyError) as exc:
+                    # This study waits for the next sweep; the others go on.
+                    skipped.add(study_id)
+                    logger.warning(
+                        "retention: a study's instances not deleted (%s)",
+                        describe_exception(exc),
+                    )
+                    continue
                 if row is not None:
                     report.held.append(row)
-            if len(ids) < _BATCH:
-                break
     if report.held:
-        if settle is None:
-            threading.Event().wait(settle_seconds)
-        else:
-            settle.wait(settle_seconds)
+        stop.wait(settle_seconds)
+        if stop.is_set():
+            # Stopping: the moved files are checked by the next sweep, after
+            # its own wait, never sooner.
+            return report
         for row in report.held:
             files, size, restored = _finish_holding(index, storage, row)
             report.studies += 1
@@ -175,12 +196,13 @@ def sweep(
     return report
 
 
-def _settled_studies(session: Session, cutoff: datetime) -> list[int]:
-    return list(
-        session.scalars(
-            select(Study.id).where(_settled(cutoff)).order_by(Study.id).limit(_BATCH)
-        )
-    )
+def _settled_studies(
+    session: Session, cutoff: datetime, skipped: set[int]
+) -> list[int]:
+    query = select(Study.id).where(_settled(cutoff))
+    if skipped:
+        query = query.where(Study.id.not_in(skipped))
+    return list(session.scalars(query.order_by(Study.id).limit(_BATCH)))
 
 
 def _settled(cutoff: datetime) -> ColumnElement[bool]:
@@ -425,6 +447,11 @@ class RetentionSweeper(Loop):
         super().__init__("retention", index, idle=SWEEP_SECONDS)
         self.index = index
         self.config = config
+        if config.retention.studies_days and not index.is_sqlite:
+            logger.warning(
+                "retention: studies_days is not applied on PostgreSQL (received "
+                "studies are kept); results_days and audit_days are"
+            )
 
     def step(self) -> bool:
         """Sweep once; log what went (counts, never patient data)."""

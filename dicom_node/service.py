@@ -262,22 +262,12 @@ def run_worker(config: NodeConfig, stop: threading.Event) -> None:
     joined = metrics.share(config.state_dir, join=True)
     index = open_index(config)
     workers = start_workers(config, index, max(1, config.workers))
-    web = None
+    # A worker has no listener of its own ([http] is serve's port, and serve
+    # may be restarting): its figures reach serve's /metrics on this host.
     if joined:
         logger.info("metrics counted by the serve process of %s", config.state_dir)
     else:
-        try:
-            web = _web_server(
-                config,
-                index,
-                lambda: [(loop.name, loop.is_alive()) for loop in workers.loops],
-                workers.models.loaded_keys if workers.models else None,
-            )
-        except (DicomNodeError, OSError) as exc:
-            # A worker does its work without a listener of its own.
-            logger.warning("this worker's metrics are not served: %s", exc)
-    if web is not None:
-        web.start()
+        logger.info("no serve process found here: this worker's metrics are not served")
     logger.info(
         "worker running %d job thread(s) on the index of %s",
         len(workers.loops) - 1,
@@ -287,8 +277,6 @@ def run_worker(config: NodeConfig, stop: threading.Event) -> None:
         stop.wait()
     finally:
         logger.info("stopping: finishing the current jobs")
-        if web is not None:
-            web.stop()
         workers.stop()
         index.close()
         logger.info("stopped")

@@ -9,6 +9,7 @@ same retries, backoff and dead letter.
 from __future__ import annotations
 
 import logging
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +52,15 @@ def _token(destination: DestinationConfig | None) -> str | None:
     if path is None:
         return None
     try:
+        mode = path.stat().st_mode
         token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"token_file {path}: cannot read it ({exc})") from exc
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ConfigError(
+            f"token_file {path}: readable by others (mode {stat.S_IMODE(mode):04o}); "
+            f"run chmod 600 {path}"
+        )
     if not token:
         raise ConfigError(f"token_file {path}: empty")
     return token
@@ -106,7 +113,10 @@ def stow(
     client = DICOMwebClient(
         url=url,
         session=session,
-        headers={"Authorization": f"Bearer {token}"} if token else None,
+        headers={
+            "Accept": "application/dicom+json",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        },
         timeout=_TIMEOUT,
     )
     # One try per request: the outbox retries with its own backoff and dead
@@ -141,9 +151,8 @@ def _read_response(
         str(item.get("ReferencedSOPInstanceUID", ""))
         for item in response.get("ReferencedSOPSequence", [])
     }
-    # A response that lists instances must list each stored one; an empty one
-    # (HTTP 200 without a body) stands for all.
-    listed = bool(failed or stored)
+    # Stored only when the response says so: a body that does not parse (a
+    # proxy's login page, say) confirms nothing.
     outcomes = {}
     for path, uid in uids:
         if uid in failed:
@@ -155,7 +164,7 @@ def _read_response(
                 if reason is not None
                 else "refused",
             )
-        elif listed and uid not in stored:
+        elif uid not in stored:
             outcomes[path] = StowOutcome(path, False, "not confirmed by the service")
         else:
             outcomes[path] = StowOutcome(path, True)

@@ -30,6 +30,7 @@ import re
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -58,7 +59,7 @@ from dicom_node.index import (
     Series,
     Study,
 )
-from dicom_node.log import uid_ref
+from dicom_node.log import describe_exception, uid_ref
 from dicom_node.results.store import capture_files, results_root
 
 __all__ = ["MAX_CLIENTS", "Probes", "WebServer", "read_token"]
@@ -130,7 +131,11 @@ class _Server(ThreadingHTTPServer):
         self.probes = probes
         self.token = token
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._deadlines: dict[Any, float] = {}
+        self._deadlines_lock = threading.Lock()
+        self.stopped = threading.Event()
         super().__init__(address, _Handler)
+        threading.Thread(target=self._watch, name="http-deadlines", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # A thread per connection, but never more than MAX_CLIENTS of them.
@@ -145,15 +150,24 @@ class _Server(ThreadingHTTPServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         # A whole request and its answer within _DEADLINE, however slowly the
-        # client sends (a byte every few seconds would meet every read's timeout).
-        deadline = threading.Timer(_DEADLINE, _cut, (request,))
-        deadline.daemon = True
-        deadline.start()
+        # client sends (a byte every few seconds would meet every read's
+        # timeout): one watchdog thread cuts what is past its deadline.
+        with self._deadlines_lock:
+            self._deadlines[request] = time.monotonic() + _DEADLINE
         try:
             super().process_request_thread(request, client_address)
         finally:
-            deadline.cancel()
+            with self._deadlines_lock:
+                self._deadlines.pop(request, None)
             self.slots.release()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(1.0):
+            now = time.monotonic()
+            with self._deadlines_lock:
+                late = [r for r, due in self._deadlines.items() if due < now]
+            for request in late:
+                _cut(request)
 
 
 def _cut(sock: socket.socket) -> None:
@@ -207,10 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
         except (ConnectionError, TimeoutError):
             return
-        except Exception as exc:
-            logger.warning(
-                "http %s failed: %s", path[:40], type(exc).__name__, exc_info=exc
-            )
+        except Exception as exc:  # noqa: BLE001 - a page fails, the node goes on
+            logger.warning("http %s failed: %s", path[:40], describe_exception(exc))
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "failed"})
 
     def do_HEAD(self) -> None:
@@ -241,7 +253,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", "default-src 'self'")
+        self.send_header(
+            "Content-Security-Policy",
+            "default-src 'self'; style-src 'self' 'unsafe-inline'",
+        )
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
@@ -270,7 +285,7 @@ class _IndexCollector:
             )
             return jobs, deliveries
 
-        jobs, deliveries = self.index.run(counts)
+        jobs, deliveries = self.index.read(counts)
         family = GaugeMetricFamily(
             "dicom_node_jobs", "Jobs in the index by state", labels=["state"]
         )
@@ -475,7 +490,7 @@ def status_page(probes: Probes) -> str:
         ).all()
         return rows, jobs, outbox, [*errors], [*failing]
 
-    rows, jobs, outbox, errors, failing = probes.index.run(read)
+    rows, jobs, outbox, errors, failing = probes.index.read(read)
     e = html.escape
     out = [
         "<!DOCTYPE html>",
@@ -543,7 +558,7 @@ def status_page(probes: Probes) -> str:
 
 def capture_thumbnail(probes: Probes, result_id: int, number: int) -> bytes | None:
     """Return a result set's capture ``number`` (1-based) as a small PNG, or None."""
-    folder = probes.index.run(
+    folder = probes.index.read(
         lambda s: s.scalar(
             select(ResultRecord.folder).where(ResultRecord.id == result_id)
         )
@@ -600,6 +615,7 @@ class WebServer:
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
+        self._server.stopped.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)

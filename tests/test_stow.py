@@ -8,9 +8,11 @@ that cannot be reached gets the same retries and dead letter as a DICOM peer.
 from __future__ import annotations
 
 import json
+import threading
 import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from dicom_node.config import (
 )
 from dicom_node.demo.pacs import Orthanc, find_orthanc
 from dicom_node.errors import ConfigError
+from dicom_node.stow import stow
 from tests.factories import make_artifact
 from tests.helpers import (
     ct_study,
@@ -163,3 +166,42 @@ def test_a_dicomweb_destination_is_checked(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="token_file is for a DICOMweb"):
         load_config(toml)
+
+
+def test_a_reply_that_confirms_nothing_is_not_taken_for_stored(tmp_path: Path) -> None:
+    # A proxy's login page (HTTP 200, HTML) stands between the node and the PACS.
+    seen: list[dict[str, str]] = []
+
+    class LoginPage(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(dict(self.headers))
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b"<html>please log in</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), LoginPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        path = tmp_path / "ct.dcm"
+        ct_study(1)[0].save_as(path, enforce_file_format=True)
+        token = tmp_path / "pacs.token"
+        token.write_text("s3cret\n")
+        token.chmod(0o600)
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        destination = DestinationConfig("w", "", "", 0, url=url, token_file=token)
+        (outcome,) = stow([path], url, destination)
+        assert not outcome.ok
+        assert outcome.error == "not confirmed by the service"
+        assert seen[0]["Authorization"] == "Bearer s3cret"
+        token.chmod(0o644)
+        with pytest.raises(ConfigError, match="readable by others"):
+            stow([path], url, destination)
+    finally:
+        server.shutdown()
