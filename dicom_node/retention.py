@@ -101,7 +101,7 @@ def sweep(
     index: IndexDB,
     config: NodeConfig,
     now: datetime | None = None,
-    settle: threading.Event | None = None,
+    stop: threading.Event | None = None,
     settle_seconds: float = SETTLE_SECONDS,
 ) -> SweepReport:
     """Delete what the retention periods say is due; record each deletion.
@@ -114,9 +114,9 @@ def sweep(
         The node configuration (its ``retention`` periods, state folder).
     now
         The time to measure the periods from (default: now).
-    settle
-        Waited on for ``settle_seconds`` before moved-aside files are checked
-        (set it to stop waiting); None: a plain sleep.
+    stop
+        Set to stop: the sweep ends at the next study, and files moved aside
+        are then left for the next sweep to check (after its own wait).
     settle_seconds
         How long moved-aside files wait before their check.
 
@@ -131,7 +131,7 @@ def sweep(
     storage = config.storage_dir
     # Files a sweep that ended early (a crash, a stop) left aside.
     report.held += _held_rows(index)
-    stop = settle or threading.Event()
+    stop = stop or threading.Event()
     # On PostgreSQL an instance can be indexed again between the check and the
     # delete (no database-wide write lock as on SQLite): received studies are
     # kept there; results and audit rows go as configured.
@@ -455,7 +455,7 @@ class RetentionSweeper(Loop):
 
     def step(self) -> bool:
         """Sweep once; log what went (counts, never patient data)."""
-        report = sweep(self.index, self.config, settle=self._stop)
+        report = sweep(self.index, self.config, stop=self._stop)
         if report.studies or report.result_sets or report.audit_rows:
             logger.info(
                 "retention: deleted the instances of %d stud%s (%d files, %.1f MB), "

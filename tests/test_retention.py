@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from dicom_node.config import NodeConfig, RetentionConfig, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.index import AssociationRecord, Instance, RetentionRecord
-from dicom_node.retention import HOLDING, sweep
+from dicom_node.retention import HOLDING, SweepReport, sweep
 from dicom_node.service import open_index, running_node
 from tests.helpers import (
     Destination,
@@ -161,16 +161,15 @@ def test_an_instance_sent_again_while_its_study_is_swept_is_kept(
     time.sleep(1.5)
     short = replace(config, retention=RetentionConfig(SECOND, 0, 0))
     index = open_index(config)
-    done: list[object] = []
-    settle = threading.Event()
+    done: list[SweepReport] = []
+    # Files moved aside wait 6 s before their check: the instance comes back
+    # within them.
     worker = threading.Thread(
-        target=lambda: done.append(
-            sweep(index, short, settle=settle, settle_seconds=30)
-        )
+        target=lambda: done.append(sweep(index, short, settle_seconds=6))
     )
+    holding = config.storage_dir / HOLDING
     try:
         worker.start()
-        holding = config.storage_dir / HOLDING
         wait_for(
             lambda: holding.is_dir() and any(p.is_file() for p in holding.rglob("*")),
             20,
@@ -179,12 +178,14 @@ def test_an_instance_sent_again_while_its_study_is_swept_is_kept(
         assert stored(config) == []
         # The PACS sends the first image again, acknowledged: it must stay.
         assert store_datasets(port, study[:1]) == [0]
-        settle.set()
-        worker.join(30)
+        worker.join(60)
     finally:
-        settle.set()
-        worker.join(30)
+        worker.join(60)
         index.close()
+    assert done
+    assert done[0].studies == 1
+    # The check ran: nothing is left aside.
+    assert not any(p.is_file() for p in holding.rglob("*"))
     assert done
     files = stored(config)
     assert len(files) == 1
