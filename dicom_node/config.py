@@ -6,6 +6,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = [
     "TlsConfig",
     "example_config_text",
     "load_config",
+    "read_token",
     "validate_ae_title",
 ]
 
@@ -1016,6 +1018,36 @@ def _required(
     if key not in table:
         raise ConfigError(f"[[{section}]] in {sources[section]}: missing key {key!r}")
     return table[key]
+
+
+def read_token(path: Path, where: str) -> str:
+    """Return the bearer token in ``path``, a file others may not read.
+
+    Parameters
+    ----------
+    path
+        The token file.
+    where
+        The setting that names it, for messages (``[http] token_file``).
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read, is empty, or others may read it.
+    """
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where} {path}: cannot read it ({exc})") from exc
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ConfigError(
+            f"{where} {path}: readable by others (mode "
+            f"{stat.S_IMODE(mode):04o}); run chmod 600 {path}"
+        )
+    if not token:
+        raise ConfigError(f"{where} {path}: empty")
+    return token
 
 
 def _dicomweb_destination(

@@ -16,7 +16,6 @@ back (a link, which never replaces a file).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -321,20 +320,8 @@ def _finish_holding(index: IndexDB, storage: Path, row: int) -> tuple[int, int, 
     files = size = restored = 0
     for name, path in zip(names, paths, strict=True):
         held = folder / name
-        if path in wanted:
-            # Indexed again since: its file is this one unless a newer copy is
-            # in place already (never replaced).
-            try:
-                os.link(held, storage / path)
-                restored += 1
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                (storage / path).parent.mkdir(parents=True, exist_ok=True)
-                os.link(held, storage / path)
-                restored += 1
+        if path in wanted and _put_back(held, storage / path):
+            restored += 1
         files += 1
         size += held.stat().st_size
         held.unlink()
@@ -344,6 +331,20 @@ def _finish_holding(index: IndexDB, storage: Path, row: int) -> tuple[int, int, 
         _remove_empty_parents(storage, storage / path)
     index.run(lambda s: _held_done(s, row))
     return files, size, restored
+
+
+def _put_back(held: Path, target: Path) -> bool:
+    """Link a moved-aside file back for an instance indexed again since; True if done.
+
+    Its file is this one unless a newer copy is in place already, which is
+    never replaced.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(held, target)
+    except FileExistsError:
+        return False  # the newer copy stays
+    return True
 
 
 def _held_done(session: Session, row: int) -> None:

@@ -9,7 +9,6 @@ same retries, backoff and dead letter.
 from __future__ import annotations
 
 import logging
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node.config import DestinationConfig
+from dicom_node.config import DestinationConfig, read_token
 from dicom_node.dimse import is_decode_error
-from dicom_node.errors import ConfigError
 
 __all__ = ["StowOutcome", "stow"]
 
@@ -45,25 +43,6 @@ class StowOutcome:
     path: Path
     ok: bool
     error: str = ""
-
-
-def _token(destination: DestinationConfig | None) -> str | None:
-    path = destination.token_file if destination else None
-    if path is None:
-        return None
-    try:
-        mode = path.stat().st_mode
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"token_file {path}: cannot read it ({exc})") from exc
-    if mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise ConfigError(
-            f"token_file {path}: readable by others (mode {stat.S_IMODE(mode):04o}); "
-            f"run chmod 600 {path}"
-        )
-    if not token:
-        raise ConfigError(f"token_file {path}: empty")
-    return token
 
 
 def stow(
@@ -93,7 +72,8 @@ def stow(
     import requests
     from dicomweb_client.api import DICOMwebClient
 
-    token = _token(destination)
+    path = destination.token_file if destination else None
+    token = read_token(path, "token_file") if path is not None else None
     datasets, uids, outcomes = [], [], {}
     for path in paths:
         try:

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,8 +44,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicom_node import metrics
-from dicom_node.config import NodeConfig
-from dicom_node.errors import ConfigError
+from dicom_node.config import NodeConfig, read_token
 from dicom_node.index import (
     Delivery,
     DeliveryState,
@@ -62,7 +60,7 @@ from dicom_node.index import (
 from dicom_node.log import describe_exception, uid_ref
 from dicom_node.results.store import capture_files, results_root
 
-__all__ = ["MAX_CLIENTS", "Probes", "WebServer", "read_token"]
+__all__ = ["MAX_CLIENTS", "Probes", "WebServer"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,31 +94,6 @@ class Probes:
     config: NodeConfig
     threads: Callable[[], Sequence[tuple[str, bool]]]
     models_loaded: Callable[[], set[str]] | None = None
-
-
-def read_token(path: Path | None) -> str | None:
-    """Return the bearer token in ``path`` (None without one).
-
-    Raises
-    ------
-    ConfigError
-        If the file cannot be read, is empty, or others may read it.
-    """
-    if path is None:
-        return None
-    try:
-        mode = path.stat().st_mode
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"[http] token_file {path}: cannot read it ({exc})") from exc
-    if mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise ConfigError(
-            f"[http] token_file {path}: readable by others (mode "
-            f"{stat.S_IMODE(mode):04o}); run chmod 600 {path}"
-        )
-    if not token:
-        raise ConfigError(f"[http] token_file {path}: empty")
-    return token
 
 
 class _Server(ThreadingHTTPServer):
@@ -593,9 +566,12 @@ class WebServer:
 
     def __init__(self, probes: Probes) -> None:
         http = probes.config.http
-        self._server = _Server(
-            (http.host, http.port), probes, read_token(http.token_file)
+        token = (
+            read_token(http.token_file, "[http] token_file")
+            if http.token_file is not None
+            else None
         )
+        self._server = _Server((http.host, http.port), probes, token)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="http", daemon=True
         )
