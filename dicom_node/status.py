@@ -35,6 +35,7 @@ __all__ = [
     "NodeStatus",
     "RejectedAssociation",
     "UnhealthyThread",
+    "counts_by",
     "node_status",
     "status_text",
 ]
@@ -159,7 +160,7 @@ def node_status(index: IndexDB, limit: int = 10) -> NodeStatus:
         return {
             "at": now.isoformat(),
             "associations": _count(session, AssociationRecord),
-            "associations_by_outcome": _by(session, AssociationRecord.outcome),
+            "associations_by_outcome": counts_by(session, AssociationRecord.outcome),
             "studies": _count(session, Study),
             "studies_waiting": int(
                 session.scalar(
@@ -171,11 +172,11 @@ def node_status(index: IndexDB, limit: int = 10) -> NodeStatus:
             ),
             "series": _count(session, Series),
             "instances": _count(session, Instance),
-            "jobs": {**{s.value: 0 for s in JobState}, **_by(session, Job.state)},
+            "jobs": {**{s.value: 0 for s in JobState}, **counts_by(session, Job.state)},
             "results": _count(session, ResultRecord),
             "deliveries": {
                 **{s.value: 0 for s in DeliveryState},
-                **_by(session, Delivery.state),
+                **counts_by(session, Delivery.state),
             },
             "failing_deliveries": _failing_deliveries(session, limit),
             "failed_jobs": _failed_jobs(session, limit),
@@ -189,7 +190,8 @@ def _count(session: Session, model: type[Base]) -> int:
     return int(session.scalar(select(func.count()).select_from(model)) or 0)
 
 
-def _by(session: Session, column: InstrumentedAttribute[str]) -> dict[str, int]:
+def counts_by(session: Session, column: InstrumentedAttribute[str]) -> dict[str, int]:
+    """Return how many rows have each value of ``column`` (a state, an outcome)."""
     rows = session.execute(select(column, func.count()).group_by(column))
     return {str(key): int(n) for key, n in rows}
 

@@ -59,6 +59,7 @@ from dicom_node.index import (
 )
 from dicom_node.log import describe_exception, uid_ref
 from dicom_node.results.store import capture_files, results_root
+from dicom_node.status import counts_by
 
 __all__ = ["MAX_CLIENTS", "Probes", "WebServer"]
 
@@ -246,17 +247,7 @@ class _IndexCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         def counts(session: Session) -> tuple[dict[str, int], dict[str, int]]:
-            jobs = dict(
-                session.execute(
-                    select(Job.state, func.count()).group_by(Job.state)
-                ).all()
-            )
-            deliveries = dict(
-                session.execute(
-                    select(Delivery.state, func.count()).group_by(Delivery.state)
-                ).all()
-            )
-            return jobs, deliveries
+            return counts_by(session, Job.state), counts_by(session, Delivery.state)
 
         jobs, deliveries = self.index.read(counts)
         family = GaugeMetricFamily(
@@ -437,14 +428,8 @@ def status_page(probes: Probes) -> str:
         session: Session,
     ) -> tuple[list[_Row], dict[str, int], dict[str, int], list[Any], list[Any]]:
         rows = _recent(session, probes)
-        jobs = dict(
-            session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-        )
-        outbox = dict(
-            session.execute(
-                select(Delivery.state, func.count()).group_by(Delivery.state)
-            ).all()
-        )
+        jobs = counts_by(session, Job.state)
+        outbox = counts_by(session, Delivery.state)
         errors = session.execute(
             select(ErrorRecord.at, ErrorRecord.source, ErrorRecord.message)
             .order_by(ErrorRecord.id.desc())
