@@ -333,6 +333,10 @@ class NodeConfig:
         sets (highdicom's Python work, off the scoring process's GIL); 0: its
         results thread builds them. Worth it only with cores to spare: on 2
         cores the process competes with the model for the CPU.
+    score_on_arrival
+        ``serve`` with worker threads scores each image its receiver stores
+        as it arrives, so that when the study is quiet only aggregation,
+        Grad-CAM, the results and sending remain.
     device_uid
         The node's Device UID in every result object's General Equipment;
         empty: one derived from the host name and the AE title.
@@ -389,6 +393,7 @@ class NodeConfig:
     results_parametric_map: bool = False
     results_explain_absent: bool = False
     results_processes: int = 0
+    score_on_arrival: bool = True
     device_uid: str = ""
     job_attempts: int = 3
     delivery_attempts: int = 8
@@ -625,6 +630,7 @@ _NODE_KEYS: dict[str, type] = {
     "results_parametric_map": bool,
     "results_explain_absent": bool,
     "results_processes": int,
+    "score_on_arrival": bool,
     "device_uid": str,
     "job_attempts": int,
     "delivery_attempts": int,

@@ -14,6 +14,8 @@ status`` can say when one is failing or its process is gone.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +39,7 @@ __all__ = [
     "Loop",
     "ThreadHealth",
     "forget_gone_threads",
+    "lower_thread_priority",
     "report_failure",
 ]
 
@@ -328,3 +331,24 @@ def _index_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, IndexUnavailableError | OperationalError | InterfaceError):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def lower_thread_priority(steps: int) -> None:
+    """Lower the calling thread's CPU priority by ``steps`` nice steps (Linux).
+
+    Threads torch starts from this thread afterwards inherit it. Elsewhere, or
+    when the system refuses, nothing changes.
+
+    Parameters
+    ----------
+    steps
+        0..19; 0 changes nothing. The result is at most nice 19.
+    """
+    if not steps or not sys.platform.startswith("linux"):
+        return  # elsewhere PRIO_PROCESS with a thread id would name a process
+    thread = threading.get_native_id()
+    try:
+        now = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, now + steps))
+    except OSError as exc:
+        logger.debug("scoring thread priority left as it is: %s", exc)

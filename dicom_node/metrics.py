@@ -215,6 +215,24 @@ def scored(model: str, model_seconds: float, gradcam_seconds: float) -> None:
     _safely(record)
 
 
+def images_scored(model: str, when: str, count: int) -> None:
+    """Count images scored for a study's job: on ``arrival`` or by the ``job``."""
+    if not count:
+        return
+
+    def record() -> None:
+        _metric(
+            "images_scored",
+            lambda p: p.Counter(
+                "dicom_node_images_scored",
+                "Images scored for studies' jobs: when they arrived, or by the job",
+                ["model", "when"],
+            ),
+        ).labels(model, when).inc(count)
+
+    _safely(record)
+
+
 def delivered(outcome: str) -> None:
     """Count a delivery try by its outcome: done, retry or dead."""
     _safely(

@@ -2,16 +2,20 @@
 
 Small studies of one model share forward passes (a burst of one-image studies
 is scored a batch at a time); a study with a batch of images or more is scored
-alone, so memory stays bounded.
+alone, so memory stays bounded. Images scored when they arrived
+(:mod:`dicom_node.arrivals`, kept in :class:`EarlyScores`) are not scored
+again: a job then scores only what is missing and aggregates.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydicom import dcmread
@@ -30,22 +34,26 @@ from dicom_node.index import (
     Series,
 )
 from dicom_node.jobs import ClaimedJob, JobOutcome, finish_job, guard
-from dicom_node.log import describe_exception
+from dicom_node.log import describe_exception, uid_ref
 from inference import (
     Classifier,
     InferenceError,
     ModelArtifact,
     StudyPrediction,
+    StudyScores,
     file_sha256,
 )
 
 __all__ = [
+    "EarlyScores",
+    "EarlyStudy",
     "LoadedModel",
     "ModelCache",
     "Scored",
     "Scoring",
     "StudyImage",
     "eligible_images",
+    "file_identity",
     "process_jobs",
     "study_images",
 ]
@@ -249,14 +257,107 @@ class ModelCache:
                 )
 
 
+# A file as it was when read: a copy sent again under the same UIDs is
+# another file (stored by rename), so its scores are not reused.
+FileIdentity = tuple[int, int, int]
+
+
+def file_identity(path: Path) -> FileIdentity:
+    """Return what tells a stored file from another one at the same path.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be examined.
+    """
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(slots=True)
+class EarlyStudy:
+    """A study's images scored by one model before its job ran.
+
+    Parameters
+    ----------
+    model
+        The loaded model that scored them (a model file replaced since: not reused).
+    scores
+        Their scores, keyed by file path.
+    files
+        Each scored file's identity when it was read.
+    """
+
+    model: LoadedModel
+    scores: StudyScores
+    files: dict[str, FileIdentity] = field(default_factory=dict)
+
+
+class EarlyScores:
+    """Per study and model, the images scored when they arrived (this process).
+
+    A cache, never the record: a job that finds nothing here (another process
+    runs it, an entry was evicted, the scores were taken by another thread)
+    scores its images itself, and gets the same result. Bounded to
+    ``max_studies`` entries, the least recently used evicted; each holds a
+    few bytes per image plus the activations of each label's top frames
+    (~0.7 MB for a resnet at 224 px, one label, ``gradcam_top_k`` 1).
+
+    Parameters
+    ----------
+    max_studies
+        Most (study, model) entries kept.
+    """
+
+    def __init__(self, max_studies: int = 64) -> None:
+        self.max_studies = max_studies
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str], EarlyStudy] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Return the number of entries."""
+        with self._lock:
+            return len(self._entries)
+
+    def take(self, study_uid: str, model_key: str) -> EarlyStudy | None:
+        """Remove and return a study's entry for a model, if there is one."""
+        with self._lock:
+            return self._entries.pop((study_uid, model_key), None)
+
+    def put(
+        self, study_uid: str, model_key: str, entry: EarlyStudy, replace: bool = True
+    ) -> None:
+        """Keep an entry, as the most recent.
+
+        With ``replace`` False, not if another was kept meanwhile.
+        """
+        key = (study_uid, model_key)
+        with self._lock:
+            if not replace and key in self._entries:
+                return
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_studies:
+                self._entries.popitem(last=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Scoring:
-    """A claimed job whose study is read and has images for its model."""
+    """A claimed job whose study is read and has images for its model.
+
+    ``early`` holds the scores of the images scored so far (on arrival, or
+    none); ``todo`` the chosen images still to score, by key; ``order`` every
+    chosen image's key, in the study's order.
+    """
 
     job: ClaimedJob
     model: LoadedModel
     images: list[StudyImage]
     chosen: list[Dataset]
+    early: EarlyStudy
+    todo: list[tuple[str, Dataset]]
+    order: list[str]
+    reused: int = 0
 
 
 # Scored studies and their predictions, on their way to results.
@@ -269,6 +370,7 @@ def process_jobs(
     index: IndexDB,
     models: ModelCache,
     finish: Callable[[Scored, float], None],
+    early: EarlyScores | None = None,
 ) -> None:
     """Score claimed studies with their models; hand each scored group on.
 
@@ -289,13 +391,15 @@ def process_jobs(
         Called with each scored group and when its scoring started: writes the
         results and queues the deliveries
         (:func:`dicom_node.completion.complete_jobs`).
+    early
+        Images this process scored when they arrived; None: none are.
     """
     waiting: list[Scoring] = []  # read, not scored yet: one model, < a batch
 
     def score_waiting() -> None:
         if waiting:
             started = time.perf_counter()
-            scored = _score_together(waiting, config, index)
+            scored = _score_together(waiting, config, index, early)
             for _, prediction in scored:
                 metrics.scored(
                     prediction.model_name,
@@ -306,20 +410,26 @@ def process_jobs(
             waiting.clear()
 
     for job in jobs:
-        prepared = guard(job, config, index, _prepare, job, config, index, models)
+        prepared = guard(
+            job, config, index, _prepare, job, config, index, models, early
+        )
         if isinstance(prepared, JobOutcome):
             continue
         classifier = prepared.model.classifier
         if waiting and waiting[0].model.classifier is not classifier:
             score_waiting()
         waiting.append(prepared)
-        if sum(len(w.chosen) for w in waiting) >= classifier.batch_size:
+        if sum(len(w.todo) for w in waiting) >= classifier.batch_size:
             score_waiting()
     score_waiting()
 
 
 def _prepare(
-    job: ClaimedJob, config: NodeConfig, index: IndexDB, models: ModelCache
+    job: ClaimedJob,
+    config: NodeConfig,
+    index: IndexDB,
+    models: ModelCache,
+    early: EarlyScores | None,
 ) -> Scoring | JobOutcome:
     model = next((m for m in config.models if m.key == job.model), None)
     if model is None:
@@ -331,41 +441,124 @@ def _prepare(
         )
     loaded = models.get(model)
     images = study_images(index, job.study_id, config.storage_dir)
-    datasets = [dcmread(i.path) for i in images]
+    files: dict[str, FileIdentity] = {}
+    datasets = []
+    for image in images:
+        # Before reading: a file replaced after this is not taken for this one.
+        files[str(image.path)] = file_identity(image.path)
+        datasets.append(dcmread(image.path))
     chosen, reason = eligible_images(
         images, datasets, model.match, loaded.classifier.artifact.accepts
     )
     if not chosen:
         return finish_job(index, job, JobState.SKIPPED, reason)
-    return Scoring(job, loaded, images, chosen)
+    chosen_ids = {id(ds) for ds in chosen}
+    order = [
+        str(image.path)
+        for image, ds in zip(images, datasets, strict=True)
+        if id(ds) in chosen_ids
+    ]
+    found = early.take(job.study_uid, model.key) if early is not None else None
+    if found is not None and not _reusable(found, loaded, order, files):
+        found = None
+    if found is None:
+        found = EarlyStudy(loaded, loaded.classifier.study_scores(config.gradcam_top_k))
+    reused = sum(1 for key in order if key in found.scores)
+    found.files.update({key: files[key] for key in order})
+    todo = [
+        (key, ds)
+        for key, ds in zip(order, chosen, strict=True)
+        if key not in found.scores
+    ]
+    return Scoring(job, loaded, images, chosen, found, todo, order, reused)
+
+
+def _reusable(
+    found: EarlyStudy,
+    loaded: LoadedModel,
+    order: Sequence[str],
+    files: dict[str, FileIdentity],
+) -> bool:
+    """Whether scores from arrival are those of the study's files as they are now.
+
+    Every scored file must be one the job chose, unchanged since: otherwise its
+    scores (and the kept top frames) are not the study's.
+    """
+    if found.model is not loaded:
+        return False
+    chosen = set(order)
+    return all(
+        key in chosen and files.get(key) == identity
+        for key, identity in found.files.items()
+    ) and set(found.scores.keys()) <= set(found.files)
 
 
 def _score_together(
-    group: Sequence[Scoring], config: NodeConfig, index: IndexDB
+    group: Sequence[Scoring],
+    config: NodeConfig,
+    index: IndexDB,
+    early: EarlyScores | None = None,
 ) -> Scored:
-    """Score studies of one model in shared batches (one by one if that fails)."""
-    classifier = group[0].model.classifier
+    """Score studies of one model in shared batches (one by one if that fails).
+
+    Only the images not scored on arrival run through the model; then each
+    study is aggregated and explained. The scores go back to ``early`` for a
+    late image's job.
+    """
     if len(group) > 1:
+        classifier = group[0].model.classifier
+        items = [(s.early.scores, key, ds) for s in group for key, ds in s.todo]
         try:
-            predictions = classifier.predict_many(
-                [s.chosen for s in group], explain_top_k=config.gradcam_top_k
-            )
+            if items:
+                classifier.score_into(items)
         except Exception:  # noqa: BLE001 - found again below, study by study
             logger.info(
                 "a batch of %d studies failed; scoring them one by one", len(group)
             )
+            # Some of them got scores of this batch: each starts again.
+            group = [_from_scratch(s, config) for s in group]
         else:
-            return list(zip(group, predictions, strict=True))
+            group = [replace(s, todo=[]) for s in group]
     scored: Scored = []
     for scoring in group:
-        prediction = guard(
-            scoring.job,
-            config,
-            index,
-            classifier.predict,
-            scoring.chosen,
-            config.gradcam_top_k,
-        )
-        if not isinstance(prediction, JobOutcome):
-            scored.append((scoring, prediction))
+        prediction = guard(scoring.job, config, index, _score_one, scoring)
+        if isinstance(prediction, JobOutcome):
+            continue
+        model = prediction.model_name
+        metrics.images_scored(model, "arrival", scoring.reused)
+        metrics.images_scored(model, "job", len(scoring.order) - scoring.reused)
+        if scoring.reused:
+            logger.debug(
+                "study %s: %d of %d image(s) scored on arrival",
+                uid_ref(scoring.job.study_uid),
+                scoring.reused,
+                len(scoring.order),
+            )
+        if early is not None:
+            # Kept for a late image's job, unless one arrived meanwhile.
+            early.put(
+                scoring.job.study_uid, scoring.job.model, scoring.early, replace=False
+            )
+        scored.append((scoring, prediction))
     return scored
+
+
+def _score_one(scoring: Scoring) -> StudyPrediction:
+    classifier = scoring.model.classifier
+    if scoring.todo:
+        classifier.score_into([(scoring.early.scores, k, ds) for k, ds in scoring.todo])
+    return classifier.prediction(scoring.early.scores, scoring.order)
+
+
+def _from_scratch(scoring: Scoring, config: NodeConfig) -> Scoring:
+    fresh = EarlyStudy(
+        scoring.model,
+        scoring.model.classifier.study_scores(config.gradcam_top_k),
+        dict(scoring.early.files),
+    )
+    return replace(
+        scoring,
+        early=fresh,
+        todo=list(zip(scoring.order, scoring.chosen, strict=True)),
+        reused=0,
+    )

@@ -77,6 +77,7 @@ from dicom_node.storage import InstanceKey, Storage, validate_uid
 from dicom_node.tls import server_context
 
 __all__ = [
+    "Arrival",
     "Receiver",
     "StoreContext",
     "accepted_sop_classes",
@@ -114,6 +115,30 @@ _C_STORE_RQ = 0x0001  # PS3.7 E.1-1 Command Field
 _COMMAND_FIELD = 0x00000100  # (0000,0100) Command Field
 
 
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """An instance this process just stored and indexed.
+
+    For the scheduler (a study's deadline moved) and for scoring on arrival.
+
+    Parameters
+    ----------
+    study_instance_uid
+        Its study.
+    path
+        Its file in storage.
+    sop_class_uid
+        Its SOP Class UID.
+    calling_ae_title
+        Who sent it.
+    """
+
+    study_instance_uid: str
+    path: Path
+    sop_class_uid: str
+    calling_ae_title: str
+
+
 @dataclass(slots=True)
 class StoreContext:
     """What the event handlers need, injected as the handler's extra argument.
@@ -127,14 +152,15 @@ class StoreContext:
     index
         The index database.
     on_stored
-        Called after each instance stored (the scheduler of this process:
-        a study's deadline has moved).
+        Called after each instance stored and indexed, before the answer (the
+        scheduler of this process: a study's deadline has moved; scoring on
+        arrival). Must not block.
     """
 
     config: NodeConfig
     storage: Storage
     index: IndexDB
-    on_stored: Callable[[], None] | None = None
+    on_stored: Callable[[Arrival], None] | None = None
     _associations: dict[int, list[Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # When to look next for what ended associations left (after a connection
@@ -490,15 +516,21 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         The C-STORE status.
     """
     association_id = ctx.association_id(event.assoc)
+    arrival: Arrival | None = None
     try:
-        status, message = _store(event, ctx, association_id)
+        status, message, arrival = _store(event, ctx, association_id)
     except Exception as exc:
         status = OUT_OF_RESOURCES
         message = f"unexpected {describe_exception(exc)}"
         logger.error("C-STORE failed: %s", message, exc_info=exc)
     ctx.count(event.assoc, status == SUCCESS)
-    if status == SUCCESS and ctx.on_stored is not None:
-        ctx.on_stored()
+    if arrival is not None and ctx.on_stored is not None:
+        try:
+            ctx.on_stored(arrival)
+        except Exception as exc:  # stored and indexed: Success stands
+            logger.error(
+                "after C-STORE: unexpected %s", describe_exception(exc), exc_info=exc
+            )
     if status != SUCCESS:
         ctx.index.record_error(
             "store", message, status=status, association_id=association_id
@@ -508,7 +540,7 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
 
 def _store(
     event: Event, ctx: StoreContext, association_id: int | None
-) -> tuple[int, str]:
+) -> tuple[int, str, Arrival | None]:
     request = event.request
     if not isinstance(request, C_STORE):
         raise TypeError(f"expected a C-STORE request, got {type(request).__name__}")
@@ -520,7 +552,7 @@ def _store(
     if receipt is not None and request.MessageID in receipt.dropped_messages:
         receipt.dropped_messages.discard(request.MessageID)
         logger.error("instance %s refused: no room on the storage disk", requested_ref)
-        return OUT_OF_RESOURCES, "storage full: data set not written"
+        return OUT_OF_RESOURCES, "storage full: data set not written", None
     deflated = bool(event.context.transfer_syntax.is_deflated)
     try:
         file_size = path.stat().st_size
@@ -537,6 +569,7 @@ def _store(
         return (
             CANNOT_UNDERSTAND,
             f"deflated data set does not inflate ({exc.__class__.__name__})",
+            None,
         )
     except (OSError, ValueError) as exc:
         # The spool file the receiving side wrote cannot be read: the node's
@@ -546,7 +579,11 @@ def _store(
             requested_ref,
             type(exc).__name__,
         )
-        return OUT_OF_RESOURCES, f"received file unreadable ({type(exc).__name__})"
+        return (
+            OUT_OF_RESOURCES,
+            f"received file unreadable ({type(exc).__name__})",
+            None,
+        )
     if inflated is None:
         logger.warning(
             "instance %s refused: deflated data set inflates past "
@@ -554,7 +591,11 @@ def _store(
             requested_ref,
             ctx.config.max_inflated_bytes,
         )
-        return OUT_OF_RESOURCES, "deflated data set inflates past max_inflated_bytes"
+        return (
+            OUT_OF_RESOURCES,
+            "deflated data set inflates past max_inflated_bytes",
+            None,
+        )
     try:
         ds: Dataset = dcmread(path, defer_size=_DEFER_SIZE)
         # Before any element is read: reading converts raw elements.
@@ -572,10 +613,14 @@ def _store(
             requested_ref,
             type(exc).__name__,
         )
-        return CANNOT_UNDERSTAND, f"data set does not parse ({type(exc).__name__})"
+        return (
+            CANNOT_UNDERSTAND,
+            f"data set does not parse ({type(exc).__name__})",
+            None,
+        )
     if problem:
         logger.warning("instance %s refused: %s", requested_ref, problem)
-        return CANNOT_UNDERSTAND, problem
+        return CANNOT_UNDERSTAND, problem, None
 
     missing = [
         name
@@ -591,13 +636,13 @@ def _store(
         logger.warning(
             "instance %s refused: missing %s", requested_ref, ", ".join(missing)
         )
-        return DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing {', '.join(missing)}"
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing {', '.join(missing)}", None
     try:
         key = InstanceKey(str(study_uid), str(series_uid), str(sop_instance_uid))
         validate_uid(str(sop_class_uid), "SOPClassUID")
     except InvalidUidError as exc:
         logger.warning("instance %s refused: %s", requested_ref, exc)
-        return INVALID_UID, f"invalid UID: {exc}"
+        return INVALID_UID, f"invalid UID: {exc}", None
     if str(sop_class_uid) != str(
         request.AffectedSOPClassUID
     ) or key.sop_instance_uid != str(request.AffectedSOPInstanceUID):
@@ -608,6 +653,7 @@ def _store(
         return (
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
             "SOP Class/Instance UID in the data set differ from the C-STORE request",
+            None,
         )
 
     ref = uid_ref(key.sop_instance_uid)
@@ -620,7 +666,7 @@ def _store(
         ctx.storage.adopt(key, path)
     except (StorageError, OSError) as exc:
         logger.error("instance %s refused: cannot write (%s)", ref, exc)
-        return OUT_OF_RESOURCES, f"storage write failed ({exc})"
+        return OUT_OF_RESOURCES, f"storage write failed ({exc})", None
     try:
         outcome = ctx.index.record_instance(
             InstanceRecordRequest(
@@ -641,7 +687,7 @@ def _store(
         logger.error(
             "instance %s refused: index write failed (%s)", ref, type(exc).__name__
         )
-        return OUT_OF_RESOURCES, f"index write failed ({type(exc).__name__})"
+        return OUT_OF_RESOURCES, f"index write failed ({type(exc).__name__})", None
     if outcome is RecordOutcome.CONFLICT:
         _discard(ctx, key, existed, ref)
         logger.warning(
@@ -650,6 +696,7 @@ def _store(
         return (
             CONFLICTING_INSTANCE,
             "SOP Instance or Series UID already filed under another study/series",
+            None,
         )
     metrics.received(file_size)
     logger.debug(
@@ -658,7 +705,14 @@ def _store(
         outcome.value,
         1000 * (time.perf_counter() - started),
     )
-    return SUCCESS, ""
+    primitive = event.assoc.requestor.primitive
+    arrival = Arrival(
+        key.study_instance_uid,
+        ctx.storage.path_of(key),
+        str(sop_class_uid),
+        str(primitive.calling_ae_title if primitive else "").strip(),
+    )
+    return SUCCESS, "", arrival
 
 
 def _data_set_offset(path: Path) -> int:

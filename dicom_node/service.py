@@ -16,7 +16,7 @@ from dicom_node.errors import DicomNodeError, ListenError
 from dicom_node.index import IndexDB
 from dicom_node.retention import RetentionSweeper
 from dicom_node.scheduler import Scheduler
-from dicom_node.scp import Receiver
+from dicom_node.scp import Arrival, Receiver
 from dicom_node.storage import Storage
 from dicom_node.web import Probes, WebServer
 from dicom_node.worker import start_workers
@@ -178,14 +178,23 @@ def serve(
     receiver = Receiver(config, index, reuse_port=shared)
     receiver.start()
     port = receiver.port
-    workers = start_workers(config, index, config.workers)
+    workers = start_workers(
+        config, index, config.workers, score_on_arrival=config.score_on_arrival
+    )
     scheduler = Scheduler(
         index,
         [m.key for m in config.models],
         config.stable_after,
         on_queued=workers.nudge,
     )
-    receiver.ctx.on_stored = scheduler.arrived
+    arrivals = workers.arrivals
+
+    def on_stored(arrival: Arrival) -> None:
+        scheduler.arrived()
+        if arrivals is not None:
+            arrivals.arrived(arrival)
+
+    receiver.ctx.on_stored = on_stored
     scheduler.start()
     periods = config.retention
     retention = (

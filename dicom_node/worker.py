@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import sys
-import threading
 from collections.abc import Callable, Sequence
 
+from dicom_node.arrivals import ArrivalScorer
 from dicom_node.completion import complete_jobs
 from dicom_node.config import NodeConfig
 from dicom_node.index import IndexDB, JobState
@@ -25,10 +24,11 @@ from dicom_node.loop import (
     BEAT_SECONDS,
     Loop,
     forget_gone_threads,
+    lower_thread_priority,
 )
 from dicom_node.outbox import Outbox
 from dicom_node.results.builder import ResultBuilder
-from dicom_node.scoring import ModelCache, Scored, process_jobs
+from dicom_node.scoring import EarlyScores, ModelCache, Scored, process_jobs
 from inference import set_cpu_threads
 
 __all__ = [
@@ -121,6 +121,8 @@ class Worker(Loop):
     builder
         Builds and writes the result sets (the process's results pool);
         None: the results thread builds them itself.
+    early
+        Images the process scored when they arrived; None: none are.
     """
 
     def __init__(
@@ -130,10 +132,12 @@ class Worker(Loop):
         models: ModelCache,
         name: str,
         builder: ResultBuilder | None = None,
+        early: EarlyScores | None = None,
     ) -> None:
         super().__init__(name, index)
         self.config, self.index, self.models = config, index, models
         self.builder = builder
+        self.early = early
         self.owner = owner_name(name)
         self.on_delivery_queued: Callable[[], None] | None = None
         self.scored: queue.Queue[tuple[Scored, float] | None] = queue.Queue(1)
@@ -177,6 +181,7 @@ class Worker(Loop):
             self.index,
             self.models,
             lambda scored, started: self.scored.put((scored, started)),
+            self.early,
         )
         return True
 
@@ -195,6 +200,8 @@ class Workers:
         The results processes the job threads share; stopped last.
     models
         The models the job threads load (for readiness).
+    arrivals
+        The thread scoring images as they arrive (among ``loops``), if any.
     """
 
     def __init__(
@@ -203,9 +210,11 @@ class Workers:
         restore_threads: int | None = None,
         builder: ResultBuilder | None = None,
         models: ModelCache | None = None,
+        arrivals: ArrivalScorer | None = None,
     ) -> None:
         self.loops = list(loops)
         self.models = models
+        self.arrivals = arrivals
         self._restore_threads = restore_threads
         self._builder = builder
 
@@ -255,28 +264,9 @@ def scoring_threads(configured: int, workers: int) -> int:
     return max(1, (cores - 1) // max(1, workers))
 
 
-def lower_thread_priority(steps: int) -> None:
-    """Lower the calling thread's CPU priority by ``steps`` nice steps (Linux).
-
-    Threads torch starts from this thread afterwards inherit it. Elsewhere, or
-    when the system refuses, nothing changes.
-
-    Parameters
-    ----------
-    steps
-        0..19; 0 changes nothing. The result is at most nice 19.
-    """
-    if not steps or not sys.platform.startswith("linux"):
-        return  # elsewhere PRIO_PROCESS with a thread id would name a process
-    thread = threading.get_native_id()
-    try:
-        now = os.getpriority(os.PRIO_PROCESS, thread)
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, now + steps))
-    except OSError as exc:
-        logger.debug("scoring thread priority left as it is: %s", exc)
-
-
-def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
+def start_workers(
+    config: NodeConfig, index: IndexDB, workers: int, score_on_arrival: bool = False
+) -> Workers:
     """Start ``workers`` job threads and one outbox thread.
 
     Parameters
@@ -287,6 +277,9 @@ def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
         The index.
     workers
         Job threads to start.
+    score_on_arrival
+        Also start a thread that scores each image stored by this process's
+        receiver as it arrives (:attr:`Workers.arrivals`; with job threads only).
 
     Returns
     -------
@@ -317,12 +310,16 @@ def start_workers(config: NodeConfig, index: IndexDB, workers: int) -> Workers:
         if workers
         else None
     )
-    loops: list[Loop] = []
+    early = EarlyScores() if workers and score_on_arrival else None
+    arrivals = (
+        ArrivalScorer(config, index, models, early) if early is not None else None
+    )
+    loops: list[Loop] = [*([arrivals] if arrivals else [])]
     for i in range(workers):
-        worker = Worker(config, index, models, f"worker-{i + 1}", builder)
+        worker = Worker(config, index, models, f"worker-{i + 1}", builder, early)
         worker.on_delivery_queued = outbox.wake.set
         loops.append(worker)
     loops.append(outbox)
     for loop in loops:
         loop.start()
-    return Workers(loops, previous_threads, builder, models)
+    return Workers(loops, previous_threads, builder, models, arrivals)

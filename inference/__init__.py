@@ -13,6 +13,7 @@ from inference.classifier import (
     Explanation,
     LabelPrediction,
     StudyPrediction,
+    StudyScores,
 )
 from inference.errors import (
     ArtifactError,
@@ -63,6 +64,7 @@ __all__ = [
     "PreprocessError",
     "PreprocessSpec",
     "StudyPrediction",
+    "StudyScores",
     "build_model",
     "check_size",
     "decode_frames",

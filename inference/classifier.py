@@ -6,7 +6,7 @@ import logging
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -22,7 +22,13 @@ from inference.gradcam import gradcam_at, gradcam_from_features, head, trunk, up
 from inference.preprocess import Frames, FrameSource, heatmap_to_source, preprocess
 from inference.variants import OnnxTrunk, Trunk, int8_trunk, onnxruntime_version
 
-__all__ = ["Classifier", "Explanation", "LabelPrediction", "StudyPrediction"]
+__all__ = [
+    "Classifier",
+    "Explanation",
+    "LabelPrediction",
+    "StudyPrediction",
+    "StudyScores",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +121,124 @@ class StudyPrediction:
     explanations: tuple[Explanation, ...] = ()
     model_seconds: float = 0.0
     gradcam_seconds: float = 0.0
+
+
+class StudyScores:
+    """A study's instances scored so far by one model, and what explaining needs.
+
+    Filled by :meth:`Classifier.score_into` (instances in any order, over any
+    number of calls: a node scores each image as it arrives) and read by
+    :meth:`Classifier.prediction`. Each frame keeps its probabilities; only
+    each label's ``top_k`` best frames keep their layer4 activations and input
+    (for Grad-CAM without a second pass), so memory is a few bytes per frame
+    plus ``labels x top_k`` frames' activations.
+
+    Parameters
+    ----------
+    n_labels
+        The model's label count.
+    top_k
+        How many of the highest-scoring frames per label are kept for heatmaps.
+    """
+
+    def __init__(self, n_labels: int, top_k: int) -> None:
+        self.top_k = top_k
+        self.model_seconds = 0.0
+        self._probabilities: dict[Hashable, list[torch.Tensor]] = {}
+        self._sources: dict[Hashable, list[FrameSource]] = {}
+        # Per label: (probability, arrival number, key, frame in instance,
+        # activations, input), best first.
+        self._kept: list[
+            list[tuple[float, int, Hashable, int, torch.Tensor, torch.Tensor]]
+        ] = [[] for _ in range(n_labels)]
+        self._arrived = 0
+
+    def keys(self) -> list[Hashable]:
+        """Return the scored instances' keys, in the order they were scored."""
+        return list(self._sources)
+
+    def __contains__(self, key: object) -> bool:
+        """Return whether an instance of this key was scored."""
+        return key in self._sources
+
+    def __len__(self) -> int:
+        """Return the number of frames scored."""
+        return sum(len(s) for s in self._sources.values())
+
+    def add(
+        self,
+        key: Hashable,
+        rows: Sequence[int],
+        probabilities: torch.Tensor,
+        sources: Sequence[FrameSource],
+        features: torch.Tensor,
+        pixels: torch.Tensor,
+    ) -> None:
+        """Add the frames ``rows`` of a batch, all of the instance ``key``.
+
+        Parameters
+        ----------
+        key
+            The instance (its frames may come over several batches, in order).
+        rows
+            The instance's rows in the batch.
+        probabilities
+            The batch's probabilities [N, labels].
+        sources
+            The batch's frame sources.
+        features
+            The batch's layer4 activations.
+        pixels
+            The batch's input.
+        """
+        self._probabilities.setdefault(key, []).append(probabilities[list(rows)])
+        done = self._sources.setdefault(key, [])
+        offset = len(done)
+        done.extend(sources[r] for r in rows)
+        first = self._arrived
+        self._arrived += len(rows)
+        if not self.top_k:
+            return
+        for label, best in enumerate(self._kept):
+            scores = probabilities[list(rows), label]
+            candidates = best + [
+                (
+                    float(scores[t]),
+                    first + t,
+                    key,
+                    offset + t,
+                    features[rows[t]],
+                    pixels[rows[t]],
+                )
+                for t in torch.topk(scores, min(self.top_k, len(rows))).indices.tolist()
+            ]
+            candidates.sort(key=lambda c: (-c[0], c[1]))
+            # The new ones are views of the batch: copied, so it can go.
+            self._kept[label] = [
+                (p, n, k, f, a.clone(), x.clone()) if n >= first else (p, n, k, f, a, x)
+                for p, n, k, f, a, x in candidates[: self.top_k]
+            ]
+
+    def in_order(
+        self, order: Sequence[Hashable]
+    ) -> tuple[torch.Tensor, list[FrameSource], list[list[_Kept]]]:
+        """Return probabilities, sources and kept frames, instances in ``order``."""
+        start: dict[Hashable, int] = {}
+        sources: list[FrameSource] = []
+        for key in order:
+            start[key] = len(sources)
+            sources.extend(self._sources[key])
+        probabilities = torch.cat(
+            [p for key in order for p in self._probabilities[key]]
+        )
+        kept = [
+            sorted(
+                ((p, start[k] + f, a, x) for p, _, k, f, a, x in best),
+                key=lambda c: (-c[0], c[1]),
+            )
+            for best in self._kept
+        ]
+        return probabilities, sources, kept
 
 
 class Classifier:
@@ -356,53 +480,93 @@ class Classifier:
         """
         if any(not datasets for datasets in studies):
             raise ValueError("datasets: a study needs at least one instance")
-        n_labels = len(self.artifact.labels)
-        probabilities: list[list[torch.Tensor]] = [[] for _ in studies]
-        sources: list[list[FrameSource]] = [[] for _ in studies]
-        # Per study and label: the best frames so far and their layer4
-        # activations, so Grad-CAM needs no second pass through the trunk.
-        kept: list[list[list[_Kept]]] = [[[] for _ in range(n_labels)] for _ in studies]
-        datasets = [ds for study in studies for ds in study]
-        owners = [i for i, study in enumerate(studies) for _ in study]
-        started = time.perf_counter()
-        for batch, batch_owners in self._batches(datasets, owners):
-            probs, features = self.forward(batch.pixels)
-            for study in dict.fromkeys(batch_owners):
-                rows = [i for i, owner in enumerate(batch_owners) if owner == study]
-                offset = len(sources[study])
-                probabilities[study].append(probs[rows])
-                sources[study].extend(batch.sources[i] for i in rows)
-                if not explain_top_k:
-                    continue
-                for label in range(n_labels):
-                    scores = probs[rows, label]
-                    candidates = kept[study][label] + [
-                        (
-                            float(scores[t]),
-                            offset + t,
-                            features[rows[t]],
-                            batch.pixels[rows[t]],
-                        )
-                        for t in torch.topk(
-                            scores, min(explain_top_k, len(rows))
-                        ).indices.tolist()
-                    ]
-                    candidates.sort(key=lambda c: (-c[0], c[1]))
-                    kept[study][label] = [
-                        (p, i, f.clone(), x.clone())
-                        for p, i, f, x in candidates[:explain_top_k]
-                    ]
-        frames = max(1, sum(len(s) for s in sources))
-        per_frame = (time.perf_counter() - started) / frames
+        scores = [self.study_scores(explain_top_k) for _ in studies]
+        self.score_into(
+            [
+                (scores[s], i, ds)
+                for s, study in enumerate(studies)
+                for i, ds in enumerate(study)
+            ]
+        )
         return [
-            self._study_prediction(
-                torch.cat(probabilities[s]),
-                sources[s],
-                kept[s],
-                per_frame * len(sources[s]),
-            )
-            for s in range(len(studies))
+            self.prediction(part, range(len(study)))
+            for part, study in zip(scores, studies, strict=True)
         ]
+
+    def study_scores(self, explain_top_k: int = 0) -> StudyScores:
+        """Return an empty :class:`StudyScores` for one study scored by this model.
+
+        Parameters
+        ----------
+        explain_top_k
+            How many of the highest-scoring frames per label get a heatmap.
+        """
+        return StudyScores(len(self.artifact.labels), explain_top_k)
+
+    def score_into(
+        self, items: Sequence[tuple[StudyScores, Hashable, Dataset]]
+    ) -> None:
+        """Score instances in shared batches, each into its study's scores.
+
+        Parameters
+        ----------
+        items
+            (the study's scores, the instance's key in them, the instance).
+            Instances of several studies share forward passes; a study's
+            instances may come over several calls, in any order.
+
+        Raises
+        ------
+        inference.PreprocessError
+            If a data set cannot be preprocessed (what was added before stays).
+        ValueError
+            If an instance's key is already in its study's scores.
+        """
+        for part, key, _ in items:
+            if key in part:
+                raise ValueError(f"instance {key!r} was scored already")
+        frames = [0] * len(items)
+        started = time.perf_counter()
+        for batch, owners in self._batches(
+            [ds for _, _, ds in items], range(len(items))
+        ):
+            probs, features = self.forward(batch.pixels)
+            for owner in dict.fromkeys(owners):
+                rows = [i for i, o in enumerate(owners) if o == owner]
+                part, key, _ = items[owner]
+                part.add(key, rows, probs, batch.sources, features, batch.pixels)
+                frames[owner] += len(rows)
+        per_frame = (time.perf_counter() - started) / max(1, sum(frames))
+        for (part, _, _), n in zip(items, frames, strict=True):
+            part.model_seconds += per_frame * n
+
+    def prediction(
+        self, scores: StudyScores, order: Iterable[Hashable]
+    ) -> StudyPrediction:
+        """Aggregate a study's scores into its prediction, with its heatmaps.
+
+        The result is that of :meth:`predict` on the study's instances in
+        ``order``, however the instances were batched and whenever they came.
+
+        Parameters
+        ----------
+        scores
+            The study's scores.
+        order
+            The keys of every scored instance, in the study's order.
+
+        Raises
+        ------
+        ValueError
+            If ``order`` is not exactly the scored instances, or names none.
+        """
+        order = list(order)
+        if not order or sorted(map(repr, order)) != sorted(map(repr, scores.keys())):
+            raise ValueError("order: expected the keys of every scored instance")
+        probabilities, sources, kept = scores.in_order(order)
+        return self._study_prediction(
+            probabilities, sources, kept, scores.model_seconds
+        )
 
     def _study_prediction(
         self,

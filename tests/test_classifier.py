@@ -84,6 +84,69 @@ def test_studies_scored_together_get_what_each_gets_alone() -> None:
         classifier.predict_many([whole[:1], []])
 
 
+def assert_same_prediction(a: Any, b: Any) -> None:
+    assert [f.sop_instance_uid for f in a.frames] == [
+        f.sop_instance_uid for f in b.frames
+    ]
+    np.testing.assert_allclose(a.frame_probabilities, b.frame_probabilities, atol=1e-5)
+    assert [(p.positive, p.top_frame) for p in a.labels] == [
+        (p.positive, p.top_frame) for p in b.labels
+    ]
+    np.testing.assert_allclose(
+        [p.probability for p in a.labels], [p.probability for p in b.labels], atol=1e-5
+    )
+    assert [(e.label_index, e.frame) for e in a.explanations] == [
+        (e.label_index, e.frame) for e in b.explanations
+    ]
+    for x, y in zip(a.explanations, b.explanations, strict=True):
+        np.testing.assert_allclose(x.heatmap, y.heatmap, atol=1e-4)
+
+
+def test_a_study_scored_image_by_image_as_it_arrives_gets_what_it_gets_at_once() -> (
+    None
+):
+    # The node scores each image when it arrives (a batch of one, or with
+    # other studies' images), in whatever order, then aggregates once the
+    # study is quiet: the prediction must be that of the whole study at once.
+    datasets = study()
+    classifier = Classifier(artifact(), device="cpu", batch_size=4)
+    whole = classifier.predict(datasets, explain_top_k=2)
+
+    scores = classifier.study_scores(explain_top_k=2)
+    other = classifier.study_scores(explain_top_k=2)
+    arrival = [
+        3,
+        0,
+        6,
+        1,
+        5,
+        2,
+        4,
+    ]  # out of order, the MR (10 frames) in a batch of its own
+    classifier.score_into([(scores, arrival[0], datasets[arrival[0]])])
+    classifier.score_into(
+        [(scores, i, datasets[i]) for i in arrival[1:3]]
+        + [(other, "x", make_ct(rows=64, columns=64, seed=9))]
+    )
+    for i in arrival[3:]:
+        classifier.score_into([(scores, i, datasets[i])])
+
+    assert len(scores) == 16
+    assert_same_prediction(classifier.prediction(scores, range(len(datasets))), whole)
+    assert scores.model_seconds > 0
+    # A late image: scored on arrival, the study aggregated again.
+    late = make_ct(rows=80, columns=80, seed=11)
+    classifier.score_into([(scores, 7, late)])
+    assert_same_prediction(
+        classifier.prediction(scores, range(8)),
+        classifier.predict([*datasets, late], explain_top_k=2),
+    )
+    with pytest.raises(ValueError, match="every scored instance"):
+        classifier.prediction(scores, range(7))
+    with pytest.raises(ValueError, match="scored already"):
+        classifier.score_into([(scores, 7, late)])
+
+
 @pytest.mark.parametrize("architecture", ["resnet18", "resnet50"])
 def test_a_traced_model_gives_what_the_eager_one_gives(architecture: str) -> None:
     datasets = study()

@@ -1,0 +1,187 @@
+"""Scoring on arrival: each image is scored while its study is still arriving.
+
+The receiver of ``serve`` hands every instance it stored and indexed to an
+:class:`ArrivalScorer` thread (next to the worker threads, sharing their
+models). It reads the image, applies each model's eligibility rule (the one a
+job applies), and runs the eligible ones through the model, a batch of
+whatever has arrived meanwhile at a time, keeping the scores per study and
+model in :class:`dicom_node.scoring.EarlyScores`. When the study goes quiet,
+its job takes those scores, scores only the images missing from them (one
+that arrived through another process, one evicted, one that changed), and
+aggregates, explains, writes the results and sends: the forward passes are
+done while the study arrives, not after its quiet timer.
+
+The scores are a cache of one process, never the record: jobs, leases and the
+index decide what runs, exactly once, as before; a job that finds no scores
+scores its study itself and gets the same result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+from collections.abc import Hashable
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node.config import ModelConfig, NodeConfig
+from dicom_node.eligibility import model_match, passed_over_reason
+from dicom_node.errors import ModelMissingError
+from dicom_node.index import IndexDB
+from dicom_node.log import describe_exception
+from dicom_node.loop import BEAT_SECONDS, Loop, lower_thread_priority
+from dicom_node.scoring import (
+    EarlyScores,
+    EarlyStudy,
+    LoadedModel,
+    ModelCache,
+    file_identity,
+)
+from dicom_node.scp import Arrival
+from inference import StudyScores
+
+__all__ = ["ArrivalScorer"]
+
+logger = logging.getLogger(__name__)
+
+# Arrivals waiting to be scored; beyond it, an image is left to its job.
+_MAX_WAITING = 4096
+# Most arrivals scored at once: what arrived during the last forward pass, up
+# to a batch (the classifier's default).
+_MOST_AT_ONCE = 8
+
+
+class ArrivalScorer(Loop):
+    """Scores the images this process stores, as they arrive.
+
+    Runs ``scoring_nice`` steps below the node's other threads, like the
+    scoring threads: acknowledging what arrives comes first.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    index
+        The index (for the thread's health row).
+    models
+        The process's models (shared with its worker threads).
+    early
+        Where the scores are kept for the studies' jobs.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        index: IndexDB,
+        models: ModelCache,
+        early: EarlyScores,
+    ) -> None:
+        super().__init__("arrivals", index, idle=0.0)
+        self.config, self.models, self.early = config, models, early
+        self.waiting: queue.Queue[Arrival | None] = queue.Queue(_MAX_WAITING)
+        self.left_to_jobs = 0  # arrivals not scored here: the queue was full
+
+    def arrived(self, arrival: Arrival) -> None:
+        """Queue a stored instance for scoring (never blocks the receiver)."""
+        try:
+            self.waiting.put_nowait(arrival)
+        except queue.Full:
+            self.left_to_jobs += 1
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the current batch; what still waits is left to the jobs."""
+        self._stop.set()
+        with contextlib.suppress(queue.Full):
+            self.waiting.put_nowait(None)
+        super().stop(timeout)
+
+    def _run(self) -> None:
+        self.health.started()
+        lower_thread_priority(self.config.scoring_nice)
+        self.run_steps()
+        self.health.stopped()
+
+    def step(self) -> bool:
+        """Score what arrived (up to a forward batch per model); False when idle."""
+        try:
+            first = self.waiting.get(timeout=BEAT_SECONDS)
+        except queue.Empty:
+            return False
+        batch = [first]
+        while len(batch) < _MOST_AT_ONCE:
+            try:
+                batch.append(self.waiting.get_nowait())
+            except queue.Empty:
+                break
+        arrivals = [a for a in batch if a is not None]
+        if arrivals:
+            self.score(arrivals)
+        return True
+
+    def score(self, arrivals: list[Arrival]) -> int:
+        """Score arrivals with every model that takes them; return images scored.
+
+        An image that cannot be read or scored here is left to its job, which
+        reads it again and says why it fails.
+        """
+        models: list[tuple[ModelConfig, LoadedModel]] = []
+        for model in self.config.models:
+            try:
+                models.append((model, self.models.get(model)))
+            except ModelMissingError:
+                continue  # its jobs wait for it
+            except Exception as exc:  # noqa: BLE001 - the jobs say why
+                logger.debug("arrivals: model not loaded: %s", type(exc).__name__)
+        if not models:
+            return 0
+        taken: dict[tuple[str, str], EarlyStudy] = {}
+        items: dict[str, list[tuple[StudyScores, Hashable, Dataset]]] = {}
+        for arrival in arrivals:
+            key = str(arrival.path)
+            try:
+                identity = file_identity(arrival.path)
+                ds = dcmread(arrival.path)
+            except Exception as exc:  # noqa: BLE001 - its job reads it again
+                logger.debug("arrivals: not read: %s", type(exc).__name__)
+                continue
+            for model, loaded in models:
+                match = model.match or model_match(loaded.classifier.artifact.accepts)
+                if passed_over_reason(
+                    ds, arrival.sop_class_uid, match, arrival.calling_ae_title
+                ):
+                    continue
+                study = (arrival.study_instance_uid, model.key)
+                entry = taken.get(study) or self.early.take(*study)
+                if entry is None or entry.model is not loaded or key in entry.scores:
+                    # New, or scored by a model file since replaced, or this
+                    # image sent again: start the study's scores afresh (its
+                    # job scores the images it then misses).
+                    entry = EarlyStudy(
+                        loaded,
+                        loaded.classifier.study_scores(self.config.gradcam_top_k),
+                    )
+                taken[study] = entry
+                entry.files[key] = identity
+                items.setdefault(model.key, []).append((entry.scores, key, ds))
+        scored = 0
+        failed: set[tuple[str, str]] = set()
+        for model, loaded in models:
+            todo = items.get(model.key)
+            if not todo:
+                continue
+            try:
+                loaded.classifier.score_into(todo)
+                scored += len(todo)
+            except Exception as exc:  # noqa: BLE001 - the jobs score them again
+                logger.debug(
+                    "arrivals: %d image(s) not scored: %s",
+                    len(todo),
+                    describe_exception(exc),
+                )
+                failed.update(s for s in taken if s[1] == model.key)
+        for study, entry in taken.items():
+            if study not in failed:
+                self.early.put(*study, entry)
+        return scored

@@ -1,0 +1,142 @@
+"""Scoring on arrival: images scored while their study arrives, results unchanged."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from dicom_node import metrics
+from dicom_node.config import NodeConfig
+from dicom_node.dimse import SUCCESS
+from inference import Classifier, ModelArtifact, StudyPrediction
+from tests.helpers import (
+    Destination,
+    ct_study,
+    node_config,
+    status,
+    store_datasets,
+    wait_for,
+)
+
+
+def scored_images() -> dict[str, float]:
+    """Images scored for jobs so far in this process, by when, as /metrics says."""
+    text = metrics.exposition().decode()
+    found = {"arrival": 0.0, "job": 0.0}
+    for when, value in re.findall(
+        r'^dicom_node_images_scored_total\{[^}]*when="(\w+)"[^}]*\} (\S+)$',
+        text,
+        re.MULTILINE,
+    ):
+        found[when] += float(value)
+    return found
+
+
+def probabilities(report: Dataset) -> list[float]:
+    """Every Probability (122157) in an SR's content tree, in order."""
+    found: list[float] = []
+
+    def walk(item: Dataset) -> None:
+        for child in item.get("ContentSequence", []):
+            name = child.get("ConceptNameCodeSequence")
+            if name and name[0].CodeValue == "122157":
+                found.append(float(child.MeasuredValueSequence[0].NumericValue))
+            walk(child)
+
+    walk(report)
+    return found
+
+
+def explained(received: list[Dataset], study_uid: str) -> set[str]:
+    """The source images of a study's Grad-CAM captures."""
+    return {
+        str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+        for ds in received
+        if ds.Modality != "SR" and ds.StudyInstanceUID == study_uid
+    }
+
+
+def expected(model: Path, datasets: list[Dataset]) -> StudyPrediction:
+    """What scoring the whole study at once gives (as `dicom-node score` does)."""
+    classifier = Classifier(ModelArtifact.load(model), "cpu")
+    return classifier.predict(datasets, explain_top_k=1)
+
+
+def assert_results_of(
+    reports: list[Dataset],
+    received: list[Dataset],
+    prediction: StudyPrediction,
+) -> None:
+    assert len(reports) == 1
+    written = probabilities(reports[0])
+    assert len(written) == len(prediction.labels)
+    for percent, label in zip(written, prediction.labels, strict=True):
+        assert abs(percent - 100 * label.probability) < 0.01
+    top = {prediction.frames[e.frame].sop_instance_uid for e in prediction.explanations}
+    assert explained(received, str(reports[0].StudyInstanceUID)) == top
+
+
+def test_a_study_is_scored_while_it_arrives_and_gets_the_results_of_scoring_it_at_once(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    # A 2 s quiet timer: the images are scored during it; when the study is
+    # quiet, its job finds every image scored and only aggregates, explains,
+    # writes and sends.
+    config = node_config(tmp_path, model, destination.port, stable_after=2.0)
+    port = run_serve(config)
+    study = ct_study(3)
+    before = scored_images()
+
+    assert store_datasets(port, study) == [SUCCESS] * 3
+    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "results sent")
+
+    counted = scored_images()
+    assert counted["arrival"] - before["arrival"] == 3
+    assert counted["job"] - before["job"] == 0
+    reports = [ds for ds in destination.received if ds.Modality == "SR"]
+    assert_results_of(reports, destination.received, expected(model, study))
+
+    # A late image: scored when it arrives, the study aggregated again over
+    # all four, none of the first three scored again.
+    late = ct_study(4)[3]
+    late.StudyInstanceUID = study[0].StudyInstanceUID
+    late.SeriesInstanceUID = study[0].SeriesInstanceUID
+    first = len(destination.received)
+    assert store_datasets(port, [late]) == [SUCCESS]
+    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
+
+    again = scored_images()
+    assert again["arrival"] - counted["arrival"] == 4
+    assert again["job"] - counted["job"] == 0
+    new = destination.received[first:]
+    reports = [ds for ds in new if ds.Modality == "SR"]
+    assert_results_of(reports, new, expected(model, [*study, late]))
+
+
+def test_without_scoring_on_arrival_the_job_scores_and_the_results_are_the_same(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    config = node_config(
+        tmp_path, model, destination.port, stable_after=1.0, score_on_arrival=False
+    )
+    port = run_serve(config)
+    study = ct_study(3)
+    before = scored_images()
+
+    assert store_datasets(port, study) == [SUCCESS] * 3
+    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "results sent")
+
+    counted = scored_images()
+    assert counted["arrival"] - before["arrival"] == 0
+    assert counted["job"] - before["job"] == 3
+    reports = [ds for ds in destination.received if ds.Modality == "SR"]
+    assert_results_of(reports, destination.received, expected(model, study))
