@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 # A frame kept for Grad-CAM: probability, frame index, layer4 activations, input.
 _Kept = tuple[float, int, torch.Tensor, torch.Tensor]
 
+# In place of a kept frame's input where Grad-CAM does not need it.
+_NO_INPUT = torch.empty(0)
+
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -139,10 +142,14 @@ class StudyScores:
         The model's label count.
     top_k
         How many of the highest-scoring frames per label are kept for heatmaps.
+    keep_input
+        Keep the top frames' input too (Grad-CAM at a layer before layer4
+        runs the model again from it); at layer4 the activations suffice.
     """
 
-    def __init__(self, n_labels: int, top_k: int) -> None:
+    def __init__(self, n_labels: int, top_k: int, keep_input: bool = True) -> None:
         self.top_k = top_k
+        self.keep_input = keep_input
         self.model_seconds = 0.0
         self._probabilities: dict[Hashable, list[torch.Tensor]] = {}
         self._sources: dict[Hashable, list[FrameSource]] = {}
@@ -215,7 +222,9 @@ class StudyScores:
             candidates.sort(key=lambda c: (-c[0], c[1]))
             # The new ones are views of the batch: copied, so it can go.
             self._kept[label] = [
-                (p, n, k, f, a.clone(), x.clone()) if n >= first else (p, n, k, f, a, x)
+                (p, n, k, f, a.clone(), x.clone() if self.keep_input else _NO_INPUT)
+                if n >= first
+                else (p, n, k, f, a, x)
                 for p, n, k, f, a, x in candidates[: self.top_k]
             ]
 
@@ -501,7 +510,11 @@ class Classifier:
         explain_top_k
             How many of the highest-scoring frames per label get a heatmap.
         """
-        return StudyScores(len(self.artifact.labels), explain_top_k)
+        return StudyScores(
+            len(self.artifact.labels),
+            explain_top_k,
+            keep_input=self.artifact.gradcam_layer != "layer4",
+        )
 
     def score_into(
         self, items: Sequence[tuple[StudyScores, Hashable, Dataset]]

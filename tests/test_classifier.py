@@ -102,14 +102,19 @@ def assert_same_prediction(a: Any, b: Any) -> None:
         np.testing.assert_allclose(x.heatmap, y.heatmap, atol=1e-4)
 
 
-def test_a_study_scored_image_by_image_as_it_arrives_gets_what_it_gets_at_once() -> (
-    None
-):
+@pytest.mark.parametrize("layer", ["layer4", "layer3"])
+def test_a_study_scored_image_by_image_as_it_arrives_gets_what_it_gets_at_once(
+    layer: str,
+) -> None:
     # The node scores each image when it arrives (a batch of one, or with
     # other studies' images), in whatever order, then aggregates once the
     # study is quiet: the prediction must be that of the whole study at once.
+    # (Grad-CAM at layer4 is made from the kept activations, at layer3 from
+    # the kept input.)
     datasets = study()
-    classifier = Classifier(artifact(), device="cpu", batch_size=4)
+    model = artifact()
+    model.gradcam_layer = layer
+    classifier = Classifier(model, device="cpu", batch_size=4)
     whole = classifier.predict(datasets, explain_top_k=2)
 
     scores = classifier.study_scores(explain_top_k=2)
