@@ -32,6 +32,7 @@ from dicom_node.log import configure_logging, describe_exception
 from dicom_node.score import score_run
 from dicom_node.service import (
     ChildProcess,
+    cap_malloc_arenas,
     open_index,
     run_receiver,
     run_worker,
@@ -441,6 +442,7 @@ def _conformance(args: argparse.Namespace) -> int:
 
 
 def _serve(config: NodeConfig) -> int:
+    cap_malloc_arenas()
     configure_logging(config.log_level)
     stop = threading.Event()
 
@@ -462,6 +464,7 @@ def _serve(config: NodeConfig) -> int:
 
 
 def _worker(config: NodeConfig) -> int:
+    cap_malloc_arenas()
     configure_logging(config.log_level)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -555,6 +558,7 @@ def _score(args: argparse.Namespace) -> int:
 def _receiver_process(config: NodeConfig, port: int) -> None:
     """Entry point of an extra receiving process (started by ``serve``)."""
     _die_with_parent()
+    cap_malloc_arenas()
     configure_logging(config.log_level)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

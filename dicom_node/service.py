@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +25,9 @@ from dicom_node.web import Probes, WebServer
 from dicom_node.worker import start_workers
 
 __all__ = [
+    "MALLOC_ARENAS",
     "ChildProcess",
+    "cap_malloc_arenas",
     "open_index",
     "run_receiver",
     "run_worker",
@@ -75,6 +80,36 @@ def open_index(config: NodeConfig) -> IndexDB:
         pool_size=min(config.max_associations, 16) + 2,
         touch_interval=min(1.0, config.stable_after / 4),
     )
+
+
+# glibc malloc arenas a node process may use (glibc's own default: 8 per core).
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+
+
+def cap_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Let glibc's malloc use at most ``arenas`` arenas in this process.
+
+    A node runs many threads (two per association, scoring, results,
+    sending, preprocessing); by default glibc gives each thread that
+    allocates an arena of its own, up to 8 per core, and memory freed in one
+    stays with it: with 2 arenas, ``serve``'s peak RSS in ``bench/peers.py``
+    fell from ~1,130 to ~1,050 MiB at the same speed. Must run before the
+    threads start. ``MALLOC_ARENA_MAX`` in the environment wins; elsewhere
+    than glibc nothing changes.
+
+    Returns
+    -------
+    bool
+        Whether the cap was set.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def _freeze_startup_objects() -> None:

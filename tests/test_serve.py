@@ -368,3 +368,15 @@ def test_a_worker_process_is_counted_by_serves_metrics(
     finally:
         worker.terminate()
         worker.wait(30)
+
+
+def test_serve_caps_malloc_arenas_unless_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Many threads, each with a glibc arena of its own, would hold freed
+    # memory apart (bench/peers.py: ~80 MiB of serve's peak).
+    from dicom_node.service import MALLOC_ARENAS, cap_malloc_arenas
+
+    assert cap_malloc_arenas(MALLOC_ARENAS) is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert cap_malloc_arenas(MALLOC_ARENAS) is False
