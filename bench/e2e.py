@@ -32,6 +32,7 @@ one's results arrived); throughput on N studies sent at once.
 
     python bench/e2e.py [--studies 30] [--single 8] [--workers 2] [--scoring-nice 10]
                         [--worker-processes N] [--stable-after 0.5] [--device cpu]
+                        [--no-score-on-arrival]
 """
 
 from __future__ import annotations
@@ -267,6 +268,7 @@ def thread_groups(
         kind = "other (the bench itself, serve's loop)"
         for part, label in (
             ("worker-", "scoring (torch calls, preprocessing)"),
+            ("arrivals", "scoring (torch calls, preprocessing)"),
             ("preprocess", "scoring (torch calls, preprocessing)"),
             ("-results", "writing results (SR, SC, files, index)"),
             ("outbox", "sending (outbox: files, index)"),
@@ -350,6 +352,12 @@ def main() -> int:
         "in the worker's results thread)",
     )
     parser.add_argument(
+        "--no-score-on-arrival",
+        action="store_true",
+        help="[node] score_on_arrival = false: each study's job scores all its "
+        "images (default: scored as they arrive)",
+    )
+    parser.add_argument(
         "--single", type=int, default=8, help="studies sent one at a time (latency)"
     )
     parser.add_argument(
@@ -377,6 +385,7 @@ def main() -> int:
             workers=0 if args.worker_processes else args.workers,
             scoring_nice=args.scoring_nice,
             results_processes=args.results_processes,
+            score_on_arrival=not args.no_score_on_arrival,
             device=args.device,
             log_level="WARNING",
             source="bench",
