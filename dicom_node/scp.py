@@ -131,12 +131,15 @@ class Arrival:
         Its SOP Class UID.
     calling_ae_title
         Who sent it.
+    at
+        When it was stored (``time.monotonic()``).
     """
 
     study_instance_uid: str
     path: Path
     sop_class_uid: str
     calling_ae_title: str
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
