@@ -86,10 +86,13 @@ class ArrivalScorer(Loop):
         # Seconds arrivals are gathered into one forward pass: a small part of
         # the quiet timer, so the images are scored well before the study is due.
         self.gather = min(_GATHER, config.stable_after / 8)
-        self.left_to_jobs = 0  # arrivals not scored here: the queue was full
+        self.left_to_jobs = 0  # arrivals not scored here (queue full, study due)
+        # Each study's latest arrival here (its job is due stable_after later).
+        self._latest: dict[str, float] = {}
 
     def arrived(self, arrival: Arrival) -> None:
         """Queue a stored instance for scoring (never blocks the receiver)."""
+        self._latest[arrival.study_instance_uid] = arrival.at
         try:
             self.waiting.put_nowait(arrival)
         except queue.Full:
@@ -131,11 +134,20 @@ class ArrivalScorer(Loop):
             batch.append(arrival)
             if arrival is None:
                 break
-        # An image whose study is soon due is left to the job: scored here
+        # An image whose study is due soon is left to the job: scored here
         # late, it would be scored twice (the job does not wait for it).
         soon = time.monotonic() - self.config.stable_after / 2
-        arrivals = [a for a in batch if a is not None and a.at > soon]
+        latest = self._latest
+        arrivals = [
+            a
+            for a in batch
+            if a is not None and latest.get(a.study_instance_uid, a.at) > soon
+        ]
         self.left_to_jobs += sum(1 for a in batch if a is not None) - len(arrivals)
+        if len(latest) > _MAX_WAITING:  # forget studies long quiet
+            for study, at in list(latest.items()):
+                if at < soon:
+                    latest.pop(study, None)
         if arrivals:
             self.score(arrivals)
         return True
