@@ -89,6 +89,8 @@ class ArrivalScorer(Loop):
         self.left_to_jobs = 0  # arrivals not scored here (queue full, study due)
         # Each study's latest arrival here (its job is due stable_after later).
         self._latest: dict[str, float] = {}
+        # Models whose file failed to load, by its mtime then.
+        self._broken: dict[str, float] = {}
 
     def arrived(self, arrival: Arrival) -> None:
         """Queue a stored instance for scoring (never blocks the receiver)."""
@@ -134,16 +136,14 @@ class ArrivalScorer(Loop):
             batch.append(arrival)
             if arrival is None:
                 break
+        # The same file twice (sent again meanwhile): its last copy only.
+        stored = list({a.path: a for a in batch if a is not None}.values())
         # An image whose study is due soon is left to the job: scored here
         # late, it would be scored twice (the job does not wait for it).
         soon = time.monotonic() - self.config.stable_after / 2
         latest = self._latest
-        arrivals = [
-            a
-            for a in batch
-            if a is not None and latest.get(a.study_instance_uid, a.at) > soon
-        ]
-        self.left_to_jobs += sum(1 for a in batch if a is not None) - len(arrivals)
+        arrivals = [a for a in stored if latest.get(a.study_instance_uid, a.at) > soon]
+        self.left_to_jobs += len(stored) - len(arrivals)
         if len(latest) > _MAX_WAITING:  # forget studies long quiet
             for study, at in list(latest.items()):
                 if at < soon:
@@ -161,10 +161,17 @@ class ArrivalScorer(Loop):
         models: list[tuple[ModelConfig, LoadedModel]] = []
         for model in self.config.models:
             try:
+                mtime = model.path.stat().st_mtime
+            except OSError:
+                continue  # its jobs wait for it
+            if self._broken.get(model.key) == mtime:
+                continue  # not loaded again until the file changes
+            try:
                 models.append((model, self.models.get(model)))
             except ModelMissingError:
-                continue  # its jobs wait for it
+                continue
             except Exception as exc:  # noqa: BLE001 - the jobs say why
+                self._broken[model.key] = mtime
                 logger.debug("arrivals: model not loaded: %s", type(exc).__name__)
         if not models:
             return 0
@@ -180,13 +187,17 @@ class ArrivalScorer(Loop):
                 continue
             for model, loaded in models:
                 match = model.match or model_match(loaded.classifier.artifact.accepts)
-                if passed_over_reason(
-                    ds, arrival.sop_class_uid, match, arrival.calling_ae_title
-                ):
+                try:
+                    if passed_over_reason(
+                        ds, arrival.sop_class_uid, match, arrival.calling_ae_title
+                    ):
+                        continue
+                except Exception as exc:  # noqa: BLE001 - its job says why
+                    logger.debug("arrivals: not checked: %s", type(exc).__name__)
                     continue
                 study = (arrival.study_instance_uid, model.key)
                 entry = taken.get(study) or self.early.take(*study)
-                if entry is None or entry.model is not loaded or key in entry.scores:
+                if entry is None or entry.model is not loaded or key in entry.files:
                     # New, or scored by a model file since replaced, or this
                     # image sent again: start the study's scores afresh (its
                     # job scores the images it then misses).

@@ -216,7 +216,11 @@ def scored(model: str, model_seconds: float, gradcam_seconds: float) -> None:
 
 
 def images_scored(model: str, when: str, count: int) -> None:
-    """Count images scored for a study's job: on ``arrival`` or by the ``job``."""
+    """Count the images of a study's job: scored on ``arrival`` or by the ``job``.
+
+    Per job: a study aggregated again for a late image counts its earlier
+    images again (as scored on arrival: the job did not score them).
+    """
     if not count:
         return
 

@@ -262,6 +262,10 @@ class ModelCache:
 FileIdentity = tuple[int, int, int]
 
 
+# The identity of a file that changed while it was read: matches none.
+_CHANGED: FileIdentity = (-1, -1, -1)
+
+
 def file_identity(path: Path) -> FileIdentity:
     """Return what tells a stored file from another one at the same path.
 
@@ -299,9 +303,11 @@ class EarlyScores:
     A cache, never the record: a job that finds nothing here (another process
     runs it, an entry was evicted, the scores were taken by another thread)
     scores its images itself, and gets the same result. Bounded to
-    ``max_studies`` entries, the least recently used evicted; each holds a
-    few bytes per image plus the activations of each label's top frames
-    (~0.7 MB for a resnet at 224 px, one label, ``gradcam_top_k`` 1).
+    ``max_studies`` (study, model) entries, those whose jobs are done
+    forgotten first, then the least recently used; each holds a few bytes per
+    image plus the layer4 activations of each label's top frames (~100 KB for
+    a resnet at 224 px, one label, ``gradcam_top_k`` 1; ~700 KB with Grad-CAM
+    below layer4, which keeps their input too).
 
     Parameters
     ----------
@@ -325,18 +331,20 @@ class EarlyScores:
             return self._entries.pop((study_uid, model_key), None)
 
     def put(
-        self, study_uid: str, model_key: str, entry: EarlyStudy, replace: bool = True
+        self, study_uid: str, model_key: str, entry: EarlyStudy, done: bool = False
     ) -> None:
         """Keep an entry, as the most recent.
 
-        With ``replace`` False, not if another was kept meanwhile.
+        With ``done`` (its job used it; kept for a late image), not if another
+        was kept meanwhile, and first in line to be forgotten: the entries of
+        studies still waiting for their jobs are worth more.
         """
         key = (study_uid, model_key)
         with self._lock:
-            if not replace and key in self._entries:
+            if done and key in self._entries:
                 return
             self._entries[key] = entry
-            self._entries.move_to_end(key)
+            self._entries.move_to_end(key, last=not done)
             while len(self._entries) > self.max_studies:
                 self._entries.popitem(last=False)
 
@@ -419,7 +427,8 @@ def process_jobs(
         if waiting and waiting[0].model.classifier is not classifier:
             score_waiting()
         waiting.append(prepared)
-        if sum(len(w.todo) for w in waiting) >= classifier.batch_size:
+        # By images read, not images left to score: what is read is held.
+        if sum(len(w.chosen) for w in waiting) >= classifier.batch_size:
             score_waiting()
     score_waiting()
 
@@ -444,9 +453,12 @@ def _prepare(
     files: dict[str, FileIdentity] = {}
     datasets = []
     for image in images:
-        # Before reading: a file replaced after this is not taken for this one.
-        files[str(image.path)] = file_identity(image.path)
+        before = file_identity(image.path)
         datasets.append(dcmread(image.path))
+        # Replaced while read: what was read is not known; nothing reused.
+        files[str(image.path)] = (
+            before if file_identity(image.path) == before else _CHANGED
+        )
     chosen, reason = eligible_images(
         images, datasets, model.match, loaded.classifier.artifact.accepts
     )
@@ -536,9 +548,8 @@ def _score_together(
             )
         if early is not None:
             # Kept for a late image's job, unless one arrived meanwhile.
-            early.put(
-                scoring.job.study_uid, scoring.job.model, scoring.early, replace=False
-            )
+            job = scoring.job
+            early.put(job.study_uid, job.model, scoring.early, done=True)
         scored.append((scoring, prediction))
     return scored
 

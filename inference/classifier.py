@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 # A frame kept for Grad-CAM: probability, frame index, layer4 activations, input.
 _Kept = tuple[float, int, torch.Tensor, torch.Tensor]
 
+# Frames tied with the last of a label's top frames kept beyond top_k, at most.
+_MAX_TIED = 16
 # In place of a kept frame's input where Grad-CAM does not need it.
 _NO_INPUT = torch.empty(0)
 
@@ -220,12 +222,18 @@ class StudyScores:
                 for t in torch.topk(scores, min(self.top_k, len(rows))).indices.tolist()
             ]
             candidates.sort(key=lambda c: (-c[0], c[1]))
+            cut = candidates[: self.top_k]
+            # Frames tied with the last kept one stay too (a few): which of
+            # them is explained follows the study's order, known at the end.
+            cut += [c for c in candidates[self.top_k :] if c[0] == cut[-1][0]][
+                :_MAX_TIED
+            ]
             # The new ones are views of the batch: copied, so it can go.
             self._kept[label] = [
                 (p, n, k, f, a.clone(), x.clone() if self.keep_input else _NO_INPUT)
                 if n >= first
                 else (p, n, k, f, a, x)
-                for p, n, k, f, a, x in candidates[: self.top_k]
+                for p, n, k, f, a, x in cut
             ]
 
     def in_order(
@@ -244,7 +252,7 @@ class StudyScores:
             sorted(
                 ((p, start[k] + f, a, x) for p, _, k, f, a, x in best),
                 key=lambda c: (-c[0], c[1]),
-            )
+            )[: self.top_k]
             for best in self._kept
         ]
         return probabilities, sources, kept
@@ -535,9 +543,11 @@ class Classifier:
         ValueError
             If an instance's key is already in its study's scores.
         """
+        seen: set[tuple[int, Hashable]] = set()
         for part, key, _ in items:
-            if key in part:
+            if key in part or (id(part), key) in seen:
                 raise ValueError(f"instance {key!r} was scored already")
+            seen.add((id(part), key))
         frames = [0] * len(items)
         started = time.perf_counter()
         for batch, owners in self._batches(

@@ -6,12 +6,14 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pydicom.dataset import Dataset
 
 from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.dimse import SUCCESS
 from inference import Classifier, ModelArtifact, StudyPrediction
+from tests.factories import make_ct
 from tests.helpers import (
     Destination,
     ct_study,
@@ -65,11 +67,9 @@ def expected(model: Path, datasets: list[Dataset]) -> StudyPrediction:
     return classifier.predict(datasets, explain_top_k=1)
 
 
-def assert_results_of(
-    reports: list[Dataset],
-    received: list[Dataset],
-    prediction: StudyPrediction,
-) -> None:
+def assert_results_of(received: list[Dataset], prediction: StudyPrediction) -> None:
+    """One result set of a study: the SR's probabilities, the images explained."""
+    reports = [ds for ds in received if ds.Modality == "SR"]
     assert len(reports) == 1
     written = probabilities(reports[0])
     assert len(written) == len(prediction.labels)
@@ -79,28 +79,46 @@ def assert_results_of(
     assert explained(received, str(reports[0].StudyInstanceUID)) == top
 
 
+def of_study(received: list[Dataset], study_uid: str) -> list[Dataset]:
+    return [ds for ds in received if ds.StudyInstanceUID == study_uid]
+
+
+def start(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+    **settings: object,
+) -> tuple[NodeConfig, int]:
+    """A node, its model loaded (a first study through it), scoring on arrival."""
+    config = node_config(tmp_path, model, destination.port, **settings)
+    port = run_serve(config)
+    assert store_datasets(port, ct_study(1)) == [SUCCESS]
+    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "warm-up")
+    return config, port
+
+
 def test_a_study_is_scored_while_it_arrives_and_gets_the_results_of_scoring_it_at_once(
     tmp_path: Path,
     model: Path,
     destination: Destination,
     run_serve: Callable[[NodeConfig], int],
 ) -> None:
-    # A 2 s quiet timer: the images are scored during it; when the study is
+    # A 3 s quiet timer: the images are scored during it; when the study is
     # quiet, its job finds every image scored and only aggregates, explains,
     # writes and sends.
-    config = node_config(tmp_path, model, destination.port, stable_after=2.0)
-    port = run_serve(config)
+    config, port = start(tmp_path, model, destination, run_serve, stable_after=3.0)
     study = ct_study(3)
+    uid = str(study[0].StudyInstanceUID)
     before = scored_images()
 
     assert store_datasets(port, study) == [SUCCESS] * 3
-    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "results sent")
+    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
 
     counted = scored_images()
     assert counted["arrival"] - before["arrival"] == 3
     assert counted["job"] - before["job"] == 0
-    reports = [ds for ds in destination.received if ds.Modality == "SR"]
-    assert_results_of(reports, destination.received, expected(model, study))
+    assert_results_of(of_study(destination.received, uid), expected(model, study))
 
     # A late image: scored when it arrives, the study aggregated again over
     # all four, none of the first three scored again.
@@ -109,14 +127,39 @@ def test_a_study_is_scored_while_it_arrives_and_gets_the_results_of_scoring_it_a
     late.SeriesInstanceUID = study[0].SeriesInstanceUID
     first = len(destination.received)
     assert store_datasets(port, [late]) == [SUCCESS]
-    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
+    wait_for(lambda: status(config)["deliveries"]["done"] == 3, 60, "results sent")
 
     again = scored_images()
     assert again["arrival"] - counted["arrival"] == 4
     assert again["job"] - counted["job"] == 0
-    new = destination.received[first:]
-    reports = [ds for ds in new if ds.Modality == "SR"]
-    assert_results_of(reports, new, expected(model, [*study, late]))
+    assert_results_of(destination.received[first:], expected(model, [*study, late]))
+
+
+def test_an_image_sent_again_changed_is_scored_as_it_is_now(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    # The same SOP Instance UID sent again with other pixels while its study
+    # is still arriving: the results are those of the study as stored now.
+    config, port = start(tmp_path, model, destination, run_serve, stable_after=3.0)
+    study = ct_study(3)
+    changed = make_ct(rows=64, columns=64, seed=99)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(changed, keyword, study[0].get(keyword))
+    changed.file_meta.MediaStorageSOPInstanceUID = study[0].SOPInstanceUID
+
+    assert store_datasets(port, study) == [SUCCESS] * 3
+    assert store_datasets(port, [changed]) == [SUCCESS]
+    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
+
+    uid = str(study[0].StudyInstanceUID)
+    now = expected(model, [changed, *study[1:]])
+    assert now.frame_probabilities[0].tolist() != pytest.approx(
+        expected(model, study).frame_probabilities[0].tolist(), abs=1e-4
+    )
+    assert_results_of(of_study(destination.received, uid), now)
 
 
 def test_without_scoring_on_arrival_the_job_scores_and_the_results_are_the_same(
@@ -125,18 +168,16 @@ def test_without_scoring_on_arrival_the_job_scores_and_the_results_are_the_same(
     destination: Destination,
     run_serve: Callable[[NodeConfig], int],
 ) -> None:
-    config = node_config(
-        tmp_path, model, destination.port, stable_after=1.0, score_on_arrival=False
-    )
-    port = run_serve(config)
+    off = {"stable_after": 1.0, "score_on_arrival": False}
+    config, port = start(tmp_path, model, destination, run_serve, **off)
     study = ct_study(3)
     before = scored_images()
 
     assert store_datasets(port, study) == [SUCCESS] * 3
-    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "results sent")
+    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
 
     counted = scored_images()
     assert counted["arrival"] - before["arrival"] == 0
     assert counted["job"] - before["job"] == 3
-    reports = [ds for ds in destination.received if ds.Modality == "SR"]
-    assert_results_of(reports, destination.received, expected(model, study))
+    uid = str(study[0].StudyInstanceUID)
+    assert_results_of(of_study(destination.received, uid), expected(model, study))

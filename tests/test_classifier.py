@@ -152,6 +152,28 @@ def test_a_study_scored_image_by_image_as_it_arrives_gets_what_it_gets_at_once(
         classifier.score_into([(scores, 7, late)])
 
 
+def test_tied_images_arriving_out_of_order_explain_what_the_study_at_once_does() -> (
+    None
+):
+    # Two identical images tie exactly; scored at once, the first in the
+    # study's order is explained: arriving in reverse order must not change it.
+    image = make_ct(rows=64, columns=64, seed=3)
+    copy = image.copy()
+    copy.SOPInstanceUID = "1.2.3.4.5"
+    classifier = Classifier(artifact(), device="cpu", batch_size=1)
+    whole = classifier.predict([image, copy], explain_top_k=1)
+
+    scores = classifier.study_scores(explain_top_k=1)
+    classifier.score_into([(scores, 1, copy)])
+    classifier.score_into([(scores, 0, image)])
+
+    assert_same_prediction(classifier.prediction(scores, [0, 1]), whole)
+    assert {e.frame for e in whole.explanations} == {0}
+    with pytest.raises(ValueError, match="scored already"):
+        # The same key twice in one call (an image sent again meanwhile).
+        classifier.score_into([(scores, 2, copy), (scores, 2, image)])
+
+
 @pytest.mark.parametrize("architecture", ["resnet18", "resnet50"])
 def test_a_traced_model_gives_what_the_eager_one_gives(architecture: str) -> None:
     datasets = study()

@@ -7,6 +7,7 @@ import logging
 import re
 import signal
 import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -370,6 +371,9 @@ def test_a_worker_process_is_counted_by_serves_metrics(
         worker.wait(30)
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="glibc's malloc arenas"
+)
 def test_serve_caps_malloc_arenas_unless_the_environment_says(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
