@@ -172,15 +172,17 @@ class Destination:
         self.process.wait(timeout=10)
 
 
-def send(folder: Path, port: int) -> None:
+def send(
+    folder: Path, port: int, calling: str = "BENCH", called: str = "DICOMNODE"
+) -> None:
     """Send a folder with dcmtk's storescu (its own process, one association)."""
     done = subprocess.run(
         [
             str(DCMTK / "storescu"),
             "-aet",
-            "BENCH",
+            calling,
             "-aec",
-            "DICOMNODE",
+            called,
             "+sd",
             "127.0.0.1",
             str(port),

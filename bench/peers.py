@@ -91,6 +91,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 sys.path.insert(0, str(REPO))
 
+from bench import e2e  # noqa: E402
+from bench.e2e import free_port  # noqa: E402
+
 # Runs the peer's `serve` after one change: its pipeline passes only CT images
 # to a model (IMAGE_SOP_CLASSES is CT and Enhanced CT) and answers every other
 # study IGNORED, "no eligible images for the model"; DX (for presentation, for
@@ -116,12 +119,6 @@ SOP_NAMES = {
     "1.2.840.10008.5.1.4.1.1.30": "Parametric Map",
     "1.2.840.10008.5.1.4.1.1.11.1": "Grayscale Softcopy Presentation State",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def log(message: str) -> None:
@@ -338,26 +335,8 @@ def write_studies(source: Any, folder: Path, n: int) -> list[str]:
 def send(folder: Path, port: int, called: str) -> float:
     """Send a folder with dcmtk's storescu over one association; return when its
     last instance was acknowledged (storescu's end), wall-clock seconds."""
-    done = subprocess.run(
-        [
-            str(DCMTK / "storescu"),
-            "-aet",
-            CALLING_AE,
-            "-aec",
-            called,
-            "+sd",
-            "127.0.0.1",
-            str(port),
-            str(folder),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    acknowledged = time.time()
-    if done.returncode != 0:
-        raise SystemExit(f"storescu failed: {done.stderr[-500:]}")
-    return acknowledged
+    e2e.send(folder, port, CALLING_AE, called)
+    return time.time()
 
 
 # --- The PACS stand-in ------------------------------------------------------------
@@ -1066,7 +1045,6 @@ def main() -> int:
     if min(args.studies, args.runs, args.singles) < 1:
         parser.error("--studies, --runs and --singles must be at least 1")
 
-    from bench.e2e import model_file
     from dicom_node.worker import scoring_threads
 
     threads = args.server_threads
@@ -1087,7 +1065,7 @@ def main() -> int:
     source = template()
     results: dict[str, list[Figures]] = {p.name: [] for p in products}
     with tempfile.TemporaryDirectory(prefix="peers-model-") as tmp:
-        model = model_file(Path(tmp))
+        model = e2e.model_file(Path(tmp))
         log("warm-up round (not counted)")
         for product in products:
             run_once(product, source, model, min(args.studies, 8), 1, args.keep)
