@@ -98,6 +98,18 @@ def start(
     return config, port
 
 
+def sent(
+    config: NodeConfig, port: int, datasets: list[Dataset], done: int
+) -> dict[str, float]:
+    """Store data sets, wait for the ``done``-th delivery; return the images
+    scored meanwhile for jobs, by when (as /metrics counts them)."""
+    before = scored_images()
+    assert store_datasets(port, datasets) == [SUCCESS] * len(datasets)
+    wait_for(lambda: status(config)["deliveries"]["done"] == done, 60, "results sent")
+    after = scored_images()
+    return {when: after[when] - before[when] for when in after}
+
+
 def test_a_study_is_scored_while_it_arrives_and_gets_the_results_of_scoring_it_at_once(
     tmp_path: Path,
     model: Path,
@@ -110,14 +122,9 @@ def test_a_study_is_scored_while_it_arrives_and_gets_the_results_of_scoring_it_a
     config, port = start(tmp_path, model, destination, run_serve, stable_after=3.0)
     study = ct_study(3)
     uid = str(study[0].StudyInstanceUID)
-    before = scored_images()
 
-    assert store_datasets(port, study) == [SUCCESS] * 3
-    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
-
-    counted = scored_images()
-    assert counted["arrival"] - before["arrival"] == 3
-    assert counted["job"] - before["job"] == 0
+    counted = sent(config, port, study, done=2)
+    assert counted == {"arrival": 3, "job": 0}
     assert_results_of(of_study(destination.received, uid), expected(model, study))
 
     # A late image: scored when it arrives, the study aggregated again over
@@ -126,12 +133,7 @@ def test_a_study_is_scored_while_it_arrives_and_gets_the_results_of_scoring_it_a
     late.StudyInstanceUID = study[0].StudyInstanceUID
     late.SeriesInstanceUID = study[0].SeriesInstanceUID
     first = len(destination.received)
-    assert store_datasets(port, [late]) == [SUCCESS]
-    wait_for(lambda: status(config)["deliveries"]["done"] == 3, 60, "results sent")
-
-    again = scored_images()
-    assert again["arrival"] - counted["arrival"] == 4
-    assert again["job"] - counted["job"] == 0
+    assert sent(config, port, [late], done=3) == {"arrival": 4, "job": 0}
     assert_results_of(destination.received[first:], expected(model, [*study, late]))
 
 
@@ -151,8 +153,7 @@ def test_an_image_sent_again_changed_is_scored_as_it_is_now(
     changed.file_meta.MediaStorageSOPInstanceUID = study[0].SOPInstanceUID
 
     assert store_datasets(port, study) == [SUCCESS] * 3
-    assert store_datasets(port, [changed]) == [SUCCESS]
-    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
+    sent(config, port, [changed], done=2)
 
     uid = str(study[0].StudyInstanceUID)
     now = expected(model, [changed, *study[1:]])
@@ -171,13 +172,7 @@ def test_without_scoring_on_arrival_the_job_scores_and_the_results_are_the_same(
     off = {"stable_after": 1.0, "score_on_arrival": False}
     config, port = start(tmp_path, model, destination, run_serve, **off)
     study = ct_study(3)
-    before = scored_images()
 
-    assert store_datasets(port, study) == [SUCCESS] * 3
-    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
-
-    counted = scored_images()
-    assert counted["arrival"] - before["arrival"] == 0
-    assert counted["job"] - before["job"] == 3
+    assert sent(config, port, study, done=2) == {"arrival": 0, "job": 3}
     uid = str(study[0].StudyInstanceUID)
     assert_results_of(of_study(destination.received, uid), expected(model, study))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,10 +19,11 @@ from dicom_node.service import open_index
 from tests.helpers import make_config, wait_for
 
 
-def _quiet_study(index: IndexDB) -> str:
-    """A study whose last instance arrived a minute ago, waiting to be scheduled."""
+def _quiet_study(index: IndexDB, arrived: datetime | None = None) -> str:
+    """A study waiting to be scheduled, its last instance arrived at ``arrived``
+    (by default a minute ago)."""
     uid = generate_uid()
-    past = utc_now() - timedelta(minutes=1)
+    past = arrived or utc_now() - timedelta(minutes=1)
 
     def work(session: Session) -> None:
         session.add(
@@ -124,20 +125,8 @@ def test_a_study_is_queued_when_it_becomes_stable_not_at_a_later_poll(
     try:
         scheduler.start()
         for _ in range(3):
-            uid = generate_uid()
             arrived = utc_now()
-
-            def work(session: Session, uid: str = uid, at: object = arrived) -> None:
-                session.add(
-                    Study(
-                        study_instance_uid=uid,
-                        first_received_at=at,
-                        last_received_at=at,
-                        needs_processing=True,
-                    )
-                )
-
-            index.run(work)
+            _quiet_study(index, arrived)
             scheduler.arrived()
             before = _jobs(index)
 
