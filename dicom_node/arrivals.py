@@ -86,7 +86,6 @@ class ArrivalScorer(Loop):
         # Seconds arrivals are gathered into one forward pass: a small part of
         # the quiet timer, so the images are scored well before the study is due.
         self.gather = min(_GATHER, config.stable_after / 8)
-        self.left_to_jobs = 0  # arrivals not scored here (queue full, study due)
         # Each study's latest arrival here (its job is due stable_after later).
         self._latest: dict[str, float] = {}
         # Models whose file failed to load, by its mtime then.
@@ -95,10 +94,8 @@ class ArrivalScorer(Loop):
     def arrived(self, arrival: Arrival) -> None:
         """Queue a stored instance for scoring (never blocks the receiver)."""
         self._latest[arrival.study_instance_uid] = arrival.at
-        try:
+        with contextlib.suppress(queue.Full):  # full: its job scores it
             self.waiting.put_nowait(arrival)
-        except queue.Full:
-            self.left_to_jobs += 1
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop after the current batch; what still waits is left to the jobs."""
@@ -143,7 +140,6 @@ class ArrivalScorer(Loop):
         soon = time.monotonic() - self.config.stable_after / 2
         latest = self._latest
         arrivals = [a for a in stored if latest.get(a.study_instance_uid, a.at) > soon]
-        self.left_to_jobs += len(stored) - len(arrivals)
         if len(latest) > _MAX_WAITING:  # forget studies long quiet
             for study, at in list(latest.items()):
                 if at < soon:

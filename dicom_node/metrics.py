@@ -35,6 +35,7 @@ __all__ = [
     "association",
     "delivered",
     "exposition",
+    "images_scored",
     "job_waited",
     "process_figures",
     "received",

@@ -320,11 +320,6 @@ class EarlyScores:
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, str], EarlyStudy] = OrderedDict()
 
-    def __len__(self) -> int:
-        """Return the number of entries."""
-        with self._lock:
-            return len(self._entries)
-
     def take(self, study_uid: str, model_key: str) -> EarlyStudy | None:
         """Remove and return a study's entry for a model, if there is one."""
         with self._lock:

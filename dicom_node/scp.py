@@ -293,7 +293,7 @@ def handle_requested(event: Event, ctx: StoreContext) -> None:
     """
     assoc = event.assoc
     primitive = assoc.requestor.primitive
-    calling = str(primitive.calling_ae_title if primitive else "").strip()
+    calling = _calling_ae_title(assoc)
     called = str(primitive.called_ae_title if primitive else "").strip()
     address = str(assoc.requestor.address)
     port = int(assoc.requestor.port)
@@ -342,6 +342,11 @@ def handle_requested(event: Event, ctx: StoreContext) -> None:
         port,
         calling,
     )
+
+
+def _calling_ae_title(assoc: Association) -> str:
+    primitive = assoc.requestor.primitive
+    return str(primitive.calling_ae_title if primitive else "").strip()
 
 
 def _reject(assoc: Association, result: int, diagnostic: int) -> None:
@@ -666,7 +671,7 @@ def _store(
     existed = ctx.storage.path_of(key).is_file()
     try:
         digest = _sha256(path, data_start)
-        ctx.storage.adopt(key, path)
+        stored = ctx.storage.adopt(key, path)
     except (StorageError, OSError) as exc:
         logger.error("instance %s refused: cannot write (%s)", ref, exc)
         return OUT_OF_RESOURCES, f"storage write failed ({exc})", None
@@ -708,13 +713,8 @@ def _store(
         outcome.value,
         1000 * (time.perf_counter() - started),
     )
-    primitive = event.assoc.requestor.primitive
-    arrival = Arrival(
-        key.study_instance_uid,
-        ctx.storage.path_of(key),
-        str(sop_class_uid),
-        str(primitive.calling_ae_title if primitive else "").strip(),
-    )
+    calling = _calling_ae_title(event.assoc)
+    arrival = Arrival(key.study_instance_uid, stored, str(sop_class_uid), calling)
     return SUCCESS, "", arrival
 
 
