@@ -604,6 +604,8 @@ def _store(
             "deflated data set inflates past max_inflated_bytes",
             None,
         )
+    # The disk flushes the file while the data set is parsed and hashed.
+    flushed = ctx.storage.flush_soon(path)
     try:
         ds: Dataset = dcmread(path, defer_size=_DEFER_SIZE)
         # Before any element is read: reading converts raw elements.
@@ -671,7 +673,7 @@ def _store(
     existed = ctx.storage.path_of(key).is_file()
     try:
         digest = _sha256(path, data_start)
-        stored = ctx.storage.adopt(key, path)
+        stored = ctx.storage.adopt(key, path, flushed)
     except (StorageError, OSError) as exc:
         logger.error("instance %s refused: cannot write (%s)", ref, exc)
         return OUT_OF_RESOURCES, f"storage write failed ({exc})", None

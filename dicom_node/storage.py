@@ -12,6 +12,7 @@ import shutil
 import stat
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,7 @@ class Storage:
         self._ensure_dir(self.incoming)
         self._spool: Path | None = None
         self._spool_lock: int | None = None
+        self._flusher: ThreadPoolExecutor | None = None
 
     @property
     def spool(self) -> Path:
@@ -125,6 +127,9 @@ class Storage:
 
     def close(self) -> None:
         """Remove this process's spool folder and release its lock."""
+        if self._flusher is not None:
+            self._flusher.shutdown(wait=True)
+            self._flusher = None
         if self._spool is None or self._spool_lock is None:
             return
         shutil.rmtree(self._spool, ignore_errors=True)
@@ -300,7 +305,31 @@ class Storage:
             raise StorageError(_os_error_name(exc)) from exc
         return final
 
-    def adopt(self, key: InstanceKey, path: Path) -> Path:
+    def flush_soon(self, path: Path) -> Future[None]:
+        """Start making a complete file durable (fsync) in the background.
+
+        The receiver starts this as soon as a data set is on disk and checks the
+        data set meanwhile: the disk's flush overlaps the parse and the hash
+        instead of following them. Pass the future to :meth:`adopt`.
+
+        Parameters
+        ----------
+        path
+            The complete file.
+
+        Returns
+        -------
+        concurrent.futures.Future
+            Done when the file's data is on stable storage; its result raises
+            the OSError of the open or the fsync.
+        """
+        if self._flusher is None:
+            self._flusher = ThreadPoolExecutor(4, thread_name_prefix="fsync")
+        return self._flusher.submit(_fsync_file, path)
+
+    def adopt(
+        self, key: InstanceKey, path: Path, flushed: Future[None] | None = None
+    ) -> Path:
         """Move a complete file into the store atomically, replacing an older copy.
 
         The file (received into the spool) is made durable and renamed into
@@ -313,6 +342,9 @@ class Storage:
             The instance's validated UIDs.
         path
             The complete DICOM file.
+        flushed
+            The file's :meth:`flush_soon`, when one was started: waited for
+            instead of an fsync here.
 
         Returns
         -------
@@ -328,9 +360,12 @@ class Storage:
         final = self.path_of(key)
         try:
             self._ensure_dir(final.parent)
+            if flushed is not None:
+                flushed.result()  # raises its OSError
             fd = os.open(path, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                if flushed is None:
+                    os.fsync(fd)
                 try:
                     os.replace(path, final)
                 except OSError as exc:
@@ -404,6 +439,14 @@ class Storage:
             except FileExistsError:
                 continue  # another association created it first
             _fsync_dir(folder.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.errors import InvalidUidError
+from dicom_node.errors import InvalidUidError, StorageError
 from dicom_node.storage import InstanceKey, Storage, validate_uid
 
 
@@ -73,6 +73,25 @@ def test_adopt_moves_a_received_file_into_place(tmp_path: Path) -> None:
 
     assert path.read_bytes() == b"data set"
     assert not received.exists()
+
+
+def test_adopt_waits_for_the_flush_started_on_arrival(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "storage")
+    key = InstanceKey("1.2", "1.2.3", "1.2.3.4")
+    received = storage.spool / "received.dcm"
+    received.write_bytes(b"data set")
+
+    path = storage.adopt(key, received, storage.flush_soon(received))
+
+    assert path.read_bytes() == b"data set"
+    # A flush that failed (the spool file gone before it was made durable)
+    # places nothing and names the error.
+    vanished = storage.spool / "vanished.dcm"
+    other = InstanceKey("1.2", "1.2.3", "1.2.3.5")
+    with pytest.raises(StorageError, match="FileNotFoundError ENOENT"):
+        storage.adopt(other, vanished, storage.flush_soon(vanished))
+    assert not storage.path_of(other).exists()
+    storage.close()
 
 
 # A receiving process that ends without closing its storage (killed): it
