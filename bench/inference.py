@@ -35,8 +35,8 @@ from inference import (  # noqa: E402
     ModelArtifact,
     PreprocessSpec,
     build_model,
-    gradcam,
 )
+from inference.gradcam import gradcam  # noqa: E402
 from tests.factories import make_ct  # noqa: E402
 
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from dicom_node import __version__
 from dicom_node.config import NodeConfig, example_config_text, load_config
-from dicom_node.demo import run_demo
 from dicom_node.errors import (
     AssociationError,
     AssociationRejectedError,
@@ -29,7 +28,6 @@ from dicom_node.errors import (
 from dicom_node.export import Peer, SendOutcome, echo, parse_peer, send_files
 from dicom_node.jobs import requeue
 from dicom_node.log import configure_logging, describe_exception
-from dicom_node.score import score_run
 from dicom_node.service import (
     ChildProcess,
     cap_malloc_arenas,
@@ -40,11 +38,14 @@ from dicom_node.service import (
 )
 from dicom_node.status import node_status, status_text
 from dicom_node.storage import validate_uid
-from dicom_node.worker import scoring_threads
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("dicom_node.cli")
+
+# _LAZY_IMPORTS: what loads PyTorch (scoring, the demo, the worker loop) is
+# imported where a command needs it. A results process, started fresh (spawn),
+# imports this module as its main module, and must stay small without it.
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -393,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _retry(_config(args), dead=args.dead, failed_jobs=args.failed_jobs)
         if args.command == "demo":
             configure_logging("WARNING")
+            from dicom_node.demo import run_demo  # loads PyTorch: see _LAZY_IMPORTS
+
             return run_demo(args.work, args.samples)
         if args.command == "score":
             configure_logging("WARNING")
@@ -508,6 +511,8 @@ def _score(args: argparse.Namespace) -> int:
             validate_uid(uid, "--sop-class")
         except InvalidUidError as exc:
             raise ConfigError(str(exc)) from exc
+    from dicom_node.score import score_run  # loads PyTorch: see _LAZY_IMPORTS
+
     run = score_run(
         args.paths,
         args.model,
@@ -675,6 +680,8 @@ def _config_command(args: argparse.Namespace) -> int:
         sys.stdout.write(example_config_text())
         return EXIT_OK
     config = _config(args)
+    from dicom_node.worker import scoring_threads  # loads PyTorch: see _LAZY_IMPORTS
+
     print(f"# {config.source}: valid")
     print(f"ae_title         {config.ae_title}")
     print(f"listen           {config.host}:{config.port}")

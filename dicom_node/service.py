@@ -1,4 +1,8 @@
-"""The long-running parts of `dicom-node serve`: receivers, scheduler, shutdown."""
+"""The long-running parts of `dicom-node serve`: receivers, scheduler, shutdown.
+
+The worker loop (which loads PyTorch) is imported where it starts: a receiving
+process or a results process imports this module without it.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ from dicom_node.scheduler import Scheduler
 from dicom_node.scp import Arrival, Receiver
 from dicom_node.storage import Storage
 from dicom_node.web import Probes, WebServer
-from dicom_node.worker import start_workers
 
 __all__ = [
     "MALLOC_ARENAS",
@@ -213,6 +216,8 @@ def serve(
     receiver = Receiver(config, index, reuse_port=shared)
     receiver.start()
     port = receiver.port
+    from dicom_node.worker import start_workers
+
     workers = start_workers(
         config, index, config.workers, score_on_arrival=config.score_on_arrival
     )
@@ -305,6 +310,8 @@ def run_worker(config: NodeConfig, stop: threading.Event) -> None:
     """
     joined = metrics.share(config.state_dir, join=True)
     index = open_index(config)
+    from dicom_node.worker import start_workers
+
     workers = start_workers(config, index, max(1, config.workers))
     # A worker has no listener of its own ([http] is serve's port, and serve
     # may be restarting): its figures reach serve's /metrics on this host.

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from inference.errors import ArtifactError
+from inference.findings import CodedConcept, Label
 from inference.gradcam import GRADCAM_LAYERS
 from inference.model import ARCHITECTURES, build_model
 from inference.preprocess import PreprocessSpec
@@ -35,59 +36,6 @@ QUANTIZATION_PREFIX = "int8."  # tensors of ModelArtifact.quantization in the fi
 ONNX_GRAPH_KEY = "onnx.graph"  # ModelArtifact.onnx_graph in the file, as uint8
 METADATA_KEY = "dicom_node_model"
 AGGREGATIONS = ("max", "mean", "topk_mean")
-
-
-@dataclass(frozen=True, slots=True)
-class CodedConcept:
-    """A coded concept (PS3.3 8.8): code value, coding scheme, code meaning.
-
-    Parameters
-    ----------
-    value
-        Code Value, e.g. ``27925004``.
-    scheme
-        Coding Scheme Designator, e.g. ``SCT``.
-    meaning
-        Code Meaning, e.g. ``Nodule``.
-    """
-
-    value: str
-    scheme: str
-    meaning: str
-
-    def __post_init__(self) -> None:
-        """Check that no part is empty."""
-        if not (self.value and self.scheme and self.meaning):
-            raise ValueError("coded concept: value, scheme and meaning are required")
-
-
-@dataclass(frozen=True, slots=True)
-class Label:
-    """One output of the model.
-
-    Parameters
-    ----------
-    name
-        Short name, e.g. ``nodule``.
-    concept
-        The finding's code, used in the SR.
-    threshold
-        Operating threshold on the probability: at or above is positive.
-    finding_site
-        Optional code of the anatomic site, e.g. (39607008, SCT, Lung).
-    """
-
-    name: str
-    concept: CodedConcept
-    threshold: float = 0.5
-    finding_site: CodedConcept | None = None
-
-    def __post_init__(self) -> None:
-        """Check the name and the threshold."""
-        if not self.name:
-            raise ValueError("label: name is required")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"label {self.name}: threshold must be in [0, 1]")
 
 
 @dataclass(slots=True)

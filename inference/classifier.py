@@ -9,7 +9,6 @@ import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from pydicom.dataset import Dataset
 
 from inference.artifact import Label, ModelArtifact
+from inference.findings import Explanation, LabelPrediction, StudyPrediction
 from inference.gradcam import gradcam_at, gradcam_from_features, head, trunk, upsample
 from inference.preprocess import Frames, FrameSource, heatmap_to_source, preprocess
 from inference.variants import OnnxTrunk, Trunk, int8_trunk, onnxruntime_version
@@ -41,91 +41,6 @@ _MAX_TIED = 16
 _NO_INPUT = torch.empty(0)
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True, slots=True)
-class LabelPrediction:
-    """The study-level result for one label.
-
-    Parameters
-    ----------
-    label
-        The label (name, code, threshold).
-    probability
-        Study-level probability by the artifact's aggregation rule.
-    positive
-        Whether ``probability`` reaches the label's operating threshold.
-    top_frame
-        Index (into the prediction's frames) of the highest-scoring frame.
-    """
-
-    label: Label
-    probability: float
-    positive: bool
-    top_frame: int
-
-
-@dataclass(frozen=True, slots=True)
-class Explanation:
-    """A Grad-CAM heatmap of one frame for one label.
-
-    Parameters
-    ----------
-    label_index
-        Which label it explains.
-    frame
-        Index into the prediction's frames.
-    source
-        Where that frame came from.
-    probability
-        The frame's probability for the label.
-    heatmap
-        float32 [rows, columns] in [0, 1], at the source image's resolution.
-    """
-
-    label_index: int
-    frame: int
-    source: FrameSource
-    probability: float
-    heatmap: npt.NDArray[np.float32]
-
-
-@dataclass(frozen=True, slots=True)
-class StudyPrediction:
-    """What a model says about a study.
-
-    Parameters
-    ----------
-    model_name
-        The artifact's name.
-    model_version
-        The artifact's version.
-    device_uid
-        The artifact's Device UID.
-    labels
-        One per label, in the artifact's order.
-    frames
-        Every frame scored, in order.
-    frame_probabilities
-        float32 [frames, labels].
-    explanations
-        Grad-CAM heatmaps of the top frames.
-    model_seconds
-        Wall time of preprocessing and forward passes spent on this study (its
-        share, by frames, of batches shared with other studies).
-    gradcam_seconds
-        Wall time of its Grad-CAM heatmaps.
-    """
-
-    model_name: str
-    model_version: str
-    device_uid: str
-    labels: tuple[LabelPrediction, ...]
-    frames: tuple[FrameSource, ...]
-    frame_probabilities: npt.NDArray[np.float32]
-    explanations: tuple[Explanation, ...] = ()
-    model_seconds: float = 0.0
-    gradcam_seconds: float = 0.0
 
 
 class StudyScores:

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
-import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 from pydicom.dataset import Dataset
-from pydicom.pixels.processing import (
-    apply_color_lut,
-    apply_modality_lut,
-    apply_voi_lut,
-)
 
-from inference.errors import ImageTooLargeError, PreprocessError
+from inference.pixels import (
+    FrameSource,
+    PreprocessSpec,
+    check_size,
+    decode_frames,
+    render,
+    window,
+)
 
 __all__ = [
     "FrameSource",
@@ -30,142 +30,6 @@ __all__ = [
     "preprocess_many",
     "render",
 ]
-
-FloatArray = npt.NDArray[np.float32]
-
-_WINDOWS = ("auto", "minmax", "fixed")
-_RESIZES = ("stretch", "letterbox")
-
-
-@dataclass(frozen=True, slots=True)
-class PreprocessSpec:
-    """How pixels become model input; stored in the model artifact.
-
-    Parameters
-    ----------
-    size
-        Model input (height, width) in pixels.
-    channels
-        1 (grayscale) or 3; images are converted to match.
-    window
-        ``auto``: the file's VOI LUT or window, else min-max; ``minmax``: each
-        frame's own range; ``fixed``: ``window_center`` / ``window_width`` (in
-        Modality LUT units, e.g. Hounsfield units for CT).
-    window_center
-        Centre of the fixed window.
-    window_width
-        Width of the fixed window (>= 1).
-    resize
-        ``stretch`` to the size, or ``letterbox`` (keep the aspect ratio, pad black).
-    mean
-        Per-channel mean subtracted after scaling to [0, 1].
-    std
-        Per-channel standard deviation divided by after that.
-    max_pixels
-        Largest rows x columns x frames x samples accepted; checked before decoding.
-    """
-
-    size: tuple[int, int] = (224, 224)
-    channels: int = 1
-    window: str = "auto"
-    window_center: float | None = None
-    window_width: float | None = None
-    resize: str = "stretch"
-    mean: tuple[float, ...] = (0.5,)
-    std: tuple[float, ...] = (0.25,)
-    max_pixels: int = 2**27
-
-    def __post_init__(self) -> None:
-        """Check every field; raise ValueError naming the bad one."""
-        if min(self.size) < 8:
-            raise ValueError(f"size: expected (height, width) >= 8, found {self.size}")
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels: expected 1 or 3, found {self.channels}")
-        if self.window not in _WINDOWS:
-            raise ValueError(
-                f"window: expected one of {_WINDOWS}, found {self.window!r}"
-            )
-        if self.window == "fixed" and (
-            self.window_center is None
-            or self.window_width is None
-            or self.window_width < 1
-        ):
-            raise ValueError(
-                "window_center / window_width: a fixed window needs both, width >= 1"
-            )
-        if self.resize not in _RESIZES:
-            raise ValueError(
-                f"resize: expected one of {_RESIZES}, found {self.resize!r}"
-            )
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError("mean / std: expected one value per channel")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std: expected values > 0, found {self.std}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels: expected >= 1, found {self.max_pixels}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the spec as plain JSON-able values."""
-        d = asdict(self)
-        d["size"] = list(self.size)
-        d["mean"] = list(self.mean)
-        d["std"] = list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PreprocessSpec:
-        """Build a spec from :meth:`to_dict` output.
-
-        Parameters
-        ----------
-        data
-            The mapping.
-
-        Returns
-        -------
-        PreprocessSpec
-            The checked spec.
-
-        Raises
-        ------
-        ValueError
-            If a key is unknown or a value out of range.
-        """
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"preprocessing: unknown key(s) {sorted(unknown)}")
-        values = dict(data)
-        for key in ("size", "mean", "std"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
-
-
-@dataclass(frozen=True, slots=True)
-class FrameSource:
-    """Where a model-input frame came from, and where its image lies in it.
-
-    Parameters
-    ----------
-    sop_instance_uid
-        The source instance.
-    frame_index
-        0-based frame number within the instance.
-    rows
-        Source image height.
-    columns
-        Source image width.
-    box
-        (top, left, height, width) of the image inside the model input; the rest
-        is letterbox padding.
-    """
-
-    sop_instance_uid: str
-    frame_index: int
-    rows: int
-    columns: int
-    box: tuple[int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -186,154 +50,6 @@ class Frames:
     def __len__(self) -> int:
         """Return the number of frames."""
         return len(self.sources)
-
-
-def check_size(ds: Dataset, max_pixels: int) -> None:
-    """Refuse an image whose decoded size exceeds ``max_pixels`` (before decoding).
-
-    Parameters
-    ----------
-    ds
-        The data set.
-    max_pixels
-        Largest rows x columns x frames x samples accepted.
-
-    Raises
-    ------
-    PreprocessError
-        If the data set has no image.
-    ImageTooLargeError
-        If the image is too large.
-    """
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise PreprocessError("data set has no Pixel Data")
-    try:
-        rows = int(ds.Rows)
-        columns = int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise PreprocessError(
-            "Rows, Columns, Number of Frames or Samples per Pixel missing or invalid"
-        ) from exc
-    total = rows * columns * frames * samples
-    if min(rows, columns, frames, samples) < 1:
-        raise PreprocessError("image has a zero dimension")
-    if total > max_pixels:
-        raise ImageTooLargeError(
-            f"image of {rows}x{columns} pixels x {frames} frames x {samples} samples "
-            f"({total} values) exceeds the limit of {max_pixels}"
-        )
-
-
-def decode_frames(ds: Dataset, max_pixels: int = 2**27) -> tuple[FloatArray, bool]:
-    """Decode pixels into float32 frames.
-
-    Grayscale comes back as [F, H, W] in Modality LUT units (rescale slope and
-    intercept, or the Modality LUT Sequence); colour (RGB, YBR_*, PALETTE COLOR)
-    as [F, H, W, 3] scaled to [0, 1].
-
-    Parameters
-    ----------
-    ds
-        The data set; any transfer syntax pydicom decodes with its plugins.
-    max_pixels
-        Size limit, checked before decoding.
-
-    Returns
-    -------
-    tuple of (numpy.ndarray, bool)
-        The frames and whether they are colour.
-
-    Raises
-    ------
-    PreprocessError
-        If there is no image, it cannot be decoded, or its layout is unsupported.
-    """
-    check_size(ds, max_pixels)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    try:
-        arr = ds.pixel_array  # YBR_* comes back as RGB
-    except (ValueError, NotImplementedError, RuntimeError, AttributeError) as exc:
-        raise PreprocessError(
-            f"cannot decode Pixel Data ({type(exc).__name__})"
-        ) from exc
-    if photometric == "PALETTE COLOR":
-        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        rgb = apply_color_lut(arr, ds).astype(np.float32) / float(2**bits - 1)
-        return _frames_first(rgb, frames, color=True), True
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples == 3:
-        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
-        rgb = arr.astype(np.float32) / float(2**bits - 1)
-        return _frames_first(rgb, frames, color=True), True
-    if samples != 1:
-        raise PreprocessError(f"Samples per Pixel {samples} is not supported")
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
-    return _frames_first(values, frames, color=False), False
-
-
-def _frames_first(arr: npt.NDArray[Any], frames: int, *, color: bool) -> FloatArray:
-    single_ndim = 3 if color else 2
-    if arr.ndim == single_ndim:
-        arr = arr[None]
-    if arr.ndim != single_ndim + 1 or arr.shape[0] != frames:
-        raise PreprocessError(f"unexpected pixel array shape {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def _window(values: FloatArray, ds: Dataset, spec: PreprocessSpec) -> FloatArray:
-    """Grayscale [F, H, W] in Modality LUT units -> [0, 1] by the spec's VOI rule."""
-    if (
-        spec.window == "fixed"
-        and spec.window_center is not None
-        and spec.window_width is not None
-    ):
-        return _linear(values, spec.window_center, spec.window_width)
-    if spec.window == "auto":
-        if "VOILUTSequence" in ds:
-            item = ds.VOILUTSequence[0]
-            bits = int(item.LUTDescriptor[2])
-            # A LUT is indexed by stored (integer) values: round, do not truncate.
-            indices = np.rint(values).astype(np.int64)
-            out = apply_voi_lut(indices, ds, index=0, prefer_lut=True)
-            return np.asarray(out, dtype=np.float32) / float(2**bits - 1)
-        center = _first(ds.get("WindowCenter"))
-        width = _first(ds.get("WindowWidth"))
-        if center is not None and width is not None and width >= 1:
-            function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-            if function == "SIGMOID":
-                return _f32(1.0 / (1.0 + np.exp(-4.0 * (values - center) / width)))
-            if function == "LINEAR_EXACT":
-                return _f32(np.clip((values - center) / width + 0.5, 0.0, 1.0))
-            return _linear(values, center, width)
-    low = values.min(axis=(1, 2), keepdims=True)
-    high = values.max(axis=(1, 2), keepdims=True)
-    span = np.where(high > low, high - low, 1.0)
-    return _f32((values - low) / span)
-
-
-def _linear(values: FloatArray, center: float, width: float) -> FloatArray:
-    # PS3.3 C.11.2.1.2.1, LINEAR: (x - (c - 0.5)) / (w - 1) + 0.5, clipped.
-    if width <= 1:
-        return _f32(values > center - 0.5)
-    return _f32(np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0))
-
-
-def _f32(values: object) -> FloatArray:
-    return np.asarray(values, dtype=np.float32)
-
-
-def _first(value: object) -> float | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        value = value[0] if len(value) else None
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
 
 
 def preprocess(ds: Dataset, spec: PreprocessSpec) -> Frames:
@@ -364,7 +80,7 @@ def preprocess(ds: Dataset, spec: PreprocessSpec) -> Frames:
     if color:
         tensor = torch.from_numpy(values).permute(0, 3, 1, 2)  # [F, 3, H, W]
     else:
-        scaled = _window(values, ds, spec)
+        scaled = window(values, ds, spec)
         if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
             scaled = 1.0 - scaled  # PS3.3 C.7.6.3.1.2: minimum is white
         tensor = torch.from_numpy(np.ascontiguousarray(scaled, dtype=np.float32))[
@@ -384,45 +100,6 @@ def preprocess(ds: Dataset, spec: PreprocessSpec) -> Frames:
     uid = str(ds.get("SOPInstanceUID", ""))
     sources = [FrameSource(uid, i, rows, columns, box) for i in range(pixels.shape[0])]
     return Frames(pixels, sources)
-
-
-def render(
-    ds: Dataset, frame: int = 0, max_pixels: int = 2**27
-) -> npt.NDArray[np.uint8]:
-    """Render one frame for display, as a viewer would show it by default.
-
-    Modality LUT, the file's own VOI (LUT or first window; min-max without one),
-    MONOCHROME1 shown inverted, colour kept.
-
-    Parameters
-    ----------
-    ds
-        The data set.
-    frame
-        Frame index (0 for single-frame images).
-    max_pixels
-        Size limit, checked before decoding.
-
-    Returns
-    -------
-    numpy.ndarray
-        uint8 [rows, columns] for grayscale, [rows, columns, 3] RGB for colour.
-
-    Raises
-    ------
-    PreprocessError
-        If the image cannot be decoded or has no such frame.
-    """
-    values, color = decode_frames(ds, max_pixels)
-    if not 0 <= frame < values.shape[0]:
-        raise PreprocessError(f"frame {frame} out of range 0..{values.shape[0] - 1}")
-    if color:
-        scaled = values[frame]
-    else:
-        scaled = _window(values[frame : frame + 1], ds, PreprocessSpec())[0]
-        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-            scaled = 1.0 - scaled
-    return np.asarray(np.rint(np.clip(scaled, 0.0, 1.0) * 255), dtype=np.uint8)
 
 
 def _resize(

@@ -17,12 +17,11 @@ from inference import (
     ArtifactError,
     Classifier,
     build_model,
-    gradcam,
     gradcam_at,
     gradcam_full_backward,
     preprocess_many,
 )
-from inference.gradcam import upsample
+from inference.gradcam import gradcam, upsample
 from tests.factories import corpus_file, make_ct
 from tests.factories import make_artifact as artifact
 

@@ -17,8 +17,8 @@ from inference import (
     check_size,
     decode_frames,
     heatmap_to_source,
-    preprocess,
 )
+from inference.preprocess import preprocess
 from tests.factories import corpus_file, make_ct
 
 # mean 0 / std 1: the output is the [0, 1] image itself, easy to reason about.

@@ -12,7 +12,8 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from inference import PreprocessSpec, preprocess
+from inference import PreprocessSpec
+from inference.preprocess import preprocess
 from tests.factories import dcmtk
 from training.cli import main
 from training.realistic import (

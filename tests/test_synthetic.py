@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 
-from inference import PreprocessSpec, preprocess
+from inference import PreprocessSpec
+from inference.preprocess import preprocess
 from tests.factories import dcmtk
 from training.cli import main
 

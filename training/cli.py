@@ -21,9 +21,9 @@ from inference import (
     Classifier,
     ModelArtifact,
     PreprocessError,
-    gradcam,
-    preprocess,
 )
+from inference.gradcam import gradcam
+from inference.preprocess import preprocess
 from inference.variants import ONNX_OPSET, VARIANTS
 from training.config import choose, read_toml
 from training.data import DataError, load_samples

@@ -31,8 +31,8 @@ from inference import (
     ModelArtifact,
     PreprocessSpec,
     build_model,
-    preprocess,
 )
+from inference.preprocess import preprocess
 from training.config import KNOWN_FINDINGS, DataSizes, TrainConfig
 from training.data import (
     IMAGE_SUFFIXES,

@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.results import NodeIdentity, build_results, warm_up
 from dicom_node.results.store import write_result_files
-from inference import StudyPrediction
+from inference.findings import StudyPrediction
 
 __all__ = ["BuildRequest", "Built", "ResultBuilder", "build_and_write"]
 

@@ -20,7 +20,8 @@ from dicom_node.results.common import (
     series_number,
 )
 from dicom_node.results.render import overlay
-from inference import Explanation, StudyPrediction, render
+from inference.findings import Explanation, StudyPrediction
+from inference.pixels import render
 
 __all__ = ["build_capture", "copy_body_part", "lossy_history"]
 
