@@ -283,7 +283,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_killed_workers_results_process_ends_with_it(
+def test_a_workers_results_process_runs_without_pytorch_and_ends_with_it(
     tmp_path: Path,
     model: Path,
     destination: Destination,
@@ -294,7 +294,14 @@ def test_a_killed_workers_results_process_ends_with_it(
     )
     port = run_serve(config)
     toml = write_toml(tmp_path, config)
-    worker = worker_process(toml)
+    # As users start it: the console script, which a spawned process imports as
+    # its main module (with `python -m dicom_node` it would not).
+    script = Path(sys.executable).with_name("dicom-node")
+    worker = subprocess.Popen(
+        [str(script), "worker", "--config", str(toml)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert store_datasets(port, ct_study()) == [0, 0]
         wait_for(lambda: status(config)["deliveries"]["done"] == 1, 90, "delivery")
@@ -304,6 +311,11 @@ def test_a_killed_workers_results_process_ends_with_it(
             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
         ]
         assert children, "no results process beside the worker"
+        # It built the study's results without PyTorch (its cost: ~130 MB, not
+        # the ~700 MB torch's libraries would add), while the worker loaded it.
+        assert b"libtorch_cpu" in Path(f"/proc/{worker.pid}/maps").read_bytes()
+        for pid in children:
+            assert b"libtorch" not in Path(f"/proc/{pid}/maps").read_bytes()
         worker.kill()  # SIGKILL: the worker cannot stop its children
         worker.wait(timeout=10)
         wait_for(lambda: not any(_alive(pid) for pid in children), 10, "children gone")
