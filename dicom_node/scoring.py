@@ -9,6 +9,7 @@ again: a job then scores only what is missing and aggregates.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -191,6 +192,9 @@ class ModelCache:
         self.device = device or None
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[float, LoadedModel]] = {}
+        # A file that failed to load, by its modification time: not read again
+        # (hundreds of megabytes, for every job) until it changes.
+        self._broken: dict[str, tuple[float, InferenceError]] = {}
         self._missing_said: set[str] = set()
 
     def get(self, model: ModelConfig) -> LoadedModel:
@@ -201,7 +205,9 @@ class ModelCache:
         ModelMissingError
             If its file does not exist.
         inference.ArtifactError
-            If it is not a valid model file or its SHA-256 differs from the pin.
+            If it is not a valid model file or its SHA-256 differs from the pin;
+            the same error again, without reading the file, until the file's
+            modification time changes.
         """
         try:
             mtime = model.path.stat().st_mtime
@@ -211,10 +217,18 @@ class ModelCache:
             cached = self._loaded.get(model.key)
             if cached is not None and cached[0] == mtime:
                 return cached[1]
-            sha256 = file_sha256(model.path)
-            artifact = ModelArtifact.load(model.path, expected_sha256=model.sha256)
-            # Traced: the node's other threads must not stall the forward pass.
-            classifier = Classifier(artifact, self.device, trace=True)
+            broken = self._broken.get(model.key)
+            if broken is not None and broken[0] == mtime:
+                raise copy.copy(broken[1])
+            try:
+                sha256 = file_sha256(model.path)
+                artifact = ModelArtifact.load(model.path, expected_sha256=model.sha256)
+                # Traced: the node's other threads must not stall the forward pass.
+                classifier = Classifier(artifact, self.device, trace=True)
+            except InferenceError as exc:  # the file's content: it stays so
+                self._broken[model.key] = (mtime, copy.copy(exc))  # no traceback
+                raise
+            self._broken.pop(model.key, None)
             loaded = LoadedModel(classifier, sha256)
             self._loaded[model.key] = (mtime, loaded)
             logger.info(

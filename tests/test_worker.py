@@ -26,9 +26,10 @@ from dicom_node.config import (
     NodeConfig,
 )
 from dicom_node.index import Job
+from dicom_node.scoring import ModelCache
 from dicom_node.service import open_index, running_node
 from dicom_node.worker import start_workers
-from inference import Classifier, ModelArtifact
+from inference import ArtifactError, Classifier, ModelArtifact
 from tests.factories import make_artifact, make_ct
 from tests.helpers import (
     Destination,
@@ -373,6 +374,28 @@ def test_a_failing_job_is_retried_then_failed_with_the_reason(
         f"after 2 tries: {broken} is not a safetensors"
     )
     assert destination.received == []
+
+
+def test_a_model_file_that_fails_to_load_is_read_again_once_it_changes(
+    tmp_path: Path, model: Path
+) -> None:
+    path = tmp_path / "chest.safetensors"
+    path.write_bytes(b"not a model")
+    configured = ModelConfig(path)
+    models = ModelCache("cpu")
+    for _ in range(2):
+        with pytest.raises(ArtifactError, match="is not a safetensors"):
+            models.get(configured)
+    # A good model under the same modification time is not read: every job
+    # would otherwise read the file again and fail the same way.
+    stamp = path.stat()
+    shutil.copyfile(model, path)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    with pytest.raises(ArtifactError, match="is not a safetensors"):
+        models.get(configured)
+    # Changed (as a copy into place changes it): loaded.
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))
+    assert models.get(configured).classifier.artifact.name
 
 
 def test_jobs_wait_for_a_model_file_that_appears_later(
