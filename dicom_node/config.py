@@ -330,9 +330,9 @@ class NodeConfig:
         Secondary Capture.
     results_processes
         Processes beside each scoring process that build and write result
-        sets (highdicom's Python work, off the scoring process's GIL); 0: its
-        results thread builds them. Worth it only with cores to spare: on 2
-        cores the process competes with the model for the CPU.
+        sets (highdicom's Python work, off the scoring process's GIL; each
+        about 130 MB, without PyTorch); 0: its results thread builds them
+        (for a single-core host, or to save that memory).
     score_on_arrival
         ``serve`` with worker threads scores each image its receiver stores
         as it arrives, so that when the study is quiet only aggregation,
@@ -392,7 +392,7 @@ class NodeConfig:
     results_jpeg: bool = False
     results_parametric_map: bool = False
     results_explain_absent: bool = False
-    results_processes: int = 0
+    results_processes: int = 1
     score_on_arrival: bool = True
     device_uid: str = ""
     job_attempts: int = 3
