@@ -331,8 +331,8 @@ class NodeConfig:
     results_processes
         Processes beside each scoring process that build and write result
         sets (highdicom's Python work, off the scoring process's GIL; each
-        about 130 MB, without PyTorch); 0: its results thread builds them
-        (for a single-core host, or to save that memory).
+        about 110-130 MB more in all, without PyTorch); 0: its results thread
+        builds them (for a single-core host, or to save that memory).
     score_on_arrival
         ``serve`` with worker threads scores each image its receiver stores
         as it arrives, so that when the study is quiet only aggregation,

@@ -150,6 +150,8 @@ class Receipt:
         Whether data set fragments were dropped (no room to write them).
     dropped_messages
         Message IDs of the completed messages whose data sets were dropped.
+    contexts
+        The IDs of the association's accepted presentation contexts, once known.
     """
 
     command: bytearray = field(default_factory=bytearray)
@@ -157,6 +159,7 @@ class Receipt:
     spooled: bool | None = None
     dropped: bool = False
     dropped_messages: set[int] = field(default_factory=set)
+    contexts: frozenset[int] | None = None
 
     def next_message(self) -> None:
         """Start over for the next message (the dropped IDs stay)."""
@@ -819,6 +822,9 @@ class ConnectionGate:
         request = A_ASSOCIATE_RQ()
         try:
             request.decode(data)
+            # As pynetdicom reads it once it has the connection (its
+            # presentation context IDs, for one, must be odd).
+            request.to_primitive()
             problem = _request_problem(request)
         except _DECODE_ERRORS as exc:
             problem = f"does not decode ({type(exc).__name__})"

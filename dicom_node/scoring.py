@@ -179,6 +179,10 @@ class LoadedModel:
         return f"{artifact.name} {artifact.version} sha256:{self.sha256[:12]}"
 
 
+# How long a model file that failed to load is not tried again, unchanged.
+BROKEN_MODEL_SECONDS = 300.0
+
+
 class ModelCache:
     """Loads each configured model once (again when its file changes).
 
@@ -192,9 +196,10 @@ class ModelCache:
         self.device = device or None
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[float, LoadedModel]] = {}
-        # A file that failed to load, by its modification time: not read again
-        # (hundreds of megabytes, for every job) until it changes.
-        self._broken: dict[str, tuple[float, InferenceError]] = {}
+        # A file that failed to load: not read again (hundreds of megabytes, for
+        # every job) until it changes, or for BROKEN_MODEL_SECONDS (the cause
+        # may lie outside the file: a missing runtime, no memory).
+        self._broken: dict[str, tuple[tuple[int, int, int], float, InferenceError]] = {}
         self._missing_said: set[str] = set()
 
     def get(self, model: ModelConfig) -> LoadedModel:
@@ -206,27 +211,35 @@ class ModelCache:
             If its file does not exist.
         inference.ArtifactError
             If it is not a valid model file or its SHA-256 differs from the pin;
-            the same error again, without reading the file, until the file's
-            modification time changes.
+            the same error again, without reading the file, until the file
+            changes (modification time, size or inode) or for
+            :data:`BROKEN_MODEL_SECONDS`.
         """
         try:
-            mtime = model.path.stat().st_mtime
+            stat = model.path.stat()
         except OSError as exc:
             raise ModelMissingError(f"model file {model.path} not found") from exc
+        mtime = stat.st_mtime
+        identity = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         with self._lock:
             cached = self._loaded.get(model.key)
             if cached is not None and cached[0] == mtime:
                 return cached[1]
             broken = self._broken.get(model.key)
-            if broken is not None and broken[0] == mtime:
-                raise copy.copy(broken[1])
+            if (
+                broken is not None
+                and broken[0] == identity
+                and time.monotonic() - broken[1] < BROKEN_MODEL_SECONDS
+            ):
+                raise copy.copy(broken[2])
             try:
                 sha256 = file_sha256(model.path)
                 artifact = ModelArtifact.load(model.path, expected_sha256=model.sha256)
                 # Traced: the node's other threads must not stall the forward pass.
                 classifier = Classifier(artifact, self.device, trace=True)
-            except InferenceError as exc:  # the file's content: it stays so
-                self._broken[model.key] = (mtime, copy.copy(exc))  # no traceback
+            except InferenceError as exc:
+                # Kept without its traceback (and the frames it holds).
+                self._broken[model.key] = (identity, time.monotonic(), copy.copy(exc))
                 raise
             self._broken.pop(model.key, None)
             loaded = LoadedModel(classifier, sha256)

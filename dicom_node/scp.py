@@ -13,6 +13,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -112,7 +113,21 @@ _COMMAND_MAX = 64 * 1024
 # only those); the node serves no message that needs one this large.
 _IN_MEMORY_MAX = 1024 * 1024
 _C_STORE_RQ = 0x0001  # PS3.7 E.1-1 Command Field
-_COMMAND_FIELD = 0x00000100  # (0000,0100) Command Field
+# Every Command Field value of PS3.7 (9.3 and 10.3): requests and responses of
+# the C- and N- services, and C-CANCEL-RQ.
+_REQUESTS = (0x0001, 0x0010, 0x0020, 0x0021, 0x0030, 0x0100, 0x0110, 0x0120, 0x0130)
+_DIMSE_COMMANDS = frozenset(
+    (
+        *_REQUESTS,
+        0x0140,
+        0x0150,
+        0x0FFF,
+        *(0x8000 | c for c in _REQUESTS),
+        0x8140,
+        0x8150,
+    )
+)
+_NO_DATA_SET = 0x0101  # (0000,0800) Command Data Set Type: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,19 +448,36 @@ def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
     if receipt is None:
         return
     items = pdu.presentation_data_value_items
+    if receipt.contexts is None:
+        receipt.contexts = frozenset(
+            cx.context_id
+            for cx in event.assoc.accepted_contexts
+            if cx.context_id is not None
+        )
     data = 0
     for item in items:
-        value = item.presentation_data_value or b"\x01"
-        if value[0] & 0x01:  # a command fragment (PS3.8 E.2)
+        # What pynetdicom would fail on inside its own thread is refused here,
+        # before it reads the PDU: the association ends with an A-ABORT.
+        problem = None
+        value = item.presentation_data_value
+        if item.presentation_context_id not in receipt.contexts:
+            problem = "P-DATA on a presentation context that was not accepted"
+        elif not value:
+            problem = "P-DATA value without a message control header"
+        elif value[0] & 0x01:  # a command fragment (PS3.8 E.2)
             receipt.command += value[1:]
             if len(receipt.command) > _COMMAND_MAX:
-                _refuse_connection(event, f"command set over {_COMMAND_MAX} bytes")
-                return
-            if value[0] & 0x02:  # its last one: what the message is is known
-                receipt.spooled = _command_field(receipt.command) == _C_STORE_RQ
+                problem = f"command set over {_COMMAND_MAX} bytes"
+            elif value[0] & 0x02:  # its last one: what the message is is known
+                command, problem = _command(receipt.command)
+                receipt.spooled = command == _C_STORE_RQ
         else:
             receipt.data_bytes += len(value) - 1
             data += len(value) - 1
+        if problem is not None:
+            pdu.presentation_data_value_items = []  # nothing of it is read
+            _refuse_connection(event, problem)
+            return
     limit = ctx.config.max_instance_bytes if receipt.spooled else _IN_MEMORY_MAX
     if receipt.data_bytes > limit:
         _refuse_connection(
@@ -485,18 +517,31 @@ def handle_dimse_recv(event: Event, ctx: StoreContext) -> None:
     receipt.next_message()
 
 
-def _command_field(command: bytearray) -> int | None:
+def _command(command: bytearray) -> tuple[int | None, str | None]:
+    """Return a whole command set's Command Field, or why it cannot be read.
+
+    Checks what pynetdicom reads of every command set before it decodes the
+    message (PS3.7 E.1): a known Command Field, a Command Data Set Type, and
+    for a C-STORE request with a data set its SOP Class and Instance UIDs.
+    """
     # The command set is implicit VR little endian (PS3.7 6.3.1).
     try:
         ds = read_dataset(BytesIO(bytes(command)), True, True)
-        if _COMMAND_FIELD not in ds:
-            return None
-        return int(ds[_COMMAND_FIELD].value)
+        field = ds.get("CommandField")
+        data_set_type = ds.get("CommandDataSetType")
+        if not isinstance(field, int) or field not in _DIMSE_COMMANDS:
+            return None, "command set without a known Command Field"
+        if not isinstance(data_set_type, int):
+            return field, "command set without a Command Data Set Type"
+        if field == _C_STORE_RQ and data_set_type != _NO_DATA_SET:
+            for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+                if not isinstance(ds.get(keyword), str):
+                    return field, f"C-STORE request without {keyword}"
+        return field, None
     except Exception as exc:
         if not is_decode_error(exc):
             raise
-        logger.debug("command set does not decode: %s", type(exc).__name__)
-        return None
+        return None, f"command set does not decode ({type(exc).__name__})"
 
 
 def handle_echo(event: Event, ctx: StoreContext) -> int:
@@ -604,8 +649,30 @@ def _store(
             "deflated data set inflates past max_inflated_bytes",
             None,
         )
-    # The disk flushes the file while the data set is parsed and hashed.
+    # The disk flushes the file while the data set is parsed and hashed; a
+    # refused one is not flushed if its turn has not come.
     flushed = ctx.storage.flush_soon(path)
+    try:
+        return _store_received(
+            event, ctx, association_id, path, file_size, data_start, flushed
+        )
+    finally:
+        flushed.cancel()  # nothing once it has run
+
+
+def _store_received(
+    event: Event,
+    ctx: StoreContext,
+    association_id: int | None,
+    path: Path,
+    file_size: int,
+    data_start: int,
+    flushed: Future[None],
+) -> tuple[int, str, Arrival | None]:
+    # Check the received data set, then place it and index it (see _store).
+    request = cast(C_STORE, event.request)
+    requested_ref = uid_ref(request.AffectedSOPInstanceUID)
+    deflated = bool(event.context.transfer_syntax.is_deflated)
     try:
         ds: Dataset = dcmread(path, defer_size=_DEFER_SIZE)
         # Before any element is read: reading converts raw elements.

@@ -172,6 +172,10 @@ def serve(
     on_ready
         Called with the port once the node accepts associations.
     """
+    # Loads PyTorch (seconds): before anything listens, so the receiver never
+    # stores while its arrivals have nowhere to go.
+    from dicom_node.worker import start_workers
+
     # Before any metric exists: every process of the node writes its figures
     # there, and /metrics adds them up.
     metrics.share(config.state_dir)
@@ -216,8 +220,6 @@ def serve(
     receiver = Receiver(config, index, reuse_port=shared)
     receiver.start()
     port = receiver.port
-    from dicom_node.worker import start_workers
-
     workers = start_workers(
         config, index, config.workers, score_on_arrival=config.score_on_arrival
     )

@@ -112,7 +112,9 @@ class Storage:
         self._ensure_dir(self.incoming)
         self._spool: Path | None = None
         self._spool_lock: int | None = None
-        self._flusher: ThreadPoolExecutor | None = None
+        # Threads start on first use; fsyncs waiting for one are done by
+        # adopt() itself, so a busy pool never holds an answer back.
+        self._flusher = ThreadPoolExecutor(4, thread_name_prefix="fsync")
 
     @property
     def spool(self) -> Path:
@@ -127,9 +129,7 @@ class Storage:
 
     def close(self) -> None:
         """Remove this process's spool folder and release its lock."""
-        if self._flusher is not None:
-            self._flusher.shutdown(wait=True)
-            self._flusher = None
+        self._flusher.shutdown(wait=True)
         if self._spool is None or self._spool_lock is None:
             return
         shutil.rmtree(self._spool, ignore_errors=True)
@@ -321,10 +321,14 @@ class Storage:
         -------
         concurrent.futures.Future
             Done when the file's data is on stable storage; its result raises
-            the OSError of the open or the fsync.
+            the OSError of the open or the fsync. Cancel it when the file is
+            refused (a flush not yet started is then skipped).
+
+        Raises
+        ------
+        RuntimeError
+            If the storage is closed.
         """
-        if self._flusher is None:
-            self._flusher = ThreadPoolExecutor(4, thread_name_prefix="fsync")
         return self._flusher.submit(_fsync_file, path)
 
     def adopt(
@@ -344,7 +348,8 @@ class Storage:
             The complete DICOM file.
         flushed
             The file's :meth:`flush_soon`, when one was started: waited for
-            instead of an fsync here.
+            instead of an fsync here (or, when it has not started yet,
+            cancelled and done here).
 
         Returns
         -------
@@ -360,11 +365,13 @@ class Storage:
         final = self.path_of(key)
         try:
             self._ensure_dir(final.parent)
-            if flushed is not None:
+            # A flush still waiting for a thread is done here instead.
+            synced = flushed is not None and not flushed.cancel()
+            if flushed is not None and synced:
                 flushed.result()  # raises its OSError
             fd = os.open(path, os.O_RDONLY)
             try:
-                if flushed is None:
+                if not synced:
                     os.fsync(fd)
                 try:
                     os.replace(path, final)

@@ -93,6 +93,11 @@ _HOMES = {
 }
 
 
+def __dir__() -> list[str]:
+    """List the public names, imported or not yet."""
+    return sorted({*globals(), *_HOMES})
+
+
 def __getattr__(name: str) -> Any:
     """Import a public name from its module on first use."""
     home = _HOMES.get(name)

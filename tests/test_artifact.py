@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import inference
 from inference import (
     FORMAT_VERSION,
     ArtifactError,
@@ -229,3 +232,25 @@ def rewrite(path: Path, change: object) -> None:
     change(doc)  # type: ignore[operator]
     header[METADATA_KEY] = json.dumps(doc)
     save_file(tensors, str(path), metadata=header)
+
+
+def test_every_public_name_of_inference_is_there_when_first_used() -> None:
+    # The package imports its names on first use; a process that reads only
+    # predictions and pixels does not load PyTorch.
+    code = (
+        "import sys, inference\n"
+        "from inference import StudyPrediction, Label, FrameSource, render\n"
+        "assert 'torch' not in sys.modules, 'torch loaded'\n"
+        "missing = [n for n in inference.__all__ if n not in dir(inference)]\n"
+        "values = [getattr(inference, n) for n in inference.__all__]\n"
+        "print(len(values), missing, StudyPrediction.__module__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [
+        str(len(inference.__all__)),
+        "[]",
+        "inference.findings",
+    ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -80,18 +83,35 @@ def test_adopt_waits_for_the_flush_started_on_arrival(tmp_path: Path) -> None:
     key = InstanceKey("1.2", "1.2.3", "1.2.3.4")
     received = storage.spool / "received.dcm"
     received.write_bytes(b"data set")
+    # A flush already running (on a slow disk): the file is placed only once it
+    # has returned.
+    flushing: Future[None] = Future()
+    assert flushing.set_running_or_notify_cancel()
+    timer = threading.Timer(0.3, flushing.set_result, (None,))
+    started = time.monotonic()
+    timer.start()
 
-    path = storage.adopt(key, received, storage.flush_soon(received))
+    path = storage.adopt(key, received, flushing)
 
+    assert time.monotonic() - started >= 0.3
     assert path.read_bytes() == b"data set"
-    # A flush that failed (the spool file gone before it was made durable)
-    # places nothing and names the error.
-    vanished = storage.spool / "vanished.dcm"
+    # A flush that failed (an I/O error) places nothing and names the error.
+    again = storage.spool / "again.dcm"
+    again.write_bytes(b"data set")
+    failed: Future[None] = Future()
+    assert failed.set_running_or_notify_cancel()
+    failed.set_exception(OSError(errno.EIO, "I/O error"))
     other = InstanceKey("1.2", "1.2.3", "1.2.3.5")
-    with pytest.raises(StorageError, match="FileNotFoundError ENOENT"):
-        storage.adopt(other, vanished, storage.flush_soon(vanished))
+    with pytest.raises(StorageError, match="OSError EIO"):
+        storage.adopt(other, again, failed)
     assert not storage.path_of(other).exists()
+    # One the receiver started for real is done by the time the file is placed.
+    third = storage.spool / "third.dcm"
+    third.write_bytes(b"data set")
+    assert storage.adopt(other, third, storage.flush_soon(third)).is_file()
     storage.close()
+    with pytest.raises(RuntimeError):
+        storage.flush_soon(third)
 
 
 # A receiving process that ends without closing its storage (killed): it

@@ -284,7 +284,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.parametrize("started", ["dicom-node", "python -m dicom_node"])
 def test_a_workers_results_process_runs_without_pytorch_and_ends_with_it(
+    started: str,
     tmp_path: Path,
     model: Path,
     destination: Destination,
@@ -295,11 +297,16 @@ def test_a_workers_results_process_runs_without_pytorch_and_ends_with_it(
     )
     port = run_serve(config)
     toml = write_toml(tmp_path, config)
-    # As users start it: the console script, which a spawned process imports as
-    # its main module (with `python -m dicom_node` it would not).
-    script = Path(sys.executable).with_name("dicom-node")
+    # Both ways users start it: the console script (which a spawned process
+    # imports again as its main module) and `python -m dicom_node` (as the
+    # systemd units do).
+    command = (
+        [str(Path(sys.executable).with_name("dicom-node"))]
+        if started == "dicom-node"
+        else [sys.executable, "-m", "dicom_node"]
+    )
     worker = subprocess.Popen(
-        [str(script), "worker", "--config", str(toml)],
+        [*command, "worker", "--config", str(toml)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -379,18 +386,22 @@ def test_a_failing_job_is_retried_then_failed_with_the_reason(
 def test_a_model_file_that_fails_to_load_is_read_again_once_it_changes(
     tmp_path: Path, model: Path
 ) -> None:
+    good = model.read_bytes()
     path = tmp_path / "chest.safetensors"
-    path.write_bytes(b"not a model")
+    path.write_bytes(b"\0" * len(good))  # not a model, a good one's size
     configured = ModelConfig(path)
     models = ModelCache("cpu")
     for _ in range(2):
         with pytest.raises(ArtifactError, match="is not a safetensors"):
             models.get(configured)
-    # A good model under the same modification time is not read: every job
-    # would otherwise read the file again and fail the same way.
+    # The good model written into the same file (same inode, size and
+    # modification time) is not read: every job would otherwise read the file
+    # again and fail the same way.
     stamp = path.stat()
-    shutil.copyfile(model, path)
+    with path.open("r+b") as file:
+        file.write(good)
     os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_ino == stamp.st_ino
     with pytest.raises(ArtifactError, match="is not a safetensors"):
         models.get(configured)
     # Changed (as a copy into place changes it): loaded.

@@ -48,7 +48,7 @@ from dicom_node.results.common import (
 from dicom_node.results.pmap import build_map, has_patient_geometry
 from dicom_node.results.render import overlay
 from dicom_node.results.sr import POINT_MEANING, SR_CODES, build_report, summary_lines
-from inference.findings import StudyPrediction
+from inference import StudyPrediction
 
 __all__ = [
     "MANUFACTURER",

@@ -20,8 +20,7 @@ from dicom_node.results.common import (
     series_number,
 )
 from dicom_node.results.render import overlay
-from inference.findings import Explanation, StudyPrediction
-from inference.pixels import render
+from inference import Explanation, StudyPrediction, render
 
 __all__ = ["build_capture", "copy_body_part", "lossy_history"]
 

@@ -31,7 +31,7 @@ from dicom_node.identity import (
     MODEL_NAME,
     SOFTWARE_VERSION,
 )
-from inference.findings import StudyPrediction
+from inference import StudyPrediction
 
 __all__ = [
     "NOT_FOR_DIAGNOSIS",

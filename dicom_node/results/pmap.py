@@ -17,7 +17,7 @@ from dicom_node.results.common import (
     highdicom_view,
     series_number,
 )
-from inference.findings import Explanation, StudyPrediction
+from inference import Explanation, StudyPrediction
 
 __all__ = ["build_map", "has_patient_geometry"]
 

@@ -25,7 +25,7 @@ from dicom_node.results.common import (
     model_text,
     series_number,
 )
-from inference.findings import CodedConcept, Explanation, StudyPrediction
+from inference import CodedConcept, Explanation, StudyPrediction
 
 __all__ = ["POINT_MEANING", "SR_CODES", "build_report", "summary_lines"]
 
