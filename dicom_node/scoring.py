@@ -195,11 +195,11 @@ class ModelCache:
     def __init__(self, device: str = "") -> None:
         self.device = device or None
         self._lock = threading.Lock()
-        self._loaded: dict[str, tuple[float, LoadedModel]] = {}
+        self._loaded: dict[str, tuple[int, LoadedModel]] = {}
         # A file that failed to load: not read again (hundreds of megabytes, for
         # every job) until it changes, or for BROKEN_MODEL_SECONDS (the cause
         # may lie outside the file: a missing runtime, no memory).
-        self._broken: dict[str, tuple[tuple[int, int, int], float, InferenceError]] = {}
+        self._broken: dict[str, tuple[FileIdentity, float, InferenceError]] = {}
         self._missing_said: set[str] = set()
 
     def get(self, model: ModelConfig) -> LoadedModel:
@@ -216,11 +216,10 @@ class ModelCache:
             :data:`BROKEN_MODEL_SECONDS`.
         """
         try:
-            stat = model.path.stat()
+            identity = file_identity(model.path)
         except OSError as exc:
             raise ModelMissingError(f"model file {model.path} not found") from exc
-        mtime = stat.st_mtime
-        identity = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        mtime = identity[2]
         with self._lock:
             cached = self._loaded.get(model.key)
             if cached is not None and cached[0] == mtime:

@@ -654,7 +654,15 @@ def _store(
     flushed = ctx.storage.flush_soon(path)
     try:
         return _store_received(
-            event, ctx, association_id, path, file_size, data_start, flushed
+            event,
+            ctx,
+            association_id,
+            path,
+            file_size,
+            data_start,
+            requested_ref,
+            deflated,
+            flushed,
         )
     finally:
         flushed.cancel()  # nothing once it has run
@@ -667,12 +675,12 @@ def _store_received(
     path: Path,
     file_size: int,
     data_start: int,
+    requested_ref: str,
+    deflated: bool,
     flushed: Future[None],
 ) -> tuple[int, str, Arrival | None]:
     # Check the received data set, then place it and index it (see _store).
     request = cast(C_STORE, event.request)
-    requested_ref = uid_ref(request.AffectedSOPInstanceUID)
-    deflated = bool(event.context.transfer_syntax.is_deflated)
     try:
         ds: Dataset = dcmread(path, defer_size=_DEFER_SIZE)
         # Before any element is read: reading converts raw elements.

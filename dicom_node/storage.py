@@ -366,9 +366,10 @@ class Storage:
         try:
             self._ensure_dir(final.parent)
             # A flush still waiting for a thread is done here instead.
-            synced = flushed is not None and not flushed.cancel()
-            if flushed is not None and synced:
+            synced = False
+            if flushed is not None and not flushed.cancel():
                 flushed.result()  # raises its OSError
+                synced = True
             fd = os.open(path, os.O_RDONLY)
             try:
                 if not synced:
