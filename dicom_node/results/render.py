@@ -86,22 +86,43 @@ def overlay(
         uint8 RGB: the picture, enlarged when it is small, with the scale to
         its right and the caption below.
     """
-    rgb = image[..., None] if image.ndim == 2 else image
     heat = np.clip(np.asarray(heatmap, np.float32), 0.0, 1.0)
-    factor = max(1, math.ceil(_MIN_COLUMNS / max(1, rgb.shape[1])))
+    level = np.rint(255 * heat).astype(np.uint16)
+    tables = _blend_tables(positive)
+    blended = np.empty((*level.shape, 3), np.uint8)
+    for channel, table in enumerate(tables):
+        value = image if image.ndim == 2 else image[..., channel]
+        np.take(
+            table, (value.astype(np.uint16) << 8) | level, out=blended[..., channel]
+        )
+    factor = max(1, math.ceil(_MIN_COLUMNS / max(1, blended.shape[1])))
     if factor > 1:
-        rgb = rgb.repeat(factor, axis=0).repeat(factor, axis=1)
-        heat = heat.repeat(factor, axis=0).repeat(factor, axis=1)
-    lut = _LUT[positive]
-    # Integer blend: alpha = level / 510 (half opacity at full heat), rounded.
-    level = np.rint(255 * heat).astype(np.int32)[..., None]
-    blended = (rgb * (510 - level) + lut[level[..., 0]] * level + 255) // 510
-    rows, columns = level.shape[:2]
+        blended = blended.repeat(factor, axis=0).repeat(factor, axis=1)
+    rows, columns = blended.shape[:2]
     size = max(_MIN_FONT, min(rows, columns) // 32)
     scale = _scale(rows, size, positive)
-    picture = np.concatenate([blended.astype(np.uint8), scale], axis=1)
+    picture = np.concatenate([blended, scale], axis=1)
     band = _caption(caption, picture.shape[1], size, positive)
     return np.concatenate([picture, band], axis=0)
+
+
+@functools.cache
+def _blend_tables(positive: bool) -> tuple[npt.NDArray[np.uint8], ...]:
+    """Per colour channel, the blend of each (pixel value, heat level) pair.
+
+    Entry ``value << 8 | level`` of a channel's table is ``value`` blended with
+    that level's colour at alpha = level / 510 (half opacity at full heat),
+    rounded: one look-up per pixel instead of integer arithmetic over the
+    picture.
+    """
+    value = np.arange(256, dtype=np.int32)[:, None]
+    level = np.arange(256, dtype=np.int32)[None, :]
+    return tuple(
+        ((value * (510 - level) + colour[None, :] * level + 255) // 510)
+        .astype(np.uint8)
+        .reshape(-1)
+        for colour in _LUT[positive].T
+    )
 
 
 @functools.lru_cache(maxsize=32)
