@@ -14,7 +14,6 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from pydicom.uid import UID
-from pynetdicom import _config as pynetdicom_config
 
 __all__ = [
     "OVERFLOW_KEY",
@@ -555,6 +554,10 @@ class EscapingFormatter(logging.Formatter):
 
 def quiet_pynetdicom() -> None:
     """Stop pynetdicom from logging identifiers and raw UIDs (STYLE.md section 5)."""
+    # Imported here: a process that logs but never speaks DICOM (a results
+    # process) does not load pynetdicom.
+    from pynetdicom import _config as pynetdicom_config
+
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False

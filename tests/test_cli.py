@@ -6,6 +6,8 @@ import errno
 import json
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -154,6 +156,22 @@ def test_bad_peer_is_refused(text: str) -> None:
 def test_peer_forms() -> None:
     assert str(parse_peer("PACS@10.0.0.5:104")) == "PACS@10.0.0.5:104"
     assert parse_peer("PACS@[::1]:104").host == "::1"
+
+
+def test_the_command_line_module_loads_no_index_network_or_pytorch() -> None:
+    # A results process, spawned under the `dicom-node` console script, imports
+    # this module as its main module: what the commands use (SQLAlchemy,
+    # pynetdicom, PyTorch) is imported by the commands, so that it stays small.
+    code = (
+        "import sys, dicom_node.cli, dicom_node.results.builder\n"
+        "print(sorted(m for m in ('sqlalchemy', 'pynetdicom', 'torch') "
+        "if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_help_explains_commands() -> None:
