@@ -564,12 +564,12 @@ def quiet_pynetdicom() -> None:
 
 
 def configure_logging(
-    level: str = "INFO", stream: TextIO | None = None
+    level: str = "INFO", stream: TextIO | None = None, *, network: bool = True
 ) -> logging.Handler:
     """Send log records to stderr through a PhiFilter and a PynetdicomFilter.
 
-    Only the command-line entry points call this. Every line is written by an
-    :class:`EscapingFormatter`.
+    Only the command-line entry points and the processes they start call this.
+    Every line is written by an :class:`EscapingFormatter`.
 
     Parameters
     ----------
@@ -579,6 +579,9 @@ def configure_logging(
         pynetdicom's tracebacks.
     stream
         Where to write; standard error if None.
+    network
+        Also quiet pynetdicom (:func:`quiet_pynetdicom`, which imports it);
+        False in a process that never speaks DICOM (a results process).
 
     Returns
     -------
@@ -601,7 +604,8 @@ def configure_logging(
     # A thread (pynetdicom's included) ended by an exception is logged like any
     # record: escaped, rate-limited, by type and place (its text may quote values).
     threading.excepthook = _log_thread_exception
-    quiet_pynetdicom()
+    if network:
+        quiet_pynetdicom()
     return handler
 
 

@@ -306,7 +306,7 @@ def start_workers(
     models = ModelCache(config.device)
     outbox = Outbox(config, index, "outbox")
     builder = (
-        ResultBuilder(config.results_processes, config.lease_seconds)
+        ResultBuilder(config.results_processes, config.lease_seconds, config.log_level)
         if workers
         else None
     )

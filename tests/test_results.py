@@ -26,6 +26,7 @@ from dicom_node.results import (
     build_results,
     overlay,
 )
+from dicom_node.results.builder import BuildRequest, ResultBuilder
 from dicom_node.results.store import write_result_files
 from dicom_node.score import sr_text
 from inference import Classifier, ModelArtifact, StudyPrediction
@@ -269,6 +270,30 @@ def test_patient_and_study_are_carried_whole_into_every_object(tmp_path: Path) -
         assert ds.OtherPatientIDsSequence[0].PatientID == "778899"
         assert ds.OtherPatientIDsSequence[0].IssuerOfPatientID == "HOSPITAL-B"
         assert dciodvfy_problems(path) == [], path.name
+
+
+def test_a_results_process_keeps_data_values_out_of_the_log(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # pydicom warns about an invalid value it reads by quoting it. In a results
+    # process as in the node, its record goes through the node's filters: the
+    # text is withheld.
+    source = make_ct(rows=64, columns=64, seed=4)
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        source.FrameOfReferenceUID = "1.2.bad-value"
+    path = tmp_path / "source.dcm"
+    source.save_as(path, enforce_file_format=True)
+    prediction = predict([dcmread(path)])
+    capfd.readouterr()
+    builder = ResultBuilder(1, log_level="INFO")
+    try:
+        builder.build(BuildRequest((path,), prediction, 1, NODE, tmp_path / "out"))
+    finally:
+        builder.close()
+    err = capfd.readouterr().err
+    assert (tmp_path / "out" / "sr.dcm").is_file()
+    assert "bad-value" not in err
+    assert "pydicom WARNING record (text withheld" in err
 
 
 def test_a_source_with_a_non_standard_patients_sex_still_gets_results(

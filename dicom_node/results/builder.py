@@ -32,6 +32,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_node.log import configure_logging
 from dicom_node.results import NodeIdentity, build_results, warm_up
 from dicom_node.results.store import write_result_files
 from inference import StudyPrediction
@@ -123,6 +124,17 @@ def build_and_write(
     return Built(result.run, str(result.sr.SOPInstanceUID))
 
 
+def _start_process(parent: int, log_level: str) -> None:
+    """Set up a results process: the node's logging, and an end with its parent.
+
+    Its records (pydicom's and highdicom's warnings quote data element values)
+    pass the same filters as the parent's; without this they would reach
+    standard error as they are.
+    """
+    configure_logging(log_level, network=False)
+    _follow_parent(parent)
+
+
 def _follow_parent(parent: int) -> None:
     """End this process when its parent is gone (killed: it cannot stop us)."""
 
@@ -144,11 +156,16 @@ class ResultBuilder:
     timeout
         Longest a result set may take in a process, in seconds; then the pool
         is replaced and the study's job fails this try.
+    log_level
+        The node's log level, for the processes' own logging.
     """
 
-    def __init__(self, processes: int = 1, timeout: float = 600.0) -> None:
+    def __init__(
+        self, processes: int = 1, timeout: float = 600.0, log_level: str = "INFO"
+    ) -> None:
         self.processes = processes
         self.timeout = timeout
+        self.log_level = log_level
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._closed = False
@@ -201,7 +218,7 @@ class ResultBuilder:
                 self._pool = ProcessPoolExecutor(
                     self.processes,
                     mp_context=context,
-                    initializer=_follow_parent,
-                    initargs=(os.getpid(),),
+                    initializer=_start_process,
+                    initargs=(os.getpid(), self.log_level),
                 )
             return self._pool
