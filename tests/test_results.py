@@ -390,6 +390,14 @@ def test_the_caption_is_whole_on_a_small_image() -> None:
     assert np.array_equal(out, overlay(grey, heat, lines))
 
 
+def test_a_heatmap_that_is_not_finite_is_refused_not_drawn_as_no_heat() -> None:
+    grey = np.zeros((32, 32), np.uint8)
+    heat = np.full((32, 32), 0.5, np.float32)
+    heat[3, 4] = np.nan
+    with pytest.raises(ValueError, match="not every value is finite"):
+        overlay(grey, heat, ["x"])
+
+
 def test_uids_are_derived_so_a_rerun_replaces_instead_of_duplicating() -> None:
     datasets = sources("CT")
     prediction = predict(datasets)

@@ -73,7 +73,7 @@ def overlay(
     image
         uint8 [rows, columns] or [rows, columns, 3].
     heatmap
-        float [rows, columns] in [0, 1].
+        float [rows, columns] in [0, 1] (clipped to it).
     caption
         Lines written in a band below the picture (shrunk to fit its width).
     positive
@@ -85,16 +85,23 @@ def overlay(
     numpy.ndarray
         uint8 RGB: the picture, enlarged when it is small, with the scale to
         its right and the caption below.
+
+    Raises
+    ------
+    ValueError
+        If the heatmap holds a value that is not finite (NaN, infinite).
     """
-    heat = np.clip(np.asarray(heatmap, np.float32), 0.0, 1.0)
-    level = np.rint(255 * heat).astype(np.uint16)
+    heat = np.asarray(heatmap, np.float32)
+    if not np.isfinite(heat).all():
+        # Only a broken model gives one; drawn, it would look like no heat.
+        raise ValueError("heatmap: not every value is finite")
+    level = np.rint(255 * np.clip(heat, 0.0, 1.0)).astype(np.uint16)
     tables = _blend_tables(positive)
     blended = np.empty((*level.shape, 3), np.uint8)
     for channel, table in enumerate(tables):
         value = image if image.ndim == 2 else image[..., channel]
-        np.take(
-            table, (value.astype(np.uint16) << 8) | level, out=blended[..., channel]
-        )
+        index = (value.astype(np.uint16) << 8) | level  # always within the table
+        np.take(table, index, out=blended[..., channel], mode="clip")
     factor = max(1, math.ceil(_MIN_COLUMNS / max(1, blended.shape[1])))
     if factor > 1:
         blended = blended.repeat(factor, axis=0).repeat(factor, axis=1)
@@ -108,7 +115,7 @@ def overlay(
 
 @functools.cache
 def _blend_tables(positive: bool) -> tuple[npt.NDArray[np.uint8], ...]:
-    """Per colour channel, the blend of each (pixel value, heat level) pair.
+    """Per colour channel, the blend of each (pixel value, heat level) pair; read-only.
 
     Entry ``value << 8 | level`` of a channel's table is ``value`` blended with
     that level's colour at alpha = level / 510 (half opacity at full heat),
@@ -117,12 +124,15 @@ def _blend_tables(positive: bool) -> tuple[npt.NDArray[np.uint8], ...]:
     """
     value = np.arange(256, dtype=np.int32)[:, None]
     level = np.arange(256, dtype=np.int32)[None, :]
-    return tuple(
+    tables = tuple(
         ((value * (510 - level) + colour[None, :] * level + 255) // 510)
         .astype(np.uint8)
         .reshape(-1)
         for colour in _LUT[positive].T
     )
+    for table in tables:
+        table.setflags(write=False)
+    return tables
 
 
 @functools.lru_cache(maxsize=32)
