@@ -168,7 +168,7 @@ def test_the_command_line_module_loads_no_index_network_or_pytorch() -> None:
         "if m in sys.modules))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=50
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
