@@ -174,6 +174,20 @@ def run_cli(
     )
 
 
+def run_python(code: str, timeout: float = 50) -> str:
+    """Run ``code`` in a fresh interpreter (nothing imported yet); return its
+    standard output, failing the test if it fails."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 class Destination:
     """A real receiving SCP (pynetdicom) that records every instance it accepts.
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from inference import (
     file_sha256,
 )
 from inference.artifact import METADATA_KEY
+from tests.helpers import run_python
 
 NODULE = Label(
     "nodule",
@@ -245,11 +244,7 @@ def test_every_public_name_of_inference_is_there_when_first_used() -> None:
         "values = [getattr(inference, n) for n in inference.__all__]\n"
         "print(len(values), missing, StudyPrediction.__module__)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [
+    assert run_python(code).split() == [
         str(len(inference.__all__)),
         "[]",
         "inference.findings",

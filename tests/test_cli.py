@@ -6,8 +6,6 @@ import errno
 import json
 import socket
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -34,7 +32,7 @@ from dicom_node.index import (
 from dicom_node.log import uid_ref
 from dicom_node.status import STALE_AFTER, node_status
 from tests.factories import make_ct, write_study
-from tests.helpers import RunningNode, run_cli, wait_for
+from tests.helpers import RunningNode, run_cli, run_python, wait_for
 
 
 def test_echo_success_and_failure(node: RunningNode) -> None:
@@ -167,11 +165,7 @@ def test_the_command_line_module_loads_no_index_network_or_pytorch() -> None:
         "print(sorted(m for m in ('sqlalchemy', 'pynetdicom', 'torch') "
         "if m in sys.modules))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=50
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert run_python(code).strip() == "[]"
 
 
 def test_help_explains_commands() -> None:
