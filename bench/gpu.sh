@@ -2,7 +2,7 @@
 # The whole CUDA path in one short run, printing the figures:
 #   1. the gpu-marked tests (CUDA against the CPU: probabilities and heatmaps);
 #   2. bench/inference.py --device cuda (forward and whole-path images/s);
-#   3. a short `medtrain fit` on cuda (fp16 mixed precision), then `evaluate`;
+#   3. a short `medtrain fit` on cuda (mixed precision), then `evaluate`;
 #   4. bench/e2e.py with the node scoring on cuda (needs dcmtk's storescp and
 #      storescu: skipped, and said so, where they are not installed).
 # About 5 minutes on one GPU. On a machine with CUDA:

@@ -57,7 +57,7 @@ from inference.gradcam import gradcam_at, upsample  # noqa: E402
 from inference.preprocess import PreprocessSpec  # noqa: E402
 from training.cli import main as medtrain  # noqa: E402
 from training.data import load_samples  # noqa: E402
-from training.engine import load_frames  # noqa: E402
+from training.engine import cuda_autocast_dtype, load_frames  # noqa: E402
 from training.metrics import auroc  # noqa: E402
 
 SETS = ("synthetic", "realistic", "pretrain")
@@ -186,8 +186,10 @@ def bare_loop(
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     x = torch.randn(batch, 1, size, size, device=device)
     y = (torch.rand(batch, device=device) > 0.5).float()
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
+    autocast = (  # as fit computes: mixed precision on CUDA always
+        torch.autocast("cuda", dtype=cuda_autocast_dtype())
+        if device.type == "cuda"
+        else torch.autocast("cpu", dtype=torch.bfloat16)
         if precision == "bf16"
         else contextlib.nullcontext()
     )
@@ -270,6 +272,8 @@ def synthetic(work: Path, device: str) -> list[str]:
         fit_rate = statistics.median(float(r["images_s"]) for r in csv.DictReader(f))
     config = json.loads((report / "config.json").read_text())
     batch, precision = int(config["batch_size"]), str(config["precision"])
+    if device.startswith("cuda"):  # fit trains in mixed precision on CUDA
+        precision = str(cuda_autocast_dtype()).removeprefix("torch.")
     bare = bare_loop(torch.device(device), batch, size, 6, precision)
     side, ceiling = pointing_ceiling(test, size, layer)
     auc, game = figures["auroc"], figures.get("pointing_game")

@@ -105,7 +105,13 @@ def pydicom_corpus() -> list[Path]:
 
 
 def corpus_file(name: str) -> Path:
-    """Return one named file of the pydicom / pydicom-data corpus."""
+    """Return one named file of the pydicom / pydicom-data corpus.
+
+    pydicom's own files first: a GPU host's environment may lack pydicom-data.
+    """
+    own = Path(pydicom.data.__file__).parent / "test_files"
+    for path in sorted(own.rglob(name)):
+        return path
     for path in pydicom_corpus():
         if path.name == name:
             return path

@@ -439,7 +439,7 @@ _FIT_FLAGS: list[tuple[str, type, str]] = [
     ("--target-sensitivity", float, "threshold reaching it (default: Youden's J)"),
     ("--name", str, "model name in the artifact"),
     ("--version", str, "model version in the artifact"),
-    ("--precision", str, "fp32 (default) or bf16 on the CPU"),
+    ("--precision", str, "fp32 (default) or bf16 on the CPU (CUDA: mixed)"),
     ("--init-weights", str, "local torchvision state dict to start from"),
     ("--window", str, "auto (default), minmax or fixed"),
     ("--window-center", float, "fixed window centre"),

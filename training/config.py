@@ -110,7 +110,8 @@ class TrainConfig:
     name, version
         The model's name and version in the artifact.
     precision
-        fp32, or bf16 autocast (CPU); CUDA always uses fp16 mixed precision.
+        fp32, or bf16 autocast (CPU). CUDA always trains in mixed precision:
+        bf16 where the GPU has it (Ampere and newer), else fp16 with loss scaling.
     init_weights
         Local torchvision state dict to start from (e.g. ImageNet), or empty.
     """

@@ -57,6 +57,7 @@ __all__ = [
     "augment",
     "batch_starts",
     "cell_loss",
+    "cuda_autocast_dtype",
     "evaluate",
     "fit",
     "load_frames",
@@ -423,6 +424,7 @@ def train_one_epoch(
     progress: Callable[[int, int, float, float], None] | None = None,
     rank: int = 0,
     world: int = 1,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float]:
     """Train for one pass over the data.
 
@@ -451,6 +453,10 @@ def train_one_epoch(
         process draws the same batch order and augmentation from its generator
         and trains on every ``world``-th image of each batch (the model wrapper
         averages the gradients), so a batch is ``batch_size`` images in all.
+    scaler
+        Scales the loss where the forward pass runs in fp16 (CUDA without
+        bf16: see :func:`cuda_autocast_dtype`), so that small gradients do not
+        underflow to zero; None (or disabled) elsewhere.
 
     Returns
     -------
@@ -502,8 +508,13 @@ def train_one_epoch(
                     )
                 loss = loss + config.cell_loss * cells
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
+            if scaler is not None and scaler.is_enabled():
+                scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+                scaler.step(optimizer)  # skipped when a gradient overflowed
+                scaler.update()
+            else:
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
             scheduler.step()
             total += float(loss.detach()) * len(index)
             seen += len(index)
@@ -525,9 +536,18 @@ def train_one_epoch(
     return total / max(seen, 1), seen / elapsed
 
 
+def cuda_autocast_dtype() -> torch.dtype:
+    """Return the mixed-precision type of training on CUDA: bf16 where it exists.
+
+    bf16 (Ampere and newer) keeps fp32's exponent range, so gradients need no
+    scaling; older GPUs get fp16, trained with a GradScaler.
+    """
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def _autocast(device: torch.device, config: TrainConfig) -> Any:
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=cuda_autocast_dtype())
     if config.precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -773,6 +793,10 @@ def fit(
         else None
     )
     steps_per_epoch = len(batch_starts(len(train), config.batch_size, world))
+    scaler = torch.amp.GradScaler(  # only fp16 needs its loss scaled
+        "cuda",
+        enabled=device.type == "cuda" and cuda_autocast_dtype() == torch.float16,
+    )
 
     def stage_of(epoch: int) -> int:
         return 1 if epoch < config.freeze_epochs else 2
@@ -869,6 +893,7 @@ def fit(
                 progress,
                 rank,
                 world,
+                scaler,
             )
         if world > 1:  # the same BatchNorm statistics everywhere, so the same
             for buffer in model.buffers():  # validation loss and stop decision
