@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import socket
 import ssl
@@ -74,7 +73,7 @@ from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicom_node.index import IndexDB, InstanceRecordRequest, RecordOutcome
 from dicom_node.log import describe_exception, quiet_pynetdicom, uid_ref
 from dicom_node.loop import Loop
-from dicom_node.storage import InstanceKey, Storage, validate_uid
+from dicom_node.storage import InstanceKey, Storage, sha256_from, validate_uid
 from dicom_node.tls import server_context
 
 __all__ = [
@@ -649,9 +648,10 @@ def _store(
             "deflated data set inflates past max_inflated_bytes",
             None,
         )
-    # The disk flushes the file while the data set is parsed and hashed; a
-    # refused one is not flushed if its turn has not come.
+    # The disk flushes the file and a helper thread hashes it while the data set
+    # is parsed; a refused one is neither if its turn has not come.
     flushed = ctx.storage.flush_soon(path)
+    digest = ctx.storage.digest_soon(path, data_start)
     try:
         return _store_received(
             event,
@@ -663,9 +663,11 @@ def _store(
             requested_ref,
             deflated,
             flushed,
+            digest,
         )
     finally:
         flushed.cancel()  # nothing once it has run
+        digest.cancel()
 
 
 def _store_received(
@@ -678,6 +680,7 @@ def _store_received(
     requested_ref: str,
     deflated: bool,
     flushed: Future[None],
+    hashed: Future[str],
 ) -> tuple[int, str, Arrival | None]:
     # Check the received data set, then place it and index it (see _store).
     request = cast(C_STORE, event.request)
@@ -747,7 +750,8 @@ def _store_received(
     # look-up before the write would cost a second transaction per instance.
     existed = ctx.storage.path_of(key).is_file()
     try:
-        digest = _sha256(path, data_start)
+        # Not started yet (the pool is busy flushing): hashed here instead.
+        digest = sha256_from(path, data_start) if hashed.cancel() else hashed.result()
         stored = ctx.storage.adopt(key, path, flushed)
     except (StorageError, OSError) as exc:
         logger.error("instance %s refused: cannot write (%s)", ref, exc)
@@ -810,15 +814,6 @@ def _data_set_offset(path: Path) -> int:
     ):
         raise ValueError("received file without a File Meta group length")
     return 144 + int.from_bytes(head[140:144], "little")
-
-
-def _sha256(path: Path, start: int) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        f.seek(start)
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _inflated_size(path: Path, start: int, limit: int) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -18,11 +19,12 @@ from pathlib import Path
 
 from dicom_node.errors import InvalidUidError, StorageError
 
-__all__ = ["InstanceKey", "Storage", "validate_uid"]
+__all__ = ["InstanceKey", "Storage", "sha256_from", "validate_uid"]
 
 # PS3.5 9.1: digits in components separated by ".", at most 64 characters.
 _UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 _UID_MAX_LENGTH = 64
+_CHUNK = 1 << 20  # bytes read at a time when hashing
 
 
 def validate_uid(value: object, name: str) -> str:
@@ -112,8 +114,8 @@ class Storage:
         self._ensure_dir(self.incoming)
         self._spool: Path | None = None
         self._spool_lock: int | None = None
-        # Threads start on first use; fsyncs waiting for one are done by
-        # adopt() itself, so a busy pool never holds an answer back.
+        # Threads start on first use; fsyncs and hashes waiting for one are
+        # done by their caller itself, so a busy pool never holds an answer back.
         self._flusher = ThreadPoolExecutor(4, thread_name_prefix="fsync")
 
     @property
@@ -331,6 +333,33 @@ class Storage:
         """
         return self._flusher.submit(_fsync_file, path)
 
+    def digest_soon(self, path: Path, start: int) -> Future[str]:
+        """Start the SHA-256 of a complete file from ``start`` in the background.
+
+        Beside :meth:`flush_soon`: the receiver hashes the data set while it
+        parses it (reading and hashing let other threads run).
+
+        Parameters
+        ----------
+        path
+            The complete file.
+        start
+            Where the hashed bytes begin (the data set, after the File Meta).
+
+        Returns
+        -------
+        concurrent.futures.Future
+            Its result is the hex digest, or raises the OSError of the read.
+            Cancel it when the file is refused; where cancelling succeeds
+            (the pool was busy flushing), hash with :func:`sha256_from`.
+
+        Raises
+        ------
+        RuntimeError
+            If the storage is closed.
+        """
+        return self._flusher.submit(sha256_from, path, start)
+
     def adopt(
         self, key: InstanceKey, path: Path, flushed: Future[None] | None = None
     ) -> Path:
@@ -447,6 +476,16 @@ class Storage:
             except FileExistsError:
                 continue  # another association created it first
             _fsync_dir(folder.parent)
+
+
+def sha256_from(path: Path, start: int) -> str:
+    """Return the SHA-256 (hex) of a file's bytes from ``start`` to its end."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        f.seek(start)
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
