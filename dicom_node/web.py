@@ -12,9 +12,11 @@
   reloads itself every 10 seconds.
 
 Only GET. With ``token_file``, every request but ``/healthz`` needs
-``Authorization: Bearer <token>``. Connections are served by at most
-:data:`MAX_CLIENTS` threads, each read with a timeout and the whole exchange
-within a deadline; more are closed at once.
+``Authorization: Bearer <token>``. Without one, a request whose Host names
+a domain other than localhost or the configured ``host`` gets 421 (a page in
+the operator's browser cannot read the node's pages by DNS rebinding).
+Connections are served by at most :data:`MAX_CLIENTS` threads, each read with
+a timeout and the whole exchange within a deadline; more are closed at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import hmac
 import html
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -37,6 +40,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from PIL import Image
 from pydicom import dcmread
@@ -104,6 +108,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], probes: Probes, token: str | None):
         self.probes = probes
         self.token = token
+        self.host_name = address[0].lower().rstrip(".")  # accepted as Host
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self._deadlines: dict[Any, float] = {}
         self._deadlines_lock = threading.Lock()
@@ -161,6 +166,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         try:
+            if path != "/healthz" and not self._host_accepted():
+                self._json(
+                    HTTPStatus.MISDIRECTED_REQUEST,
+                    {
+                        "error": "Host not accepted without a token: use an IP "
+                        "address, localhost or the configured host, or set "
+                        "token_file"
+                    },
+                )
+                return
             if path != "/healthz" and not self._authorised():
                 self._send(
                     HTTPStatus.UNAUTHORIZED,
@@ -201,6 +216,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "GET only"})
+
+    def _host_accepted(self) -> bool:
+        # DNS rebinding: a web page the operator opens can point a name of its
+        # own at this listener and read the status page and its captures from
+        # the operator's browser. Such a request names that domain in Host, so
+        # without a token (a secret such a page cannot send) Host must be an IP
+        # address, localhost or the configured host.
+        if self.server.token is not None:
+            return True
+        given = self.headers.get("Host")
+        if given is None:
+            return True  # HTTP/1.0 without Host: no browser sends that
+        try:
+            name = urlsplit(f"//{given.strip()}").hostname
+        except ValueError:
+            return False
+        if not name:
+            return False
+        name = name.rstrip(".")
+        if name in ("localhost", self.server.host_name):
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
 
     def _authorised(self) -> bool:
         token = self.server.token

@@ -57,6 +57,19 @@ def get(port: int, path: str, token: str | None = None) -> tuple[int, str, str]:
         return exc.code, exc.headers["Content-Type"], exc.read().decode()
 
 
+def status_with_host(port: int, path: str, host: str, token: str = "") -> int:
+    """GET a path with this Host header (as a browser sends the page's name)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Host": host}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        connection.request("GET", path, headers=headers)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
 def healthy(port: int) -> bool:
     try:
         return get(port, "/healthz")[0] == 200
@@ -187,10 +200,29 @@ def test_a_bearer_token_guards_all_but_liveness(
     token_file.chmod(0o600)
     _, _, web = served(token_file=token_file)
     assert get(web, "/healthz")[0] == 200
+    # Ready once the worker threads have loaded the model (503 until then).
+    wait_for(lambda: get(web, "/readyz", "s3cret-token")[0] == 200, 60, "ready")
     for path in ("/metrics", "/readyz", "/"):
         assert get(web, path)[0] == 401
         assert get(web, path, "wrong")[0] == 401
         assert get(web, path, "s3cret-token")[0] == 200
+    # With a token, the page may be reached by any name (a reverse proxy's).
+    assert status_with_host(web, "/", "status.hospital.example", "s3cret-token") == 200
+    assert status_with_host(web, "/", "status.hospital.example") == 401
+
+
+def test_without_a_token_only_addresses_and_localhost_reach_the_pages(
+    served: Callable[..., tuple[NodeConfig, int, int]],
+) -> None:
+    # DNS rebinding: a page in the operator's browser points a name of its own
+    # at the listener; the request then carries that name as its Host.
+    _, _, web = served()
+    for host in ("127.0.0.1", f"127.0.0.1:{web}", f"localhost:{web}", f"[::1]:{web}"):
+        assert status_with_host(web, "/", host) == 200, host
+    for host in (f"rebind.attacker.example:{web}", "127.0.0.1.nip.io", "[bad"):
+        for path in ("/", "/metrics", "/readyz", "/capture/1/1.png"):
+            assert status_with_host(web, path, host) == 421, (host, path)
+    assert status_with_host(web, "/healthz", "rebind.attacker.example") == 200
 
 
 def test_a_token_file_others_can_read_is_refused(
