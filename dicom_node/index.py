@@ -45,6 +45,7 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
+from sqlalchemy.schema import CreateIndex
 
 from dicom_node.errors import (
     IndexCorruptError,
@@ -500,6 +501,7 @@ class IndexDB:
             try:
                 Base.metadata.create_all(self.engine)
                 _check_schema(self.engine)
+                _add_missing_indexes(self.engine)
             except DBAPIError as exc:
                 raise _unusable(self.engine, exc) from exc
         except BaseException:
@@ -854,6 +856,29 @@ def _check_schema(engine: Engine) -> None:
             "state_dir/storage stay where they are, but the new index does not "
             "know them), or add the columns to the old index"
         )
+
+
+def _add_missing_indexes(engine: Engine) -> None:
+    """Make the indexes that an index made by an earlier version lacks.
+
+    ``create_all`` leaves existing tables as they are, and their indexes with
+    them. Some are not only for speed: ``ux_jobs_one_running`` is what makes a
+    second claim of a running job fail. ``IF NOT EXISTS``: processes opening
+    the same index at once do not trip over each other.
+    """
+    inspector = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        present = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+            if index.name in present:
+                continue
+            with engine.begin() as connection:
+                connection.execute(CreateIndex(index, if_not_exists=True))
+            logger.info(
+                "index: made %s on %s (the index was made by an earlier dicom-node)",
+                index.name,
+                table.name,
+            )
 
 
 def _retrying(

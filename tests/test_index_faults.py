@@ -182,3 +182,38 @@ def request(study_uid: str) -> InstanceRecordRequest:
         sha256="0" * 64,
         association_id=None,
     )
+
+
+def test_an_index_from_an_earlier_version_gets_the_indexes_it_lacks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Made before these indexes existed: create_all leaves existing tables as
+    # they are, so without this a second claim of a running job would succeed.
+    path = tmp_path / "index.sqlite3"
+    IndexDB(f"sqlite:///{path}").close()
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("DROP INDEX ux_jobs_one_running")
+        db.execute("DROP INDEX ix_studies_needs_processing")
+
+    with caplog.at_level("INFO", logger="dicom_node.index"):
+        IndexDB(f"sqlite:///{path}").close()
+
+    with closing(sqlite3.connect(path)) as db:
+        made = dict(
+            db.execute("SELECT name, sql FROM sqlite_master WHERE type='index'")
+        )
+        db.execute(
+            "INSERT INTO studies VALUES (1, '1.2', '2026-01-01', '2026-01-01', 1)"
+        )
+        job = "INSERT INTO jobs (study_id, model, state, attempts, created_at,"
+        job += " updated_at) VALUES (1, 'm', 'running', 1, '2026-01-01', '2026-01-01')"
+        db.execute(job)
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            db.execute(job)  # a second claim of the same study and model
+    assert "ix_studies_needs_processing" in made
+    assert "made ux_jobs_one_running on jobs" in caplog.text
+    # Opened again: nothing left to make.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dicom_node.index"):
+        IndexDB(f"sqlite:///{path}").close()
+    assert "made" not in caplog.text
