@@ -9,7 +9,7 @@ For resnet18 and resnet50 at 224 px, batch 8, on this machine's CPU (or CUDA):
 and prints images/s for both with the ratio b/a (target >= 0.8), and the cost of
 Grad-CAM for one image relative to one forward of one image (target <= 1.3).
 
-    python bench/inference.py [--studies 6] [--device cpu]
+    python bench/inference.py [--studies 6] [--device cpu] [--preprocess-workers N]
 """
 
 from __future__ import annotations
@@ -75,10 +75,19 @@ def fresh_studies(encoded: Sequence[Sequence[bytes]]) -> list[list[Dataset]]:
 
 
 def bench_one(
-    architecture: str, device: str, encoded: Sequence[Sequence[bytes]], repeat: int
+    architecture: str,
+    device: str,
+    encoded: Sequence[Sequence[bytes]],
+    repeat: int,
+    preprocess_workers: int = 1,
 ) -> tuple[float, float, float]:
     """Return (a) forward images/s, (b) whole-path images/s, Grad-CAM/forward."""
-    classifier = Classifier(artifact(architecture), device=device, batch_size=8)
+    classifier = Classifier(
+        artifact(architecture),
+        device=device,
+        batch_size=8,
+        preprocess_workers=preprocess_workers,
+    )
     model = classifier.model
     batch = torch.randn(8, 1, 224, 224, device=device).contiguous(
         memory_format=torch.channels_last
@@ -130,10 +139,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=6, help="studies of 8 images")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: best)")
+    parser.add_argument(
+        "--preprocess-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="preprocessing threads per classifier (default 1, as the node runs)",
+    )
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    workers = max(1, args.preprocess_workers)
     print(
-        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, {workers} preprocessing thread(s)"
     )
     encoded = [
         [encode(make_ct(rows=512, columns=512, seed=8 * s + i)) for i in range(8)]
@@ -144,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{'Grad-CAM/forward':>19}"
     )
     for architecture in ("resnet18", "resnet50"):
-        bare, whole, cam = bench_one(architecture, device, encoded, args.repeat)
+        bare, whole, cam = bench_one(
+            architecture, device, encoded, args.repeat, workers
+        )
         print(
             f"{architecture:<10}{bare:>10.1f} im/s{whole:>11.1f} im/s"
             f"{whole / bare:>7.2f}{cam:>19.2f}",
