@@ -863,8 +863,9 @@ def _add_missing_indexes(engine: Engine) -> None:
 
     ``create_all`` leaves existing tables as they are, and their indexes with
     them. Some are not only for speed: ``ux_jobs_one_running`` is what makes a
-    second claim of a running job fail. ``IF NOT EXISTS``: processes opening
-    the same index at once do not trip over each other.
+    second claim of a running job fail. Processes opening the same index at
+    once do not trip over each other (``IF NOT EXISTS``, and a lost race is
+    checked).
     """
     inspector = inspect(engine)
     for table in Base.metadata.sorted_tables:
@@ -872,8 +873,16 @@ def _add_missing_indexes(engine: Engine) -> None:
         for index in sorted(table.indexes, key=lambda i: str(i.name)):
             if index.name in present:
                 continue
-            with engine.begin() as connection:
-                connection.execute(CreateIndex(index, if_not_exists=True))
+            try:
+                with engine.begin() as connection:
+                    connection.execute(CreateIndex(index, if_not_exists=True))
+            except DBAPIError:
+                # PostgreSQL's IF NOT EXISTS can still lose a race to another
+                # process making the same index: then it is there.
+                made = inspect(engine).get_indexes(table.name)
+                if index.name not in {i["name"] for i in made}:
+                    raise
+                continue
             logger.info(
                 "index: made %s on %s (the index was made by an earlier dicom-node)",
                 index.name,

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import create_engine, inspect, select, text
 
 from dicom_node.config import NodeConfig
-from dicom_node.index import Job, Study, utc_now
+from dicom_node.index import IndexDB, Job, Study, utc_now
 from dicom_node.jobs import claim_jobs
 from dicom_node.scheduler import schedule_stable_studies
 from dicom_node.service import open_index
@@ -108,3 +108,33 @@ def test_workers_claiming_at_once_take_each_job_exactly_once(
             assert all(owner_of[job_id] == owner for job_id in ids)
     finally:
         index.close()
+
+
+def test_a_postgresql_index_from_an_earlier_version_gets_its_indexes(
+    postgres_url: str,
+) -> None:
+    # Several processes open a shared index at once after an upgrade: each
+    # makes what is missing, none fails on another's index.
+    IndexDB(postgres_url).close()
+    engine = create_engine(postgres_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("DROP INDEX ux_jobs_one_running"))
+        errors: list[BaseException] = []
+
+        def open_once() -> None:
+            try:
+                IndexDB(postgres_url).close()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_once) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        made = {i["name"]: i for i in inspect(engine).get_indexes("jobs")}
+        assert made["ux_jobs_one_running"]["unique"]
+    finally:
+        engine.dispose()
