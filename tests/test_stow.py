@@ -205,3 +205,54 @@ def test_a_reply_that_confirms_nothing_is_not_taken_for_stored(tmp_path: Path) -
             stow([path], url, destination)
     finally:
         server.shutdown()
+
+
+def test_a_partial_stow_reply_marks_each_file_by_what_the_service_said(
+    tmp_path: Path,
+) -> None:
+    # HTTP 202 (PS3.18 10.5.3): some instances stored, others failed; the body
+    # names each. Only those it lists as stored count as delivered.
+    paths = []
+    for i, ds in enumerate(ct_study(3)):
+        paths.append(tmp_path / f"ct{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    uids = [str(dcmread(p).SOPInstanceUID) for p in paths]
+
+    class Partial(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+
+            def item(uid: str, **more: object) -> dict[str, object]:
+                return {"00081155": {"vr": "UI", "Value": [uid]}, **more}
+
+            reply = {
+                "00081199": {"vr": "SQ", "Value": [item(uids[0])]},
+                "00081198": {
+                    "vr": "SQ",
+                    "Value": [
+                        item(uids[1], **{"00081197": {"vr": "US", "Value": [0xA700]}})
+                    ],
+                },
+            }  # the third is in neither: not confirmed
+            body = json.dumps(reply).encode()
+            self.send_response(202)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Partial)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        outcomes = stow(paths, url, None)
+    finally:
+        server.shutdown()
+    assert [(o.ok, o.error) for o in outcomes] == [
+        (True, ""),
+        (False, "refused (failure reason 0xA700)"),
+        (False, "not confirmed by the service"),
+    ]
