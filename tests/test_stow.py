@@ -168,23 +168,29 @@ def test_a_dicomweb_destination_is_checked(tmp_path: Path) -> None:
         load_config(toml)
 
 
+class Service(BaseHTTPRequestHandler):
+    """A stand-in DICOMweb service's handler: answers, logs nothing."""
+
+    def reply(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 def test_a_reply_that_confirms_nothing_is_not_taken_for_stored(tmp_path: Path) -> None:
     # A proxy's login page (HTTP 200, HTML) stands between the node and the PACS.
     seen: list[dict[str, str]] = []
 
-    class LoginPage(BaseHTTPRequestHandler):
+    class LoginPage(Service):
         def do_POST(self) -> None:
             seen.append(dict(self.headers))
             self.rfile.read(int(self.headers["Content-Length"]))
-            body = b"<html>please log in</html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
+            self.reply(200, "text/html", b"<html>please log in</html>")
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), LoginPage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -218,7 +224,7 @@ def test_a_partial_stow_reply_marks_each_file_by_what_the_service_said(
         ds.save_as(paths[-1], enforce_file_format=True)
     uids = [str(dcmread(p).SOPInstanceUID) for p in paths]
 
-    class Partial(BaseHTTPRequestHandler):
+    class Partial(Service):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
 
@@ -234,15 +240,7 @@ def test_a_partial_stow_reply_marks_each_file_by_what_the_service_said(
                     ],
                 },
             }  # the third is in neither: not confirmed
-            body = json.dumps(reply).encode()
-            self.send_response(202)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
+            self.reply(202, "application/dicom+json", json.dumps(reply).encode())
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Partial)
     threading.Thread(target=server.serve_forever, daemon=True).start()
