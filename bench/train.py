@@ -171,13 +171,14 @@ def bare_loop(
     batch: int,
     size: int,
     steps: int,
-    precision: str,
+    dtype: torch.dtype | None,
     rounds: int = 3,
 ) -> float:
     """Images/s of a bare training loop on random tensors (the speed baseline).
 
     The median of ``rounds`` rounds of ``steps`` steps, as fit's figure is the
-    median of its epochs (one round alone varies by 20 % on a shared CPU).
+    median of its epochs (one round alone varies by 20 % on a shared CPU);
+    ``dtype``: the autocast type fit trains in, None for fp32.
     """
     torch.manual_seed(0)
     # channels_last, as fit runs it (about 10 % faster here than the default).
@@ -186,12 +187,8 @@ def bare_loop(
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     x = torch.randn(batch, 1, size, size, device=device)
     y = (torch.rand(batch, device=device) > 0.5).float()
-    autocast = (  # as fit computes: mixed precision on CUDA always
-        torch.autocast("cuda", dtype=cuda_autocast_dtype())
-        if device.type == "cuda"
-        else torch.autocast("cpu", dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     )
 
     def step() -> None:
@@ -271,10 +268,16 @@ def synthetic(work: Path, device: str) -> list[str]:
     with (report / "history.csv").open() as f:
         fit_rate = statistics.median(float(r["images_s"]) for r in csv.DictReader(f))
     config = json.loads((report / "config.json").read_text())
-    batch, precision = int(config["batch_size"]), str(config["precision"])
-    if device.startswith("cuda"):  # fit trains in mixed precision on CUDA
-        precision = str(cuda_autocast_dtype()).removeprefix("torch.")
-    bare = bare_loop(torch.device(device), batch, size, 6, precision)
+    batch = int(config["batch_size"])
+    dtype = (  # as fit computes: mixed precision on CUDA always
+        cuda_autocast_dtype()
+        if device.startswith("cuda")
+        else torch.bfloat16
+        if config["precision"] == "bf16"
+        else None
+    )
+    precision = str(dtype).removeprefix("torch.") if dtype else "fp32"
+    bare = bare_loop(torch.device(device), batch, size, 6, dtype)
     side, ceiling = pointing_ceiling(test, size, layer)
     auc, game = figures["auroc"], figures.get("pointing_game")
     ratio = fit_rate / bare
