@@ -439,9 +439,14 @@ def _conformance(args: argparse.Namespace) -> int:
 
 
 def _serve(config: NodeConfig) -> int:
-    from dicom_node.service import cap_malloc_arenas, serve  # see _LAZY_IMPORTS
+    from dicom_node.service import (  # see _LAZY_IMPORTS
+        cap_malloc_arenas,
+        keep_out_kernel_compiler,
+        serve,
+    )
 
     cap_malloc_arenas()
+    keep_out_kernel_compiler()
     configure_logging(config.log_level)
     stop = threading.Event()
 
@@ -463,9 +468,14 @@ def _serve(config: NodeConfig) -> int:
 
 
 def _worker(config: NodeConfig) -> int:
-    from dicom_node.service import cap_malloc_arenas, run_worker  # see _LAZY_IMPORTS
+    from dicom_node.service import (  # see _LAZY_IMPORTS
+        cap_malloc_arenas,
+        keep_out_kernel_compiler,
+        run_worker,
+    )
 
     cap_malloc_arenas()
+    keep_out_kernel_compiler()
     configure_logging(config.log_level)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

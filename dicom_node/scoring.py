@@ -236,6 +236,8 @@ class ModelCache:
                 artifact = ModelArtifact.load(model.path, expected_sha256=model.sha256)
                 # Traced: the node's other threads must not stall the forward pass.
                 classifier = Classifier(artifact, self.device, trace=True)
+                # The model has its own copy: the file's mapped tensors can go.
+                artifact.release_weights()
             except InferenceError as exc:
                 # Kept without its traceback (and the frames it holds).
                 self._broken[model.key] = (identity, time.monotonic(), copy.copy(exc))

@@ -107,6 +107,7 @@ class ModelArtifact:
     variant: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, torch.Tensor] = field(default_factory=dict)
     onnx_graph: bytes = field(default=b"", repr=False)
+    weights_released: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         """Check the fields that the runtime depends on."""
@@ -156,6 +157,19 @@ class ModelArtifact:
         if bool(self.onnx_graph) != (kind == "onnx"):
             raise ArtifactError("an ONNX variant needs its graph, and only it has one")
 
+    def release_weights(self) -> None:
+        """Let go of the weight tensors once a model has been built from them.
+
+        The tensors :meth:`load` reads are views of the file mapped into memory,
+        and a built model holds its own copy: a process that keeps only the model
+        frees the file's pages (42 MiB for a resnet18).
+        Afterwards :meth:`build`, :meth:`save` and :attr:`weights_sha256` raise
+        ArtifactError; the rest of the artifact (labels, preprocessing, accepts,
+        an int8 variant's ranges) stays.
+        """
+        self.state_dict = {}
+        self.weights_released = True
+
     @property
     def weights_sha256(self) -> str:
         """Return the SHA-256 of the weights (names, dtypes, shapes and bytes)."""
@@ -163,6 +177,7 @@ class ModelArtifact:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the file holds, by its name there."""
+        self._check_weights()
         tensors = {
             **self.state_dict,
             **{QUANTIZATION_PREFIX + k: v for k, v in self.quantization.items()},
@@ -181,6 +196,7 @@ class ModelArtifact:
         ArtifactError
             If the weights do not fit the architecture.
         """
+        self._check_weights()
         model: torch.nn.Module = build_model(
             self.architecture,
             num_classes=len(self.labels),
@@ -196,6 +212,13 @@ class ModelArtifact:
             ) from exc
         model.eval()
         return model
+
+    def _check_weights(self) -> None:
+        if self.weights_released:
+            raise ArtifactError(
+                f"model {self.name} {self.version}: its weights were released once "
+                "the model was built; load the file again"
+            )
 
     def metadata(self) -> dict[str, Any]:
         """Return the JSON document stored in the file header."""

@@ -77,6 +77,26 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.build()(x), artifact.build()(x))
 
 
+def test_released_weights_unmap_the_file_and_cannot_be_built_again(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "m.safetensors"
+    make_artifact().save(path)
+    loaded = ModelArtifact.load(path)
+    model = loaded.build()
+    assert str(path).encode() in Path("/proc/self/maps").read_bytes()
+
+    loaded.release_weights()
+
+    # The file's pages are no longer mapped; the model built before still runs.
+    assert str(path).encode() not in Path("/proc/self/maps").read_bytes()
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 2)
+    assert loaded.labels == (NODULE, EFFUSION)
+    for use in (loaded.build, lambda: loaded.save(tmp_path / "again.safetensors")):
+        with pytest.raises(ArtifactError, match="weights were released"):
+            use()
+
+
 def test_a_heatmap_offset_is_kept_and_checked(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     dataclasses.replace(make_artifact(), gradcam_offset=(-5.0, 1.5)).save(path)
