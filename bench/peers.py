@@ -157,8 +157,9 @@ def serve_model(model: Path, port: int, threads: int) -> None:
     if threads:
         set_cpu_threads(threads)
     artifact = ModelArtifact.load(model)
-    # As the node loads it (traced), on the CPU.
+    # As the node loads it (traced, the file's weights let go), on the CPU.
     classifier = Classifier(artifact, "cpu", trace=True)
+    artifact.release_weights()
 
     def window(ds: Dataset) -> list[float]:
         center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
