@@ -131,7 +131,9 @@ def keep_out_kernel_compiler() -> bool:
     """
     if "triton" in sys.modules:
         return sys.modules["triton"] is None
-    # None in sys.modules: an import of it raises ImportError (Python's import system).
+    # None in sys.modules: an import of it raises ImportError (Python's import
+    # system). Measured with torch 2.14.1 and torchvision 0.29.1, whose
+    # torch._dynamo.utils probes for Triton at import.
     sys.modules["triton"] = None  # type: ignore[assignment]
     return True
 

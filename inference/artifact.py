@@ -214,10 +214,12 @@ class ModelArtifact:
         return model
 
     def _check_weights(self) -> None:
-        if self.weights_released:
+        # An empty state_dict too: a copy of a released artifact (dataclasses.replace)
+        # does not carry the flag.
+        if self.weights_released or not self.state_dict:
             raise ArtifactError(
-                f"model {self.name} {self.version}: its weights were released once "
-                "the model was built; load the file again"
+                f"model {self.name} {self.version}: no weights (they were released "
+                "once the model was built); load the file again"
             )
 
     def metadata(self) -> dict[str, Any]:

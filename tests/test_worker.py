@@ -324,7 +324,8 @@ def test_a_workers_results_process_runs_without_pytorch_and_ends_with_it(
         maps = Path(f"/proc/{worker.pid}/maps").read_bytes()
         assert b"libtorch_cpu" in maps
         # The worker keeps no more than it uses: not the model file (the model
-        # holds its own copy of the weights), not PyTorch's GPU kernel compiler.
+        # holds its own copy of the weights), not PyTorch's GPU kernel compiler
+        # (Triton: installed with the CUDA build of PyTorch pyproject.toml asks for).
         assert str(model.resolve()).encode() not in maps
         assert b"libtriton" not in maps
         for pid in children:
