@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TypeVar
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -72,6 +72,11 @@ class JobOutcome:
     detail: str = ""
 
 
+# Another job of the same study and model, in claim_jobs' query: made once, as
+# an alias built per call cost most of an idle claim (~1.5 ms of CPU).
+_OTHER_JOB = aliased(Job)
+
+
 def claim_jobs(
     index: IndexDB,
     owner: str,
@@ -112,17 +117,29 @@ def claim_jobs(
     """
     if not models:
         return []
-    other = aliased(Job)
+    other = _OTHER_JOB
 
-    def work(session: Session) -> list[ClaimedJob]:
-        now = utc_now()
-        due = or_(
+    def due_at(now: datetime) -> ColumnElement[bool]:
+        return or_(
             and_(
                 Job.state == JobState.PENDING,
                 or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
             ),
             and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
         )
+
+    # Most claims of an idle node find nothing: looked for first in a read
+    # transaction (no write lock, a third of the CPU of the claim's).
+    if not index.read(
+        lambda session: session.scalar(
+            select(exists().where(due_at(utc_now()), Job.model.in_(list(models))))
+        )
+    ):
+        return []
+
+    def work(session: Session) -> list[ClaimedJob]:
+        now = utc_now()
+        due = due_at(now)
         busy = exists().where(
             other.study_id == Job.study_id,
             other.model == Job.model,

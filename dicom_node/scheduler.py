@@ -103,7 +103,7 @@ def schedule_stable_studies(
 
 def earliest_waiting(index: IndexDB) -> datetime | None:
     """Return the last arrival of the study that will be stable first, if any waits."""
-    return index.run(
+    return index.read(
         lambda s: s.scalar(
             select(func.min(Study.last_received_at)).where(
                 Study.needs_processing.is_(True)
@@ -160,16 +160,22 @@ class Scheduler(Loop):
 
     def step(self) -> bool:
         """Queue the studies that became stable; sleep until the next is due."""
-        found = schedule_stable_studies(self.index, self.model_keys, self.stable_after)
-        if found and self.on_queued is not None:
-            self.on_queued()
+        # A look first (no write lock): an idle node's rounds end here.
         earliest = earliest_waiting(self.index)
+        stable = timedelta(seconds=self.stable_after)
+        if earliest is not None and earliest + stable <= utc_now():
+            found = schedule_stable_studies(
+                self.index, self.model_keys, self.stable_after
+            )
+            if found and self.on_queued is not None:
+                self.on_queued()
+            earliest = earliest_waiting(self.index)
         if earliest is None:
             self._waiting = False
             self.idle = self.poll
             return False
         self._waiting = True
-        due = earliest + timedelta(seconds=self.stable_after) - utc_now()
+        due = earliest + stable - utc_now()
         # Not less than a few milliseconds: a study just found due is being
         # claimed by another process's scheduler.
         self.idle = min(self.poll, max(0.005, due.total_seconds()))
