@@ -31,6 +31,7 @@ __all__ = [
     "MALLOC_ARENAS",
     "ChildProcess",
     "cap_malloc_arenas",
+    "keep_out_kernel_compiler",
     "open_index",
     "run_receiver",
     "run_worker",
@@ -127,10 +128,14 @@ def keep_out_kernel_compiler() -> bool:
     Returns
     -------
     bool
-        Whether it was kept out (False: something imported it already).
+        Whether it was kept out (False: something imported it or PyTorch
+        already).
     """
     if "triton" in sys.modules:
         return sys.modules["triton"] is None
+    if "torch" in sys.modules:
+        # PyTorch looked for Triton at import and may call it later: leave it.
+        return False
     # None in sys.modules: an import of it raises ImportError (Python's import
     # system). Measured with torch 2.14.1 and torchvision 0.29.1, whose
     # torch._dynamo.utils probes for Triton at import.

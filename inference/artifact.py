@@ -165,7 +165,8 @@ class ModelArtifact:
         frees the file's pages (42 MiB for a resnet18).
         Afterwards :meth:`build`, :meth:`save` and :attr:`weights_sha256` raise
         ArtifactError; the rest of the artifact (labels, preprocessing, accepts,
-        an int8 variant's ranges) stays.
+        an int8 variant's ranges, copied at load; an ONNX variant's graph, bytes
+        of its own) stays.
         """
         self.state_dict = {}
         self.weights_released = True
@@ -322,8 +323,10 @@ class ModelArtifact:
             meta = json.loads(header[METADATA_KEY])
         except json.JSONDecodeError as exc:
             raise ArtifactError(f"{path}: the model document is not JSON") from exc
+        # Copies (a few numbers): a view would keep the whole mapped file alive
+        # after release_weights.
         quantization = {
-            k[len(QUANTIZATION_PREFIX) :]: state_dict.pop(k)
+            k[len(QUANTIZATION_PREFIX) :]: state_dict.pop(k).clone()
             for k in [k for k in state_dict if k.startswith(QUANTIZATION_PREFIX)]
         }
         graph = state_dict.pop(ONNX_GRAPH_KEY, None)

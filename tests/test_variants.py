@@ -55,6 +55,23 @@ def held_out(test: Path) -> list[Dataset]:
     return [dcmread(s.path) for s in load_samples(test)]
 
 
+def test_an_int8_variant_lets_go_of_its_file_once_built(
+    trained: tuple[Path, Path], int8: tuple[Path, str]
+) -> None:
+    (_, test), (out, _) = trained, int8
+    variant = ModelArtifact.load(out)
+    quantized = Classifier(variant, device="cpu", trace=True)
+    assert str(out).encode() in Path("/proc/self/maps").read_bytes()
+
+    variant.release_weights()
+
+    # Its activation ranges stay, as copies: the file is no longer mapped.
+    assert variant.quantization
+    assert str(out).encode() not in Path("/proc/self/maps").read_bytes()
+    assert quantized.int8
+    assert quantized.predict(held_out(test)[:1]).frame_probabilities.shape[0] == 1
+
+
 def test_int8_variant_carries_the_model_and_runs_quantized_in_the_node(
     trained: tuple[Path, Path], int8: tuple[Path, str]
 ) -> None:
