@@ -107,7 +107,6 @@ class ModelArtifact:
     variant: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, torch.Tensor] = field(default_factory=dict)
     onnx_graph: bytes = field(default=b"", repr=False)
-    weights_released: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         """Check the fields that the runtime depends on."""
@@ -169,7 +168,6 @@ class ModelArtifact:
         of its own) stays.
         """
         self.state_dict = {}
-        self.weights_released = True
 
     @property
     def weights_sha256(self) -> str:
@@ -215,9 +213,8 @@ class ModelArtifact:
         return model
 
     def _check_weights(self) -> None:
-        # An empty state_dict too: a copy of a released artifact (dataclasses.replace)
-        # does not carry the flag.
-        if self.weights_released or not self.state_dict:
+        # No weights: released (a copy of a released artifact included).
+        if not self.state_dict:
             raise ArtifactError(
                 f"model {self.name} {self.version}: no weights (they were released "
                 "once the model was built); load the file again"
