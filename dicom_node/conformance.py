@@ -29,7 +29,8 @@ from dicom_node.identity import (
     MANUFACTURER,
     MODEL_NAME,
 )
-from dicom_node.results import RESULT_OBJECTS, SR_CODES
+from dicom_node.results import RESULT_OBJECTS
+from dicom_node.results.sr import SR_CODES
 from dicom_node.scp import accepted_sop_classes
 from dicom_node.tls import TLS12_CIPHERS
 

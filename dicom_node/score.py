@@ -18,7 +18,8 @@ from dicom_node.eligibility import instance_problem, match_problem, model_match
 from dicom_node.export import find_files
 from dicom_node.identity import node_device_uid
 from dicom_node.log import describe_exception
-from dicom_node.results import NodeIdentity, build_results
+from dicom_node.results import NodeIdentity
+from dicom_node.results.build import build_results
 from dicom_node.results.store import capture_png, write_result_files
 from dicom_node.storage import validate_uid
 from inference import Classifier, ModelArtifact, StudyPrediction

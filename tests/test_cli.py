@@ -168,6 +168,20 @@ def test_the_command_line_module_loads_no_index_network_or_pytorch() -> None:
     assert run_python(code).strip() == "[]"
 
 
+def test_the_node_hands_results_on_without_importing_highdicom() -> None:
+    # serve and worker with results processes build nothing themselves:
+    # highdicom and its standard tables live only in the processes that build.
+    code = (
+        "import sys, dicom_node.cli, dicom_node.service, dicom_node.worker\n"
+        "import dicom_node.completion, dicom_node.outbox, dicom_node.web\n"
+        "print('highdicom' in sys.modules)\n"
+        "import dicom_node.results.builder as b\n"
+        "b.warm_up()\n"
+        "print('highdicom' in sys.modules)\n"
+    )
+    assert run_python(code).split() == ["False", "True"]
+
+
 def test_help_explains_commands() -> None:
     result = run_cli("--help")
     assert result.returncode == 0

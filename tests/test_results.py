@@ -18,15 +18,11 @@ from pydicom.uid import (
 )
 
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicom_node.results import (
-    NOT_FOR_DIAGNOSIS,
-    POINT_MEANING,
-    NodeIdentity,
-    ResultSet,
-    build_results,
-    overlay,
-)
+from dicom_node.results import NOT_FOR_DIAGNOSIS, NodeIdentity, ResultSet
+from dicom_node.results.build import build_results
 from dicom_node.results.builder import BuildRequest, ResultBuilder
+from dicom_node.results.render import overlay
+from dicom_node.results.sr import POINT_MEANING
 from dicom_node.results.store import write_result_files
 from dicom_node.score import sr_text
 from inference import Classifier, ModelArtifact, StudyPrediction

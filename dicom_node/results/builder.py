@@ -33,7 +33,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.log import configure_logging
-from dicom_node.results import NodeIdentity, build_results, warm_up
+from dicom_node.results.naming import NodeIdentity
 from dicom_node.results.store import write_result_files
 from inference import StudyPrediction
 
@@ -60,7 +60,7 @@ class BuildRequest:
         The SR this run replaces, if any, as
         :func:`dicom_node.results.report_reference` gives it.
     jpeg, parametric_map, explain_absent
-        As :func:`dicom_node.results.build_results`.
+        As :func:`dicom_node.results.build.build_results`.
     """
 
     sources: tuple[Path, ...]
@@ -107,6 +107,11 @@ def build_and_write(
     Built
         The run and the SR's UID.
     """
+    # Here, not at the top: a process that only hands results to its results
+    # processes (serve) never imports highdicom (~20 MB; ~65 MB more for its
+    # tables once read).
+    from dicom_node.results.build import build_results
+
     if sources is None:
         sources = [dcmread(path) for path in request.sources]
     previous = request.previous_sr
@@ -122,6 +127,13 @@ def build_and_write(
     )
     write_result_files(request.folder, result, png=False)
     return Built(result.run, str(result.sr.SOPInstanceUID))
+
+
+def warm_up() -> None:
+    """Import the builders and load highdicom's tables (see :func:`.build.warm_up`)."""
+    from dicom_node.results.build import warm_up as load_tables
+
+    load_tables()
 
 
 def _start_process(parent: int, log_level: str) -> None:

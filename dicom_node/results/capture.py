@@ -10,12 +10,10 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pydicom.valuerep import DS
 
 from dicom_node.identity import MANUFACTURER
-from dicom_node.results.common import (
+from dicom_node.results.common import algorithm_equipment, finish, highdicom_view
+from dicom_node.results.naming import (
     NOT_FOR_DIAGNOSIS,
     NodeIdentity,
-    algorithm_equipment,
-    finish,
-    highdicom_view,
     model_text,
     series_number,
 )

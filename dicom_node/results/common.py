@@ -8,10 +8,8 @@ node's identity and the source's Patient and Study, as they are).
 from __future__ import annotations
 
 import copy
-import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import highdicom as hd
 from highdicom.enum import SpecificCharacterSetValues
@@ -31,22 +29,12 @@ from dicom_node.identity import (
     MODEL_NAME,
     SOFTWARE_VERSION,
 )
+from dicom_node.results.naming import NodeIdentity
 from inference import StudyPrediction
 
-__all__ = [
-    "NOT_FOR_DIAGNOSIS",
-    "NodeIdentity",
-    "algorithm_equipment",
-    "finish",
-    "highdicom_view",
-    "model_text",
-    "result_uid",
-    "series_number",
-]
+__all__ = ["algorithm_equipment", "finish", "highdicom_view"]
 
-NOT_FOR_DIAGNOSIS = "AI: not for diagnostic use"
 UTF8 = "ISO_IR 192"
-_UID_NAMESPACE = uuid.UUID("5b0c5f4e-5d0e-4d55-9a0c-64c6f1c0de01")  # dicom-node results
 _HIGHDICOM = hd.ContributingEquipment.for_highdicom().Manufacturer
 # Patient's Sex values highdicom's constructors accept; real sources carry "U".
 _SEXES = ("M", "F", "O")
@@ -74,63 +62,6 @@ _TYPE_2 = (
 warnings.filterwarnings(
     "ignore", message=r"The string .* is unlikely to represent", category=UserWarning
 )
-
-
-@dataclass(frozen=True, slots=True)
-class NodeIdentity:
-    """The node that writes the results (General Equipment of each object).
-
-    Parameters
-    ----------
-    station
-        The node's AE title (Station Name; the SR's observer device name).
-    device_uid
-        The node's Device UID.
-    """
-
-    station: str
-    device_uid: str
-
-
-def result_uid(study_uid: str, device_uid: str, run: int | str, role: str) -> str:
-    """Return a UID derived from the study, the model, the run and a role.
-
-    Parameters
-    ----------
-    study_uid
-        The source study.
-    device_uid
-        The model's Device UID.
-    run
-        The run: its number in the node; a key of its own for offline scoring,
-        so that offline results never take the node's UIDs.
-    role
-        What the UID names (``sr``, ``sr-series``, ``sc-1``, ...).
-
-    Returns
-    -------
-    str
-        A ``2.25.`` UID, the same for the same inputs.
-    """
-    # A name-based (version 5) UUID as a 2.25 UID (PS3.5 B.2): stable, unique.
-    name = "\n".join((study_uid, device_uid, str(run), role))
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
-
-
-def series_number(model_name: str, role: int) -> int:
-    """Return the Series Number of a model's SR (1), captures (2) or maps (3).
-
-    9 followed by three digits of the model's name and the role, e.g. 94571:
-    each model's results sit in series of their own numbers, the same for
-    every study and version of that model.
-    """
-    key = uuid.uuid5(_UID_NAMESPACE, f"series\n{model_name}").int % 1000
-    return 90000 + 10 * key + role
-
-
-def model_text(prediction: StudyPrediction) -> str:
-    """Return "<model name> <version>" as the objects name the model (64 characters)."""
-    return f"{prediction.model_name} {prediction.model_version}"[:64]
 
 
 def algorithm_equipment(prediction: StudyPrediction) -> hd.ContributingEquipment:

@@ -10,13 +10,8 @@ from pydicom.dataset import Dataset
 
 from dicom_node.identity import MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION
 from dicom_node.results.capture import copy_body_part, lossy_history
-from dicom_node.results.common import (
-    NodeIdentity,
-    algorithm_equipment,
-    finish,
-    highdicom_view,
-    series_number,
-)
+from dicom_node.results.common import algorithm_equipment, finish, highdicom_view
+from dicom_node.results.naming import NodeIdentity, series_number
 from inference import Explanation, StudyPrediction
 
 __all__ = ["build_map", "has_patient_geometry"]

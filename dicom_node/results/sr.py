@@ -17,14 +17,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.identity import MANUFACTURER
-from dicom_node.results.common import (
-    NodeIdentity,
-    algorithm_equipment,
-    finish,
-    highdicom_view,
-    model_text,
-    series_number,
-)
+from dicom_node.results.common import algorithm_equipment, finish, highdicom_view
+from dicom_node.results.naming import NodeIdentity, model_text, series_number
 from inference import CodedConcept, Explanation, StudyPrediction
 
 __all__ = ["POINT_MEANING", "SR_CODES", "build_report", "summary_lines"]
