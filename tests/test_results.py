@@ -292,6 +292,55 @@ def test_a_results_process_keeps_data_values_out_of_the_log(
     assert "pydicom WARNING record (text withheld" in err
 
 
+def test_a_results_process_writes_what_building_here_writes(tmp_path: Path) -> None:
+    # The node's results process reads the stored files and builds what the
+    # node would build from the data sets it scored.
+    datasets = sources("CT")
+    path = tmp_path / "source.dcm"
+    datasets[0].save_as(path, enforce_file_format=True)
+    stored: list[Dataset] = [dcmread(path)]
+    prediction = predict(stored)
+    here = tmp_path / "here"
+    written(
+        build_results(
+            stored, prediction, 1, node=NODE, parametric_map=True, explain_absent=True
+        ),
+        here,
+    )
+    builder = ResultBuilder(1, log_level="INFO")
+    try:
+        request = BuildRequest(
+            (path,),
+            prediction,
+            1,
+            NODE,
+            tmp_path / "there",
+            parametric_map=True,
+            explain_absent=True,
+        )
+        built = builder.build(request, stored)
+    finally:
+        builder.close()
+    names = sorted(p.name for p in here.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "there").iterdir())
+    assert {"sc-1.dcm", "pm-1.dcm", "sr.dcm"} <= set(names)
+    for name in names:
+        a, b = dcmread(here / name), dcmread(tmp_path / "there" / name)
+        for ds in (a, b):  # when each was written
+            for keyword in (
+                "ContentDate",
+                "ContentTime",
+                "InstanceCreationTime",
+                "DateOfSecondaryCapture",
+                "TimeOfSecondaryCapture",
+            ):
+                ds.pop(keyword, None)
+            for item in ds.get("ContributingEquipmentSequence", []):
+                item.pop("ContributionDateTime", None)
+        assert a == b, name
+    assert built.sr_uid == dcmread(here / "sr.dcm").SOPInstanceUID
+
+
 def test_a_source_with_a_non_standard_patients_sex_still_gets_results(
     tmp_path: Path,
 ) -> None:
@@ -394,17 +443,28 @@ def test_a_heatmap_that_is_not_finite_is_refused_not_drawn_as_no_heat() -> None:
         overlay(grey, heat, ["x"])
 
 
+def every_uid(ds: Dataset, where: str = "") -> list[tuple[str, str]]:
+    """Every UID a data set holds (nested ones too), with where it sits."""
+    found = []
+    for element in ds:
+        if element.VR == "UI":
+            found.append((f"{where}{element.keyword}", str(element.value)))
+        elif element.VR == "SQ":
+            for i, item in enumerate(element.value):
+                found += every_uid(item, f"{where}{element.keyword}[{i}].")
+    return found
+
+
 def test_uids_are_derived_so_a_rerun_replaces_instead_of_duplicating() -> None:
     datasets = sources("CT")
     prediction = predict(datasets)
-    first = build_results(datasets, prediction, 1, node=NODE)
-    again = build_results(datasets, prediction, 1, node=NODE)
-    assert [d.SOPInstanceUID for d in first.datasets] == [
-        d.SOPInstanceUID for d in again.datasets
-    ]
-    assert [d.SeriesInstanceUID for d in first.datasets] == [
-        d.SeriesInstanceUID for d in again.datasets
-    ]
+    first = build_results(datasets, prediction, 1, node=NODE, parametric_map=True)
+    again = build_results(datasets, prediction, 1, node=NODE, parametric_map=True)
+    assert first.maps
+    # Every UID, not only the instances' and series': the same run written
+    # again is the same objects (a PACS that has them keeps them as they are).
+    for a, b in zip(first.datasets, again.datasets, strict=True):
+        assert every_uid(a) == every_uid(b)
     second = build_results(datasets, prediction, 2, node=NODE, previous_sr=first.sr)
     assert second.sr.SOPInstanceUID != first.sr.SOPInstanceUID
     assert second.sr.SeriesInstanceUID != first.sr.SeriesInstanceUID

@@ -96,6 +96,12 @@ def build_map(
         image_flavor=hd.pm.ImageFlavorValues.STATIC,
         contributing_equipment=[algorithm_equipment(prediction)],
     )
+    # highdicom draws the Dimension Organization UID afresh (under its own
+    # root) for each map; derived like every other UID, the same run written
+    # again is the same map.
+    dimensions = uid(f"pm-{number}-dimensions")
+    for item in (*pm.DimensionOrganizationSequence, *pm.DimensionIndexSequence):
+        item.DimensionOrganizationUID = dimensions
     copy_body_part(pm, source)
     lossy_history(pm, source, None)
     return finish(pm, source, node)
