@@ -110,7 +110,9 @@ class HttpConfig:
         TCP port; 0 turns the listener off.
     show_patient
         Show patient names and IDs on the status page (off: studies are named
-        by uid_ref only).
+        by uid_ref only, and a capture whose source says its pixels identify
+        the patient, Burned In Annotation or Recognizable Visual Features YES,
+        is not shown).
     token_file
         A file holding a bearer token every request but ``/healthz`` must
         carry (``Authorization: Bearer ...``); None: no token.

@@ -8,8 +8,9 @@
   thread of the node is alive; else 503. Both answer JSON with the reasons.
 - ``/``: recent studies (by uid_ref; patient name and ID only with
   ``show_patient``), each model's job, verdict and deliveries, failures with
-  their reasons, queue depths and the Grad-CAM captures as thumbnails; it
-  reloads itself every 10 seconds.
+  their reasons, queue depths and the Grad-CAM captures as thumbnails (without
+  ``show_patient``, not those whose source says its pixels identify the
+  patient); it reloads itself every 10 seconds.
 
 Only GET. With ``token_file``, every request but ``/healthz`` needs
 ``Authorization: Bearer <token>``. Without one, a request whose Host names
@@ -62,7 +63,7 @@ from dicom_node.index import (
     Study,
 )
 from dicom_node.log import describe_exception, uid_ref
-from dicom_node.results.store import capture_files, results_root
+from dicom_node.results.store import capture_files, identifying_capture, results_root
 from dicom_node.status import counts_by
 
 __all__ = ["MAX_CLIENTS", "Probes", "WebServer"]
@@ -362,8 +363,8 @@ class _Row:
     patient: str
     jobs: list[tuple[str, str, str]]  # model, state, error
     results: list[
-        tuple[int, str, list[tuple[str, str]], int]
-    ]  # id, verdict, deliveries, captures
+        tuple[int, str, list[tuple[str, str]], list[int]]
+    ]  # id, verdict, deliveries, the numbers of the captures shown
 
 
 def _recent(session: Session, probes: Probes) -> list[_Row]:
@@ -410,7 +411,7 @@ def _recent(session: Session, probes: Probes) -> list[_Row]:
                     )
                 )
             ]
-            captures = len(capture_files(root / result.folder))
+            captures = shown_captures(root / result.folder, probes.config)
             results.append((result.id, _verdict(result), deliveries, captures))
         patient = ""
         if probes.config.http.show_patient:
@@ -527,7 +528,7 @@ def status_page(probes: Probes) -> str:
             )
             + "".join(
                 f'<br><img alt="Grad-CAM capture {n}" src="/capture/{rid}/{n}.png">'
-                for n in range(1, captures + 1)
+                for n in captures
             )
             for rid, verdict, deliveries, captures in row.results
         )
@@ -555,8 +556,27 @@ def status_page(probes: Probes) -> str:
     return "\n".join(out) + "\n"
 
 
+def shown_captures(folder: Path, config: NodeConfig) -> list[int]:
+    """Return the numbers (1-based) of a result set's captures the pages show.
+
+    Without ``show_patient``, not a capture whose pixels identify the patient
+    (its source said it carries burned-in identifying text or recognizable
+    features): the page names studies by uid_ref only.
+    """
+    captures = capture_files(folder)
+    return [
+        number
+        for number, path in enumerate(captures, start=1)
+        if config.http.show_patient or not identifying_capture(path)
+    ]
+
+
 def capture_thumbnail(probes: Probes, result_id: int, number: int) -> bytes | None:
-    """Return a result set's capture ``number`` (1-based) as a small PNG, or None."""
+    """Return a result set's capture ``number`` (1-based) as a small PNG.
+
+    None when there is no such capture, or the pages do not show it
+    (:func:`shown_captures`).
+    """
     folder = probes.index.read(
         lambda s: s.scalar(
             select(ResultRecord.folder).where(ResultRecord.id == result_id)
@@ -564,9 +584,10 @@ def capture_thumbnail(probes: Probes, result_id: int, number: int) -> bytes | No
     )
     if folder is None:
         return None
-    captures = capture_files(results_root(probes.config.state_dir) / folder)
-    if not 1 <= number <= len(captures):
+    where = results_root(probes.config.state_dir) / folder
+    if number not in shown_captures(where, probes.config):
         return None
+    captures = capture_files(where)
     image = Image.fromarray(dcmread(captures[number - 1]).pixel_array)
     image.thumbnail((_THUMBNAIL, _THUMBNAIL))
     out = io.BytesIO()

@@ -403,6 +403,27 @@ def test_a_capture_keeps_every_pixel_and_says_what_it_shows() -> None:
     assert sc.LossyImageCompression == "00"
 
 
+@pytest.mark.parametrize(
+    "keyword", ["BurnedInAnnotation", "RecognizableVisualFeatures"]
+)
+def test_a_capture_says_its_pixels_identify_the_patient_where_its_source_does(
+    keyword: str, tmp_path: Path
+) -> None:
+    # An ultrasound frame with the patient's name burned in: the capture shows
+    # the same pixels, so it cannot say NO.
+    datasets = sources("DX")
+    datasets[0].BurnedInAnnotation = "NO"
+    datasets[0].RecognizableVisualFeatures = "NO"
+    setattr(datasets[0], keyword, "YES")
+    result = build_results(datasets, predict(datasets), 1, node=NODE)
+    others = {"BurnedInAnnotation", "RecognizableVisualFeatures"} - {keyword}
+    for sc in result.captures:
+        assert getattr(sc, keyword) == "YES"
+        assert [getattr(sc, other) for other in others] == ["NO"]
+    for path in written(result, tmp_path):
+        assert dciodvfy_problems(path) == [], path.name
+
+
 def test_the_caption_is_whole_on_a_small_image() -> None:
     grey = np.full((64, 48), 100, np.uint8)
     heat = np.zeros((64, 48), np.float32)

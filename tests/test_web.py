@@ -312,6 +312,27 @@ def test_status_page_in_a_browser(
             browser.close()
 
 
+@pytest.mark.parametrize("show_patient", [False, True])
+def test_a_capture_that_identifies_the_patient_is_shown_only_with_show_patient(
+    served: Callable[..., tuple[NodeConfig, int, int]], show_patient: bool
+) -> None:
+    config, port, web = served(show_patient=show_patient)
+    study = ct_study(1)
+    study[0].BurnedInAnnotation = "YES"  # the patient's name is in the pixels
+    assert store_datasets(port, study) == [0]
+    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "delivered")
+    code, _, body = get(web, "/")
+    assert code == 200
+    assert ('src="/capture/1/1.png"' in body) is show_patient
+    request = urllib.request.Request(f"http://127.0.0.1:{web}/capture/1/1.png")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = (response.status, response.headers["Content-Type"])
+    except urllib.error.HTTPError as exc:
+        answer = (exc.code, "")
+    assert answer == ((200, "image/png") if show_patient else (404, ""))
+
+
 def test_a_slow_sender_is_cut_off(
     served: Callable[..., tuple[NodeConfig, int, int]],
 ) -> None:

@@ -134,7 +134,8 @@ RESULT_OBJECTS: tuple[ResultObject, ...] = (
         "results_explain_absent, of an absent one)",
         "RGB: the source image in its own window with the heatmap blended over "
         "it, a colour scale and a caption that says it is not for diagnostic "
-        "use; Conversion Type WSD; Lossy Image Compression stated",
+        "use; Conversion Type WSD; Lossy Image Compression stated; Burned In "
+        "Annotation and Recognizable Visual Features YES where the source says so",
     ),
     ResultObject(
         "pm",

@@ -18,6 +18,7 @@ from dicom_node.results.naming import (
     series_number,
 )
 from dicom_node.results.render import overlay
+from dicom_node.results.store import says_yes
 from inference import Explanation, StudyPrediction, render
 
 __all__ = ["build_capture", "copy_body_part", "lossy_history"]
@@ -100,10 +101,11 @@ def build_capture(
         series_description=description,
     )
     sc.PatientOrientation = orientation  # type: ignore[assignment]
-    # No patient-identifying text is burned in (PS3.3 C.7.6.1.1.7); the
-    # caption holds the finding, the model and the warning only.
-    sc.BurnedInAnnotation = "NO"
-    sc.RecognizableVisualFeatures = "NO"
+    # Burned In Annotation (PS3.3 C.7.6.1.1.7): the caption holds the finding,
+    # the model and the warning only, but the pixels are the source's, with
+    # whatever identifying text or features the source says it carries.
+    for keyword in ("BurnedInAnnotation", "RecognizableVisualFeatures"):
+        setattr(sc, keyword, "YES" if says_yes(source, keyword) else "NO")
     sc.ImageComments = (
         f"Grad-CAM of {label.label.name} ({verdict}) over the source image; "
         f"{NOT_FOR_DIAGNOSIS}"

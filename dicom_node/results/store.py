@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from PIL import Image
-from pydicom import dcmwrite
+from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 
 from dicom_node.results import ResultSet
@@ -23,15 +23,19 @@ __all__ = [
     "capture_png",
     "delivery_files",
     "discard_folder",
+    "identifying_capture",
     "publish_folder",
     "report_file",
     "result_folder",
     "results_root",
+    "says_yes",
     "staging_folder",
     "write_result_files",
 ]
 
 _SR = "sr.dcm"
+# What a capture says when its pixels identify the patient.
+_IDENTIFYING = ("BurnedInAnnotation", "RecognizableVisualFeatures")
 
 
 def results_root(state_dir: Path) -> Path:
@@ -129,6 +133,22 @@ def delivery_files(folder: Path) -> list[Path]:
 def capture_files(folder: Path) -> list[Path]:
     """Return a written result set's Secondary Captures, in order."""
     return sorted(folder.glob("sc-*.dcm"))
+
+
+def says_yes(ds: Dataset, keyword: str) -> bool:
+    """Whether a YES / NO attribute of a data set says YES."""
+    return str(ds.get(keyword, "") or "").strip().upper() == "YES"
+
+
+def identifying_capture(path: Path) -> bool:
+    """Whether a written capture says its pixels identify the patient.
+
+    Burned In Annotation or Recognizable Visual Features YES: the node's own
+    caption names no one, but a capture shows its source's pixels, and says
+    YES where the source did (:mod:`dicom_node.results.capture`).
+    """
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_IDENTIFYING))
+    return any(says_yes(ds, keyword) for keyword in _IDENTIFYING)
 
 
 def report_file(folder: Path) -> Path:
