@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -105,10 +106,20 @@ def stow(
     try:
         response = client.store_instances(datasets)
     except requests.HTTPError as exc:
-        code = exc.response.status_code if exc.response is not None else 0
-        reason = exc.response.reason if exc.response is not None else ""
+        answer = exc.response
+        code = answer.status_code if answer is not None else 0
+        reason = answer.reason if answer is not None else ""
         error = f"HTTP {code} {reason}".strip()
-        outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
+        # A 409 says why in a Store Instances Response, instance by instance.
+        said = _failure_reasons(answer)
+        outcomes.update(
+            {
+                p: StowOutcome(
+                    p, False, f"{error}: {said[uid]}" if uid in said else error
+                )
+                for p, uid in uids
+            }
+        )
     except (requests.RequestException, OSError) as exc:
         error = f"not reached ({type(exc).__name__})"
         outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
@@ -117,6 +128,34 @@ def stow(
     finally:
         session.close()
     return [outcomes[p] for p in paths]
+
+
+def _refused(reason: object) -> str:
+    """Return how a failed instance of a Store Instances Response is described."""
+    try:
+        return f"refused (failure reason 0x{int(str(reason)):04X})"
+    except ValueError:
+        return "refused"
+
+
+def _failure_reasons(answer: Any) -> dict[str, str]:
+    """Return what an error reply's Store Instances Response says of each instance.
+
+    Empty when the body is not one (a proxy's page, no body).
+    """
+    if answer is None or "json" not in answer.headers.get("Content-Type", ""):
+        return {}
+    try:
+        body = answer.json()
+        response = Dataset.from_json(body[0] if isinstance(body, list) else body)
+        return {
+            str(item.get("ReferencedSOPInstanceUID", "")): _refused(
+                item.get("FailureReason")
+            )
+            for item in response.get("FailedSOPSequence", [])
+        }
+    except Exception:  # noqa: BLE001 - a body that does not parse says nothing
+        return {}
 
 
 def _read_response(
@@ -136,14 +175,7 @@ def _read_response(
     outcomes = {}
     for path, uid in uids:
         if uid in failed:
-            reason = failed[uid]
-            outcomes[path] = StowOutcome(
-                path,
-                False,
-                f"refused (failure reason 0x{int(reason):04X})"
-                if reason is not None
-                else "refused",
-            )
+            outcomes[path] = StowOutcome(path, False, _refused(failed[uid]))
         elif uid not in stored:
             outcomes[path] = StowOutcome(path, False, "not confirmed by the service")
         else:

@@ -254,3 +254,47 @@ def test_a_partial_stow_reply_marks_each_file_by_what_the_service_said(
         (False, "refused (failure reason 0xA700)"),
         (False, "not confirmed by the service"),
     ]
+
+
+@pytest.mark.parametrize("says_why", [True, False])
+def test_a_refused_stow_request_says_why_each_file_was_refused(
+    tmp_path: Path, says_why: bool
+) -> None:
+    # HTTP 409 (PS3.18 10.5.3): nothing stored; the body, when it is a Store
+    # Instances Response, gives each instance's failure reason.
+    paths = []
+    for i, ds in enumerate(ct_study(2)):
+        paths.append(tmp_path / f"ct{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    uids = [str(dcmread(p).SOPInstanceUID) for p in paths]
+
+    class Conflict(Service):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            failed = [
+                {
+                    "00081155": {"vr": "UI", "Value": [uid]},
+                    "00081197": {"vr": "US", "Value": [reason]},
+                }
+                for uid, reason in zip(uids, (0xA900, 0xC122), strict=True)
+            ]
+            reply = {"00081198": {"vr": "SQ", "Value": failed}}
+            if says_why:
+                self.reply(409, "application/dicom+json", json.dumps(reply).encode())
+            else:
+                self.reply(409, "text/html", b"<html>conflict</html>")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Conflict)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        outcomes = stow(paths, url, None)
+    finally:
+        server.shutdown()
+    if says_why:
+        assert [(o.ok, o.error) for o in outcomes] == [
+            (False, "HTTP 409 Conflict: refused (failure reason 0xA900)"),
+            (False, "HTTP 409 Conflict: refused (failure reason 0xC122)"),
+        ]
+    else:
+        assert [(o.ok, o.error) for o in outcomes] == [(False, "HTTP 409 Conflict")] * 2
