@@ -12,13 +12,16 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.config import DestinationConfig, read_token
 from dicom_node.dimse import is_decode_error
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = ["StowOutcome", "stow"]
 
@@ -138,7 +141,7 @@ def _refused(reason: object) -> str:
         return "refused"
 
 
-def _failure_reasons(answer: Any) -> dict[str, str]:
+def _failure_reasons(answer: requests.Response | None) -> dict[str, str]:
     """Return what an error reply's Store Instances Response says of each instance.
 
     Empty when the body is not one (a proxy's page, no body).
@@ -154,8 +157,8 @@ def _failure_reasons(answer: Any) -> dict[str, str]:
             )
             for item in response.get("FailedSOPSequence", [])
         }
-    except Exception:  # noqa: BLE001 - a body that does not parse says nothing
-        return {}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return {}  # a body that does not parse (JSON or DICOM JSON) says nothing
 
 
 def _read_response(

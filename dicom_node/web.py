@@ -559,9 +559,22 @@ def status_page(probes: Probes) -> str:
 def shown_captures(folder: Path, config: NodeConfig) -> list[int]:
     """Return the numbers (1-based) of a result set's captures the pages show.
 
-    Without ``show_patient``, not a capture whose pixels identify the patient
-    (its source said it carries burned-in identifying text or recognizable
-    features): the page names studies by uid_ref only.
+    Without ``show_patient``, not a capture whose pixels may identify the
+    patient (its source said it carries burned-in identifying text or
+    recognizable features; or it cannot be read): the page names studies by
+    uid_ref only.
+
+    Parameters
+    ----------
+    folder
+        The result set's folder.
+    config
+        The node configuration (``[http] show_patient``).
+
+    Returns
+    -------
+    list of int
+        The captures' numbers, in order.
     """
     captures = capture_files(folder)
     return [

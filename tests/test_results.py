@@ -21,6 +21,7 @@ from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicom_node.results import NOT_FOR_DIAGNOSIS, NodeIdentity, ResultSet
 from dicom_node.results.build import build_results
 from dicom_node.results.builder import BuildRequest, ResultBuilder
+from dicom_node.results.naming import says_yes
 from dicom_node.results.render import overlay
 from dicom_node.results.sr import POINT_MEANING
 from dicom_node.results.store import write_result_files
@@ -417,6 +418,7 @@ def test_a_capture_says_its_pixels_identify_the_patient_where_its_source_does(
     setattr(datasets[0], keyword, "YES")
     result = build_results(datasets, predict(datasets), 1, node=NODE)
     others = {"BurnedInAnnotation", "RecognizableVisualFeatures"} - {keyword}
+    assert result.captures
     for sc in result.captures:
         assert getattr(sc, keyword) == "YES"
         assert [getattr(sc, other) for other in others] == ["NO"]
@@ -719,3 +721,13 @@ def test_lossy_image_compression_follows_the_source(
     else:
         value = capture.LossyImageCompressionMethod
         assert ([value] if isinstance(value, str) else list(value)) == methods
+
+
+def test_yes_is_read_in_the_forms_sources_write_it() -> None:
+    ds = Dataset()
+    assert not says_yes(ds, "BurnedInAnnotation")  # absent
+    for value, expected in (("YES", True), ("yes ", True), ("NO", False), ("", False)):
+        ds.BurnedInAnnotation = value
+        assert says_yes(ds, "BurnedInAnnotation") is expected, value
+    ds.BurnedInAnnotation = ["NO", "YES"]  # several values, against its VM
+    assert says_yes(ds, "BurnedInAnnotation")

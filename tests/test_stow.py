@@ -291,6 +291,7 @@ def test_a_refused_stow_request_says_why_each_file_was_refused(
         outcomes = stow(paths, url, None)
     finally:
         server.shutdown()
+        server.server_close()
     if says_why:
         assert [(o.ok, o.error) for o in outcomes] == [
             (False, "HTTP 409 Conflict: refused (failure reason 0xA900)"),

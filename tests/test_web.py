@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pynetdicom import AE
 
 from dicom_node.config import HttpConfig, NodeConfig
@@ -321,6 +322,9 @@ def test_a_capture_that_identifies_the_patient_is_shown_only_with_show_patient(
     study[0].BurnedInAnnotation = "YES"  # the patient's name is in the pixels
     assert store_datasets(port, study) == [0]
     wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "delivered")
+    captures = list((config.state_dir / "results").rglob("sc-*.dcm"))
+    assert captures  # written, and each says so
+    assert all(dcmread(path).BurnedInAnnotation == "YES" for path in captures)
     code, _, body = get(web, "/")
     assert code == 200
     assert ('src="/capture/1/1.png"' in body) is show_patient

@@ -130,7 +130,11 @@ def build_and_write(
 
 
 def warm_up() -> None:
-    """Import the builders and load highdicom's tables (see :func:`.build.warm_up`)."""
+    """Import the builders and load highdicom's tables, where results are built.
+
+    A results process runs it when it starts (or the node itself without
+    them); see :func:`dicom_node.results.build.warm_up`.
+    """
     from dicom_node.results.build import warm_up as load_tables
 
     load_tables()

@@ -15,10 +15,10 @@ from dicom_node.results.naming import (
     NOT_FOR_DIAGNOSIS,
     NodeIdentity,
     model_text,
+    says_yes,
     series_number,
 )
 from dicom_node.results.render import overlay
-from dicom_node.results.store import says_yes
 from inference import Explanation, StudyPrediction, render
 
 __all__ = ["build_capture", "copy_body_part", "lossy_history"]

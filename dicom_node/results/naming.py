@@ -1,4 +1,4 @@
-"""What names a result and its maker, without building anything (no highdicom).
+"""What names a result and its maker, and reads it, without building (no highdicom).
 
 The node's processes that only hand results on (``serve`` with results
 processes, the outbox, the status page) import this, not the builders:
@@ -11,6 +11,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
 from inference import StudyPrediction
 
 __all__ = [
@@ -18,6 +21,7 @@ __all__ = [
     "NodeIdentity",
     "model_text",
     "result_uid",
+    "says_yes",
     "series_number",
 ]
 
@@ -80,3 +84,24 @@ def series_number(model_name: str, role: int) -> int:
 def model_text(prediction: StudyPrediction) -> str:
     """Return "<model name> <version>" as the objects name the model (64 characters)."""
     return f"{prediction.model_name} {prediction.model_version}"[:64]
+
+
+def says_yes(ds: Dataset, keyword: str) -> bool:
+    """Return whether a YES / NO attribute of a data set says YES.
+
+    Parameters
+    ----------
+    ds
+        The data set.
+    keyword
+        The attribute (e.g. ``BurnedInAnnotation``).
+
+    Returns
+    -------
+    bool
+        True when it is YES (any case, padded), or one of its values is when a
+        source holds several against its VM; False when absent or empty.
+    """
+    value = ds.get(keyword)
+    values = list(value) if isinstance(value, MultiValue | list) else [value]
+    return any(str(v or "").strip().upper() == "YES" for v in values)

@@ -15,8 +15,10 @@ from pathlib import Path
 from PIL import Image
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from dicom_node.results import ResultSet
+from dicom_node.results.naming import says_yes
 
 __all__ = [
     "capture_files",
@@ -28,7 +30,6 @@ __all__ = [
     "report_file",
     "result_folder",
     "results_root",
-    "says_yes",
     "staging_folder",
     "write_result_files",
 ]
@@ -135,19 +136,28 @@ def capture_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("sc-*.dcm"))
 
 
-def says_yes(ds: Dataset, keyword: str) -> bool:
-    """Whether a YES / NO attribute of a data set says YES."""
-    return str(ds.get(keyword, "") or "").strip().upper() == "YES"
-
-
 def identifying_capture(path: Path) -> bool:
-    """Whether a written capture says its pixels identify the patient.
+    """Return whether a written capture may show who the patient is.
 
     Burned In Annotation or Recognizable Visual Features YES: the node's own
     caption names no one, but a capture shows its source's pixels, and says
     YES where the source did (:mod:`dicom_node.results.capture`).
+
+    Parameters
+    ----------
+    path
+        The capture's file.
+
+    Returns
+    -------
+    bool
+        True when it says YES, or cannot be read (gone, damaged): what cannot
+        be checked is not shown.
     """
-    ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_IDENTIFYING))
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_IDENTIFYING))
+    except (OSError, InvalidDicomError):
+        return True
     return any(says_yes(ds, keyword) for keyword in _IDENTIFYING)
 
 
