@@ -81,10 +81,12 @@ def share(state_dir: Path, join: bool = False) -> bool:
         Whether this process joined another's folder (its figures are then
         served by that process's ``/metrics``).
     """
+    named = state_dir / "metrics.path"
     if os.environ.get(ENV) and os.environ.get(_OWNER) == str(os.getpid()):
+        if not join:  # named for this state folder's workers too
+            _name_folder(named, Path(os.environ[ENV]))
         return False
     os.environ[_OWNER] = str(os.getpid())
-    named = state_dir / "metrics.path"
     if join:
         try:
             folder = Path(named.read_text(encoding="utf-8").strip())
@@ -103,16 +105,21 @@ def share(state_dir: Path, join: bool = False) -> bool:
 
     atexit.register(remove)
     if not join:
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            partial = named.with_name(f".{named.name}.{owner}")
-            partial.write_text(str(folder), encoding="utf-8")
-            partial.replace(named)
-        except OSError as exc:
-            logger.warning(
-                "workers cannot join this node's metrics: %s", exc.strerror or exc
-            )
+        _name_folder(named, folder)
     return False
+
+
+def _name_folder(named: Path, folder: Path) -> None:
+    """Name the metrics folder in the state folder, for workers to join."""
+    try:
+        named.parent.mkdir(parents=True, exist_ok=True)
+        partial = named.with_name(f".{named.name}.{os.getpid()}")
+        partial.write_text(str(folder), encoding="utf-8")
+        partial.replace(named)
+    except OSError as exc:
+        logger.warning(
+            "workers cannot join this node's metrics: %s", exc.strerror or exc
+        )
 
 
 def _metric(name: str, make: Callable[[Any], Any]) -> Any:
@@ -280,7 +287,7 @@ def process_figures() -> None:
             lambda p: p.Gauge(
                 "dicom_node_process_cpu_seconds",
                 "CPU time of each node process (user and system)",
-                multiprocess_mode="all",
+                multiprocess_mode="liveall",
             ),
         ).set(usage.ru_utime + usage.ru_stime)
         _metric(
@@ -288,7 +295,7 @@ def process_figures() -> None:
             lambda p: p.Gauge(
                 "dicom_node_process_resident_memory_bytes",
                 "Resident memory of each node process",
-                multiprocess_mode="all",
+                multiprocess_mode="liveall",
             ),
         ).set(_resident_bytes())
 
@@ -301,6 +308,35 @@ def _resident_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# A process's own figures (memory, CPU): one file per live process.
+_PER_PROCESS = re.compile(r"^gauge_liveall_(\d+)\.db$")
+
+
+def _forget_ended_processes(folder: Path, forget: Callable[[int], None]) -> None:
+    """Drop the per-process figures of the processes that have ended.
+
+    Counters and histograms of an ended process stay (the totals include its
+    work); its memory and CPU gauges would stay too, a stopped worker shown as
+    running, until ``serve`` started again. A process killed without a chance
+    to clean up is found here, when ``/metrics`` is read.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        found = _PER_PROCESS.match(name)
+        if found is None:
+            continue
+        pid = int(found[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            forget(pid)
+        except PermissionError:
+            continue  # alive: another user's
 
 
 def exposition(extra: Iterable[Any] = ()) -> bytes:
@@ -317,6 +353,7 @@ def exposition(extra: Iterable[Any] = ()) -> bytes:
     process_figures()
     registry = prometheus_client.CollectorRegistry()
     if values.ValueClass is not values.MutexValue:  # chosen at its import
+        _forget_ended_processes(Path(os.environ[ENV]), multiprocess.mark_process_dead)
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:  # one process (no folder was chosen before): its own metrics
         registry = prometheus_client.REGISTRY

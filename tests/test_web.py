@@ -35,6 +35,8 @@ from tests.helpers import (
     status,
     store_datasets,
     wait_for,
+    worker_process,
+    write_toml,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -163,6 +165,28 @@ def test_metrics_count_what_the_node_did(
     assert sample(after, "dicom_node_result_latency_seconds_count") >= 1
     assert sample(after, "dicom_node_process_resident_memory_bytes") > 10e6
     assert sample(after, "dicom_node_process_cpu_seconds") > 0
+
+
+def test_a_stopped_workers_own_figures_leave_the_metrics(
+    tmp_path: Path, served: Callable[..., tuple[NodeConfig, int, int]]
+) -> None:
+    # A `dicom-node worker` joins serve's metrics; killed, it cannot clean up.
+    config, _, web = served()
+    worker = worker_process(write_toml(tmp_path, config))
+    mine = f'pid="{worker.pid}"'
+    try:
+        wait_for(lambda: mine in get(web, "/metrics")[2], 60, "the worker's figures")
+        worker.kill()
+        worker.wait(timeout=10)
+        text = get(web, "/metrics")[2]
+        assert mine not in text  # its memory and CPU are no longer shown
+        assert (
+            sample(text, "dicom_node_process_resident_memory_bytes") > 10e6
+        )  # serve's
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
 
 
 def test_health_and_readiness_say_why(
