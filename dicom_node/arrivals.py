@@ -27,6 +27,7 @@ from collections.abc import Hashable
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_node.completion import PreparedResults
 from dicom_node.config import ModelConfig, NodeConfig
 from dicom_node.eligibility import model_match, passed_over_reason
 from dicom_node.errors import ModelMissingError
@@ -66,11 +67,14 @@ class ArrivalScorer(Loop):
     config
         The node configuration.
     index
-        The index (for the thread's health row).
+        The index (the thread's health row; the studies' images and runs).
     models
         The process's models (shared with its worker threads).
     early
         Where the scores are kept for the studies' jobs.
+    prepared
+        Where the results of a study whose every image is scored are built
+        while its quiet timer runs; None: they are built by its job.
     """
 
     def __init__(
@@ -79,9 +83,11 @@ class ArrivalScorer(Loop):
         index: IndexDB,
         models: ModelCache,
         early: EarlyScores,
+        prepared: PreparedResults | None = None,
     ) -> None:
         super().__init__("arrivals", index, idle=0.0)
         self.config, self.models, self.early = config, models, early
+        self.index, self.prepared = index, prepared
         self.waiting: queue.Queue[Arrival | None] = queue.Queue(_MAX_WAITING)
         # Seconds arrivals are gathered into one forward pass: a small part of
         # the quiet timer, so the images are scored well before the study is due.
@@ -220,7 +226,34 @@ class ArrivalScorer(Loop):
                     describe_exception(exc),
                 )
                 failed.update(s for s in taken if s[1] == model.key)
+        newest: dict[str, float] = {}
+        for arrival in arrivals:
+            uid = arrival.study_instance_uid
+            newest[uid] = max(newest.get(uid, arrival.at), arrival.at)
         for study, entry in taken.items():
-            if study not in failed:
-                self.early.put(*study, entry)
+            if study in failed:
+                continue
+            # Its newest image is scored: its results can be built while the
+            # quiet timer runs (before its job can take the scores).
+            prepared = self.prepared
+            if prepared is not None and self._latest.get(study[0]) == newest.get(
+                study[0]
+            ):
+                self._prepare(prepared, study, entry)
+            self.early.put(*study, entry)
         return scored
+
+    def _prepare(
+        self, prepared: PreparedResults, study: tuple[str, str], entry: EarlyStudy
+    ) -> None:
+        try:
+            prepared.prepare(
+                self.config,
+                self.index,
+                study[0],
+                study[1],
+                entry.model.classifier,
+                entry.scores,
+            )
+        except Exception as exc:  # noqa: BLE001 - its job builds them
+            logger.debug("arrivals: results not prepared: %s", describe_exception(exc))

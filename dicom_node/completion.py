@@ -9,15 +9,25 @@ that folder: a delivered run's files are never overwritten.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
+import os
+import pickle
+import shutil
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.export import Peer
 from dicom_node.identity import node_device_uid
@@ -25,14 +35,17 @@ from dicom_node.index import (
     Delivery,
     DeliveryState,
     IndexDB,
+    Instance,
     Job,
     JobState,
     ResultRecord,
+    Series,
+    Study,
     utc_now,
 )
 from dicom_node.jobs import ClaimedJob, JobOutcome, guard
 from dicom_node.leases import release
-from dicom_node.log import uid_ref
+from dicom_node.log import describe_exception, uid_ref
 from dicom_node.results import NodeIdentity, report_reference
 from dicom_node.results.builder import BuildRequest, Built, ResultBuilder
 from dicom_node.results.store import (
@@ -42,10 +55,10 @@ from dicom_node.results.store import (
     results_root,
     staging_folder,
 )
-from dicom_node.scoring import Scored, Scoring, StudyImage
-from inference import StudyPrediction
+from dicom_node.scoring import FileIdentity, Scored, Scoring, StudyImage, file_identity
+from inference import Classifier, StudyPrediction, StudyScores
 
-__all__ = ["complete_jobs", "destinations"]
+__all__ = ["PreparedResults", "complete_jobs", "destinations"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +72,7 @@ def complete_jobs(
     index: IndexDB,
     started: float,
     builder: ResultBuilder | None = None,
+    prepared: PreparedResults | None = None,
 ) -> list[JobOutcome]:
     """Write the results of scored studies and queue their deliveries.
 
@@ -74,6 +88,9 @@ def complete_jobs(
         When their scoring started (for the log).
     builder
         Builds and writes the result sets (in its processes); None: here.
+    prepared
+        Result sets built while their studies arrived, taken where they are
+        what the job would build.
 
     Returns
     -------
@@ -92,6 +109,7 @@ def complete_jobs(
             index,
             started,
             builder or _INLINE,
+            prepared,
         )
         for scoring, prediction in scored
     ]
@@ -104,6 +122,7 @@ def _complete(
     index: IndexDB,
     started: float,
     builder: ResultBuilder,
+    prepared: PreparedResults | None = None,
 ) -> JobOutcome:
     """Write a scored study's results and queue its deliveries."""
     job = scoring.job
@@ -114,28 +133,14 @@ def _complete(
     folder = result_folder(job.study_uid, device_uid, run)
     staging = staging_folder(folder, job.id)
     discard_folder(root, staging)  # what an earlier try of this job left
-    built = builder.build(
-        BuildRequest(
-            # The images as stored: a results process reads them itself rather
-            # than receiving their pixels; here, the data sets read are used.
-            sources=tuple(Path(str(ds.filename)) for ds in scoring.chosen),
-            prediction=prediction,
-            run=run,
-            node=NodeIdentity(
-                config.ae_title, node_device_uid(config.ae_title, config.device_uid)
-            ),
-            folder=root / staging,
-            previous_sr=(
-                report_reference(job.study_uid, device_uid, previous[0], previous[1])
-                if previous
-                else None
-            ),
-            jpeg=config.results_jpeg,
-            parametric_map=config.results_parametric_map,
-            explain_absent=config.results_explain_absent,
-        ),
-        scoring.chosen,
+    # The images as stored: a results process reads them itself rather than
+    # receiving their pixels; here, the data sets read are used.
+    sources = tuple(Path(str(ds.filename)) for ds in scoring.chosen)
+    request = _request(
+        config, job.study_uid, sources, prediction, previous, root / staging
     )
+    found = prepared.take(job.study_uid, job.model, request) if prepared else None
+    built = found or builder.build(request, scoring.chosen)
     peers = destinations(config, scoring.images)
     outcome = _commit(
         index,
@@ -161,6 +166,35 @@ def _complete(
         len(peers),
     )
     return outcome
+
+
+def _request(
+    config: NodeConfig,
+    study_uid: str,
+    sources: tuple[Path, ...],
+    prediction: StudyPrediction,
+    previous: tuple[int, str] | None,
+    folder: Path,
+) -> BuildRequest:
+    """Return what a study's next run is built from, written into ``folder``."""
+    device_uid = prediction.device_uid
+    return BuildRequest(
+        sources=sources,
+        prediction=prediction,
+        run=previous[0] + 1 if previous else 1,
+        node=NodeIdentity(
+            config.ae_title, node_device_uid(config.ae_title, config.device_uid)
+        ),
+        folder=folder,
+        previous_sr=(
+            report_reference(study_uid, device_uid, previous[0], previous[1])
+            if previous
+            else None
+        ),
+        jpeg=config.results_jpeg,
+        parametric_map=config.results_parametric_map,
+        explain_absent=config.results_explain_absent,
+    )
 
 
 def _previous_run(
@@ -328,3 +362,191 @@ def _commit(
         logger.info("job %d: run %d was recorded meanwhile; again", job.id, result.run)
         return JobOutcome(JobState.PENDING, "run recorded meanwhile")
     return JobOutcome(JobState.DONE)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A result set built ahead of its job, and what it was built from."""
+
+    request: BuildRequest
+    digest: bytes
+    files: tuple[FileIdentity | None, ...]
+    future: Future[Built]
+
+
+class PreparedResults:
+    """Result sets built while their studies arrive, for their jobs to take.
+
+    When every image of a study has been scored on arrival, the study's next
+    run can be built before the study is quiet: the arrival thread aggregates,
+    explains and hands the run to a results process, which writes it into a
+    folder of its own (``<study>/.early-<pid>-<n>``) while the quiet timer
+    runs. The study's job, when it comes, builds the same request from the
+    index and the files as they are then; only if that request is the one
+    prepared (the same images, unchanged on disk, the same prediction, run
+    and predecessor, the same settings) does it take the prepared files
+    instead of building them again. Anything else (a late image, a run
+    recorded meanwhile, another process's job) builds as before, and the
+    prepared folder is removed. Jobs, leases and the index decide what is
+    recorded and sent, exactly as before: this only moves when the building
+    happens, into the quiet timer, where the CPU is otherwise idle.
+
+    Parameters
+    ----------
+    builder
+        The results processes (nothing is prepared without them).
+    root
+        The results root.
+    most
+        Most result sets prepared and not yet taken (the oldest are dropped).
+    """
+
+    def __init__(self, builder: ResultBuilder, root: Path, most: int = 64) -> None:
+        self.builder, self.root, self.most = builder, root, most
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str], _Prepared] = OrderedDict()
+        self._count = itertools.count(1)
+        _sweep_ended(root)
+
+    def prepare(
+        self,
+        config: NodeConfig,
+        index: IndexDB,
+        study_uid: str,
+        model_key: str,
+        classifier: Classifier,
+        scores: StudyScores,
+    ) -> bool:
+        """Start building a study's next run from the scores of its images.
+
+        Only when ``scores`` hold every image the index has of the study (an
+        image not scored here may be one the job would choose). Call while no
+        job can use ``scores``.
+
+        Returns
+        -------
+        bool
+            Whether a build was started.
+        """
+        if not self.builder.processes:
+            return False
+        found = _study_paths(index, study_uid, config.storage_dir)
+        if found is None:
+            return False
+        study_id, paths = found
+        order = [str(path) for path in paths]
+        if sorted(order) != sorted(map(str, scores.keys())):
+            return False
+        prediction = classifier.prediction(scores, order)
+        previous = _previous_run(index, study_id, prediction.device_uid)
+        name = f"{study_uid}/.early-{os.getpid()}-{next(self._count)}"
+        request = _request(
+            config, study_uid, tuple(paths), prediction, previous, self.root / name
+        )
+        future = self.builder.submit(request)
+        if future is None:
+            return False
+        entry = _Prepared(request, _digest(prediction), _identities(paths), future)
+        with self._lock:
+            dropped = [self._entries.pop((study_uid, model_key), None)]
+            self._entries[(study_uid, model_key)] = entry
+            while len(self._entries) > self.most:
+                dropped.append(self._entries.popitem(last=False)[1])
+        for old in dropped:
+            if old is not None:
+                self._discard(old)
+        metrics.results_prepared("built")
+        return True
+
+    def take(
+        self, study_uid: str, model_key: str, request: BuildRequest
+    ) -> Built | None:
+        """Return the prepared run, moved to ``request.folder``, if it is that request.
+
+        None when none was prepared, or what was prepared is not what
+        ``request`` asks for, or its build failed: the caller builds.
+        """
+        with self._lock:
+            entry = self._entries.pop((study_uid, model_key), None)
+        if entry is None:
+            return None
+        early = entry.request
+        same = (
+            early.sources == request.sources
+            and early.run == request.run
+            and early.node == request.node
+            and early.previous_sr == request.previous_sr
+            and (early.jpeg, early.parametric_map, early.explain_absent)
+            == (request.jpeg, request.parametric_map, request.explain_absent)
+            and entry.digest == _digest(request.prediction)
+            and entry.files == _identities(request.sources)
+        )
+        if not same:
+            self._discard(entry)
+            metrics.results_prepared("not used")
+            return None
+        # Its build failing is the job's failure: the same request would fail
+        # the same way (this try ends; the next builds it itself).
+        built = entry.future.result(self.builder.timeout)
+        try:
+            os.rename(early.folder, request.folder)
+        except OSError as exc:
+            logger.debug("prepared results not used: %s", describe_exception(exc))
+            self._discard(entry)
+            metrics.results_prepared("not used")
+            return None
+        metrics.results_prepared("used")
+        return built
+
+    def _discard(self, entry: _Prepared) -> None:
+        folder = entry.request.folder
+
+        def remove(_: object) -> None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+        entry.future.add_done_callback(remove)
+
+
+def _digest(prediction: StudyPrediction) -> bytes:
+    """Return a digest of what results are built from (not the timings)."""
+    content = replace(prediction, model_seconds=0.0, gradcam_seconds=0.0)
+    return hashlib.sha256(pickle.dumps(content, protocol=5)).digest()
+
+
+def _identities(paths: Sequence[Path]) -> tuple[FileIdentity | None, ...]:
+    found: list[FileIdentity | None] = []
+    for path in paths:
+        try:
+            found.append(file_identity(path))
+        except OSError:
+            found.append(None)
+    return tuple(found)
+
+
+def _study_paths(
+    index: IndexDB, study_uid: str, storage_root: Path
+) -> tuple[int, list[Path]] | None:
+    """Return a study's row id and its instances' files, in the order received."""
+    rows = index.read(
+        lambda session: session.execute(
+            select(Study.id, Instance.path)
+            .join(Series, Series.study_id == Study.id)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Study.study_instance_uid == study_uid)
+            .order_by(Instance.id)
+        ).all()
+    )
+    if not rows:
+        return None
+    return int(rows[0][0]), [storage_root / path for _, path in rows]
+
+
+def _sweep_ended(root: Path) -> None:
+    """Remove the prepared folders of processes that have ended."""
+    for folder in root.glob("*/.early-*"):
+        try:
+            os.kill(int(folder.name.split("-")[1]), 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            continue  # alive: another user's

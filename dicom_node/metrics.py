@@ -40,6 +40,7 @@ __all__ = [
     "process_figures",
     "received",
     "result_latency",
+    "results_prepared",
     "scored",
     "share",
 ]
@@ -241,6 +242,23 @@ def images_scored(model: str, when: str, count: int) -> None:
                 ["model", "when"],
             ),
         ).labels(model, when).inc(count)
+
+    _safely(record)
+
+
+def results_prepared(outcome: str) -> None:
+    """Count a result set built while its study arrived: built, used, not used."""
+
+    def record() -> None:
+        _metric(
+            "prepared",
+            lambda p: p.Counter(
+                "dicom_node_results_prepared_total",
+                "Result sets built while their study arrived (built), and whether "
+                "its job took them (used) or built its own (not used)",
+                ["outcome"],
+            ),
+        ).labels(outcome).inc()
 
     _safely(record)
 

@@ -14,7 +14,7 @@ import queue
 from collections.abc import Callable, Sequence
 
 from dicom_node.arrivals import ArrivalScorer
-from dicom_node.completion import complete_jobs
+from dicom_node.completion import PreparedResults, complete_jobs
 from dicom_node.config import NodeConfig
 from dicom_node.index import IndexDB, JobState
 from dicom_node.jobs import claim_jobs
@@ -28,6 +28,7 @@ from dicom_node.loop import (
 )
 from dicom_node.outbox import Outbox
 from dicom_node.results.builder import ResultBuilder
+from dicom_node.results.store import results_root
 from dicom_node.scoring import EarlyScores, ModelCache, Scored, process_jobs
 from inference import set_cpu_threads
 
@@ -85,7 +86,12 @@ class ResultsWriter(Loop):
         # A group whose writing fails (the index) is done again when the
         # jobs' leases run out.
         outcomes = complete_jobs(
-            item[0], worker.config, worker.index, item[1], worker.builder
+            item[0],
+            worker.config,
+            worker.index,
+            item[1],
+            worker.builder,
+            worker.prepared,
         )
         if worker.on_delivery_queued is not None and any(
             o.state == JobState.DONE for o in outcomes
@@ -123,6 +129,8 @@ class Worker(Loop):
         None: the results thread builds them itself.
     early
         Images the process scored when they arrived; None: none are.
+    prepared
+        Result sets built while their studies arrived; None: none are.
     """
 
     def __init__(
@@ -133,11 +141,13 @@ class Worker(Loop):
         name: str,
         builder: ResultBuilder | None = None,
         early: EarlyScores | None = None,
+        prepared: PreparedResults | None = None,
     ) -> None:
         super().__init__(name, index)
         self.config, self.index, self.models = config, index, models
         self.builder = builder
         self.early = early
+        self.prepared = prepared
         self.owner = owner_name(name)
         self.on_delivery_queued: Callable[[], None] | None = None
         self.scored: queue.Queue[tuple[Scored, float] | None] = queue.Queue(1)
@@ -311,12 +321,22 @@ def start_workers(
         else None
     )
     early = EarlyScores() if workers and score_on_arrival else None
+    # Results built while a study arrives need results processes to build them.
+    prepared = (
+        PreparedResults(builder, results_root(config.state_dir))
+        if builder is not None and builder.processes and early is not None
+        else None
+    )
     arrivals = (
-        ArrivalScorer(config, index, models, early) if early is not None else None
+        ArrivalScorer(config, index, models, early, prepared)
+        if early is not None
+        else None
     )
     loops: list[Loop] = [*([arrivals] if arrivals else [])]
     for i in range(workers):
-        worker = Worker(config, index, models, f"worker-{i + 1}", builder, early)
+        worker = Worker(
+            config, index, models, f"worker-{i + 1}", builder, early, prepared
+        )
         worker.on_delivery_queued = outbox.wake.set
         loops.append(worker)
     loops.append(outbox)

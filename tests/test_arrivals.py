@@ -176,3 +176,64 @@ def test_without_scoring_on_arrival_the_job_scores_and_the_results_are_the_same(
     assert sent(config, port, study, done=2) == {"arrival": 0, "job": 3}
     uid = str(study[0].StudyInstanceUID)
     assert_results_of(of_study(destination.received, uid), expected(model, study))
+
+
+def prepared_results() -> dict[str, float]:
+    """Result sets built while their study arrived, by outcome, as /metrics says."""
+    text = metrics.exposition().decode()
+    found = {"built": 0.0, "used": 0.0, "not used": 0.0}
+    for outcome, value in re.findall(
+        r'^dicom_node_results_prepared_total\{outcome="([\w ]+)"\} (\S+)$',
+        text,
+        re.MULTILINE,
+    ):
+        found[outcome] += float(value)
+    return found
+
+
+def test_a_studys_results_are_built_while_its_quiet_timer_runs(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    # Every image scored on arrival: the results are built in the quiet timer,
+    # and the job, finding them to be what it would build, sends those.
+    config, port = start(tmp_path, model, destination, run_serve, stable_after=3.0)
+    study = ct_study(2)
+    uid = str(study[0].StudyInstanceUID)
+    before = prepared_results()
+    sent(config, port, study, done=2)
+    after = prepared_results()
+    assert after["used"] - before["used"] == 1
+    assert after["built"] - before["built"] >= 1
+    assert_results_of(of_study(destination.received, uid), expected(model, study))
+
+    # A late image: the study's next run is built in its timer too, with it.
+    late = ct_study(3)[2]
+    late.StudyInstanceUID = study[0].StudyInstanceUID
+    late.SeriesInstanceUID = study[0].SeriesInstanceUID
+    first = len(destination.received)
+    sent(config, port, [late], done=3)
+    assert prepared_results()["used"] - after["used"] == 1
+    assert_results_of(destination.received[first:], expected(model, [*study, late]))
+    # Nothing prepared is left behind.
+    assert not list((config.state_dir / "results").glob("*/.early-*"))
+
+
+def test_results_prepared_before_a_late_image_are_not_sent(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    config, port = start(tmp_path, model, destination, run_serve, stable_after=3.0)
+    study = ct_study(3)
+    before = prepared_results()
+    assert store_datasets(port, study[:2]) == [SUCCESS] * 2
+    wait_for(lambda: prepared_results()["built"] > before["built"], 10, "prepared")
+    assert store_datasets(port, study[2:]) == [SUCCESS]  # before the timer ends
+    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
+    uid = str(study[0].StudyInstanceUID)
+    assert_results_of(of_study(destination.received, uid), expected(model, study))
+    assert not list((config.state_dir / "results").glob("*/.early-*"))

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -216,6 +216,17 @@ class ResultBuilder:
             # the node; its pool takes no more work.
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+    def submit(self, request: BuildRequest) -> Future[Built] | None:
+        """Start building a result set in a process; None without processes.
+
+        For results prepared before their job (:mod:`dicom_node.completion`):
+        the caller does not wait. A failure is the future's; a pool whose
+        process died is replaced by the next :meth:`build`.
+        """
+        if not self.processes:
+            return None
+        return self._executor().submit(build_and_write, request)
 
     def close(self) -> None:
         """Stop the processes (waiting for the one at work); no more builds."""
