@@ -20,7 +20,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -366,12 +368,30 @@ def _commit(
 
 @dataclass(slots=True)
 class _Prepared:
-    """A result set built ahead of its job, and what it was built from."""
+    """A result set built ahead of its job, what it was built from, where it is.
 
-    request: BuildRequest
+    The request's prediction is kept as its digest only (its heatmaps are
+    what is large).
+    """
+
+    same: tuple[object, ...]
     digest: bytes
     files: tuple[FileIdentity | None, ...]
+    folder: Path
     future: Future[Built]
+
+
+def _same(request: BuildRequest) -> tuple[object, ...]:
+    """Return what of a request, beyond its prediction, a prepared set must match."""
+    return (
+        request.sources,
+        request.run,
+        request.node,
+        request.previous_sr,
+        request.jpeg,
+        request.parametric_map,
+        request.explain_absent,
+    )
 
 
 class PreparedResults:
@@ -446,7 +466,13 @@ class PreparedResults:
         future = self.builder.submit(request)
         if future is None:
             return False
-        entry = _Prepared(request, _digest(prediction), _identities(paths), future)
+        entry = _Prepared(
+            _same(request),
+            _digest(prediction),
+            _identities(paths),
+            request.folder,
+            future,
+        )
         with self._lock:
             dropped = [self._entries.pop((study_uid, model_key), None)]
             self._entries[(study_uid, model_key)] = entry
@@ -470,14 +496,8 @@ class PreparedResults:
             entry = self._entries.pop((study_uid, model_key), None)
         if entry is None:
             return None
-        early = entry.request
         same = (
-            early.sources == request.sources
-            and early.run == request.run
-            and early.node == request.node
-            and early.previous_sr == request.previous_sr
-            and (early.jpeg, early.parametric_map, early.explain_absent)
-            == (request.jpeg, request.parametric_map, request.explain_absent)
+            entry.same == _same(request)
             and entry.digest == _digest(request.prediction)
             and entry.files == _identities(request.sources)
         )
@@ -485,12 +505,12 @@ class PreparedResults:
             self._discard(entry)
             metrics.results_prepared("not used")
             return None
-        # Its build failing is the job's failure: the same request would fail
-        # the same way (this try ends; the next builds it itself).
-        built = entry.future.result(self.builder.timeout)
         try:
-            os.rename(early.folder, request.folder)
-        except OSError as exc:
+            # A build that failed is the job's failure (the same request would
+            # fail the same way); one the pool dropped is built again here.
+            built = entry.future.result(self.builder.timeout)
+            os.rename(entry.folder, request.folder)
+        except (CancelledError, BrokenProcessPool, FutureTimeout, OSError) as exc:
             logger.debug("prepared results not used: %s", describe_exception(exc))
             self._discard(entry)
             metrics.results_prepared("not used")
@@ -499,7 +519,7 @@ class PreparedResults:
         return built
 
     def _discard(self, entry: _Prepared) -> None:
-        folder = entry.request.folder
+        folder = entry.folder
 
         def remove(_: object) -> None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +11,10 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_node import metrics
+from dicom_node.completion import PreparedResults
 from dicom_node.config import NodeConfig
 from dicom_node.dimse import SUCCESS
+from dicom_node.results.builder import ResultBuilder
 from inference import Classifier, ModelArtifact, StudyPrediction
 from tests.factories import make_ct
 from tests.helpers import (
@@ -237,3 +240,19 @@ def test_results_prepared_before_a_late_image_are_not_sent(
     uid = str(study[0].StudyInstanceUID)
     assert_results_of(of_study(destination.received, uid), expected(model, study))
     assert not list((config.state_dir / "results").glob("*/.early-*"))
+
+
+def test_results_prepared_by_a_process_that_ended_are_removed_at_start(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "results"
+    ended = root / "1.2.3" / ".early-999999999-1"  # above any pid Linux gives
+    alive = root / "1.2.3" / f".early-{os.getpid()}-1"
+    kept = root / "1.2.3" / "2.25.1-run1"
+    for folder in (ended, alive, kept):
+        folder.mkdir(parents=True)
+        (folder / "sr.dcm").write_bytes(b"x")
+    PreparedResults(ResultBuilder(0), root)
+    assert not ended.exists()
+    assert alive.exists()
+    assert kept.exists()
