@@ -11,6 +11,11 @@ that arrived through another process, one evicted, one that changed), and
 aggregates, explains, writes the results and sends: the forward passes are
 done while the study arrives, not after its quiet timer.
 
+With results processes, a study whose every image is scored and that has been
+quiet for half its timer has its results built then too
+(:class:`dicom_node.completion.PreparedResults`); its job sends those if they
+are what it would build.
+
 The scores are a cache of one process, never the record: jobs, leases and the
 index decide what runs, exactly once, as before; a job that finds no scores
 scores its study itself and gets the same result.
@@ -54,6 +59,9 @@ _MAX_WAITING = 4096
 _MOST_AT_ONCE = 8
 # Longest wait for more arrivals to score with the first, seconds.
 _GATHER = 0.25
+# A study's results are built once it has been quiet for this part of
+# stable_after: not after every image of a study still streaming in.
+_PREPARE_AFTER = 0.5
 
 
 class ArrivalScorer(Loop):
@@ -96,6 +104,9 @@ class ArrivalScorer(Loop):
         self._latest: dict[str, float] = {}
         # Models whose file failed to load, by its mtime then.
         self._broken: dict[str, float] = {}
+        # (study, model) -> when its results may be built, and its newest image
+        # then (a study still arriving is not: a newer image cancels it).
+        self._to_prepare: dict[tuple[str, str], tuple[float, float]] = {}
 
     def arrived(self, arrival: Arrival) -> None:
         """Queue a stored instance for scoring (never blocks the receiver)."""
@@ -124,9 +135,12 @@ class ArrivalScorer(Loop):
         images costs about half as much per image as 8 passes of one, and the
         quiet timer leaves the time.
         """
+        due = min((when for when, _ in self._to_prepare.values()), default=None)
+        wait = BEAT_SECONDS if due is None else max(0.0, due - time.monotonic())
         try:
-            first = self.waiting.get(timeout=BEAT_SECONDS)
+            first = self.waiting.get(timeout=min(BEAT_SECONDS, wait))
         except queue.Empty:
+            self._prepare_due()
             return False
         batch = [first]
         deadline = time.monotonic() + self.gather
@@ -152,6 +166,7 @@ class ArrivalScorer(Loop):
                     latest.pop(study, None)
         if arrivals:
             self.score(arrivals)
+        self._prepare_due()
         return True
 
     def score(self, arrivals: list[Arrival]) -> int:
@@ -233,15 +248,33 @@ class ArrivalScorer(Loop):
         for study, entry in taken.items():
             if study in failed:
                 continue
-            # Its newest image is scored: its results can be built while the
-            # quiet timer runs (before its job can take the scores).
-            prepared = self.prepared
-            if prepared is not None and self._latest.get(study[0]) == newest.get(
-                study[0]
-            ):
-                self._prepare(prepared, study, entry)
+            # Its newest image is scored: once no other follows for half the
+            # quiet timer, its results are built while the rest of it runs.
+            at = newest.get(study[0])
+            latest = self._latest.get(study[0])
+            if self.prepared is not None and at is not None and at == latest:
+                when = at + self.config.stable_after * _PREPARE_AFTER
+                self._to_prepare[study] = (when, at)
             self.early.put(*study, entry)
         return scored
+
+    def _prepare_due(self) -> None:
+        """Build the results of the studies quiet long enough (their scores held)."""
+        prepared = self.prepared
+        if prepared is None:
+            return
+        now = time.monotonic()
+        for study, (when, at) in list(self._to_prepare.items()):
+            if when > now:
+                continue
+            del self._to_prepare[study]
+            if self._latest.get(study[0]) != at:
+                continue  # a newer image came (not scored here: due soon)
+            entry = self.early.take(*study)
+            if entry is None:
+                continue  # its job has the scores
+            self._prepare(prepared, study, entry)
+            self.early.put(*study, entry)
 
     def _prepare(
         self, prepared: PreparedResults, study: tuple[str, str], entry: EarlyStudy
