@@ -286,7 +286,12 @@ class ArrivalScorer(Loop):
                 study[0],
                 study[1],
                 entry.model.classifier,
-                entry.scores,
+                entry,
             )
-        except Exception as exc:  # noqa: BLE001 - its job builds them
-            logger.debug("arrivals: results not prepared: %s", describe_exception(exc))
+        except Exception as exc:
+            # Nothing is lost (the job builds them), but it should not happen.
+            logger.error(
+                "arrivals: results not prepared: %s",
+                describe_exception(exc),
+                exc_info=exc,
+            )

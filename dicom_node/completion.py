@@ -9,23 +9,27 @@ that folder: a delivered run's files are never overwritten.
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
 import logging
 import os
-import pickle
 import shutil
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -49,7 +53,7 @@ from dicom_node.jobs import ClaimedJob, JobOutcome, guard
 from dicom_node.leases import release
 from dicom_node.log import describe_exception, uid_ref
 from dicom_node.results import NodeIdentity, report_reference
-from dicom_node.results.builder import BuildRequest, Built, ResultBuilder
+from dicom_node.results.builder import BuildRequest, Built, Pending, ResultBuilder
 from dicom_node.results.store import (
     discard_folder,
     publish_folder,
@@ -57,8 +61,15 @@ from dicom_node.results.store import (
     results_root,
     staging_folder,
 )
-from dicom_node.scoring import FileIdentity, Scored, Scoring, StudyImage, file_identity
-from inference import Classifier, StudyPrediction, StudyScores
+from dicom_node.scoring import (
+    EarlyStudy,
+    FileIdentity,
+    Scored,
+    Scoring,
+    StudyImage,
+    file_identity,
+)
+from inference import Classifier, StudyPrediction
 
 __all__ = ["PreparedResults", "complete_jobs", "destinations"]
 
@@ -378,7 +389,7 @@ class _Prepared:
     digest: bytes
     files: tuple[FileIdentity | None, ...]
     folder: Path
-    future: Future[Built]
+    pending: Pending
 
 
 def _same(request: BuildRequest) -> tuple[object, ...]:
@@ -397,19 +408,24 @@ def _same(request: BuildRequest) -> tuple[object, ...]:
 class PreparedResults:
     """Result sets built while their studies arrive, for their jobs to take.
 
-    When every image of a study has been scored on arrival, the study's next
-    run can be built before the study is quiet: the arrival thread aggregates,
-    explains and hands the run to a results process, which writes it into a
-    folder of its own (``<study>/.early-<pid>-<n>``) while the quiet timer
-    runs. The study's job, when it comes, builds the same request from the
-    index and the files as they are then; only if that request is the one
-    prepared (the same images, unchanged on disk, the same prediction, run
-    and predecessor, the same settings) does it take the prepared files
-    instead of building them again. Anything else (a late image, a run
-    recorded meanwhile, another process's job) builds as before, and the
-    prepared folder is removed. Jobs, leases and the index decide what is
-    recorded and sent, exactly as before: this only moves when the building
-    happens, into the quiet timer, where the CPU is otherwise idle.
+    When every image of a study has been scored on arrival and it has been
+    quiet for a while, the study's next run can be built before its quiet
+    timer ends: the arrival thread aggregates and explains it and hands the
+    run to a results process, which writes it into a folder of this process
+    (``<results>/.early/<token>/<n>``). The study's job, when it comes,
+    makes its own request from the index and the files as they are then; only
+    if that request is the one prepared (the same images, unchanged on disk
+    since they were scored, the same prediction, run and predecessor, the same
+    settings) does it take the prepared files instead of building them again.
+    Anything else (a late image, a run recorded meanwhile, another process's
+    job) builds as before, and the prepared folder is removed. Jobs, leases
+    and the index decide what is recorded and sent, exactly as before: this
+    only moves when the building happens, into the quiet timer, where the CPU
+    is otherwise idle.
+
+    Each process's folders sit under a token of its own, locked (``flock``)
+    while it lives: a process starting removes those of processes that ended
+    (a crash, a kill), never a live one's, whatever the pids.
 
     Parameters
     ----------
@@ -426,7 +442,7 @@ class PreparedResults:
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, str], _Prepared] = OrderedDict()
         self._count = itertools.count(1)
-        _sweep_ended(root)
+        self._folder, self._held = _own_folder(root / _EARLY)
 
     def prepare(
         self,
@@ -435,18 +451,34 @@ class PreparedResults:
         study_uid: str,
         model_key: str,
         classifier: Classifier,
-        scores: StudyScores,
+        early: EarlyStudy,
     ) -> bool:
         """Start building a study's next run from the scores of its images.
 
-        Only when ``scores`` hold every image the index has of the study (an
-        image not scored here may be one the job would choose). Call while no
-        job can use ``scores``.
+        Call while no job can use ``early`` (taken out of the process's
+        scores).
+
+        Parameters
+        ----------
+        config
+            The node configuration.
+        index
+            The index (the study's images, its last run).
+        study_uid
+            The study.
+        model_key
+            The model's key.
+        classifier
+            The model that scored the images.
+        early
+            Their scores and the identities of the files scored.
 
         Returns
         -------
         bool
-            Whether a build was started.
+            Whether a build was started: only when ``early`` holds every image
+            the index has of the study (an image not scored here may be one the
+            job would choose).
         """
         if not self.builder.processes:
             return False
@@ -455,23 +487,21 @@ class PreparedResults:
             return False
         study_id, paths = found
         order = [str(path) for path in paths]
-        if sorted(order) != sorted(map(str, scores.keys())):
+        if sorted(order) != sorted(map(str, early.scores.keys())):
             return False
-        prediction = classifier.prediction(scores, order)
+        prediction = classifier.prediction(early.scores, order)
         previous = _previous_run(index, study_id, prediction.device_uid)
-        name = f"{study_uid}/.early-{os.getpid()}-{next(self._count)}"
+        folder = self._folder / str(next(self._count))
         request = _request(
-            config, study_uid, tuple(paths), prediction, previous, self.root / name
+            config, study_uid, tuple(paths), prediction, previous, folder
         )
-        future = self.builder.submit(request)
-        if future is None:
-            return False
+        files = tuple(early.files.get(key) for key in order)
         entry = _Prepared(
             _same(request),
             _digest(prediction),
-            _identities(paths),
-            request.folder,
-            future,
+            files,
+            folder,
+            self.builder.submit(request),
         )
         with self._lock:
             dropped = [self._entries.pop((study_uid, model_key), None)]
@@ -480,8 +510,8 @@ class PreparedResults:
                 dropped.append(self._entries.popitem(last=False)[1])
         for old in dropped:
             if old is not None:
-                self._discard(old)
-        metrics.results_prepared("built")
+                _discard(old)
+        metrics.results_prepared(PREPARED_BUILT)
         return True
 
     def take(
@@ -489,8 +519,26 @@ class PreparedResults:
     ) -> Built | None:
         """Return the prepared run, moved to ``request.folder``, if it is that request.
 
-        None when none was prepared, or what was prepared is not what
-        ``request`` asks for, or its build failed: the caller builds.
+        Parameters
+        ----------
+        study_uid
+            The job's study.
+        model_key
+            The job's model.
+        request
+            What the job would build.
+
+        Returns
+        -------
+        Built or None
+            None when none was prepared, or what was prepared is not what
+            ``request`` asks for, or its build did not finish (its process
+            died or ran too long: the pool is replaced): the caller builds.
+
+        Raises
+        ------
+        Exception
+            What building raised (the same request would fail the same way).
         """
         with self._lock:
             entry = self._entries.pop((study_uid, model_key), None)
@@ -502,35 +550,96 @@ class PreparedResults:
             and entry.files == _identities(request.sources)
         )
         if not same:
-            self._discard(entry)
-            metrics.results_prepared("not used")
+            _discard(entry)
+            metrics.results_prepared(PREPARED_NOT_USED)
             return None
         try:
-            # A build that failed is the job's failure (the same request would
-            # fail the same way); one the pool dropped is built again here.
-            built = entry.future.result(self.builder.timeout)
+            built = self.builder.wait(entry.pending)
+            request.folder.parent.mkdir(parents=True, exist_ok=True)  # the study's
             os.rename(entry.folder, request.folder)
         except (CancelledError, BrokenProcessPool, FutureTimeout, OSError) as exc:
-            logger.debug("prepared results not used: %s", describe_exception(exc))
-            self._discard(entry)
-            metrics.results_prepared("not used")
+            logger.info("prepared results not used: %s", describe_exception(exc))
+            _discard(entry)
+            metrics.results_prepared(PREPARED_NOT_USED)
             return None
-        metrics.results_prepared("used")
+        metrics.results_prepared(PREPARED_USED)
         return built
 
-    def _discard(self, entry: _Prepared) -> None:
-        folder = entry.folder
 
-        def remove(_: object) -> None:
-            shutil.rmtree(folder, ignore_errors=True)
+# Where prepared result sets are written, under the results root.
+_EARLY = ".early"
+# The outcomes /metrics counts of prepared result sets.
+PREPARED_BUILT, PREPARED_USED, PREPARED_NOT_USED = "built", "used", "not used"
 
-        entry.future.add_done_callback(remove)
+
+def _discard(entry: _Prepared) -> None:
+    """Drop a prepared result set: not built if not started, else removed when done."""
+    entry.pending.future.cancel()
+    folder = entry.folder
+
+    def remove(_: object) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    entry.pending.future.add_done_callback(remove)
+
+
+def _own_folder(parent: Path) -> tuple[Path, int]:
+    """Make this process's folder of prepared result sets, locked while it lives.
+
+    Removes first the folders of processes that ended (their lock is free).
+    Returns the folder and the open descriptor holding its lock.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    for other in parent.iterdir():
+        lock = other / "lock"
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            shutil.rmtree(other, ignore_errors=True)  # never locked: half made
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live process's
+        else:
+            shutil.rmtree(other, ignore_errors=True)
+        finally:
+            os.close(fd)
+    folder = parent / uuid.uuid4().hex
+    folder.mkdir()
+    held = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    return folder, held
 
 
 def _digest(prediction: StudyPrediction) -> bytes:
     """Return a digest of what results are built from (not the timings)."""
-    content = replace(prediction, model_seconds=0.0, gradcam_seconds=0.0)
-    return hashlib.sha256(pickle.dumps(content, protocol=5)).digest()
+    digest = hashlib.sha256()
+    _feed(digest, replace(prediction, model_seconds=0.0, gradcam_seconds=0.0))
+    return digest.digest()
+
+
+def _feed(digest: Any, value: object) -> None:
+    """Add a value (dataclasses, arrays, sequences, plain values) to a digest."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        digest.update(type(value).__name__.encode())
+        for item in dataclasses.fields(value):
+            digest.update(item.name.encode())
+            _feed(digest, getattr(value, item.name))
+    elif isinstance(value, np.ndarray):
+        digest.update(f"{value.dtype.str}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, tuple | list):
+        digest.update(f"[{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, dict):
+        digest.update(f"{{{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    else:
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 def _identities(paths: Sequence[Path]) -> tuple[FileIdentity | None, ...]:
@@ -559,14 +668,3 @@ def _study_paths(
     if not rows:
         return None
     return int(rows[0][0]), [storage_root / path for _, path in rows]
-
-
-def _sweep_ended(root: Path) -> None:
-    """Remove the prepared folders of processes that have ended."""
-    for folder in root.glob("*/.early-*"):
-        try:
-            os.kill(int(folder.name.split("-")[1]), 0)
-        except (ValueError, IndexError, ProcessLookupError):
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:
-            continue  # alive: another user's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 from collections.abc import Callable
@@ -246,13 +247,45 @@ def test_results_prepared_by_a_process_that_ended_are_removed_at_start(
     tmp_path: Path,
 ) -> None:
     root = tmp_path / "results"
-    ended = root / "1.2.3" / ".early-999999999-1"  # above any pid Linux gives
-    alive = root / "1.2.3" / f".early-{os.getpid()}-1"
-    kept = root / "1.2.3" / "2.25.1-run1"
-    for folder in (ended, alive, kept):
-        folder.mkdir(parents=True)
-        (folder / "sr.dcm").write_bytes(b"x")
-    PreparedResults(ResultBuilder(0), root)
-    assert not ended.exists()
-    assert alive.exists()
-    assert kept.exists()
+    ended, alive = root / ".early" / "a1", root / ".early" / "b2"
+    for folder in (ended, alive):
+        (folder / "1").mkdir(parents=True)
+        (folder / "1" / "sr.dcm").write_bytes(b"x")
+        (folder / "lock").touch()
+    kept = root / "1.2.3" / "2.25.1-run1"  # a recorded result set
+    kept.mkdir(parents=True)
+    held = os.open(alive / "lock", os.O_RDWR)  # a live process holds its lock
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        PreparedResults(ResultBuilder(0), root)
+        assert not ended.exists()
+        assert (alive / "1" / "sr.dcm").exists()
+        assert kept.exists()
+    finally:
+        os.close(held)
+
+
+def test_results_prepared_for_an_image_since_sent_again_changed_are_not_sent(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    # Prepared from the first copy of an image; the PACS then sends it again
+    # with other pixels (same UIDs) before the timer ends. The results sent
+    # are those of the study as it is now.
+    config, port = start(tmp_path, model, destination, run_serve, stable_after=3.0)
+    study = ct_study(2)
+    before = prepared_results()
+    assert store_datasets(port, study) == [SUCCESS] * 2
+    wait_for(lambda: prepared_results()["built"] > before["built"], 10, "prepared")
+    changed = make_ct(rows=64, columns=64, seed=99)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(changed, keyword, getattr(study[0], keyword))
+    assert store_datasets(port, [changed]) == [SUCCESS]
+    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
+    uid = str(study[0].StudyInstanceUID)
+    assert_results_of(
+        of_study(destination.received, uid), expected(model, [changed, study[1]])
+    )
+    assert prepared_results()["used"] == before["used"]

@@ -75,6 +75,14 @@ class BuildRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Pending:
+    """A build started in a results process (:meth:`ResultBuilder.submit`)."""
+
+    pool: ProcessPoolExecutor
+    future: Future[Built]
+
+
+@dataclass(frozen=True, slots=True)
 class Built:
     """What the index records of a written result set.
 
@@ -205,10 +213,27 @@ class ResultBuilder:
         """
         if not self.processes:
             return build_and_write(request, sources)
+        return self.wait(self.submit(request))
+
+    def submit(self, request: BuildRequest) -> Pending:
+        """Start building a result set in a process (with processes only).
+
+        :meth:`wait` gives its outcome (results prepared before their job,
+        :mod:`dicom_node.completion`, are started here and waited for later).
+        """
         pool = self._executor()
+        return Pending(pool, pool.submit(build_and_write, request))
+
+    def wait(self, pending: Pending) -> Built:
+        """Return a started build's outcome; raise what building raised.
+
+        A pool whose process died, or that ran past ``timeout``, is replaced
+        (what it still had to do is dropped: CancelledError).
+        """
         try:
-            return pool.submit(build_and_write, request).result(self.timeout)
+            return pending.future.result(self.timeout)
         except (BrokenProcessPool, FutureTimeout):
+            pool = pending.pool
             with self._lock:
                 if self._pool is pool:
                     self._pool = None
@@ -216,17 +241,6 @@ class ResultBuilder:
             # the node; its pool takes no more work.
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-
-    def submit(self, request: BuildRequest) -> Future[Built] | None:
-        """Start building a result set in a process; None without processes.
-
-        For results prepared before their job (:mod:`dicom_node.completion`):
-        the caller does not wait. A failure is the future's; a pool whose
-        process died is replaced by the next :meth:`build`.
-        """
-        if not self.processes:
-            return None
-        return self._executor().submit(build_and_write, request)
 
     def close(self) -> None:
         """Stop the processes (waiting for the one at work); no more builds."""
