@@ -553,15 +553,19 @@ class PreparedResults:
             _discard(entry)
             metrics.results_prepared(PREPARED_NOT_USED)
             return None
+        used = False
         try:
             built = self.builder.wait(entry.pending)
             request.folder.parent.mkdir(parents=True, exist_ok=True)  # the study's
             os.rename(entry.folder, request.folder)
+            used = True
         except (CancelledError, BrokenProcessPool, FutureTimeout, OSError) as exc:
             logger.info("prepared results not used: %s", describe_exception(exc))
-            _discard(entry)
-            metrics.results_prepared(PREPARED_NOT_USED)
             return None
+        finally:
+            if not used:  # also when building failed: what it left goes
+                _discard(entry)
+                metrics.results_prepared(PREPARED_NOT_USED)
         metrics.results_prepared(PREPARED_USED)
         return built
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
 
@@ -291,6 +295,35 @@ def test_a_results_process_keeps_data_values_out_of_the_log(
     assert (tmp_path / "out" / "sr.dcm").is_file()
     assert "bad-value" not in err
     assert "pydicom WARNING record (text withheld" in err
+
+
+def test_a_results_process_that_died_is_replaced(tmp_path: Path) -> None:
+    source = make_ct(rows=64, columns=64, seed=5)
+    path = tmp_path / "source.dcm"
+    source.save_as(path, enforce_file_format=True)
+    prediction = predict([dcmread(path)])
+    builder = ResultBuilder(1, log_level="INFO")
+
+    def request(n: int) -> BuildRequest:
+        return BuildRequest((path,), prediction, n, NODE, tmp_path / f"out{n}")
+
+    try:
+        builder.build(request(1))
+        (child,) = [
+            int(stat.parent.name)
+            for stat in Path("/proc").glob("[0-9]*/stat")
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(os.getpid())
+            and b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+        ]
+        os.kill(child, signal.SIGKILL)
+        time.sleep(1.0)  # the pool notices: it takes no more work
+        with pytest.raises(BrokenProcessPool):  # this try fails...
+            builder.build(request(2))
+        built = builder.build(request(3))  # ...the next builds in a new process
+        assert (tmp_path / "out3" / "sr.dcm").is_file()
+        assert built.run == 3
+    finally:
+        builder.close()
 
 
 def test_a_results_process_writes_what_building_here_writes(tmp_path: Path) -> None:

@@ -222,7 +222,12 @@ class ResultBuilder:
         :mod:`dicom_node.completion`, are started here and waited for later).
         """
         pool = self._executor()
-        return Pending(pool, pool.submit(build_and_write, request))
+        try:
+            future = pool.submit(build_and_write, request)
+        except BrokenProcessPool:  # its process died since it last built
+            self._drop(pool)
+            raise
+        return Pending(pool, future)
 
     def wait(self, pending: Pending) -> Built:
         """Return a started build's outcome; raise what building raised.
@@ -233,14 +238,17 @@ class ResultBuilder:
         try:
             return pending.future.result(self.timeout)
         except (BrokenProcessPool, FutureTimeout):
-            pool = pending.pool
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
-            # A process stuck past the timeout is left to finish or die with
-            # the node; its pool takes no more work.
-            pool.shutdown(wait=False, cancel_futures=True)
+            self._drop(pending.pool)
             raise
+
+    def _drop(self, pool: ProcessPoolExecutor) -> None:
+        """Take no more work to a pool whose process died or is stuck."""
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        # A process stuck past the timeout is left to finish or die with the
+        # node; its pool takes no more work.
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Stop the processes (waiting for the one at work); no more builds."""
