@@ -213,16 +213,21 @@ def test_a_reply_that_confirms_nothing_is_not_taken_for_stored(tmp_path: Path) -
         server.shutdown()
 
 
+def study_files(folder: Path, n: int) -> tuple[list[Path], list[str]]:
+    """Write a study of ``n`` images as files; return them and their SOP UIDs."""
+    paths = []
+    for i, ds in enumerate(ct_study(n)):
+        paths.append(folder / f"ct{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths, [str(dcmread(p).SOPInstanceUID) for p in paths]
+
+
 def test_a_partial_stow_reply_marks_each_file_by_what_the_service_said(
     tmp_path: Path,
 ) -> None:
     # HTTP 202 (PS3.18 10.5.3): some instances stored, others failed; the body
     # names each. Only those it lists as stored count as delivered.
-    paths = []
-    for i, ds in enumerate(ct_study(3)):
-        paths.append(tmp_path / f"ct{i}.dcm")
-        ds.save_as(paths[-1], enforce_file_format=True)
-    uids = [str(dcmread(p).SOPInstanceUID) for p in paths]
+    paths, uids = study_files(tmp_path, 3)
 
     class Partial(Service):
         def do_POST(self) -> None:
@@ -262,11 +267,7 @@ def test_a_refused_stow_request_says_why_each_file_was_refused(
 ) -> None:
     # HTTP 409 (PS3.18 10.5.3): nothing stored; the body, when it is a Store
     # Instances Response, gives each instance's failure reason.
-    paths = []
-    for i, ds in enumerate(ct_study(2)):
-        paths.append(tmp_path / f"ct{i}.dcm")
-        ds.save_as(paths[-1], enforce_file_format=True)
-    uids = [str(dcmread(p).SOPInstanceUID) for p in paths]
+    paths, uids = study_files(tmp_path, 2)
 
     class Conflict(Service):
         def do_POST(self) -> None:
