@@ -107,6 +107,9 @@ class ArrivalScorer(Loop):
         # (study, model) -> when its results may be built, and its newest image
         # then (a study still arriving is not: a newer image cancels it).
         self._to_prepare: dict[tuple[str, str], tuple[float, float]] = {}
+        # (study, model) -> its files the model does not take (an SR, a KO beside
+        # the images): the study's job will not choose them either.
+        self._passed: dict[tuple[str, str], set[str]] = {}
 
     def arrived(self, arrival: Arrival) -> None:
         """Queue a stored instance for scoring (never blocks the receiver)."""
@@ -164,6 +167,8 @@ class ArrivalScorer(Loop):
             for study, at in list(latest.items()):
                 if at < soon:
                     latest.pop(study, None)
+            for key in [k for k in self._passed if k[0] not in latest]:
+                del self._passed[key]
         if arrivals:
             self.score(arrivals)
         self._prepare_due()
@@ -204,15 +209,17 @@ class ArrivalScorer(Loop):
                 continue
             for model, loaded in models:
                 match = model.match or model_match(loaded.classifier.artifact.accepts)
+                study = (arrival.study_instance_uid, model.key)
                 try:
                     if passed_over_reason(
                         ds, arrival.sop_class_uid, match, arrival.calling_ae_title
                     ):
+                        self._passed.setdefault(study, set()).add(key)
                         continue
                 except Exception as exc:  # noqa: BLE001 - its job says why
                     logger.debug("arrivals: not checked: %s", type(exc).__name__)
                     continue
-                study = (arrival.study_instance_uid, model.key)
+                self._passed.get(study, set()).discard(key)  # sent again, taken now
                 entry = taken.get(study) or self.early.take(*study)
                 if entry is None or entry.model is not loaded or key in entry.files:
                     # New, or scored by a model file since replaced, or this
@@ -287,6 +294,7 @@ class ArrivalScorer(Loop):
                 study[1],
                 entry.model.classifier,
                 entry,
+                frozenset(self._passed.get(study, ())),
             )
         except Exception as exc:
             # Nothing is lost (the job builds them), but it should not happen.

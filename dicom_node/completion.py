@@ -452,6 +452,7 @@ class PreparedResults:
         model_key: str,
         classifier: Classifier,
         early: EarlyStudy,
+        passed: frozenset[str] = frozenset(),
     ) -> bool:
         """Start building a study's next run from the scores of its images.
 
@@ -472,22 +473,26 @@ class PreparedResults:
             The model that scored the images.
         early
             Their scores and the identities of the files scored.
+        passed
+            The study's files the model does not take (by the rule its job
+            applies), found when they arrived.
 
         Returns
         -------
         bool
-            Whether a build was started: only when ``early`` holds every image
-            the index has of the study (an image not scored here may be one the
-            job would choose).
+            Whether a build was started: only when ``early`` holds every other
+            instance the index has of the study (one not scored here may be
+            one the job would choose).
         """
         if not self.builder.processes:
             return False
         found = _study_paths(index, study_uid, config.storage_dir)
         if found is None:
             return False
-        study_id, paths = found
+        study_id, every = found
+        paths = [path for path in every if str(path) not in passed]
         order = [str(path) for path in paths]
-        if sorted(order) != sorted(map(str, early.scores.keys())):
+        if not order or sorted(order) != sorted(map(str, early.scores.keys())):
             return False
         prediction = classifier.prediction(early.scores, order)
         previous = _previous_run(index, study_id, prediction.device_uid)

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from dicom_node import metrics
 from dicom_node.completion import PreparedResults
@@ -17,7 +19,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.dimse import SUCCESS
 from dicom_node.results.builder import ResultBuilder
 from inference import Classifier, ModelArtifact, StudyPrediction
-from tests.factories import make_ct
+from tests.factories import corpus_file, make_ct
 from tests.helpers import (
     Destination,
     ct_study,
@@ -289,3 +291,25 @@ def test_results_prepared_for_an_image_since_sent_again_changed_are_not_sent(
         of_study(destination.received, uid), expected(model, [changed, study[1]])
     )
     assert prepared_results()["used"] == before["used"]
+
+
+def test_a_study_with_a_report_beside_its_images_has_its_results_built_early_too(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    # A PACS sends the study whole: its images and a report the model does not
+    # take. The report is passed over on arrival as its job passes it over.
+    config, port = start(tmp_path, model, destination, run_serve, stable_after=3.0)
+    study = ct_study(2)
+    report = dcmread(corpus_file("reportsi.dcm"))
+    report.StudyInstanceUID = study[0].StudyInstanceUID
+    report.SeriesInstanceUID = generate_uid()
+    report.SOPInstanceUID = generate_uid()
+    report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
+    before = prepared_results()
+    sent(config, port, [*study, report], done=2)
+    assert prepared_results()["used"] - before["used"] == 1
+    uid = str(study[0].StudyInstanceUID)
+    assert_results_of(of_study(destination.received, uid), expected(model, study))
