@@ -41,11 +41,9 @@ from dicom_node.index import (
     Delivery,
     DeliveryState,
     IndexDB,
-    Instance,
     Job,
     JobState,
     ResultRecord,
-    Series,
     Study,
     utc_now,
 )
@@ -68,6 +66,7 @@ from dicom_node.scoring import (
     Scoring,
     StudyImage,
     file_identity,
+    study_images,
 )
 from inference import Classifier, StudyPrediction
 
@@ -665,15 +664,13 @@ def _study_paths(
     index: IndexDB, study_uid: str, storage_root: Path
 ) -> tuple[int, list[Path]] | None:
     """Return a study's row id and its instances' files, in the order received."""
-    rows = index.read(
-        lambda session: session.execute(
-            select(Study.id, Instance.path)
-            .join(Series, Series.study_id == Study.id)
-            .join(Instance, Instance.series_id == Series.id)
-            .where(Study.study_instance_uid == study_uid)
-            .order_by(Instance.id)
-        ).all()
+    study_id = index.read(
+        lambda session: session.scalar(
+            select(Study.id).where(Study.study_instance_uid == study_uid)
+        )
     )
-    if not rows:
+    if study_id is None:
         return None
-    return int(rows[0][0]), [storage_root / path for _, path in rows]
+    return study_id, [
+        image.path for image in study_images(index, study_id, storage_root)
+    ]

@@ -411,7 +411,9 @@ def _recent(session: Session, probes: Probes) -> list[_Row]:
                     )
                 )
             ]
-            captures = shown_captures(root / result.folder, probes.config)
+            captures = shown_captures(
+                capture_files(root / result.folder), probes.config
+            )
             results.append((result.id, _verdict(result), deliveries, captures))
         patient = ""
         if probes.config.http.show_patient:
@@ -556,7 +558,7 @@ def status_page(probes: Probes) -> str:
     return "\n".join(out) + "\n"
 
 
-def shown_captures(folder: Path, config: NodeConfig) -> list[int]:
+def shown_captures(captures: list[Path], config: NodeConfig) -> list[int]:
     """Return the numbers (1-based) of a result set's captures the pages show.
 
     Without ``show_patient``, not a capture whose pixels may identify the
@@ -566,8 +568,8 @@ def shown_captures(folder: Path, config: NodeConfig) -> list[int]:
 
     Parameters
     ----------
-    folder
-        The result set's folder.
+    captures
+        The result set's captures (:func:`dicom_node.results.store.capture_files`).
     config
         The node configuration (``[http] show_patient``).
 
@@ -576,7 +578,6 @@ def shown_captures(folder: Path, config: NodeConfig) -> list[int]:
     list of int
         The captures' numbers, in order.
     """
-    captures = capture_files(folder)
     return [
         number
         for number, path in enumerate(captures, start=1)
@@ -597,10 +598,9 @@ def capture_thumbnail(probes: Probes, result_id: int, number: int) -> bytes | No
     )
     if folder is None:
         return None
-    where = results_root(probes.config.state_dir) / folder
-    if number not in shown_captures(where, probes.config):
+    captures = capture_files(results_root(probes.config.state_dir) / folder)
+    if number not in shown_captures(captures, probes.config):
         return None
-    captures = capture_files(where)
     image = Image.fromarray(dcmread(captures[number - 1]).pixel_array)
     image.thumbnail((_THUMBNAIL, _THUMBNAIL))
     out = io.BytesIO()

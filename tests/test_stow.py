@@ -28,7 +28,7 @@ from dicom_node.config import (
 )
 from dicom_node.demo.pacs import Orthanc, find_orthanc
 from dicom_node.errors import ConfigError
-from dicom_node.stow import stow
+from dicom_node.stow import StowOutcome, stow
 from tests.factories import make_artifact
 from tests.helpers import (
     ct_study,
@@ -222,6 +222,18 @@ def study_files(folder: Path, n: int) -> tuple[list[Path], list[str]]:
     return paths, [str(dcmread(p).SOPInstanceUID) for p in paths]
 
 
+def stow_through(service: type[Service], paths: list[Path]) -> list[StowOutcome]:
+    """Store files with STOW-RS at a stand-in service answering with ``service``."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), service)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        return stow(paths, url, None)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_partial_stow_reply_marks_each_file_by_what_the_service_said(
     tmp_path: Path,
 ) -> None:
@@ -247,13 +259,7 @@ def test_a_partial_stow_reply_marks_each_file_by_what_the_service_said(
             }  # the third is in neither: not confirmed
             self.reply(202, "application/dicom+json", json.dumps(reply).encode())
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Partial)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
-        outcomes = stow(paths, url, None)
-    finally:
-        server.shutdown()
+    outcomes = stow_through(Partial, paths)
     assert [(o.ok, o.error) for o in outcomes] == [
         (True, ""),
         (False, "refused (failure reason 0xA700)"),
@@ -285,14 +291,7 @@ def test_a_refused_stow_request_says_why_each_file_was_refused(
             else:
                 self.reply(409, "text/html", b"<html>conflict</html>")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Conflict)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
-        outcomes = stow(paths, url, None)
-    finally:
-        server.shutdown()
-        server.server_close()
+    outcomes = stow_through(Conflict, paths)
     if says_why:
         assert [(o.ok, o.error) for o in outcomes] == [
             (False, "HTTP 409 Conflict: refused (failure reason 0xA900)"),
