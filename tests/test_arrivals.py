@@ -184,6 +184,12 @@ def test_without_scoring_on_arrival_the_job_scores_and_the_results_are_the_same(
     assert_results_of(of_study(destination.received, uid), expected(model, study))
 
 
+def prepared_left(config: NodeConfig) -> list[Path]:
+    """Prepared result sets still on disk (each process's folder keeps its lock)."""
+    early = config.state_dir / "results" / ".early"
+    return [path for path in early.glob("*/*") if path.name != "lock"]
+
+
 def prepared_results() -> dict[str, float]:
     """Result sets built while their study arrived, by outcome, as /metrics says."""
     text = metrics.exposition().decode()
@@ -224,7 +230,7 @@ def test_a_studys_results_are_built_while_its_quiet_timer_runs(
     assert prepared_results()["used"] - after["used"] == 1
     assert_results_of(destination.received[first:], expected(model, [*study, late]))
     # Nothing prepared is left behind.
-    assert not list((config.state_dir / "results").glob("*/.early-*"))
+    assert not prepared_left(config)
 
 
 def test_results_prepared_before_a_late_image_are_not_sent(
@@ -233,16 +239,19 @@ def test_results_prepared_before_a_late_image_are_not_sent(
     destination: Destination,
     run_serve: Callable[[NodeConfig], int],
 ) -> None:
-    config, port = start(tmp_path, model, destination, run_serve, stable_after=3.0)
+    # The third image must come before the timer ends: it starts half the timer
+    # after the second, when the set is prepared (6 s: room for a slow host).
+    config, port = start(tmp_path, model, destination, run_serve, stable_after=6.0)
     study = ct_study(3)
     before = prepared_results()
     assert store_datasets(port, study[:2]) == [SUCCESS] * 2
     wait_for(lambda: prepared_results()["built"] > before["built"], 10, "prepared")
+    wait_for(lambda: bool(prepared_left(config)), 10, "the prepared set written")
     assert store_datasets(port, study[2:]) == [SUCCESS]  # before the timer ends
     wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
     uid = str(study[0].StudyInstanceUID)
     assert_results_of(of_study(destination.received, uid), expected(model, study))
-    assert not list((config.state_dir / "results").glob("*/.early-*"))
+    assert not prepared_left(config)
 
 
 def test_results_prepared_by_a_process_that_ended_are_removed_at_start(
@@ -276,7 +285,7 @@ def test_results_prepared_for_an_image_since_sent_again_changed_are_not_sent(
     # Prepared from the first copy of an image; the PACS then sends it again
     # with other pixels (same UIDs) before the timer ends. The results sent
     # are those of the study as it is now.
-    config, port = start(tmp_path, model, destination, run_serve, stable_after=3.0)
+    config, port = start(tmp_path, model, destination, run_serve, stable_after=6.0)
     study = ct_study(2)
     before = prepared_results()
     assert store_datasets(port, study) == [SUCCESS] * 2
