@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select
+from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -317,11 +317,12 @@ def _finish_holding(index: IndexDB, storage: Path, row: int) -> tuple[int, int, 
         if paths
         else []
     )
-    files = size = restored = 0
+    files = size = 0
+    restored: list[str] = []
     for name, path in zip(names, paths, strict=True):
         held = folder / name
         if path in wanted and _put_back(held, storage / path):
-            restored += 1
+            restored.append(path)
         files += 1
         size += held.stat().st_size
         held.unlink()
@@ -329,8 +330,8 @@ def _finish_holding(index: IndexDB, storage: Path, row: int) -> tuple[int, int, 
         folder.rmdir()
     for path in paths:
         _remove_empty_parents(storage, storage / path)
-    index.run(lambda s: _held_done(s, row))
-    return files, size, restored
+    index.run(lambda s: _held_done(s, row, restored))
+    return files, size, len(restored)
 
 
 def _put_back(held: Path, target: Path) -> bool:
@@ -347,10 +348,23 @@ def _put_back(held: Path, target: Path) -> bool:
     return True
 
 
-def _held_done(session: Session, row: int) -> None:
+def _held_done(session: Session, row: int, restored: list[str]) -> None:
     record = session.get(RetentionRecord, row)
     if record is not None:
         record.holding = None
+    if restored:
+        # A file put back arrives again for its study: a job that ran while it
+        # was aside failed to read it, so the study is processed again.
+        studies = (
+            select(Series.study_id)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Instance.path.in_(restored))
+        )
+        session.execute(
+            update(Study)
+            .where(Study.id.in_(studies))
+            .values(needs_processing=True, last_received_at=utc_now())
+        )
 
 
 def _remove_empty_parents(root: Path, path: Path) -> None:

@@ -18,7 +18,13 @@ from sqlalchemy import func, select
 
 from dicom_node.config import NodeConfig, RetentionConfig, load_config
 from dicom_node.errors import ConfigError
-from dicom_node.index import AssociationRecord, Instance, RetentionRecord
+from dicom_node.index import (
+    AssociationRecord,
+    Instance,
+    InstanceRecordRequest,
+    RecordOutcome,
+    RetentionRecord,
+)
 from dicom_node.retention import HOLDING, SweepReport, sweep
 from dicom_node.service import open_index, running_node
 from tests.helpers import (
@@ -191,6 +197,74 @@ def test_an_instance_sent_again_while_its_study_is_swept_is_kept(
     assert len(files) == 1
     assert files[0].stem == str(study[0].SOPInstanceUID)
     assert count(config, Instance) == 1
+
+
+def test_a_file_moved_aside_is_put_back_for_an_instance_indexed_meanwhile(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    # The race the holding folder exists for: a C-STORE placed its file and the
+    # sweep moved that file aside before the C-STORE indexed it. The instance's
+    # row is then back while its file is aside (its study's job cannot read it):
+    # the check puts the file back and the study is processed again.
+    config = node_config(tmp_path, model, destination.port)
+    port = run_serve(config)
+    study = ct_study()
+    assert store_datasets(port, study) == [0, 0]
+    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "delivered")
+    time.sleep(1.5)
+    index = open_index(config)
+    try:
+        fields = ("sop_class_uid", "transfer_syntax_uid", "path", "size", "sha256")
+        rows = index.run(
+            lambda s: {
+                r.sop_instance_uid: {name: getattr(r, name) for name in fields}
+                for r in s.scalars(select(Instance))
+            }
+        )
+        uid = str(study[0].SOPInstanceUID)
+        path = rows[uid]["path"]
+        first = (config.storage_dir / path).read_bytes()
+        short = replace(config, retention=RetentionConfig(SECOND, 0, 0))
+        done: list[SweepReport] = []
+        worker = threading.Thread(
+            target=lambda: done.append(sweep(index, short, settle_seconds=6))
+        )
+        holding = config.storage_dir / HOLDING
+        worker.start()
+        wait_for(
+            lambda: holding.is_dir() and any(p.is_file() for p in holding.rglob("*")),
+            20,
+            "the study's files moved aside",
+        )
+        assert stored(config) == []
+        outcome = index.record_instance(
+            InstanceRecordRequest(
+                study_instance_uid=str(study[0].StudyInstanceUID),
+                series_instance_uid=str(study[0].SeriesInstanceUID),
+                sop_instance_uid=uid,
+                modality="CT",
+                association_id=None,
+                **rows[uid],
+            )
+        )
+        assert outcome is RecordOutcome.NEW
+        worker.join(60)
+    finally:
+        worker.join(60)
+        index.close()
+    assert done
+    assert done[0].studies == 1
+    assert done[0].restored == 1
+    assert not any(p.is_file() for p in holding.rglob("*"))
+    files = stored(config)
+    assert [f.relative_to(config.storage_dir).as_posix() for f in files] == [path]
+    assert files[0].read_bytes() == first
+    assert count(config, Instance) == 1
+    # Its study is processed again with the file back: results delivered.
+    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
 
 
 def test_retention_periods_are_checked(tmp_path: Path) -> None:
