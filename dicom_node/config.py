@@ -8,7 +8,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -798,9 +798,11 @@ def config_from_mapping(
         list_sources[section] = source
 
     # Environment overrides win over the file.
+    applied: list[str] = []  # the variables that did, named in any error below
     for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == "DICOM_NODE_CONFIG":
             continue
+        applied.append(name)
         rest = name[len(ENV_PREFIX) :].lower()
         if rest.startswith("node_"):
             key = _env_key(name, rest, "node", _NODE_KEYS)
@@ -944,8 +946,19 @@ def config_from_mapping(
             ),
             source=source,
         )
+    except ConfigError as exc:
+        raise ConfigError(_naming_where(str(exc), source, applied)) from exc
     except TypeError as exc:  # a value of the wrong type reached a check
-        raise ConfigError(f"{source}: {exc}") from exc
+        raise ConfigError(_naming_where(f"{source}: {exc}", source, applied)) from exc
+
+
+def _naming_where(message: str, source: str, applied: Sequence[str]) -> str:
+    """Name the file in a check's message, and the variables that overrode it."""
+    if source not in message:
+        message = f"{message} (in {source})"
+    if applied:
+        message += f"; set from the environment: {', '.join(applied)}"
+    return message
 
 
 def _typed_table(table: object, keys: Mapping[str, type], where: str) -> dict[str, Any]:
