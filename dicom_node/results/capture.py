@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pydicom.valuerep import DS
 
@@ -112,11 +113,9 @@ def build_capture(
     )[:10240]
     copy_body_part(sc, source)
     reference = source_reference(source, explanation.source.frame_index)
-    purpose = Dataset()
-    purpose.CodeValue = "121322"
-    purpose.CodingSchemeDesignator = "DCM"
-    purpose.CodeMeaning = "Source image for image processing operation"
-    reference.PurposeOfReferenceCodeSequence = [purpose]
+    reference.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+    ]
     sc.SourceImageSequence = [reference]
     sc.DerivationDescription = "Grad-CAM heatmap blended over the rendered source"
     lossy_history(sc, source, pixels.nbytes if jpeg else None)

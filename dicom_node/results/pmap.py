@@ -7,6 +7,7 @@ from collections.abc import Callable
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
 from dicom_node.identity import MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION
 from dicom_node.results.capture import copy_body_part, lossy_history
@@ -17,7 +18,7 @@ from inference import Explanation, StudyPrediction
 __all__ = ["build_map", "has_patient_geometry"]
 
 _SCALE = 65535
-_NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+_NO_UNITS = hd.sr.CodedConcept.from_code(codes.UCUM.NoUnits)
 
 
 def has_patient_geometry(source: Dataset) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
 from dicom_node.identity import MANUFACTURER
 from dicom_node.results.common import algorithm_equipment, finish, highdicom_view
@@ -28,26 +29,29 @@ __all__ = ["POINT_MEANING", "SR_CODES", "build_report", "summary_lines"]
 POINT_MEANING = "where the model looked, not a boundary"
 
 _Code = hd.sr.CodedConcept
-_PRESENT = _Code("52101004", "SCT", "Present")
-_ABSENT = _Code("272519000", "SCT", "Absent")
-_PROBABILITY = _Code("122157", "DCM", "Probability")
-_PERCENT = _Code("%", "UCUM", "Percent")
-_SUMMARY = _Code("121111", "DCM", "Summary")
-_ILLUSTRATION = _Code("121200", "DCM", "Illustration of ROI")
+_dict = hd.sr.CodedConcept.from_code  # from pydicom's code dictionary
+_PRESENT = _dict(codes.SCT.Present)
+_ABSENT = _dict(codes.SCT.Absent)
+_PROBABILITY = _dict(codes.DCM.Probability)
+_PERCENT = _dict(codes.UCUM.Percent)
+_SUMMARY = _dict(codes.DCM.Summary)
+_ILLUSTRATION = _dict(codes.DCM.IllustrationOfROI)
+# 260753009 with SNOMED's preferred term, as the node has always written it;
+# pydicom's dictionary carries its fully specified name, "Source (attribute)".
 _SOURCE = _Code("260753009", "SCT", "Source")
-_IMAGE_LIBRARY = _Code("111028", "DCM", "Image Library")
-_IMAGE_LIBRARY_GROUP = _Code("126200", "DCM", "Image Library Group")
-_DEVICE = _Code("121007", "DCM", "Device")
+_IMAGE_LIBRARY = _dict(codes.DCM.ImageLibrary)
+_IMAGE_LIBRARY_GROUP = _dict(codes.DCM.ImageLibraryGroup)
+_DEVICE = _dict(codes.DCM.Device)
 # Procedure Reported: one code of CID 100, describing the imaging. CID 100 has
 # no code for projection radiography: radiographs (and every modality without
 # its own code) report the generic imaging procedure.
 _PROCEDURES = {
-    "CT": _Code("25045-6", "LN", "CT unspecified body region"),
-    "MR": _Code("25056-3", "LN", "MRI unspecified body region"),
-    "NM": _Code("49118-3", "LN", "NM unspecified body region"),
-    "PT": _Code("44136-0", "LN", "PET unspecified body region"),
+    "CT": _dict(codes.LN.CTUnspecifiedBodyRegion),
+    "MR": _dict(codes.LN.MRIUnspecifiedBodyRegion),
+    "NM": _dict(codes.LN.NMUnspecifiedBodyRegion),
+    "PT": _dict(codes.LN.PETUnspecifiedBodyRegion),
 }
-_IMAGING = _Code("363679005", "SCT", "Imaging procedure")
+_IMAGING = _dict(codes.SCT.ImagingProcedure)
 
 # The codes the node itself writes (findings use the model's): the
 # conformance statement lists them.
