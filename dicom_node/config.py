@@ -954,7 +954,7 @@ def config_from_mapping(
 
 def _naming_where(message: str, source: str, applied: Sequence[str]) -> str:
     """Name the file in a check's message, and the variables that overrode it."""
-    if source not in message:
+    if source not in message and "environment" not in message:
         message = f"{message} (in {source})"
     if applied:
         message += f"; set from the environment: {', '.join(applied)}"
