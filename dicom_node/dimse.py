@@ -2,6 +2,7 @@
 
 import struct
 import traceback
+import zlib
 
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -14,6 +15,7 @@ __all__ = [
     "INVALID_UID",
     "OUT_OF_RESOURCES",
     "READER_ERRORS",
+    "SOP_CLASS_NOT_SUPPORTED",
     "STORE_STATUSES",
     "SUCCESS",
     "VERIFICATION_SOP_CLASS",
@@ -27,6 +29,7 @@ VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")
 SUCCESS = 0x0000  # PS3.4 B.2.3 Success
 OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3 Refused: Out of Resources (sender may retry)
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # PS3.4 B.2.3 Error
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.4 B.2.3 Refused: SOP Class not supported
 CANNOT_UNDERSTAND = (
     0xC000  # PS3.4 B.2.3 Error: Cannot understand (data set unparseable)
 )
@@ -44,6 +47,11 @@ STORE_STATUSES: dict[int, tuple[str, str]] = {
         "The storage disk is full, a write or the index failed or is locked, "
         "or a Deflated data set inflates past max_inflated_bytes; the sender "
         "may retry later",
+    ),
+    SOP_CLASS_NOT_SUPPORTED: (
+        "Refused: SOP Class not supported",
+        "The request's SOP Class is not the abstract syntax of the presentation "
+        "context it came on (PS3.7 9.1.1.1)",
     ),
     DATASET_DOES_NOT_MATCH_SOP_CLASS: (
         "Error: Data Set does not match SOP Class",
@@ -75,6 +83,7 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (
     IndexError,
     NotImplementedError,
     struct.error,
+    zlib.error,  # a Deflated data set's stream that does not inflate
 )
 # Raised by the readers (pydicom, pynetdicom's PDU decoding) on some malformed
 # data, and by the node's own code only when it is wrong.

@@ -49,6 +49,9 @@ _ABORT = 0x07
 # An A-ASSOCIATE-RQ of 128 presentation contexts, each proposing a dozen
 # transfer syntaxes, is about 45 KB; nothing legitimate comes near this cap.
 ASSOCIATE_RQ_MAX = 256 * 1024
+# How long a plain connection whose request stopped growing rests before the
+# gate looks at it again.
+_REST = 0.05
 # PDU header (6) + protocol version (2) + reserved (2) + called and calling AE
 # titles (16 each) + reserved (32): what identifies the caller (PS3.8 9.3.2).
 _RQ_FIXED = 74
@@ -483,6 +486,7 @@ class _Pending:
     calling: str = ""
     called: str = ""
     done: bool = False
+    peeked: int = 0  # bytes of the request seen at the last look (plain)
 
 
 class ConnectionGate:
@@ -558,6 +562,8 @@ class ConnectionGate:
         self._hosts_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._deadlines: list[tuple[float, int, int]] = []
+        # Plain connections resting (see _advance_plain): when to look again.
+        self._rests: list[tuple[float, int, int]] = []
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -622,6 +628,7 @@ class ConnectionGate:
                         if entry is not None:
                             self._advance_safely(entry, events)
                 now = time.monotonic()
+                self._wake_rested(now)
                 self._expire(now)
                 if self._accept_paused_until and now >= self._accept_paused_until:
                     self._accept_paused_until = 0.0
@@ -647,16 +654,25 @@ class ConnectionGate:
     def _next_deadline(self, default: float) -> float:
         while self._deadlines and self._deadlines[0][2] not in self._pending:
             heapq.heappop(self._deadlines)
-        return min(default, self._deadlines[0][0]) if self._deadlines else default
+        while self._rests and self._rests[0][2] not in self._pending:
+            heapq.heappop(self._rests)
+        found = [heap[0][0] for heap in (self._deadlines, self._rests) if heap]
+        return min([default, *found])
 
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, fd = heapq.heappop(self._deadlines)
             entry = self._pending.get(fd)
             if entry is not None and entry.deadline <= now:
+                seen = (
+                    f" ({entry.peeked} of its {entry.need} bytes)"
+                    if entry.phase == "body" and entry.peeked
+                    else ""
+                )
                 self._refuse(
                     entry,
-                    f"no complete A-ASSOCIATE-RQ within {self._acse_timeout:g} s",
+                    f"no complete A-ASSOCIATE-RQ within {self._acse_timeout:g} s"
+                    + seen,
                 )
 
     def _accept(self) -> None:
@@ -753,8 +769,31 @@ class ConnectionGate:
         if len(data) < entry.need:
             if not data or events & (select.EPOLLRDHUP | select.EPOLLHUP):
                 self._refuse(entry, "closed before a complete A-ASSOCIATE-RQ")
-            return  # woken early (memory pressure): wait for the rest
+                return
+            if len(data) <= entry.peeked:
+                # Woken with nothing new: the kernel wakes a reader at half its
+                # receive buffer however much is asked for, and a request larger
+                # than the buffer would wake this thread at once, for ever.
+                # Look again shortly (or at the next byte's arrival, never: the
+                # buffer may be full), until acse_timeout ends the connection.
+                self._rest(entry)
+            entry.peeked = len(data)
+            return
         self._progress(entry, data)
+
+    def _rest(self, entry: _Pending) -> None:
+        fd = entry.sock.fileno()
+        self._epoll.modify(fd, select.EPOLLRDHUP)
+        heapq.heappush(self._rests, (time.monotonic() + _REST, id(entry), fd))
+
+    def _wake_rested(self, now: float) -> None:
+        while self._rests and self._rests[0][0] <= now:
+            _, key, fd = heapq.heappop(self._rests)
+            entry = self._pending.get(fd)
+            if entry is None or id(entry) != key:  # ended (its number reused)
+                continue
+            self._epoll.modify(fd, select.EPOLLIN | select.EPOLLRDHUP)
+            self._advance_safely(entry, 0)
 
     def _advance_tls(self, entry: _Pending) -> None:
         sock = entry.sock

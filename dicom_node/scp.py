@@ -48,6 +48,7 @@ from dicom_node.dimse import (
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     INVALID_UID,
     OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
     VERIFICATION_SOP_CLASS,
     is_decode_error,
@@ -104,6 +105,8 @@ _RJ_NO_REASON = 0x01
 # Values at most this long are read when a received data set is checked; longer
 # ones (pixel data) stay on disk, so a large instance costs no memory.
 _DEFER_SIZE = 64 * 1024
+# Bytes a deflated data set may carry after its stream's end (see _inflated_size).
+_DEFLATE_TRAILER = 8
 # Read size when a received file is hashed or a deflated one measured.
 _CHUNK = 1 << 20
 # A command set is a few hundred bytes (PS3.7 E.1); one much larger is hostile.
@@ -112,15 +115,16 @@ _COMMAND_MAX = 64 * 1024
 # only those); the node serves no message that needs one this large.
 _IN_MEMORY_MAX = 1024 * 1024
 _C_STORE_RQ = 0x0001  # PS3.7 E.1-1 Command Field
-# Every Command Field value of PS3.7 (9.3 and 10.3): requests and responses of
-# the C- and N- services, and C-CANCEL-RQ.
+# The Command Field values of PS3.7 (9.3 and 10.3) pynetdicom serves: requests
+# and responses of the C- and N- services. Not C-CANCEL-RQ (0x0FFF): the node
+# runs no C-FIND, C-GET or C-MOVE it could cancel, and pynetdicom's association
+# thread fails on one (the connection would then be held with no one reading).
 _REQUESTS = (0x0001, 0x0010, 0x0020, 0x0021, 0x0030, 0x0100, 0x0110, 0x0120, 0x0130)
 _DIMSE_COMMANDS = frozenset(
     (
         *_REQUESTS,
         0x0140,
         0x0150,
-        0x0FFF,
         *(0x8000 | c for c in _REQUESTS),
         0x8140,
         0x8150,
@@ -600,6 +604,16 @@ def _store(
     # File Meta, then the data set exactly as the sender encoded it.
     path = Path(event.dataset_path)
     requested_ref = uid_ref(request.AffectedSOPInstanceUID)
+    if str(request.AffectedSOPClassUID) != str(event.context.abstract_syntax):
+        logger.warning(
+            "instance %s refused: its SOP Class is not its presentation context's",
+            requested_ref,
+        )
+        return (
+            SOP_CLASS_NOT_SUPPORTED,
+            "SOP Class differs from the presentation context's abstract syntax",
+            None,
+        )
     receipt = _receipt(event)
     if receipt is not None and request.MessageID in receipt.dropped_messages:
         receipt.dropped_messages.discard(request.MessageID)
@@ -618,11 +632,7 @@ def _store(
         logger.warning(
             "instance %s refused: deflated data set is corrupt", requested_ref
         )
-        return (
-            CANNOT_UNDERSTAND,
-            f"deflated data set does not inflate ({exc.__class__.__name__})",
-            None,
-        )
+        return CANNOT_UNDERSTAND, f"deflated data set refused: {exc}", None
     except (OSError, ValueError) as exc:
         # The spool file the receiving side wrote cannot be read: the node's
         # trouble, not the data set's.
@@ -820,20 +830,31 @@ def _inflated_size(path: Path, start: int, limit: int) -> int | None:
     """Return the inflated size of a deflated data set, or None past ``limit``.
 
     Inflated a chunk at a time and thrown away: a data set of a few kilobytes
-    may claim gigabytes (PS3.5 A.5, raw deflate).
+    may claim gigabytes (PS3.5 A.5, raw deflate). The stream must end where the
+    received data does, but for a few bytes some writers add (a pad to an even
+    length, a gzip-style checksum and size: pydicom's test file has one).
+
+    Raises
+    ------
+    zlib.error
+        If the stream does not inflate, ends before the data does, or the data
+        ends before the stream.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
     with path.open("rb") as f:
         f.seek(start)
-        while chunk := f.read(_CHUNK):
-            while chunk:
+        while not inflater.eof and (chunk := f.read(_CHUNK)):
+            while chunk and not inflater.eof:
                 total += len(inflater.decompress(chunk, _CHUNK))
                 if total > limit:
                     return None
                 chunk = inflater.unconsumed_tail
-        total += len(inflater.flush())
-    return total if total <= limit else None
+        if not inflater.eof:
+            raise zlib.error("the deflated stream is cut short")
+        if len(inflater.unused_data + f.read(_DEFLATE_TRAILER + 1)) > _DEFLATE_TRAILER:
+            raise zlib.error("data follows the end of the deflated stream")
+    return total
 
 
 def _discard(ctx: StoreContext, key: InstanceKey, existed: bool, ref: str) -> None:

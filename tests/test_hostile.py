@@ -21,6 +21,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -34,15 +35,18 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import build_context
 
 from dicom_node.config import CallerConfig, ModelConfig, NodeConfig
 from dicom_node.dimse import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
     VERIFICATION_SOP_CLASS,
 )
+from dicom_node.gate import ASSOCIATE_RQ_MAX
 from dicom_node.log import quiet_pynetdicom
 from dicom_node.storage import Storage
 from tests.factories import dcmtk, encode_body, make_ct, raw_file
@@ -285,6 +289,50 @@ def test_a_request_whose_last_item_overruns_the_pdu_is_refused(
     assert echo(node.port) == SUCCESS
 
 
+def test_a_request_larger_than_the_receive_buffer_costs_no_cpu_while_it_waits(
+    start_node: StartNode, attackers: list[socket.socket]
+) -> None:
+    # From an allowed caller, within ASSOCIATE_RQ_MAX, but larger than the
+    # kernel buffers (~128 KB here): the gate once woke at once, for ever.
+    node = start_node(acse_timeout=4.0)
+    syntaxes = (ImplicitVRLittleEndian,) * 250  # 23 bytes each
+    request = associate_rq(
+        contexts=tuple((2 * i + 1, VERIFICATION_SOP_CLASS, syntaxes) for i in range(40))
+    )
+    assert 200 * 1024 < len(request) < ASSOCIATE_RQ_MAX
+    sock = connect(node.port, source=NODE_HOST)
+    attackers.append(sock)
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # closed at acse_timeout
+            sock.sendall(request)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    time.sleep(0.5)  # what fits is in; the rest waits in the sender
+
+    cpu = time.process_time()
+    time.sleep(2.0)
+    cpu_used = time.process_time() - cpu
+    assert cpu_used < 0.3, f"{cpu_used:.2f} s of CPU over 2 s with one request waiting"
+    status, seconds = timed_echo(node.port)
+    assert status == SUCCESS
+    assert seconds < 2.0, f"C-ECHO took {seconds:.2f} s"
+    # Whole (where the kernel buffers it all) it is answered; else it ends
+    # with acse_timeout.
+    reply, closed = recv_until_closed(sock, 4.0)
+    assert closed or reply[:1] == bytes([A_ASSOCIATE_AC])
+    # A large request that fits is associated as ever.
+    fits = associate_rq(
+        contexts=tuple((2 * i + 1, VERIFICATION_SOP_CLASS, syntaxes) for i in range(16))
+    )
+    assert len(fits) > 64 * 1024
+    sock = connect(node.port, source=NODE_HOST)
+    attackers.append(sock)
+    sock.sendall(fits)
+    assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+
+
 # --- after association -------------------------------------------------------
 
 
@@ -313,6 +361,56 @@ def test_an_oversized_p_data_tf_is_aborted_unread(
     assert reply[0] == A_ABORT
     assert node.stored_files() == []
     assert echo(node.port) == SUCCESS
+
+
+def test_a_c_cancel_is_aborted_and_its_connection_closed(
+    start_node: StartNode, attackers: list[socket.socket]
+) -> None:
+    # No operation to cancel here; pynetdicom's association thread once failed
+    # on one, and the connection was held with nothing reading it.
+    node = start_node()
+    sock = associated(node.port)
+    attackers.append(sock)
+
+    cancel = command_set(0x0FFF, VERIFICATION_SOP_CLASS)
+    sock.sendall(p_data_tf(pdv(1, 0x03, cancel)))
+    reply, closed = recv_until_closed(sock, 2.0)
+
+    assert closed, "the connection was held after a C-CANCEL"
+    assert is_abort_or_nothing(reply), reply[:16].hex()
+    assert echo(node.port) == SUCCESS
+
+
+def response_status(sock: socket.socket) -> int:
+    """Read a DIMSE response's P-DATA-TF; return its Status (one PDV, PS3.7 E.1)."""
+    pdu_type, body = read_pdu(sock)
+    assert pdu_type == 0x04, f"PDU type 0x{pdu_type:02X}"
+    length = struct.unpack_from(">L", body)[0]
+    command = decode(BytesIO(body[6 : 4 + length]), True, True)
+    return int(command.Status)
+
+
+def test_a_store_on_another_sop_classs_context_is_refused(
+    start_node: StartNode, attackers: list[socket.socket]
+) -> None:
+    # A CT image sent on the Verification context (the only one accepted).
+    node = start_node()
+    sock = associated(node.port)
+    attackers.append(sock)
+    ds = make_ct(rows=8, columns=8)
+    command = command_set(
+        C_STORE_RQ,
+        CTImageStorage,
+        has_data_set=True,
+        sop_instance_uid=str(ds.SOPInstanceUID),
+    )
+    data_set = encode(ds, True, True)
+    assert data_set is not None
+
+    sock.sendall(p_data_tf(pdv(1, 0x03, command), pdv(1, 0x02, data_set)))
+
+    assert response_status(sock) == SOP_CLASS_NOT_SUPPORTED
+    assert node.stored_files() == []
 
 
 def test_a_p_data_tf_stalled_mid_body_is_closed_after_idle_timeout(
@@ -494,6 +592,34 @@ def test_a_deflate_bomb_is_refused_out_of_resources(
     assert (status, aborted) == (OUT_OF_RESOURCES, False)
     assert node.stored_files() == []
     wait_until(lambda: spool_contents(node) == ["lock"], 5, "the spool emptied")
+
+
+@pytest.mark.parametrize(
+    ("how", "change"),
+    [
+        ("cut short", lambda data: data[:-20]),
+        ("followed by junk", lambda data: data + b"\xab" * MB),
+    ],
+)
+def test_a_deflated_data_set_that_is_not_one_stream_is_not_understood(
+    start_node: StartNode, tmp_path: Path, how: str, change: Callable[[bytes], bytes]
+) -> None:
+    # Cut short it once got "retry later" (the sender tries for ever); with
+    # bytes after its end it was stored with Success, after inflating costs that
+    # grew with the square of the junk.
+    node = start_node()
+    ds = make_ct(rows=64, columns=64)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(change(path.read_bytes()))
+
+    status, aborted = send_file(
+        node.port, path, CTImageStorage, DeflatedExplicitVRLittleEndian
+    )
+
+    assert (status, aborted) == (CANNOT_UNDERSTAND, False), how
+    assert node.stored_files() == []
 
 
 def nested_sequences(depth: int) -> bytes:
