@@ -9,6 +9,7 @@ that folder: a delivered run's files are never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -517,6 +518,17 @@ class PreparedResults:
                 _discard(old)
         metrics.results_prepared(PREPARED_BUILT)
         return True
+
+    def close(self) -> None:
+        """Remove this process's folder of prepared sets (what no job took).
+
+        Call once the results processes have stopped.
+        """
+        with self._lock:
+            self._entries.clear()
+        shutil.rmtree(self._folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._held)
 
     def take(
         self, study_uid: str, model_key: str, request: BuildRequest

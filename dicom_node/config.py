@@ -8,7 +8,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -798,12 +798,14 @@ def config_from_mapping(
         list_sources[section] = source
 
     # Environment overrides win over the file.
-    applied: list[str] = []  # the variables that did, named in any error below
+    from_environment: dict[str, str] = {}  # "[table] key" -> its variable
     for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == "DICOM_NODE_CONFIG":
             continue
-        applied.append(name)
         rest = name[len(ENV_PREFIX) :].lower()
+        for table in ("node", "http", "retention", "tls"):
+            if rest.startswith(f"{table}_"):
+                from_environment[f"[{table}] {rest[len(table) + 1 :]}"] = name
         if rest.startswith("node_"):
             key = _env_key(name, rest, "node", _NODE_KEYS)
             node[key] = _parse_env_value(name, value, _NODE_KEYS[key])
@@ -947,17 +949,23 @@ def config_from_mapping(
             source=source,
         )
     except ConfigError as exc:
-        raise ConfigError(_naming_where(str(exc), source, applied)) from exc
+        raise ConfigError(_naming_where(str(exc), source, from_environment)) from exc
     except TypeError as exc:  # a value of the wrong type reached a check
-        raise ConfigError(_naming_where(f"{source}: {exc}", source, applied)) from exc
+        raise ConfigError(f"{source}: {exc}") from exc
 
 
-def _naming_where(message: str, source: str, applied: Sequence[str]) -> str:
-    """Name the file in a check's message, and the variables that overrode it."""
+def _naming_where(message: str, source: str, variables: Mapping[str, str]) -> str:
+    """Say where the value a check refused came from: the file or its variable.
+
+    The checks name their key first ("[node] max_pdu ..."); a key set from the
+    environment is named by its variable instead of the file.
+    """
+    key = re.match(r"\[(\w+)\] (\w+)", message)
+    variable = variables.get(key.group(0)) if key else None
+    if variable is not None:
+        return f"{message.replace(f' in {source}', '', 1)} (from {variable})"
     if source not in message and "environment" not in message:
-        message = f"{message} (in {source})"
-    if applied:
-        message += f"; set from the environment: {', '.join(applied)}"
+        return f"{message} (in {source})"
     return message
 
 

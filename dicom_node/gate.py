@@ -487,6 +487,7 @@ class _Pending:
     called: str = ""
     done: bool = False
     peeked: int = 0  # bytes of the request seen at the last look (plain)
+    resting_until: float = 0.0  # when a resting connection is looked at again
 
 
 class ConnectionGate:
@@ -784,14 +785,17 @@ class ConnectionGate:
     def _rest(self, entry: _Pending) -> None:
         fd = entry.sock.fileno()
         self._epoll.modify(fd, select.EPOLLRDHUP)
-        heapq.heappush(self._rests, (time.monotonic() + _REST, id(entry), fd))
+        entry.resting_until = time.monotonic() + _REST
+        heapq.heappush(self._rests, (entry.resting_until, id(entry), fd))
 
     def _wake_rested(self, now: float) -> None:
         while self._rests and self._rests[0][0] <= now:
-            _, key, fd = heapq.heappop(self._rests)
+            until, _, fd = heapq.heappop(self._rests)
             entry = self._pending.get(fd)
-            if entry is None or id(entry) != key:  # ended (its number reused)
+            # Only the connection that rests (a new one may have its number).
+            if entry is None or entry.resting_until != until:
                 continue
+            entry.resting_until = 0.0
             self._epoll.modify(fd, select.EPOLLIN | select.EPOLLRDHUP)
             self._advance_safely(entry, 0)
 

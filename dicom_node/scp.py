@@ -604,6 +604,11 @@ def _store(
     # File Meta, then the data set exactly as the sender encoded it.
     path = Path(event.dataset_path)
     requested_ref = uid_ref(request.AffectedSOPInstanceUID)
+    receipt = _receipt(event)
+    if receipt is not None and request.MessageID in receipt.dropped_messages:
+        receipt.dropped_messages.discard(request.MessageID)
+        logger.error("instance %s refused: no room on the storage disk", requested_ref)
+        return OUT_OF_RESOURCES, "storage full: data set not written", None
     if str(request.AffectedSOPClassUID) != str(event.context.abstract_syntax):
         logger.warning(
             "instance %s refused: its SOP Class is not its presentation context's",
@@ -614,11 +619,6 @@ def _store(
             "SOP Class differs from the presentation context's abstract syntax",
             None,
         )
-    receipt = _receipt(event)
-    if receipt is not None and request.MessageID in receipt.dropped_messages:
-        receipt.dropped_messages.discard(request.MessageID)
-        logger.error("instance %s refused: no room on the storage disk", requested_ref)
-        return OUT_OF_RESOURCES, "storage full: data set not written", None
     deflated = bool(event.context.transfer_syntax.is_deflated)
     try:
         file_size = path.stat().st_size
@@ -844,14 +844,18 @@ def _inflated_size(path: Path, start: int, limit: int) -> int | None:
     total = 0
     with path.open("rb") as f:
         f.seek(start)
-        while not inflater.eof and (chunk := f.read(_CHUNK)):
-            while chunk and not inflater.eof:
-                total += len(inflater.decompress(chunk, _CHUNK))
-                if total > limit:
-                    return None
-                chunk = inflater.unconsumed_tail
-        if not inflater.eof:
-            raise zlib.error("the deflated stream is cut short")
+        chunk = f.read(_CHUNK)
+        while True:
+            out = inflater.decompress(chunk, _CHUNK)
+            total += len(out)
+            if total > limit:
+                return None
+            if inflater.eof:
+                break
+            # A full output may leave more inside zlib: ask again, input or not.
+            chunk = inflater.unconsumed_tail or f.read(_CHUNK)
+            if not chunk and len(out) < _CHUNK:
+                raise zlib.error("the deflated stream is cut short")
         if len(inflater.unused_data + f.read(_DEFLATE_TRAILER + 1)) > _DEFLATE_TRAILER:
             raise zlib.error("data follows the end of the deflated stream")
     return total

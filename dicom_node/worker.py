@@ -212,6 +212,9 @@ class Workers:
         The models the job threads load (for readiness).
     arrivals
         The thread scoring images as they arrive (among ``loops``), if any.
+    prepared
+        Result sets built while their studies arrived; what no job took is
+        removed when the threads stop.
     """
 
     def __init__(
@@ -221,12 +224,14 @@ class Workers:
         builder: ResultBuilder | None = None,
         models: ModelCache | None = None,
         arrivals: ArrivalScorer | None = None,
+        prepared: PreparedResults | None = None,
     ) -> None:
         self.loops = list(loops)
         self.models = models
         self.arrivals = arrivals
         self._restore_threads = restore_threads
         self._builder = builder
+        self._prepared = prepared
 
     def nudge(self) -> None:
         """Wake the job threads: new jobs were queued."""
@@ -241,6 +246,9 @@ class Workers:
         if self._builder is not None:
             self._builder.close()
             self._builder = None
+        if self._prepared is not None:  # its builds ended with the builder
+            self._prepared.close()
+            self._prepared = None
         if self._restore_threads is not None:
             set_cpu_threads(self._restore_threads)
             self._restore_threads = None
@@ -342,4 +350,4 @@ def start_workers(
     loops.append(outbox)
     for loop in loops:
         loop.start()
-    return Workers(loops, previous_threads, builder, models, arrivals)
+    return Workers(loops, previous_threads, builder, models, arrivals, prepared)

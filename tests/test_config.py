@@ -128,8 +128,18 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("[node]\ntorch_threads = -1\n", {}, "[node] torch_threads"),
         ("[node]\nscoring_nice = 20\n", {}, "[node] scoring_nice"),
         ("", {"DICOM_NODE_NODE_SCORING_NICE": "-1"}, "[node] scoring_nice"),
-        ("", {"DICOM_NODE_NODE_MAX_PDU": "1"}, "environment: DICOM_NODE_NODE_MAX_PDU"),
-        ("", {"DICOM_NODE_HTTP_PORT": "70000"}, "environment: DICOM_NODE_HTTP_PORT"),
+        ("", {"DICOM_NODE_NODE_MAX_PDU": "1"}, "(from DICOM_NODE_NODE_MAX_PDU)"),
+        ("", {"DICOM_NODE_HTTP_PORT": "70000"}, "(from DICOM_NODE_HTTP_PORT)"),
+        (
+            "",
+            {"DICOM_NODE_RETENTION_STUDIES_DAYS": "-1"},
+            "(from DICOM_NODE_RETENTION_STUDIES_DAYS)",
+        ),
+        (
+            "[node]\nscoring_nice = 20\n",
+            {"DICOM_NODE_NODE_LOG_LEVEL": "info"},
+            "[node] scoring_nice in ",
+        ),
         ("[http]\nport = 70000\n", {}, "[http] port"),
         ("[retention]\nstudies_days = -1\n", {}, "[retention] studies_days"),
         ("[node]\ndelivery_attempts = 0\n", {}, "[node] delivery_attempts"),
@@ -161,8 +171,12 @@ def test_errors_name_the_key_and_where(
         load_config(path, environ=env)
 
     assert message in str(caught.value)
+    # Where the refused value came from: the file, or its variable alone.
     if not env:
         assert str(path) in str(caught.value)
+    if "(from " in message:
+        assert str(path) not in str(caught.value)
+    assert "LOG_LEVEL" not in str(caught.value)  # a variable that played no part
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:

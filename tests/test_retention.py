@@ -216,6 +216,11 @@ def test_a_file_moved_aside_is_put_back_for_an_instance_indexed_meanwhile(
     wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "delivered")
     time.sleep(1.5)
     index = open_index(config)
+    short = replace(config, retention=RetentionConfig(SECOND, 0, 0))
+    done: list[SweepReport] = []
+    worker = threading.Thread(
+        target=lambda: done.append(sweep(index, short, settle_seconds=6))
+    )
     try:
         fields = ("sop_class_uid", "transfer_syntax_uid", "path", "size", "sha256")
         rows = index.run(
@@ -227,11 +232,6 @@ def test_a_file_moved_aside_is_put_back_for_an_instance_indexed_meanwhile(
         uid = str(study[0].SOPInstanceUID)
         path = rows[uid]["path"]
         first = (config.storage_dir / path).read_bytes()
-        short = replace(config, retention=RetentionConfig(SECOND, 0, 0))
-        done: list[SweepReport] = []
-        worker = threading.Thread(
-            target=lambda: done.append(sweep(index, short, settle_seconds=6))
-        )
         holding = config.storage_dir / HOLDING
         worker.start()
         wait_for(
@@ -251,9 +251,9 @@ def test_a_file_moved_aside_is_put_back_for_an_instance_indexed_meanwhile(
             )
         )
         assert outcome is RecordOutcome.NEW
-        worker.join(60)
     finally:
-        worker.join(60)
+        if worker.ident is not None:  # started
+            worker.join(60)
         index.close()
     assert done
     assert done[0].studies == 1
@@ -264,7 +264,7 @@ def test_a_file_moved_aside_is_put_back_for_an_instance_indexed_meanwhile(
     assert files[0].read_bytes() == first
     assert count(config, Instance) == 1
     # Its study is processed again with the file back: results delivered.
-    wait_for(lambda: status(config)["deliveries"]["done"] == 2, 60, "results sent")
+    wait_for(lambda: status(config)["deliveries"]["done"] >= 2, 60, "results sent")
 
 
 def test_retention_periods_are_checked(tmp_path: Path) -> None:

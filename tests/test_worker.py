@@ -619,7 +619,8 @@ def test_a_model_moved_to_another_path_goes_on_counting_its_runs(
         store_datasets(port, study[:2])
         wait_for(lambda: status(first)["deliveries"]["done"] == 1, 60, "run 1 sent")
     results = first.state_dir / "results"
-    (run_1,) = [p.parent for p in results.rglob("sr.dcm")]
+    (run_1,) = [p.parent for p in results.glob("*/*/sr.dcm")]  # <study>/<run>
+    assert not list(results.glob(".early/*/*")), "a prepared set left at stop"
     delivered = {p.name: p.read_bytes() for p in run_1.iterdir()}
 
     moved = tmp_path / "renamed" / "model.safetensors"
@@ -630,7 +631,7 @@ def test_a_model_moved_to_another_path_goes_on_counting_its_runs(
         store_datasets(port, study[2:])
         wait_for(lambda: status(second)["deliveries"]["done"] == 2, 60, "run 2 sent")
 
-    folders = sorted(p.parent.name for p in results.rglob("sr.dcm"))
+    folders = sorted(p.parent.name for p in results.glob("*/*/sr.dcm"))
     device_uid = ModelArtifact.load(moved).device_uid
     assert folders == [f"{device_uid}-run1", f"{device_uid}-run2"]
     assert {p.name: p.read_bytes() for p in run_1.iterdir()} == delivered
