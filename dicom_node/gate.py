@@ -775,8 +775,8 @@ class ConnectionGate:
                 # Woken with nothing new: the kernel wakes a reader at half its
                 # receive buffer however much is asked for, and a request larger
                 # than the buffer would wake this thread at once, for ever.
-                # Look again shortly (or at the next byte's arrival, never: the
-                # buffer may be full), until acse_timeout ends the connection.
+                # Look again shortly rather than at the next byte's arrival (a
+                # full buffer gets none), until acse_timeout ends the connection.
                 self._rest(entry)
             entry.peeked = len(data)
             return
