@@ -78,7 +78,8 @@ class DestinationConfig:
         name ``host`` and be signed by ``ca_certificates``.
     ca_certificates
         PEM file of the certificates trusted for this destination; when None,
-        the ``[tls]`` table's, else the system's (for ``url``: the system's).
+        the ``[tls]`` table's, else the system's (for ``url``: those requests
+        trusts by default, certifi's).
     url
         A DICOMweb service's base URL (e.g. ``https://pacs/dicom-web``): the
         results are sent with STOW-RS instead of C-STORE (``ae_title``,
