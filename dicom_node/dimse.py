@@ -29,9 +29,7 @@ VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")
 SUCCESS = 0x0000  # PS3.4 B.2.3 Success
 OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3 Refused: Out of Resources (sender may retry)
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # PS3.4 B.2.3 Error
-SOP_CLASS_NOT_SUPPORTED = (
-    0x0122  # PS3.7 C.5.1 (general) Refused: SOP Class not supported
-)
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 Annex C Refused: SOP Class not supported
 CANNOT_UNDERSTAND = (
     0xC000  # PS3.4 B.2.3 Error: Cannot understand (data set unparseable)
 )
