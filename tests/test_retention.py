@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 
 from dicom_node.config import NodeConfig, RetentionConfig, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.index import (
     AssociationRecord,
+    IndexDB,
     Instance,
     InstanceRecordRequest,
     RecordOutcome,
@@ -153,46 +156,65 @@ def test_a_study_with_a_pending_delivery_or_a_new_instance_is_kept(
         index.close()
 
 
-def test_an_instance_sent_again_while_its_study_is_swept_is_kept(
+def delivered_and_settled(
     tmp_path: Path,
     model: Path,
     destination: Destination,
     run_serve: Callable[[NodeConfig], int],
-) -> None:
+) -> tuple[NodeConfig, int, list[Dataset]]:
+    """A node that received a study of two images and delivered its results,
+    settled for longer than a one-second retention period."""
     config = node_config(tmp_path, model, destination.port)
     port = run_serve(config)
     study = ct_study()
     assert store_datasets(port, study) == [0, 0]
     wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "delivered")
     time.sleep(1.5)
+    return config, port, study
+
+
+@contextmanager
+def swept_aside(config: NodeConfig, index: IndexDB) -> Iterator[list[SweepReport]]:
+    """Sweep with a one-second studies period in a thread; yield once the study's
+    files are moved aside (they wait 6 s there before their check). The sweep
+    has ended, its report in the list, when the block does."""
     short = replace(config, retention=RetentionConfig(SECOND, 0, 0))
-    index = open_index(config)
     done: list[SweepReport] = []
-    # Files moved aside wait 6 s before their check: the instance comes back
-    # within them.
     worker = threading.Thread(
         target=lambda: done.append(sweep(index, short, settle_seconds=6))
     )
     holding = config.storage_dir / HOLDING
+    worker.start()
     try:
-        worker.start()
         wait_for(
             lambda: holding.is_dir() and any(p.is_file() for p in holding.rglob("*")),
             20,
             "the study's files moved aside",
         )
         assert stored(config) == []
-        # The PACS sends the first image again, acknowledged: it must stay.
-        assert store_datasets(port, study[:1]) == [0]
-        worker.join(60)
+        yield done
     finally:
         worker.join(60)
+
+
+def test_an_instance_sent_again_while_its_study_is_swept_is_kept(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+) -> None:
+    config, port, study = delivered_and_settled(tmp_path, model, destination, run_serve)
+    index = open_index(config)
+    try:
+        with swept_aside(config, index) as done:
+            # The PACS sends the first image again, acknowledged: it must stay.
+            assert store_datasets(port, study[:1]) == [0]
+    finally:
         index.close()
     assert done
     assert done[0].studies == 1
     # The check ran: nothing is left aside.
-    assert not any(p.is_file() for p in holding.rglob("*"))
-    assert done
+    assert not any(p.is_file() for p in (config.storage_dir / HOLDING).rglob("*"))
     files = stored(config)
     assert len(files) == 1
     assert files[0].stem == str(study[0].SOPInstanceUID)
@@ -209,18 +231,8 @@ def test_a_file_moved_aside_is_put_back_for_an_instance_indexed_meanwhile(
     # sweep moved that file aside before the C-STORE indexed it. The instance's
     # row is then back while its file is aside (its study's job cannot read it):
     # the check puts the file back and the study is processed again.
-    config = node_config(tmp_path, model, destination.port)
-    port = run_serve(config)
-    study = ct_study()
-    assert store_datasets(port, study) == [0, 0]
-    wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "delivered")
-    time.sleep(1.5)
+    config, _, study = delivered_and_settled(tmp_path, model, destination, run_serve)
     index = open_index(config)
-    short = replace(config, retention=RetentionConfig(SECOND, 0, 0))
-    done: list[SweepReport] = []
-    worker = threading.Thread(
-        target=lambda: done.append(sweep(index, short, settle_seconds=6))
-    )
     try:
         fields = ("sop_class_uid", "transfer_syntax_uid", "path", "size", "sha256")
         rows = index.run(
@@ -232,33 +244,24 @@ def test_a_file_moved_aside_is_put_back_for_an_instance_indexed_meanwhile(
         uid = str(study[0].SOPInstanceUID)
         path = rows[uid]["path"]
         first = (config.storage_dir / path).read_bytes()
-        holding = config.storage_dir / HOLDING
-        worker.start()
-        wait_for(
-            lambda: holding.is_dir() and any(p.is_file() for p in holding.rglob("*")),
-            20,
-            "the study's files moved aside",
-        )
-        assert stored(config) == []
-        outcome = index.record_instance(
-            InstanceRecordRequest(
-                study_instance_uid=str(study[0].StudyInstanceUID),
-                series_instance_uid=str(study[0].SeriesInstanceUID),
-                sop_instance_uid=uid,
-                modality="CT",
-                association_id=None,
-                **rows[uid],
+        with swept_aside(config, index) as done:
+            outcome = index.record_instance(
+                InstanceRecordRequest(
+                    study_instance_uid=str(study[0].StudyInstanceUID),
+                    series_instance_uid=str(study[0].SeriesInstanceUID),
+                    sop_instance_uid=uid,
+                    modality="CT",
+                    association_id=None,
+                    **rows[uid],
+                )
             )
-        )
-        assert outcome is RecordOutcome.NEW
+            assert outcome is RecordOutcome.NEW
     finally:
-        if worker.ident is not None:  # started
-            worker.join(60)
         index.close()
     assert done
     assert done[0].studies == 1
     assert done[0].restored == 1
-    assert not any(p.is_file() for p in holding.rglob("*"))
+    assert not any(p.is_file() for p in (config.storage_dir / HOLDING).rglob("*"))
     files = stored(config)
     assert [f.relative_to(config.storage_dir).as_posix() for f in files] == [path]
     assert files[0].read_bytes() == first
