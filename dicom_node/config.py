@@ -804,25 +804,26 @@ def config_from_mapping(
         if not name.startswith(ENV_PREFIX) or name == "DICOM_NODE_CONFIG":
             continue
         rest = name[len(ENV_PREFIX) :].lower()
-        for table in ("node", "http", "retention", "tls"):
-            if rest.startswith(f"{table}_"):
-                from_environment[f"[{table}] {rest[len(table) + 1 :]}"] = name
         if rest.startswith("node_"):
             key = _env_key(name, rest, "node", _NODE_KEYS)
             node[key] = _parse_env_value(name, value, _NODE_KEYS[key])
             node_sources[key] = "environment"
+            from_environment[f"[node] {key}"] = name
         elif rest.startswith("http_"):
             key = _env_key(name, rest, "http", _HTTP_KEYS)
             http[key] = _parse_env_value(name, value, _HTTP_KEYS[key])
             http_sources[key] = "environment"
+            from_environment[f"[http] {key}"] = name
         elif rest.startswith("retention_"):
             key = _env_key(name, rest, "retention", _RETENTION_KEYS)
             retention[key] = _parse_env_value(name, value, _RETENTION_KEYS[key])
+            from_environment[f"[retention] {key}"] = name
         elif rest.startswith("tls_"):
             key = _env_key(name, rest, "tls", _TLS_KEYS)
             tls = tls or {}
             tls[key] = _parse_env_value(name, value, _TLS_KEYS[key])
             tls_sources[key] = "environment"
+            from_environment[f"[tls] {key}"] = name
         elif rest in _LIST_SECTIONS:
             lists[rest] = _parse_env_list(name, value, _LIST_SECTIONS[rest])
             list_sources[rest] = "environment"
