@@ -300,9 +300,9 @@ def test_a_request_larger_than_the_receive_buffer_costs_no_cpu_while_it_waits(
     # kernel's default is small: with autotuning the request may fit, and the
     # case is not tried.
     node = start_node(acse_timeout=4.0)
-    node.receiver.server.socket.setsockopt(
-        socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024
-    )
+    listener = node.receiver.server.socket
+    assert listener is not None
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     syntaxes = (ImplicitVRLittleEndian,) * 250  # 23 bytes each
     request = associate_rq(
         contexts=tuple((2 * i + 1, VERIFICATION_SOP_CLASS, syntaxes) for i in range(48))
