@@ -295,6 +295,12 @@ class NodeConfig:
         Largest data set the node receives (to disk, as it arrives); one that
         grows past it gets its association aborted there, and nothing is kept
         (no status can be sent before a data set has arrived whole).
+    max_data_elements
+        Most data element headers the node reads when it checks a received
+        data set: its top level and any sequence of undefined length (a
+        sequence item counts as four). An element costs up to ~300 bytes of
+        memory once read, for 8 bytes on the wire; past the limit the data set
+        is refused with 0xA700 (Refused: Out of Resources) at once.
     max_inflated_bytes
         Largest size a Deflated data set may inflate to (it is inflated in
         memory to be read); a larger one is refused with 0xA700 (Refused: Out
@@ -385,6 +391,7 @@ class NodeConfig:
     max_connections_per_host: int = 8
     max_instance_bytes: int = 4 * 1024**3
     max_inflated_bytes: int = 64 * 1024**2
+    max_data_elements: int = 500_000
     log_level: str = "INFO"
     workers: int = 2
     device: str = ""
@@ -466,6 +473,11 @@ class NodeConfig:
                 f"[node] {key} in {where}: expected at least 1048576 bytes, "
                 f"found {value}",
             )
+        _check(
+            1000 <= self.max_data_elements <= 100_000_000,
+            f"[node] max_data_elements in {where}: expected 1000..100000000, "
+            f"found {self.max_data_elements}",
+        )
         _check(
             self.log_level in {"DEBUG", "INFO", "WARNING", "ERROR"},
             f"[node] log_level in {where}: expected DEBUG, INFO, WARNING or ERROR, "
@@ -622,6 +634,7 @@ _NODE_KEYS: dict[str, type] = {
     "max_connections_per_host": int,
     "max_instance_bytes": int,
     "max_inflated_bytes": int,
+    "max_data_elements": int,
     "log_level": str,
     "workers": int,
     "device": str,

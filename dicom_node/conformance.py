@@ -257,6 +257,13 @@ def statement(config: NodeConfig) -> list[Section]:
                             _bytes(config.max_inflated_bytes),
                             "Largest inflated Deflated data set; larger: 0xA700",
                         ),
+                        (
+                            "max_data_elements",
+                            f"{config.max_data_elements:,}",
+                            "Most element headers read to check a data set "
+                            "(top level, undefined-length sequences; an item "
+                            "counts as four); more: 0xA700",
+                        ),
                     ),
                 ),
                 "Association acceptance: the called AE title must be the node's. "

@@ -45,8 +45,8 @@ STORE_STATUSES: dict[int, tuple[str, str]] = {
     OUT_OF_RESOURCES: (
         "Refused: Out of Resources",
         "The storage disk is full, a write or the index failed or is locked, "
-        "or a Deflated data set inflates past max_inflated_bytes; the sender "
-        "may retry later",
+        "a Deflated data set inflates past max_inflated_bytes, or a data set "
+        "holds more than max_data_elements elements; the sender may retry later",
     ),
     SOP_CLASS_NOT_SUPPORTED: (
         "Refused: SOP Class not supported",

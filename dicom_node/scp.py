@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import logging
 import socket
 import ssl
@@ -105,7 +106,7 @@ _RJ_NO_REASON = 0x01
 # Values at most this long are read when a received data set is checked; longer
 # ones (pixel data) stay on disk, so a large instance costs no memory.
 _DEFER_SIZE = 64 * 1024
-# Bytes a deflated data set may carry after its stream's end (see _inflated_size).
+# Bytes a deflated data set may carry after its stream's end (see _inflate).
 _DEFLATE_TRAILER = 8
 # Read size when a received file is hashed or a deflated one measured.
 _CHUNK = 1 << 20
@@ -620,14 +621,12 @@ def _store(
             None,
         )
     deflated = bool(event.context.transfer_syntax.is_deflated)
+    body: bytes | None = None  # a deflated data set, inflated
     try:
         file_size = path.stat().st_size
         data_start = _data_set_offset(path)
-        inflated = (
-            _inflated_size(path, data_start, ctx.config.max_inflated_bytes)
-            if deflated
-            else 0
-        )
+        if deflated:
+            body = _inflate(path, data_start, ctx.config.max_inflated_bytes)
     except zlib.error as exc:
         logger.warning(
             "instance %s refused: deflated data set is corrupt", requested_ref
@@ -646,7 +645,7 @@ def _store(
             f"received file unreadable ({type(exc).__name__})",
             None,
         )
-    if inflated is None:
+    if deflated and body is None:
         logger.warning(
             "instance %s refused: deflated data set inflates past "
             "max_inflated_bytes (%d)",
@@ -671,7 +670,7 @@ def _store(
             file_size,
             data_start,
             requested_ref,
-            deflated,
+            body,
             flushed,
             digest,
         )
@@ -688,21 +687,33 @@ def _store_received(
     file_size: int,
     data_start: int,
     requested_ref: str,
-    deflated: bool,
+    body: bytes | None,
     flushed: Future[None],
     hashed: Future[str],
 ) -> tuple[int, str, Arrival | None]:
     # Check the received data set, then place it and index it (see _store).
     request = cast(C_STORE, event.request)
+    limit = ctx.config.max_data_elements
     try:
-        ds: Dataset = dcmread(path, defer_size=_DEFER_SIZE)
+        ds = _read_received(path, body, limit)
         # Before any element is read: reading converts raw elements.
-        problem = _structure_problem(ds, file_size, deflated=deflated)
+        problem = _structure_problem(ds, file_size if body is None else len(body))
         sop_class_uid = ds.get("SOPClassUID")
         sop_instance_uid = ds.get("SOPInstanceUID")
         study_uid = ds.get("StudyInstanceUID")
         series_uid = ds.get("SeriesInstanceUID")
         modality = ds.get("Modality")
+    except _TooManyElementsError:
+        logger.warning(
+            "instance %s refused: more than max_data_elements (%d) elements",
+            requested_ref,
+            limit,
+        )
+        return (
+            OUT_OF_RESOURCES,
+            f"data set holds more than max_data_elements ({limit}) elements",
+            None,
+        )
     except Exception as exc:
         if not is_decode_error(exc):
             raise  # the node's own bug: answered 0xA700, logged with its traceback
@@ -826,13 +837,14 @@ def _data_set_offset(path: Path) -> int:
     return 144 + int.from_bytes(head[140:144], "little")
 
 
-def _inflated_size(path: Path, start: int, limit: int) -> int | None:
-    """Return the inflated size of a deflated data set, or None past ``limit``.
+def _inflate(path: Path, start: int, limit: int) -> bytes | None:
+    """Return a deflated data set inflated, or None past ``limit`` bytes.
 
-    Inflated a chunk at a time and thrown away: a data set of a few kilobytes
-    may claim gigabytes (PS3.5 A.5, raw deflate). The stream must end where the
-    received data does, but for a few bytes some writers add (a pad to an even
-    length, a gzip-style checksum and size: pydicom's test file has one).
+    Inflated a chunk at a time, so that a data set of a few kilobytes that
+    claims gigabytes (PS3.5 A.5, raw deflate) stops at the limit. The stream
+    must end where the received data does, but for a few bytes some writers add
+    (a pad to an even length, a gzip-style checksum and size: pydicom's test
+    file has one).
 
     Raises
     ------
@@ -841,6 +853,7 @@ def _inflated_size(path: Path, start: int, limit: int) -> int | None:
         ends before the stream.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    parts: list[bytes] = []
     total = 0
     with path.open("rb") as f:
         f.seek(start)
@@ -850,6 +863,7 @@ def _inflated_size(path: Path, start: int, limit: int) -> int | None:
             total += len(out)
             if total > limit:
                 return None
+            parts.append(out)
             if inflater.eof:
                 break
             # A full output may leave more inside zlib: ask again, input or not.
@@ -858,7 +872,76 @@ def _inflated_size(path: Path, start: int, limit: int) -> int | None:
                 raise zlib.error("the deflated stream is cut short")
         if len(inflater.unused_data + f.read(_DEFLATE_TRAILER + 1)) > _DEFLATE_TRAILER:
             raise zlib.error("data follows the end of the deflated stream")
-    return total
+    return b"".join(parts)
+
+
+# The Item tag (FFFE,E000), little and big endian (PS3.5 7.5).
+_ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")
+_ITEM_WEIGHT = 4
+
+
+class _TooManyElementsError(Exception):
+    """A received data set holds more element headers than the node reads."""
+
+
+class _Counted:
+    """Counts the 8-byte reads of pydicom's reader: element and item headers.
+
+    pydicom reads each data element's and item's header with one 8-byte read
+    (a value of 8 bytes counts too). An element costs up to ~300 bytes of
+    memory once read, an item (a data set of its own) ~1.2 KB: an item counts
+    as :data:`_ITEM_WEIGHT` elements. Once ``headers_left`` is spent, every
+    such read raises :class:`_TooManyElementsError`, so that the reader stops.
+    """
+
+    headers_left: int
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data: bytes = super().read(size)  # type: ignore[misc]
+        if size == 8:
+            self.headers_left -= _ITEM_WEIGHT if data[:4] in _ITEM_TAGS else 1
+            if self.headers_left < 0:
+                raise _TooManyElementsError
+        return data
+
+
+class _CountedFile(_Counted, io.BufferedReader):
+    def __init__(self, path: Path, limit: int) -> None:
+        # A str name: pydicom re-opens the file by it for a deferred value.
+        super().__init__(io.FileIO(str(path)))
+        self.headers_left = limit
+
+
+class _CountedBytes(_Counted, io.BytesIO):
+    def __init__(self, data: bytes, limit: int) -> None:
+        super().__init__(data)
+        self.headers_left = limit
+
+
+def _read_received(path: Path, body: bytes | None, limit: int) -> Dataset:
+    """Read a received data set to check it, reading at most ``limit`` headers.
+
+    Values longer than :data:`_DEFER_SIZE` (pixel data) stay on disk. A
+    deflated data set is read from ``body``, inflated already (at most
+    ``max_inflated_bytes``): Deflated Explicit VR Little Endian (PS3.5 A.5).
+
+    Raises
+    ------
+    _TooManyElementsError
+        Past ``limit`` element and item headers, as soon as it is passed.
+    """
+    reader: _CountedFile | _CountedBytes
+    try:
+        if body is not None:
+            reader = _CountedBytes(body, limit)
+            return read_dataset(reader, False, True)
+        with _CountedFile(path, limit) as reader:
+            return dcmread(reader, defer_size=_DEFER_SIZE)
+    except Exception:
+        # pydicom turns what a read raises inside a sequence item into OSError.
+        if reader.headers_left < 0:
+            raise _TooManyElementsError from None
+        raise
 
 
 def _discard(ctx: StoreContext, key: InstanceKey, existed: bool, ref: str) -> None:
@@ -872,13 +955,14 @@ def _discard(ctx: StoreContext, key: InstanceKey, existed: bool, ref: str) -> No
         logger.error("instance %s: cannot remove unindexed file (%s)", ref, exc)
 
 
-def _structure_problem(ds: Dataset, file_size: int, *, deflated: bool) -> str:
+def _structure_problem(ds: Dataset, data_size: int) -> str:
     """Return why a received data set is incomplete, or an empty string.
 
     pydicom reads a truncated data set without raising: it keeps the short value
     of the last element, or stops at a partial tag. Every top-level element of
-    defined length must lie within the file and hold exactly its length, and
-    the elements must end where the file ends.
+    defined length must lie within the data (``data_size`` bytes: the file, or a
+    deflated data set inflated) and hold exactly its length, and the elements
+    must end where the data ends.
     """
     end = 0
     for tag in sorted(ds.keys()):
@@ -901,17 +985,17 @@ def _structure_problem(ds: Dataset, file_size: int, *, deflated: bool) -> str:
                     f"{len(elem.value)} of {elem.length} bytes"
                 )
             size = elem.length
-            if not deflated and elem.value_tell + size > file_size:
+            if elem.value_tell + size > data_size:
                 return (
                     f"data set truncated: element {elem.tag} ends past the "
                     "received data"
                 )
         if end >= 0:
             end = max(end, elem.value_tell + size)
-    if deflated or end < 0:
+    if end < 0:
         return ""
-    if end != file_size:
-        return f"data set has {file_size - end} bytes that are not a whole element"
+    if end != data_size:
+        return f"data set has {data_size - end} bytes that are not a whole element"
     return ""
 
 

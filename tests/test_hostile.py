@@ -691,6 +691,81 @@ def test_deeply_nested_sequences_are_not_understood(
     assert echo(node.port) == SUCCESS
 
 
+def empty_private_elements(count: int) -> bytes:
+    """Return ``count`` empty private LO elements in group 0009, 8 bytes each."""
+    return b"".join(
+        struct.pack("<HH2sH", 0x0009, 0x1000 + i, b"LO", 0) for i in range(count)
+    )
+
+
+def empty_items(count: int) -> bytes:
+    """Return private sequence (0009,1000): ``count`` empty items, undefined length."""
+    sq = struct.pack("<HH2sHL", 0x0009, 0x1000, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0)
+    sq_end = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    return sq + item * count + sq_end
+
+
+def ct_with(tmp_path: Path, extra: bytes, *, deflated: bool = False) -> Path:
+    """Write a CT whose data set carries ``extra`` (group 0009) in tag order."""
+    ds = make_ct(rows=8, columns=8)
+    tail = Dataset({elem.tag: elem for elem in ds if elem.tag > 0x00090000})
+    for elem in list(tail):
+        del ds[elem.tag]
+    body = encode_body(ds) + extra + encode_body(tail)
+    if deflated:
+        packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        body = packer.compress(body) + packer.flush()
+    return raw_file(
+        tmp_path / "elements.dcm",
+        body,
+        sop_class_uid=CTImageStorage,
+        sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax_uid=(
+            DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("what", "extra", "deflated"),
+    [
+        ("empty elements", empty_private_elements(3000), False),
+        ("empty items of a sequence", empty_items(300), False),  # each counts 4
+        ("empty elements, deflated", empty_private_elements(3000), True),
+    ],
+)
+def test_a_data_set_of_more_elements_than_max_data_elements_is_refused(
+    start_node: StartNode, tmp_path: Path, what: str, extra: bytes, deflated: bool
+) -> None:
+    # Each empty element costs ~300 bytes of memory once read, an item ~700,
+    # for 8 bytes on the wire: 50 MB of them once took the node up 2 GB.
+    node = start_node(max_data_elements=1000)
+    path = ct_with(tmp_path, extra, deflated=deflated)
+    syntax = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
+
+    status, aborted = send_file(node.port, path, CTImageStorage, syntax)
+
+    assert (status, aborted) == (OUT_OF_RESOURCES, False), what
+    assert node.stored_files() == []
+    assert echo(node.port) == SUCCESS
+
+
+@pytest.mark.parametrize("deflated", [False, True])
+def test_a_data_set_within_max_data_elements_is_stored_as_sent(
+    start_node: StartNode, tmp_path: Path, deflated: bool
+) -> None:
+    node = start_node(max_data_elements=1000)
+    path = ct_with(tmp_path, empty_private_elements(800), deflated=deflated)
+    syntax = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
+
+    status, aborted = send_file(node.port, path, CTImageStorage, syntax)
+
+    assert (status, aborted) == (SUCCESS, False)
+    [stored] = node.stored_files()
+    assert len(dcmread(stored).group_dataset(0x0009)) == 800
+
+
 # --- floods ------------------------------------------------------------------
 
 
