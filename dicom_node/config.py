@@ -297,10 +297,10 @@ class NodeConfig:
         (no status can be sent before a data set has arrived whole).
     max_data_elements
         Most data element headers the node reads when it checks a received
-        data set: its top level and any sequence of undefined length (a
-        sequence item counts as four). An element costs up to ~300 bytes of
-        memory once read, for 8 bytes on the wire; past the limit the data set
-        is refused with 0xA700 (Refused: Out of Resources) at once.
+        data set, nested sequences included (a sequence item counts as four).
+        An element costs up to ~300 bytes of memory once read, for 8 bytes on
+        the wire; past the limit the data set is refused with 0xA700
+        (Refused: Out of Resources) at once.
     max_inflated_bytes
         Largest size a Deflated data set may inflate to (it is inflated in
         memory to be read); a larger one is refused with 0xA700 (Refused: Out

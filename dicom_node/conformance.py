@@ -261,8 +261,8 @@ def statement(config: NodeConfig) -> list[Section]:
                             "max_data_elements",
                             f"{config.max_data_elements:,}",
                             "Most element headers read to check a data set "
-                            "(top level, undefined-length sequences; an item "
-                            "counts as four); more: 0xA700",
+                            "(nested ones included; an item counts as four); "
+                            "more: 0xA700",
                         ),
                     ),
                 ),

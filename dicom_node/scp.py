@@ -20,10 +20,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom import dcmread
+from pydicom.charset import default_encoding
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_sequence
+from pydicom.hooks import hooks
 from pydicom.uid import UID, AllTransferSyntaxes
+from pydicom.valuerep import VR
 from pynetdicom import AE, _config, evt, register_uid
 from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom import sop_class as pynetdicom_sop_class
@@ -884,38 +888,45 @@ class _TooManyElementsError(Exception):
     """A received data set holds more element headers than the node reads."""
 
 
+class _Budget:
+    """Element headers one data set may still have read (its readers share it)."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+
 class _Counted:
     """Counts the 8-byte reads of pydicom's reader: element and item headers.
 
     pydicom reads each data element's and item's header with one 8-byte read
     (a value of 8 bytes counts too). An element costs up to ~300 bytes of
     memory once read, an item (a data set of its own) ~1.2 KB: an item counts
-    as :data:`_ITEM_WEIGHT` elements. Once ``headers_left`` is spent, every
-    such read raises :class:`_TooManyElementsError`, so that the reader stops.
+    as :data:`_ITEM_WEIGHT` elements. Once the budget is spent, every such read
+    raises :class:`_TooManyElementsError`, so that the reader stops.
     """
 
-    headers_left: int
+    budget: _Budget
 
     def read(self, size: int | None = -1, /) -> bytes:
         data: bytes = super().read(size)  # type: ignore[misc]
         if size == 8:
-            self.headers_left -= _ITEM_WEIGHT if data[:4] in _ITEM_TAGS else 1
-            if self.headers_left < 0:
+            self.budget.left -= _ITEM_WEIGHT if data[:4] in _ITEM_TAGS else 1
+            if self.budget.left < 0:
                 raise _TooManyElementsError
         return data
 
 
 class _CountedFile(_Counted, io.BufferedReader):
-    def __init__(self, path: Path, limit: int) -> None:
+    def __init__(self, path: Path, budget: _Budget) -> None:
         # A str name: pydicom re-opens the file by it for a deferred value.
         super().__init__(io.FileIO(str(path)))
-        self.headers_left = limit
+        self.budget = budget
 
 
 class _CountedBytes(_Counted, io.BytesIO):
-    def __init__(self, data: bytes, limit: int) -> None:
+    def __init__(self, data: bytes, budget: _Budget) -> None:
         super().__init__(data)
-        self.headers_left = limit
+        self.budget = budget
 
 
 def _read_received(path: Path, body: bytes | None, limit: int) -> Dataset:
@@ -924,24 +935,92 @@ def _read_received(path: Path, body: bytes | None, limit: int) -> Dataset:
     Values longer than :data:`_DEFER_SIZE` (pixel data) stay on disk. A
     deflated data set is read from ``body``, inflated already (at most
     ``max_inflated_bytes``): Deflated Explicit VR Little Endian (PS3.5 A.5).
+    Its sequences of defined length, which pydicom leaves as bytes until a
+    value in one is read, are counted too (:func:`_count_sequences`).
 
     Raises
     ------
     _TooManyElementsError
-        Past ``limit`` element and item headers, as soon as it is passed.
+        Past ``limit`` element headers, as soon as it is passed.
     """
-    reader: _CountedFile | _CountedBytes
+    budget = _Budget(limit)
     try:
         if body is not None:
-            reader = _CountedBytes(body, limit)
-            return read_dataset(reader, False, True)
-        with _CountedFile(path, limit) as reader:
-            return dcmread(reader, defer_size=_DEFER_SIZE)
+            ds = read_dataset(_CountedBytes(body, budget), False, True)
+        else:
+            with _CountedFile(path, budget) as reader:
+                ds = dcmread(reader, defer_size=_DEFER_SIZE)
     except Exception:
         # pydicom turns what a read raises inside a sequence item into OSError.
-        if reader.headers_left < 0:
+        if budget.left < 0:
             raise _TooManyElementsError from None
         raise
+    _count_sequences(ds, path, budget)
+    return ds
+
+
+def _count_sequences(ds: Dataset, path: Path, budget: _Budget) -> None:
+    """Read every sequence of defined length in ``ds``, nested ones too, counting.
+
+    Such a sequence stays bytes until a value in it is read, and scoring and
+    the result objects read the source's modules: 20 MB of empty items once
+    took the node up 1 GB and a minute of CPU there. What is read here is
+    dropped. A sequence that does not parse is left as it was received (a
+    value in it fails where it is read, as it did before).
+
+    Raises
+    ------
+    _TooManyElementsError
+        Once the budget is spent.
+    """
+    pending = [ds]
+    while pending:
+        current = pending.pop()
+        for tag in list(current.keys()):
+            raw = cast(
+                "DataElement | RawDataElement",
+                current.get_item(tag, keep_deferred=True),
+            )
+            if not isinstance(raw, RawDataElement):
+                if raw.VR == VR.SQ:  # of undefined length: read (and counted)
+                    pending.extend(raw.value)
+                continue
+            if raw.length in (0, _UNDEFINED_LENGTH) or not _is_sequence(raw, current):
+                continue
+            reader: _CountedFile | _CountedBytes
+            if raw.value is None:  # deferred: read where it lies in the file
+                reader = _CountedFile(path, budget)
+                reader.seek(raw.value_tell)
+            else:
+                reader = _CountedBytes(raw.value, budget)
+            with reader:
+                try:
+                    items = read_sequence(
+                        reader,
+                        raw.is_implicit_VR,
+                        raw.is_little_endian,
+                        raw.length,
+                        default_encoding,
+                    )
+                except Exception as exc:
+                    if budget.left < 0:
+                        raise _TooManyElementsError from None
+                    if not is_decode_error(exc):
+                        raise
+                    continue
+            pending.extend(items)
+
+
+def _is_sequence(raw: RawDataElement, ds: Dataset) -> bool:
+    """Whether pydicom reads ``raw`` as a sequence (its VR as pydicom finds it)."""
+    if raw.VR is None and not raw.tag.is_private:
+        try:
+            return dictionary_VR(raw.tag) == VR.SQ
+        except KeyError:  # an unknown tag: pydicom keeps its bytes
+            return False
+    found: dict[str, Any] = {}
+    hooks.raw_element_vr(raw, found, ds=ds)
+    return found.get("VR") == VR.SQ
 
 
 def _discard(ctx: StoreContext, key: InstanceKey, existed: bool, ref: str) -> None:

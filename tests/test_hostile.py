@@ -706,6 +706,24 @@ def empty_items(count: int) -> bytes:
     return sq + item * count + sq_end
 
 
+def defined_length_items(count: int, element: int = 0x1000) -> bytes:
+    """Return private sequence (0009,eeee): ``count`` empty items, defined length."""
+    items = struct.pack("<HHL", 0xFFFE, 0xE000, 0) * count
+    return struct.pack("<HH2sHL", 0x0009, element, b"SQ", 0, len(items)) + items
+
+
+def in_an_item(count: int) -> bytes:
+    """Return a sequence and an item of undefined length around a sequence of
+    ``count`` empty items of defined length."""
+    return (
+        struct.pack("<HH2sHL", 0x0009, 0x1000, b"SQ", 0, 0xFFFFFFFF)
+        + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+        + defined_length_items(count)
+        + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+        + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    )
+
+
 def ct_with(tmp_path: Path, extra: bytes, *, deflated: bool = False) -> Path:
     """Write a CT whose data set carries ``extra`` (group 0009) in tag order."""
     ds = make_ct(rows=8, columns=8)
@@ -733,6 +751,11 @@ def ct_with(tmp_path: Path, extra: bytes, *, deflated: bool = False) -> Path:
         ("empty elements", empty_private_elements(3000), False),
         ("empty items of a sequence", empty_items(300), False),  # each counts 4
         ("empty elements, deflated", empty_private_elements(3000), True),
+        # pydicom leaves these as bytes; scoring and the results read them.
+        ("items of a sequence of defined length", defined_length_items(300), False),
+        ("the same, left on disk (over 64 KiB)", defined_length_items(9000), False),
+        ("the same, deflated", defined_length_items(300), True),
+        ("the same, in an item of undefined length", in_an_item(300), False),
     ],
 )
 def test_a_data_set_of_more_elements_than_max_data_elements_is_refused(
@@ -756,14 +779,18 @@ def test_a_data_set_within_max_data_elements_is_stored_as_sent(
     start_node: StartNode, tmp_path: Path, deflated: bool
 ) -> None:
     node = start_node(max_data_elements=1000)
-    path = ct_with(tmp_path, empty_private_elements(800), deflated=deflated)
+    # 600 elements, a sequence and its 50 items (each counts 4): 801 of 1000.
+    extra = empty_private_elements(600) + defined_length_items(50, element=0x2000)
+    path = ct_with(tmp_path, extra, deflated=deflated)
     syntax = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
 
     status, aborted = send_file(node.port, path, CTImageStorage, syntax)
 
     assert (status, aborted) == (SUCCESS, False)
     [stored] = node.stored_files()
-    assert len(dcmread(stored).group_dataset(0x0009)) == 800
+    stored_ds = dcmread(stored)
+    assert len(stored_ds.group_dataset(0x0009)) == 601
+    assert len(stored_ds[0x00092000].value) == 50
 
 
 # --- floods ------------------------------------------------------------------
