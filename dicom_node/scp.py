@@ -976,11 +976,8 @@ def _count_sequences(ds: Dataset, path: Path, budget: _Budget) -> None:
     pending = [ds]
     while pending:
         current = pending.pop()
-        for tag in list(current.keys()):
-            raw = cast(
-                "DataElement | RawDataElement",
-                current.get_item(tag, keep_deferred=True),
-            )
+        # items(): the elements as held, raw ones not converted.
+        for _, raw in list(current.items()):
             if not isinstance(raw, RawDataElement):
                 if raw.VR == VR.SQ:  # of undefined length: read (and counted)
                     pending.extend(raw.value)
@@ -1013,6 +1010,8 @@ def _count_sequences(ds: Dataset, path: Path, budget: _Budget) -> None:
 
 def _is_sequence(raw: RawDataElement, ds: Dataset) -> bool:
     """Whether pydicom reads ``raw`` as a sequence (its VR as pydicom finds it)."""
+    if raw.VR is not None and raw.VR != VR.UN:  # explicit: as it says
+        return bool(raw.VR == VR.SQ)
     if raw.VR is None and not raw.tag.is_private:
         try:
             return dictionary_VR(raw.tag) == VR.SQ
