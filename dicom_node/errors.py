@@ -72,6 +72,14 @@ class IndexCorruptError(IndexUnavailableError):
     """The index database file is damaged or is not an SQLite database."""
 
 
+class ThreadEndedError(DicomNodeError):
+    """A thread the node cannot run without ended while the node ran.
+
+    The process then stops (exit status 1), so that its service manager starts
+    it again, rather than run on without receiving or scoring.
+    """
+
+
 class ListenError(DicomNodeError):
     """The node cannot listen on its address and port (in use, not permitted, ...).
 

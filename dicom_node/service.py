@@ -13,13 +13,13 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 from dicom_node import metrics
 from dicom_node.config import NodeConfig
-from dicom_node.errors import DicomNodeError, ListenError
+from dicom_node.errors import DicomNodeError, ListenError, ThreadEndedError
 from dicom_node.index import IndexDB
 from dicom_node.retention import RetentionSweeper
 from dicom_node.scheduler import Scheduler
@@ -143,6 +143,34 @@ def keep_out_kernel_compiler() -> bool:
     return True
 
 
+def _wait_watching(
+    stop: threading.Event,
+    threads: Sequence[tuple[str, Callable[[], bool]]],
+    every: Callable[[], None] | None = None,
+) -> None:
+    """Wait for ``stop``, checking each second that every thread still runs.
+
+    ``every`` is called each second too. Returns once ``stop`` is set.
+
+    Raises
+    ------
+    ThreadEndedError
+        If a thread ended first: the node stops (exit status 1), so that its
+        service manager starts it again, instead of running on without it.
+    """
+    while not stop.wait(1.0):
+        if every is not None:
+            every()
+        ended = [name for name, alive in threads if not alive()]
+        if ended:
+            logger.error(
+                "thread %s ended while the node ran: stopping (the service "
+                "manager starts the node again)",
+                ", ".join(ended),
+            )
+            raise ThreadEndedError(f"thread {', '.join(ended)} ended")
+
+
 def _freeze_startup_objects() -> None:
     # What start-up made (torch, highdicom's tables, the models: ~430,000
     # objects) lives as long as the process: out of the collector's way, a full
@@ -174,7 +202,8 @@ def run_receiver(
     _freeze_startup_objects()
     logger.info("receiving process listening on %s:%d", config.host, receiver.port)
     try:
-        stop.wait()
+        # Ended, the process exits and serve starts another.
+        _wait_watching(stop, [("receiver", receiver.alive)])
     finally:
         receiver.stop()
         index.close()
@@ -298,16 +327,19 @@ def serve(
     )
     if on_ready:
         on_ready(port)
+
+    def restart_ended_children() -> None:
+        for i, child in enumerate(children):
+            if not child.is_alive():
+                logger.error(
+                    "receiving process ended (exit code %s); starting another",
+                    child.exitcode,
+                )
+                children[i] = spawn_receiver(port)
+                children[i].start()
+
     try:
-        while not stop.wait(1.0):
-            for i, child in enumerate(children):
-                if not child.is_alive():
-                    logger.error(
-                        "receiving process ended (exit code %s); starting another",
-                        child.exitcode,
-                    )
-                    children[i] = spawn_receiver(port)
-                    children[i].start()
+        _wait_watching(stop, threads, restart_ended_children)
     finally:
         logger.info("shutting down: no new associations, finishing running ones")
         if web is not None:
@@ -355,7 +387,7 @@ def run_worker(config: NodeConfig, stop: threading.Event) -> None:
         config.state_dir,
     )
     try:
-        stop.wait()
+        _wait_watching(stop, [(loop.name, loop.is_alive) for loop in workers.loops])
     finally:
         logger.info("stopping: finishing the current jobs")
         workers.stop()

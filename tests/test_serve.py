@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
@@ -20,11 +21,14 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicom_node.config import load_config
+from dicom_node.config import CallerConfig, ModelConfig, NodeConfig, load_config
 from dicom_node.dimse import SUCCESS
+from dicom_node.errors import ThreadEndedError
 from dicom_node.export import Peer, SendOutcome, send_files
 from dicom_node.index import IndexDB, Instance
 from dicom_node.log import PhiFilter
+from dicom_node.scp import Receiver
+from dicom_node.service import serve
 from tests.factories import (
     SENTINEL_BIRTH_DATE,
     SENTINEL_NAME,
@@ -44,6 +48,7 @@ from tests.helpers import (
     wait_for,
     worker_process,
 )
+from tests.hostile_peers import echo
 
 SENTINELS = (SENTINEL_NAME, "SENTINEL^PHI", SENTINEL_BIRTH_DATE, SENTINEL_PATIENT_ID)
 
@@ -384,3 +389,49 @@ def test_serve_caps_malloc_arenas_unless_the_environment_says(
     assert cap_malloc_arenas(MALLOC_ARENAS) is True
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert cap_malloc_arenas(MALLOC_ARENAS) is False
+
+
+def test_serve_stops_with_an_error_when_its_receiver_thread_ends(
+    tmp_path: Path, model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Once it ran on without receiving (only /readyz said so); a service
+    # manager restarts a process that stops with an error.
+    config = NodeConfig(
+        port=0,
+        state_dir=tmp_path / "state",
+        workers=0,
+        callers=(CallerConfig("ECHOSCU", "127.0.0.1"),),
+        models=(ModelConfig(model),),
+        source="tests",
+    )
+    stop = threading.Event()
+    ready: list[int] = []
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve(config, stop, lambda _: None, on_ready=ready.append)  # type: ignore[arg-type,return-value]
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: bool(ready or raised), 60, "serve to start")
+    assert not raised
+    gc.unfreeze()  # serve froze what it made at start, its receiver among them
+    [receiver] = [
+        o for o in gc.get_objects() if type(o) is Receiver and o.port == ready[0]
+    ]
+    assert echo(ready[0]) == SUCCESS
+
+    receiver.server.gate.stop()  # its thread's loop ends, as by a fault
+
+    thread.join(10)
+    try:
+        assert not thread.is_alive(), "serve ran on without its receiver"
+        assert len(raised) == 1
+        assert isinstance(raised[0], ThreadEndedError)
+        assert "thread receiver ended while the node ran" in caplog.text
+    finally:
+        stop.set()
+        thread.join(30)
