@@ -7,6 +7,7 @@ import io
 import logging
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
@@ -20,11 +21,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom import dcmread
-from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset, read_sequence
+from pydicom.filereader import read_dataset
 from pydicom.hooks import hooks
 from pydicom.uid import UID, AllTransferSyntaxes
 from pydicom.valuerep import VR
@@ -944,68 +944,108 @@ def _read_received(path: Path, body: bytes | None, limit: int) -> Dataset:
         Past ``limit`` element headers, as soon as it is passed.
     """
     budget = _Budget(limit)
+    source: _CountedFile | _CountedBytes
     try:
         if body is not None:
-            ds = read_dataset(_CountedBytes(body, budget), False, True)
+            with _CountedBytes(body, budget) as source:
+                ds = read_dataset(source, False, True, defer_size=_DEFER_SIZE)
+                _count_sequences(ds, source)
         else:
-            with _CountedFile(path, budget) as reader:
-                ds = dcmread(reader, defer_size=_DEFER_SIZE)
+            with _CountedFile(path, budget) as source:
+                ds = dcmread(source, defer_size=_DEFER_SIZE)
+                _count_sequences(ds, source)
     except Exception:
         # pydicom turns what a read raises inside a sequence item into OSError.
         if budget.left < 0:
             raise _TooManyElementsError from None
         raise
-    _count_sequences(ds, path, budget)
     return ds
 
 
-def _count_sequences(ds: Dataset, path: Path, budget: _Budget) -> None:
+# Sequences nested deeper are refused as not understood (0xC000), as pydicom
+# refuses those it reads itself (its reader recurses: RecursionError).
+_MAX_DEPTH = 64
+
+
+class _NestedTooDeepError(ValueError):
+    """A received data set nests sequences deeper than :data:`_MAX_DEPTH`."""
+
+
+def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
     """Read every sequence of defined length in ``ds``, nested ones too, counting.
 
     Such a sequence stays bytes until a value in it is read, and scoring and
-    the result objects read the source's modules: 20 MB of empty items once
-    took the node up 1 GB and a minute of CPU there. What is read here is
-    dropped. A sequence that does not parse is left as it was received (a
-    value in it fails where it is read, as it did before).
+    the result objects read the source's modules: a 20 MB sequence of empty
+    items once took the node up 1 GB and a minute of CPU there. Each is read
+    from ``source`` where it lies, its long values left there, and dropped. A
+    sequence that does not parse is left as it was received (a value in it
+    fails where it is read, as it did before).
 
     Raises
     ------
     _TooManyElementsError
-        Once the budget is spent.
+        Once the budget of ``source`` is spent.
+    _NestedTooDeepError
+        Past :data:`_MAX_DEPTH` levels.
     """
-    pending = [ds]
+    pending = [(ds, 0)]
     while pending:
-        current = pending.pop()
+        current, depth = pending.pop()
         # items(): the elements as held, raw ones not converted.
-        for _, raw in list(current.items()):
-            if not isinstance(raw, RawDataElement):
-                if raw.VR == VR.SQ:  # of undefined length: read (and counted)
-                    pending.extend(raw.value)
+        for _, elem in list(current.items()):
+            items: list[Dataset]
+            if not isinstance(elem, RawDataElement):
+                if elem.VR != VR.SQ:
+                    continue
+                items = list(elem.value)  # of undefined length: read (and counted)
+            elif elem.length in (0, _UNDEFINED_LENGTH) or not _is_sequence(
+                elem, current
+            ):
                 continue
-            if raw.length in (0, _UNDEFINED_LENGTH) or not _is_sequence(raw, current):
-                continue
-            reader: _CountedFile | _CountedBytes
-            if raw.value is None:  # deferred: read where it lies in the file
-                reader = _CountedFile(path, budget)
-                reader.seek(raw.value_tell)
             else:
-                reader = _CountedBytes(raw.value, budget)
-            with reader:
                 try:
-                    items = read_sequence(
-                        reader,
-                        raw.is_implicit_VR,
-                        raw.is_little_endian,
-                        raw.length,
-                        default_encoding,
-                    )
+                    items = _read_items(source, elem)
                 except Exception as exc:
-                    if budget.left < 0:
-                        raise _TooManyElementsError from None
-                    if not is_decode_error(exc):
+                    if source.budget.left < 0 or not is_decode_error(exc):
                         raise
                     continue
-            pending.extend(items)
+            if items and depth == _MAX_DEPTH:
+                raise _NestedTooDeepError(f"sequences nested over {_MAX_DEPTH} deep")
+            pending.extend((item, depth + 1) for item in items)
+
+
+def _read_items(
+    source: _CountedFile | _CountedBytes, sq: RawDataElement
+) -> list[Dataset]:
+    """Read the items of a sequence of defined length where it lies in ``source``.
+
+    pydicom's read_sequence reads every value of its items into memory: a
+    nested sequence would be copied once per level. Here each item is read
+    by pydicom's read_dataset with the values longer than :data:`_DEFER_SIZE`
+    left where they lie; only the 8-byte item headers (PS3.5 7.5) are read
+    here.
+    """
+    header = "<HHL" if sq.is_little_endian else ">HHL"
+    source.seek(sq.value_tell)
+    end = sq.value_tell + sq.length
+    items = []
+    while source.tell() < end:
+        group, element, length = struct.unpack(header, source.read(8))
+        if (group, element) == (0xFFFE, 0xE0DD):  # a sequence delimiter: the end
+            break
+        if (group, element) != (0xFFFE, 0xE000):
+            raise ValueError(f"({group:04X},{element:04X}) where an item belongs")
+        items.append(
+            read_dataset(
+                source,
+                sq.is_implicit_VR,
+                sq.is_little_endian,
+                None if length == _UNDEFINED_LENGTH else length,
+                defer_size=_DEFER_SIZE,
+                at_top_level=False,
+            )
+        )
+    return items
 
 
 def _is_sequence(raw: RawDataElement, ds: Dataset) -> bool:

@@ -691,6 +691,24 @@ def test_deeply_nested_sequences_are_not_understood(
     assert echo(node.port) == SUCCESS
 
 
+def test_sequences_of_defined_length_nested_too_deep_are_not_understood(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    # pydicom reads them only when a value in them is read (scoring does):
+    # checked at receipt, 65 levels and more are refused.
+    node = start_node()
+    inner = b""
+    for _ in range(65):
+        item = struct.pack("<HHL", 0xFFFE, 0xE000, len(inner)) + inner
+        inner = struct.pack("<HH2sHL", 0x0009, 0x1000, b"SQ", 0, len(item)) + item
+    path = ct_with(tmp_path, inner)
+
+    status, aborted = send_file(node.port, path, CTImageStorage, ExplicitVRLittleEndian)
+
+    assert (status, aborted) == (CANNOT_UNDERSTAND, False)
+    assert node.stored_files() == []
+
+
 def empty_private_elements(count: int) -> bytes:
     """Return ``count`` empty private LO elements in group 0009, 8 bytes each."""
     return b"".join(
