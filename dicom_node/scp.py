@@ -119,6 +119,9 @@ _COMMAND_MAX = 64 * 1024
 # A data set that is not a C-STORE request's stays in memory (pynetdicom spools
 # only those); the node serves no message that needs one this large.
 _IN_MEMORY_MAX = 1024 * 1024
+# Refused instances of one association logged and recorded one by one; the
+# rest are counted in its last line.
+_REFUSALS_NOTED = 5
 _C_STORE_RQ = 0x0001  # PS3.7 E.1-1 Command Field
 # The Command Field values of PS3.7 (9.3 and 10.3) pynetdicom serves: requests
 # and responses of the C- and N- services. Not C-CANCEL-RQ (0x0FFF): the node
@@ -284,12 +287,17 @@ class StoreContext:
             if entry is not None and entry[1] is None:
                 entry[1] = outcome
 
-    def count(self, assoc: Association, success: bool) -> None:
-        """Count one C-STORE answered with Success or with a failure."""
+    def count(self, assoc: Association, success: bool) -> int:
+        """Count one C-STORE answered with Success or with a failure.
+
+        Returns the association's failures so far (0 when it is not tracked).
+        """
         with self._lock:
             entry = self._associations.get(id(assoc))
-            if entry is not None:
-                entry[2 if success else 3] += 1
+            if entry is None:
+                return 0
+            entry[2 if success else 3] += 1
+            return int(entry[3])
 
     def forget(self, assoc: Association) -> tuple[int, str, int, int] | None:
         """Stop tracking; return (id, outcome, stored, failed) or None."""
@@ -406,11 +414,14 @@ def handle_conn_close(event: Event, ctx: StoreContext) -> None:
             type(exc).__name__,
         )
     logger.info(
-        "association %d %s: %d stored, %d failed",
+        "association %d %s: %d stored, %d failed%s",
         association_id,
         outcome,
         stored,
         failed,
+        f" ({failed - _REFUSALS_NOTED} not logged one by one)"
+        if failed > _REFUSALS_NOTED
+        else "",
     )
 
 
@@ -584,7 +595,7 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         status = OUT_OF_RESOURCES
         message = f"unexpected {describe_exception(exc)}"
         logger.error("C-STORE failed: %s", message, exc_info=exc)
-    ctx.count(event.assoc, status == SUCCESS)
+    failures = ctx.count(event.assoc, status == SUCCESS)
     if arrival is not None and ctx.on_stored is not None:
         try:
             ctx.on_stored(arrival)
@@ -592,7 +603,19 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
             logger.error(
                 "after C-STORE: unexpected %s", describe_exception(exc), exc_info=exc
             )
-    if status != SUCCESS:
+    if status != SUCCESS and failures <= _REFUSALS_NOTED:
+        # The rest only counted (the association's last line says how many):
+        # a sender may fail thousands of instances in an association.
+        logger.log(
+            logging.ERROR if status == OUT_OF_RESOURCES else logging.WARNING,
+            "instance %s refused (0x%04X): %s%s",
+            uid_ref(str(getattr(event.request, "AffectedSOPInstanceUID", ""))),
+            status,
+            message,
+            "; further refusals of this association are only counted"
+            if failures == _REFUSALS_NOTED
+            else "",
+        )
         ctx.index.record_error(
             "store", message, status=status, association_id=association_id
         )
@@ -608,17 +631,11 @@ def _store(
     # Received to disk as it arrived (STORE_RECV_CHUNKED_DATASET): preamble,
     # File Meta, then the data set exactly as the sender encoded it.
     path = Path(event.dataset_path)
-    requested_ref = uid_ref(request.AffectedSOPInstanceUID)
     receipt = _receipt(event)
     if receipt is not None and request.MessageID in receipt.dropped_messages:
         receipt.dropped_messages.discard(request.MessageID)
-        logger.error("instance %s refused: no room on the storage disk", requested_ref)
         return OUT_OF_RESOURCES, "storage full: data set not written", None
     if str(request.AffectedSOPClassUID) != str(event.context.abstract_syntax):
-        logger.warning(
-            "instance %s refused: its SOP Class is not its presentation context's",
-            requested_ref,
-        )
         return (
             SOP_CLASS_NOT_SUPPORTED,
             "SOP Class differs from the presentation context's abstract syntax",
@@ -632,30 +649,16 @@ def _store(
         if deflated:
             body = _inflate(path, data_start, ctx.config.max_inflated_bytes)
     except zlib.error as exc:
-        logger.warning(
-            "instance %s refused: deflated data set is corrupt", requested_ref
-        )
         return CANNOT_UNDERSTAND, f"deflated data set refused: {exc}", None
     except (OSError, ValueError) as exc:
         # The spool file the receiving side wrote cannot be read: the node's
         # trouble, not the data set's.
-        logger.error(
-            "instance %s refused: received file unreadable (%s)",
-            requested_ref,
-            type(exc).__name__,
-        )
         return (
             OUT_OF_RESOURCES,
             f"received file unreadable ({type(exc).__name__})",
             None,
         )
     if deflated and body is None:
-        logger.warning(
-            "instance %s refused: deflated data set inflates past "
-            "max_inflated_bytes (%d)",
-            requested_ref,
-            ctx.config.max_inflated_bytes,
-        )
         return (
             OUT_OF_RESOURCES,
             "deflated data set inflates past max_inflated_bytes",
@@ -673,7 +676,6 @@ def _store(
             path,
             file_size,
             data_start,
-            requested_ref,
             body,
             flushed,
             digest,
@@ -690,7 +692,6 @@ def _store_received(
     path: Path,
     file_size: int,
     data_start: int,
-    requested_ref: str,
     body: bytes | None,
     flushed: Future[None],
     hashed: Future[str],
@@ -708,11 +709,6 @@ def _store_received(
         series_uid = ds.get("SeriesInstanceUID")
         modality = ds.get("Modality")
     except _TooManyElementsError:
-        logger.warning(
-            "instance %s refused: more than max_data_elements (%d) elements",
-            requested_ref,
-            limit,
-        )
         return (
             OUT_OF_RESOURCES,
             f"data set holds more than max_data_elements ({limit}) elements",
@@ -721,18 +717,12 @@ def _store_received(
     except Exception as exc:
         if not is_decode_error(exc):
             raise  # the node's own bug: answered 0xA700, logged with its traceback
-        logger.warning(
-            "instance %s refused: data set does not parse (%s)",
-            requested_ref,
-            type(exc).__name__,
-        )
         return (
             CANNOT_UNDERSTAND,
             f"data set does not parse ({type(exc).__name__})",
             None,
         )
     if problem:
-        logger.warning("instance %s refused: %s", requested_ref, problem)
         return CANNOT_UNDERSTAND, problem, None
 
     missing = [
@@ -746,23 +736,15 @@ def _store_received(
         if not value
     ]
     if missing:
-        logger.warning(
-            "instance %s refused: missing %s", requested_ref, ", ".join(missing)
-        )
         return DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing {', '.join(missing)}", None
     try:
         key = InstanceKey(str(study_uid), str(series_uid), str(sop_instance_uid))
         validate_uid(str(sop_class_uid), "SOPClassUID")
     except InvalidUidError as exc:
-        logger.warning("instance %s refused: %s", requested_ref, exc)
         return INVALID_UID, f"invalid UID: {exc}", None
     if str(sop_class_uid) != str(
         request.AffectedSOPClassUID
     ) or key.sop_instance_uid != str(request.AffectedSOPInstanceUID):
-        logger.warning(
-            "instance %s refused: SOP Class/Instance UID differ from the request",
-            requested_ref,
-        )
         return (
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
             "SOP Class/Instance UID in the data set differ from the C-STORE request",
@@ -779,7 +761,6 @@ def _store_received(
         digest = sha256_from(path, data_start) if hashed.cancel() else hashed.result()
         stored = ctx.storage.adopt(key, path, flushed)
     except (StorageError, OSError) as exc:
-        logger.error("instance %s refused: cannot write (%s)", ref, exc)
         return OUT_OF_RESOURCES, f"storage write failed ({exc})", None
     try:
         outcome = ctx.index.record_instance(
@@ -798,15 +779,9 @@ def _store_received(
         )
     except SQLAlchemyError as exc:
         _discard(ctx, key, existed, ref)
-        logger.error(
-            "instance %s refused: index write failed (%s)", ref, type(exc).__name__
-        )
         return OUT_OF_RESOURCES, f"index write failed ({type(exc).__name__})", None
     if outcome is RecordOutcome.CONFLICT:
         _discard(ctx, key, existed, ref)
-        logger.warning(
-            "instance %s refused: UID already filed under another study/series", ref
-        )
         return (
             CONFLICTING_INSTANCE,
             "SOP Instance or Series UID already filed under another study/series",

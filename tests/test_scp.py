@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import Callable
@@ -247,6 +248,34 @@ def test_missing_uid_is_refused(
 
     assert store_files(node.port, [path])[path] == DATASET_DOES_NOT_MATCH_SOP_CLASS
     assert node.stored_files() == []
+
+
+def test_a_sender_refused_again_and_again_is_logged_five_times(
+    node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One line and one error row per refused instance let a sender write
+    # thousands a minute; the association's last line counts the rest.
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    datasets = [make_ct(instance_number=n) for n in range(12)]
+    for ds in datasets:
+        del ds.SeriesInstanceUID
+
+    statuses = store_datasets(node.port, datasets)
+
+    assert statuses == [DATASET_DOES_NOT_MATCH_SOP_CLASS] * 12
+    refused = [
+        r.getMessage() for r in caplog.records if "refused (0x" in r.getMessage()
+    ]
+    assert len(refused) == 5
+    assert all("missing SeriesInstanceUID" in line for line in refused)
+    assert "further refusals of this association are only counted" in refused[-1]
+    wait_for(
+        lambda: "12 failed (7 not logged one by one)" in caplog.text,
+        what="the association's last line",
+    )
+    with node.index.sessions() as s:
+        errors = s.scalars(select(ErrorRecord)).all()
+    assert len(errors) == 5
 
 
 @pytest.mark.parametrize(
