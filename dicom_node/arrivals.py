@@ -29,7 +29,6 @@ import queue
 import time
 from collections.abc import Hashable
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.completion import PreparedResults
@@ -45,6 +44,7 @@ from dicom_node.scoring import (
     LoadedModel,
     ModelCache,
     file_identity,
+    read_stored,
 )
 from dicom_node.scp import Arrival
 from inference import StudyScores
@@ -203,7 +203,7 @@ class ArrivalScorer(Loop):
             key = str(arrival.path)
             try:
                 identity = file_identity(arrival.path)
-                ds = dcmread(arrival.path)
+                ds = read_stored(arrival.path)
             except Exception as exc:  # noqa: BLE001 - its job reads it again
                 logger.debug("arrivals: not read: %s", type(exc).__name__)
                 continue

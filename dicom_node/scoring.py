@@ -56,6 +56,7 @@ __all__ = [
     "eligible_images",
     "file_identity",
     "process_jobs",
+    "read_stored",
     "study_images",
 ]
 
@@ -294,6 +295,27 @@ FileIdentity = tuple[int, int, int]
 _CHANGED: FileIdentity = (-1, -1, -1)
 
 
+# Values longer than this stay in the file when a stored instance is read to
+# be scored: Pixel Data is read only once the image is known to be one the
+# model takes and of a size it can (a whole-slide image of gigabytes was read
+# whole, only to be passed over).
+_DEFER_SIZE = 1024 * 1024
+
+
+def read_stored(path: Path) -> Dataset:
+    """Read a stored instance to be scored, its values over 1 MiB left in the file.
+
+    pydicom reads such a value when it is first used (Pixel Data, when the
+    image is decoded), from the same path.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    """
+    return dcmread(path, defer_size=_DEFER_SIZE)
+
+
 def file_identity(path: Path) -> FileIdentity:
     """Return what tells a stored file from another one at the same path.
 
@@ -477,8 +499,10 @@ def _prepare(
     datasets = []
     for image in images:
         before = file_identity(image.path)
-        datasets.append(dcmread(image.path))
-        # Replaced while read: what was read is not known; nothing reused.
+        datasets.append(read_stored(image.path))
+        # Replaced while read: what was read is not known; nothing reused. (A
+        # copy sent again before the pixels are read: this run's scores may
+        # mix the two, and the copy's own run replaces them.)
         files[str(image.path)] = (
             before if file_identity(image.path) == before else _CHANGED
         )

@@ -7,12 +7,14 @@ into model input.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import (
     apply_color_lut,
@@ -168,6 +170,10 @@ class FrameSource:
     box: tuple[int, int, int, int]
 
 
+_UNDEFINED_LENGTH = 0xFFFFFFFF  # PS3.5 7.1.1: encapsulated Pixel Data
+_SLACK = 1024 * 1024
+
+
 def check_size(ds: Dataset, max_pixels: int) -> None:
     """Refuse an image whose decoded size exceeds ``max_pixels`` (before decoding).
 
@@ -204,6 +210,37 @@ def check_size(ds: Dataset, max_pixels: int) -> None:
             f"image of {rows}x{columns} pixels x {frames} frames x {samples} samples "
             f"({total} values) exceeds the limit of {max_pixels}"
         )
+    # A value not read yet (pydicom's defer_size) says how much reading it
+    # would take: more than twice what the image can hold at 8 bytes a value
+    # (Double Float Pixel Data), and a mebibyte, is not this image's.
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword not in ds:
+            continue
+        length = _stored_length(ds, keyword)
+        if length is not None and length > 16 * total + _SLACK:
+            raise ImageTooLargeError(
+                f"{keyword} of {length} bytes for an image of {total} values"
+            )
+
+
+def _stored_length(ds: Dataset, keyword: str) -> int | None:
+    """Return the bytes of a pixel value, read or not; None where it cannot be told."""
+    elem = cast(
+        "DataElement | RawDataElement", ds.get_item(keyword, keep_deferred=True)
+    )
+    if not isinstance(elem, RawDataElement):
+        return len(elem.value or b"")
+    if elem.length != _UNDEFINED_LENGTH:
+        return int(elem.length)
+    if elem.value is not None:
+        return len(elem.value)
+    if not isinstance(ds.filename, str):
+        return None
+    # Encapsulated and left in the file: at most the rest of the file.
+    try:
+        return os.path.getsize(ds.filename) - int(elem.value_tell)
+    except OSError:
+        return None  # its reading says why
 
 
 def decode_frames(ds: Dataset, max_pixels: int = 2**27) -> tuple[FloatArray, bool]:

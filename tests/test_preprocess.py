@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
-from pydicom.uid import UID
+from pydicom.uid import UID, RLELossless
 
 from inference import (
     ImageTooLargeError,
@@ -231,6 +234,34 @@ def test_oversized_image_is_refused_before_decoding() -> None:
 
     with pytest.raises(ImageTooLargeError, match="exceeds the limit"):
         preprocess(ds, UNIT)
+
+
+@pytest.mark.parametrize("encapsulated", [False, True])
+@pytest.mark.parametrize("deferred", [True, False])
+def test_pixel_data_far_larger_than_its_image_is_refused_before_it_is_read(
+    tmp_path: Path, deferred: bool, encapsulated: bool
+) -> None:
+    # 16x16 pixels claim 256 values; 8 MB of Pixel Data is not theirs (read
+    # whole, a few gigabytes would have been). Left in the file, it stays there.
+    ds = make_ct(rows=16, columns=16)
+    if encapsulated:
+        ds.PixelData = encapsulate([bytes(8 * 1024 * 1024)])
+        ds.file_meta.TransferSyntaxUID = RLELossless
+    else:
+        ds.PixelData = bytes(8 * 1024 * 1024)
+    path = tmp_path / "big.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    read = dcmread(path, defer_size=1024 * 1024 if deferred else None)
+
+    with pytest.raises(ImageTooLargeError, match=r"PixelData of 83886\d\d bytes"):
+        check_size(read, 10**9)
+    assert (read.get_item("PixelData", keep_deferred=True).value is None) is deferred
+
+
+def test_pixel_data_a_little_longer_than_its_image_is_not_refused_for_it() -> None:
+    ds = make_ct(rows=16, columns=16)
+    ds.PixelData = bytes(16 * 16 * 2 + 1000)  # a vendor's padding
+    check_size(ds, 10**9)
 
 
 def test_no_pixel_data_is_a_clear_error() -> None:
