@@ -24,6 +24,7 @@ from dicom_node.errors import (
     DicomNodeError,
     InvalidUidError,
     ListenError,
+    ThreadEndedError,
 )
 from dicom_node.log import configure_logging, describe_exception
 
@@ -583,7 +584,10 @@ def _receiver_process(config: NodeConfig, port: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    run_receiver(config, port, stop, reuse_port=True)
+    try:
+        run_receiver(config, port, stop, reuse_port=True)
+    except ThreadEndedError:
+        sys.exit(EXIT_FAILURE)  # logged already; serve starts another
 
 
 def _die_with_parent() -> None:
