@@ -391,7 +391,7 @@ class NodeConfig:
     max_connections_per_host: int = 8
     max_instance_bytes: int = 4 * 1024**3
     max_inflated_bytes: int = 64 * 1024**2
-    max_data_elements: int = 500_000
+    max_data_elements: int = 1_000_000
     log_level: str = "INFO"
     workers: int = 2
     device: str = ""

@@ -25,7 +25,9 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.fileutil import read_undefined_length_value
 from pydicom.hooks import hooks
+from pydicom.tag import SequenceDelimiterTag
 from pydicom.uid import UID, AllTransferSyntaxes
 from pydicom.valuerep import VR
 from pynetdicom import AE, _config, evt, register_uid
@@ -589,13 +591,16 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     """
     association_id = ctx.association_id(event.assoc)
     arrival: Arrival | None = None
+    unexpected: Exception | None = None
     try:
         status, message, arrival = _store(event, ctx, association_id)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - answered 0xA700; logged below
         status = OUT_OF_RESOURCES
         message = f"unexpected {describe_exception(exc)}"
-        logger.error("C-STORE failed: %s", message, exc_info=exc)
+        unexpected = exc
     failures = ctx.count(event.assoc, status == SUCCESS)
+    if unexpected is not None and failures <= _REFUSALS_NOTED:
+        logger.error("C-STORE failed: %s", message, exc_info=unexpected)
     if arrival is not None and ctx.on_stored is not None:
         try:
             ctx.on_stored(arrival)
@@ -947,14 +952,16 @@ class _NestedTooDeepError(ValueError):
 
 
 def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
-    """Read every sequence of defined length in ``ds``, nested ones too, counting.
+    """Read every sequence pydicom left as bytes in ``ds``, nested ones too, counting.
 
-    Such a sequence stays bytes until a value in it is read, and scoring and
-    the result objects read the source's modules: a 20 MB sequence of empty
-    items once took the node up 1 GB and a minute of CPU there. Each is read
-    from ``source`` where it lies, its long values left there, and dropped. A
-    sequence that does not parse is left as it was received (a value in it
-    fails where it is read, as it did before).
+    pydicom reads a sequence of defined length (and one of undefined length
+    whose VR it learns later, a private one's) only when a value in it is
+    read, and scoring and the result objects read the source's modules: a
+    20 MB sequence of empty items once took the node up 1 GB and a minute of
+    CPU there. Each is read from ``source`` where it lies, within its own
+    bytes, its long values left there, and dropped. A sequence that does not
+    parse is left as it was received (a value in it fails where it is read,
+    as it did before).
 
     Raises
     ------
@@ -972,10 +979,8 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
             if not isinstance(elem, RawDataElement):
                 if elem.VR != VR.SQ:
                     continue
-                items = list(elem.value)  # of undefined length: read (and counted)
-            elif elem.length in (0, _UNDEFINED_LENGTH) or not _is_sequence(
-                elem, current
-            ):
+                items = list(elem.value)  # read with the data set (and counted)
+            elif elem.length == 0 or not _is_sequence(elem, current):
                 continue
             else:
                 try:
@@ -989,37 +994,74 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
             pending.extend((item, depth + 1) for item in items)
 
 
+class _Window:
+    """The bytes ``[start, end)`` of a source, at the source's own offsets.
+
+    pydicom reads a sequence's items from its value alone: an item that
+    claims more never runs on into what follows. Reads pass through to the
+    source (and its count); positions are the source's, so that the items'
+    values can be found in it again.
+    """
+
+    def __init__(self, source: _CountedFile | _CountedBytes, start: int, end: int):
+        self.budget = source.budget
+        self._source = source
+        self._end = end
+        source.seek(start)
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        left = max(0, self._end - self._source.tell())
+        return self._source.read(left if size is None or size < 0 else min(size, left))
+
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        return self._source.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._source.tell()
+
+
 def _read_items(
     source: _CountedFile | _CountedBytes, sq: RawDataElement
 ) -> list[Dataset]:
-    """Read the items of a sequence of defined length where it lies in ``source``.
+    """Read the items of a sequence pydicom left as bytes, where it lies in ``source``.
 
-    pydicom's read_sequence reads every value of its items into memory: a
-    nested sequence would be copied once per level. Here each item is read
-    by pydicom's read_dataset with the values longer than :data:`_DEFER_SIZE`
-    left where they lie; only the 8-byte item headers (PS3.5 7.5) are read
-    here.
+    As pydicom's read_sequence does when the value is read (a header that is
+    not the Sequence Delimiter is an item), but from a window on ``source``:
+    read_sequence reads every value of its items into memory, and a nested
+    sequence would be copied once per level. pydicom's read_dataset reads each
+    item, its values longer than :data:`_DEFER_SIZE` left where they lie;
+    only the 8-byte item headers (PS3.5 7.5) are read here.
     """
-    header = "<HHL" if sq.is_little_endian else ">HHL"
-    source.seek(sq.value_tell)
-    end = sq.value_tell + sq.length
+    little = sq.is_little_endian
+    if sq.length != _UNDEFINED_LENGTH:
+        end = sq.value_tell + sq.length
+    elif sq.value is not None:
+        end = sq.value_tell + len(sq.value)
+    else:  # left in the file: its end is its delimiter's place
+        source.seek(sq.value_tell)
+        read_undefined_length_value(source, little, SequenceDelimiterTag, 1)
+        end = source.tell() - 8
+    window = _Window(source, sq.value_tell, end)
+    header = "<HHL" if little else ">HHL"
     items = []
-    while source.tell() < end:
-        group, element, length = struct.unpack(header, source.read(8))
-        if (group, element) == (0xFFFE, 0xE0DD):  # a sequence delimiter: the end
+    while window.tell() < end:
+        group, element, length = struct.unpack(header, window.read(8))
+        if (group, element) == (0xFFFE, 0xE0DD):  # Sequence Delimiter: the end
             break
-        if (group, element) != (0xFFFE, 0xE000):
-            raise ValueError(f"({group:04X},{element:04X}) where an item belongs")
+        if (group, element) != (0xFFFE, 0xE000):  # read as an item all the same
+            source.budget.left -= _ITEM_WEIGHT - 1
         items.append(
             read_dataset(
-                source,
+                window,  # type: ignore[arg-type]
                 sq.is_implicit_VR,
-                sq.is_little_endian,
+                little,
                 None if length == _UNDEFINED_LENGTH else length,
                 defer_size=_DEFER_SIZE,
                 at_top_level=False,
             )
         )
+        if source.budget.left < 0:
+            raise _TooManyElementsError
     return items
 
 
