@@ -691,6 +691,32 @@ def test_deeply_nested_sequences_are_not_understood(
     assert echo(node.port) == SUCCESS
 
 
+def test_items_that_claim_more_than_their_sequence_cost_no_more(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    # 100 sequences of 60 KB, each an item of undefined length never
+    # delimited: read from the whole file, each item ran on over the sequences
+    # after it, held at once (6 MB peaked at 388 MiB, 12 MB at 1.3 GB).
+    node = start_node()
+    value = struct.pack("<HH2sHL", 0x0009, 0x1002, b"OB", 0, 60_000) + bytes(60_000)
+    unterminated = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + value
+    extra = b"".join(
+        struct.pack("<HH2sHL", 0x0009, 0x1100 + j, b"SQ", 0, len(unterminated))
+        + unterminated
+        for j in range(100)
+    )
+    path = ct_with(tmp_path, extra)
+
+    with RssPeak() as rss:
+        status, aborted = send_file(
+            node.port, path, CTImageStorage, ExplicitVRLittleEndian
+        )
+
+    assert not aborted
+    assert status is not None
+    assert rss.growth < 100 * MB, f"{rss.growth / MB:.0f} MB"
+
+
 def test_sequences_of_defined_length_nested_too_deep_are_not_understood(
     start_node: StartNode, tmp_path: Path
 ) -> None:
@@ -742,6 +768,14 @@ def in_an_item(count: int) -> bytes:
     )
 
 
+def not_an_item_first(count: int) -> bytes:
+    """Return a sequence whose one "item" has the Item Delimitation tag and holds
+    a sequence of ``count`` empty items."""
+    inner = defined_length_items(count)
+    fake = struct.pack("<HHL", 0xFFFE, 0xE00D, len(inner)) + inner
+    return struct.pack("<HH2sHL", 0x0009, 0x1000, b"SQ", 0, len(fake)) + fake
+
+
 def ct_with(tmp_path: Path, extra: bytes, *, deflated: bool = False) -> Path:
     """Write a CT whose data set carries ``extra`` (group 0009) in tag order."""
     ds = make_ct(rows=8, columns=8)
@@ -774,6 +808,8 @@ def ct_with(tmp_path: Path, extra: bytes, *, deflated: bool = False) -> Path:
         ("the same, left on disk (over 64 KiB)", defined_length_items(9000), False),
         ("the same, deflated", defined_length_items(300), True),
         ("the same, in an item of undefined length", in_an_item(300), False),
+        # pydicom reads any header but the Sequence Delimiter as an item.
+        ("the same, its first header not an item's", not_an_item_first(300), False),
     ],
 )
 def test_a_data_set_of_more_elements_than_max_data_elements_is_refused(
