@@ -127,6 +127,11 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("[node]\nworkers = -1\n", {}, "[node] workers"),
         ("[node]\ntorch_threads = -1\n", {}, "[node] torch_threads"),
         ("[node]\nscoring_nice = 20\n", {}, "[node] scoring_nice"),
+        (
+            "[node]\nmax_data_elements = 10\n",
+            {},
+            "node.toml: expected 1000..100000000, found 10",
+        ),
         ("", {"DICOM_NODE_NODE_SCORING_NICE": "-1"}, "[node] scoring_nice"),
         ("", {"DICOM_NODE_NODE_MAX_PDU": "1"}, "(from DICOM_NODE_NODE_MAX_PDU)"),
         ("", {"DICOM_NODE_HTTP_PORT": "70000"}, "(from DICOM_NODE_HTTP_PORT)"),
