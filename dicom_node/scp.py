@@ -1004,7 +1004,6 @@ class _Window:
     """
 
     def __init__(self, source: _CountedFile | _CountedBytes, start: int, end: int):
-        self.budget = source.budget
         self._source = source
         self._end = end
         source.seek(start)
