@@ -318,6 +318,15 @@ def guard(
     except PreprocessError as exc:
         reason = f"{exc}; not retried: the same stored images would fail again"
         return finish_job(index, job, JobState.FAILED, reason)
+    except OSError as exc:
+        # A stored file gone or replaced while read (the retention sweep, a copy
+        # sent again), a full disk: the files' trouble, not a bug; tried again.
+        return retry_or_fail(
+            index,
+            job,
+            config,
+            f"file not readable or writable: {describe_exception(exc)}",
+        )
     except Exception as exc:
         if isinstance(exc, DicomNodeError | InferenceError):
             detail = str(exc)

@@ -389,6 +389,32 @@ def test_a_failing_job_is_retried_then_failed_with_the_reason(
     assert destination.received == []
 
 
+def test_a_stored_file_gone_is_retried_without_a_traceback(
+    tmp_path: Path,
+    model: Path,
+    destination: Destination,
+    run_serve: Callable[[NodeConfig], int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Removed (say, by hand, or aside in a retention sweep) before its job reads
+    # it: the files' trouble, retried; once logged as the node's own bug.
+    config = node_config(
+        tmp_path, model, destination.port, job_attempts=2, stable_after=3.0
+    )
+    port = run_serve(config)
+    store_datasets(port, ct_study())
+    for path in config.storage_dir.rglob("*.dcm"):
+        path.unlink()
+
+    wait_for(lambda: status(config)["jobs"]["failed"] == 1, 60, "failed job")
+    reason = status(config)["failed_jobs"][0]["reason"] or ""
+    assert reason.startswith("after 2 tries: file not readable or writable: ")
+    assert "FileNotFoundError" in reason
+    assert "unexpected" not in caplog.text
+    assert "Traceback" not in caplog.text
+    assert destination.received == []
+
+
 def test_a_model_file_that_fails_to_load_is_read_again_once_it_changes(
     tmp_path: Path, model: Path
 ) -> None:
