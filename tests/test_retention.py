@@ -88,7 +88,7 @@ def test_a_delivered_study_and_its_results_go_after_their_periods(
     wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "delivered")
     assert len(stored(config)) == 2
     results = config.state_dir / "results"
-    assert len(list(results.rglob("sr.dcm"))) == 1
+    assert len(list(results.glob("*/*/sr.dcm"))) == 1  # <study>/<run>, not .early
 
     # Within the periods: nothing goes.
     long = replace(config, retention=RetentionConfig(1, 1, 1))
@@ -144,7 +144,7 @@ def test_a_study_with_a_pending_delivery_or_a_new_instance_is_kept(
         report = sweep(index, short, settle_seconds=0)
         assert (report.studies, report.result_sets) == (0, 0)
         assert len(stored(config)) == 2
-        assert len(list((config.state_dir / "results").rglob("sr.dcm"))) == 1
+        assert len(list((config.state_dir / "results").glob("*/*/sr.dcm"))) == 1
 
         # A study whose last instance has just arrived is not yet settled.
         fresh = ct_study(1)
