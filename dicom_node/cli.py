@@ -720,7 +720,8 @@ def _config_command(args: argparse.Namespace) -> int:
         f"{config.max_connections_per_host} connections per address, "
         f"PDU {config.max_pdu} bytes, instance {config.max_instance_bytes} bytes "
         f"(inflated {config.max_inflated_bytes}, "
-        f"{config.max_data_elements} elements), association within "
+        f"{config.max_data_elements} elements, "
+        f"{config.max_in_memory_bytes} bytes of values in memory), association within "
         f"{config.acse_timeout:g} s, idle {config.idle_timeout:g} s"
     )
     periods = config.retention

@@ -305,6 +305,13 @@ class NodeConfig:
         Largest size a Deflated data set may inflate to (it is inflated in
         memory to be read); a larger one is refused with 0xA700 (Refused: Out
         of Resources, PS3.4 B.2.3) and nothing is kept.
+    max_in_memory_bytes
+        Most bytes of a received data set's values the node reads into
+        memory to check it, score it and build its results: every value in a
+        sequence and every top-level value up to 1 MiB (longer top-level
+        values, Pixel Data among them, stay on disk). Past it the data set is
+        refused with 0xA700 (Refused: Out of Resources) as soon as it is
+        passed, and nothing is kept.
     log_level
         Level of the node's own log lines (DEBUG, INFO, WARNING, ERROR).
     workers
@@ -392,6 +399,7 @@ class NodeConfig:
     max_instance_bytes: int = 4 * 1024**3
     max_inflated_bytes: int = 64 * 1024**2
     max_data_elements: int = 1_000_000
+    max_in_memory_bytes: int = 64 * 1024**2
     log_level: str = "INFO"
     workers: int = 2
     device: str = ""
@@ -466,7 +474,7 @@ class NodeConfig:
             f"[node] max_connections_per_host in {where}: expected 1..1024, "
             f"found {self.max_connections_per_host}",
         )
-        for key in ("max_instance_bytes", "max_inflated_bytes"):
+        for key in ("max_instance_bytes", "max_inflated_bytes", "max_in_memory_bytes"):
             value = getattr(self, key)
             _check(
                 value >= 1024**2,
@@ -635,6 +643,7 @@ _NODE_KEYS: dict[str, type] = {
     "max_instance_bytes": int,
     "max_inflated_bytes": int,
     "max_data_elements": int,
+    "max_in_memory_bytes": int,
     "log_level": str,
     "workers": int,
     "device": str,

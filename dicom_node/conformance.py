@@ -264,6 +264,13 @@ def statement(config: NodeConfig) -> list[Section]:
                             "(nested ones included; an item counts as four); "
                             "more: 0xA700",
                         ),
+                        (
+                            "max_in_memory_bytes",
+                            _bytes(config.max_in_memory_bytes),
+                            "Most bytes of a data set's values read into memory "
+                            "(every value in a sequence, top-level ones up to "
+                            "1 MiB; Pixel Data stays on disk); more: 0xA700",
+                        ),
                     ),
                 ),
                 "Association acceptance: the called AE title must be the node's. "

@@ -46,7 +46,9 @@ STORE_STATUSES: dict[int, tuple[str, str]] = {
         "Refused: Out of Resources",
         "The storage disk is full, a write or the index failed or is locked, "
         "a Deflated data set inflates past max_inflated_bytes, or a data set "
-        "holds more than max_data_elements elements; the sender may retry later",
+        "holds more than max_data_elements elements or more than "
+        "max_in_memory_bytes of values read into memory; the sender may retry "
+        "later",
     ),
     SOP_CLASS_NOT_SUPPORTED: (
         "Refused: SOP Class not supported",

@@ -36,6 +36,7 @@ from dicom_node.index import (
 )
 from dicom_node.jobs import ClaimedJob, JobOutcome, finish_job, guard
 from dicom_node.log import describe_exception, uid_ref
+from dicom_node.storage import STORED_DEFER_SIZE
 from inference import (
     Classifier,
     InferenceError,
@@ -295,13 +296,6 @@ FileIdentity = tuple[int, int, int]
 _CHANGED: FileIdentity = (-1, -1, -1)
 
 
-# Values longer than this stay in the file when a stored instance is read to
-# be scored: Pixel Data is read only once the image is known to be one the
-# model takes and of a size it can (a whole-slide image of gigabytes was read
-# whole, only to be passed over).
-_DEFER_SIZE = 1024 * 1024
-
-
 def read_stored(path: Path) -> Dataset:
     """Read a stored instance to be scored, its values over 1 MiB left in the file.
 
@@ -313,7 +307,9 @@ def read_stored(path: Path) -> Dataset:
     OSError
         If the file cannot be read.
     """
-    return dcmread(path, defer_size=_DEFER_SIZE)
+    # A whole-slide image of gigabytes was once read whole, only to be passed
+    # over.
+    return dcmread(path, defer_size=STORED_DEFER_SIZE)
 
 
 def file_identity(path: Path) -> FileIdentity:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import logging
@@ -13,7 +14,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -81,7 +82,13 @@ from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicom_node.index import IndexDB, InstanceRecordRequest, RecordOutcome
 from dicom_node.log import describe_exception, quiet_pynetdicom, uid_ref
 from dicom_node.loop import Loop
-from dicom_node.storage import InstanceKey, Storage, sha256_from, validate_uid
+from dicom_node.storage import (
+    STORED_DEFER_SIZE,
+    InstanceKey,
+    Storage,
+    sha256_from,
+    validate_uid,
+)
 from dicom_node.tls import server_context
 
 __all__ = [
@@ -704,8 +711,9 @@ def _store_received(
     # Check the received data set, then place it and index it (see _store).
     request = cast(C_STORE, event.request)
     limit = ctx.config.max_data_elements
+    held = ctx.config.max_in_memory_bytes
     try:
-        ds = _read_received(path, body, limit)
+        ds = _read_received(path, body, limit, held)
         # Before any element is read: reading converts raw elements.
         problem = _structure_problem(ds, file_size if body is None else len(body))
         sop_class_uid = ds.get("SOPClassUID")
@@ -717,6 +725,13 @@ def _store_received(
         return (
             OUT_OF_RESOURCES,
             f"data set holds more than max_data_elements ({limit}) elements",
+            None,
+        )
+    except _TooManyBytesError:
+        return (
+            OUT_OF_RESOURCES,
+            "data set holds more than max_in_memory_bytes "
+            f"({held}) of values read into memory",
             None,
         )
     except Exception as exc:
@@ -864,25 +879,64 @@ _ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")
 _ITEM_WEIGHT = 4
 
 
-class _TooManyElementsError(Exception):
-    """A received data set holds more element headers than the node reads."""
+class _OverBudgetError(Exception):
+    """A received data set holds more than the node reads to check it."""
+
+
+class _TooManyElementsError(_OverBudgetError):
+    """More element headers than ``[node] max_data_elements``."""
+
+
+class _TooManyBytesError(_OverBudgetError):
+    """More bytes of values read into memory than ``[node] max_in_memory_bytes``."""
 
 
 class _Budget:
-    """Element headers one data set may still have read (its readers share it)."""
+    """What one data set's readers may still read (they share it).
 
-    def __init__(self, limit: int) -> None:
-        self.left = limit
+    ``left``: element headers; ``bytes_left``: bytes of values held in memory.
+    """
+
+    def __init__(self, elements: int, held_bytes: int) -> None:
+        self.left = elements
+        self.bytes_left = held_bytes
+        self.holding = True
+
+    @contextlib.contextmanager
+    def not_holding(self) -> Iterator[None]:
+        """Count no held bytes for the reads within (what they read is let go)."""
+        self.holding = False
+        try:
+            yield
+        finally:
+            self.holding = True
+
+    def spend_bytes(self, count: int) -> None:
+        """Count ``count`` bytes of values held; raise once past the budget."""
+        self.bytes_left -= count
+        if self.bytes_left < 0:
+            raise _TooManyBytesError
+
+    def error(self) -> _OverBudgetError:
+        """Return the error of a spent budget (a reader failed after spending it)."""
+        return _TooManyElementsError() if self.left < 0 else _TooManyBytesError()
+
+    @property
+    def spent(self) -> bool:
+        """Whether either budget is spent."""
+        return self.left < 0 or self.bytes_left < 0
 
 
 class _Counted:
-    """Counts the 8-byte reads of pydicom's reader: element and item headers.
+    """Counts what pydicom's reader reads: element and item headers, values.
 
     pydicom reads each data element's and item's header with one 8-byte read
     (a value of 8 bytes counts too). An element costs up to ~300 bytes of
     memory once read, an item (a data set of its own) ~1.2 KB: an item counts
-    as :data:`_ITEM_WEIGHT` elements. Once the budget is spent, every such read
-    raises :class:`_TooManyElementsError`, so that the reader stops.
+    as :data:`_ITEM_WEIGHT` elements. A longer read is a value (or a part of
+    one): its bytes count against the budget's ``bytes_left`` (values of
+    sequences of undefined length are all read, however long). Once either is
+    spent, the read raises, so that the reader stops.
     """
 
     budget: _Budget
@@ -893,6 +947,11 @@ class _Counted:
             self.budget.left -= _ITEM_WEIGHT if data[:4] in _ITEM_TAGS else 1
             if self.budget.left < 0:
                 raise _TooManyElementsError
+        elif len(data) > 8 and self.budget.holding:
+            # (pydicom's scan of an undefined-length value that is not
+            # encapsulated data for its end reads 8 KiB blocks it lets go of:
+            # counted all the same.)
+            self.budget.spend_bytes(len(data))
         return data
 
 
@@ -909,21 +968,27 @@ class _CountedBytes(_Counted, io.BytesIO):
         self.budget = budget
 
 
-def _read_received(path: Path, body: bytes | None, limit: int) -> Dataset:
-    """Read a received data set to check it, reading at most ``limit`` headers.
+def _read_received(
+    path: Path, body: bytes | None, limit: int, held_bytes: int
+) -> Dataset:
+    """Read a received data set to check it, within its budget of headers and bytes.
 
     Values longer than :data:`_DEFER_SIZE` (pixel data) stay on disk. A
     deflated data set is read from ``body``, inflated already (at most
     ``max_inflated_bytes``): Deflated Explicit VR Little Endian (PS3.5 A.5).
     Its sequences of defined length, which pydicom leaves as bytes until a
-    value in one is read, are counted too (:func:`_count_sequences`).
+    value in one is read, are counted too (:func:`_count_sequences`), and so
+    are the values left on disk here that are read when the image is scored
+    or its results are built.
 
     Raises
     ------
     _TooManyElementsError
         Past ``limit`` element headers, as soon as it is passed.
+    _TooManyBytesError
+        Past ``held_bytes`` of values, as soon as it is passed.
     """
-    budget = _Budget(limit)
+    budget = _Budget(limit, held_bytes)
     source: _CountedFile | _CountedBytes
     try:
         if body is not None:
@@ -934,11 +999,11 @@ def _read_received(path: Path, body: bytes | None, limit: int) -> Dataset:
             with _CountedFile(path, budget) as source:
                 ds = dcmread(source, defer_size=_DEFER_SIZE)
                 _count_sequences(ds, source)
-    except Exception:
+    except Exception as exc:
         # pydicom turns what a read raises inside a sequence item into OSError.
-        if budget.left < 0:
-            raise _TooManyElementsError from None
-        raise
+        if isinstance(exc, _OverBudgetError) or not budget.spent:
+            raise
+        raise budget.error() from None
     return ds
 
 
@@ -963,9 +1028,12 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
     parse is left as it was received (a value in it fails where it is read,
     as it did before).
 
+    The values left on disk (longer than :data:`_DEFER_SIZE`) that are read
+    later count against the budget's bytes too (:func:`_read_later`).
+
     Raises
     ------
-    _TooManyElementsError
+    _TooManyElementsError, _TooManyBytesError
         Once the budget of ``source`` is spent.
     _NestedTooDeepError
         Past :data:`_MAX_DEPTH` levels.
@@ -980,18 +1048,42 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
                 if elem.VR != VR.SQ:
                     continue
                 items = list(elem.value)  # read with the data set (and counted)
-            elif elem.length == 0 or not _is_sequence(elem, current):
+            elif elem.length == 0:
+                continue
+            elif not _is_sequence(elem, current):
+                if elem.value is None:
+                    source.budget.spend_bytes(_read_later(elem, depth))
                 continue
             else:
                 try:
                     items = _read_items(source, elem)
                 except Exception as exc:
-                    if source.budget.left < 0 or not is_decode_error(exc):
+                    if isinstance(exc, _OverBudgetError):
+                        raise
+                    if source.budget.spent:
+                        raise source.budget.error() from None
+                    if not is_decode_error(exc):
                         raise
                     continue
             if items and depth == _MAX_DEPTH:
                 raise _NestedTooDeepError(f"sequences nested over {_MAX_DEPTH} deep")
             pending.extend((item, depth + 1) for item in items)
+
+
+def _read_later(elem: RawDataElement, depth: int) -> int:
+    """Bytes of a value left on disk at receipt that are read into memory later.
+
+    A stored instance is read with its top-level values up to
+    :data:`~dicom_node.storage.STORED_DEFER_SIZE` (longer ones stay on disk:
+    Pixel Data is decoded from the file); a sequence is read whole when it is
+    used. A value of undefined length (not a sequence: encapsulated data) was
+    passed over without its length being kept: it counts as that size.
+    """
+    if elem.length == _UNDEFINED_LENGTH:
+        return STORED_DEFER_SIZE
+    if depth == 0 and elem.length > STORED_DEFER_SIZE:
+        return 0
+    return int(elem.length)
 
 
 class _Window:
@@ -1038,7 +1130,8 @@ def _read_items(
         end = sq.value_tell + len(sq.value)
     else:  # left in the file: its end is its delimiter's place
         source.seek(sq.value_tell)
-        read_undefined_length_value(source, little, SequenceDelimiterTag, 1)
+        with source.budget.not_holding():  # a scan for the delimiter keeps nothing
+            read_undefined_length_value(source, little, SequenceDelimiterTag, 1)
         end = source.tell() - 8
     window = _Window(source, sq.value_tell, end)
     header = "<HHL" if little else ">HHL"
@@ -1059,8 +1152,8 @@ def _read_items(
                 at_top_level=False,
             )
         )
-        if source.budget.left < 0:
-            raise _TooManyElementsError
+        if source.budget.spent:
+            raise source.budget.error()
     return items
 
 

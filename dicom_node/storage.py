@@ -19,7 +19,20 @@ from pathlib import Path
 
 from dicom_node.errors import InvalidUidError, StorageError
 
-__all__ = ["InstanceKey", "Storage", "sha256_from", "validate_uid"]
+__all__ = [
+    "STORED_DEFER_SIZE",
+    "InstanceKey",
+    "Storage",
+    "sha256_from",
+    "validate_uid",
+]
+
+# Values longer than this, at a stored data set's top level, stay in the file
+# when it is read to be scored or to build its results (Pixel Data is read only
+# once the image is known to be one the model takes, and of a size it can).
+# What a received data set holds in memory is counted against this at receipt
+# ([node] max_in_memory_bytes).
+STORED_DEFER_SIZE = 1024 * 1024
 
 # PS3.5 9.1: digits in components separated by ".", at most 64 characters.
 _UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")

@@ -847,6 +847,88 @@ def test_a_data_set_within_max_data_elements_is_stored_as_sent(
     assert len(stored_ds[0x00092000].value) == 50
 
 
+def private_values(count: int, size: int, element: int = 0x1000) -> bytes:
+    """Return ``count`` private OB elements (0009,eeee) of ``size`` zero bytes."""
+    return b"".join(
+        struct.pack("<HH2sHL", 0x0009, element + i, b"OB", 0, size) + bytes(size)
+        for i in range(count)
+    )
+
+
+def in_a_sequence(extra: bytes, *, defined: bool) -> bytes:
+    """Return private sequence (0009,0FFF) of one item holding ``extra``."""
+    if defined:
+        item = struct.pack("<HHL", 0xFFFE, 0xE000, len(extra)) + extra
+        return struct.pack("<HH2sHL", 0x0009, 0x0FFF, b"SQ", 0, len(item)) + item
+    return (
+        struct.pack("<HH2sHL", 0x0009, 0x0FFF, b"SQ", 0, 0xFFFFFFFF)
+        + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+        + extra
+        + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+        + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    )
+
+
+# 1.2 MB of values, over a max_in_memory_bytes of 1 MiB.
+_SMALL_VALUES = private_values(20, 60_000)  # read when the data set is checked
+_MIDDLE_VALUES = private_values(2, 600_000)  # left on disk then, read when scored
+
+
+@pytest.mark.parametrize(
+    ("what", "extra", "deflated"),
+    [
+        ("values of 60 KB", _SMALL_VALUES, False),
+        ("the same, deflated", _SMALL_VALUES, True),
+        ("values of 600 KB, read when the image is scored", _MIDDLE_VALUES, False),
+        (
+            "values in a sequence of undefined length (pydicom reads them all)",
+            in_a_sequence(_SMALL_VALUES, defined=False),
+            False,
+        ),
+        (
+            "values of 600 KB in a sequence of defined length",
+            in_a_sequence(_MIDDLE_VALUES, defined=True),
+            False,
+        ),
+    ],
+)
+def test_a_data_set_of_more_values_than_max_in_memory_bytes_is_refused(
+    start_node: StartNode,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    what: str,
+    extra: bytes,
+    deflated: bool,
+) -> None:
+    # 300 MB of 60 KB values were once stored, taking the node up 300 MB at
+    # receipt (and again when scored), once per association at a time.
+    node = start_node(max_in_memory_bytes=1024**2)
+    path = ct_with(tmp_path, extra, deflated=deflated)
+    syntax = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
+
+    status, aborted = send_file(node.port, path, CTImageStorage, syntax)
+
+    assert (status, aborted) == (OUT_OF_RESOURCES, False), what
+    assert node.stored_files() == []
+    assert echo(node.port) == SUCCESS
+    assert "more than max_in_memory_bytes (1048576)" in caplog.text
+
+
+def test_values_within_max_in_memory_bytes_and_long_ones_are_stored_as_sent(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    node = start_node(max_in_memory_bytes=1024**2)
+    # 900 KB counted; a 3 MB top-level value stays on disk and is not.
+    extra = private_values(15, 60_000) + private_values(1, 3_000_000, element=0x2000)
+    path = ct_with(tmp_path, extra)
+
+    status, aborted = send_file(node.port, path, CTImageStorage, ExplicitVRLittleEndian)
+
+    assert (status, aborted) == (SUCCESS, False)
+    [stored] = node.stored_files()
+    assert data_set_digest(stored) == data_set_digest(path)
+
+
 # --- floods ------------------------------------------------------------------
 
 

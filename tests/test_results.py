@@ -30,6 +30,7 @@ from dicom_node.results.render import overlay
 from dicom_node.results.sr import POINT_MEANING
 from dicom_node.results.store import write_result_files
 from dicom_node.score import sr_text
+from dicom_node.scoring import read_stored
 from inference import Classifier, ModelArtifact, StudyPrediction
 from tests.factories import corpus_file, dcmtk, make_artifact, make_ct
 
@@ -373,6 +374,27 @@ def test_a_results_process_writes_what_building_here_writes(tmp_path: Path) -> N
                 item.pop("ContributionDateTime", None)
         assert a == b, name
     assert built.sr_uid == dcmread(here / "sr.dcm").SOPInstanceUID
+
+
+def test_results_are_built_without_reading_a_sources_long_values(
+    tmp_path: Path,
+) -> None:
+    # A stored source is read with its top-level values over 1 MiB left in
+    # the file, when scored and when its results are built: a private value
+    # of gigabytes must not be read for the Patient and Study modules.
+    [ds] = sources("CT")[:1]
+    private = 0x00091010
+    ds.add_new(private, "OB", bytes(3 * 1024**2))
+    path = tmp_path / "source.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    stored = read_stored(path)
+    prediction = predict([stored])
+
+    files = written(build_results([stored], prediction, 1, node=NODE), tmp_path / "r")
+
+    assert stored.get_item(private, keep_deferred=True).value is None
+    assert files[-1].name == "sr.dcm" and all(p.is_file() for p in files)
+    assert dcmread(files[0]).PatientID == ds.PatientID
 
 
 def test_a_source_with_a_non_standard_patients_sex_still_gets_results(

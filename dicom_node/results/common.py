@@ -15,7 +15,7 @@ import highdicom as hd
 from highdicom.enum import SpecificCharacterSetValues
 from pydicom import charset as dicom_charset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
@@ -122,8 +122,23 @@ def highdicom_view(source: Dataset) -> Dataset:
 
 
 def _identity_view(source: Dataset) -> Dataset:
-    """Return a shallow view of the source (a retired SOP class: its successor)."""
-    view = Dataset({element.tag: element for element in source})
+    """Return a shallow view of the source (a retired SOP class: its successor).
+
+    Values still left in the source's file (read with a defer size: Pixel
+    Data, other long values) are not in the view: no attribute of the Patient
+    or Study modules is one, and reading them would bring them into memory.
+    """
+    view = Dataset(
+        {
+            tag: source[tag]
+            for tag, element in source.items()
+            if not (
+                isinstance(element, RawDataElement)
+                and element.value is None
+                and element.length != 0
+            )
+        }
+    )
     sop_class = str(view.get("SOPClassUID", ""))
     if sop_class in _RETIRED:
         view[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", _RETIRED[sop_class])
