@@ -497,9 +497,8 @@ def _prepare(
         before = file_identity(image.path)
         datasets.append(read_stored(image.path))
         # Replaced while read: what was read is not known; nothing reused. (A
-        # copy sent again before the pixels are read has them read from it, as
-        # long as they are, unchecked: this run's scores may mix the two, and
-        # the copy's own run replaces them.)
+        # copy sent again before the pixels are read is not read: decoding
+        # refuses a file other than the one read, and the job is tried again.)
         files[str(image.path)] = (
             before if file_identity(image.path) == before else _CHANGED
         )

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         ImageTooLargeError,
         InferenceError,
         PreprocessError,
+        SourceChangedError,
     )
     from inference.gradcam import (
         GRADCAM_LAYERS,
@@ -74,6 +75,7 @@ _HOMES = {
     "LabelPrediction": "inference.findings",
     "ModelArtifact": "inference.artifact",
     "PreprocessError": "inference.errors",
+    "SourceChangedError": "inference.errors",
     "PreprocessSpec": "inference.pixels",
     "StudyPrediction": "inference.findings",
     "StudyScores": "inference.classifier",
@@ -125,6 +127,7 @@ __all__ = [
     "ModelArtifact",
     "PreprocessError",
     "PreprocessSpec",
+    "SourceChangedError",
     "StudyPrediction",
     "StudyScores",
     "build_model",

@@ -1,6 +1,12 @@
 """The inference package's exception hierarchy."""
 
-__all__ = ["ArtifactError", "ImageTooLargeError", "InferenceError", "PreprocessError"]
+__all__ = [
+    "ArtifactError",
+    "ImageTooLargeError",
+    "InferenceError",
+    "PreprocessError",
+    "SourceChangedError",
+]
 
 
 class InferenceError(Exception):
@@ -17,3 +23,10 @@ class PreprocessError(InferenceError, ValueError):
 
 class ImageTooLargeError(PreprocessError):
     """An image exceeds the configured size limit; refused before decoding."""
+
+
+class SourceChangedError(InferenceError, OSError):
+    """A data set's file was replaced between reading the data set and its pixels.
+
+    An OSError, as a file gone between the two reads: reading again may succeed.
+    """

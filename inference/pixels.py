@@ -7,8 +7,9 @@ into model input.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -22,7 +23,7 @@ from pydicom.pixels.processing import (
     apply_voi_lut,
 )
 
-from inference.errors import ImageTooLargeError, PreprocessError
+from inference.errors import ImageTooLargeError, PreprocessError, SourceChangedError
 
 __all__ = [
     "FrameSource",
@@ -234,13 +235,56 @@ def _stored_length(ds: Dataset, keyword: str) -> int | None:
         return int(elem.length)
     if elem.value is not None:
         return len(elem.value)
-    if not isinstance(ds.filename, str):
-        return None
-    # Encapsulated and left in the file: at most the rest of the file.
+    # Encapsulated and left in the file: at most the rest of the file (the
+    # one open to be read from, see _file_as_read).
+    buffer = getattr(ds, "buffer", None)
     try:
-        return os.path.getsize(ds.filename) - int(elem.value_tell)
-    except OSError:
+        if buffer is not None:
+            size = os.fstat(buffer.fileno()).st_size
+        elif isinstance(ds.filename, str):
+            size = os.path.getsize(ds.filename)
+        else:
+            return None
+    except (OSError, AttributeError):
         return None  # its reading says why
+    return size - int(elem.value_tell)
+
+
+@contextlib.contextmanager
+def _file_as_read(ds: Dataset) -> Iterator[None]:
+    """Read the values a data set left in its file from that file as it was read.
+
+    pydicom reads a value left in the file (``defer_size``) by opening the
+    file's path again: a file replaced since (an instance stored again) would
+    have its Pixel Data read, however long, past :func:`check_size`. pydicom 3
+    reads it from the data set's ``buffer`` instead while that is open (its
+    Dataset.__getitem__): the path is opened here, the file checked to be the
+    one read (the modification time pydicom recorded), and read from.
+
+    Raises
+    ------
+    SourceChangedError
+        If the file is another one now.
+    """
+    filename = getattr(ds, "filename", None)
+    timestamp = getattr(ds, "timestamp", None)
+    if (
+        not isinstance(filename, str)
+        or timestamp is None
+        or getattr(ds, "buffer", None) is not None
+    ):
+        yield  # read from memory, or from a buffer it holds
+        return
+    with open(filename, "rb") as f:
+        if os.fstat(f.fileno()).st_mtime != timestamp:
+            raise SourceChangedError(
+                "the file was replaced between reading its data set and its pixels"
+            )
+        ds.buffer = f
+        try:
+            yield
+        finally:
+            ds.buffer = None
 
 
 def decode_frames(ds: Dataset, max_pixels: int = 2**27) -> tuple[FloatArray, bool]:
@@ -267,15 +311,16 @@ def decode_frames(ds: Dataset, max_pixels: int = 2**27) -> tuple[FloatArray, boo
     PreprocessError
         If there is no image, it cannot be decoded, or its layout is unsupported.
     """
-    check_size(ds, max_pixels)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    try:
-        arr = ds.pixel_array  # YBR_* comes back as RGB
-    except (ValueError, NotImplementedError, RuntimeError, AttributeError) as exc:
-        raise PreprocessError(
-            f"cannot decode Pixel Data ({type(exc).__name__})"
-        ) from exc
+    with _file_as_read(ds):
+        check_size(ds, max_pixels)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        try:
+            arr = ds.pixel_array  # YBR_* comes back as RGB
+        except (ValueError, NotImplementedError, RuntimeError, AttributeError) as exc:
+            raise PreprocessError(
+                f"cannot decode Pixel Data ({type(exc).__name__})"
+            ) from exc
     if photometric == "PALETTE COLOR":
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
         rgb = apply_color_lut(arr, ds).astype(np.float32) / float(2**bits - 1)

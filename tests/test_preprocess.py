@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from inference import (
     ImageTooLargeError,
     PreprocessError,
     PreprocessSpec,
+    SourceChangedError,
     check_size,
     decode_frames,
     heatmap_to_source,
@@ -256,6 +258,32 @@ def test_pixel_data_far_larger_than_its_image_is_refused_before_it_is_read(
     with pytest.raises(ImageTooLargeError, match=r"PixelData of 83886\d\d bytes"):
         check_size(read, 10**9)
     assert (read.get_item("PixelData", keep_deferred=True).value is None) is deferred
+
+
+def test_pixels_are_read_from_the_file_read_never_from_one_that_replaced_it(
+    tmp_path: Path,
+) -> None:
+    # The node stores an instance sent again by replacing its file. A job that
+    # read the first data set must not decode the copy's Pixel Data (read
+    # past check_size, whatever its length): it is told to read again.
+    first = make_ct(rows=1024, columns=1024, seed=1)  # 2 MiB: left in the file
+    path = tmp_path / "ct.dcm"
+    first.save_as(path, enforce_file_format=True)
+    read = dcmread(path, defer_size=1024 * 1024)
+    copy = make_ct(rows=4096, columns=2048, seed=2)  # 16 MiB, the same layout
+    copy.SOPInstanceUID = first.SOPInstanceUID
+    copy.save_as(tmp_path / "copy.dcm", enforce_file_format=True)
+    stat = path.stat()
+    os.utime(tmp_path / "copy.dcm", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**6))
+    os.replace(tmp_path / "copy.dcm", path)
+
+    with pytest.raises(SourceChangedError, match="replaced between reading"):
+        decode_frames(read, 10**9)
+    assert read.get_item("PixelData", keep_deferred=True).value is None
+
+    again = dcmread(path, defer_size=1024 * 1024)
+    frames, _ = decode_frames(again, 10**9)
+    assert frames.shape == (1, 4096, 2048)
 
 
 def test_pixel_data_a_little_longer_than_its_image_is_not_refused_for_it() -> None:

@@ -393,7 +393,8 @@ def test_results_are_built_without_reading_a_sources_long_values(
     files = written(build_results([stored], prediction, 1, node=NODE), tmp_path / "r")
 
     assert stored.get_item(private, keep_deferred=True).value is None
-    assert files[-1].name == "sr.dcm" and all(p.is_file() for p in files)
+    assert files[-1].name == "sr.dcm"
+    assert all(p.is_file() for p in files)
     assert dcmread(files[0]).PatientID == ds.PatientID
 
 
