@@ -44,9 +44,9 @@ from dicom_node.scoring import (
     LoadedModel,
     ModelCache,
     file_identity,
-    read_stored,
 )
 from dicom_node.scp import Arrival
+from dicom_node.storage import read_stored
 from inference import StudyScores
 
 __all__ = ["ArrivalScorer"]

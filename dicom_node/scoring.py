@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
@@ -36,7 +35,7 @@ from dicom_node.index import (
 )
 from dicom_node.jobs import ClaimedJob, JobOutcome, finish_job, guard
 from dicom_node.log import describe_exception, uid_ref
-from dicom_node.storage import STORED_DEFER_SIZE
+from dicom_node.storage import read_stored
 from inference import (
     Classifier,
     InferenceError,
@@ -57,7 +56,6 @@ __all__ = [
     "eligible_images",
     "file_identity",
     "process_jobs",
-    "read_stored",
     "study_images",
 ]
 
@@ -294,22 +292,6 @@ FileIdentity = tuple[int, int, int]
 
 # The identity of a file that changed while it was read: matches none.
 _CHANGED: FileIdentity = (-1, -1, -1)
-
-
-def read_stored(path: Path) -> Dataset:
-    """Read a stored instance to be scored, its values over 1 MiB left in the file.
-
-    pydicom reads such a value when it is first used (Pixel Data, when the
-    image is decoded), from the same path.
-
-    Raises
-    ------
-    OSError
-        If the file cannot be read.
-    """
-    # A whole-slide image of gigabytes was once read whole, only to be passed
-    # over.
-    return dcmread(path, defer_size=STORED_DEFER_SIZE)
 
 
 def file_identity(path: Path) -> FileIdentity:

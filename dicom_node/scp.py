@@ -1038,25 +1038,34 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
     _NestedTooDeepError
         Past :data:`_MAX_DEPTH` levels.
     """
-    pending = [(ds, 0)]
+    # Each data set with its depth and the lengths of the values of undefined
+    # length pydicom passed over in it (:func:`_read_items`).
+    pending: list[tuple[Dataset, int, dict[int, int]]] = [(ds, 0, {})]
     while pending:
-        current, depth = pending.pop()
+        current, depth, passed_over = pending.pop()
         # items(): the elements as held, raw ones not converted.
         for _, elem in list(current.items()):
-            items: list[Dataset]
+            items: list[tuple[Dataset, dict[int, int]]]
             if not isinstance(elem, RawDataElement):
                 if elem.VR != VR.SQ:
                     continue
-                items = list(elem.value)  # read with the data set (and counted)
+                items = [(item, {}) for item in elem.value]  # read (and counted)
             elif elem.length == 0:
                 continue
             elif not _is_sequence(elem, current):
                 if elem.value is None:
-                    source.budget.spend_bytes(_read_later(elem, depth))
+                    source.budget.spend_bytes(
+                        passed_over.get(elem.tag, _read_later(elem, depth))
+                    )
                 continue
             else:
                 try:
-                    items = _read_items(source, elem)
+                    if elem.value is None:
+                        items = _read_items(source, elem)
+                    else:
+                        # Its bytes were read, and counted, with its data set.
+                        with source.budget.not_holding():
+                            items = _read_items(source, elem)
                 except Exception as exc:
                     if isinstance(exc, _OverBudgetError):
                         raise
@@ -1067,22 +1076,26 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
                     continue
             if items and depth == _MAX_DEPTH:
                 raise _NestedTooDeepError(f"sequences nested over {_MAX_DEPTH} deep")
-            pending.extend((item, depth + 1) for item in items)
+            pending.extend((item, depth + 1, lengths) for item, lengths in items)
 
 
 def _read_later(elem: RawDataElement, depth: int) -> int:
     """Bytes of a value left on disk at receipt that are read into memory later.
 
     A stored instance is read with its top-level values up to
-    :data:`~dicom_node.storage.STORED_DEFER_SIZE` (longer ones stay on disk:
-    Pixel Data is decoded from the file); a sequence is read whole when it is
-    used. A value of undefined length (not a sequence: encapsulated data) was
-    passed over without its length being kept: it counts as that size.
+    :data:`~dicom_node.storage.STORED_DEFER_SIZE`
+    (:func:`~dicom_node.storage.read_stored`: longer Pixel Data is decoded
+    from the file, its length checked first; other longer values are left
+    out); a sequence is read whole when it is used. A top-level value of
+    undefined length (not a sequence: encapsulated data) was passed over
+    without its length being kept: it counts as that size, the most read of
+    it. In an item, such a value's length is where the next element starts
+    (:func:`_read_items`).
     """
-    if elem.length == _UNDEFINED_LENGTH:
-        return STORED_DEFER_SIZE
-    if depth == 0 and elem.length > STORED_DEFER_SIZE:
-        return 0
+    if depth == 0:
+        if elem.length == _UNDEFINED_LENGTH:
+            return STORED_DEFER_SIZE
+        return int(elem.length) if elem.length <= STORED_DEFER_SIZE else 0
     return int(elem.length)
 
 
@@ -1113,7 +1126,7 @@ class _Window:
 
 def _read_items(
     source: _CountedFile | _CountedBytes, sq: RawDataElement
-) -> list[Dataset]:
+) -> list[tuple[Dataset, dict[int, int]]]:
     """Read the items of a sequence pydicom left as bytes, where it lies in ``source``.
 
     As pydicom's read_sequence does when the value is read (a header that is
@@ -1142,19 +1155,37 @@ def _read_items(
             break
         if (group, element) != (0xFFFE, 0xE000):  # read as an item all the same
             source.budget.left -= _ITEM_WEIGHT - 1
-        items.append(
-            read_dataset(
-                window,  # type: ignore[arg-type]
-                sq.is_implicit_VR,
-                little,
-                None if length == _UNDEFINED_LENGTH else length,
-                defer_size=_DEFER_SIZE,
-                at_top_level=False,
-            )
+        item = read_dataset(
+            window,  # type: ignore[arg-type]
+            sq.is_implicit_VR,
+            little,
+            None if length == _UNDEFINED_LENGTH else length,
+            defer_size=_DEFER_SIZE,
+            at_top_level=False,
         )
+        items.append((item, _passed_over(item, window.tell())))
         if source.budget.spent:
             raise source.budget.error()
     return items
+
+
+def _passed_over(item: Dataset, end: int) -> dict[int, int]:
+    """Return the lengths of the values of undefined length pydicom passed over.
+
+    pydicom scans such a value (encapsulated data) for its end and keeps no
+    length: it reaches to where the next element starts (or the item ends at
+    ``end``), a few header bytes over. By tag.
+    """
+    raws = sorted(
+        (e for _, e in item.items() if isinstance(e, RawDataElement)),
+        key=lambda e: e.value_tell,
+    )
+    starts = [e.value_tell for e in raws[1:]] + [end] * bool(raws)
+    return {
+        int(raw.tag): max(0, start - raw.value_tell)
+        for raw, start in zip(raws, starts, strict=True)
+        if raw.value is None and raw.length == _UNDEFINED_LENGTH
+    }
 
 
 def _is_sequence(raw: RawDataElement, ds: Dataset) -> bool:

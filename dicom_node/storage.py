@@ -17,12 +17,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.valuerep import VR
+
 from dicom_node.errors import InvalidUidError, StorageError
 
 __all__ = [
+    "PIXEL_DATA_TAGS",
     "STORED_DEFER_SIZE",
     "InstanceKey",
     "Storage",
+    "read_stored",
     "sha256_from",
     "validate_uid",
 ]
@@ -33,6 +41,50 @@ __all__ = [
 # What a received data set holds in memory is counted against this at receipt
 # ([node] max_in_memory_bytes).
 STORED_DEFER_SIZE = 1024 * 1024
+
+# Float Pixel Data, Double Float Pixel Data, Pixel Data (PS3.6).
+PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+
+
+def read_stored(path: Path) -> Dataset:
+    """Read a stored instance to score it or build its results.
+
+    Its top-level values over :data:`STORED_DEFER_SIZE` stay in the file:
+    Pixel Data is read where the image is decoded (after its size is
+    checked), from the file that was read; any other such value, not a
+    sequence, is left out of the data set: nothing the node reads of a source
+    is that long (a Modality or palette LUT, Number of Frames), and reading
+    one would cost its length (values pydicom makes one object each of, up to
+    ~200 times that). A sequence that long (a multi-frame image's per-frame
+    groups) is read where it is used; what it holds was counted when it was
+    received (``[node] max_in_memory_bytes``).
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    """
+    ds = dcmread(path, defer_size=STORED_DEFER_SIZE)
+    for tag, element in list(ds.items()):
+        if (
+            tag not in PIXEL_DATA_TAGS
+            and isinstance(element, RawDataElement)
+            and element.value is None
+            and element.length != 0
+            and not _is_sequence(element)
+        ):
+            del ds[tag]
+    return ds
+
+
+def _is_sequence(raw: RawDataElement) -> bool:
+    if raw.VR is not None:
+        return bool(raw.VR == VR.SQ)
+    try:  # implicit VR: as the data dictionary says (a private one: not known)
+        return dictionary_VR(raw.tag) == VR.SQ
+    except KeyError:
+        return False
+
 
 # PS3.5 9.1: digits in components separated by ".", at most 64 characters.
 _UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")

@@ -322,8 +322,13 @@ def decode_frames(ds: Dataset, max_pixels: int = 2**27) -> tuple[FloatArray, boo
                 f"cannot decode Pixel Data ({type(exc).__name__})"
             ) from exc
     if photometric == "PALETTE COLOR":
-        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        rgb = apply_color_lut(arr, ds).astype(np.float32) / float(2**bits - 1)
+        try:
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+            rgb = apply_color_lut(arr, ds).astype(np.float32) / float(2**bits - 1)
+        except (ValueError, TypeError, AttributeError, IndexError) as exc:
+            raise PreprocessError(
+                f"cannot apply the palette ({type(exc).__name__})"
+            ) from exc
         return _frames_first(rgb, frames, color=True), True
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples == 3:

@@ -869,6 +869,17 @@ def in_a_sequence(extra: bytes, *, defined: bool) -> bytes:
     )
 
 
+def encapsulated_value(size: int, element: int = 0x1100) -> bytes:
+    """Return private OB (0009,eeee) of undefined length: one fragment of ``size``."""
+    return (
+        struct.pack("<HH2sHL", 0x0009, element, b"OB", 0, 0xFFFFFFFF)
+        + struct.pack("<HHL", 0xFFFE, 0xE000, 0)  # empty offset table
+        + struct.pack("<HHL", 0xFFFE, 0xE000, size)
+        + bytes(size)
+        + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    )
+
+
 # 1.2 MB of values, over a max_in_memory_bytes of 1 MiB.
 _SMALL_VALUES = private_values(20, 60_000)  # read when the data set is checked
 _MIDDLE_VALUES = private_values(2, 600_000)  # left on disk then, read when scored
@@ -888,6 +899,12 @@ _MIDDLE_VALUES = private_values(2, 600_000)  # left on disk then, read when scor
         (
             "values of 600 KB in a sequence of defined length",
             in_a_sequence(_MIDDLE_VALUES, defined=True),
+            False,
+        ),
+        (
+            # pydicom passes over it keeping no length: measured, not guessed.
+            "an encapsulated value of 3 MB in a sequence of defined length",
+            in_a_sequence(encapsulated_value(3_000_000), defined=True),
             False,
         ),
     ],
@@ -914,17 +931,38 @@ def test_a_data_set_of_more_values_than_max_in_memory_bytes_is_refused(
     assert "more than max_in_memory_bytes (1048576)" in caplog.text
 
 
+def nested(extra: bytes, levels: int) -> bytes:
+    """Return ``extra`` inside ``levels`` sequences of defined length, one item each."""
+    for _ in range(levels):
+        extra = in_a_sequence(extra, defined=True)
+    return extra
+
+
+@pytest.mark.parametrize(
+    ("what", "extra"),
+    [
+        # 900 KB counted; a 3 MB top-level value stays on disk and is not.
+        (
+            "values, and one over 1 MiB",
+            private_values(15, 60_000) + private_values(1, 3_000_000, element=0x2000),
+        ),
+        # Each level's bytes are read with it, then its items: counted once.
+        ("values in sequences nested 4 deep", nested(private_values(15, 60_000), 4)),
+        (
+            "encapsulated values in a sequence",
+            in_a_sequence(encapsulated_value(400_000), defined=True),
+        ),
+    ],
+)
 def test_values_within_max_in_memory_bytes_and_long_ones_are_stored_as_sent(
-    start_node: StartNode, tmp_path: Path
+    start_node: StartNode, tmp_path: Path, what: str, extra: bytes
 ) -> None:
     node = start_node(max_in_memory_bytes=1024**2)
-    # 900 KB counted; a 3 MB top-level value stays on disk and is not.
-    extra = private_values(15, 60_000) + private_values(1, 3_000_000, element=0x2000)
     path = ct_with(tmp_path, extra)
 
     status, aborted = send_file(node.port, path, CTImageStorage, ExplicitVRLittleEndian)
 
-    assert (status, aborted) == (SUCCESS, False)
+    assert (status, aborted) == (SUCCESS, False), what
     [stored] = node.stored_files()
     assert data_set_digest(stored) == data_set_digest(path)
 

@@ -286,6 +286,16 @@ def test_pixels_are_read_from_the_file_read_never_from_one_that_replaced_it(
     assert frames.shape == (1, 4096, 2048)
 
 
+def test_a_palette_image_without_its_palette_is_a_clear_error() -> None:
+    # A stored instance is read without its values over 1 MiB (a palette that
+    # long is none a real image has): the image says what is missing.
+    ds = dcmread(corpus_file("examples_palette.dcm"))
+    del ds.RedPaletteColorLookupTableData
+
+    with pytest.raises(PreprocessError, match="cannot apply the palette"):
+        decode_frames(ds, 10**9)
+
+
 def test_pixel_data_a_little_longer_than_its_image_is_not_refused_for_it() -> None:
     ds = make_ct(rows=16, columns=16)
     ds.PixelData = bytes(16 * 16 * 2 + 1000)  # a vendor's padding

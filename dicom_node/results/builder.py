@@ -29,13 +29,12 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.log import configure_logging
 from dicom_node.results.naming import NodeIdentity
 from dicom_node.results.store import write_result_files
-from dicom_node.storage import STORED_DEFER_SIZE
+from dicom_node.storage import read_stored
 from inference import StudyPrediction
 
 __all__ = ["BuildRequest", "Built", "ResultBuilder", "build_and_write"]
@@ -122,11 +121,8 @@ def build_and_write(
     from dicom_node.results.build import build_results
 
     if sources is None:
-        # Long top-level values (Pixel Data among them) are read where they
-        # are used, as when the image was scored.
-        sources = [
-            dcmread(path, defer_size=STORED_DEFER_SIZE) for path in request.sources
-        ]
+        # As when the images were scored: long values are not read here.
+        sources = [read_stored(path) for path in request.sources]
     previous = request.previous_sr
     result = build_results(
         sources,

@@ -124,25 +124,48 @@ def highdicom_view(source: Dataset) -> Dataset:
 def _identity_view(source: Dataset) -> Dataset:
     """Return a shallow view of the source (a retired SOP class: its successor).
 
-    Values still left in the source's file (read with a defer size: Pixel
-    Data, other long values) are not in the view: no attribute of the Patient
-    or Study modules is one, and reading them would bring them into memory.
+    Only what highdicom may read of a source is in it, read from the source
+    now (decoded in its character set): not values still in the source's
+    file (Pixel Data), not private elements, not values over
+    :data:`_SPLIT_LIMIT` bytes that pydicom makes one Python object each of
+    (1 MB of DS values is ~200 MB so; no attribute of the Patient, Study or
+    image modules is that long).
     """
     view = Dataset(
-        {
-            tag: source[tag]
-            for tag, element in source.items()
-            if not (
-                isinstance(element, RawDataElement)
-                and element.value is None
-                and element.length != 0
-            )
-        }
+        {tag: source[tag] for tag, element in source.items() if _viewed(element)}
     )
     sop_class = str(view.get("SOPClassUID", ""))
     if sop_class in _RETIRED:
         view[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", _RETIRED[sop_class])
     return view
+
+
+# Longest value of a splitting VR (one Python object a value) a view holds.
+_SPLIT_LIMIT = 1024
+
+# VRs whose value pydicom keeps as one bytes or str object.
+_WHOLE_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "LT", "ST", "UT", "UR", "SQ"}
+)
+
+
+def _viewed(element: DataElement | RawDataElement) -> bool:
+    """Whether a source's element goes into its view (see :func:`_identity_view`)."""
+    if element.tag.is_private:
+        return False
+    if not isinstance(element, RawDataElement):
+        return True  # read already
+    if element.value is None:
+        return element.length == 0  # else left in the file
+    if len(element.value) <= _SPLIT_LIMIT:
+        return True
+    vr = element.VR
+    if vr in (None, "UN"):  # implicit VR, or UN: pydicom reads the dictionary's
+        try:
+            vr = dictionary_VR(element.tag)
+        except KeyError:
+            return True  # not known: kept as bytes
+    return vr in _WHOLE_VRS
 
 
 # Retired SOP classes old archives still send, and the class that replaced each.
