@@ -1038,14 +1038,16 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
     _NestedTooDeepError
         Past :data:`_MAX_DEPTH` levels.
     """
-    # Each data set with its depth and the lengths of the values of undefined
-    # length pydicom passed over in it (:func:`_read_items`).
-    pending: list[tuple[Dataset, int, dict[int, int]]] = [(ds, 0, {})]
+    # Each data set with its depth, the lengths of the values of undefined
+    # length pydicom passed over in it (:func:`_read_items`), and whether its
+    # values were counted already (read as the bytes of a sequence it is in).
+    pending: list[tuple[Dataset, int, dict[int, int], bool]] = [(ds, 0, {}, False)]
     while pending:
-        current, depth, passed_over = pending.pop()
+        current, depth, passed_over, counted = pending.pop()
         # items(): the elements as held, raw ones not converted.
         for _, elem in list(current.items()):
             items: list[tuple[Dataset, dict[int, int]]]
+            within = counted
             if not isinstance(elem, RawDataElement):
                 if elem.VR != VR.SQ:
                     continue
@@ -1053,19 +1055,25 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
             elif elem.length == 0:
                 continue
             elif not _is_sequence(elem, current):
-                if elem.value is None:
+                if elem.value is None and not counted:
                     source.budget.spend_bytes(
                         passed_over.get(elem.tag, _read_later(elem, depth))
                     )
                 continue
             else:
+                # Bytes read (and counted) with its data set, or within such
+                # a sequence: its items' values are not counted again.
+                within = counted or elem.value is not None
                 try:
-                    if elem.value is None:
-                        items = _read_items(source, elem)
-                    else:
-                        # Its bytes were read, and counted, with its data set.
+                    if within:
                         with source.budget.not_holding():
                             items = _read_items(source, elem)
+                    else:
+                        items = _read_items(source, elem)
+                except RecursionError:
+                    # pydicom recurses into nested sequences: not read, so not
+                    # counted, and not to be read later either.
+                    raise _NestedTooDeepError("sequences nested too deep") from None
                 except Exception as exc:
                     if isinstance(exc, _OverBudgetError):
                         raise
@@ -1076,7 +1084,7 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
                     continue
             if items and depth == _MAX_DEPTH:
                 raise _NestedTooDeepError(f"sequences nested over {_MAX_DEPTH} deep")
-            pending.extend((item, depth + 1, lengths) for item, lengths in items)
+            pending.extend((item, depth + 1, found, within) for item, found in items)
 
 
 def _read_later(elem: RawDataElement, depth: int) -> int:

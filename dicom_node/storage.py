@@ -27,12 +27,15 @@ from dicom_node.errors import InvalidUidError, StorageError
 
 __all__ = [
     "PIXEL_DATA_TAGS",
+    "SPLIT_VALUE_LIMIT",
     "STORED_DEFER_SIZE",
+    "WHOLE_VRS",
     "InstanceKey",
     "Storage",
     "read_stored",
     "sha256_from",
     "validate_uid",
+    "value_vr",
 ]
 
 # Values longer than this, at a stored data set's top level, stay in the file
@@ -45,19 +48,32 @@ STORED_DEFER_SIZE = 1024 * 1024
 # Float Pixel Data, Double Float Pixel Data, Pixel Data (PS3.6).
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
+# Per-frame Functional Groups Sequence: a multi-frame image's per-frame
+# attributes, megabytes long for thousands of frames.
+_PER_FRAME_GROUPS = 0x52009230
+
+# Longest top-level value of a VR pydicom makes one Python object per value of
+# (DS, IS, US, CS, ...: up to ~200 times their bytes) that a stored instance
+# is read with: nothing the node reads of one is longer (a window, a ratio).
+SPLIT_VALUE_LIMIT = 1024
+
+# VRs whose value pydicom keeps as one bytes or str object.
+WHOLE_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "LT", "ST", "UT", "UR", "SQ"}
+)
+
 
 def read_stored(path: Path) -> Dataset:
     """Read a stored instance to score it or build its results.
 
     Its top-level values over :data:`STORED_DEFER_SIZE` stay in the file:
     Pixel Data is read where the image is decoded (after its size is
-    checked), from the file that was read; any other such value, not a
-    sequence, is left out of the data set: nothing the node reads of a source
-    is that long (a Modality or palette LUT, Number of Frames), and reading
-    one would cost its length (values pydicom makes one object each of, up to
-    ~200 times that). A sequence that long (a multi-frame image's per-frame
-    groups) is read where it is used; what it holds was counted when it was
-    received (``[node] max_in_memory_bytes``).
+    checked), from the file that was read, and the Per-frame Functional
+    Groups Sequence where it is used. Any other such value is left out of the
+    data set, and so is any value over :data:`SPLIT_VALUE_LIMIT` of a VR
+    pydicom makes one object per value of: nothing the node reads of a
+    source is that long (a LUT sequence, Number of Frames, a window), and
+    reading one would cost its length, or up to ~200 times that.
 
     Raises
     ------
@@ -66,24 +82,33 @@ def read_stored(path: Path) -> Dataset:
     """
     ds = dcmread(path, defer_size=STORED_DEFER_SIZE)
     for tag, element in list(ds.items()):
-        if (
-            tag not in PIXEL_DATA_TAGS
-            and isinstance(element, RawDataElement)
-            and element.value is None
-            and element.length != 0
-            and not _is_sequence(element)
-        ):
+        if isinstance(element, RawDataElement) and _left_out(element):
             del ds[tag]
     return ds
 
 
-def _is_sequence(raw: RawDataElement) -> bool:
-    if raw.VR is not None:
-        return bool(raw.VR == VR.SQ)
-    try:  # implicit VR: as the data dictionary says (a private one: not known)
-        return dictionary_VR(raw.tag) == VR.SQ
-    except KeyError:
+def _left_out(raw: RawDataElement) -> bool:
+    if raw.tag in PIXEL_DATA_TAGS or raw.tag == _PER_FRAME_GROUPS:
         return False
+    if raw.value is None:
+        return raw.length != 0  # over STORED_DEFER_SIZE
+    if len(raw.value) <= SPLIT_VALUE_LIMIT:
+        return False
+    return value_vr(raw) not in WHOLE_VRS
+
+
+def value_vr(raw: RawDataElement) -> str:
+    """Return the VR pydicom gives a raw element's value once it reads it.
+
+    Implicit VR and UN: the data dictionary's (a tag it does not know stays
+    UN, its value bytes); an ambiguous one ("US or SS") is returned as such.
+    """
+    if raw.VR not in (None, VR.UN):
+        return str(raw.VR)
+    try:
+        return str(dictionary_VR(raw.tag))
+    except KeyError:
+        return "UN"
 
 
 # PS3.5 9.1: digits in components separated by ".", at most 64 characters.

@@ -312,22 +312,29 @@ def decode_frames(ds: Dataset, max_pixels: int = 2**27) -> tuple[FloatArray, boo
         If there is no image, it cannot be decoded, or its layout is unsupported.
     """
     with _file_as_read(ds):
-        check_size(ds, max_pixels)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-        try:
-            arr = ds.pixel_array  # YBR_* comes back as RGB
-        except (ValueError, NotImplementedError, RuntimeError, AttributeError) as exc:
-            raise PreprocessError(
-                f"cannot decode Pixel Data ({type(exc).__name__})"
-            ) from exc
+        return _decode(ds, max_pixels)
+
+
+def _decode(ds: Dataset, max_pixels: int) -> tuple[FloatArray, bool]:
+    check_size(ds, max_pixels)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    try:
+        arr = ds.pixel_array  # YBR_* comes back as RGB
+    except (ValueError, NotImplementedError, RuntimeError, AttributeError) as exc:
+        raise PreprocessError(
+            f"cannot decode Pixel Data ({type(exc).__name__})"
+        ) from exc
     if photometric == "PALETTE COLOR":
         try:
+            _check_segmented_palette(ds)
             bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
             rgb = apply_color_lut(arr, ds).astype(np.float32) / float(2**bits - 1)
         except (ValueError, TypeError, AttributeError, IndexError) as exc:
             raise PreprocessError(
-                f"cannot apply the palette ({type(exc).__name__})"
+                f"cannot apply the palette ({type(exc).__name__}"
+                + (f": {exc}" if isinstance(exc, PreprocessError) else "")
+                + ")"
             ) from exc
         return _frames_first(rgb, frames, color=True), True
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -339,6 +346,88 @@ def decode_frames(ds: Dataset, max_pixels: int = 2**27) -> tuple[FloatArray, boo
         raise PreprocessError(f"Samples per Pixel {samples} is not supported")
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
     return _frames_first(values, frames, color=False), False
+
+
+# Most entries a palette colour LUT has (PS3.3 C.7.6.3.1.5: 0 means 65536).
+_LUT_ENTRIES = 65536
+
+
+def _check_segmented_palette(ds: Dataset) -> None:
+    """Refuse a Segmented Palette Color LUT that expands past its LUT's size.
+
+    pydicom expands each segment as it reads it (PS3.3 C.7.9.2): a linear
+    segment of 6 bytes becomes up to 65,535 entries, and 10 KB of them once
+    took 627 MB. Each segment's length is read here first, in pydicom's
+    layout (8- or 16-bit words, as the LUT Descriptor says): discrete (0) and
+    linear (1) add theirs, indirect (2) those of the segments it points at.
+
+    Raises
+    ------
+    PreprocessError
+        If the entries would exceed the LUT Descriptor's, or a segment is not
+        understood.
+    """
+    # As read (pydicom keeps an OW value in its file's byte order).
+    little = getattr(ds, "original_encoding", (None, True))[1] is not False
+    for colour in ("Red", "Green", "Blue"):
+        data = ds.get(f"Segmented{colour}PaletteColorLookupTableData")
+        if data is None:
+            continue
+        descriptor = ds.get(f"{colour}PaletteColorLookupTableDescriptor")
+        entries = int(descriptor[0]) if descriptor else 0
+        limit = entries or _LUT_ENTRIES
+        eight = bool(descriptor) and int(descriptor[2]) == 8
+        kind = "u1" if eight else ("<u2" if little else ">u2")
+        raw = bytes(data)
+        words = np.frombuffer(raw[: len(raw) // 2 * 2] if not eight else raw, kind)
+        found = _segments(
+            words, 0, len(words), limit, eight=eight, little=little, top=True
+        )
+        if found > limit:
+            raise PreprocessError(
+                f"its segmented {colour.lower()} LUT expands to over {limit} entries"
+            )
+
+
+def _segments(
+    words: npt.NDArray[Any],
+    start: int,
+    count: int,
+    limit: int,
+    *,
+    eight: bool,
+    little: bool,
+    top: bool,
+) -> int:
+    """Sum the entries of up to ``count`` segments from word ``start``.
+
+    Stops once past ``limit``. An indirect segment's offset indexes the words,
+    as pydicom reads it; one inside the segments another copies is refused.
+    """
+    total, i, seen = 0, start, 0
+    while i + 1 < len(words) and seen < count and total <= limit:
+        op, n = int(words[i]), int(words[i + 1])
+        if op == 0:  # discrete: n values follow
+            total, i = total + n, i + 2 + n
+        elif op == 1:  # linear: to one value, n entries
+            total, i = total + n, i + 3
+        elif op == 2 and top and i + (5 if eight else 3) < len(words):
+            if eight:
+                order = (3, 2, 1, 0) if little else (2, 3, 0, 1)
+                b = [int(words[i + 2 + k]) for k in order]
+                offset = (b[0] << 8 | b[1]) << 16 | (b[2] << 8 | b[3])
+                step = 6
+            else:
+                offset = int(words[i + 3]) << 16 | int(words[i + 2])
+                step = 4
+            total += _segments(
+                words, offset, n, limit - total, eight=eight, little=little, top=False
+            )
+            i += step
+        else:
+            raise PreprocessError(f"segment type {op} is not understood here")
+        seen += 1
+    return total
 
 
 def _frames_first(arr: npt.NDArray[Any], frames: int, *, color: bool) -> FloatArray:

@@ -949,6 +949,11 @@ def nested(extra: bytes, levels: int) -> bytes:
         # Each level's bytes are read with it, then its items: counted once.
         ("values in sequences nested 4 deep", nested(private_values(15, 60_000), 4)),
         (
+            # pydicom reads the outer one whole: the inner one's items once.
+            "the same, in a sequence of undefined length",
+            in_a_sequence(nested(private_values(15, 60_000), 2), defined=False),
+        ),
+        (
             "encapsulated values in a sequence",
             in_a_sequence(encapsulated_value(400_000), defined=True),
         ),

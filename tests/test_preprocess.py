@@ -296,6 +296,38 @@ def test_a_palette_image_without_its_palette_is_a_clear_error() -> None:
         decode_frames(ds, 10**9)
 
 
+def test_a_segmented_palette_that_expands_past_its_lut_is_refused_unexpanded() -> None:
+    # 6 bytes of a linear segment expand to 65,535 entries: 10 KB of them
+    # once took 627 MB. The palette says 256 entries.
+    ds = dcmread(corpus_file("examples_palette.dcm"))
+    words = np.array([0, 1, 0] + [1, 65535, 65535] * 1000, "<u2").tobytes()
+    for colour in ("Red", "Green", "Blue"):
+        delattr(ds, f"{colour}PaletteColorLookupTableData")
+        ds.add_new(f"Segmented{colour}PaletteColorLookupTableData", "OW", words)
+
+    with pytest.raises(PreprocessError, match="expands to over 256 entries"):
+        decode_frames(ds, 10**9)
+
+
+def test_a_segmented_palette_is_applied() -> None:
+    ds = dcmread(corpus_file("examples_palette.dcm"))
+    expected, _ = decode_frames(ds, 10**9)
+    for colour in ("Red", "Green", "Blue"):
+        lut = np.frombuffer(ds[f"{colour}PaletteColorLookupTableData"].value, "<u2")
+        words = [0, 256, *(int(v) for v in lut)]  # one discrete segment
+        delattr(ds, f"{colour}PaletteColorLookupTableData")
+        ds.add_new(
+            f"Segmented{colour}PaletteColorLookupTableData",
+            "OW",
+            np.array(words, "<u2").tobytes(),
+        )
+
+    frames, color = decode_frames(ds, 10**9)
+
+    assert color
+    np.testing.assert_array_equal(frames, expected)
+
+
 def test_pixel_data_a_little_longer_than_its_image_is_not_refused_for_it() -> None:
     ds = make_ct(rows=16, columns=16)
     ds.PixelData = bytes(16 * 16 * 2 + 1000)  # a vendor's padding

@@ -380,15 +380,20 @@ def test_a_results_process_writes_what_building_here_writes(tmp_path: Path) -> N
 def test_results_are_built_without_reading_a_sources_long_values(
     tmp_path: Path,
 ) -> None:
-    # A stored source is read with its top-level values over 1 MiB left out
-    # (Pixel Data left in the file), when scored and when its results are
-    # built; values pydicom makes an object each of are not made into objects
-    # for the Patient and Study modules (1.2 MB of DS values: ~245 MB).
+    # A stored source is read without its top-level values over 1 MiB (Pixel
+    # Data left in the file) and over 1 KiB of VRs pydicom makes an object per
+    # value of (1.2 MB of DS values: ~245 MB), when scored and when its
+    # results are built; a sequence the results copy is copied, its values
+    # not made into objects (900 KB of DS values nested: results took 897 MB).
     [ds] = sources("CT")[:1]
     private = 0x00091010
     ds.add_new(private, "OB", bytes(3 * 1024**2))
     numbers = 0x00181310  # Acquisition Matrix, a US: as long as any other
     ds.add_new(numbers, "US", [1] * 300_000)
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "1", "99L", "A"
+    code.add_new(0x00200032, "DS", ["1"] * 100_000)  # Image Position, nested
+    ds.ProcedureCodeSequence = [code]
     path = tmp_path / "source.dcm"
     ds.save_as(path, enforce_file_format=True)
     stored = read_stored(path)
@@ -397,10 +402,14 @@ def test_results_are_built_without_reading_a_sources_long_values(
     files = written(build_results([stored], prediction, 1, node=NODE), tmp_path / "r")
 
     assert private not in stored
-    assert isinstance(stored.get_item(numbers), RawDataElement)
+    assert numbers not in stored
+    nested = stored.ProcedureCodeSequence[0].get_item(0x00200032)
+    assert isinstance(nested, RawDataElement)
     assert files[-1].name == "sr.dcm"
-    assert all(p.is_file() for p in files)
-    assert dcmread(files[0]).PatientID == ds.PatientID
+    for path in files:
+        written_ds = dcmread(path)
+        assert written_ds.PatientID == ds.PatientID
+        assert written_ds.ProcedureCodeSequence[0].CodeMeaning == "A"
 
 
 def test_a_source_with_a_non_standard_patients_sex_still_gets_results(

@@ -30,6 +30,7 @@ from dicom_node.identity import (
     SOFTWARE_VERSION,
 )
 from dicom_node.results.naming import NodeIdentity
+from dicom_node.storage import SPLIT_VALUE_LIMIT, WHOLE_VRS, value_vr
 from inference import StudyPrediction
 
 __all__ = ["algorithm_equipment", "finish", "highdicom_view"]
@@ -126,10 +127,10 @@ def _identity_view(source: Dataset) -> Dataset:
 
     Only what highdicom may read of a source is in it, read from the source
     now (decoded in its character set): not values still in the source's
-    file (Pixel Data), not private elements, not values over
-    :data:`_SPLIT_LIMIT` bytes that pydicom makes one Python object each of
-    (1 MB of DS values is ~200 MB so; no attribute of the Patient, Study or
-    image modules is that long).
+    file but sequences (not Pixel Data), not private elements, not values
+    over :data:`~dicom_node.storage.SPLIT_VALUE_LIMIT` bytes that pydicom
+    makes one Python object each of (1 MB of DS values is ~200 MB so; no
+    attribute of the Patient, Study or image modules is that long).
     """
     view = Dataset(
         {tag: source[tag] for tag, element in source.items() if _viewed(element)}
@@ -140,32 +141,17 @@ def _identity_view(source: Dataset) -> Dataset:
     return view
 
 
-# Longest value of a splitting VR (one Python object a value) a view holds.
-_SPLIT_LIMIT = 1024
-
-# VRs whose value pydicom keeps as one bytes or str object.
-_WHOLE_VRS = frozenset(
-    {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "LT", "ST", "UT", "UR", "SQ"}
-)
-
-
 def _viewed(element: DataElement | RawDataElement) -> bool:
     """Whether a source's element goes into its view (see :func:`_identity_view`)."""
     if element.tag.is_private:
         return False
     if not isinstance(element, RawDataElement):
         return True  # read already
-    if element.value is None:
-        return element.length == 0  # else left in the file
-    if len(element.value) <= _SPLIT_LIMIT:
+    if element.value is None:  # left in the file: a sequence is read now
+        return element.length == 0 or value_vr(element) == "SQ"
+    if len(element.value) <= SPLIT_VALUE_LIMIT:
         return True
-    vr = element.VR
-    if vr in (None, "UN"):  # implicit VR, or UN: pydicom reads the dictionary's
-        try:
-            vr = dictionary_VR(element.tag)
-        except KeyError:
-            return True  # not known: kept as bytes
-    return vr in _WHOLE_VRS
+    return value_vr(element) in WHOLE_VRS
 
 
 # Retired SOP classes old archives still send, and the class that replaced each.
@@ -306,8 +292,16 @@ _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 
 
 def _text_values(ds: Dataset) -> Iterator[str]:
-    """Yield every text value of a data set, nested ones included."""
-    for element in ds:
+    """Yield every text value of a data set, nested ones included.
+
+    Only text elements and sequences are read: a copied sequence may hold
+    values pydicom would make one object each of (DS, US, ...).
+    """
+    for tag, held in ds.items():
+        vr = value_vr(held) if isinstance(held, RawDataElement) else held.VR
+        if vr not in _TEXT_VRS and vr != "SQ":
+            continue
+        element = ds[tag]
         if element.VR == "SQ":
             for item in element.value or ():
                 yield from _text_values(item)
