@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.valuerep import VR
 
 from dicom_node.errors import InvalidUidError, StorageError
+from inference import file_identity_of
 
 __all__ = [
     "PIXEL_DATA_TAGS",
@@ -75,12 +76,19 @@ def read_stored(path: Path) -> Dataset:
     source is that long (a LUT sequence, Number of Frames, a window), and
     reading one would cost its length, or up to ~200 times that.
 
+    The data set carries the identity of the file it was read from
+    (``stored_file_identity``): what is read of it later is read from that
+    file or not at all (:func:`inference.file_as_read`).
+
     Raises
     ------
     OSError
         If the file cannot be read.
     """
-    ds = dcmread(path, defer_size=STORED_DEFER_SIZE)
+    with path.open("rb") as f:
+        identity = file_identity_of(f.fileno())
+        ds = dcmread(f, defer_size=STORED_DEFER_SIZE)
+    ds.stored_file_identity = identity
     for tag, element in list(ds.items()):
         if isinstance(element, RawDataElement) and _left_out(element):
             del ds[tag]

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         load_init_weights,
         set_cpu_threads,
     )
+    from inference.pixels import file_as_read, file_identity_of
     from inference.preprocess import (
         Frames,
         FrameSource,
@@ -82,6 +83,8 @@ _HOMES = {
     "build_model": "inference.model",
     "check_size": "inference.pixels",
     "decode_frames": "inference.pixels",
+    "file_as_read": "inference.pixels",
+    "file_identity_of": "inference.pixels",
     "file_sha256": "inference.artifact",
     "gradcam_at": "inference.gradcam",
     "gradcam_from_features": "inference.gradcam",
@@ -133,6 +136,8 @@ __all__ = [
     "build_model",
     "check_size",
     "decode_frames",
+    "file_as_read",
+    "file_identity_of",
     "file_sha256",
     "gradcam_at",
     "gradcam_from_features",

@@ -30,6 +30,8 @@ __all__ = [
     "PreprocessSpec",
     "check_size",
     "decode_frames",
+    "file_as_read",
+    "file_identity_of",
     "render",
     "window",
 ]
@@ -236,7 +238,7 @@ def _stored_length(ds: Dataset, keyword: str) -> int | None:
     if elem.value is not None:
         return len(elem.value)
     # Encapsulated and left in the file: at most the rest of the file (the
-    # one open to be read from, see _file_as_read).
+    # one open to be read from, see file_as_read).
     buffer = getattr(ds, "buffer", None)
     try:
         if buffer is not None:
@@ -250,8 +252,14 @@ def _stored_length(ds: Dataset, keyword: str) -> int | None:
     return size - int(elem.value_tell)
 
 
+def file_identity_of(fd: int) -> tuple[int, int, int, int]:
+    """Return what tells an open file from another: device, inode, size, mtime (ns)."""
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @contextlib.contextmanager
-def _file_as_read(ds: Dataset) -> Iterator[None]:
+def file_as_read(ds: Dataset) -> Iterator[None]:
     """Read the values a data set left in its file from that file as it was read.
 
     pydicom reads a value left in the file (``defer_size``) by opening the
@@ -259,7 +267,9 @@ def _file_as_read(ds: Dataset) -> Iterator[None]:
     have its Pixel Data read, however long, past :func:`check_size`. pydicom 3
     reads it from the data set's ``buffer`` instead while that is open (its
     Dataset.__getitem__): the path is opened here, the file checked to be the
-    one read (the modification time pydicom recorded), and read from.
+    one read, and read from. The one read: the data set's
+    ``stored_file_identity`` where its reader set it (:func:`file_identity_of`
+    of the file it read), else the modification time pydicom recorded.
 
     Raises
     ------
@@ -268,17 +278,22 @@ def _file_as_read(ds: Dataset) -> Iterator[None]:
     """
     filename = getattr(ds, "filename", None)
     timestamp = getattr(ds, "timestamp", None)
+    expected = getattr(ds, "stored_file_identity", None)
     if (
         not isinstance(filename, str)
-        or timestamp is None
+        or (timestamp is None and expected is None)
         or getattr(ds, "buffer", None) is not None
     ):
         yield  # read from memory, or from a buffer it holds
         return
     with open(filename, "rb") as f:
-        if os.fstat(f.fileno()).st_mtime != timestamp:
+        if expected is not None:
+            same = file_identity_of(f.fileno()) == expected
+        else:
+            same = os.fstat(f.fileno()).st_mtime == timestamp
+        if not same:
             raise SourceChangedError(
-                "the file was replaced between reading its data set and its pixels"
+                "the file was replaced between reading its data set and its values"
             )
         ds.buffer = f
         try:
@@ -311,7 +326,7 @@ def decode_frames(ds: Dataset, max_pixels: int = 2**27) -> tuple[FloatArray, boo
     PreprocessError
         If there is no image, it cannot be decoded, or its layout is unsupported.
     """
-    with _file_as_read(ds):
+    with file_as_read(ds):
         return _decode(ds, max_pixels)
 
 

@@ -14,6 +14,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID, RLELossless
 
+from dicom_node.storage import read_stored
 from inference import (
     ImageTooLargeError,
     PreprocessError,
@@ -284,6 +285,27 @@ def test_pixels_are_read_from_the_file_read_never_from_one_that_replaced_it(
     again = dcmread(path, defer_size=1024 * 1024)
     frames, _ = decode_frames(again, 10**9)
     assert frames.shape == (1, 4096, 2048)
+
+
+def test_a_replacing_copy_with_the_same_modification_time_is_told_apart(
+    tmp_path: Path,
+) -> None:
+    # The node reads a stored instance with the identity of the file it read
+    # (device, inode, size, time): a copy that keeps the first's time (a
+    # coarse clock, a copy that keeps its times) is another file all the same.
+    first = make_ct(rows=1024, columns=1024, seed=1)
+    path = tmp_path / "ct.dcm"
+    first.save_as(path, enforce_file_format=True)
+    read = read_stored(path)
+    copy = make_ct(rows=4096, columns=2048, seed=2)
+    copy.save_as(tmp_path / "copy.dcm", enforce_file_format=True)
+    stat = path.stat()
+    os.utime(tmp_path / "copy.dcm", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(tmp_path / "copy.dcm", path)
+
+    with pytest.raises(SourceChangedError, match="replaced between reading"):
+        decode_frames(read, 10**9)
+    assert read.get_item("PixelData", keep_deferred=True).value is None
 
 
 def test_a_palette_image_without_its_palette_is_a_clear_error() -> None:

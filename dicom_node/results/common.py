@@ -31,7 +31,7 @@ from dicom_node.identity import (
 )
 from dicom_node.results.naming import NodeIdentity
 from dicom_node.storage import SPLIT_VALUE_LIMIT, WHOLE_VRS, value_vr
-from inference import StudyPrediction
+from inference import StudyPrediction, file_as_read
 
 __all__ = ["algorithm_equipment", "finish", "highdicom_view"]
 
@@ -132,9 +132,10 @@ def _identity_view(source: Dataset) -> Dataset:
     makes one Python object each of (1 MB of DS values is ~200 MB so; no
     attribute of the Patient, Study or image modules is that long).
     """
-    view = Dataset(
-        {tag: source[tag] for tag, element in source.items() if _viewed(element)}
-    )
+    with file_as_read(source):  # a long sequence is read from the file read
+        view = Dataset(
+            {tag: source[tag] for tag, element in source.items() if _viewed(element)}
+        )
     sop_class = str(view.get("SOPClassUID", ""))
     if sop_class in _RETIRED:
         view[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", _RETIRED[sop_class])
