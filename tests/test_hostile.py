@@ -797,6 +797,19 @@ def ct_with(tmp_path: Path, extra: bytes, *, deflated: bool = False) -> Path:
     )
 
 
+def assert_refused_out_of_resources(
+    node: Node, path: Path, *, deflated: bool, what: str
+) -> None:
+    """Send ``path``: 0xA700, nothing kept, and the node still answers."""
+    syntax = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
+
+    status, aborted = send_file(node.port, path, CTImageStorage, syntax)
+
+    assert (status, aborted) == (OUT_OF_RESOURCES, False), what
+    assert node.stored_files() == []
+    assert echo(node.port) == SUCCESS
+
+
 @pytest.mark.parametrize(
     ("what", "extra", "deflated"),
     [
@@ -819,13 +832,8 @@ def test_a_data_set_of_more_elements_than_max_data_elements_is_refused(
     # for 8 bytes on the wire: 50 MB of them once took the node up 2 GB.
     node = start_node(max_data_elements=1000)
     path = ct_with(tmp_path, extra, deflated=deflated)
-    syntax = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
 
-    status, aborted = send_file(node.port, path, CTImageStorage, syntax)
-
-    assert (status, aborted) == (OUT_OF_RESOURCES, False), what
-    assert node.stored_files() == []
-    assert echo(node.port) == SUCCESS
+    assert_refused_out_of_resources(node, path, deflated=deflated, what=what)
 
 
 @pytest.mark.parametrize("deflated", [False, True])
@@ -921,13 +929,8 @@ def test_a_data_set_of_more_values_than_max_in_memory_bytes_is_refused(
     # receipt (and again when scored), once per association at a time.
     node = start_node(max_in_memory_bytes=1024**2)
     path = ct_with(tmp_path, extra, deflated=deflated)
-    syntax = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
 
-    status, aborted = send_file(node.port, path, CTImageStorage, syntax)
-
-    assert (status, aborted) == (OUT_OF_RESOURCES, False), what
-    assert node.stored_files() == []
-    assert echo(node.port) == SUCCESS
+    assert_refused_out_of_resources(node, path, deflated=deflated, what=what)
     assert "more than max_in_memory_bytes (1048576)" in caplog.text
 
 
