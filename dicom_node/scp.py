@@ -734,6 +734,8 @@ def _store_received(
             f"({held}) of values read into memory",
             None,
         )
+    except _NotUnderstoodError as exc:
+        return CANNOT_UNDERSTAND, str(exc), None
     except Exception as exc:
         if not is_decode_error(exc):
             raise  # the node's own bug: answered 0xA700, logged with its traceback
@@ -1012,7 +1014,11 @@ def _read_received(
 _MAX_DEPTH = 64
 
 
-class _NestedTooDeepError(ValueError):
+class _NotUnderstoodError(ValueError):
+    """A received data set that pydicom would fail on where it is read (0xC000)."""
+
+
+class _NestedTooDeepError(_NotUnderstoodError):
     """A received data set nests sequences deeper than :data:`_MAX_DEPTH`."""
 
 
@@ -1024,9 +1030,12 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
     read, and scoring and the result objects read the source's modules: a
     20 MB sequence of empty items once took the node up 1 GB and a minute of
     CPU there. Each is read from ``source`` where it lies, within its own
-    bytes, its long values left there, and dropped. A sequence that does not
-    parse is left as it was received (a value in it fails where it is read,
-    as it did before).
+    bytes, its long values left there, and dropped. A public sequence that
+    does not parse is refused (pydicom would fail on it wherever it is read,
+    the results' copy of the source's modules included); a private one is
+    kept as it came, its bytes counted as any value's (nothing of the node
+    reads private elements, and a modality's private sequence that pydicom
+    misreads must not cost the image).
 
     The values left on disk (longer than :data:`_DEFER_SIZE`) that are read
     later count against the budget's bytes too (:func:`_read_later`).
@@ -1037,6 +1046,8 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
         Once the budget of ``source`` is spent.
     _NestedTooDeepError
         Past :data:`_MAX_DEPTH` levels.
+    _NotUnderstoodError
+        For a public sequence that does not parse.
     """
     # Each data set with its depth, the lengths of the values of undefined
     # length pydicom passed over in it (:func:`_read_items`), and whether its
@@ -1081,6 +1092,12 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
                         raise source.budget.error() from None
                     if not is_decode_error(exc):
                         raise
+                    if not elem.tag.is_private:
+                        raise _NotUnderstoodError(
+                            f"sequence {elem.tag} does not parse ({type(exc).__name__})"
+                        ) from None
+                    if elem.value is None and not counted:
+                        source.budget.spend_bytes(_read_later(elem, depth))
                     continue
             if items and depth == _MAX_DEPTH:
                 raise _NestedTooDeepError(f"sequences nested over {_MAX_DEPTH} deep")

@@ -735,6 +735,38 @@ def test_sequences_of_defined_length_nested_too_deep_are_not_understood(
     assert node.stored_files() == []
 
 
+def unparsable_sequence(group: int, element: int) -> bytes:
+    """Return a sequence of defined length: an empty item, then half a header."""
+    items = struct.pack("<HHL", 0xFFFE, 0xE000, 0) + b"\xfe\xff\x00"
+    return struct.pack("<HH2sHL", group, element, b"SQ", 0, len(items)) + items
+
+
+@pytest.mark.parametrize(
+    ("tag", "expected"),
+    [(0x00081140, CANNOT_UNDERSTAND), (0x00091010, SUCCESS)],
+    ids=["public", "private"],
+)
+def test_a_sequence_that_does_not_parse_is_not_understood_unless_private(
+    start_node: StartNode, tmp_path: Path, tag: int, expected: int
+) -> None:
+    # pydicom reads a sequence of defined length only when a value in it is
+    # read: the results copy the source's public modules and would fail on it
+    # after Success. A modality's private sequence pydicom misreads is kept:
+    # nothing of the node reads private elements.
+    node = start_node()
+    path = ct_with(tmp_path, unparsable_sequence(tag >> 16, tag & 0xFFFF), tag=tag)
+
+    status, aborted = send_file(node.port, path, CTImageStorage, ExplicitVRLittleEndian)
+
+    assert (status, aborted) == (expected, False), f"status 0x{status or 0:04X}"
+    if expected == SUCCESS:
+        (stored,) = node.stored_files()
+        assert data_set_digest(stored) == data_set_digest(path)
+    else:
+        assert node.stored_files() == []
+    assert echo(node.port) == SUCCESS
+
+
 def empty_private_elements(count: int) -> bytes:
     """Return ``count`` empty private LO elements in group 0009, 8 bytes each."""
     return b"".join(
@@ -776,10 +808,12 @@ def not_an_item_first(count: int) -> bytes:
     return struct.pack("<HH2sHL", 0x0009, 0x1000, b"SQ", 0, len(fake)) + fake
 
 
-def ct_with(tmp_path: Path, extra: bytes, *, deflated: bool = False) -> Path:
-    """Write a CT whose data set carries ``extra`` (group 0009) in tag order."""
+def ct_with(
+    tmp_path: Path, extra: bytes, *, deflated: bool = False, tag: int = 0x00090000
+) -> Path:
+    """Write a CT whose data set carries ``extra`` (group 0009, or at ``tag``)."""
     ds = make_ct(rows=8, columns=8)
-    tail = Dataset({elem.tag: elem for elem in ds if elem.tag > 0x00090000})
+    tail = Dataset({elem.tag: elem for elem in ds if elem.tag > tag})
     for elem in list(tail):
         del ds[elem.tag]
     body = encode_body(ds) + extra + encode_body(tail)
