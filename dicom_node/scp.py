@@ -545,6 +545,11 @@ def handle_dimse_recv(event: Event, ctx: StoreContext) -> None:
     receipt.next_message()
 
 
+def _uid_checked_by_the_node(value: object) -> tuple[bool, str]:
+    """Accept any UI value in pynetdicom (the node checks the UIDs it uses)."""
+    return True, ""
+
+
 def _command(command: bytearray) -> tuple[int | None, str | None]:
     """Return a whole command set's Command Field, or why it cannot be read.
 
@@ -647,6 +652,10 @@ def _store(
     if receipt is not None and request.MessageID in receipt.dropped_messages:
         receipt.dropped_messages.discard(request.MessageID)
         return OUT_OF_RESOURCES, "storage full: data set not written", None
+    try:
+        validate_uid(str(request.AffectedSOPInstanceUID), "AffectedSOPInstanceUID")
+    except InvalidUidError as exc:
+        return INVALID_UID, f"invalid UID: {exc}", None
     if str(request.AffectedSOPClassUID) != str(event.context.abstract_syntax):
         return (
             SOP_CLASS_NOT_SUPPORTED,
@@ -1432,6 +1441,9 @@ def build_ae(config: NodeConfig) -> AE:
     # Data sets go to a file in the spool as they arrive, never whole in memory;
     # the handler then renames the file into storage.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom aborts the association of a request with a UID over 64
+    # characters; the node checks a C-STORE's UIDs itself and answers 0xC001.
+    _config.VALIDATORS["UI"] = _uid_checked_by_the_node
     ae = AE(ae_title=config.ae_title)
     # Associations name this project (PS3.7 D.3.3.2), not the library.
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from io import BytesIO
@@ -41,6 +42,7 @@ from pynetdicom.presentation import build_context
 from dicom_node.config import CallerConfig, ModelConfig, NodeConfig
 from dicom_node.dimse import (
     CANNOT_UNDERSTAND,
+    INVALID_UID,
     OUT_OF_RESOURCES,
     SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
@@ -420,6 +422,40 @@ def test_a_store_on_another_sop_classs_context_is_refused(
 
     assert response_status(sock) == SOP_CLASS_NOT_SUPPORTED
     assert node.stored_files() == []
+
+
+def test_a_store_whose_uid_is_over_64_characters_is_answered_and_the_next_stored(
+    start_node: StartNode, attackers: list[socket.socket]
+) -> None:
+    # pynetdicom aborted the association (every instance after it lost with it).
+    node = start_node()
+    sock = connect(node.port, source=NODE_HOST)
+    attackers.append(sock)
+    sock.sendall(
+        associate_rq(contexts=((1, CTImageStorage, (ImplicitVRLittleEndian,)),))
+    )
+    assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+    sent = []
+    for message_id, long_uid in ((1, True), (2, False)):
+        ds = make_ct(rows=8, columns=8)
+        if long_uid:
+            ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498." + "1" * 50  # 76
+        command = command_set(
+            C_STORE_RQ,
+            CTImageStorage,
+            message_id=message_id,
+            has_data_set=True,
+            sop_instance_uid=str(ds.SOPInstanceUID),
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's on the long UID
+            data_set = encode(ds, True, True)
+        assert data_set is not None
+        sock.sendall(p_data_tf(pdv(1, 0x03, command), pdv(1, 0x02, data_set)))
+        sent.append(response_status(sock))
+
+    assert sent == [INVALID_UID, SUCCESS], [f"0x{s:04X}" for s in sent]
+    assert len(node.stored_files()) == 1
 
 
 def test_a_p_data_tf_stalled_mid_body_is_closed_after_idle_timeout(
