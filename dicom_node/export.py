@@ -141,6 +141,9 @@ _ABORT_SOURCES = {0: "the peer", 2: "the peer's DICOM upper layer"}
 
 # The pynetdicom versions whose private AE._create_socket the node extends.
 _SOCKET_HOOK = pynetdicom_version.startswith("3.0.")
+# The pynetdicom versions whose reactor can take a response its sender waits for
+# (_ResponseGuard replaces the association's DIMSE get_msg there).
+_RESPONSE_GUARD = pynetdicom_version.startswith("3.0.")
 
 
 class _TcpSocket(socket.socket):
@@ -227,7 +230,8 @@ class _ResponseGuard:
     def __init__(self, assoc: Association) -> None:
         self._read = assoc.dimse.get_msg
         self._outstanding = threading.Event()
-        assoc.dimse.get_msg = self._get_msg  # type: ignore[method-assign]
+        if _RESPONSE_GUARD:
+            assoc.dimse.get_msg = self._get_msg  # type: ignore[method-assign]
 
     def _get_msg(self, block: bool = False) -> Any:
         if not block and self._outstanding.is_set():

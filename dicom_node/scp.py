@@ -1309,7 +1309,14 @@ class _SupportedContext(PresentationContext):
         return copy
 
 
-def _supported(context: PresentationContext) -> _SupportedContext:
+# _SupportedContext copies pynetdicom's private PresentationContext._transfer_syntax,
+# as pynetdicom 3.0 has it; on another version the contexts are left as they are.
+_CONTEXT_COPY = pynetdicom_version.startswith("3.0.")
+
+
+def _supported(context: PresentationContext) -> PresentationContext:
+    if not _CONTEXT_COPY:
+        return context
     shared = _SupportedContext()
     shared.__dict__.update(context.__dict__)
     shared._transfer_syntax = list(context._transfer_syntax)

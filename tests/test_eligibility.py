@@ -254,8 +254,8 @@ def test_a_retired_ultrasound_instance_from_storescu_is_stored_and_scored(
 ) -> None:
     # pydicom's US image relabelled as the retired Ultrasound Image Storage class
     # (SOP Class UID and File Meta), as an old archive sends it. (pydicom-data's
-    # real retired-class files, color-px.dcm, carry a Study Time the results
-    # writer refuses; test_scp stores one as it is.)
+    # real retired-class file, color-px.dcm, carries UIDs that are not valid,
+    # which its results would reference; test_scp stores it as it is.)
     us = dcmread(corpus_file("US1_UNCR.dcm"))
     us.SOPClassUID = UID(RETIRED_US_IMAGE)
     us.file_meta.MediaStorageSOPClassUID = UID(RETIRED_US_IMAGE)
