@@ -8,12 +8,13 @@
 # it (libpixelmed-java does not depend on a Java runtime; pixelmed-apps, which does,
 # only adds /usr/bin wrappers, and its DicomSRValidator one fails on Java 17's XPath
 # limits), and chromium (the browser tests/test_web.py opens the status page in,
-# driven by Playwright; nothing is downloaded at test time). Idempotent; needs
+# driven by Playwright; nothing is downloaded at test time), fonts-dejavu-core (the
+# font of the captures' captions). Idempotent; needs
 # root (or sudo) and Debian's package registry.
 set -euo pipefail
 
 packages=(dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl libpixelmed-java
-    default-jre-headless chromium)
+    default-jre-headless chromium fonts-dejavu-core)
 need=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 import pytest
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -526,6 +527,21 @@ def test_the_caption_is_whole_on_a_small_image() -> None:
     assert yellow[:, : out.shape[1] // 2].any()
     assert yellow[:, out.shape[1] // 2 :].any()
     assert np.array_equal(out, overlay(grey, heat, lines))
+
+
+def test_the_caption_draws_accented_letters_and_no_missing_glyph_boxes() -> None:
+    # Pillow's own font has ASCII only: "ö" and kanji came out as boxes. The
+    # caption is drawn in DejaVu Sans (fonts-dejavu-core); what it lacks is
+    # "?", not a box.
+    grey = np.full((64, 64), 100, np.uint8)
+    heat = np.zeros((64, 64), np.float32)
+
+    def band(text: str) -> npt.NDArray[np.uint8]:
+        return overlay(grey, heat, [text])[384:]
+
+    assert not np.array_equal(band("Lungenknötchen"), band("Lungenknotchen"))
+    assert not np.array_equal(band("Узелок"), band("??????"))
+    assert np.array_equal(band("結節 nodule"), band("?? nodule"))
 
 
 def test_a_heatmap_that_is_not_finite_is_refused_not_drawn_as_no_heat() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,12 +48,53 @@ _LUT = {
 }
 
 
+# The caption's font: DejaVu Sans (Debian's fonts-dejavu-core: Latin, Greek,
+# Cyrillic) where the system has it, else Pillow's own (ASCII only).
+_FONT_FILE = "DejaVuSans.ttf"
+# A code point no font draws (plane 16, private use): its mask is the font's
+# "missing glyph" box.
+_NO_GLYPH = "\U0010fffd"
+
+
 @functools.lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.truetype(_FONT_FILE, size)
+    except OSError:
+        pass
     try:
         return ImageFont.load_default(size)
     except (OSError, TypeError):
         return ImageFont.load_default()
+
+
+@functools.lru_cache(maxsize=4096)
+def _drawn(character: str) -> bool:
+    """Whether the caption's font has a glyph for ``character`` (not its box)."""
+    font = _font(16)
+    mask, missing = font.getmask(character), font.getmask(_NO_GLYPH)
+    return mask.size != missing.size or bytes(mask) != bytes(missing)
+
+
+def _drawable(text: str) -> str:
+    """Return ``text`` with what the font cannot draw replaced, not boxed.
+
+    A character without a glyph becomes its base letter where it has one the
+    font draws ("ő" -> "o"), else "?". The SR carries the text exactly; the
+    caption only has to read right.
+    """
+    out = []
+    for character in text:
+        if character.isspace() or _drawn(character):
+            out.append(character)
+            continue
+        base = "".join(
+            c
+            for c in unicodedata.normalize("NFKD", character)
+            if not unicodedata.combining(c) and _drawn(c)
+        )
+        out.append(base or "?")
+    return "".join(out)
 
 
 def _width(text: str, size: int) -> int:
@@ -160,6 +202,7 @@ def _caption(
     lines: Sequence[str], width: int, size: int, positive: bool
 ) -> npt.NDArray[np.uint8]:
     """Return a black band holding every line whole, the font shrunk to fit."""
+    lines = [_drawable(line) for line in lines]
     while size > _MIN_FONT and max(_width(line, size) for line in lines) > width - 4:
         size -= 1
     fitted = [_fit(line, size, width - 4) for line in lines]
