@@ -617,11 +617,11 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
         if args.exc_value is not None
         else args.exc_type.__name__
     )
-    logging.getLogger(
-        "pynetdicom.thread"
-        if args.thread and "Thread@" in args.thread.name
-        else __name__
-    ).error(
+    frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+    theirs = (args.thread is not None and "Thread@" in args.thread.name) or (
+        bool(frames) and "/pynetdicom/" in frames[-1].filename
+    )
+    logging.getLogger("pynetdicom.thread" if theirs else __name__).error(
         "thread %s ended by an exception: %s",
         args.thread.name if args.thread else "?",
         what,

@@ -10,11 +10,13 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.fsm import StateMachine
 
 from dicom_node.log import (
     OVERFLOW_KEY,
@@ -384,6 +386,25 @@ def _associate_rq(calling: bytes) -> bytes:
         + item
     )
     return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def test_pynetdicom_threads_ended_by_its_exceptions_are_rate_limited(
+    log_stream: io.StringIO,
+) -> None:
+    # pynetdicom's upper-layer threads ("Thread-N (run_reactor)") can die of
+    # its own state-machine errors, once per connection a peer can provoke.
+    def fail() -> None:
+        StateMachine(cast(Any, None)).do_action("Evt9")  # no action in Sta1
+
+    for n in range(60):
+        thread = threading.Thread(target=fail, name=f"Thread-{n} (run_reactor)")
+        thread.start()
+        thread.join()
+
+    ended = [line for line in lines_of(log_stream) if "ended by an exception" in line]
+    assert ended, "not logged at all"
+    assert len(ended) <= 20
+    assert all(line.startswith("ERROR pynetdicom.thread ") for line in ended)
 
 
 def test_a_thread_ended_by_an_exception_is_logged_without_its_text(
