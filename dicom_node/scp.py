@@ -1023,6 +1023,11 @@ def _read_received(
 _MAX_DEPTH = 64
 
 
+# The VRs pydicom converts (PS3.5 6.2); an element of another is read, and fails
+# where its value is read (NotImplementedError).
+_KNOWN_VRS = frozenset(vr.value for vr in VR)
+
+
 class _NotUnderstoodError(ValueError):
     """A received data set that pydicom would fail on where it is read (0xC000)."""
 
@@ -1056,7 +1061,8 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
     _NestedTooDeepError
         Past :data:`_MAX_DEPTH` levels.
     _NotUnderstoodError
-        For a public sequence that does not parse.
+        For a public sequence that does not parse, or a public element of a VR
+        that is not one.
     """
     # Each data set with its depth, the lengths of the values of undefined
     # length pydicom passed over in it (:func:`_read_items`), and whether its
@@ -1068,6 +1074,14 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
         for _, elem in list(current.items()):
             items: list[tuple[Dataset, dict[int, int]]]
             within = counted
+            if (
+                isinstance(elem, RawDataElement)
+                and elem.VR is not None
+                and elem.VR not in _KNOWN_VRS
+                and not elem.tag.is_private
+            ):
+                # pydicom reads it and fails where its value is read.
+                raise _NotUnderstoodError(f"element {elem.tag} has an unknown VR")
             if not isinstance(elem, RawDataElement):
                 if elem.VR != VR.SQ:
                     continue

@@ -803,6 +803,26 @@ def test_a_sequence_that_does_not_parse_is_not_understood_unless_private(
     assert echo(node.port) == SUCCESS
 
 
+@pytest.mark.parametrize(
+    ("tag", "expected"),
+    [(0x00081030, CANNOT_UNDERSTAND), (0x00091030, SUCCESS)],
+    ids=["public", "private"],
+)
+def test_an_element_of_an_unknown_vr_is_not_understood_unless_private(
+    start_node: StartNode, tmp_path: Path, tag: int, expected: int
+) -> None:
+    # A Study Description of VR "ZZ" was stored with Success; pydicom fails on
+    # it where it is read (the results copy the Study module).
+    node = start_node()
+    element = struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, b"ZZ", 4) + b"ABCD"
+    path = ct_with(tmp_path, element, tag=tag)
+
+    status, aborted = send_file(node.port, path, CTImageStorage, ExplicitVRLittleEndian)
+
+    assert (status, aborted) == (expected, False), f"status 0x{status or 0:04X}"
+    assert len(node.stored_files()) == (expected == SUCCESS)
+
+
 def empty_private_elements(count: int) -> bytes:
     """Return ``count`` empty private LO elements in group 0009, 8 bytes each."""
     return b"".join(
