@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TextIO
@@ -342,16 +343,19 @@ class RateLimiter:
 class PynetdicomFilter(logging.Filter):
     """Bound the volume of pynetdicom's records and keep peer values out of them.
 
-    For records from the ``pynetdicom`` loggers only, whatever their level:
+    For records from the ``pynetdicom`` loggers, whatever their level:
 
     - Rate limit: at most ``per_key`` records per ``window`` for each logger
       and message template. The template is the record's format string, or,
       because pynetdicom formats most messages itself, the first 80 characters
       of the message with quoted values and numbers taken out; a logged
       exception's template is its type. Once a window has ended, the next
-      pynetdicom record (or :meth:`flush`) logs one line per template through
-      the ``dicom_node.log`` logger: "pynetdicom: N similar lines suppressed in
-      the last 60 s: TEMPLATE".
+      library record (or :meth:`flush`) logs one line per template through
+      the ``dicom_node.log`` logger: "N similar lines suppressed in the last
+      60 s: TEMPLATE". pydicom's and highdicom's records, and captured Python
+      warnings, are rate-limited the same way (nothing else of this filter
+      applies to them: :class:`PhiFilter` withholds their text), since a
+      peer's data set can make one per value.
     - Tracebacks: unless ``keep_tracebacks``, a record with exception
       information (pynetdicom's ``LOGGER.exception``) is reduced to one line:
       the exception's type and its message, cut at 200 characters (newlines
@@ -418,11 +422,13 @@ class PynetdicomFilter(logging.Filter):
             False for a pynetdicom record over its template's allowance,
             otherwise True.
         """
-        if record.name != "pynetdicom" and not record.name.startswith("pynetdicom."):
+        if not _is_library(record.name):
             return True
         self.flush()
         if not self._limiter.allow(_template(record)):
             return False
+        if record.name != "pynetdicom" and not record.name.startswith("pynetdicom."):
+            return True  # only rate-limited (PhiFilter withholds their text)
         if record.exc_info is not None and record.exc_info[1] is not None:
             self._reduce_exception(record, record.exc_info)
         text = record.getMessage()
@@ -436,7 +442,7 @@ class PynetdicomFilter(logging.Filter):
         """Log one summary line per template suppressed in a finished window."""
         for template, count in self._limiter.drain():
             self._summaries.warning(
-                "pynetdicom: %d similar lines suppressed in the last %.0f s: %s",
+                "%d similar lines suppressed in the last %.0f s: %s",
                 count,
                 self._limiter.window,
                 template,
@@ -477,6 +483,15 @@ class PynetdicomFilter(logging.Filter):
         else:
             record.msg = f"{record.getMessage()} ({summary})"
         record.args = ()
+
+
+# Loggers whose records a peer's data can multiply: pynetdicom's, and pydicom's
+# and highdicom's warnings (also as captured Python warnings).
+_LIBRARY_LOGGERS = ("pynetdicom", "pydicom", "highdicom", "py.warnings")
+
+
+def _is_library(name: str) -> bool:
+    return any(name == n or name.startswith(f"{n}.") for n in _LIBRARY_LOGGERS)
 
 
 def _template(record: logging.LogRecord) -> str:
@@ -601,6 +616,11 @@ def configure_logging(
     root.setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     logging.getLogger("dicom_node").setLevel(level)
     logging.captureWarnings(True)
+    # pydicom logs each warning and warns it too (warn_and_log), the value in
+    # the text: Python keeps every distinct text in a registry for good, and a
+    # peer's 100,000 distinct bad UIDs were 200,000 lines and +70 MB. Its log
+    # record is kept (text withheld, rate-limited); the warning is not.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     # A thread (pynetdicom's included) ended by an exception is logged like any
     # record: escaped, rate-limited, by type and place (its text may quote values).
     threading.excepthook = _log_thread_exception
