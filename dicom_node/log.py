@@ -184,6 +184,19 @@ def _uid_replacement(match: re.Match[str]) -> str:
     return f"uid:{uid_ref(uid)}"
 
 
+# pynetdicom's "Invalid 'Affected SOP Instance UID' value '...' - reason" and
+# "Non-conformant '...UID' value '...'": the value is whatever the peer sent in
+# a UID's place (a name, say), not only digits and dots.
+_QUOTED_UID_VALUE = re.compile(r"('[^']*UID[^']*' value ')(.*?)('(?: - |$))")
+
+
+def _quoted_uid_replacement(match: re.Match[str]) -> str:
+    value = match.group(2)
+    keyword = UID(value).keyword if _UID_PATTERN.fullmatch(value) else ""
+    shown = f"uid:{keyword}" if keyword else f"uid:{uid_ref(value)}"
+    return f"{match.group(1)}{shown}{match.group(3)}"
+
+
 class PhiFilter(logging.Filter):
     """Withhold the text of records that may carry data element values.
 
@@ -432,7 +445,7 @@ class PynetdicomFilter(logging.Filter):
         if record.exc_info is not None and record.exc_info[1] is not None:
             self._reduce_exception(record, record.exc_info)
         text = record.getMessage()
-        record.msg = redact_uids(text)
+        record.msg = redact_uids(_QUOTED_UID_VALUE.sub(_quoted_uid_replacement, text))
         record.args = ()
         if record.exc_text:
             record.exc_text = redact_uids(record.exc_text)

@@ -231,6 +231,27 @@ def test_pynetdicom_warning_does_not_quote_a_raw_uid(
     assert "SOP Class UID 'uid:CTImageStorage'" in text
 
 
+def test_pynetdicom_lines_do_not_quote_what_a_peer_sent_as_a_uid(
+    log_stream: io.StringIO,
+) -> None:
+    # Digits-and-dots runs were replaced; a name in a UID's place was not.
+    logging.getLogger("pynetdicom.utils").warning(
+        "Non-conformant 'Affected SOP Instance UID' value 'DOE^JOHN.1.2.3'"
+    )
+    try:
+        raise ValueError(
+            "Invalid 'Affected SOP Class UID' value 'SMITH^JANE' - must not exceed"
+        )
+    except ValueError as exc:
+        logging.getLogger("pynetdicom.dimse").exception(exc)
+
+    text = log_stream.getvalue()
+    assert "DOE" not in text
+    assert "SMITH" not in text
+    assert f"value 'uid:{uid_ref('DOE^JOHN.1.2.3')}'" in text
+    assert f"value 'uid:{uid_ref('SMITH^JANE')}' - must not exceed" in text
+
+
 def test_node_lines_keep_their_numbers(log_stream: io.StringIO) -> None:
     logging.getLogger("dicom_node.scp").warning("listening on %s", "127.0.0.1:11112")
 
