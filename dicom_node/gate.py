@@ -57,8 +57,9 @@ _REST = 0.05
 _RQ_FIXED = 74
 # Presentation context IDs are odd numbers 1..255 (PS3.8 9.3.2.2): 128 at most.
 _MAX_CONTEXTS = 128
-# Transfer syntaxes proposed in all, over every context: 16 each for 128.
-_MAX_TRANSFER_SYNTAXES = 2048
+# Transfer syntaxes proposed in all, over every context: 40 each for 128, every
+# transfer syntax pydicom knows (39) for every context, as some senders do.
+_MAX_TRANSFER_SYNTAXES = 5120
 # A-ASSOCIATE-RJ, A-RELEASE-RQ/-RP and A-ABORT carry 4 bytes (PS3.8 9.3.4-9.3.8).
 _SMALL_PDU_MAX = 64
 
