@@ -362,14 +362,15 @@ def test_a_request_proposing_too_much_is_refused_before_it_is_decoded(
 ) -> None:
     # Decoding costs ~20 us a proposed item on the one thread every new
     # connection waits on: 128 contexts of 64 syntaxes took 176 ms. (129
-    # contexts need an ID used twice: IDs are odd, 1..255.)
+    # contexts need an ID used twice: IDs are odd, 1..255. Short UIDs: the
+    # request must fit the connection's buffer to be seen whole.)
     node = start_node()
     request = associate_rq(
         contexts=tuple(
             (
                 (2 * i + 1) % 256,
                 VERIFICATION_SOP_CLASS,
-                (ImplicitVRLittleEndian,) * syntaxes,
+                ("1.2",) * syntaxes,
             )
             for i in range(contexts)
         )
