@@ -383,7 +383,9 @@ def test_a_request_proposing_too_much_is_refused_before_it_is_decoded(
 
     assert closed
     assert reply[:1] == bytes([A_ABORT])
-    assert f"A-ASSOCIATE-RQ proposes {refused}" in caplog.text
+    wait_until(
+        lambda: f"A-ASSOCIATE-RQ proposes {refused}" in caplog.text, 5, "the refusal"
+    )
     assert echo(node.port) == SUCCESS
 
 
