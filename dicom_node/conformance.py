@@ -250,7 +250,7 @@ def statement(config: NodeConfig) -> list[Section]:
                         (
                             "max_instance_bytes",
                             _bytes(config.max_instance_bytes),
-                            "Largest data set; a larger one aborts the association",
+                            "Largest data set; larger: 0xA700 (the rest not written)",
                         ),
                         (
                             "max_inflated_bytes",

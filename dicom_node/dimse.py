@@ -44,8 +44,9 @@ STORE_STATUSES: dict[int, tuple[str, str]] = {
     SUCCESS: ("Success", "Stored on stable storage and indexed"),
     OUT_OF_RESOURCES: (
         "Refused: Out of Resources",
-        "The storage disk is full, a write or the index failed or is locked, "
-        "a Deflated data set inflates past max_inflated_bytes, or a data set "
+        "The data set is over max_instance_bytes, the storage disk is full, a "
+        "write or the index failed or is locked, a Deflated data set inflates "
+        "past max_inflated_bytes, or a data set "
         "holds more than max_data_elements elements or more than "
         "max_in_memory_bytes of values read into memory; the sender may retry "
         "later",

@@ -155,9 +155,11 @@ class Receipt:
         Whether its data set goes to a file (a C-STORE request), once the
         command set is whole; None before.
     dropped
-        Whether data set fragments were dropped (no room to write them).
+        Why the data set's fragments are being dropped (no room to write them,
+        or it is over ``max_instance_bytes``); empty while none are.
     dropped_messages
-        Message IDs of the completed messages whose data sets were dropped.
+        Why, by Message ID, for the completed messages whose data sets were
+        dropped.
     contexts
         The IDs of the association's accepted presentation contexts, once known.
     """
@@ -165,8 +167,8 @@ class Receipt:
     command: bytearray = field(default_factory=bytearray)
     data_bytes: int = 0
     spooled: bool | None = None
-    dropped: bool = False
-    dropped_messages: set[int] = field(default_factory=set)
+    dropped: str = ""
+    dropped_messages: dict[int, str] = field(default_factory=dict)
     contexts: frozenset[int] | None = None
 
     def next_message(self) -> None:
@@ -174,7 +176,7 @@ class Receipt:
         self.command = bytearray()
         self.data_bytes = 0
         self.spooled = None
-        self.dropped = False
+        self.dropped = ""
 
 
 class _PduGuard:

@@ -456,18 +456,18 @@ def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
     """Watch the DIMSE message arriving, before pynetdicom keeps any of it.
 
     Bounds what one message may cost: its command set (held in memory) at
-    :data:`_COMMAND_MAX`; the data set of a C-STORE request (written to the
-    spool) at ``max_instance_bytes``; any other data set (held in memory; the
-    node serves only C-ECHO and C-STORE) at :data:`_IN_MEMORY_MAX`. Over a
-    bound, the association is aborted at once and a partial file is removed: no
-    status can be sent before a data set has arrived whole, and receiving the
-    rest only to refuse it would let a sender keep the node busy for as long as
-    it likes.
+    :data:`_COMMAND_MAX`; any data set but a C-STORE request's (held in memory;
+    the node serves only C-ECHO and C-STORE) at :data:`_IN_MEMORY_MAX`. Over
+    one of those, the association is aborted at once.
 
-    When the storage's file system has no room for the data set fragments of
-    this PDU (keeping two PDUs' worth free), they are dropped before they are
-    written, and the rest of the data set with them: the C-STORE is then
-    answered 0xA700 (Refused: Out of Resources), as a full disk should be.
+    The data set of a C-STORE request goes to the spool. Past
+    ``max_instance_bytes``, or when the storage's file system has no room for
+    the fragments of this PDU (keeping two PDUs' worth free), its fragments
+    are dropped before they are written, and the rest of the data set with
+    them: the C-STORE is then answered 0xA700 (Refused: Out of Resources), the
+    association goes on, and the partial file is removed. Receiving the rest
+    of an over-size data set costs the node no more than a sender sending
+    instances within the limit (less: nothing is written or parsed).
     """
     pdu = event.pdu
     if not isinstance(pdu, P_DATA_TF):
@@ -508,24 +508,25 @@ def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
             return
     limit = ctx.config.max_instance_bytes if receipt.spooled else _IN_MEMORY_MAX
     if receipt.data_bytes > limit:
-        _refuse_connection(
-            event,
-            f"data set over max_instance_bytes ({limit})"
-            if receipt.spooled
-            else f"data set of a message kept in memory over {limit} bytes",
+        if not receipt.spooled:
+            _refuse_connection(
+                event, f"data set of a message kept in memory over {limit} bytes"
+            )
+            return
+        # The rest is dropped unwritten and the C-STORE answered 0xA700.
+        receipt.dropped = (
+            receipt.dropped or f"data set over max_instance_bytes ({limit})"
         )
-        return
+    # Kept free: new spool files' headers, a study's folders, and the PDUs of
+    # other associations checked at the same moment.
     if (
         data
         and receipt.spooled
-        and (
-            receipt.dropped
-            # Kept free: new spool files' headers, a study's folders, and the
-            # PDUs of other associations checked at the same moment.
-            or not ctx.storage.has_room(data, 2 * ctx.config.max_pdu)
-        )
+        and not receipt.dropped
+        and not ctx.storage.has_room(data, 2 * ctx.config.max_pdu)
     ):
-        receipt.dropped = True
+        receipt.dropped = "storage full: data set not written"
+    if data and receipt.dropped:
         for item in items:
             value = item.presentation_data_value or b"\x01"
             if not value[0] & 0x01:
@@ -541,7 +542,7 @@ def handle_dimse_recv(event: Event, ctx: StoreContext) -> None:
     if receipt.dropped:
         message_id = event.message.command_set.get("MessageID")
         if isinstance(message_id, int):
-            receipt.dropped_messages.add(message_id)
+            receipt.dropped_messages[message_id] = receipt.dropped
     receipt.next_message()
 
 
@@ -650,8 +651,7 @@ def _store(
     path = Path(event.dataset_path)
     receipt = _receipt(event)
     if receipt is not None and request.MessageID in receipt.dropped_messages:
-        receipt.dropped_messages.discard(request.MessageID)
-        return OUT_OF_RESOURCES, "storage full: data set not written", None
+        return OUT_OF_RESOURCES, receipt.dropped_messages.pop(request.MessageID), None
     try:
         validate_uid(str(request.AffectedSOPInstanceUID), "AffectedSOPInstanceUID")
     except InvalidUidError as exc:

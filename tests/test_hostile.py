@@ -637,25 +637,31 @@ def test_a_300_mb_instance_is_received_in_bounded_memory(
     assert rss.growth < 100 * MB, f"RSS grew by {rss.growth / MB:.0f} MB"
 
 
-def test_an_instance_over_max_instance_bytes_is_aborted_and_left_nowhere(
-    start_node: StartNode,
+def test_an_instance_over_max_instance_bytes_is_refused_and_left_nowhere(
+    start_node: StartNode, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # It aborted the association (and every instance after it with it); the
+    # rest of the data set is now dropped unwritten and the C-STORE answered.
     node = start_node(max_instance_bytes=2 * MB)
-    ds = make_ct(rows=1600, columns=1600)  # 5 MB of pixels
+    large = make_ct(rows=1600, columns=1600)  # 5 MB of pixels
+    small = make_ct(rows=8, columns=8)
     quiet_pynetdicom()
     ae = AE(ae_title="TESTSCU")
     ae.requested_contexts = [build_context(CTImageStorage, [ExplicitVRLittleEndian])]
     assoc = ae.associate(NODE_HOST, node.port, ae_title="DICOMNODE")
     assert assoc.is_established
+    try:
+        refused = assoc.send_c_store(large)
+        stored = assoc.send_c_store(small)
+    finally:
+        assoc.release()
 
-    rsp = assoc.send_c_store(ds)
-
-    # No response: the node aborted the association in the middle of the data set.
-    assert "Status" not in rsp
-    wait_until(lambda: not assoc.is_established, 5, "the association to end")
+    assert refused.get("Status") == OUT_OF_RESOURCES
+    assert stored.get("Status") == SUCCESS
+    [path] = node.stored_files()
+    assert dcmread(path).SOPInstanceUID == small.SOPInstanceUID
     wait_until(lambda: spool_contents(node) == ["lock"], 5, "the spool emptied")
-    assert node.stored_files() == []
-    assert echo(node.port) == SUCCESS
+    assert "(0xA700): data set over max_instance_bytes (2097152)" in caplog.text
 
 
 def test_a_deflate_bomb_is_refused_out_of_resources(
