@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import ipaddress
 import logging
 import os
 import queue
@@ -510,6 +511,34 @@ def _request_problem(request: A_ASSOCIATE_RQ) -> str:
     return ""
 
 
+def source_host(address: str) -> str:
+    """Return what a connection's source address counts under, as one host.
+
+    An IPv4 address is itself; an IPv6 one is its /64 (the prefix one host or
+    site is given: its 2^64 addresses would otherwise each be a host of their
+    own, and the per-host limits nothing).
+
+    Parameters
+    ----------
+    address
+        The peer's IP address, as the socket gives it.
+
+    Returns
+    -------
+    str
+        The address, or ``"<prefix>/64"`` for IPv6.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
+
+
 @dataclass(eq=False)
 class _Pending:
     sock: socket.socket
@@ -627,20 +656,22 @@ class ConnectionGate:
         return len(self._pending)
 
     def _take_slot(self, address: str) -> bool:
+        host = source_host(address)
         with self._hosts_lock:
-            held = self._hosts.get(address, 0)
+            held = self._hosts.get(host, 0)
             if held >= self._per_host:
                 return False
-            self._hosts[address] = held + 1
+            self._hosts[host] = held + 1
             return True
 
     def _release_slot(self, address: str) -> None:
+        host = source_host(address)
         with self._hosts_lock:
-            held = self._hosts.get(address, 0) - 1
+            held = self._hosts.get(host, 0) - 1
             if held > 0:
-                self._hosts[address] = held
+                self._hosts[host] = held
             else:
-                self._hosts.pop(address, None)
+                self._hosts.pop(host, None)
 
     # --- the loop -----------------------------------------------------------
 
@@ -1041,7 +1072,7 @@ class ConnectionGate:
 
     def _note(self, refusal: Refusal, *, audit: bool = True) -> None:
         metrics.association("rejected" if audit else "aborted", refusal.reason)
-        if not self._limiter.allow(refusal.address):
+        if not self._limiter.allow(source_host(refusal.address)):
             return
         if refusal.calling_ae_title or refusal.called_ae_title:
             logger.warning(

@@ -48,7 +48,7 @@ from dicom_node.dimse import (
     SUCCESS,
     VERIFICATION_SOP_CLASS,
 )
-from dicom_node.gate import ASSOCIATE_RQ_MAX
+from dicom_node.gate import ASSOCIATE_RQ_MAX, source_host
 from dicom_node.log import quiet_pynetdicom
 from dicom_node.storage import Storage
 from tests.factories import dcmtk, encode_body, make_ct, raw_file
@@ -269,6 +269,24 @@ def test_a_host_over_its_connection_limit_is_closed_at_once(
     assert echo(node.port) == SUCCESS
     assert all(is_open(s) for s in attackers[:3])
     assert gate.connections_from(ATTACKER) == 3
+
+
+@pytest.mark.parametrize(
+    ("address", "host"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+    ],
+)
+def test_an_ipv6_source_counts_as_its_64_against_the_per_host_limit(
+    address: str, host: str
+) -> None:
+    # One IPv6 host or site holds a /64: counted by address, its 2^64
+    # addresses would each have had max_connections_per_host of their own.
+    assert source_host(address) == host
 
 
 def test_a_request_whose_last_item_overruns_the_pdu_is_refused(
