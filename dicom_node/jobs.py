@@ -33,7 +33,7 @@ from dicom_node.index import (
 )
 from dicom_node.leases import backoff, release
 from dicom_node.log import describe_exception, uid_ref
-from inference import InferenceError, PreprocessError
+from inference import InferenceError, PreprocessError, SourceChangedError
 
 __all__ = [
     "ClaimedJob",
@@ -318,6 +318,10 @@ def guard(
     except PreprocessError as exc:
         reason = f"{exc}; not retried: the same stored images would fail again"
         return finish_job(index, job, JobState.FAILED, reason)
+    except SourceChangedError as exc:
+        # Its message is the node's own (no data): a copy sent again replaced
+        # the file while it was read; read again, it is the copy.
+        return retry_or_fail(index, job, config, f"stored image replaced: {exc}")
     except OSError as exc:
         # A stored file gone or replaced while read (the retention sweep, a copy
         # sent again), a full disk: the files' trouble, not a bug; tried again.
