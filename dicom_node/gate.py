@@ -159,8 +159,8 @@ class Receipt:
         Why the data set's fragments are being dropped (no room to write them,
         or it is over ``max_instance_bytes``); empty while none are.
     dropped_messages
-        Why, by Message ID, for the completed messages whose data sets were
-        dropped.
+        Why, for the completed messages whose data sets were dropped, by their
+        spool file (or Message ID; see ``dicom_node.scp``).
     contexts
         The IDs of the association's accepted presentation contexts, once known.
     """
@@ -169,7 +169,7 @@ class Receipt:
     data_bytes: int = 0
     spooled: bool | None = None
     dropped: str = ""
-    dropped_messages: dict[int, str] = field(default_factory=dict)
+    dropped_messages: dict[str, str] = field(default_factory=dict)
     contexts: frozenset[int] | None = None
 
     def next_message(self) -> None:

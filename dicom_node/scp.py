@@ -540,10 +540,24 @@ def handle_dimse_recv(event: Event, ctx: StoreContext) -> None:
     if receipt is None:
         return
     if receipt.dropped:
-        message_id = event.message.command_set.get("MessageID")
-        if isinstance(message_id, int):
-            receipt.dropped_messages[message_id] = receipt.dropped
+        key = _dropped_key(event.message)
+        if key is not None:
+            receipt.dropped_messages[key] = receipt.dropped
     receipt.next_message()
+
+
+# pynetdicom 3.0 keeps a message's spool file as DIMSEMessage._data_set_path: a
+# dropped data set is told by its file there, as a sender may reuse a Message ID
+# (its messages are handled after the next is read); elsewhere by Message ID.
+_SPOOL_PATH_OF_MESSAGE = pynetdicom_version.startswith("3.0.")
+
+
+def _dropped_key(message: Any) -> str | None:
+    if _SPOOL_PATH_OF_MESSAGE:
+        path = getattr(message, "_data_set_path", None)
+        return str(path) if isinstance(path, Path) else None
+    message_id = message.command_set.get("MessageID")
+    return f"message {message_id}" if isinstance(message_id, int) else None
 
 
 def _uid_checked_by_the_node(value: object) -> tuple[bool, str]:
@@ -650,8 +664,10 @@ def _store(
     # File Meta, then the data set exactly as the sender encoded it.
     path = Path(event.dataset_path)
     receipt = _receipt(event)
-    if receipt is not None and request.MessageID in receipt.dropped_messages:
-        return OUT_OF_RESOURCES, receipt.dropped_messages.pop(request.MessageID), None
+    key = str(path) if _SPOOL_PATH_OF_MESSAGE else f"message {request.MessageID}"
+    dropped = receipt.dropped_messages.pop(key, None) if receipt is not None else None
+    if dropped is not None:
+        return OUT_OF_RESOURCES, dropped, None
     try:
         validate_uid(str(request.AffectedSOPInstanceUID), "AffectedSOPInstanceUID")
     except InvalidUidError as exc:

@@ -682,6 +682,69 @@ def test_an_instance_over_max_instance_bytes_is_refused_and_left_nowhere(
     assert "(0xA700): data set over max_instance_bytes (2097152)" in caplog.text
 
 
+def store_pdus(message_id: int, ds: Dataset, parts: list[bytes] | None = None) -> bytes:
+    """Return a C-STORE-RQ's P-DATA-TFs: its command, then its data set.
+
+    The data set is sent as ``parts`` (one PDU each), after ``ds`` encoded
+    Implicit VR Little Endian (in PDUs of at most 200,000 bytes).
+    """
+    command = command_set(
+        C_STORE_RQ,
+        CTImageStorage,
+        message_id=message_id,
+        has_data_set=True,
+        sop_instance_uid=str(ds.SOPInstanceUID),
+    )
+    data = encode(ds, True, True)
+    assert data is not None
+    chunks = [data[i : i + 200_000] for i in range(0, len(data), 200_000)]
+    chunks += parts or []
+    pdus = [p_data_tf(pdv(1, 0x03, command))]
+    for n, chunk in enumerate(chunks):
+        pdus.append(p_data_tf(pdv(1, 0x02 if n == len(chunks) - 1 else 0x00, chunk)))
+    return b"".join(pdus)
+
+
+def test_an_over_size_instance_is_told_apart_from_one_with_its_message_id(
+    start_node: StartNode, attackers: list[socket.socket]
+) -> None:
+    # pynetdicom reads the next message while the one before is handled. Told
+    # by Message ID, a good instance sent just before an over-size one of the
+    # same ID (a sender reusing IDs) got 0xA700, and the over-size one was
+    # stored cut short with Success.
+    node = start_node(max_instance_bytes=MB)
+    sock = connect(node.port, source=NODE_HOST, timeout=30)
+    attackers.append(sock)
+    sock.sendall(
+        associate_rq(contexts=((1, CTImageStorage, (ImplicitVRLittleEndian,)),))
+    )
+    assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+    busy = [make_ct(rows=360, columns=360, seed=10 + i) for i in range(3)]
+    good = make_ct(rows=8, columns=8, seed=1)
+    large = make_ct(rows=8, columns=8, seed=2)
+    # A private creator and five 250 KB values after it (7FE1,1001-1005).
+    extra = [struct.pack("<HHL", 0x7FE1, 0x0010, 2) + b"X "]
+    extra += [
+        struct.pack("<HHL", 0x7FE1, 0x1000 + k, 250_000) + bytes(250_000)
+        for k in range(1, 6)
+    ]
+
+    sock.sendall(
+        b"".join(store_pdus(1 + i, ds) for i, ds in enumerate(busy))
+        + store_pdus(7, good)
+        + store_pdus(7, large, [extra[0] + extra[1], *extra[2:]])
+    )
+    statuses = [response_status(sock) for _ in range(5)]
+
+    assert statuses == [SUCCESS] * 4 + [OUT_OF_RESOURCES], [
+        f"0x{s:04X}" for s in statuses
+    ]
+    stored = {dcmread(path).SOPInstanceUID for path in node.stored_files()}
+    assert good.SOPInstanceUID in stored
+    assert large.SOPInstanceUID not in stored
+    wait_until(lambda: spool_contents(node) == ["lock"], 5, "the spool emptied")
+
+
 def test_a_deflate_bomb_is_refused_out_of_resources(
     start_node: StartNode, tmp_path: Path
 ) -> None:
