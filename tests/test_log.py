@@ -252,6 +252,28 @@ def test_pynetdicom_lines_do_not_quote_what_a_peer_sent_as_a_uid(
     assert f"value 'uid:{uid_ref('SMITH^JANE')}' - must not exceed" in text
 
 
+def test_a_peers_long_value_in_a_pynetdicom_line_costs_little_and_is_cut(
+    log_stream: io.StringIO,
+) -> None:
+    # 64 KB a peer chose, as an abstract syntax in its A-ASSOCIATE-RQ: a
+    # pattern tried at every position of it took seconds, holding the GIL.
+    value = "'UID' value '" * 4900 + "\nDOE^JOHN"
+    # Formatted first, as pynetdicom formats its own messages.
+    validation = f"Non-conformant 'Abstract Syntax Name' value '{value}'"
+    other = f"Unexpected text {value}"
+    started = time.process_time()
+    logging.getLogger("pynetdicom.pdu_items").warning(validation)
+    logging.getLogger("pynetdicom.utils").error(other)
+    spent = time.process_time() - started
+
+    lines = lines_of(log_stream)
+    assert spent < 0.5, f"{spent:.2f} s of CPU for two lines"
+    assert "DOE" not in lines[0]
+    assert f"value 'uid:{uid_ref(value)}'" in lines[0]
+    assert len(lines[1]) < 1200
+    assert lines[1].endswith(f"({len(value) + 16} characters)")
+
+
 def test_node_lines_keep_their_numbers(log_stream: io.StringIO) -> None:
     logging.getLogger("dicom_node.scp").warning("listening on %s", "127.0.0.1:11112")
 
