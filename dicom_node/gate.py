@@ -61,6 +61,10 @@ _MAX_CONTEXTS = 128
 # Transfer syntaxes proposed in all, over every context: 40 each for 128, every
 # transfer syntax pydicom knows (39) for every context, as some senders do.
 _MAX_TRANSFER_SYNTAXES = 5120
+# Items and sub-items of any kind (each decodes at the same cost): the contexts
+# above with their abstract syntaxes, and a few hundred more (User Information:
+# role selections, extended negotiation...).
+_MAX_RQ_ITEMS = 6000
 # A-ASSOCIATE-RJ, A-RELEASE-RQ/-RP and A-ABORT carry 4 bytes (PS3.8 9.3.4-9.3.8).
 _SMALL_PDU_MAX = 64
 
@@ -472,18 +476,23 @@ def _count_problem(data: bytes) -> str:
     waits on). Counted from the items' headers (PS3.8 9.3.2); a length that
     does not add up is left to the decoder to refuse.
     """
-    contexts = syntaxes = 0
+    contexts = syntaxes = items = 0
     at = _RQ_FIXED
     while at + 4 <= len(data):
         kind, length = data[at], int.from_bytes(data[at + 2 : at + 4], "big")
         end = at + 4 + length
-        if kind == 0x20:  # Presentation Context (RQ): an ID, then sub-items
-            contexts += 1
-            sub = at + 8
+        items += 1
+        # A Presentation Context (an ID, then sub-items) or User Information.
+        if kind in (0x20, 0x50):
+            contexts += kind == 0x20
+            sub = at + (8 if kind == 0x20 else 4)
             while sub + 4 <= min(end, len(data)):
                 syntaxes += data[sub] == 0x40
+                items += 1
                 sub += 4 + int.from_bytes(data[sub + 2 : sub + 4], "big")
         at = end
+    if items > _MAX_RQ_ITEMS:
+        return f"holds {items} items (at most {_MAX_RQ_ITEMS})"
     if contexts > _MAX_CONTEXTS:
         return f"proposes {contexts} presentation contexts (at most {_MAX_CONTEXTS})"
     if syntaxes > _MAX_TRANSFER_SYNTAXES:
