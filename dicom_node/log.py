@@ -668,8 +668,8 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
         else args.exc_type.__name__
     )
     frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
-    theirs = (args.thread is not None and "Thread@" in args.thread.name) or (
-        bool(frames) and "/pynetdicom/" in frames[-1].filename
+    theirs = (args.thread is not None and "Thread@" in args.thread.name) or any(
+        "/pynetdicom/" in frame.filename for frame in frames
     )
     logging.getLogger("pynetdicom.thread" if theirs else __name__).error(
         "thread %s ended by an exception: %s",
