@@ -529,6 +529,21 @@ def test_the_caption_is_whole_on_a_small_image() -> None:
     assert np.array_equal(out, overlay(grey, heat, lines))
 
 
+def test_the_scale_is_labelled_at_its_top_middle_and_bottom() -> None:
+    # Grad-CAM is relative to the image's peak: 100 %, 50 %, 0 % of it (the
+    # bar had only "high" and "low").
+    grey = np.full((512, 512), 100, np.uint8)
+    heat = np.zeros((512, 512), np.float32)
+
+    scale = overlay(grey, heat, ["x"])[:512, 512:]
+    white = (scale.min(axis=2) > 200).any(axis=1)  # rows with label text
+
+    for labelled in (white[:20], white[246:266], white[-24:]):
+        assert labelled.any()
+    for unlabelled in (white[60:230], white[290:470]):
+        assert not unlabelled.any()
+
+
 def test_the_caption_draws_accented_letters_and_no_missing_glyph_boxes() -> None:
     # Pillow's own font has ASCII only: "ö" and kanji came out as boxes. The
     # caption is drawn in DejaVu Sans (fonts-dejavu-core); what it lacks is

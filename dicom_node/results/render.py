@@ -179,10 +179,14 @@ def _blend_tables(positive: bool) -> tuple[npt.NDArray[np.uint8], ...]:
 
 @functools.lru_cache(maxsize=32)
 def _scale(rows: int, size: int, positive: bool) -> npt.NDArray[np.uint8]:
-    """Return the colour bar from high (top) to low (bottom), labelled; read-only."""
+    """Return the colour bar, labelled in % of the image's peak heat; read-only.
+
+    Grad-CAM is relative: each heatmap is divided by its own maximum, so the
+    scale reads from 100 % (the peak, top) through 50 % to 0 % (bottom).
+    """
     bar_width = max(8, size)
     gap = max(2, bar_width // 4)
-    labels = ("high", "low")
+    labels = ("100 %", "50 %", "0 %")
     label_width = max(_width(text, size) for text in labels) + 2 * gap
     panel = Image.new("RGB", (gap + bar_width + label_width, rows))
     levels = np.rint(np.linspace(255.0, 0.0, rows)).astype(np.int32)
@@ -191,8 +195,8 @@ def _scale(rows: int, size: int, positive: bool) -> npt.NDArray[np.uint8]:
     panel.paste(Image.fromarray(bar, "RGB"), (gap, 0))
     draw = ImageDraw.Draw(panel)
     x = gap + bar_width + gap
-    draw.text((x, 0), "high", fill=(255, 255, 255), font=_font(size))
-    draw.text((x, rows - size - 2), "low", fill=(255, 255, 255), font=_font(size))
+    for label, y in zip(labels, (0, (rows - size) // 2, rows - size - 2), strict=True):
+        draw.text((x, y), label, fill=(255, 255, 255), font=_font(size))
     out = np.asarray(panel, dtype=np.uint8).copy()
     out.flags.writeable = False
     return out
