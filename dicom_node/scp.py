@@ -1115,10 +1115,11 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
                 # a sequence: its items' values are not counted again.
                 within = counted or elem.value is not None
                 try:
-                    if within:
-                        with source.budget.not_holding():
-                            items = _read_items(source, elem)
-                    else:
+                    with (
+                        source.budget.not_holding()
+                        if within
+                        else contextlib.nullcontext()
+                    ):
                         items = _read_items(source, elem)
                 except RecursionError:
                     # pydicom recurses into nested sequences: not read, so not

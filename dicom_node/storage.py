@@ -35,6 +35,7 @@ __all__ = [
     "Storage",
     "read_stored",
     "sha256_from",
+    "splits_too_long",
     "validate_uid",
     "value_vr",
 ]
@@ -100,7 +101,16 @@ def _left_out(raw: RawDataElement) -> bool:
         return False
     if raw.value is None:
         return raw.length != 0  # over STORED_DEFER_SIZE
-    if len(raw.value) <= SPLIT_VALUE_LIMIT:
+    return splits_too_long(raw)
+
+
+def splits_too_long(raw: RawDataElement) -> bool:
+    """Whether a raw value read is too long for pydicom to split into objects.
+
+    Over :data:`SPLIT_VALUE_LIMIT` bytes of a VR pydicom makes one Python
+    object per value of (not one of :data:`WHOLE_VRS`).
+    """
+    if raw.value is None or len(raw.value) <= SPLIT_VALUE_LIMIT:
         return False
     return value_vr(raw) not in WHOLE_VRS
 

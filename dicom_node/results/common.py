@@ -30,7 +30,7 @@ from dicom_node.identity import (
     SOFTWARE_VERSION,
 )
 from dicom_node.results.naming import NodeIdentity
-from dicom_node.storage import SPLIT_VALUE_LIMIT, WHOLE_VRS, value_vr
+from dicom_node.storage import splits_too_long, value_vr
 from inference import StudyPrediction, file_as_read
 
 __all__ = ["algorithm_equipment", "finish", "highdicom_view"]
@@ -150,9 +150,7 @@ def _viewed(element: DataElement | RawDataElement) -> bool:
         return True  # read already
     if element.value is None:  # left in the file: a sequence is read now
         return element.length == 0 or value_vr(element) == "SQ"
-    if len(element.value) <= SPLIT_VALUE_LIMIT:
-        return True
-    return value_vr(element) in WHOLE_VRS
+    return not splits_too_long(element)
 
 
 # Retired SOP classes old archives still send, and the class that replaced each.

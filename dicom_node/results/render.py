@@ -60,11 +60,14 @@ _NO_GLYPH = "\U0010fffd"
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.truetype(_FONT_FILE, size)
-    except OSError:
-        pass
+    except OSError:  # fonts-dejavu-core not installed: Pillow's own font
+        return _pillow_font(size)
+
+
+def _pillow_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size)
-    except (OSError, TypeError):
+    except (OSError, TypeError):  # a Pillow without FreeType: its bitmap font
         return ImageFont.load_default()
 
 
