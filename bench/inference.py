@@ -89,6 +89,7 @@ def bench_one(
         preprocess_workers=preprocess_workers,
     )
     model = classifier.model
+    assert model is not None  # built here, not compiled
     batch = torch.randn(8, 1, 224, 224, device=device).contiguous(
         memory_format=torch.channels_last
     )

@@ -10,7 +10,11 @@ storescp's files.
 
 - dicom-node: `dicom-node serve` in its own process with example.toml's settings
   but the port, a temporary state_dir, stable_after = 2, this model, the bench as
-  a caller and storescp as the destination.
+  a caller and storescp as the destination. Its model_cache (the model compiled
+  for the CPU, made by a short-lived child process the first time a node loads a
+  model file) is kept beside the model for every run: the warm-up round
+  compiles it, as a node does once per model update; the runs measure the node
+  as it runs from then on.
 - dicom-ai-router: installed from the package registry into a virtual
   environment of its own (~/.cache/dicom-node-bench/peer-venv, reused when it is
   there; --peer-wheel installs a local wheel instead) and run as `serve` with a
@@ -560,6 +564,7 @@ ae_title = "{NODE_AE}"
 host = "127.0.0.1"
 port = {port}
 state_dir = "{work / "state"}"
+model_cache = "{model.parent / "node-compiled"}"
 stable_after = {STABLE_AFTER}
 log_level = "INFO"
 

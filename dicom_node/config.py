@@ -320,6 +320,10 @@ class NodeConfig:
         thread's model runs, the other reads, preprocesses and explains.
     device
         Where models run: cuda, cpu, or empty for CUDA when present.
+    model_cache
+        Folder of the models compiled for the CPU (inference.compiled), made
+        from the model files by a short-lived process so that the scoring
+        processes need not import torchvision; None: ``<state_dir>/models``.
     torch_threads
         CPU threads torch uses for each forward pass in a process that scores
         studies (``serve`` with workers, ``dicom-node worker``); 0: one less than
@@ -403,6 +407,7 @@ class NodeConfig:
     log_level: str = "INFO"
     workers: int = 2
     device: str = ""
+    model_cache: Path | None = None
     torch_threads: int = 0
     scoring_nice: int = 10
     gradcam_top_k: int = 1
@@ -555,6 +560,11 @@ class NodeConfig:
         return self.state_dir / "storage"
 
     @property
+    def model_cache_dir(self) -> Path:
+        """Return the folder of compiled models: the configured one or in state_dir."""
+        return self.model_cache or self.state_dir / "models"
+
+    @property
     def effective_database_url(self) -> str:
         """Return the index URL: the configured one or SQLite in state_dir."""
         if self.database_url:
@@ -647,6 +657,7 @@ _NODE_KEYS: dict[str, type] = {
     "log_level": str,
     "workers": int,
     "device": str,
+    "model_cache": str,
     "torch_threads": int,
     "scoring_nice": int,
     "gradcam_top_k": int,
@@ -715,9 +726,9 @@ def example_config_text() -> str:
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeConfig:
     """Read, override and check the node configuration.
 
-    Relative paths in the file (``state_dir``, model ``path``) are resolved against
-    the file's directory; relative paths from the environment against the current
-    directory.
+    Relative paths in the file (``state_dir``, ``model_cache``, model ``path``) are
+    resolved against the file's directory; relative paths from the environment
+    against the current directory.
 
     Parameters
     ----------
@@ -864,8 +875,14 @@ def config_from_mapping(
         return Path(os.path.abspath(base_dir / p))
 
     kwargs: dict[str, Any] = {
-        k: v for k, v in node.items() if k not in {"state_dir", "log_level"}
+        k: v
+        for k, v in node.items()
+        if k not in {"state_dir", "log_level", "model_cache"}
     }
+    if node.get("model_cache"):
+        kwargs["model_cache"] = resolve(
+            node["model_cache"], node_sources["model_cache"]
+        )
     if "state_dir" in node:
         kwargs["state_dir"] = resolve(node["state_dir"], node_sources["state_dir"])
     else:

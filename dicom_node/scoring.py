@@ -44,6 +44,7 @@ from inference import (
     StudyScores,
     file_sha256,
 )
+from inference.compiled import load_compiled
 
 __all__ = [
     "EarlyScores",
@@ -190,10 +191,16 @@ class ModelCache:
     ----------
     device
         Where models run; empty for CUDA when present.
+    compiled
+        The folder of compiled models (:mod:`inference.compiled`): a model
+        that runs traced on the CPU is loaded from there, compiled first when
+        missing, and this process never imports torchvision. None: every model
+        is built here.
     """
 
-    def __init__(self, device: str = "") -> None:
+    def __init__(self, device: str = "", compiled: Path | None = None) -> None:
         self.device = device or None
+        self.compiled = compiled
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[int, LoadedModel]] = {}
         # A file that failed to load: not read again (hundreds of megabytes, for
@@ -234,8 +241,17 @@ class ModelCache:
             try:
                 sha256 = file_sha256(model.path)
                 artifact = ModelArtifact.load(model.path, expected_sha256=model.sha256)
+                compiled = (
+                    load_compiled(
+                        artifact, model.path, sha256, self.compiled, self.device
+                    )
+                    if self.compiled is not None
+                    else None
+                )
                 # Traced: the node's other threads must not stall the forward pass.
-                classifier = Classifier(artifact, self.device, trace=True)
+                classifier = Classifier(
+                    artifact, self.device, trace=True, compiled=compiled
+                )
                 # The model has its own copy: the file's mapped tensors can go.
                 artifact.release_weights()
             except InferenceError as exc:
@@ -254,6 +270,8 @@ class ModelCache:
                 classifier.device,
                 " (onnxruntime)"
                 if classifier.onnx
+                else " (traced, compiled)"
+                if compiled is not None
                 else " (traced)"
                 if classifier.traced
                 else " (not traced: runs eagerly)",

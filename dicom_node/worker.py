@@ -321,7 +321,7 @@ def start_workers(
             "took back %d job(s)/delivery(ies) of a stopped process", released
         )
     forget_gone_threads(index)
-    models = ModelCache(config.device)
+    models = ModelCache(config.device, config.model_cache_dir)
     outbox = Outbox(config, index, "outbox")
     builder = (
         ResultBuilder(config.results_processes, config.lease_seconds, config.log_level)

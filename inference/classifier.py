@@ -15,10 +15,21 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from pydicom.dataset import Dataset
+from torch import nn
 
 from inference.artifact import Label, ModelArtifact
+from inference.compiled import Compiled, compilable
 from inference.findings import Explanation, LabelPrediction, StudyPrediction
-from inference.gradcam import gradcam_at, gradcam_from_features, head, trunk, upsample
+from inference.gradcam import (
+    from_stage,
+    gradcam_split,
+    gradcam_through,
+    head,
+    to_stage,
+    trunk,
+    upsample,
+)
+from inference.model import resolve_device
 from inference.preprocess import Frames, FrameSource, heatmap_to_source, preprocess
 from inference.variants import OnnxTrunk, Trunk, int8_trunk, onnxruntime_version
 
@@ -196,6 +207,11 @@ class Classifier:
         stall it. Measured on 2 cores with one busy Python thread beside it:
         eager 92 ms per image, traced 38 (36 for both alone). Where tracing is
         not possible the model runs eagerly; :attr:`traced` says which.
+    compiled
+        The model's trunk and head as compiled from its file
+        (:mod:`inference.compiled`): run instead of building the model, so that
+        this process never imports torchvision. Only where it would be traced
+        (see :func:`inference.compiled.compilable`).
 
     A deployment variant (:mod:`inference.variants`) runs as such: an int8
     model's trunk runs quantized on the CPU (on CUDA, the fp32 weights it
@@ -215,6 +231,7 @@ class Classifier:
         batch_size: int = 8,
         preprocess_workers: int = 1,
         trace: bool = False,
+        compiled: Compiled | None = None,
     ) -> None:
         if precision not in _PRECISIONS:
             raise ValueError(
@@ -223,9 +240,7 @@ class Classifier:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, found {batch_size}")
         self.artifact = artifact
-        self.device = torch.device(
-            device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = resolve_device(device)
         kind = artifact.variant.get("format") if artifact.variant else None
         if (
             kind in ("fp16", "bf16")
@@ -236,9 +251,27 @@ class Classifier:
         self.precision = precision
         self.batch_size = batch_size
         self.preprocess_workers = max(1, preprocess_workers)
+        self.onnx = self.int8 = self.traced = False
+        if compiled is not None:
+            if not compilable(artifact, self.device, precision):
+                raise ValueError(
+                    f"compiled: model {artifact.name} runs uncompiled on "
+                    f"{self.device} in {precision}"
+                )
+            self.model: nn.Module | None = None
+            self._trunk: Callable[[torch.Tensor], torch.Tensor] = compiled.trunk
+            self._head: Callable[[torch.Tensor], torch.Tensor] = compiled.head
+            self._before, self._after = compiled.before, compiled.after
+            self.traced = True
+            return
         self.model = artifact.build().to(self.device)
         self.model.to(memory_format=torch.channels_last)
-        self._trunk: Callable[[torch.Tensor], torch.Tensor] = partial(trunk, self.model)
+        self._trunk = partial(trunk, self.model)
+        self._head = partial(head, self.model)
+        # Grad-CAM at layer2 / layer3: the fp32 network before and after it.
+        layer = artifact.gradcam_layer
+        self._before = partial(to_stage, self.model, layer=layer)
+        self._after = partial(from_stage, self.model, layer=layer)
         self.int8 = kind == "int8" and self.device.type == "cpu"
         if self.int8:
             spec = artifact.preprocessing
@@ -268,7 +301,25 @@ class Classifier:
             and self.device.type == "cpu"
             and _PRECISIONS[precision] is None
         ):
-            self._trace(self._trunk if self.int8 else Trunk(self.model))
+            self._trace(self.trunk_module())
+
+    def trunk_module(self) -> nn.Module:
+        """Return the trunk this model runs, as a module (to trace or compile).
+
+        The fp32 ResNet's layers up to layer4, or an int8 variant's quantized
+        trunk.
+
+        Raises
+        ------
+        ValueError
+            For a compiled model (it has no modules) or an ONNX trunk.
+        """
+        if self.model is None or self.onnx:
+            raise ValueError(f"model {self.artifact.name}: its trunk is not a module")
+        if self.int8:
+            assert isinstance(self._trunk, nn.Module)
+            return self._trunk
+        return Trunk(self.model)
 
     def _trace(self, module: Callable[[torch.Tensor], torch.Tensor]) -> None:
         spec = self.artifact.preprocessing
@@ -324,7 +375,7 @@ class Classifier:
         )
         with torch.inference_mode(), self._autocast():
             features = self._trunk(x)
-            logits = head(self.model, features)
+            logits = self._head(features)
         return torch.sigmoid(logits.float()).cpu(), features
 
     def _batches(
@@ -599,10 +650,10 @@ class Classifier:
         layer = self.artifact.gradcam_layer
         if layer != "layer4":
             x = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
-            return gradcam_at(self.model, x, label, layer)
+            return gradcam_split(self._before, self._after, x, label)
         if features is None:
             _, features = self.forward(pixels)
-        return gradcam_from_features(self.model, features.float(), label)
+        return gradcam_through(self._head, features.float(), label)
 
     def _explain(
         self,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -10,11 +12,15 @@ import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 from torch import nn
 
 __all__ = [
+    "from_stage",
     "gradcam",
     "gradcam_from_features",
     "gradcam_full_backward",
     "gradcam_map",
+    "gradcam_split",
+    "gradcam_through",
     "head",
+    "to_stage",
     "trunk",
 ]
 
@@ -85,10 +91,38 @@ def gradcam_from_features(
         Heatmaps [N, h, w] in [0, 1] (each divided by its maximum; all zero when
         nothing speaks for the label).
     """
+    return gradcam_through(partial(head, model), features, label_index)
+
+
+def gradcam_through(
+    head_of: Callable[[torch.Tensor], torch.Tensor],
+    features: torch.Tensor,
+    label_index: int,
+) -> torch.Tensor:
+    """Grad-CAM from layer4 activations through a head given as a function.
+
+    As :func:`gradcam_from_features`, with the head (pooling and the fully
+    connected layer) as any differentiable function of the activations, e.g. a
+    compiled model's (:mod:`inference.compiled`).
+
+    Parameters
+    ----------
+    head_of
+        Activations [N, K, h, w] -> logits [N, labels].
+    features
+        layer4 activations [N, K, h, w].
+    label_index
+        Which output to explain.
+
+    Returns
+    -------
+    torch.Tensor
+        Heatmaps [N, h, w] in [0, 1].
+    """
     # clone(): activations from an inference_mode pass cannot take gradients.
     activations = features.detach().float().clone().requires_grad_(True)
     with torch.enable_grad():
-        logits = head(model, activations)
+        logits = head_of(activations)
         (grads,) = torch.autograd.grad(logits[:, label_index].sum(), activations)
     return gradcam_map(activations.detach(), grads)
 
@@ -142,21 +176,70 @@ def gradcam_at(
     torch.Tensor
         Heatmaps [N, h, w] in [0, 1] at ``layer``'s resolution.
     """
+    return gradcam_split(
+        partial(to_stage, model, layer=layer),
+        partial(from_stage, model, layer=layer),
+        x,
+        label_index,
+    )
+
+
+def _stages(model: nn.Module, layer: str) -> tuple[list[Any], int]:
+    """Return a ResNet's four stages and how many of them run up to ``layer``."""
     if layer not in GRADCAM_LAYERS:
         raise ValueError(f"layer: expected one of {GRADCAM_LAYERS}, found {layer!r}")
     m = cast(Any, model)
-    stages = [m.layer1, m.layer2, m.layer3, m.layer4]
-    cut = GRADCAM_LAYERS.index(layer) + 2  # stages up to and including ``layer``
+    return [m.layer1, m.layer2, m.layer3, m.layer4], GRADCAM_LAYERS.index(layer) + 2
+
+
+def to_stage(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """Return the activations of stage ``layer`` (``layer2``...) of a ResNet."""
+    stages, cut = _stages(model, layer)
+    m = cast(Any, model)
+    a: torch.Tensor = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    for stage in stages[:cut]:
+        a = stage(a)
+    return a
+
+
+def from_stage(model: nn.Module, activations: torch.Tensor, layer: str) -> torch.Tensor:
+    """Return the logits of a ResNet from the activations of stage ``layer``."""
+    stages, cut = _stages(model, layer)
+    out = activations
+    for stage in stages[cut:]:
+        out = stage(out)
+    return head(model, out)
+
+
+def gradcam_split(
+    before: Callable[[torch.Tensor], torch.Tensor],
+    after: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    label_index: int,
+) -> torch.Tensor:
+    """Grad-CAM at a stage, the network given as the functions before and after it.
+
+    Parameters
+    ----------
+    before
+        Input -> the stage's activations (run without gradients).
+    after
+        The stage's activations -> logits (differentiated).
+    x
+        Input [N, C, H, W].
+    label_index
+        Which output to explain.
+
+    Returns
+    -------
+    torch.Tensor
+        Heatmaps [N, h, w] in [0, 1] at the stage's resolution.
+    """
     with torch.no_grad():
-        a = m.maxpool(m.relu(m.bn1(m.conv1(x.float()))))
-        for stage in stages[:cut]:
-            a = stage(a)
+        a = before(x.float())
     activations = a.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        out = activations
-        for stage in stages[cut:]:
-            out = stage(out)
-        logits = head(model, out)
+        logits = after(activations)
         (grads,) = torch.autograd.grad(logits[:, label_index].sum(), activations)
     return gradcam_map(activations.detach(), grads)
 

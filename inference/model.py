@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision import models
 
 from inference.errors import ArtifactError
 
-__all__ = ["ARCHITECTURES", "build_model", "load_init_weights", "set_cpu_threads"]
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
 
-ARCHITECTURES: dict[str, Callable[..., models.ResNet]] = {
-    "resnet18": models.resnet18,
-    "resnet34": models.resnet34,
-    "resnet50": models.resnet50,
-    "resnet101": models.resnet101,
-    "resnet152": models.resnet152,
-}
+__all__ = [
+    "ARCHITECTURES",
+    "build_model",
+    "load_init_weights",
+    "resolve_device",
+    "set_cpu_threads",
+]
+
+# torchvision's constructors of these names build them. torchvision is imported
+# only where a model is built: a process that runs a compiled model
+# (inference.compiled) never loads it (~90 MB).
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 def build_model(
@@ -28,7 +33,7 @@ def build_model(
     in_channels: int = 3,
     dropout: float = 0.0,
     init_weights: Path | None = None,
-) -> models.ResNet:
+) -> ResNet:
     """Return a torchvision ResNet, randomly initialised or from a local file.
 
     Parameters
@@ -69,7 +74,9 @@ def build_model(
         raise ValueError(f"in_channels: expected 1 or 3, found {in_channels}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout: expected 0 <= p < 1, found {dropout}")
-    model = ARCHITECTURES[architecture](weights=None, num_classes=num_classes)
+    from torchvision import models
+
+    model: ResNet = getattr(models, architecture)(weights=None, num_classes=num_classes)
     if in_channels == 1:
         model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     if dropout > 0:
@@ -79,7 +86,7 @@ def build_model(
     return model
 
 
-def load_init_weights(model: models.ResNet, path: Path) -> None:
+def load_init_weights(model: ResNet, path: Path) -> None:
     """Load starting weights into every layer but the head.
 
     Parameters
@@ -124,6 +131,11 @@ def load_init_weights(model: models.ResNet, path: Path) -> None:
             f"init weights {path} do not fit the model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """Return the device named (``cuda``, ``cpu``, ``cuda:1``), or CUDA when present."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def set_cpu_threads(threads: int) -> int:

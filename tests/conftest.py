@@ -19,7 +19,14 @@ from dicom_node.config import NodeConfig
 from dicom_node.scp import Receiver
 from dicom_node.service import open_index, running_node
 from tests.factories import make_artifact
-from tests.helpers import Destination, RunningNode, free_port, make_config, postgres_bin
+from tests.helpers import (
+    MODEL_CACHE_VARIABLE,
+    Destination,
+    RunningNode,
+    free_port,
+    make_config,
+    postgres_bin,
+)
 
 # What may be skipped where CI runs (.ci/run sets CI): a GPU it does not have,
 # root (a tmpfs mount) where it runs with sudo.
@@ -40,6 +47,27 @@ def pytest_runtest_makereport(
         if not any(allowed in reason for allowed in _CI_MAY_SKIP):
             report.outcome = "failed"
             report.longrepr = f"skipped in CI: {reason}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One folder of compiled models for every node the tests start.
+
+    Each node compiles a model it has not seen in a child process (~8 s here);
+    the tests' model files are mostly the same file, compiled once this way.
+    Nodes started in this process get it through tests.helpers.make_config,
+    ``dicom-node`` commands run as processes through the environment.
+    """
+    folder = tmp_path_factory.mktemp("compiled-models")
+    previous = os.environ.get(MODEL_CACHE_VARIABLE)
+    os.environ[MODEL_CACHE_VARIABLE] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop(MODEL_CACHE_VARIABLE, None)
+        else:
+            os.environ[MODEL_CACHE_VARIABLE] = previous
 
 
 @pytest.fixture

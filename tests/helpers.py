@@ -54,9 +54,16 @@ class RunningNode:
         )
 
 
+# The setting of the folder of compiled models, shared by the tests' nodes
+# (tests/conftest.py sets it for the session).
+MODEL_CACHE_VARIABLE = "DICOM_NODE_NODE_MODEL_CACHE"
+
+
 def make_config(tmp_path: Path, **overrides: Any) -> NodeConfig:
     """A node configuration in ``tmp_path``: ephemeral port, the test callers."""
+    shared = os.environ.get(MODEL_CACHE_VARIABLE)
     base = NodeConfig(
+        model_cache=Path(shared) if shared else None,
         port=0,
         state_dir=tmp_path / "state",
         stable_after=60.0,

@@ -100,7 +100,7 @@ def test_models_are_loaded_at_start_not_when_the_first_study_waits(
     run_serve(config)
     # Nothing sent: the worker loads (and traces) the model by itself.
     wait_for(lambda: "loaded model test 0" in caplog.text, 60, "the model loaded")
-    assert "(traced)" in caplog.text
+    assert "(traced, compiled)" in caplog.text
     assert status(config)["studies"] == 0
 
 

@@ -1,0 +1,168 @@
+"""Compiled models: the node runs its model from TorchScript, without torchvision."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference import Classifier, ModelArtifact, file_sha256
+from inference.compiled import compiled_path, load_compiled
+from tests.factories import make_artifact, make_ct
+from tests.helpers import MODEL_CACHE_VARIABLE, dicom_node_cmd, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def saved(tmp_path: Path, layer: str = "layer4", name: str = "m") -> Path:
+    path = tmp_path / f"{name}.safetensors"
+    dataclasses.replace(make_artifact(), gradcam_layer=layer).save(path)
+    return path
+
+
+def scored(classifier: Classifier) -> tuple[np.ndarray, list[np.ndarray]]:
+    images = [make_ct(rows=64, columns=64, seed=s) for s in (3, 4)]
+    prediction = classifier.predict(images, explain_top_k=1)
+    return prediction.frame_probabilities, [e.heatmap for e in prediction.explanations]
+
+
+@pytest.mark.parametrize("layer", ["layer4", "layer3"])
+def test_a_compiled_model_scores_and_explains_as_the_model_built(
+    tmp_path: Path, layer: str
+) -> None:
+    path = saved(tmp_path, layer)
+    folder, sha256 = tmp_path / "cache", file_sha256(path)
+    compiled = load_compiled(ModelArtifact.load(path), path, sha256, folder, "cpu")
+    assert compiled is not None
+    assert compiled.path == compiled_path(folder, sha256)
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+
+    fast = Classifier(ModelArtifact.load(path), "cpu", trace=True, compiled=compiled)
+    built = Classifier(ModelArtifact.load(path), "cpu", trace=True)
+    assert fast.model is None
+    assert fast.traced
+    probabilities, heatmaps = scored(fast)
+    expected, references = scored(built)
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
+    assert len(heatmaps) == len(references) == 2  # one per label
+    for heatmap, reference in zip(heatmaps, references, strict=True):
+        assert heatmap.max() > 0
+        np.testing.assert_allclose(heatmap, reference, atol=1e-5)
+
+    # Loaded again, the file is read, not compiled again; files no model
+    # loaded for 30 days, and a killed child's half-written one, are removed.
+    old, recent, partial = (folder / n for n in ("old.pt", "recent.pt", ".x.pt.1"))
+    for stale, days in ((old, 31), (recent, 29), (partial, 2)):
+        stale.write_bytes(b"")
+        os.utime(stale, (time.time() - days * 86400,) * 2)
+    before = compiled.path.stat()
+    again = load_compiled(ModelArtifact.load(path), path, sha256, folder, "cpu")
+    assert again is not None
+    assert compiled.path.stat().st_ino == before.st_ino
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [compiled.path.name, recent.name]
+    )
+
+
+def test_a_damaged_or_foreign_compiled_file_is_compiled_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="inference")
+    path, other = saved(tmp_path), saved(tmp_path, "layer2", "other")
+    folder = tmp_path / "cache"
+    sha256, other_sha256 = file_sha256(path), file_sha256(other)
+    target = compiled_path(folder, sha256)
+    folder.mkdir()
+    target.write_bytes(b"PK\x03\x04 not a TorchScript file")
+
+    compiled = load_compiled(ModelArtifact.load(path), path, sha256, folder, "cpu")
+
+    assert compiled is not None
+    assert "unreadable" in caplog.text
+    reference = Classifier(ModelArtifact.load(path), "cpu")
+    fast = Classifier(ModelArtifact.load(path), "cpu", compiled=compiled)
+    np.testing.assert_allclose(scored(fast)[0], scored(reference)[0], rtol=1e-5)
+
+    # Another model's compiled file under this model's name: refused by the
+    # name it records, compiled again.
+    caplog.clear()
+    foreign = load_compiled(
+        ModelArtifact.load(other), other, other_sha256, folder, "cpu"
+    )
+    assert foreign is not None
+    shutil.copy(foreign.path, target)
+    compiled = load_compiled(ModelArtifact.load(path), path, sha256, folder, "cpu")
+    assert compiled is not None
+    assert "is not model" in caplog.text
+    fast = Classifier(ModelArtifact.load(path), "cpu", compiled=compiled)
+    np.testing.assert_allclose(scored(fast)[0], scored(reference)[0], rtol=1e-5)
+
+
+def test_a_model_that_cannot_be_compiled_is_built_in_the_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="inference")
+    path = saved(tmp_path)
+    artifact, sha256 = ModelArtifact.load(path), file_sha256(path)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+
+    assert load_compiled(artifact, path, sha256, blocked / "cache", "cpu") is None
+    assert "not compiled" in caplog.text
+    assert "built in this process" in caplog.text
+    # A folder others may write to: a compiled file is a program, none is used.
+    caplog.clear()
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o777)
+    loose.chmod(0o777)
+    assert load_compiled(artifact, path, sha256, loose, "cpu") is None
+    assert "is not this user's alone" in caplog.text
+    assert not list(loose.iterdir())
+    # Where it would not run traced (here CUDA), nothing is compiled.
+    assert load_compiled(artifact, path, sha256, tmp_path / "cache", "cuda") is None
+    assert not (tmp_path / "cache").exists()
+    # A model file changed since its SHA-256 was taken: the child refuses it.
+    caplog.clear()
+    assert load_compiled(artifact, path, "0" * 64, tmp_path / "cache", "cpu") is None
+    assert "SHA-256" in caplog.text
+
+
+def test_serve_runs_its_model_without_torchvision(tmp_path: Path) -> None:
+    saved(tmp_path, name="model")
+    (tmp_path / "node.toml").write_text(
+        '[node]\nport = 0\nhost = "127.0.0.1"\n'
+        '[[callers]]\nae_title = "TESTSCU"\nhost = "127.0.0.1"\n'
+        '[[models]]\npath = "model.safetensors"\n'
+    )
+    # The default folder (in state_dir), not the one the tests share.
+    env = {k: v for k, v in os.environ.items() if k != MODEL_CACHE_VARIABLE}
+    proc = subprocess.Popen(
+        dicom_node_cmd("serve", "--config", str(tmp_path / "node.toml")),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    assert proc.stderr is not None
+    stderr = proc.stderr
+    threading.Thread(target=lambda: lines.extend(stderr), daemon=True).start()
+    try:
+        wait_for(lambda: any("loaded model" in x for x in lines), 120, "the model")
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    loaded = next(x for x in lines if "loaded model" in x)
+    assert "(traced, compiled)" in loaded
+    assert "torch" in maps  # it runs PyTorch...
+    assert "torchvision" not in maps  # ... and never loaded torchvision
+    assert list((tmp_path / "dicom-node-data" / "models").glob("*.pt"))
