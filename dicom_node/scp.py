@@ -1137,7 +1137,9 @@ def _count_sequences(ds: Dataset, source: _CountedFile | _CountedBytes) -> None:
                             f"sequence {elem.tag} does not parse ({type(exc).__name__})"
                         ) from None
                     if elem.value is None and not counted:
-                        source.budget.spend_bytes(_read_later(elem, depth))
+                        source.budget.spend_bytes(
+                            passed_over.get(elem.tag, _read_later(elem, depth))
+                        )
                     continue
             if items and depth == _MAX_DEPTH:
                 raise _NestedTooDeepError(f"sequences nested over {_MAX_DEPTH} deep")
