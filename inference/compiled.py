@@ -156,9 +156,11 @@ def compile_model(model_path: Path, sha256: str, out: Path) -> None:
     layer = artifact.gradcam_layer
     methods = _Methods(classifier.trunk_module(), classifier.model, layer).eval()
     probe = _probe(artifact)
+    # The model's own logits, each way it computes them (an int8 variant's
+    # trunk, and the fp32 network around the Grad-CAM layer).
+    expected = _probe_logits(methods, probe, layer)
     with torch.inference_mode():
         features = methods(probe)
-        expected = methods.head(features)
         inputs = {"forward": probe, "head": features}
         if layer != "layer4":
             inputs |= {"before": probe, "after": methods.before(probe)}
@@ -170,16 +172,13 @@ def compile_model(model_path: Path, sha256: str, out: Path) -> None:
             traced = torch.jit.trace_module(  # type: ignore[no-untyped-call]
                 methods, inputs
             )
-    for got in _probe_logits(traced, probe, layer):
-        if not torch.allclose(got, expected, rtol=_RTOL, atol=_ATOL):
-            raise ArtifactError(
-                f"model {artifact.name}: its traced graph differs from it"
-            )
+    if not _same(_probe_logits(traced, probe, layer), expected):
+        raise ArtifactError(f"model {artifact.name}: its traced graph differs from it")
     document = {
         "format": _FORMAT,
         "model_sha256": sha256,
         "torch": torch.__version__,
-        "probe_logits": expected.flatten().tolist(),
+        "probe_logits": [logits.tolist() for logits in expected],
     }
     partial = out.with_name(f".{out.name}.{uuid.uuid4().hex}")
     try:
@@ -316,7 +315,10 @@ def _load(artifact: ModelArtifact, path: Path, sha256: str) -> Compiled | None:
                 str(path), map_location="cpu", _extra_files=extra
             )
         document = json.loads(extra[_DOCUMENT] or "{}")
-        expected = torch.tensor(document.get("probe_logits", []), dtype=torch.float32)
+        expected = [
+            torch.tensor(logits, dtype=torch.float32)
+            for logits in document.get("probe_logits", [])
+        ]
         fits = (
             document.get("format") == _FORMAT
             and document.get("model_sha256") == sha256
@@ -326,11 +328,7 @@ def _load(artifact: ModelArtifact, path: Path, sha256: str) -> Compiled | None:
             probe, layer = _probe(artifact), artifact.gradcam_layer
             for _ in range(2):  # the first calls optimise the graph
                 found = _probe_logits(graph, probe, layer)
-            fits = all(
-                got.shape == expected.shape
-                and torch.allclose(got, expected, rtol=_RTOL, atol=_ATOL)
-                for got in found
-            )
+            fits = _same(found, expected)
     except (RuntimeError, OSError, ValueError) as exc:
         logger.warning(
             "compiled model %s unreadable (%s): compiled again", path.name, exc
@@ -348,13 +346,26 @@ def _load(artifact: ModelArtifact, path: Path, sha256: str) -> Compiled | None:
     return Compiled(graph, graph.head, graph.before, graph.after, path)
 
 
-def _probe_logits(graph: Any, probe: torch.Tensor, layer: str) -> list[torch.Tensor]:
-    """Return a traced model's logits for the probe, each way it computes them."""
+def _probe_logits(model: Any, probe: torch.Tensor, layer: str) -> list[torch.Tensor]:
+    """Return a model's logits for the probe, each way it computes them.
+
+    Through the trunk and the head, and (Grad-CAM at layer2 / layer3) through
+    the network before and after that layer. ``model`` is a :class:`_Methods`
+    or its traced graph.
+    """
     with torch.inference_mode():
-        found = [graph.head(graph(probe)).flatten()]
+        found = [model.head(model(probe)).flatten()]
         if layer != "layer4":
-            found.append(graph.after(graph.before(probe)).flatten())
+            found.append(model.after(model.before(probe)).flatten())
     return found
+
+
+def _same(found: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
+    """Return whether two lists of logits agree, within the tolerance."""
+    return len(found) == len(expected) and all(
+        got.shape == want.shape and torch.allclose(got, want, rtol=_RTOL, atol=_ATOL)
+        for got, want in zip(found, expected, strict=False)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from inference import ArtifactError, Classifier, ModelArtifact, file_sha256
+from inference.compiled import load_compiled
 from tests.helpers import run_cli
 from training.cli import main
 from training.data import DataError, load_samples
@@ -139,6 +140,28 @@ def test_int8_variant_scores_through_dicom_node_score(
     )
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "r").rglob("sr.dcm"))) == 1
+
+
+def test_an_int8_variant_runs_compiled_as_it_runs_built(
+    trained: tuple[Path, Path], int8: tuple[Path, str], tmp_path: Path
+) -> None:
+    # The node runs it from its compiled file: the quantized trunk, and the
+    # fp32 network around its Grad-CAM layer (layer2 at 64 px).
+    (_, test), (out, _) = trained, int8
+    variant = ModelArtifact.load(out)
+    assert variant.gradcam_layer != "layer4"
+    compiled = load_compiled(variant, out, file_sha256(out), tmp_path, "cpu")
+    assert compiled is not None
+    fast = Classifier(variant, device="cpu", trace=True, compiled=compiled)
+    built = Classifier(ModelArtifact.load(out), device="cpu", trace=True)
+    assert built.int8
+    for ds in held_out(test)[:3]:
+        got, want = fast.predict([ds], 1), built.predict([ds], 1)
+        np.testing.assert_allclose(
+            got.frame_probabilities, want.frame_probabilities, atol=1e-6
+        )
+        for a, b in zip(got.explanations, want.explanations, strict=True):
+            np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-5)
 
 
 @pytest.mark.parametrize(
