@@ -43,8 +43,8 @@ from inference import (
     StudyPrediction,
     StudyScores,
     file_sha256,
+    load_compiled,
 )
-from inference.compiled import load_compiled
 
 __all__ = [
     "EarlyScores",
@@ -240,7 +240,12 @@ class ModelCache:
                 raise copy.copy(broken[2])
             try:
                 sha256 = file_sha256(model.path)
-                artifact = ModelArtifact.load(model.path, expected_sha256=model.sha256)
+                # Checked against the hash taken (the compiled file is chosen
+                # by it) after the pin: a file replaced between the two reads
+                # is refused, read again at the next job.
+                if model.sha256 is not None:
+                    ModelArtifact.check_pin(model.path, sha256, model.sha256)
+                artifact = ModelArtifact.load(model.path, expected_sha256=sha256)
                 compiled = (
                     load_compiled(
                         artifact, model.path, sha256, self.compiled, self.device

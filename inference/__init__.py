@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         StudyPrediction,
         StudyScores,
     )
+    from inference.compiled import load_compiled
     from inference.errors import (
         ArtifactError,
         ImageTooLargeError,
@@ -81,6 +82,7 @@ _HOMES = {
     "StudyPrediction": "inference.findings",
     "StudyScores": "inference.classifier",
     "build_model": "inference.model",
+    "load_compiled": "inference.compiled",
     "check_size": "inference.pixels",
     "decode_frames": "inference.pixels",
     "file_as_read": "inference.pixels",
@@ -143,6 +145,7 @@ __all__ = [
     "gradcam_from_features",
     "gradcam_full_backward",
     "heatmap_to_source",
+    "load_compiled",
     "load_init_weights",
     "preprocess_many",
     "render",

@@ -270,6 +270,32 @@ class ModelArtifact:
         )
         return file_sha256(path)
 
+    @staticmethod
+    def check_pin(path: Path, actual: str, expected: str) -> None:
+        """Refuse a model file whose SHA-256 is not the one expected.
+
+        Parameters
+        ----------
+        path
+            The file.
+        actual
+            Its SHA-256.
+        expected
+            The one it must have (the configuration's pin, or the one taken
+            when it was first read).
+
+        Raises
+        ------
+        ArtifactError
+            If they differ.
+        """
+        if actual != expected.lower():
+            raise ArtifactError(
+                f"model file {path} has SHA-256 {actual}, not the {expected.lower()} "
+                "expected (the configuration's pin, or its hash when it was read "
+                "first): the file changed; check it and update the pin"
+            )
+
     @classmethod
     def load(cls, path: Path, expected_sha256: str | None = None) -> ModelArtifact:
         """Read an artifact; nothing is unpickled, nothing runs.
@@ -295,13 +321,7 @@ class ModelArtifact:
         if not path.is_file():
             raise ArtifactError(f"model file {path} not found")
         if expected_sha256 is not None:
-            actual = file_sha256(path)
-            if actual != expected_sha256.lower():
-                raise ArtifactError(
-                    f"model file {path} has SHA-256 {actual}, but the configuration "
-                    f"pins {expected_sha256.lower()}: the file changed; check it and "
-                    "update the pin"
-                )
+            cls.check_pin(path, file_sha256(path), expected_sha256)
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}

@@ -208,10 +208,11 @@ class Classifier:
         eager 92 ms per image, traced 38 (36 for both alone). Where tracing is
         not possible the model runs eagerly; :attr:`traced` says which.
     compiled
-        The model's trunk and head as compiled from its file
-        (:mod:`inference.compiled`): run instead of building the model, so that
-        this process never imports torchvision. Only where it would be traced
-        (see :func:`inference.compiled.compilable`).
+        The model as compiled from its file (:mod:`inference.compiled`): run
+        instead of building the model, so that this process never imports
+        torchvision. It is the traced graph (``trace`` makes no difference);
+        only for a model :func:`inference.compiled.compilable` on ``device``,
+        else ValueError.
 
     A deployment variant (:mod:`inference.variants`) runs as such: an int8
     model's trunk runs quantized on the CPU (on CUDA, the fp32 weights it
@@ -309,6 +310,11 @@ class Classifier:
         The fp32 ResNet's layers up to layer4, or an int8 variant's quantized
         trunk.
 
+        Returns
+        -------
+        torch.nn.Module
+            Input [N, C, H, W] -> layer4 activations.
+
         Raises
         ------
         ValueError
@@ -316,8 +322,7 @@ class Classifier:
         """
         if self.model is None or self.onnx:
             raise ValueError(f"model {self.artifact.name}: its trunk is not a module")
-        if self.int8:
-            assert isinstance(self._trunk, nn.Module)
+        if isinstance(self._trunk, nn.Module):  # int8, or traced
             return self._trunk
         return Trunk(self.model)
 

@@ -7,7 +7,8 @@ short-lived child process (``python -m inference.compiled``) builds the model,
 traces its trunk (the graph :class:`~inference.classifier.Classifier` runs on
 the CPU anyway, see its ``trace``) and its head, checks the traced model against
 the model itself on a probe input, and saves both in one TorchScript file in a
-cache folder, named by the model file's SHA-256 and PyTorch's version. The
+cache folder, named by the model file's SHA-256 and a fingerprint of the code
+that built it (this package's, PyTorch's and torchvision's versions). The
 scoring process loads that file, checks it gives the probe's logits, and runs
 it: the same graph and weights, in a process that never imports torchvision.
 Files of the cache are derived from the model files: deleting them is safe
@@ -16,15 +17,23 @@ Files of the cache are derived from the model files: deleting them is safe
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
+import re
+import stat
 import subprocess
 import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +46,14 @@ from inference.errors import ArtifactError
 from inference.gradcam import from_stage, head, to_stage
 from inference.model import resolve_device
 
-__all__ = ["Compiled", "compilable", "compile_model", "compiled_path", "load_compiled"]
+__all__ = [
+    "Compiled",
+    "code_fingerprint",
+    "compilable",
+    "compile_model",
+    "compiled_path",
+    "load_compiled",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +61,19 @@ logger = logging.getLogger(__name__)
 _DOCUMENT = "dicom-node.json"
 _FORMAT = 1
 # Seconds a child may take to compile (importing PyTorch and torchvision, the
-# build, the trace): on a 2-core VM ~6 s for a resnet18.
+# build, the trace): 8-12 s for a resnet18 on a 2-core VM.
 COMPILE_TIMEOUT = 600.0
+# The folder's files: compiled models, what a killed child left, the lock.
+_NAME = re.compile(r"[0-9a-f]{64}-[0-9a-f]{16}\.pt")
+_PARTIAL = re.compile(r"\.[0-9a-f]{64}-[0-9a-f]{16}\.pt\.[0-9a-f]{32}")
+_LOCK = ".lock"
 # Days after which a compiled file no model has loaded is removed.
 UNUSED_DAYS = 30
 # How close the loaded graph's probe logits must be to those the model gave.
 _RTOL, _ATOL = 1e-3, 1e-4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Compiled:
     """A compiled model: what a Classifier runs in place of the built model.
 
@@ -80,17 +100,77 @@ class Compiled:
 def compilable(artifact: ModelArtifact, device: torch.device, precision: str) -> bool:
     """Return whether a Classifier would run this model traced, so compiled.
 
-    On the CPU, in fp32 (an fp16 / bf16 variant runs fp32 there; an int8
-    variant's trunk is traced quantized), not an ONNX variant.
+    Parameters
+    ----------
+    artifact
+        The model.
+    device
+        Where it is to run.
+    precision
+        The precision it is to run in.
+
+    Returns
+    -------
+    bool
+        True on the CPU in fp32 (an fp16 / bf16 variant runs fp32 there; an
+        int8 variant's trunk is traced quantized), but for an ONNX variant.
     """
     kind = artifact.variant.get("format") if artifact.variant else None
     return device.type == "cpu" and precision == "fp32" and kind != "onnx"
 
 
 def compiled_path(folder: Path, sha256: str) -> Path:
-    """Return where the compiled file of a model file with this SHA-256 is kept."""
-    version = "".join(c if c.isalnum() or c in ".-" else "_" for c in torch.__version__)
-    return folder / f"{sha256}-torch{version}.pt"
+    """Return where the model file with this SHA-256 is kept compiled.
+
+    Parameters
+    ----------
+    folder
+        The cache folder.
+    sha256
+        The model file's SHA-256.
+
+    Returns
+    -------
+    Path
+        ``<sha256>-<code>.pt``, ``code`` naming what else the graph depends on
+        (:func:`code_fingerprint`): after an upgrade of PyTorch, torchvision
+        or this package the model is compiled again.
+    """
+    return folder / f"{sha256}-{code_fingerprint()[:16]}.pt"
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """Return the SHA-256 of what a compiled graph depends on beside the model file.
+
+    The source of the modules that build, trace and run it, and the versions
+    of PyTorch and torchvision (read without importing torchvision).
+    """
+    digest = hashlib.sha256()
+    for name in _BUILDERS:
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        digest.update(f"{name}:".encode())
+        digest.update(Path(origin).read_bytes() if origin else b"")
+    for distribution in ("torch", "torchvision"):
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            version = "-"
+        digest.update(f"{distribution}={version};".encode())
+    digest.update(torch.__version__.encode())
+    return digest.hexdigest()
+
+
+# The modules whose code goes into a compiled graph.
+_BUILDERS = (
+    "inference.artifact",
+    "inference.classifier",
+    "inference.compiled",
+    "inference.gradcam",
+    "inference.model",
+    "inference.variants",
+)
 
 
 class _Methods(nn.Module):
@@ -150,9 +230,10 @@ def compile_model(model_path: Path, sha256: str, out: Path) -> None:
 
     artifact = ModelArtifact.load(model_path, expected_sha256=sha256)
     classifier = Classifier(artifact, "cpu")
-    if not compilable(artifact, classifier.device, classifier.precision):
+    if classifier.model is None or not compilable(
+        artifact, classifier.device, classifier.precision
+    ):
         raise ArtifactError(f"model {artifact.name} runs uncompiled")
-    assert classifier.model is not None
     layer = artifact.gradcam_layer
     methods = _Methods(classifier.trunk_module(), classifier.model, layer).eval()
     probe = _probe(artifact)
@@ -177,7 +258,7 @@ def compile_model(model_path: Path, sha256: str, out: Path) -> None:
     document = {
         "format": _FORMAT,
         "model_sha256": sha256,
-        "torch": torch.__version__,
+        "code": code_fingerprint(),
         "probe_logits": [logits.tolist() for logits in expected],
     }
     partial = out.with_name(f".{out.name}.{uuid.uuid4().hex}")
@@ -191,6 +272,11 @@ def compile_model(model_path: Path, sha256: str, out: Path) -> None:
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
+    folder = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def load_compiled(
@@ -202,8 +288,12 @@ def load_compiled(
 ) -> Compiled | None:
     """Return the model compiled (from the cache, else compiled now), or None.
 
-    Compiles in a child process when the cache has no valid file for this model
-    file and PyTorch.
+    A model file is compiled once (per :func:`code_fingerprint`): processes
+    that load it at the same time wait for the one that compiles it (a lock in
+    the folder), then load its file. A TorchScript file is a program, so only
+    one that this user alone could have written is loaded: the folder must be
+    this user's, not a link, writable by no one else, and so must each folder
+    above it be (unless owned by root, or sticky as /tmp is).
 
     Parameters
     ----------
@@ -212,9 +302,9 @@ def load_compiled(
     model_path
         Its file.
     sha256
-        The file's SHA-256.
+        The file's SHA-256, as ``artifact`` was checked against.
     folder
-        The cache folder (made, private to this user, when missing).
+        The cache folder (made, ``0700``, when missing).
     device
         Where the model is to run (as for a Classifier).
 
@@ -227,123 +317,172 @@ def load_compiled(
     """
     if not compilable(artifact, resolve_device(device), "fp32"):
         return None
+    if not sys.executable:
+        logger.warning(
+            "model %s not compiled (no Python interpreter to run): it is built "
+            "in this process",
+            artifact.name,
+        )
+        return None
     path = compiled_path(folder, sha256)
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # A TorchScript file is a program: only one this user alone could
-        # have written is loaded.
-        unsafe = _writable_by_others(folder) or (
-            path.exists() and _writable_by_others(path)
-        )
+        unsafe = _not_private(folder)
         if unsafe:
             logger.warning(
-                "model %s not compiled: %s is not this user's alone (chmod go-w, "
-                "or another model_cache); it is built in this process",
+                "model %s not compiled: %s; it is built in this process (make "
+                "model_cache a folder of this user's alone)",
                 artifact.name,
                 unsafe,
             )
             return None
-        if path.is_file():
-            found = _load(artifact, path, sha256)
-            if found is not None:
-                _used(path)
-                return found
-            path.unlink(missing_ok=True)
-        done = subprocess.run(
-            [sys.executable, "-m", __name__, str(model_path), sha256, str(path)],
-            capture_output=True,
-            text=True,
-            timeout=COMPILE_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        with _locked(folder / _LOCK):
+            found, why = _load(artifact, path, sha256)
+            if found is None and path.exists():
+                logger.warning(
+                    "compiled model %s not used (%s): compiled again", path.name, why
+                )
+                path.unlink()
+            if found is None:
+                found, why = _compile(artifact, model_path, sha256, path)
+    except (OSError, subprocess.SubprocessError) as exc:
+        found, why = None, type(exc).__name__
+    if found is None:
         logger.warning(
             "model %s not compiled (%s): it is built in this process",
             artifact.name,
-            exc,
+            why,
         )
         return None
+    _used(path)
+    return found
+
+
+def _compile(
+    artifact: ModelArtifact, model_path: Path, sha256: str, path: Path
+) -> tuple[Compiled | None, str]:
+    """Compile in a child process and load the file; or None and why not."""
+    logger.info(
+        "compiling model %s for the CPU into %s (once per model file)",
+        artifact.name,
+        path.parent,
+    )
+    # -P: the child imports this package as installed, never a module of the
+    # current folder.
+    command = [sys.executable, "-P", "-m", "inference.compiled", str(model_path)]
+    done = subprocess.run(
+        [*command, sha256, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=COMPILE_TIMEOUT,
+        check=False,
+    )
     if done.returncode != 0:
         lines = (done.stderr or "").strip().splitlines()
-        logger.warning(
-            "model %s not compiled (%s): it is built in this process",
-            artifact.name,
-            lines[-1][:300] if lines else f"exit status {done.returncode}",
-        )
-        return None
-    found = _load(artifact, path, sha256)
-    if found is None:
-        path.unlink(missing_ok=True)
-    else:
-        _used(path)
-    return found
+        return None, lines[-1][:300] if lines else f"exit status {done.returncode}"
+    return _load(artifact, path, sha256)
+
+
+def _not_private(folder: Path) -> str:
+    """Return why another user could write to ``folder``; '' when none could."""
+    me = os.geteuid()
+    found = os.lstat(folder)
+    if not stat.S_ISDIR(found.st_mode):
+        return f"{folder} is not a folder (a link?)"
+    if found.st_uid != me or found.st_mode & 0o022:
+        return f"{folder} is not this user's alone"
+    for above in folder.resolve().parents:
+        found = os.stat(above)
+        sticky = found.st_mode & stat.S_ISVTX
+        if found.st_uid not in (0, me) or (found.st_mode & 0o022 and not sticky):
+            return f"{above} may be changed by another user"
+    return ""
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (made when missing) while in the block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _used(path: Path) -> None:
     """Mark a compiled file used now; remove those not used for a long time.
 
-    Files of model files no longer loaded (replaced models, PyTorch upgraded)
-    go after :data:`UNUSED_DAYS` (a node that still runs one keeps it in
-    memory and compiles it again at its next start); so do half-written files
-    of children that were killed, after a day.
+    Only this module's own files: compiled ones (``<sha256>-<code>.pt``) that no
+    process has loaded for :data:`UNUSED_DAYS` (replaced models, upgrades; a
+    node that still runs one keeps it in memory and compiles it again at its
+    next start), and after a day what a killed child left half-written.
     """
     now = time.time()
     try:
         os.utime(path)
-        for other in path.parent.iterdir():
-            age = now - other.stat().st_mtime
-            stale = other.name.endswith(".pt") and age > UNUSED_DAYS * 86400
-            if stale or (other.name.startswith(".") and age > 86400):
-                other.unlink(missing_ok=True)
+        others = list(path.parent.iterdir())
     except OSError as exc:
         logger.warning("compiled models in %s not tidied (%s)", path.parent, exc)
+        return
+    for other in others:
+        if _NAME.fullmatch(other.name):
+            oldest = UNUSED_DAYS * 86400
+        elif _PARTIAL.fullmatch(other.name):
+            oldest = 86400
+        else:
+            continue
+        try:
+            if now - other.lstat().st_mtime > oldest:
+                other.unlink()
+        except OSError:  # removed meanwhile by another process, or not ours
+            continue
 
 
-def _writable_by_others(path: Path) -> str:
-    """Return ``path`` when another user owns it or may write it, else ''."""
-    found = path.stat()
-    return str(path) if found.st_uid != os.geteuid() or found.st_mode & 0o022 else ""
-
-
-def _load(artifact: ModelArtifact, path: Path, sha256: str) -> Compiled | None:
-    """Load a compiled file; None (said why) when it is not this model's or differs."""
-    extra = {_DOCUMENT: ""}
+def _load(
+    artifact: ModelArtifact, path: Path, sha256: str
+) -> tuple[Compiled | None, str]:
+    """Load a compiled file; or None and why not (missing, not this model's...)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.load's deprecation
-            graph = torch.jit.load(  # type: ignore[no-untyped-call]
-                str(path), map_location="cpu", _extra_files=extra
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, "not compiled yet"
+    except OSError as exc:
+        return None, f"unreadable ({type(exc).__name__})"
+    with os.fdopen(fd, "rb") as file:
+        found = os.fstat(file.fileno())
+        if found.st_uid != os.geteuid() or found.st_mode & 0o022:
+            return None, "not this user's alone"
+        extra = {_DOCUMENT: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.load's deprecation
+                graph = torch.jit.load(  # type: ignore[no-untyped-call]
+                    file, map_location="cpu", _extra_files=extra
+                )
+            document = json.loads(extra[_DOCUMENT] or "{}")
+            fits = (
+                isinstance(document, dict)
+                and document.get("format") == _FORMAT
+                and document.get("model_sha256") == sha256
+                and document.get("code") == code_fingerprint()
             )
-        document = json.loads(extra[_DOCUMENT] or "{}")
-        expected = [
-            torch.tensor(logits, dtype=torch.float32)
-            for logits in document.get("probe_logits", [])
-        ]
-        fits = (
-            document.get("format") == _FORMAT
-            and document.get("model_sha256") == sha256
-            and document.get("torch") == torch.__version__
-        )
-        if fits:
+            if not fits:
+                return None, "another model's, or of other code"
+            expected = [
+                torch.tensor(logits, dtype=torch.float32)
+                for logits in document["probe_logits"]
+            ]
             probe, layer = _probe(artifact), artifact.gradcam_layer
             for _ in range(2):  # the first calls optimise the graph
-                found = _probe_logits(graph, probe, layer)
-            fits = _same(found, expected)
-    except (RuntimeError, OSError, ValueError) as exc:
-        logger.warning(
-            "compiled model %s unreadable (%s): compiled again", path.name, exc
-        )
-        return None
-    if not fits:
-        logger.warning(
-            "compiled model %s is not model %s's or gives other logits: compiled again",
-            path.name,
-            artifact.name,
-        )
-        return None
-    if artifact.gradcam_layer == "layer4":
-        return Compiled(graph, graph.head, graph, graph.head, path)
-    return Compiled(graph, graph.head, graph.before, graph.after, path)
+                got = _probe_logits(graph, probe, layer)
+        except Exception as exc:  # noqa: BLE001 - any failure: compiled again, or built
+            return None, f"unreadable ({type(exc).__name__})"
+    if not _same(got, expected):
+        return None, "its graph gives other logits"
+    if layer == "layer4":
+        return Compiled(graph, graph.head, graph, graph.head, path), ""
+    return Compiled(graph, graph.head, graph.before, graph.after, path), ""
 
 
 def _probe_logits(model: Any, probe: torch.Tensor, layer: str) -> list[torch.Tensor]:
@@ -369,7 +508,18 @@ def _same(found: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m inference.compiled MODEL SHA256 OUT``: compile one model file."""
+    """Compile one model file: ``python -m inference.compiled MODEL SHA256 OUT``.
+
+    Parameters
+    ----------
+    argv
+        The arguments (``sys.argv[1:]`` when None).
+
+    Returns
+    -------
+    int
+        The exit status: 0 compiled, 1 not (the reason on stderr), 2 usage.
+    """
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 3:
         print("usage: python -m inference.compiled MODEL SHA256 OUT", file=sys.stderr)

@@ -193,7 +193,27 @@ def _stages(model: nn.Module, layer: str) -> tuple[list[Any], int]:
 
 
 def to_stage(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
-    """Return the activations of stage ``layer`` (``layer2``...) of a ResNet."""
+    """Return the activations of stage ``layer`` of a ResNet.
+
+    Parameters
+    ----------
+    model
+        The ResNet.
+    x
+        Input [N, C, H, W].
+    layer
+        ``layer2``, ``layer3`` or ``layer4``.
+
+    Returns
+    -------
+    torch.Tensor
+        That stage's output.
+
+    Raises
+    ------
+    ValueError
+        For another layer name.
+    """
     stages, cut = _stages(model, layer)
     m = cast(Any, model)
     a: torch.Tensor = m.maxpool(m.relu(m.bn1(m.conv1(x))))
@@ -203,7 +223,27 @@ def to_stage(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
 
 
 def from_stage(model: nn.Module, activations: torch.Tensor, layer: str) -> torch.Tensor:
-    """Return the logits of a ResNet from the activations of stage ``layer``."""
+    """Return the logits of a ResNet from the activations of stage ``layer``.
+
+    Parameters
+    ----------
+    model
+        The ResNet.
+    activations
+        The output of stage ``layer`` (:func:`to_stage`).
+    layer
+        ``layer2``, ``layer3`` or ``layer4``.
+
+    Returns
+    -------
+    torch.Tensor
+        Logits [N, labels].
+
+    Raises
+    ------
+    ValueError
+        For another layer name.
+    """
     stages, cut = _stages(model, layer)
     out = activations
     for stage in stages[cut:]:

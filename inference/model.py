@@ -134,7 +134,19 @@ def load_init_weights(model: ResNet, path: Path) -> None:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """Return the device named (``cuda``, ``cpu``, ``cuda:1``), or CUDA when present."""
+    """Return the device named, or CUDA when present and none is.
+
+    Parameters
+    ----------
+    device
+        ``cuda``, ``cpu``, ``cuda:1``...; None or empty: CUDA when present,
+        else the CPU.
+
+    Returns
+    -------
+    torch.device
+        The device.
+    """
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 

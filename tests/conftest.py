@@ -18,6 +18,7 @@ import pytest
 from dicom_node.config import NodeConfig
 from dicom_node.scp import Receiver
 from dicom_node.service import open_index, running_node
+from inference import ModelArtifact, file_sha256, load_compiled
 from tests.factories import make_artifact
 from tests.helpers import (
     MODEL_CACHE_VARIABLE,
@@ -59,6 +60,14 @@ def shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     ``dicom-node`` commands run as processes through the environment.
     """
     folder = tmp_path_factory.mktemp("compiled-models")
+    # The model most tests' nodes load, compiled here once (~10 s) rather
+    # than in whichever test comes first, within its time limit.
+    path = folder.parent / "model.safetensors"
+    always_present_artifact().save(path)
+    compiled = load_compiled(
+        ModelArtifact.load(path), path, file_sha256(path), folder, "cpu"
+    )
+    assert compiled is not None, "the tests' model does not compile"
     previous = os.environ.get(MODEL_CACHE_VARIABLE)
     os.environ[MODEL_CACHE_VARIABLE] = str(folder)
     try:
@@ -78,10 +87,15 @@ def model(tmp_path: Path) -> Path:
     Grad-CAM capture per label (absent findings get none by default).
     """
     path = tmp_path / "model.safetensors"
+    always_present_artifact().save(path)
+    return path
+
+
+def always_present_artifact() -> ModelArtifact:
+    """The model of the ``model`` fixture: its findings at threshold 0."""
     artifact = make_artifact()
     artifact.labels = tuple(replace(label, threshold=0.0) for label in artifact.labels)
-    artifact.save(path)
-    return path
+    return artifact
 
 
 @pytest.fixture

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from inference import Classifier, ModelArtifact, file_sha256
 from inference.compiled import compiled_path, load_compiled
@@ -57,10 +60,15 @@ def test_a_compiled_model_scores_and_explains_as_the_model_built(
         assert heatmap.max() > 0
         np.testing.assert_allclose(heatmap, reference, atol=1e-5)
 
-    # Loaded again, the file is read, not compiled again; files no model
-    # loaded for 30 days, and a killed child's half-written one, are removed.
-    old, recent, partial = (folder / n for n in ("old.pt", "recent.pt", ".x.pt.1"))
-    for stale, days in ((old, 31), (recent, 29), (partial, 2)):
+    # Loaded again, the file is read, not compiled again; compiled files no
+    # model loaded for 30 days, and a killed child's half-written one, are
+    # removed; nothing else in the folder is touched.
+    other = f"{'a' * 64}-{'b' * 16}.pt"
+    old, recent, partial, mine = (
+        folder / name
+        for name in (other, f"{'c' * 64}-{'b' * 16}.pt", f".{other}.{'d' * 32}", "x.pt")
+    )
+    for stale, days in ((old, 31), (recent, 29), (partial, 2), (mine, 99)):
         stale.write_bytes(b"")
         os.utime(stale, (time.time() - days * 86400,) * 2)
     before = compiled.path.stat()
@@ -68,7 +76,7 @@ def test_a_compiled_model_scores_and_explains_as_the_model_built(
     assert again is not None
     assert compiled.path.stat().st_ino == before.st_ino
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [compiled.path.name, recent.name]
+        [".lock", compiled.path.name, recent.name, mine.name]
     )
 
 
@@ -101,9 +109,53 @@ def test_a_damaged_or_foreign_compiled_file_is_compiled_again(
     shutil.copy(foreign.path, target)
     compiled = load_compiled(ModelArtifact.load(path), path, sha256, folder, "cpu")
     assert compiled is not None
-    assert "is not model" in caplog.text
+    assert "another model's" in caplog.text
     fast = Classifier(ModelArtifact.load(path), "cpu", compiled=compiled)
     np.testing.assert_allclose(scored(fast)[0], scored(reference)[0], rtol=1e-5)
+
+    # This model's file, but made by other code, or giving other logits than
+    # it recorded: compiled again.
+    for change, said in (
+        ({"code": "0" * 64}, "of other code"),
+        ({"probe_logits": [[9.0, 9.0]]}, "gives other logits"),
+    ):
+        caplog.clear()
+        extra = {"dicom-node.json": ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation
+            graph = torch.jit.load(  # type: ignore[no-untyped-call]
+                str(target), _extra_files=extra
+            )
+            document = {**json.loads(extra["dicom-node.json"]), **change}
+            written = {"dicom-node.json": json.dumps(document)}
+            torch.jit.save(graph, str(target), _extra_files=written)
+        compiled = load_compiled(ModelArtifact.load(path), path, sha256, folder, "cpu")
+        assert compiled is not None
+        assert said in caplog.text
+        fast = Classifier(ModelArtifact.load(path), "cpu", compiled=compiled)
+        np.testing.assert_allclose(scored(fast)[0], scored(reference)[0], rtol=1e-5)
+
+
+def test_processes_loading_a_model_at_once_compile_it_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="inference")
+    path = saved(tmp_path)
+    sha256, folder = file_sha256(path), tmp_path / "cache"
+    found: list[object] = []
+
+    def load() -> None:
+        artifact = ModelArtifact.load(path)
+        found.append(load_compiled(artifact, path, sha256, folder, "cpu"))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(found) == 3
+    assert None not in found
+    assert caplog.text.count("compiling model") == 1
 
 
 def test_a_model_that_cannot_be_compiled_is_built_in_the_process(
@@ -126,6 +178,16 @@ def test_a_model_that_cannot_be_compiled_is_built_in_the_process(
     assert load_compiled(artifact, path, sha256, loose, "cpu") is None
     assert "is not this user's alone" in caplog.text
     assert not list(loose.iterdir())
+    # ... or a folder above it (not sticky, as /tmp is), or a link to one.
+    caplog.clear()
+    (loose / "mine").mkdir(mode=0o700)
+    assert load_compiled(artifact, path, sha256, loose / "mine", "cpu") is None
+    assert "may be changed by another user" in caplog.text
+    caplog.clear()
+    (tmp_path / "link").symlink_to(tmp_path / "a-folder", target_is_directory=True)
+    (tmp_path / "a-folder").mkdir(mode=0o700)
+    assert load_compiled(artifact, path, sha256, tmp_path / "link", "cpu") is None
+    assert "a link?" in caplog.text
     # Where it would not run traced (here CUDA), nothing is compiled.
     assert load_compiled(artifact, path, sha256, tmp_path / "cache", "cuda") is None
     assert not (tmp_path / "cache").exists()

@@ -98,6 +98,26 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     assert config.destinations == ()
 
 
+def test_model_cache_defaults_to_the_state_dir_and_resolves_like_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    example = load_config(write(tmp_path, example_config_text()), environ={})
+    assert example.model_cache is None  # the example's "" is the default
+    assert example.model_cache_dir == example.state_dir / "models"
+
+    from_file = load_config(
+        write(tmp_path, '[node]\nmodel_cache = "cache/compiled"\n'), environ={}
+    )
+    assert from_file.model_cache_dir == tmp_path / "cache" / "compiled"
+
+    (tmp_path / "cache").mkdir()
+    monkeypatch.chdir(tmp_path / "cache")
+    from_environment = load_config(
+        write(tmp_path, "[node]\n"), environ={"DICOM_NODE_NODE_MODEL_CACHE": "here"}
+    )
+    assert from_environment.model_cache_dir == tmp_path / "cache" / "here"
+
+
 @pytest.mark.parametrize(
     ("text", "env", "message"),
     [
