@@ -221,6 +221,8 @@ def run_demo(work: Path, samples: Path, timeout: float = 240.0) -> int:
             callers=(CallerConfig(PACS_AE, "127.0.0.1"),),
             destinations=(DestinationConfig("pacs", PACS_AE, "127.0.0.1", pacs.port),),
             models=(ModelConfig(model),),
+            # Kept beside the model, which the next run reuses: compiled once.
+            model_cache=model.parent / "compiled",
             workers=1,
             device="cpu",
             # The demo shows a Grad-CAM picture of every finding, absent ones
