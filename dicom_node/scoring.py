@@ -203,6 +203,7 @@ class ModelCache:
         self.compiled = compiled
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[int, LoadedModel]] = {}
+        self._ready: frozenset[str] = frozenset()  # its keys, read without the lock
         # A file that failed to load: not read again (hundreds of megabytes, for
         # every job) until it changes, or for BROKEN_MODEL_SECONDS (the cause
         # may lie outside the file: a missing runtime, no memory).
@@ -266,6 +267,7 @@ class ModelCache:
             self._broken.pop(model.key, None)
             loaded = LoadedModel(classifier, sha256)
             self._loaded[model.key] = (mtime, loaded)
+            self._ready = frozenset(self._loaded)
             logger.info(
                 "loaded model %s %s (%s, Device UID %s) on %s%s",
                 artifact.name,
@@ -284,9 +286,11 @@ class ModelCache:
             return loaded
 
     def loaded_keys(self) -> set[str]:
-        """Return the keys of the models loaded (for readiness)."""
-        with self._lock:
-            return set(self._loaded)
+        """Return the keys of the models loaded (for readiness).
+
+        Without waiting for a model being loaded (compiled: seconds).
+        """
+        return set(self._ready)
 
     def load_all(self, models: Sequence[ModelConfig]) -> None:
         """Load every model now, so no study waits for one; say which cannot be."""

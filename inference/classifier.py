@@ -31,7 +31,13 @@ from inference.gradcam import (
 )
 from inference.model import resolve_device
 from inference.preprocess import Frames, FrameSource, heatmap_to_source, preprocess
-from inference.variants import OnnxTrunk, Trunk, int8_trunk, onnxruntime_version
+from inference.variants import (
+    OnnxTrunk,
+    Trunk,
+    int8_trunk,
+    onnxruntime_version,
+    use_int8_engine,
+)
 
 __all__ = [
     "Classifier",
@@ -264,6 +270,9 @@ class Classifier:
             self._head: Callable[[torch.Tensor], torch.Tensor] = compiled.head
             self._before, self._after = compiled.before, compiled.after
             self.traced = True
+            self.int8 = kind == "int8"  # its trunk runs quantized, as built
+            if self.int8:
+                use_int8_engine()
             return
         self.model = artifact.build().to(self.device)
         self.model.to(memory_format=torch.channels_last)

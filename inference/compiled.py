@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import grp
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import pwd
 import re
 import stat
 import subprocess
@@ -61,7 +63,7 @@ logger = logging.getLogger(__name__)
 _DOCUMENT = "dicom-node.json"
 _FORMAT = 1
 # Seconds a child may take to compile (importing PyTorch and torchvision, the
-# build, the trace): 8-12 s for a resnet18 on a 2-core VM.
+# build, the trace): 8-16 s for a resnet18 on a 2-core VM.
 COMPILE_TIMEOUT = 600.0
 # The folder's files: compiled models, what a killed child left, the lock.
 _NAME = re.compile(r"[0-9a-f]{64}-[0-9a-f]{16}\.pt")
@@ -145,6 +147,16 @@ def code_fingerprint() -> str:
 
     The source of the modules that build, trace and run it, and the versions
     of PyTorch and torchvision (read without importing torchvision).
+
+    Returns
+    -------
+    str
+        64 hexadecimal digits.
+
+    Raises
+    ------
+    OSError
+        If a module's source cannot be read.
     """
     digest = hashlib.sha256()
     for name in _BUILDERS:
@@ -291,9 +303,8 @@ def load_compiled(
     A model file is compiled once (per :func:`code_fingerprint`): processes
     that load it at the same time wait for the one that compiles it (a lock in
     the folder), then load its file. A TorchScript file is a program, so only
-    one that this user alone could have written is loaded: the folder must be
-    this user's, not a link, writable by no one else, and so must each folder
-    above it be (unless owned by root, or sticky as /tmp is).
+    one that this user alone could have written is loaded (see
+    :func:`_not_private`).
 
     Parameters
     ----------
@@ -324,7 +335,15 @@ def load_compiled(
             artifact.name,
         )
         return None
-    path = compiled_path(folder, sha256)
+    try:
+        path = compiled_path(folder, sha256)  # reads this package's source
+    except OSError as exc:
+        logger.warning(
+            "model %s not compiled (%s): it is built in this process",
+            artifact.name,
+            type(exc).__name__,
+        )
+        return None
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         unsafe = _not_private(folder)
@@ -367,11 +386,14 @@ def _compile(
         artifact.name,
         path.parent,
     )
-    # -P: the child imports this package as installed, never a module of the
-    # current folder.
+    # -P and PYTHONPATH: the child imports this package from where this process
+    # did, never a module of the current folder; it refuses to compile if its
+    # code is not this process's (the fingerprint).
+    home = str(Path(__file__).resolve().parents[1])
     command = [sys.executable, "-P", "-m", "inference.compiled", str(model_path)]
     done = subprocess.run(
-        [*command, sha256, str(path)],
+        [*command, sha256, str(path), code_fingerprint()],
+        env={**os.environ, "PYTHONPATH": home},
         capture_output=True,
         text=True,
         timeout=COMPILE_TIMEOUT,
@@ -384,19 +406,44 @@ def _compile(
 
 
 def _not_private(folder: Path) -> str:
-    """Return why another user could write to ``folder``; '' when none could."""
+    """Return why another user could write to ``folder``; '' when none could.
+
+    The folder must be this user's and not a link; it and each folder above it
+    (owned by this user or root) writable by no other user, unless sticky as
+    /tmp is. Writable by a group counts as by others unless the group is this
+    user's own (its primary group, with no other members: umask 002 on Debian).
+    """
     me = os.geteuid()
     found = os.lstat(folder)
     if not stat.S_ISDIR(found.st_mode):
         return f"{folder} is not a folder (a link?)"
-    if found.st_uid != me or found.st_mode & 0o022:
+    if found.st_uid != me or _others_may_write(found):
         return f"{folder} is not this user's alone"
     for above in folder.resolve().parents:
         found = os.stat(above)
         sticky = found.st_mode & stat.S_ISVTX
-        if found.st_uid not in (0, me) or (found.st_mode & 0o022 and not sticky):
-            return f"{above} may be changed by another user"
+        if found.st_uid not in (0, me) or (_others_may_write(found) and not sticky):
+            return f"{above} (above it) may be changed by another user"
     return ""
+
+
+def _others_may_write(found: os.stat_result) -> bool:
+    """Return whether a user other than this one may write to a file or folder."""
+    if found.st_uid not in (0, os.geteuid()) or found.st_mode & 0o002:
+        return True
+    return bool(found.st_mode & 0o020) and not _own_group(found.st_gid)
+
+
+def _own_group(gid: int) -> bool:
+    """Return whether ``gid`` is this user's primary group with no other members."""
+    if gid != os.getegid():
+        return False
+    try:
+        members = grp.getgrgid(gid).gr_mem
+        name = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # no such group or user in the databases
+        return False
+    return set(members) <= {name}
 
 
 @contextlib.contextmanager
@@ -444,14 +491,16 @@ def _load(
 ) -> tuple[Compiled | None, str]:
     """Load a compiled file; or None and why not (missing, not this model's...)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None, "not compiled yet"
     except OSError as exc:
         return None, f"unreadable ({type(exc).__name__})"
     with os.fdopen(fd, "rb") as file:
         found = os.fstat(file.fileno())
-        if found.st_uid != os.geteuid() or found.st_mode & 0o022:
+        if not stat.S_ISREG(found.st_mode):
+            return None, "not a file"
+        if found.st_uid != os.geteuid() or _others_may_write(found):
             return None, "not this user's alone"
         extra = {_DOCUMENT: ""}
         try:
@@ -508,12 +557,14 @@ def _same(found: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Compile one model file: ``python -m inference.compiled MODEL SHA256 OUT``.
+    """Compile a model file: ``python -m inference.compiled MODEL SHA256 OUT CODE``.
 
     Parameters
     ----------
     argv
-        The arguments (``sys.argv[1:]`` when None).
+        The arguments (``sys.argv[1:]`` when None); CODE is the
+        :func:`code_fingerprint` of the process that asks (the child refuses
+        to compile with other code).
 
     Returns
     -------
@@ -521,9 +572,19 @@ def main(argv: list[str] | None = None) -> int:
         The exit status: 0 compiled, 1 not (the reason on stderr), 2 usage.
     """
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3:
-        print("usage: python -m inference.compiled MODEL SHA256 OUT", file=sys.stderr)
+    if len(args) != 4:
+        print(
+            "usage: python -m inference.compiled MODEL SHA256 OUT FINGERPRINT",
+            file=sys.stderr,
+        )
         return 2
+    if args[3] != code_fingerprint():
+        print(
+            f"this process runs other code ({Path(__file__).resolve().parent}) "
+            "than the one that asked it to compile",
+            file=sys.stderr,
+        )
+        return 1
     try:
         compile_model(Path(args[0]), args[1], Path(args[2]))
     except (ArtifactError, RuntimeError, OSError) as exc:

@@ -37,6 +37,7 @@ __all__ = [
     "onnx_graph",
     "onnxruntime_version",
     "prepare_int8",
+    "use_int8_engine",
 ]
 
 VARIANTS = ("int8", "fp16", "bf16", "onnx")
@@ -61,6 +62,22 @@ class Trunk(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return layer4's activations of ``x``."""
         return trunk(self.model, x)
+
+
+def use_int8_engine() -> None:
+    """Make PyTorch's x86 quantized engine the one this process runs int8 with.
+
+    Raises
+    ------
+    ArtifactError
+        If this PyTorch has no x86 quantized engine.
+    """
+    if INT8_BACKEND not in torch.backends.quantized.supported_engines:
+        raise ArtifactError(
+            f"int8 models need PyTorch's {INT8_BACKEND} quantized engine, which this "
+            f"PyTorch lacks ({', '.join(torch.backends.quantized.supported_engines)})"
+        )
+    torch.backends.quantized.engine = INT8_BACKEND
 
 
 def prepare_int8(
@@ -94,12 +111,7 @@ def prepare_int8(
             f"int8 models need torch.ao.quantization, which this PyTorch "
             f"{torch.__version__} lacks: use the fp32 model"
         ) from exc
-    if INT8_BACKEND not in torch.backends.quantized.supported_engines:
-        raise ArtifactError(
-            f"int8 models need PyTorch's {INT8_BACKEND} quantized engine, which this "
-            f"PyTorch lacks ({', '.join(torch.backends.quantized.supported_engines)})"
-        )
-    torch.backends.quantized.engine = INT8_BACKEND
+    use_int8_engine()
     example = (torch.zeros(1, channels, *size),)
     mapping = get_default_qconfig_mapping(INT8_BACKEND)
     with warnings.catch_warnings():

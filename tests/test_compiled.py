@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 from inference import Classifier, ModelArtifact, file_sha256
-from inference.compiled import compiled_path, load_compiled
+from inference.compiled import code_fingerprint, compiled_path, load_compiled
+from inference.compiled import main as compiled_main
 from tests.factories import make_artifact, make_ct
 from tests.helpers import MODEL_CACHE_VARIABLE, dicom_node_cmd, wait_for
 
@@ -136,12 +138,17 @@ def test_a_damaged_or_foreign_compiled_file_is_compiled_again(
         np.testing.assert_allclose(scored(fast)[0], scored(reference)[0], rtol=1e-5)
 
 
-def test_processes_loading_a_model_at_once_compile_it_once(
+def test_loads_at_once_compile_once_in_a_folder_of_the_users_own_group(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="inference")
     path = saved(tmp_path)
-    sha256, folder = file_sha256(path), tmp_path / "cache"
+    # umask 002 (Debian's for users): folders writable by the user's own
+    # group, which no one else is in.
+    shared = tmp_path / "group"
+    shared.mkdir()
+    shared.chmod(0o775)
+    sha256, folder = file_sha256(path), shared / "cache"
     found: list[object] = []
 
     def load() -> None:
@@ -159,7 +166,9 @@ def test_processes_loading_a_model_at_once_compile_it_once(
 
 
 def test_a_model_that_cannot_be_compiled_is_built_in_the_process(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.WARNING, logger="inference")
     path = saved(tmp_path)
@@ -188,6 +197,11 @@ def test_a_model_that_cannot_be_compiled_is_built_in_the_process(
     (tmp_path / "a-folder").mkdir(mode=0o700)
     assert load_compiled(artifact, path, sha256, tmp_path / "link", "cpu") is None
     assert "a link?" in caplog.text
+    # A child that runs other code than the caller refuses to compile.
+    out = tmp_path / "other.pt"
+    assert compiled_main([str(path), sha256, str(out), "0" * 64]) == 1
+    assert "other code" in capsys.readouterr().err
+    assert not out.exists()
     # Where it would not run traced (here CUDA), nothing is compiled.
     assert load_compiled(artifact, path, sha256, tmp_path / "cache", "cuda") is None
     assert not (tmp_path / "cache").exists()
@@ -195,6 +209,26 @@ def test_a_model_that_cannot_be_compiled_is_built_in_the_process(
     caplog.clear()
     assert load_compiled(artifact, path, "0" * 64, tmp_path / "cache", "cpu") is None
     assert "SHA-256" in caplog.text
+
+
+def test_the_code_fingerprint_follows_torch_and_torchvision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    code_fingerprint.cache_clear()
+    now = code_fingerprint()
+    real = importlib.metadata.version
+
+    def upgraded(name: str) -> str:
+        return "99.0" if name == "torchvision" else real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", upgraded)
+    code_fingerprint.cache_clear()
+    try:
+        assert code_fingerprint() != now
+    finally:
+        monkeypatch.undo()
+        code_fingerprint.cache_clear()
+    assert code_fingerprint() == now
 
 
 def test_serve_runs_its_model_without_torchvision(tmp_path: Path) -> None:
