@@ -292,8 +292,8 @@ class ModelArtifact:
         if actual != expected.lower():
             raise ArtifactError(
                 f"model file {path} has SHA-256 {actual}, not the {expected.lower()} "
-                "expected (the configuration's pin, or its hash when it was read "
-                "first): the file changed; check it and update the pin"
+                "expected: the file changed (if the configuration pins it: check "
+                "the file and update the pin)"
             )
 
     @classmethod
