@@ -53,6 +53,17 @@ def stored(config: NodeConfig) -> list[Path]:
     )
 
 
+def idle(config: NodeConfig) -> bool:
+    """Whether the node's index holds no study, job or delivery still to do."""
+    figures = status(config)
+    jobs, deliveries = figures["jobs"], figures["deliveries"]
+    return (
+        figures["studies_waiting"] == 0
+        and jobs["pending"] + jobs["running"] == 0
+        and deliveries["pending"] + deliveries["sending"] == 0
+    )
+
+
 def retention_rows(config: NodeConfig) -> list[tuple[str, int]]:
     index = open_index(config)
     try:
@@ -288,12 +299,26 @@ def test_serve_sweeps_when_it_starts(
     config = node_config(tmp_path, model, destination.port)
     with running_node(config) as port:
         assert store_datasets(port, ct_study()) == [0, 0]
-        wait_for(lambda: status(config)["deliveries"]["done"] == 1, 60, "delivered")
+        wait_for(lambda: status(config)["deliveries"]["done"] >= 1, 60, "delivered")
+        # Stopped only with nothing left to do: a job queued again (an
+        # instance that came after the study's timer, on a loaded machine)
+        # would be run by the next start, and its study is then not settled
+        # when that start sweeps.
+        wait_for(lambda: idle(config), 60, "no job or delivery left")
     time.sleep(1.5)
     assert len(stored(config)) == 2
     short = replace(config, retention=RetentionConfig(SECOND, SECOND, SECOND))
     with running_node(short):
-        wait_for(lambda: stored(config) == [], 40, "the settled study swept at start")
+        try:
+            wait_for(
+                lambda: stored(config) == [], 40, "the settled study swept at start"
+            )
+        except AssertionError as exc:
+            figures = status(config)
+            raise AssertionError(
+                f"{exc}; jobs {figures['jobs']}, deliveries {figures['deliveries']}, "
+                f"retention rows {retention_rows(config)}"
+            ) from None
         wait_for(
             lambda: not list((config.state_dir / "results").rglob("*.dcm")),
             20,
