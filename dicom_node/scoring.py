@@ -201,7 +201,10 @@ class ModelCache:
     def __init__(self, device: str = "", compiled: Path | None = None) -> None:
         self.device = device or None
         self.compiled = compiled
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the dictionaries below
+        # One lock per model, held while it loads (a compile takes seconds):
+        # jobs of the other models go on meanwhile.
+        self._loading: dict[str, threading.Lock] = {}
         self._loaded: dict[str, tuple[int, LoadedModel]] = {}
         self._ready: frozenset[str] = frozenset()  # its keys, read without the lock
         # A file that failed to load: not read again (hundreds of megabytes, for
@@ -228,62 +231,71 @@ class ModelCache:
         except OSError as exc:
             raise ModelMissingError(f"model file {model.path} not found") from exc
         mtime = identity[2]
+        cached = self._loaded.get(model.key)  # (a dictionary read is atomic)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
         with self._lock:
-            cached = self._loaded.get(model.key)
-            if cached is not None and cached[0] == mtime:
-                return cached[1]
-            broken = self._broken.get(model.key)
-            if (
-                broken is not None
-                and broken[0] == identity
-                and time.monotonic() - broken[1] < BROKEN_MODEL_SECONDS
-            ):
-                raise copy.copy(broken[2])
-            try:
-                sha256 = file_sha256(model.path)
-                # Checked against the hash taken (the compiled file is chosen
-                # by it) after the pin: a file replaced between the two reads
-                # is refused, read again at the next job.
-                if model.sha256 is not None:
-                    ModelArtifact.check_pin(model.path, sha256, model.sha256)
-                artifact = ModelArtifact.load(model.path, expected_sha256=sha256)
-                compiled = (
-                    load_compiled(
-                        artifact, model.path, sha256, self.compiled, self.device
-                    )
-                    if self.compiled is not None
-                    else None
-                )
-                # Traced: the node's other threads must not stall the forward pass.
-                classifier = Classifier(
-                    artifact, self.device, trace=True, compiled=compiled
-                )
-                # The model has its own copy: the file's mapped tensors can go.
-                artifact.release_weights()
-            except InferenceError as exc:
-                # Kept without its traceback (and the frames it holds).
-                self._broken[model.key] = (identity, time.monotonic(), copy.copy(exc))
-                raise
-            self._broken.pop(model.key, None)
-            loaded = LoadedModel(classifier, sha256)
+            loading = self._loading.setdefault(model.key, threading.Lock())
+        with loading:
+            return self._load(model, identity)
+
+    def _load(self, model: ModelConfig, identity: FileIdentity) -> LoadedModel:
+        """Load ``model`` (its lock held), unless a thread that held it did."""
+        mtime = identity[2]
+        cached = self._loaded.get(model.key)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        broken = self._broken.get(model.key)
+        if (
+            broken is not None
+            and broken[0] == identity
+            and time.monotonic() - broken[1] < BROKEN_MODEL_SECONDS
+        ):
+            raise copy.copy(broken[2])
+        try:
+            sha256 = file_sha256(model.path)
+            # Checked against the hash taken (the compiled file is chosen
+            # by it) after the pin: a file replaced between the two reads
+            # is refused, read again at the next job.
+            if model.sha256 is not None:
+                ModelArtifact.check_pin(model.path, sha256, model.sha256)
+            artifact = ModelArtifact.load(model.path, expected_sha256=sha256)
+            compiled = (
+                load_compiled(artifact, model.path, sha256, self.compiled, self.device)
+                if self.compiled is not None
+                else None
+            )
+            # Traced: the node's other threads must not stall the forward pass.
+            classifier = Classifier(
+                artifact, self.device, trace=True, compiled=compiled
+            )
+            # The model has its own copy: the file's mapped tensors can go.
+            artifact.release_weights()
+        except InferenceError as exc:
+            # Kept without its traceback (and the frames it holds).
+            self._broken[model.key] = (identity, time.monotonic(), copy.copy(exc))
+            raise
+        self._broken.pop(model.key, None)
+        loaded = LoadedModel(classifier, sha256)
+        with self._lock:
             self._loaded[model.key] = (mtime, loaded)
             self._ready = frozenset(self._loaded)
-            logger.info(
-                "loaded model %s %s (%s, Device UID %s) on %s%s",
-                artifact.name,
-                artifact.version,
-                model.path.name,
-                artifact.device_uid,
-                classifier.device,
-                " (onnxruntime)"
-                if classifier.onnx
-                else " (traced, compiled)"
-                if compiled is not None
-                else " (traced)"
-                if classifier.traced
-                else " (not traced: runs eagerly)",
-            )
-            return loaded
+        logger.info(
+            "loaded model %s %s (%s, Device UID %s) on %s%s",
+            artifact.name,
+            artifact.version,
+            model.path.name,
+            artifact.device_uid,
+            classifier.device,
+            " (onnxruntime)"
+            if classifier.onnx
+            else " (traced, compiled)"
+            if compiled is not None
+            else " (traced)"
+            if classifier.traced
+            else " (not traced: runs eagerly)",
+        )
+        return loaded
 
     def loaded_keys(self) -> set[str]:
         """Return the keys of the models loaded (for readiness).

@@ -443,6 +443,43 @@ def test_a_model_file_that_fails_to_load_is_read_again_once_it_changes(
     assert models.get(configured).classifier.artifact.name
 
 
+def test_a_model_that_loads_slowly_holds_up_no_other_model(
+    tmp_path: Path, model: Path
+) -> None:
+    # A second model whose file cannot be read yet (a pipe no one writes to:
+    # reading it waits, as a compile of a new model file takes seconds): the
+    # first model, loaded, is still handed to its jobs meanwhile.
+    models = ModelCache("cpu")
+    ready = ModelConfig(model)
+    assert models.get(ready).classifier.artifact.name
+    pipe = tmp_path / "slow.safetensors"
+    os.mkfifo(pipe)
+    outcomes: dict[str, BaseException | str] = {}
+
+    def load(name: str, configured: ModelConfig) -> None:
+        try:
+            outcomes[name] = models.get(configured).classifier.artifact.name
+        except ArtifactError as exc:
+            outcomes[name] = exc
+
+    slow = threading.Thread(target=load, args=("slow", ModelConfig(pipe)))
+    slow.start()
+    time.sleep(0.2)
+    other = threading.Thread(target=load, args=("ready", ready))
+    other.start()
+    other.join(2)
+    try:
+        assert "ready" in outcomes, "the loaded model waited for the other one"
+        assert slow.is_alive()
+        assert "slow" not in outcomes
+    finally:
+        with pipe.open("wb") as writer:  # lets the slow one end (not a model)
+            writer.write(b"\0" * 64)
+        slow.join(10)
+        other.join(10)
+    assert isinstance(outcomes["slow"], ArtifactError)
+
+
 def test_jobs_wait_for_a_model_file_that_appears_later(
     tmp_path: Path,
     model: Path,
