@@ -68,9 +68,14 @@ COMPILE_TIMEOUT = 600.0
 # The folder's files: compiled models, what a killed child left, the lock.
 _NAME = re.compile(r"[0-9a-f]{64}-[0-9a-f]{16}\.pt")
 _PARTIAL = re.compile(r"\.[0-9a-f]{64}-[0-9a-f]{16}\.pt\.[0-9a-f]{32}")
+_FAILED = re.compile(r"[0-9a-f]{64}-[0-9a-f]{16}\.pt\.failed")
 _LOCK = ".lock"
 # Days after which a compiled file no model has loaded is removed.
 UNUSED_DAYS = 30
+# A model whose compile failed is not compiled again for this long (each try
+# costs a child 8-16 s and ~800 MB): its marker file, `<name>.failed`, says
+# why; deleting it lets the next start try again.
+RETRY_FAILED_SECONDS = 86400.0
 # How close the loaded graph's probe logits must be to those the model gave.
 _RTOL, _ATOL = 1e-3, 1e-4
 
@@ -302,7 +307,9 @@ def load_compiled(
 
     A model file is compiled once (per :func:`code_fingerprint`): processes
     that load it at the same time wait for the one that compiles it (a lock in
-    the folder), then load its file. A TorchScript file is a program, so only
+    the folder), then load its file. One whose compile failed is not compiled
+    again for :data:`RETRY_FAILED_SECONDS` (a marker file beside where its
+    compiled file would be says why). A TorchScript file is a program, so only
     one that this user alone could have written is loaded (see
     :func:`_not_private`).
 
@@ -362,8 +369,23 @@ def load_compiled(
                     "compiled model %s not used (%s): compiled again", path.name, why
                 )
                 path.unlink()
-            if found is None:
-                found, why = _compile(artifact, model_path, sha256, path)
+            failed = _failed_marker(path)
+            earlier = _failed_earlier(failed) if found is None else None
+            if earlier is not None:
+                why = (
+                    f"its compile failed {earlier}; tried again after "
+                    f"{RETRY_FAILED_SECONDS / 3600:.0f} h, or at the next start "
+                    f"once {failed} is deleted"
+                )
+            elif found is None:
+                try:
+                    found, why = _compile(artifact, model_path, sha256, path)
+                except subprocess.TimeoutExpired:
+                    found, why = None, f"took over {COMPILE_TIMEOUT:.0f} s"
+                if found is None:
+                    _write_failed(failed, why)
+            if found is not None:
+                failed.unlink(missing_ok=True)
     except (OSError, subprocess.SubprocessError) as exc:
         found, why = None, type(exc).__name__
     if found is None:
@@ -403,6 +425,49 @@ def _compile(
         lines = (done.stderr or "").strip().splitlines()
         return None, lines[-1][:300] if lines else f"exit status {done.returncode}"
     return _load(artifact, path, sha256)
+
+
+def _failed_marker(path: Path) -> Path:
+    return path.with_name(f"{path.name}.failed")
+
+
+def _failed_earlier(marker: Path) -> str | None:
+    """Say when and why the compile a marker records failed, if it is recent."""
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:  # a link, not ours: no marker of this module
+        return None
+    with os.fdopen(fd, "rb") as file:
+        found = os.fstat(file.fileno())
+        if not stat.S_ISREG(found.st_mode):
+            return None
+        age = time.time() - found.st_mtime
+        if not 0 <= age < RETRY_FAILED_SECONDS:
+            return None
+        reason = file.read(400).decode("utf-8", "replace").strip()
+    minutes = age / 60
+    when = f"{minutes:.0f} min ago" if minutes < 120 else f"{minutes / 60:.0f} h ago"
+    return f"{when} ({reason or 'no reason recorded'})"
+
+
+def _write_failed(marker: Path, why: str) -> None:
+    """Record that a compile failed, and why (its time is the file's)."""
+    try:
+        fd = os.open(
+            marker,
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(why[:300] + "\n")
+    except OSError as exc:
+        logger.warning(
+            "failed compile not recorded in %s (%s): tried again at the next load",
+            marker,
+            type(exc).__name__,
+        )
 
 
 def _not_private(folder: Path) -> str:
@@ -463,7 +528,8 @@ def _used(path: Path) -> None:
     Only this module's own files: compiled ones (``<sha256>-<code>.pt``) that no
     process has loaded for :data:`UNUSED_DAYS` (replaced models, upgrades; a
     node that still runs one keeps it in memory and compiles it again at its
-    next start), and after a day what a killed child left half-written.
+    next start), after a day what a killed child left half-written, and the
+    markers of failed compiles once they no longer hold a retry back.
     """
     now = time.time()
     try:
@@ -473,10 +539,13 @@ def _used(path: Path) -> None:
         logger.warning("compiled models in %s not tidied (%s)", path.parent, exc)
         return
     for other in others:
+        oldest: float
         if _NAME.fullmatch(other.name):
             oldest = UNUSED_DAYS * 86400
         elif _PARTIAL.fullmatch(other.name):
             oldest = 86400
+        elif _FAILED.fullmatch(other.name):
+            oldest = RETRY_FAILED_SECONDS
         else:
             continue
         try:

@@ -65,12 +65,27 @@ def test_a_compiled_model_scores_and_explains_as_the_model_built(
     # Loaded again, the file is read, not compiled again; compiled files no
     # model loaded for 30 days, and a killed child's half-written one, are
     # removed; nothing else in the folder is touched.
-    other = f"{'a' * 64}-{'b' * 16}.pt"
-    old, recent, partial, mine = (
+    # A failed compile's marker is removed once it holds nothing back (a day).
+    other, third = f"{'a' * 64}-{'b' * 16}.pt", f"{'c' * 64}-{'b' * 16}.pt"
+    old, recent, partial, mine, failed, failing = (
         folder / name
-        for name in (other, f"{'c' * 64}-{'b' * 16}.pt", f".{other}.{'d' * 32}", "x.pt")
+        for name in (
+            other,
+            third,
+            f".{other}.{'d' * 32}",
+            "x.pt",
+            f"{other}.failed",
+            f"{third}.failed",
+        )
     )
-    for stale, days in ((old, 31), (recent, 29), (partial, 2), (mine, 99)):
+    for stale, days in (
+        (old, 31),
+        (recent, 29),
+        (partial, 2),
+        (mine, 99),
+        (failed, 1.5),
+        (failing, 0.5),
+    ):
         stale.write_bytes(b"")
         os.utime(stale, (time.time() - days * 86400,) * 2)
     before = compiled.path.stat()
@@ -78,8 +93,44 @@ def test_a_compiled_model_scores_and_explains_as_the_model_built(
     assert again is not None
     assert compiled.path.stat().st_ino == before.st_ino
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [".lock", compiled.path.name, recent.name, mine.name]
+        [".lock", compiled.path.name, recent.name, mine.name, failing.name]
     )
+
+
+def test_a_model_that_fails_to_compile_is_not_compiled_again_for_a_day(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="inference")
+    path, folder = saved(tmp_path), tmp_path / "cache"
+    # The child refuses a model file whose hash is not the one it was given
+    # (as a file replaced meanwhile): a compile that fails.
+    wrong = "0" * 64
+    marker = compiled_path(folder, wrong).with_suffix(".pt.failed")
+    assert load_compiled(ModelArtifact.load(path), path, wrong, folder, "cpu") is None
+    assert marker.is_file()
+    child_said = marker.read_text().strip()
+    assert child_said
+    assert child_said in caplog.text
+
+    # The next load (a restart) does not run a child again: it says why.
+    caplog.clear()
+    started = time.monotonic()
+    assert load_compiled(ModelArtifact.load(path), path, wrong, folder, "cpu") is None
+    assert time.monotonic() - started < 1.0
+    assert "its compile failed" in caplog.text
+    assert str(marker) in caplog.text
+
+    # The marker deleted (or a day later), a child tries again.
+    marker.unlink()
+    caplog.clear()
+    assert load_compiled(ModelArtifact.load(path), path, wrong, folder, "cpu") is None
+    assert "its compile failed" not in caplog.text
+    assert child_said in caplog.text
+    assert marker.is_file()
+    os.utime(marker, (time.time() - 86401,) * 2)
+    caplog.clear()
+    assert load_compiled(ModelArtifact.load(path), path, wrong, folder, "cpu") is None
+    assert "its compile failed" not in caplog.text
 
 
 def test_a_damaged_or_foreign_compiled_file_is_compiled_again(
