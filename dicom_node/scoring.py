@@ -201,7 +201,9 @@ class ModelCache:
     def __init__(self, device: str = "", compiled: Path | None = None) -> None:
         self.device = device or None
         self.compiled = compiled
-        self._lock = threading.Lock()  # the dictionaries below
+        # Guards _loading, _missing_said and the writes of _loaded and _ready
+        # (read without it); a model's entry of _broken is its loading lock's.
+        self._lock = threading.Lock()
         # One lock per model, held while it loads (a compile takes seconds):
         # jobs of the other models go on meanwhile.
         self._loading: dict[str, threading.Lock] = {}
@@ -226,21 +228,19 @@ class ModelCache:
             changes (modification time, size or inode) or for
             :data:`BROKEN_MODEL_SECONDS`.
         """
-        try:
-            identity = file_identity(model.path)
-        except OSError as exc:
-            raise ModelMissingError(f"model file {model.path} not found") from exc
-        mtime = identity[2]
+        mtime = _model_identity(model)[2]
         cached = self._loaded.get(model.key)  # (a dictionary read is atomic)
         if cached is not None and cached[0] == mtime:
             return cached[1]
         with self._lock:
             loading = self._loading.setdefault(model.key, threading.Lock())
         with loading:
-            return self._load(model, identity)
+            return self._load(model)
 
-    def _load(self, model: ModelConfig, identity: FileIdentity) -> LoadedModel:
+    def _load(self, model: ModelConfig) -> LoadedModel:
         """Load ``model`` (its lock held), unless a thread that held it did."""
+        # Again: the file may have changed while this thread waited.
+        identity = _model_identity(model)
         mtime = identity[2]
         cached = self._loaded.get(model.key)
         if cached is not None and cached[0] == mtime:
@@ -331,6 +331,13 @@ FileIdentity = tuple[int, int, int]
 
 # The identity of a file that changed while it was read: matches none.
 _CHANGED: FileIdentity = (-1, -1, -1)
+
+
+def _model_identity(model: ModelConfig) -> FileIdentity:
+    try:
+        return file_identity(model.path)
+    except OSError as exc:
+        raise ModelMissingError(f"model file {model.path} not found") from exc
 
 
 def file_identity(path: Path) -> FileIdentity:

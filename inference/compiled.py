@@ -366,7 +366,7 @@ def load_compiled(
             found, why = _load(artifact, path, sha256)
             if found is None and path.exists():
                 logger.warning(
-                    "compiled model %s not used (%s): compiled again", path.name, why
+                    "compiled model %s not used (%s): removed", path.name, why
                 )
                 path.unlink()
             failed = _failed_marker(path)
@@ -378,14 +378,11 @@ def load_compiled(
                     f"once {failed} is deleted"
                 )
             elif found is None:
-                try:
-                    found, why = _compile(artifact, model_path, sha256, path)
-                except subprocess.TimeoutExpired:
-                    found, why = None, f"took over {COMPILE_TIMEOUT:.0f} s"
-                if found is None:
+                found, why, lasting = _compile(artifact, model_path, sha256, path)
+                if lasting:
                     _write_failed(failed, why)
             if found is not None:
-                failed.unlink(missing_ok=True)
+                _forget_failed(failed)
     except (OSError, subprocess.SubprocessError) as exc:
         found, why = None, type(exc).__name__
     if found is None:
@@ -401,8 +398,13 @@ def load_compiled(
 
 def _compile(
     artifact: ModelArtifact, model_path: Path, sha256: str, path: Path
-) -> tuple[Compiled | None, str]:
-    """Compile in a child process and load the file; or None and why not."""
+) -> tuple[Compiled | None, str, bool]:
+    """Compile in a child process and load the file; or None and why not.
+
+    The third value says whether a failure is worth recording (it would fail
+    again): not for a child ended by a signal (stopped with the node, or by
+    the kernel for want of memory), nor when none could be started.
+    """
     logger.info(
         "compiling model %s for the CPU into %s (once per model file)",
         artifact.name,
@@ -413,18 +415,30 @@ def _compile(
     # code is not this process's (the fingerprint).
     home = str(Path(__file__).resolve().parents[1])
     command = [sys.executable, "-P", "-m", "inference.compiled", str(model_path)]
-    done = subprocess.run(
-        [*command, sha256, str(path), code_fingerprint()],
-        env={**os.environ, "PYTHONPATH": home},
-        capture_output=True,
-        text=True,
-        timeout=COMPILE_TIMEOUT,
-        check=False,
-    )
+    try:
+        done = subprocess.run(
+            [*command, sha256, str(path), code_fingerprint()],
+            env={**os.environ, "PYTHONPATH": home},
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"took over {COMPILE_TIMEOUT:.0f} s", True
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"no child process ({type(exc).__name__})", False
+    if done.returncode < 0:
+        return None, f"the child ended by signal {-done.returncode}", False
     if done.returncode != 0:
         lines = (done.stderr or "").strip().splitlines()
-        return None, lines[-1][:300] if lines else f"exit status {done.returncode}"
-    return _load(artifact, path, sha256)
+        return (
+            None,
+            lines[-1][:300] if lines else f"exit status {done.returncode}",
+            True,
+        )
+    found, why = _load(artifact, path, sha256)
+    return found, why, found is None
 
 
 def _failed_marker(path: Path) -> Path:
@@ -435,14 +449,13 @@ def _failed_earlier(marker: Path) -> str | None:
     """Say when and why the compile a marker records failed, if it is recent."""
     try:
         fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except OSError:  # none, or a link: no marker of this module
         return None
-    except OSError:  # a link, not ours: no marker of this module
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode):
+        os.close(fd)
         return None
     with os.fdopen(fd, "rb") as file:
-        found = os.fstat(file.fileno())
-        if not stat.S_ISREG(found.st_mode):
-            return None
         age = time.time() - found.st_mtime
         if not 0 <= age < RETRY_FAILED_SECONDS:
             return None
@@ -450,6 +463,18 @@ def _failed_earlier(marker: Path) -> str | None:
     minutes = age / 60
     when = f"{minutes:.0f} min ago" if minutes < 120 else f"{minutes / 60:.0f} h ago"
     return f"{when} ({reason or 'no reason recorded'})"
+
+
+def _forget_failed(marker: Path) -> None:
+    """Remove a failed compile's marker (the model compiled since)."""
+    try:
+        marker.unlink(missing_ok=True)
+    except OSError as exc:  # a folder of that name, say: the compile stands
+        logger.warning(
+            "marker of a failed compile %s not removed (%s)",
+            marker,
+            type(exc).__name__,
+        )
 
 
 def _write_failed(marker: Path, why: str) -> None:
@@ -565,10 +590,11 @@ def _load(
         return None, "not compiled yet"
     except OSError as exc:
         return None, f"unreadable ({type(exc).__name__})"
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode):
+        os.close(fd)
+        return None, "not a file"
     with os.fdopen(fd, "rb") as file:
-        found = os.fstat(file.fileno())
-        if not stat.S_ISREG(found.st_mode):
-            return None, "not a file"
         if found.st_uid != os.geteuid() or _others_may_write(found):
             return None, "not this user's alone"
         extra = {_DOCUMENT: ""}

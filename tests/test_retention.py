@@ -304,7 +304,7 @@ def test_serve_sweeps_when_it_starts(
         # instance that came after the study's timer, on a loaded machine)
         # would be run by the next start, and its study is then not settled
         # when that start sweeps.
-        wait_for(lambda: idle(config), 60, "no job or delivery left")
+        wait_for(lambda: idle(config), 30, "no job or delivery left")
     time.sleep(1.5)
     assert len(stored(config)) == 2
     short = replace(config, retention=RetentionConfig(SECOND, SECOND, SECOND))

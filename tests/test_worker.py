@@ -446,38 +446,63 @@ def test_a_model_file_that_fails_to_load_is_read_again_once_it_changes(
 def test_a_model_that_loads_slowly_holds_up_no_other_model(
     tmp_path: Path, model: Path
 ) -> None:
-    # A second model whose file cannot be read yet (a pipe no one writes to:
-    # reading it waits, as a compile of a new model file takes seconds): the
-    # first model, loaded, is still handed to its jobs meanwhile.
+    # Model files that cannot be read yet (pipes no one writes to: reading one
+    # waits, as a compile of a new model file takes seconds): two load at
+    # once, and the model already loaded is handed to its jobs meanwhile.
     models = ModelCache("cpu")
     ready = ModelConfig(model)
     assert models.get(ready).classifier.artifact.name
-    pipe = tmp_path / "slow.safetensors"
-    os.mkfifo(pipe)
+    pipes = [tmp_path / "slow.safetensors", tmp_path / "slower.safetensors"]
     outcomes: dict[str, BaseException | str] = {}
 
-    def load(name: str, configured: ModelConfig) -> None:
+    def load(configured: ModelConfig) -> None:
         try:
-            outcomes[name] = models.get(configured).classifier.artifact.name
-        except ArtifactError as exc:
-            outcomes[name] = exc
+            outcomes[configured.path.name] = models.get(
+                configured
+            ).classifier.artifact.name
+        except Exception as exc:  # noqa: BLE001 - checked below
+            outcomes[configured.path.name] = exc
 
-    slow = threading.Thread(target=load, args=("slow", ModelConfig(pipe)))
-    slow.start()
-    time.sleep(0.2)
-    other = threading.Thread(target=load, args=("ready", ready))
-    other.start()
-    other.join(2)
+    def reading(pipe: Path, seconds: float = 30) -> int | None:
+        # Opening a pipe's writing end without waiting works once a reader
+        # has it open (else ENXIO): that load is under way, not waiting.
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                return os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.02)
+        return None
+
+    writers: dict[Path, int] = {}
+    loaders = []
     try:
-        assert "ready" in outcomes, "the loaded model waited for the other one"
-        assert slow.is_alive()
-        assert "slow" not in outcomes
-    finally:
-        with pipe.open("wb") as writer:  # lets the slow one end (not a model)
-            writer.write(b"\0" * 64)
-        slow.join(10)
+        for pipe in pipes:
+            os.mkfifo(pipe)
+            loader = threading.Thread(
+                target=load, args=(ModelConfig(pipe),), daemon=True
+            )
+            loader.start()
+            loaders.append(loader)
+        for pipe in pipes:
+            writer = reading(pipe)
+            assert writer is not None, f"{pipe.name} not read while the other loads"
+            writers[pipe] = writer
+        other = threading.Thread(target=load, args=(ready,), daemon=True)
+        other.start()
         other.join(10)
-    assert isinstance(outcomes["slow"], ArtifactError)
+        assert model.name in outcomes, "the loaded model waited for the others"
+        assert not any(pipe.name in outcomes for pipe in pipes)
+    finally:
+        for pipe in pipes:  # lets each load end (not a model)
+            writer = writers[pipe] if pipe in writers else reading(pipe, 10)
+            if writer is not None:
+                os.write(writer, b"\0" * 64)
+                os.close(writer)
+        for loader in loaders:
+            loader.join(10)
+    for pipe in pipes:
+        assert isinstance(outcomes[pipe.name], ArtifactError), outcomes[pipe.name]
 
 
 def test_jobs_wait_for_a_model_file_that_appears_later(
