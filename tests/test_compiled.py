@@ -302,7 +302,12 @@ def test_serve_runs_its_model_without_torchvision(tmp_path: Path) -> None:
     lines: list[str] = []
     assert proc.stderr is not None
     stderr = proc.stderr
-    threading.Thread(target=lambda: lines.extend(stderr), daemon=True).start()
+
+    def read() -> None:
+        with stderr:  # closed at the end of the output
+            lines.extend(stderr)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
         wait_for(lambda: any("loaded model" in x for x in lines), 120, "the model")
         maps = Path(f"/proc/{proc.pid}/maps").read_text()

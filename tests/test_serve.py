@@ -95,12 +95,13 @@ def start_serve(config: Path, timeout: float = 60.0) -> ServeProcess:
 
     def read() -> None:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line.rstrip("\n"))
-            match = re.search(r"listening as \S+ on [\d.]+:(\d+)", line)
-            if match:
-                port.append(int(match.group(1)))
-                port_seen.set()
+        with proc.stderr:  # closed at the end of the output
+            for line in proc.stderr:
+                lines.append(line.rstrip("\n"))
+                match = re.search(r"listening as \S+ on [\d.]+:(\d+)", line)
+                if match:
+                    port.append(int(match.group(1)))
+                    port_seen.set()
         port_seen.set()
 
     threading.Thread(target=read, daemon=True).start()
