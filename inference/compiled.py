@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -383,7 +383,7 @@ def load_compiled(
                     _write_failed(failed, why)
             if found is not None:
                 _forget_failed(failed)
-    except (OSError, subprocess.SubprocessError) as exc:
+    except OSError as exc:
         found, why = None, type(exc).__name__
     if found is None:
         logger.warning(
@@ -445,17 +445,32 @@ def _failed_marker(path: Path) -> Path:
     return path.with_name(f"{path.name}.failed")
 
 
-def _failed_earlier(marker: Path) -> str | None:
-    """Say when and why the compile a marker records failed, if it is recent."""
-    try:
-        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:  # none, or a link: no marker of this module
-        return None
+def _open_regular(path: Path) -> tuple[BinaryIO, os.stat_result] | None:
+    """Open a regular file to read, never through a link; None if not one.
+
+    Raises
+    ------
+    OSError
+        If it cannot be opened (missing, a link, no permission).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     found = os.fstat(fd)
     if not stat.S_ISREG(found.st_mode):
         os.close(fd)
         return None
-    with os.fdopen(fd, "rb") as file:
+    return os.fdopen(fd, "rb"), found
+
+
+def _failed_earlier(marker: Path) -> str | None:
+    """Say when and why the compile a marker records failed, if it is recent."""
+    try:
+        opened = _open_regular(marker)
+    except OSError:  # none, or a link: no marker of this module
+        return None
+    if opened is None:
+        return None
+    file, found = opened
+    with file:
         age = time.time() - found.st_mtime
         if not 0 <= age < RETRY_FAILED_SECONDS:
             return None
@@ -585,16 +600,15 @@ def _load(
 ) -> tuple[Compiled | None, str]:
     """Load a compiled file; or None and why not (missing, not this model's...)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        opened = _open_regular(path)
     except FileNotFoundError:
         return None, "not compiled yet"
     except OSError as exc:
         return None, f"unreadable ({type(exc).__name__})"
-    found = os.fstat(fd)
-    if not stat.S_ISREG(found.st_mode):
-        os.close(fd)
+    if opened is None:
         return None, "not a file"
-    with os.fdopen(fd, "rb") as file:
+    file, found = opened
+    with file:
         if found.st_uid != os.geteuid() or _others_may_write(found):
             return None, "not this user's alone"
         extra = {_DOCUMENT: ""}
