@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -215,6 +216,53 @@ def test_loads_at_once_compile_once_in_a_folder_of_the_users_own_group(
     assert len(found) == 3
     assert None not in found
     assert caplog.text.count("compiling model") == 1
+
+
+def _kill_compile_child(model: Path, within: float = 60.0) -> int:
+    """SIGKILL the compile child started for ``model``; return its pid."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone meanwhile
+            if b"inference.compiled" in argv and str(model).encode() in argv:
+                os.kill(int(proc.name), signal.SIGKILL)
+                return int(proc.name)
+        time.sleep(0.02)
+    raise AssertionError(f"no compile child for {model} within {within} s")
+
+
+def test_a_compile_ended_by_a_signal_is_not_recorded_as_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The node stopped meanwhile, or the kernel ended the child for want of
+    # memory: nothing says the model cannot compile, so the next start tries.
+    caplog.set_level(logging.INFO, logger="inference")
+    path, folder = saved(tmp_path), tmp_path / "cache"
+    artifact, sha256 = ModelArtifact.load(path), file_sha256(path)
+    marker = compiled_path(folder, sha256).with_suffix(".pt.failed")
+    for attempt in (1, 2):
+        caplog.clear()
+        loaded: list[object] = []
+        loading = threading.Thread(
+            target=lambda into=loaded: into.append(
+                load_compiled(artifact, path, sha256, folder, "cpu")
+            )
+        )
+        loading.start()
+        try:
+            _kill_compile_child(path)
+        finally:
+            loading.join(120)
+        assert loaded == [None], f"attempt {attempt}: {loaded}"
+        assert "compiling model" in caplog.text, f"attempt {attempt}: no child ran"
+        assert f"signal {signal.SIGKILL.value}" in caplog.text
+        assert not marker.exists(), marker.read_text()
+        assert not compiled_path(folder, sha256).exists()
 
 
 def test_a_model_that_cannot_be_compiled_is_built_in_the_process(
