@@ -167,10 +167,13 @@ class Receipt:
         spool file (or Message ID; see ``dicom_node.scp``).
     contexts
         The IDs of the association's accepted presentation contexts, once known.
+    fragments
+        Command and data set fragments (PDVs) so far.
     """
 
     command: bytearray = field(default_factory=bytearray)
     data_bytes: int = 0
+    fragments: int = 0
     spooled: bool | None = None
     dropped: str = ""
     dropped_messages: dict[str, str] = field(default_factory=dict)
@@ -180,6 +183,7 @@ class Receipt:
         """Start over for the next message (the dropped IDs stay)."""
         self.command = bytearray()
         self.data_bytes = 0
+        self.fragments = 0
         self.spooled = None
         self.dropped = ""
 

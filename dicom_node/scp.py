@@ -132,16 +132,24 @@ _IN_MEMORY_MAX = 1024 * 1024
 # rest are counted in its last line.
 _REFUSALS_NOTED = 5
 _C_STORE_RQ = 0x0001  # PS3.7 E.1-1 Command Field
-# The Command Field values of PS3.7 (9.3 and 10.3) pynetdicom serves: requests
-# and responses of the C- and N- services. Not C-CANCEL-RQ (0x0FFF): the node
-# runs no C-FIND, C-GET or C-MOVE it could cancel, and pynetdicom's association
-# thread fails on one (the connection would then be held with no one reading).
+_C_ECHO_RQ = 0x0030
+# Fragments (PDVs) one message may come in: a few, then one for each KiB it
+# carries. A sender's fragments are as large as its PDUs (4 KiB at the least
+# in practice) but for the last; each costs a decode and a write, so a message
+# of empty or 1-byte fragments would cost a core and never reach a byte limit.
+_FRAGMENTS_FREE = 16
+_BYTES_PER_FRAGMENT = 1024
+# The Command Field values of PS3.7 (9.3 and 10.3): requests and responses of
+# the C- and N- services, and C-CANCEL-RQ. The node serves C-ECHO and C-STORE
+# requests only; any other is refused before pynetdicom reads it (a C-CANCEL
+# once made its association thread fail, with the connection held unread).
 _REQUESTS = (0x0001, 0x0010, 0x0020, 0x0021, 0x0030, 0x0100, 0x0110, 0x0120, 0x0130)
 _DIMSE_COMMANDS = frozenset(
     (
         *_REQUESTS,
         0x0140,
         0x0150,
+        0x0FFF,
         *(0x8000 | c for c in _REQUESTS),
         0x8140,
         0x8150,
@@ -483,25 +491,41 @@ def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
             if cx.context_id is not None
         )
     data = 0
+    ended = False  # the message ended at an earlier fragment of this PDU
     for item in items:
-        # What pynetdicom would fail on inside its own thread is refused here,
-        # before it reads the PDU: the association ends with an A-ABORT.
+        # What pynetdicom would fail on inside its own thread, or drop unread,
+        # is refused here, before it reads the PDU: the association ends with
+        # an A-ABORT.
         problem = None
         value = item.presentation_data_value
+        receipt.fragments += 1
         if item.presentation_context_id not in receipt.contexts:
             problem = "P-DATA on a presentation context that was not accepted"
         elif not value:
             problem = "P-DATA value without a message control header"
+        elif ended:
+            # pynetdicom reads a PDU's fragments up to its message's end only.
+            problem = "P-DATA fragments after the end of their message"
+        elif receipt.fragments > _FRAGMENTS_FREE + (
+            len(receipt.command) + receipt.data_bytes
+        ) // (_BYTES_PER_FRAGMENT):
+            problem = "message in more fragments than one a KiB"
         elif value[0] & 0x01:  # a command fragment (PS3.8 E.2)
             receipt.command += value[1:]
-            if len(receipt.command) > _COMMAND_MAX:
+            if receipt.spooled is not None:
+                # pynetdicom decodes the command and opens a spool file again
+                # for each "last" fragment: a loop of them cost seconds each.
+                problem = "command fragment after the command set's last one"
+            elif len(receipt.command) > _COMMAND_MAX:
                 problem = f"command set over {_COMMAND_MAX} bytes"
             elif value[0] & 0x02:  # its last one: what the message is is known
-                command, problem = _command(receipt.command)
+                command, has_data_set, problem = _command(receipt.command)
                 receipt.spooled = command == _C_STORE_RQ
+                ended = not has_data_set
         else:
             receipt.data_bytes += len(value) - 1
             data += len(value) - 1
+            ended = bool(value[0] & 0x02)
         if problem is not None:
             pdu.presentation_data_value_items = []  # nothing of it is read
             _refuse_connection(event, problem)
@@ -565,12 +589,16 @@ def _uid_checked_by_the_node(value: object) -> tuple[bool, str]:
     return True, ""
 
 
-def _command(command: bytearray) -> tuple[int | None, str | None]:
-    """Return a whole command set's Command Field, or why it cannot be read.
+def _command(command: bytearray) -> tuple[int | None, bool, str | None]:
+    """Return a command set's Command Field, if a data set follows, any refusal.
 
     Checks what pynetdicom reads of every command set before it decodes the
-    message (PS3.7 E.1): a known Command Field, a Command Data Set Type, and
-    for a C-STORE request with a data set its SOP Class and Instance UIDs.
+    message (PS3.7 E.1): a known Command Field, a Command Data Set Type; and
+    that the message is one the node serves as it must come: a C-ECHO request
+    without a data set, or a C-STORE request with one and its SOP Class and
+    Instance UIDs. pynetdicom would answer any other request with the response
+    of another service, or none (PS3.7 9.3, 10.3), and the node serves no
+    operation that another message could be a response to.
     """
     # The command set is implicit VR little endian (PS3.7 6.3.1).
     try:
@@ -578,18 +606,25 @@ def _command(command: bytearray) -> tuple[int | None, str | None]:
         field = ds.get("CommandField")
         data_set_type = ds.get("CommandDataSetType")
         if not isinstance(field, int) or field not in _DIMSE_COMMANDS:
-            return None, "command set without a known Command Field"
+            return None, False, "command set without a known Command Field"
         if not isinstance(data_set_type, int):
-            return field, "command set without a Command Data Set Type"
-        if field == _C_STORE_RQ and data_set_type != _NO_DATA_SET:
+            return field, False, "command set without a Command Data Set Type"
+        has_data_set = data_set_type != _NO_DATA_SET
+        if field == _C_ECHO_RQ:
+            problem = "C-ECHO request with a data set" if has_data_set else None
+        elif field == _C_STORE_RQ:
+            problem = None if has_data_set else "C-STORE request without a data set"
             for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
-                if not isinstance(ds.get(keyword), str):
-                    return field, f"C-STORE request without {keyword}"
-        return field, None
+                value = ds.get(keyword)
+                if problem is None and not (isinstance(value, str) and value):
+                    problem = f"C-STORE request without {keyword}"
+        else:
+            problem = f"a DIMSE message the node does not serve (0x{field:04X})"
+        return field, has_data_set, problem
     except Exception as exc:
         if not is_decode_error(exc):
             raise
-        return None, f"command set does not decode ({type(exc).__name__})"
+        return None, False, f"command set does not decode ({type(exc).__name__})"
 
 
 def handle_echo(event: Event, ctx: StoreContext) -> int:

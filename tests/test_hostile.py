@@ -459,6 +459,141 @@ def test_a_c_cancel_is_aborted_and_its_connection_closed(
     assert echo(node.port) == SUCCESS
 
 
+def _store_command(sop_instance_uid: str = "1.2.3.4", data: bool = True) -> bytes:
+    return command_set(
+        C_STORE_RQ, CTImageStorage, has_data_set=data, sop_instance_uid=sop_instance_uid
+    )
+
+
+_ECHO = command_set(C_ECHO_RQ, VERIFICATION_SOP_CLASS)
+# Messages pynetdicom would answer with another service's response, not answer,
+# fail on in its own thread, or read at great cost: each is refused as it
+# arrives, with the reason logged (PS3.7 9.3, 10.3; PS3.8 E.2).
+_REFUSED_MESSAGES = {
+    # Each "last" fragment made pynetdicom decode the command again and open
+    # another spool file: 642 of them cost 4.7 s of CPU and left 641 files.
+    "a second last command fragment": (
+        p_data_tf(*[pdv(1, 0x03, _store_command())] * 50),
+        "command fragment after the command set's last one",
+    ),
+    # Answered with a C-ECHO response, Success.
+    "an N-GET on Verification": (
+        p_data_tf(pdv(1, 0x03, command_set(0x0110, VERIFICATION_SOP_CLASS))),
+        "a DIMSE message the node does not serve (0x0110)",
+    ),
+    # Not answered at all: the sender waited for its own timeout.
+    "an N-CREATE": (
+        p_data_tf(pdv(1, 0x03, command_set(0x0140, VERIFICATION_SOP_CLASS))),
+        "a DIMSE message the node does not serve (0x0140)",
+    ),
+    # Answered 0xA700 with a traceback in the log, five per association.
+    "a C-STORE without a data set": (
+        p_data_tf(pdv(1, 0x03, _store_command(data=False))),
+        "C-STORE request without a data set",
+    ),
+    # Ended pynetdicom's thread by an exception, the connection left unanswered.
+    "a C-STORE with an empty SOP Instance UID": (
+        p_data_tf(pdv(1, 0x03, _store_command(sop_instance_uid=""))),
+        "C-STORE request without AffectedSOPInstanceUID",
+    ),
+    # Empty fragments never reach a byte limit: 3 MB/s of them held a core.
+    "a data set of empty fragments": (
+        p_data_tf(pdv(1, 0x03, _store_command()))
+        + p_data_tf(*[pdv(1, 0x00, b"")] * 1000),
+        "message in more fragments than one a KiB",
+    ),
+    # pynetdicom reads a PDU's fragments up to its message's end and drops the
+    # rest unread: a second message in the same PDU would be lost.
+    "two messages in one PDU": (
+        p_data_tf(pdv(1, 0x03, _ECHO), pdv(1, 0x03, _ECHO)),
+        "P-DATA fragments after the end of their message",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_REFUSED_MESSAGES))
+def test_a_message_the_node_cannot_serve_as_sent_is_aborted_on_arrival(
+    start_node: StartNode,
+    attackers: list[socket.socket],
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dicom_node")
+    node = start_node()
+    failures: list[str] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: failures.append(
+        f"{args.thread.name if args.thread else '?'}: {args.exc_value!r}"
+    )
+    try:
+        sock = associated(node.port)
+        attackers.append(sock)
+        data, reason = _REFUSED_MESSAGES[case]
+        started = time.process_time()
+        with contextlib.suppress(OSError):  # the node may close it mid-send
+            sock.sendall(data)
+        reply, closed = recv_until_closed(sock, 5.0)
+        cpu = time.process_time() - started
+    finally:
+        threading.excepthook = hook
+
+    assert closed, "the connection was held"
+    assert is_abort_or_nothing(reply), reply[:16].hex()
+    wait_until(lambda: reason in caplog.text, 5, f"the refusal logged ({reason})")
+    assert "Traceback" not in caplog.text
+    assert failures == []
+    assert cpu < 2.0
+    assert echo(node.port) == SUCCESS
+    assert node.stored_files() == []
+    wait_until(lambda: spool_contents(node) == ["lock"], 10, "the spool emptied")
+
+
+def test_an_echo_and_stores_in_small_fragments_are_served(
+    start_node: StartNode, attackers: list[socket.socket]
+) -> None:
+    # Within the fragment budget: a command in fragments of 16 bytes, a data
+    # set in 1 KiB fragments (smaller than any sender's PDU), several to a PDU.
+    node = start_node()
+    sock = connect(node.port, source=NODE_HOST)
+    attackers.append(sock)
+    sock.sendall(
+        associate_rq(
+            contexts=(
+                (1, VERIFICATION_SOP_CLASS, (ImplicitVRLittleEndian,)),
+                (3, CTImageStorage, (ImplicitVRLittleEndian,)),
+            )
+        )
+    )
+    assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+    sock.sendall(p_data_tf(pdv(1, 0x03, _ECHO)))
+    assert response_status(sock) == SUCCESS
+    ds = make_ct(rows=256, columns=256)  # 128 KiB: 130 fragments
+    command = _store_command(str(ds.SOPInstanceUID))
+    data = encode(ds, True, True)
+    assert data is not None
+    pieces = [command[i : i + 16] for i in range(0, len(command), 16)]
+    sock.sendall(
+        p_data_tf(
+            *(
+                pdv(3, 0x03 if n == len(pieces) - 1 else 0x01, piece)
+                for n, piece in enumerate(pieces)
+            )
+        )
+    )
+    chunks = [data[i : i + 1024] for i in range(0, len(data), 1024)]
+    for start in range(0, len(chunks), 8):
+        sock.sendall(
+            p_data_tf(
+                *(
+                    pdv(3, 0x02 if n == len(chunks) - 1 else 0x00, chunks[n])
+                    for n in range(start, min(start + 8, len(chunks)))
+                )
+            )
+        )
+    assert response_status(sock) == SUCCESS
+    assert len(node.stored_files()) == 1
+
+
 def response_status(sock: socket.socket) -> int:
     """Read a DIMSE response's P-DATA-TF; return its Status (one PDV, PS3.7 E.1)."""
     pdu_type, body = read_pdu(sock)
