@@ -27,6 +27,7 @@ from dicom_node.errors import (
     ThreadEndedError,
 )
 from dicom_node.log import configure_logging, describe_exception
+from inference import ArtifactError  # no PyTorch: see _LAZY_IMPORTS
 
 if TYPE_CHECKING:
     from dicom_node.export import Peer, SendOutcome
@@ -404,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DicomNodeError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except ArtifactError as exc:  # a --model that is missing or not a model file
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - last resort: a message, not a traceback
@@ -518,6 +522,8 @@ def _score(args: argparse.Namespace) -> int:
         raise ConfigError(f"no such file or folder: {', '.join(map(str, missing))}")
     if args.gradcam_top_k < 0:
         raise ConfigError("--gradcam-top-k: expected >= 0")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: not a folder")
     from dicom_node.storage import validate_uid  # see _LAZY_IMPORTS
 
     for uid in args.sop_class or []:
@@ -543,7 +549,7 @@ def _score(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(run.to_dict(), indent=2))
-    elif run.studies or run.passed_over:
+    elif run.studies or run.passed_over or run.failed:
         print(run.text())
     if run.failed:
         print(

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from dicom_node.config import ModelMatch
 from dicom_node.dimse import is_decode_error
 from dicom_node.eligibility import instance_problem, match_problem, model_match
+from dicom_node.errors import DicomNodeError
 from dicom_node.export import find_files
 from dicom_node.identity import node_device_uid
 from dicom_node.log import describe_exception
@@ -22,7 +23,7 @@ from dicom_node.results import NodeIdentity
 from dicom_node.results.build import build_results
 from dicom_node.results.store import capture_png, write_result_files
 from dicom_node.storage import validate_uid
-from inference import Classifier, ModelArtifact, StudyPrediction
+from inference import Classifier, InferenceError, ModelArtifact, StudyPrediction
 
 # The observer device name of results written by `dicom-node score`.
 OFFLINE_STATION = "DICOMNODE-SCORE"
@@ -102,7 +103,8 @@ class ScoreRun:
         model does not accept), not from the files themselves.
     failed
         Studies that could not be scored or written: Study Instance UID and
-        why (the error's type and where; no values of the files).
+        why (the node's own message, or the error's type and where; no values
+        of the files).
     """
 
     studies: list[StudySummary]
@@ -238,7 +240,10 @@ def score_run(
             folder = out / study
             pngs = write_result_files(folder, result)
         except Exception as exc:  # noqa: BLE001 - reported per study
-            failed.append((study, describe_exception(exc)))
+            # The node's and the model runtime's own messages hold no values of
+            # the files (as a job's reason); any other error by type and place.
+            own = isinstance(exc, DicomNodeError | InferenceError)
+            failed.append((study, str(exc) if own else describe_exception(exc)))
             continue
         summaries.append(_summary(study, len(datasets), prediction, folder, pngs))
     return ScoreRun(summaries, passed_over, match, not_accepted, failed)

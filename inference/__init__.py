@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         PreprocessError,
         SourceChangedError,
     )
+    from inference.findings import text_problem
     from inference.gradcam import (
         GRADCAM_LAYERS,
         gradcam_at,
@@ -80,6 +81,7 @@ _HOMES = {
     "SourceChangedError": "inference.errors",
     "PreprocessSpec": "inference.pixels",
     "StudyPrediction": "inference.findings",
+    "text_problem": "inference.findings",
     "StudyScores": "inference.classifier",
     "build_model": "inference.model",
     "load_compiled": "inference.compiled",
@@ -150,5 +152,6 @@ __all__ = [
     "preprocess_many",
     "render",
     "set_cpu_threads",
+    "text_problem",
     "weights_sha256",
 ]

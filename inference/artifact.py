@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from inference.errors import ArtifactError
-from inference.findings import CodedConcept, Label
+from inference.findings import CodedConcept, Label, text_problem
 from inference.gradcam import GRADCAM_LAYERS
 from inference.model import ARCHITECTURES, build_model
 from inference.preprocess import PreprocessSpec
@@ -112,6 +112,10 @@ class ModelArtifact:
         """Check the fields that the runtime depends on."""
         if not self.name or not self.version:
             raise ValueError("name and version are required")
+        for what, text in (("name", self.name), ("version", self.version)):
+            problem = text_problem(text)
+            if problem is not None:
+                raise ValueError(f"model {what} {text!r} has {problem}")
         if not self.device_uid or len(self.device_uid) > 64:
             raise ValueError("device_uid: expected a UID of at most 64 characters")
         if self.architecture not in ARCHITECTURES:

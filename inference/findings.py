@@ -19,7 +19,36 @@ __all__ = [
     "Label",
     "LabelPrediction",
     "StudyPrediction",
+    "text_problem",
 ]
+
+
+def text_problem(value: str, most: int | None = None) -> str | None:
+    """Say why a text cannot be one DICOM string value (PS3.5 6.2), or None.
+
+    The model's name, version and codes are written into the result objects
+    (LO, SH and UC values): a backslash would split a value in two, a control
+    character is not allowed, and a Code Meaning (LO) holds 64 characters.
+
+    Parameters
+    ----------
+    value
+        The text.
+    most
+        Most characters it may have; None: no limit.
+
+    Returns
+    -------
+    str or None
+        The problem, e.g. ``"a backslash"``; None when the text is fit.
+    """
+    if "\\" in value:
+        return "a backslash (it separates DICOM values)"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "a control character"
+    if most is not None and len(value) > most:
+        return f"more than {most} characters"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +70,17 @@ class CodedConcept:
     meaning: str
 
     def __post_init__(self) -> None:
-        """Check that no part is empty."""
+        """Check that each part is there and fits its DICOM value."""
         if not (self.value and self.scheme and self.meaning):
             raise ValueError("coded concept: value, scheme and meaning are required")
+        for part, text, most in (
+            ("value", self.value, None),
+            ("scheme", self.scheme, 16),
+            ("meaning", self.meaning, 64),
+        ):
+            problem = text_problem(text, most)
+            if problem is not None:
+                raise ValueError(f"coded concept: its {part} {text!r} has {problem}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -173,6 +175,30 @@ def test_unknown_architecture_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         ArtifactError, match=r"unknown architecture 'vit_b_16'.*resnet18"
     ):
+        ModelArtifact.load(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        # LO values: a backslash splits one in two; every study's results failed.
+        (lambda doc: doc["model"].update(name="lung\\nodule v2"), "a backslash"),
+        (lambda doc: doc["model"].update(version="1\n2"), "a control character"),
+        # A Code Meaning (LO) holds 64 characters.
+        (
+            lambda doc: doc["labels"][0]["code"].update(meaning="N" * 65),
+            "more than 64 characters",
+        ),
+    ],
+)
+def test_text_the_result_objects_cannot_hold_is_refused_at_load(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], said: str
+) -> None:
+    path = tmp_path / "m.safetensors"
+    make_artifact().save(path)
+    rewrite(path, change)
+
+    with pytest.raises(ArtifactError, match=said):
         ModelArtifact.load(path)
 
 

@@ -212,6 +212,39 @@ def test_score_goes_on_past_a_study_it_cannot_score(
     assert not (out / str(bad.StudyInstanceUID)).exists()
     assert str(bad.PatientName) not in done.stdout + done.stderr
 
+    # Every study failing: each is still named, with the node's own reason.
+    alone = run_cli(
+        "score", "--model", str(model), str(folder / "bad.dcm"), "--out", str(out)
+    )
+    assert alone.returncode == 1
+    assert f"study {bad.StudyInstanceUID} FAILED: cannot decode Pixel Data" in (
+        alone.stdout
+    ), alone.stdout + alone.stderr
+    assert str(bad.PatientName) not in alone.stdout + alone.stderr
+
+
+def test_score_names_a_model_or_an_out_it_cannot_use(tmp_path: Path) -> None:
+    source = tmp_path / "ct.dcm"
+    make_ct(rows=16, columns=16).save_as(source, enforce_file_format=True)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a model")
+    for model, said in (
+        (tmp_path / "none.safetensors", "not found"),
+        (damaged, "not a safetensors model file"),
+    ):
+        done = run_cli(
+            "score", "--model", str(model), str(source), "--out", str(tmp_path / "out")
+        )
+        assert done.returncode == 2, done.stderr
+        assert said in done.stderr
+        assert str(model) in done.stderr
+        assert "unexpected" not in done.stderr
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    done = run_cli("score", "--model", str(damaged), str(source), "--out", str(taken))
+    assert done.returncode == 2
+    assert f"--out {taken}: not a folder" in done.stderr
+
 
 def _node_toml(tmp_path: Path, state_dir: Path, port: int = 0) -> Path:
     path = tmp_path / "node.toml"

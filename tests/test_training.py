@@ -293,6 +293,15 @@ def test_config_file_and_flags(
         == 1
     )
     assert "unknown key(s) ['sise']" in capsys.readouterr().err
+    # What the result objects could not hold is refused before training.
+    for flag, value, said in (
+        ("--name", "lung\\nodule", "--name 'lung\\\\nodule': has a backslash"),
+        ("--code", "1,SCT," + "N" * 65, "--code: coded concept: its meaning"),
+    ):
+        out = tmp_path / "refused.safetensors"
+        assert main(["fit", str(data), "--out", str(out), flag, value]) == 1
+        assert said in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_masks_are_loaded_in_the_input_geometry_and_move_with_their_images(

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from inference import text_problem
+
 __all__ = ["KNOWN_FINDINGS", "DataSizes", "TrainConfig", "choose", "read_toml"]
 
 # Codes for findings medtrain knows by name (SNOMED CT): label -> (code, meaning).
@@ -225,6 +227,9 @@ class TrainConfig:
                 f"--precision: expected fp32 or bf16, found {self.precision!r}",
             ),
         ]
+        for flag, text in (("--name", self.name), ("--version", self.version)):
+            problem = text_problem(text)
+            checks.append((problem is None, f"{flag} {text!r}: has {problem}"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

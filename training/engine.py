@@ -648,7 +648,10 @@ def _concept(text: str, where: str) -> CodedConcept:
     parts = [p.strip() for p in text.split(",", 2)]
     if len(parts) != 3 or not all(parts):
         raise ValueError(f"{where}: expected value,scheme,meaning, found {text!r}")
-    return CodedConcept(*parts)
+    try:
+        return CodedConcept(*parts)
+    except ValueError as exc:  # a part the result objects cannot hold
+        raise ValueError(f"{where}: {exc}") from exc
 
 
 def _positive_label(samples: Sequence[Sample], config: TrainConfig) -> str:
