@@ -9,8 +9,8 @@
 - ``/``: recent studies (by uid_ref; patient name and ID only with
   ``show_patient``), each model's job, verdict and deliveries, failures with
   their reasons, queue depths and the Grad-CAM captures as thumbnails (without
-  ``show_patient``, not those whose source says its pixels identify the
-  patient); it reloads itself every 10 seconds.
+  ``show_patient``, only those whose source says its pixels do not identify
+  the patient); it reloads itself every 10 seconds.
 
 Only GET. With ``token_file``, every request but ``/healthz`` needs
 ``Authorization: Bearer <token>``. Without one, a request whose Host names
@@ -562,7 +562,7 @@ def shown_captures(captures: list[Path], config: NodeConfig) -> list[int]:
     """Return the numbers (1-based) of a result set's captures the pages show.
 
     Without ``show_patient``, not a capture whose pixels may identify the
-    patient (its source said it carries burned-in identifying text or
+    patient (its source did not say NO to both burned-in identifying text and
     recognizable features; or it cannot be read): the page names studies by
     uid_ref only.
 

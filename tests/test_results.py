@@ -27,10 +27,10 @@ from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicom_node.results import NOT_FOR_DIAGNOSIS, NodeIdentity, ResultSet
 from dicom_node.results.build import build_results
 from dicom_node.results.builder import BuildRequest, ResultBuilder
-from dicom_node.results.naming import says_yes
+from dicom_node.results.naming import yes_or_no
 from dicom_node.results.render import overlay
 from dicom_node.results.sr import POINT_MEANING
-from dicom_node.results.store import write_result_files
+from dicom_node.results.store import identifying_capture, write_result_files
 from dicom_node.score import sr_text
 from dicom_node.storage import read_stored
 from inference import Classifier, ModelArtifact, StudyPrediction
@@ -461,8 +461,8 @@ def test_an_absent_finding_gets_no_picture_unless_asked(tmp_path: Path) -> None:
 def test_a_capture_keeps_every_pixel_and_says_what_it_shows() -> None:
     result, source = results("DX")
     sc = result.captures[0]
-    # No patient-identifying text is burned in: the caption is the finding.
-    assert sc.BurnedInAnnotation == "NO"
+    # The caption names no one; the pixels are said to be as the source says.
+    assert sc.BurnedInAnnotation == source.BurnedInAnnotation == "NO"
     assert NOT_FOR_DIAGNOSIS in sc.ImageComments
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert sc.BodyPartExamined == source.BodyPartExamined
@@ -494,6 +494,54 @@ def test_a_capture_says_its_pixels_identify_the_patient_where_its_source_does(
         assert getattr(sc, keyword) == "YES"
         assert [getattr(sc, other) for other in others] == ["NO"]
     for path in written(result, tmp_path):
+        assert dciodvfy_problems(path) == [], path.name
+
+
+@pytest.mark.parametrize(
+    ("said", "identifying"),
+    [
+        ({"BurnedInAnnotation": "NO", "RecognizableVisualFeatures": "NO"}, False),
+        ({"BurnedInAnnotation": "NO"}, True),  # features unknown
+        ({}, True),  # an ultrasound frame that says nothing may carry a name
+        ({"BurnedInAnnotation": "YES", "RecognizableVisualFeatures": "NO"}, True),
+    ],
+)
+def test_a_capture_is_shown_without_show_patient_only_when_its_source_says_no(
+    said: dict[str, str], identifying: bool, tmp_path: Path
+) -> None:
+    datasets = sources("DX")
+    for keyword in ("BurnedInAnnotation", "RecognizableVisualFeatures"):
+        datasets[0].pop(keyword, None)
+    for keyword, value in said.items():
+        setattr(datasets[0], keyword, value)
+    result = build_results(datasets, predict(datasets), 1, node=NODE)
+    captures = [p for p in written(result, tmp_path) if p.name.startswith("sc-")]
+    assert captures
+    for path in captures:
+        written_said = {
+            k: v
+            for k in ("BurnedInAnnotation", "RecognizableVisualFeatures")
+            if (v := dcmread(path).get(k)) is not None
+        }
+        assert written_said == said
+        assert identifying_capture(path) is identifying
+
+
+@pytest.mark.parametrize(("body_part", "side"), [("HAND", "R"), ("BREAST", "L")])
+def test_a_paired_body_part_keeps_its_side_from_image_laterality(
+    body_part: str, side: str, tmp_path: Path
+) -> None:
+    # A DX of a hand, a mammogram: the side is given per image only. The
+    # captures and maps are new series, whose Laterality a paired part needs.
+    datasets = sources("DX")
+    datasets[0].BodyPartExamined = body_part
+    datasets[0].ImageLaterality = side
+    datasets[0].pop("Laterality", None)
+    result = build_results(datasets, predict(datasets), 1, node=NODE)
+    derived = [*result.captures, *result.maps]
+    assert derived
+    assert [ds.Laterality for ds in derived] == [side] * len(derived)
+    for path in written(result, tmp_path)[:-1]:
         assert dciodvfy_problems(path) == [], path.name
 
 
@@ -824,11 +872,18 @@ def test_lossy_image_compression_follows_the_source(
         assert ([value] if isinstance(value, str) else list(value)) == methods
 
 
-def test_yes_is_read_in_the_forms_sources_write_it() -> None:
+def test_yes_and_no_are_read_in_the_forms_sources_write_them() -> None:
     ds = Dataset()
-    assert not says_yes(ds, "BurnedInAnnotation")  # absent
-    for value, expected in (("YES", True), ("yes ", True), ("NO", False), ("", False)):
+    assert yes_or_no(ds, "BurnedInAnnotation") is None  # absent: unknown
+    for value, expected in (
+        ("YES", "YES"),
+        ("yes ", "YES"),
+        ("NO", "NO"),
+        (" no", "NO"),
+        ("", None),
+        ("MAYBE", None),
+    ):
         ds.BurnedInAnnotation = value
-        assert says_yes(ds, "BurnedInAnnotation") is expected, value
+        assert yes_or_no(ds, "BurnedInAnnotation") == expected, value
     ds.BurnedInAnnotation = ["NO", "YES"]  # several values, against its VM
-    assert says_yes(ds, "BurnedInAnnotation")
+    assert yes_or_no(ds, "BurnedInAnnotation") == "YES"

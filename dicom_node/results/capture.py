@@ -16,8 +16,8 @@ from dicom_node.results.naming import (
     NOT_FOR_DIAGNOSIS,
     NodeIdentity,
     model_text,
-    says_yes,
     series_number,
+    yes_or_no,
 )
 from dicom_node.results.render import overlay
 from inference import Explanation, StudyPrediction, render
@@ -104,9 +104,15 @@ def build_capture(
     sc.PatientOrientation = orientation  # type: ignore[assignment]
     # Burned In Annotation (PS3.3 C.7.6.1.1.7): the caption holds the finding,
     # the model and the warning only, but the pixels are the source's, with
-    # whatever identifying text or features the source says it carries.
+    # whatever identifying text or features they carry. What the source says of
+    # them is said of the capture; where it says nothing, nor does the capture
+    # (both are Type 3 here): unknown is not NO.
     for keyword in ("BurnedInAnnotation", "RecognizableVisualFeatures"):
-        setattr(sc, keyword, "YES" if says_yes(source, keyword) else "NO")
+        said = yes_or_no(source, keyword)
+        if said is not None:
+            setattr(sc, keyword, said)
+        elif keyword in sc:
+            del sc[keyword]
     sc.ImageComments = (
         f"Grad-CAM of {label.label.name} ({verdict}) over the source image; "
         f"{NOT_FOR_DIAGNOSIS}"
@@ -222,13 +228,21 @@ def _stored_ratio(source: Dataset) -> float:
 
 
 def copy_body_part(ds: Dataset, source: Dataset) -> None:
-    """Copy Body Part Examined / Laterality so General Series' Type 2C holds."""
+    """Copy Body Part Examined / Laterality so General Series' Type 2C holds.
+
+    A source that gives its side as Image Laterality only (mammography, DX of
+    a hand) lends it to the derived image's Laterality: the object shows that
+    one image, and a paired body part needs its side (PS3.3 C.7.3.1).
+    """
     for keyword in ("BodyPartExamined", "Laterality"):
         value = source.get(keyword)
         if value:
             setattr(ds, keyword, value)
         elif keyword in ds:
             del ds[keyword]
+    side = str(source.get("ImageLaterality", "") or "").strip().upper()
+    if "Laterality" not in ds and side in ("L", "R"):
+        ds.Laterality = side
     if "Laterality" not in ds and "BodyPartExamined" not in ds:
         # General Series: Laterality is Type 2C, required when the body part may
         # be a paired structure; unknown here, so present and empty.

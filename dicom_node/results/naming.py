@@ -21,8 +21,8 @@ __all__ = [
     "NodeIdentity",
     "model_text",
     "result_uid",
-    "says_yes",
     "series_number",
+    "yes_or_no",
 ]
 
 NOT_FOR_DIAGNOSIS = "AI: not for diagnostic use"
@@ -86,8 +86,8 @@ def model_text(prediction: StudyPrediction) -> str:
     return f"{prediction.model_name} {prediction.model_version}"[:64]
 
 
-def says_yes(ds: Dataset, keyword: str) -> bool:
-    """Return whether a YES / NO attribute of a data set says YES.
+def yes_or_no(ds: Dataset, keyword: str) -> str | None:
+    """Return what a YES / NO attribute of a data set says; None: it does not say.
 
     Parameters
     ----------
@@ -98,10 +98,14 @@ def says_yes(ds: Dataset, keyword: str) -> bool:
 
     Returns
     -------
-    bool
-        True when it is YES (any case, padded), or one of its values is when a
-        source holds several against its VM; False when absent or empty.
+    str or None
+        ``YES`` when it is YES (any case, padded), or one of its values is
+        when a source holds several against its VM; ``NO`` when it says NO
+        and nothing else; None when absent, empty or neither (unknown).
     """
     value = ds.get(keyword)
     values = list(value) if isinstance(value, MultiValue | list) else [value]
-    return any(str(v or "").strip().upper() == "YES" for v in values)
+    said = {str(v or "").strip().upper() for v in values}
+    if "YES" in said:
+        return "YES"
+    return "NO" if said == {"NO"} else None

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.results import ResultSet
-from dicom_node.results.naming import says_yes
+from dicom_node.results.naming import yes_or_no
 
 __all__ = [
     "capture_files",
@@ -139,9 +139,11 @@ def capture_files(folder: Path) -> list[Path]:
 def identifying_capture(path: Path) -> bool:
     """Return whether a written capture may show who the patient is.
 
-    Burned In Annotation or Recognizable Visual Features YES: the node's own
-    caption names no one, but a capture shows its source's pixels, and says
-    YES where the source did (:mod:`dicom_node.results.capture`).
+    Unless it says NO to both Burned In Annotation and Recognizable Visual
+    Features: the node's own caption names no one, but a capture shows its
+    source's pixels and says of them what the source did, nothing where the
+    source said nothing (:mod:`dicom_node.results.capture`); an ultrasound
+    frame that does not say may well carry the patient's name.
 
     Parameters
     ----------
@@ -151,14 +153,14 @@ def identifying_capture(path: Path) -> bool:
     Returns
     -------
     bool
-        True when it says YES, or cannot be read (gone, damaged): what cannot
-        be checked is not shown.
+        True unless it says NO to both; also when it cannot be read (gone,
+        damaged): what cannot be checked is not shown.
     """
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_IDENTIFYING))
     except (OSError, InvalidDicomError):
         return True
-    return any(says_yes(ds, keyword) for keyword in _IDENTIFYING)
+    return any(yes_or_no(ds, keyword) != "NO" for keyword in _IDENTIFYING)
 
 
 def report_file(folder: Path) -> Path:
