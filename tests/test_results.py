@@ -545,6 +545,28 @@ def test_a_paired_body_part_keeps_its_side_from_image_laterality(
         assert dciodvfy_problems(path) == [], path.name
 
 
+def test_a_result_set_written_over_a_larger_one_leaves_none_of_it(
+    tmp_path: Path,
+) -> None:
+    # `dicom-node score` into the same --out again, with fewer images explained:
+    # what the new report does not reference is not left to be sent with it.
+    datasets = sources("CT")
+    larger = build_results(
+        datasets, predict(datasets, top_k=2), 1, node=NODE, parametric_map=True
+    )
+    smaller = build_results(datasets, predict(datasets), 2, node=NODE)
+    kept = len(smaller.captures)
+    assert len(larger.captures) == len(larger.maps) > kept > 0
+    assert not smaller.maps
+    write_result_files(tmp_path, larger)
+    write_result_files(tmp_path, smaller)
+    names = [f"sc-{n}.{kind}" for n in range(1, kept + 1) for kind in ("dcm", "png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "sr.dcm"])
+    assert [
+        dcmread(tmp_path / f"sc-{n + 1}.dcm").SOPInstanceUID for n in range(kept)
+    ] == [sc.SOPInstanceUID for sc in smaller.captures]
+
+
 def test_the_caption_is_whole_on_a_small_image() -> None:
     grey = np.full((64, 48), 100, np.uint8)
     heat = np.zeros((64, 48), np.float32)

@@ -176,7 +176,8 @@ def write_result_files(
     Parameters
     ----------
     folder
-        Created if needed; files are replaced atomically and the folder synced.
+        Created if needed; files are replaced atomically, captures and maps of
+        an earlier set beyond this one's removed, and the folder synced.
     result
         The result set.
     png
@@ -189,13 +190,23 @@ def write_result_files(
     """
     folder.mkdir(parents=True, exist_ok=True)
     pngs = []
+    written = {folder / _SR}
     for i, sc in enumerate(result.captures):
+        written.add(folder / f"sc-{i + 1}.dcm")
         _save(sc, folder / f"sc-{i + 1}.dcm")
         if png:
             pngs.append(capture_png(sc, folder / f"sc-{i + 1}.png"))
+    written.update(pngs)
     for i, pm in enumerate(result.maps):
+        written.add(folder / f"pm-{i + 1}.dcm")
         _save(pm, folder / f"pm-{i + 1}.dcm")
     _save(result.sr, folder / _SR)
+    # A folder written before (`dicom-node score` into the same --out) may hold
+    # more captures or maps than this set: what the new report does not
+    # reference would be sent with it.
+    for pattern in ("sc-*.dcm", "sc-*.png", "pm-*.dcm"):
+        for stale in set(folder.glob(pattern)) - written:
+            stale.unlink(missing_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
