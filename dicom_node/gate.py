@@ -65,6 +65,11 @@ _MAX_TRANSFER_SYNTAXES = 5120
 # above with their abstract syntaxes, and a few hundred more (User Information:
 # role selections, extended negotiation...).
 _MAX_RQ_ITEMS = 6000
+# Refused connections logged (and audited) one by one: 5 a minute from each
+# source, at most this many a minute from all; the rest counted, and summarised
+# once a minute for this many sources with the most, the others in one line.
+_NOTED_A_MINUTE = 100
+_SUMMARISED_SOURCES = 10
 # A-ASSOCIATE-RJ, A-RELEASE-RQ/-RP and A-ABORT carry 4 bytes (PS3.8 9.3.4-9.3.8).
 _SMALL_PDU_MAX = 64
 
@@ -649,7 +654,7 @@ class ConnectionGate:
         self._wake_r.setblocking(False)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        self._limiter = RateLimiter(per_key=5, window=60.0)
+        self._limiter = RateLimiter(per_key=5, window=60.0, total=_NOTED_A_MINUTE)
         self._audit_queue: queue.Queue[Refusal] = queue.Queue(maxsize=1000)
         self._audit_dropped = 0
         self._audit_thread = threading.Thread(
@@ -1108,7 +1113,11 @@ class ConnectionGate:
             self._queue_audit(refusal)
 
     def _summarise(self) -> None:
-        for address, suppressed in self._limiter.drain():
+        drained = self._limiter.drain()
+        # The sources with the most, one line (and audit row) each; the rest
+        # in one: thousands of addresses would otherwise make thousands.
+        drained.sort(key=lambda item: -item[1])
+        for address, suppressed in drained[:_SUMMARISED_SOURCES]:
             logger.warning(
                 "%d more refused connections from %s in the last minute "
                 "(not logged one by one)",
@@ -1117,6 +1126,23 @@ class ConnectionGate:
             )
             self._queue_audit(
                 Refusal(address, 0, f"{suppressed} more refused in the last minute")
+            )
+        rest = drained[_SUMMARISED_SOURCES:]
+        if rest:
+            count = sum(suppressed for _, suppressed in rest)
+            logger.warning(
+                "%d more refused connections from %d other sources in the last "
+                "minute (not logged one by one)",
+                count,
+                len(rest),
+            )
+            self._queue_audit(
+                Refusal(
+                    "*",
+                    0,
+                    f"{count} more refused from {len(rest)} other sources "
+                    "in the last minute",
+                )
             )
         if self._audit_dropped:
             logger.warning(

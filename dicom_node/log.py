@@ -272,6 +272,11 @@ class RateLimiter:
         How many keys are tracked in a window before new ones count under
         :data:`OVERFLOW_KEY`; the suppressed counts awaiting :meth:`drain`
         are bounded the same way.
+    total
+        How many events of all keys together are allowed in each window
+        (None: ``per_key`` for each key); beyond it, every key's events are
+        counted as suppressed. Many peers each within ``per_key`` (a host
+        for each of thousands of addresses) are then bounded too.
     clock
         Returns the time in seconds; :func:`time.monotonic` unless a test
         injects its own.
@@ -279,10 +284,10 @@ class RateLimiter:
     Raises
     ------
     TypeError
-        If ``per_key`` or ``max_keys`` is not an int.
+        If ``per_key``, ``max_keys`` or ``total`` is not an int.
     ValueError
-        If ``per_key`` or ``max_keys`` is below 1, or ``window`` is not
-        positive.
+        If ``per_key``, ``max_keys`` or ``total`` is below 1, or ``window``
+        is not positive.
     """
 
     def __init__(
@@ -291,8 +296,12 @@ class RateLimiter:
         window: float = 60.0,
         max_keys: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        total: int | None = None,
     ) -> None:
-        for name, value in (("per_key", per_key), ("max_keys", max_keys)):
+        checked = [("per_key", per_key), ("max_keys", max_keys)]
+        if total is not None:
+            checked.append(("total", total))
+        for name, value in checked:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, not {type(value).__name__}")
             if value < 1:
@@ -302,10 +311,13 @@ class RateLimiter:
         self.per_key = per_key
         self.window = float(window)
         self.max_keys = max_keys
+        self.total = total
         self._clock = clock
         self._lock = threading.Lock()
         self._start = clock()
         self._counts: dict[str, int] = {}
+        self._allowed = 0  # events allowed in this window, all keys
+        self._denied: dict[str, int] = {}  # keys of _counts only: bounded
         self._suppressed: dict[str, int] = {}
 
     def allow(self, key: str) -> bool:
@@ -320,7 +332,8 @@ class RateLimiter:
         -------
         bool
             True for the first ``per_key`` events of the key in the current
-            window, False after.
+            window while fewer than ``total`` events have been allowed in it,
+            False after.
         """
         with self._lock:
             self._roll(self._clock())
@@ -328,7 +341,13 @@ class RateLimiter:
                 key = OVERFLOW_KEY
             count = self._counts.get(key, 0) + 1
             self._counts[key] = count
-            return count <= self.per_key
+            if count <= self.per_key and (
+                self.total is None or self._allowed < self.total
+            ):
+                self._allowed += 1
+                return True
+            self._denied[key] = self._denied.get(key, 0) + 1
+            return False
 
     def drain(self) -> list[tuple[str, int]]:
         """Return and forget the counts suppressed in finished windows.
@@ -354,17 +373,13 @@ class RateLimiter:
     def _roll(self, now: float) -> None:
         if now - self._start < self.window:
             return
-        for key, count in self._counts.items():
-            if count > self.per_key:
-                if (
-                    key not in self._suppressed
-                    and len(self._suppressed) >= self.max_keys
-                ):
-                    key = OVERFLOW_KEY
-                self._suppressed[key] = (
-                    self._suppressed.get(key, 0) + count - self.per_key
-                )
+        for key, denied in self._denied.items():
+            if key not in self._suppressed and len(self._suppressed) >= self.max_keys:
+                key = OVERFLOW_KEY
+            self._suppressed[key] = self._suppressed.get(key, 0) + denied
         self._counts.clear()
+        self._denied.clear()
+        self._allowed = 0
         self._start = now
 
 

@@ -1362,6 +1362,37 @@ def test_a_junk_flood_is_logged_a_bounded_number_of_times(
     assert echo(node.port) == SUCCESS
 
 
+def test_refusals_from_many_sources_are_logged_a_bounded_number_of_times(
+    start_node: StartNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each source within its own allowance (5 a minute), but thousands of
+    # them (an IPv6 /48 holds 65,536 /64s): 60,000 refusals once made 52,000
+    # log lines in 50 s. At most 100 a minute are logged from all sources.
+    node = start_node()
+    caplog.set_level(logging.WARNING, logger="dicom_node")
+    caplog.clear()
+    refused = 0
+    for n in range(160):
+        source = f"127.0.{1 + n // 200}.{1 + n % 200}"
+        sock = connect(node.port, source=source)
+        try:
+            sock.sendall(associate_rq(calling="NOBODY"))
+            reply, closed = recv_until_closed(sock, 2.0)
+            assert closed
+            assert reply[:1] == b"\x03", reply[:16].hex()  # A-ASSOCIATE-RJ
+            refused += 1
+        finally:
+            close_quietly(sock)
+
+    assert refused == 160
+    wait_until(
+        lambda: "refused (calling AE 'NOBODY'" in caplog.text, 5, "the refusals logged"
+    )
+    lines = [r for r in caplog.records if "refused (calling AE" in r.getMessage()]
+    assert len(lines) == 100, len(lines)
+    assert echo(node.port) == SUCCESS
+
+
 def item_offsets(rq: bytes) -> list[int]:
     """Return where each item and sub-item header of an A-ASSOCIATE-RQ starts."""
     offsets: list[int] = []

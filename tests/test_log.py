@@ -383,6 +383,18 @@ def test_rate_limiter_drains_once_per_finished_window() -> None:
     assert limiter.allow("10.0.0.9")  # a new window, a new allowance
 
 
+def test_rate_limiter_bounds_all_keys_together_with_total() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_key=5, window=60.0, total=100, clock=clock)
+
+    allowed = [limiter.allow(f"10.0.0.{n % 50}") for n in range(150)]  # 3 each
+
+    assert allowed == [True] * 100 + [False] * 50
+    clock.now += 60
+    assert dict(limiter.drain()) == {f"10.0.0.{n}": 1 for n in range(50)}
+    assert limiter.allow("10.0.0.1")  # a new window, a new allowance
+
+
 def test_rate_limiter_memory_is_bounded() -> None:
     clock = FakeClock()
     limiter = RateLimiter(per_key=1, window=60.0, max_keys=100, clock=clock)
