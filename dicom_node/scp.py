@@ -835,40 +835,33 @@ def _store_received(
 
     ref = uid_ref(key.sop_instance_uid)
     started = time.perf_counter()
-    # Write first, then index in one transaction that also detects conflicts: a
-    # look-up before the write would cost a second transaction per instance.
-    existed = ctx.storage.path_of(key).is_file()
     try:
         # Not started yet (the pool is busy flushing): hashed here instead.
         digest = sha256_from(path, data_start) if hashed.cancel() else hashed.result()
-        stored = ctx.storage.adopt(key, path, flushed)
-    except (StorageError, OSError) as exc:
+    except OSError as exc:
         return OUT_OF_RESOURCES, f"storage write failed ({exc})", None
+    record = InstanceRecordRequest(
+        study_instance_uid=key.study_instance_uid,
+        series_instance_uid=key.series_instance_uid,
+        sop_instance_uid=key.sop_instance_uid,
+        sop_class_uid=str(sop_class_uid),
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        modality=str(modality)[:16] if modality else None,
+        path=key.relative_path,
+        size=file_size,
+        sha256=digest,
+        association_id=association_id,
+    )
     try:
-        outcome = ctx.index.record_instance(
-            InstanceRecordRequest(
-                study_instance_uid=key.study_instance_uid,
-                series_instance_uid=key.series_instance_uid,
-                sop_instance_uid=key.sop_instance_uid,
-                sop_class_uid=str(sop_class_uid),
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                modality=str(modality)[:16] if modality else None,
-                path=key.relative_path,
-                size=file_size,
-                sha256=digest,
-                association_id=association_id,
-            )
-        )
-    except SQLAlchemyError as exc:
-        _discard(ctx, key, existed, ref)
-        return OUT_OF_RESOURCES, f"index write failed ({type(exc).__name__})", None
-    if outcome is RecordOutcome.CONFLICT:
-        _discard(ctx, key, existed, ref)
-        return (
-            CONFLICTING_INSTANCE,
-            "SOP Instance or Series UID already filed under another study/series",
-            None,
-        )
+        # Placed and indexed as one step: two copies of the instance arriving
+        # at once must not leave one's file under the other's hash.
+        with ctx.storage.instance_lock(key):
+            placed = _place_and_index(ctx, key, path, flushed, record, ref)
+    except StorageError as exc:  # the lock (placing answers for itself)
+        return OUT_OF_RESOURCES, f"storage write failed ({exc})", None
+    if isinstance(placed, tuple):
+        return placed
+    stored, outcome = placed.path, placed.outcome
     metrics.received(file_size)
     logger.debug(
         "instance %s stored (%s) in %.1f ms",
@@ -879,6 +872,48 @@ def _store_received(
     calling = _calling_ae_title(event.assoc)
     arrival = Arrival(key.study_instance_uid, stored, str(sop_class_uid), calling)
     return SUCCESS, "", arrival
+
+
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    """A received copy in its place in storage, and what indexing it did."""
+
+    path: Path
+    outcome: RecordOutcome
+
+
+def _place_and_index(
+    ctx: StoreContext,
+    key: InstanceKey,
+    path: Path,
+    flushed: Future[None],
+    record: InstanceRecordRequest,
+    ref: str,
+) -> _Placed | tuple[int, str, None]:
+    """Move a received copy into storage and index it; or the refusal.
+
+    Call with the instance's lock held. Written first, then indexed in one
+    transaction that also detects conflicts (a look-up before the write would
+    cost a second transaction per instance).
+    """
+    existed = ctx.storage.path_of(key).is_file()
+    try:
+        stored = ctx.storage.adopt(key, path, flushed)
+    except (StorageError, OSError) as exc:
+        return OUT_OF_RESOURCES, f"storage write failed ({exc})", None
+    try:
+        outcome = ctx.index.record_instance(record)
+    except SQLAlchemyError as exc:
+        _discard(ctx, key, existed, ref)
+        return OUT_OF_RESOURCES, f"index write failed ({type(exc).__name__})", None
+    if outcome is RecordOutcome.CONFLICT:
+        _discard(ctx, key, existed, ref)
+        return (
+            CONFLICTING_INSTANCE,
+            "SOP Instance or Series UID already filed under another study/series",
+            None,
+        )
+    return _Placed(stored, outcome)
 
 
 def _data_set_offset(path: Path) -> int:

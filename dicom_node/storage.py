@@ -11,8 +11,10 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +135,10 @@ def value_vr(raw: RawDataElement) -> str:
 _UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 _UID_MAX_LENGTH = 64
 _CHUNK = 1 << 20  # bytes read at a time when hashing
+# Locks instances share while a copy is placed and indexed (Storage.instance_lock),
+# and the file in .incoming whose bytes lock them across processes.
+_INSTANCE_STRIPES = 64
+_INSTANCE_LOCKS = "instance-locks"
 
 
 def validate_uid(value: object, name: str) -> str:
@@ -222,6 +228,8 @@ class Storage:
         self._ensure_dir(self.incoming)
         self._spool: Path | None = None
         self._spool_lock: int | None = None
+        self._stripes = [threading.Lock() for _ in range(_INSTANCE_STRIPES)]
+        self._stripes_fd: int | None = None
         # Threads start on first use; fsyncs and hashes waiting for one are
         # done by their caller itself, so a busy pool never holds an answer back.
         self._flusher = ThreadPoolExecutor(4, thread_name_prefix="fsync")
@@ -237,9 +245,50 @@ class Storage:
             self._spool, self._spool_lock = folder, fd
         return self._spool
 
+    @contextlib.contextmanager
+    def instance_lock(self, key: InstanceKey) -> Iterator[None]:
+        """Hold one instance against every other writer of it, in any process.
+
+        Placing a received copy and indexing it (its hash) is one step: two
+        copies of one instance arriving at once on two associations must not
+        leave one's file under the other's index row. Instances share 64 locks
+        (a thread lock each, and a byte of ``.incoming/instance-locks`` locked
+        with ``fcntl`` for the other processes of the node).
+
+        Parameters
+        ----------
+        key
+            The instance's validated UIDs.
+
+        Raises
+        ------
+        StorageError
+            If the lock file cannot be opened or locked.
+        """
+        stripe = zlib.crc32(key.sop_instance_uid.encode()) % _INSTANCE_STRIPES
+        with self._stripes[stripe]:
+            try:
+                if self._stripes_fd is None:
+                    self._stripes_fd = os.open(
+                        self.incoming / _INSTANCE_LOCKS,
+                        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                        0o640,
+                    )
+                fd = self._stripes_fd
+                fcntl.lockf(fd, fcntl.LOCK_EX, 1, stripe)
+            except OSError as exc:
+                raise StorageError(_os_error_name(exc)) from exc
+            try:
+                yield
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, stripe)
+
     def close(self) -> None:
         """Remove this process's spool folder and release its lock."""
         self._flusher.shutdown(wait=True)
+        if self._stripes_fd is not None:
+            os.close(self._stripes_fd)
+            self._stripes_fd = None
         if self._spool is None or self._spool_lock is None:
             return
         shutil.rmtree(self._spool, ignore_errors=True)
@@ -251,7 +300,8 @@ class Storage:
 
         A spool folder whose lock nobody holds belonged to a process that has
         ended (a crash, a kill -9): it goes whole. Loose files (from earlier
-        versions, which wrote no spool folders) go too.
+        versions, which wrote no spool folders) go too, but for the instance
+        locks' file (:meth:`instance_lock`).
 
         Returns
         -------
@@ -262,7 +312,7 @@ class Storage:
         for entry in os.scandir(self.incoming):
             if entry.is_dir(follow_symlinks=False):
                 removed += self._sweep_spool(Path(entry.path))
-            else:
+            elif entry.name != _INSTANCE_LOCKS:  # in use by every process
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed += 1

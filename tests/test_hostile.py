@@ -99,7 +99,12 @@ def timed_echo(port: int) -> tuple[int | None, float]:
 def spool_contents(node: Node) -> list[str]:
     """Return the names of everything in the node's spool folders."""
     incoming = node.config.storage_dir / Storage.INCOMING
-    return sorted(p.name for folder in incoming.iterdir() for p in folder.iterdir())
+    return sorted(
+        p.name
+        for folder in incoming.iterdir()
+        if folder.is_dir()
+        for p in folder.iterdir()
+    )
 
 
 def is_abort_or_nothing(reply: bytes) -> bool:
