@@ -28,7 +28,7 @@ from dicom_node.results import NOT_FOR_DIAGNOSIS, NodeIdentity, ResultSet
 from dicom_node.results.build import build_results
 from dicom_node.results.builder import BuildRequest, ResultBuilder
 from dicom_node.results.naming import yes_or_no
-from dicom_node.results.render import overlay
+from dicom_node.results.render import overlay, pixel_aspect
 from dicom_node.results.sr import POINT_MEANING
 from dicom_node.results.store import identifying_capture, write_result_files
 from dicom_node.score import sr_text
@@ -565,6 +565,49 @@ def test_a_result_set_written_over_a_larger_one_leaves_none_of_it(
     assert [
         dcmread(tmp_path / f"sc-{n + 1}.dcm").SOPInstanceUID for n in range(kept)
     ] == [sc.SOPInstanceUID for sc in smaller.captures]
+
+
+def test_a_capture_shows_non_square_pixels_in_their_proportions() -> None:
+    # A disk 24 mm across on pixels 1.5 mm high and 0.5 mm wide is 16 pixels
+    # high and 48 wide: drawn as stored, a flat ellipse (an ultrasound of
+    # Pixel Aspect Ratio 4:3 looked squashed). The capture's pixels are square.
+    ds = make_ct(rows=32, columns=96)
+    ds.PixelSpacing = [1.5, 0.5]
+    assert pixel_aspect(ds) == 3.0
+    yy, xx = np.mgrid[0:32, 0:96]
+    disk = ((yy - 16) * 1.5) ** 2 + ((xx - 48) * 0.5) ** 2 <= 12**2
+    image = np.where(disk, 250, 20).astype(np.uint8)
+    picture = overlay(image, np.zeros((32, 96), np.float32), ["caption"], aspect=3.0)
+    red, green, blue = (picture[..., c].astype(int) for c in range(3))
+    grey = (red == green) & (green == blue)
+    # The image (grey): left of the coloured scale, above the yellow caption.
+    scale_starts = int(np.nonzero(~grey[0])[0].min())
+    caption_starts = int(np.nonzero(~grey[:, :scale_starts].all(axis=1))[0].min())
+    image_part = (grey & (red > 200))[:caption_starts, :scale_starts]
+    rows, columns = np.nonzero(image_part)
+    height = rows.max() - rows.min() + 1
+    width = columns.max() - columns.min() + 1
+    assert abs(height / width - 1) < 0.1, (height, width)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "aspect"),
+    [
+        ("PixelAspectRatio", [4, 3], 4 / 3),
+        ("ImagerPixelSpacing", [0.2, 0.4], 0.5),
+        ("PixelSpacing", [0.7, 0.7], 1.0),
+        ("PixelSpacing", [0.0, 0.7], 1.0),  # not believed: 1
+        ("PixelSpacing", [70, 0.7], 1.0),  # 100:1
+        ("PixelAspectRatio", [1], 1.0),  # one value
+    ],
+)
+def test_a_pixels_aspect_is_read_from_the_source_and_believed_within_reason(
+    keyword: str, value: list[float], aspect: float
+) -> None:
+    ds = make_ct(rows=8, columns=8)
+    del ds.PixelSpacing
+    setattr(ds, keyword, value)
+    assert pixel_aspect(ds) == pytest.approx(aspect)
 
 
 def test_the_caption_is_whole_on_a_small_image() -> None:

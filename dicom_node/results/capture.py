@@ -19,7 +19,7 @@ from dicom_node.results.naming import (
     series_number,
     yes_or_no,
 )
-from dicom_node.results.render import overlay
+from dicom_node.results.render import overlay, pixel_aspect
 from inference import Explanation, StudyPrediction, render
 
 __all__ = ["build_capture", "copy_body_part", "lossy_history"]
@@ -79,6 +79,7 @@ def build_capture(
         explanation.heatmap,
         caption,
         positive=label.positive,
+        aspect=pixel_aspect(source),
     )
     syntax = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
     orientation = _orientation(source)

@@ -18,12 +18,15 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
 
-__all__ = ["overlay"]
+__all__ = ["overlay", "pixel_aspect"]
 
 # Pictures narrower than this are enlarged (nearest neighbour, whole factors)
 # so that the caption is legible beside them.
 _MIN_COLUMNS = 384
+# A picture resampled to square pixels grows no side past this (it shrinks instead).
+_MAX_SIDE = 4096
 _MIN_FONT = 9
 _CAPTION_COLOUR = {True: (255, 255, 0), False: (255, 255, 255)}
 
@@ -110,6 +113,7 @@ def overlay(
     caption: Sequence[str],
     *,
     positive: bool = True,
+    aspect: float = 1.0,
 ) -> npt.NDArray[np.uint8]:
     """Blend a heatmap over a rendered image, add its scale and a caption band.
 
@@ -124,12 +128,17 @@ def overlay(
     positive
         Whether the heatmap explains a finding the model called present (jet
         colours) or absent (one cold hue).
+    aspect
+        The height of a source pixel over its width (:func:`pixel_aspect`):
+        other than 1, the picture is resampled to square pixels, so that it
+        shows the body in its proportions (a viewer draws the capture's
+        pixels square).
 
     Returns
     -------
     numpy.ndarray
-        uint8 RGB: the picture, enlarged when it is small, with the scale to
-        its right and the caption below.
+        uint8 RGB: the picture, in square pixels and enlarged when it is
+        small, with the scale to its right and the caption below.
 
     Raises
     ------
@@ -147,6 +156,8 @@ def overlay(
         value = image if image.ndim == 2 else image[..., channel]
         index = (value.astype(np.uint16) << 8) | level  # always within the table
         np.take(table, index, out=blended[..., channel], mode="clip")
+    if aspect != 1.0:
+        blended = _square_pixels(blended, aspect)
     factor = max(1, math.ceil(_MIN_COLUMNS / max(1, blended.shape[1])))
     if factor > 1:
         blended = blended.repeat(factor, axis=0).repeat(factor, axis=1)
@@ -156,6 +167,63 @@ def overlay(
     picture = np.concatenate([blended, scale], axis=1)
     band = _caption(caption, picture.shape[1], size, positive)
     return np.concatenate([picture, band], axis=0)
+
+
+def pixel_aspect(ds: Dataset) -> float:
+    """Return the height of an image's pixel over its width; 1 when unknown.
+
+    From Pixel Aspect Ratio (vertical, horizontal), else Pixel Spacing or
+    Imager Pixel Spacing (row spacing, column spacing: PS3.3 10.7.1.3). A
+    ratio beyond 1:4 either way, or a value that is not two positive numbers,
+    is not believed (1).
+
+    Parameters
+    ----------
+    ds
+        The source data set.
+
+    Returns
+    -------
+    float
+        The ratio, 1/4 to 4.
+    """
+    for keyword in ("PixelAspectRatio", "PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        try:
+            height, width = (float(v) for v in value)
+        except (TypeError, ValueError):
+            return 1.0  # not two numbers
+        if not (math.isfinite(height) and math.isfinite(width)):
+            return 1.0
+        if height > 0 and width > 0 and 0.25 <= height / width <= 4:
+            return height / width
+        return 1.0
+    return 1.0
+
+
+def _square_pixels(
+    picture: npt.NDArray[np.uint8], aspect: float
+) -> npt.NDArray[np.uint8]:
+    """Resample a picture of pixels ``aspect`` times as high as wide to square ones.
+
+    The short side of a pixel is kept (the picture grows) unless that would
+    take a side past :data:`_MAX_SIDE`; then the long side is (it shrinks).
+    """
+    rows, columns = picture.shape[:2]
+    if aspect > 1:
+        size = (columns, round(rows * aspect))
+        if size[1] > _MAX_SIDE:
+            size = (max(1, round(columns / aspect)), rows)
+    else:
+        size = (round(columns / aspect), rows)
+        if size[0] > _MAX_SIDE:
+            size = (columns, max(1, round(rows * aspect)))
+    if size == (columns, rows):
+        return picture
+    resized = Image.fromarray(picture).resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(resized, np.uint8)
 
 
 @functools.cache
