@@ -16,8 +16,10 @@ Only GET. With ``token_file``, every request but ``/healthz`` needs
 ``Authorization: Bearer <token>``. Without one, a request whose Host names
 a domain other than localhost or the configured ``host`` gets 421 (a page in
 the operator's browser cannot read the node's pages by DNS rebinding).
-Connections are served by at most :data:`MAX_CLIENTS` threads, each read with
-a timeout and the whole exchange within a deadline; more are closed at once.
+Connections are served by at most :data:`MAX_CLIENTS` threads, at most
+:data:`MAX_PER_HOST` for one source, each read with a timeout and the whole
+exchange within a deadline; when all are taken, the connection that has waited
+longest without sending its request is closed for a new one.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node import metrics
 from dicom_node.config import NodeConfig, read_token
+from dicom_node.gate import source_host
 from dicom_node.index import (
     Delivery,
     DeliveryState,
@@ -71,8 +74,10 @@ __all__ = ["MAX_CLIENTS", "Probes", "WebServer"]
 logger = logging.getLogger(__name__)
 
 MAX_CLIENTS = 16  # connections served at once
+MAX_PER_HOST = 8  # of them from one source address (IPv6: its /64; a browser opens 6)
 _TIMEOUT = 5.0  # seconds a client has for each read of its request
 _DEADLINE = 15.0  # seconds for a whole request and its answer
+_GIVE_WAY = 1.0  # seconds a new connection waits for a cut one's slot
 _THUMBNAIL = 192  # pixels, the longer side
 _RECENT = 30  # studies on the status page
 _REFRESH = 10  # seconds between the page's reloads
@@ -112,20 +117,39 @@ class _Server(ThreadingHTTPServer):
         self.host_name = address[0].lower().rstrip(".")  # accepted as Host
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self._deadlines: dict[Any, float] = {}
+        # Connections whose request has not been read yet, since when.
+        self._unread: dict[Any, float] = {}
+        self._hosts: dict[str, int] = {}
         self._deadlines_lock = threading.Lock()
         self.stopped = threading.Event()
         super().__init__(address, _Handler)
         threading.Thread(target=self._watch, name="http-deadlines", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        # A thread per connection, but never more than MAX_CLIENTS of them.
+        # A thread per connection, but never more than MAX_CLIENTS of them, nor
+        # MAX_PER_HOST from one source. When all are taken, the connection
+        # that has waited longest without sending its request gives way: a
+        # few silent connections would otherwise keep /healthz from a probe.
+        host = source_host(str(client_address[0]))
+        with self._deadlines_lock:
+            if self._hosts.get(host, 0) >= MAX_PER_HOST:
+                self.shutdown_request(request)
+                return
+            self._hosts[host] = self._hosts.get(host, 0) + 1
         if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+            with self._deadlines_lock:
+                oldest = min(self._unread, key=self._unread.__getitem__, default=None)
+            if oldest is not None:
+                _cut(oldest)
+            if oldest is None or not self.slots.acquire(timeout=_GIVE_WAY):
+                self._leave(host)
+                self.shutdown_request(request)
+                return
         try:
             super().process_request(request, client_address)
         except BaseException:
             self.slots.release()
+            self._leave(host)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -133,13 +157,30 @@ class _Server(ThreadingHTTPServer):
         # client sends (a byte every few seconds would meet every read's
         # timeout): one watchdog thread cuts what is past its deadline.
         with self._deadlines_lock:
-            self._deadlines[request] = time.monotonic() + _DEADLINE
+            now = time.monotonic()
+            self._deadlines[request] = now + _DEADLINE
+            self._unread[request] = now
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._deadlines_lock:
                 self._deadlines.pop(request, None)
+                self._unread.pop(request, None)
             self.slots.release()
+            self._leave(source_host(str(client_address[0])))
+
+    def request_read(self, request: Any) -> None:
+        """Note that a connection has sent its request (it no longer gives way)."""
+        with self._deadlines_lock:
+            self._unread.pop(request, None)
+
+    def _leave(self, host: str) -> None:
+        with self._deadlines_lock:
+            left = self._hosts.get(host, 0) - 1
+            if left > 0:
+                self._hosts[host] = left
+            else:
+                self._hosts.pop(host, None)
 
     def _watch(self) -> None:
         while not self.stopped.wait(1.0):
@@ -163,6 +204,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("http %s", format % args)
+
+    def parse_request(self) -> bool:
+        """Read the request's headers; then the connection is served, not cut."""
+        parsed = super().parse_request()
+        self.server.request_read(self.request)
+        return parsed
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]

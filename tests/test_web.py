@@ -27,6 +27,7 @@ from pynetdicom import AE
 from dicom_node.config import HttpConfig, NodeConfig
 from dicom_node.errors import DicomNodeError
 from dicom_node.log import uid_ref
+from dicom_node.web import MAX_CLIENTS, MAX_PER_HOST
 from tests.helpers import (
     Destination,
     ct_study,
@@ -366,6 +367,39 @@ def test_a_capture_that_identifies_the_patient_is_shown_only_with_show_patient(
     except urllib.error.HTTPError as exc:
         answer = (exc.code, "")
     assert answer == ((200, "image/png") if show_patient else (404, ""))
+
+
+def test_silent_connections_give_way_to_a_request(
+    served: Callable[..., tuple[NodeConfig, int, int]],
+) -> None:
+    # Sixteen connections that never send their request held every slot, and
+    # /healthz went unanswered for the whole deadline: a liveness probe failing
+    # so gets the node restarted by its orchestrator.
+    _, _, web = served()
+    silent: list[socket.socket] = []
+    try:
+        for n in range(MAX_CLIENTS):  # one source each: within every per-host limit
+            sock = socket.socket()
+            sock.bind((f"127.0.3.{n + 1}", 0))
+            sock.connect(("127.0.0.1", web))
+            silent.append(sock)
+        time.sleep(0.5)  # each taken up by a thread, waiting for its request
+        started = time.monotonic()
+        assert get(web, "/healthz")[0] == 200
+        assert time.monotonic() - started < 3
+        # One source holds at most MAX_PER_HOST: the next is closed at once.
+        same: list[socket.socket] = []
+        for _ in range(MAX_PER_HOST + 1):
+            sock = socket.socket()
+            sock.bind(("127.0.4.1", 0))
+            sock.connect(("127.0.0.1", web))
+            same.append(sock)
+        silent += same
+        same[-1].settimeout(3)
+        assert same[-1].recv(1) == b""
+    finally:
+        for sock in silent:
+            sock.close()
 
 
 def test_a_slow_sender_is_cut_off(
