@@ -133,12 +133,13 @@ _IN_MEMORY_MAX = 1024 * 1024
 _REFUSALS_NOTED = 5
 _C_STORE_RQ = 0x0001  # PS3.7 E.1-1 Command Field
 _C_ECHO_RQ = 0x0030
-# Fragments (PDVs) one message may come in: a few, then one for each KiB it
-# carries. A sender's fragments are as large as its PDUs (4 KiB at the least
-# in practice) but for the last; each costs a decode and a write, so a message
-# of empty or 1-byte fragments would cost a core and never reach a byte limit.
+# Fragments (PDVs) one message may come in: a few, then one for each 512 bytes
+# it carries. A sender's fragments are as large as its PDUs (4 KiB at the least
+# in dcmtk; 1 KiB ones still pass) but for the last; each costs a decode and a
+# write, so a message of empty or 1-byte fragments would cost a core and never
+# reach a byte limit.
 _FRAGMENTS_FREE = 16
-_BYTES_PER_FRAGMENT = 1024
+_BYTES_PER_FRAGMENT = 512
 # The Command Field values of PS3.7 (9.3 and 10.3): requests and responses of
 # the C- and N- services, and C-CANCEL-RQ. The node serves C-ECHO and C-STORE
 # requests only; any other is refused before pynetdicom reads it (a C-CANCEL
@@ -509,7 +510,7 @@ def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
         elif receipt.fragments > _FRAGMENTS_FREE + (
             len(receipt.command) + receipt.data_bytes
         ) // (_BYTES_PER_FRAGMENT):
-            problem = "message in more fragments than one a KiB"
+            problem = "message in more fragments than one for each 512 bytes"
         elif value[0] & 0x01:  # a command fragment (PS3.8 E.2)
             receipt.command += value[1:]
             if receipt.spooled is not None:
