@@ -610,6 +610,21 @@ def test_a_pixels_aspect_is_read_from_the_source_and_believed_within_reason(
     assert pixel_aspect(ds) == pytest.approx(aspect)
 
 
+def test_the_scale_of_a_one_row_image_has_its_three_labels_apart() -> None:
+    # A 1 x 128 image was drawn 3 pixels high, its scale's labels on each other.
+    picture = overlay(
+        np.full((1, 128), 200, np.uint8), np.ones((1, 128), np.float32), ["caption"]
+    )
+    red, green, blue = (picture[..., c].astype(int) for c in range(3))
+    white = (red > 200) & (green > 200) & (blue > 200)
+    yellow = (red > 200) & (green > 200) & (blue < 50)
+    # The image enlarged to 384 columns; the scale right of it, the caption below.
+    caption_starts = int(np.nonzero(yellow[:, :384].any(axis=1))[0].min())
+    scale_labels = white[:caption_starts, 384:].any(axis=1)
+    starts = np.flatnonzero(scale_labels[1:] & ~scale_labels[:-1]) + 1
+    assert len(starts) + int(scale_labels[0]) == 3  # "100 %", "50 %", "0 %"
+
+
 def test_the_caption_is_whole_on_a_small_image() -> None:
     grey = np.full((64, 48), 100, np.uint8)
     heat = np.zeros((64, 48), np.float32)

@@ -28,6 +28,8 @@ _MIN_COLUMNS = 384
 # A picture resampled to square pixels grows no side past this (it shrinks instead).
 _MAX_SIDE = 4096
 _MIN_FONT = 9
+# Pictures lower than this are given black rows below, for the scale's three labels.
+_MIN_ROWS = 64
 _CAPTION_COLOUR = {True: (255, 255, 0), False: (255, 255, 255)}
 
 
@@ -161,6 +163,9 @@ def overlay(
     factor = max(1, math.ceil(_MIN_COLUMNS / max(1, blended.shape[1])))
     if factor > 1:
         blended = blended.repeat(factor, axis=0).repeat(factor, axis=1)
+    if blended.shape[0] < _MIN_ROWS:  # a strip (1 x N): room for the scale's labels
+        below = np.zeros((_MIN_ROWS - blended.shape[0], *blended.shape[1:]), np.uint8)
+        blended = np.concatenate([blended, below], axis=0)
     rows, columns = blended.shape[:2]
     size = max(_MIN_FONT, min(rows, columns) // 32)
     scale = _scale(rows, size, positive)
