@@ -620,9 +620,13 @@ def test_the_scale_of_a_one_row_image_has_its_three_labels_apart() -> None:
     yellow = (red > 200) & (green > 200) & (blue < 50)
     # The image enlarged to 384 columns; the scale right of it, the caption below.
     caption_starts = int(np.nonzero(yellow[:, :384].any(axis=1))[0].min())
-    scale_labels = white[:caption_starts, 384:].any(axis=1)
-    starts = np.flatnonzero(scale_labels[1:] & ~scale_labels[:-1]) + 1
-    assert len(starts) + int(scale_labels[0]) == 3  # "100 %", "50 %", "0 %"
+    scale_labels = [bool(v) for v in white[:caption_starts, 384:].any(axis=1)]
+    starts = [
+        n
+        for n, v in enumerate(scale_labels)
+        if v and (n == 0 or not scale_labels[n - 1])
+    ]
+    assert len(starts) == 3  # "100 %", "50 %", "0 %", apart
 
 
 def test_the_caption_is_whole_on_a_small_image() -> None:
