@@ -616,8 +616,8 @@ def test_the_scale_of_a_one_row_image_has_its_three_labels_apart() -> None:
         np.full((1, 128), 200, np.uint8), np.ones((1, 128), np.float32), ["caption"]
     )
     red, green, blue = (picture[..., c].astype(int) for c in range(3))
-    white = (red > 200) & (green > 200) & (blue > 200)
-    yellow = (red > 200) & (green > 200) & (blue < 50)
+    white: npt.NDArray[np.bool_] = (red > 200) & (green > 200) & (blue > 200)
+    yellow: npt.NDArray[np.bool_] = (red > 200) & (green > 200) & (blue < 50)
     # The image enlarged to 384 columns; the scale right of it, the caption below.
     caption_starts = int(np.nonzero(yellow[:, :384].any(axis=1))[0].min())
     scale_labels = [bool(v) for v in white[:caption_starts, 384:].any(axis=1)]
