@@ -620,7 +620,9 @@ def test_the_scale_of_a_one_row_image_has_its_three_labels_apart() -> None:
     yellow: npt.NDArray[np.bool_] = (red > 200) & (green > 200) & (blue < 50)
     # The image enlarged to 384 columns; the scale right of it, the caption below.
     caption_starts = int(np.nonzero(yellow[:, :384].any(axis=1))[0].min())
-    scale_labels = [bool(v) for v in white[:caption_starts, 384:].any(axis=1).tolist()]
+    scale_labels: list[bool] = np.asarray(
+        white[:caption_starts, 384:].any(axis=1)
+    ).tolist()
     starts = [
         n
         for n, v in enumerate(scale_labels)
