@@ -11,6 +11,7 @@ import re
 import secrets
 import shutil
 import stat
+import struct
 import threading
 import time
 import zlib
@@ -139,6 +140,7 @@ _CHUNK = 1 << 20  # bytes read at a time when hashing
 # and the file in .incoming whose bytes lock them across processes.
 _INSTANCE_STRIPES = 64
 _INSTANCE_LOCKS = "instance-locks"
+_CLOSE_WAIT = 5.0  # seconds close() waits for each instance lock to be free
 
 
 def validate_uid(value: object, name: str) -> str:
@@ -230,6 +232,7 @@ class Storage:
         self._spool_lock: int | None = None
         self._stripes = [threading.Lock() for _ in range(_INSTANCE_STRIPES)]
         self._stripes_fd: int | None = None
+        self._stripes_opening = threading.Lock()
         # Threads start on first use; fsyncs and hashes waiting for one are
         # done by their caller itself, so a busy pool never holds an answer back.
         self._flusher = ThreadPoolExecutor(4, thread_name_prefix="fsync")
@@ -251,9 +254,12 @@ class Storage:
 
         Placing a received copy and indexing it (its hash) is one step: two
         copies of one instance arriving at once on two associations must not
-        leave one's file under the other's index row. Instances share 64 locks
-        (a thread lock each, and a byte of ``.incoming/instance-locks`` locked
-        with ``fcntl`` for the other processes of the node).
+        leave one's file under the other's index row. Instances share 64 locks:
+        a thread lock each, and a byte of ``.incoming/instance-locks`` for the
+        other processes of the node, locked as an open file description's
+        (``F_OFD_SETLKW``): a process-owned record lock would let the kernel
+        call two processes' threads, each holding one byte and waiting for
+        another, a deadlock (EDEADLK), and be dropped by any close of the file.
 
         Parameters
         ----------
@@ -268,27 +274,39 @@ class Storage:
         stripe = zlib.crc32(key.sop_instance_uid.encode()) % _INSTANCE_STRIPES
         with self._stripes[stripe]:
             try:
-                if self._stripes_fd is None:
-                    self._stripes_fd = os.open(
-                        self.incoming / _INSTANCE_LOCKS,
-                        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                        0o640,
-                    )
-                fd = self._stripes_fd
-                fcntl.lockf(fd, fcntl.LOCK_EX, 1, stripe)
+                fd = self._stripes_file()
+                _lock_byte(fd, stripe, fcntl.F_WRLCK)
             except OSError as exc:
                 raise StorageError(_os_error_name(exc)) from exc
             try:
                 yield
             finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN, 1, stripe)
+                _lock_byte(fd, stripe, fcntl.F_UNLCK)
+
+    def _stripes_file(self) -> int:
+        with self._stripes_opening:
+            if self._stripes_fd is None:
+                self._stripes_fd = os.open(
+                    self.incoming / _INSTANCE_LOCKS,
+                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                    0o640,
+                )
+            return self._stripes_fd
 
     def close(self) -> None:
         """Remove this process's spool folder and release its lock."""
         self._flusher.shutdown(wait=True)
-        if self._stripes_fd is not None:
-            os.close(self._stripes_fd)
-            self._stripes_fd = None
+        # The instance locks' file is closed once no thread holds one (a thread
+        # still storing, past the wait, keeps it open until the process ends).
+        held = [lock for lock in self._stripes if lock.acquire(timeout=_CLOSE_WAIT)]
+        try:
+            with self._stripes_opening:
+                if len(held) == len(self._stripes) and self._stripes_fd is not None:
+                    os.close(self._stripes_fd)
+                    self._stripes_fd = None
+        finally:
+            for lock in held:
+                lock.release()
         if self._spool is None or self._spool_lock is None:
             return
         shutil.rmtree(self._spool, ignore_errors=True)
@@ -644,6 +662,15 @@ def sha256_from(path: Path, start: int) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _lock_byte(fd: int, offset: int, kind: int) -> None:
+    """Lock (F_WRLCK, waiting) or unlock (F_UNLCK) one byte of a file.
+
+    An open file description's lock (Linux 3.15+): ``struct flock`` with
+    l_type, l_whence, l_start, l_len and l_pid 0, native layout.
+    """
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack("hhqqi4x", kind, 0, offset, 1, 0))
 
 
 def _fsync_file(path: Path) -> None:

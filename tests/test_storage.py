@@ -171,3 +171,74 @@ def test_orphans_are_the_spooled_files_nothing_has_open(tmp_path: Path) -> None:
         os.utime(storage.spool / "arriving.dcm", (an_hour_ago, an_hour_ago))
         assert storage.sweep_orphans(stale_after=60) == 1
         assert not (storage.spool / "arriving.dcm").exists()
+
+
+# Two receiving processes, two threads each: one holds an instance's lock for a
+# while; the other, meanwhile, asks for the instance the other process holds.
+# Prints when each thread got its lock and what failed.
+CROSSED_LOCKS = """
+import sys, threading, time
+from pathlib import Path
+from dicom_node.storage import InstanceKey, Storage
+
+root, mine, theirs = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+start = float(sys.argv[4])
+storage = Storage(root)
+key = lambda uid: InstanceKey("1.2.3", "1.2.3.4", uid)
+said = []
+
+def hold():
+    time.sleep(max(0.0, start - time.time()))
+    with storage.instance_lock(key(mine)):
+        said.append(f"held {mine} {time.time():.3f}")
+        time.sleep(1.5)
+    said.append(f"released {mine} {time.time():.3f}")
+
+def wait():
+    time.sleep(max(0.0, start + 0.5 - time.time()))
+    try:
+        with storage.instance_lock(key(theirs)):
+            said.append(f"got {theirs} {time.time():.3f}")
+    except Exception as exc:
+        said.append(f"failed {type(exc).__name__} {exc}")
+
+threads = [threading.Thread(target=hold), threading.Thread(target=wait)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+storage.close()
+print("\\n".join(said))
+"""
+
+
+def test_instance_locks_hold_across_processes_without_a_false_deadlock(
+    tmp_path: Path,
+) -> None:
+    # Process-owned record locks made the kernel refuse the second waiter
+    # (EDEADLK): each process waits for the other, though no thread holds two.
+    root = tmp_path / "storage"
+    Storage(root).close()
+    first, second = "1.2.3.4.5.1", "1.2.3.4.5.2"
+    start = time.time() + 3  # both processes started and importing done
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CROSSED_LOCKS, str(root), mine, theirs, str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for mine, theirs in ((first, second), (second, first))
+    ]
+    said = {}
+    for child, mine in zip(children, (first, second), strict=True):
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        said[mine] = dict(line.rsplit(" ", 1) for line in out.splitlines())
+    for mine, theirs in ((first, second), (second, first)):
+        lines = said[mine]
+        assert f"got {theirs}" in lines, lines  # not "failed OSError ... deadlock"
+        # It got the other process's instance only once that process let it go.
+        assert float(lines[f"got {theirs}"]) >= float(
+            said[theirs][f"released {theirs}"]
+        )

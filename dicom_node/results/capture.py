@@ -229,22 +229,25 @@ def _stored_ratio(source: Dataset) -> float:
 
 
 def copy_body_part(ds: Dataset, source: Dataset) -> None:
-    """Copy Body Part Examined / Laterality so General Series' Type 2C holds.
+    """Copy Body Part Examined / (Image) Laterality so General Series' Type 2C holds.
 
-    A source that gives its side as Image Laterality only (mammography, DX of
-    a hand) lends it to the derived image's Laterality: the object shows that
-    one image, and a paired body part needs its side (PS3.3 C.7.3.1).
+    Laterality is the series' (all of a result set's captures share one
+    series, whatever images they show); Image Laterality is the image's, and
+    a paired body part needs one of them (PS3.3 C.7.3.1): a source that gives
+    its side per image only (mammography, a DX of a hand) lends it to the
+    derived image's Image Laterality (General Image, Type 3 here).
     """
-    for keyword in ("BodyPartExamined", "Laterality"):
+    for keyword in ("BodyPartExamined", "Laterality", "ImageLaterality"):
         value = source.get(keyword)
         if value:
             setattr(ds, keyword, value)
         elif keyword in ds:
             del ds[keyword]
-    side = str(source.get("ImageLaterality", "") or "").strip().upper()
-    if "Laterality" not in ds and side in ("L", "R"):
-        ds.Laterality = side
-    if "Laterality" not in ds and "BodyPartExamined" not in ds:
+    if (
+        "Laterality" not in ds
+        and "ImageLaterality" not in ds
+        and "BodyPartExamined" not in ds
+    ):
         # General Series: Laterality is Type 2C, required when the body part may
         # be a paired structure; unknown here, so present and empty.
         ds.Laterality = None
