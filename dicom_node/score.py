@@ -21,7 +21,11 @@ from dicom_node.identity import node_device_uid
 from dicom_node.log import describe_exception
 from dicom_node.results import NodeIdentity
 from dicom_node.results.build import build_results
-from dicom_node.results.store import capture_png, write_result_files
+from dicom_node.results.store import (
+    capture_png,
+    remove_result_files,
+    write_result_files,
+)
 from dicom_node.storage import validate_uid
 from inference import Classifier, InferenceError, ModelArtifact, StudyPrediction
 
@@ -244,6 +248,8 @@ def score_run(
             # the files (as a job's reason); any other error by type and place.
             own = isinstance(exc, DicomNodeError | InferenceError)
             failed.append((study, str(exc) if own else describe_exception(exc)))
+            # An earlier run's results of the study would read as this run's.
+            remove_result_files(out / study)
             continue
         summaries.append(_summary(study, len(datasets), prediction, folder, pngs))
     return ScoreRun(summaries, passed_over, match, not_accepted, failed)

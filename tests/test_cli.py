@@ -212,7 +212,12 @@ def test_score_goes_on_past_a_study_it_cannot_score(
     assert not (out / str(bad.StudyInstanceUID)).exists()
     assert str(bad.PatientName) not in done.stdout + done.stderr
 
-    # Every study failing: each is still named, with the node's own reason.
+    # Every study failing: each is still named, with the node's own reason,
+    # and what an earlier run wrote for it is not left to read as this run's.
+    earlier = out / str(bad.StudyInstanceUID)
+    earlier.mkdir()
+    for name in ("sr.dcm", "sc-1.dcm", "sc-1.png"):
+        (earlier / name).write_bytes(b"an earlier run's")
     alone = run_cli(
         "score", "--model", str(model), str(folder / "bad.dcm"), "--out", str(out)
     )
@@ -221,6 +226,7 @@ def test_score_goes_on_past_a_study_it_cannot_score(
         alone.stdout
     ), alone.stdout + alone.stderr
     assert str(bad.PatientName) not in alone.stdout + alone.stderr
+    assert list(earlier.iterdir()) == []
 
 
 def test_score_names_a_model_or_an_out_it_cannot_use(tmp_path: Path) -> None:

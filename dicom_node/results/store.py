@@ -27,6 +27,7 @@ __all__ = [
     "discard_folder",
     "identifying_capture",
     "publish_folder",
+    "remove_result_files",
     "report_file",
     "result_folder",
     "results_root",
@@ -204,15 +205,30 @@ def write_result_files(
     # A folder written before (`dicom-node score` into the same --out) may hold
     # more captures or maps than this set: what the new report does not
     # reference would be sent with it.
-    for pattern in ("sc-*.dcm", "sc-*.png", "pm-*.dcm"):
-        for stale in set(folder.glob(pattern)) - written:
-            stale.unlink(missing_ok=True)
+    remove_result_files(folder, keep=written)
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
     return pngs
+
+
+def remove_result_files(
+    folder: Path, keep: set[Path] | frozenset[Path] = frozenset()
+) -> None:
+    """Remove a folder's result files (report, captures, their PNGs, maps) but ``keep``.
+
+    Parameters
+    ----------
+    folder
+        A result set's folder (missing: nothing to do).
+    keep
+        Files to leave.
+    """
+    for pattern in (_SR, "sc-*.dcm", "sc-*.png", "pm-*.dcm"):
+        for path in set(folder.glob(pattern)) - keep:
+            path.unlink(missing_ok=True)
 
 
 def capture_png(sc: Dataset, target: Path) -> Path:
