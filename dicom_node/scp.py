@@ -132,7 +132,7 @@ _IN_MEMORY_MAX = 1024 * 1024
 # rest are counted in its last line.
 _REFUSALS_NOTED = 5
 _C_STORE_RQ = 0x0001  # PS3.7 E.1-1 Command Field
-_C_ECHO_RQ = 0x0030
+_C_ECHO_RQ = 0x0030  # PS3.7 E.1-1 Command Field
 # Fragments (PDVs) one message may come in: a few, then one for each 512 bytes
 # it carries. A sender's fragments are as large as its PDUs (4 KiB at the least
 # in dcmtk; 1 KiB ones still pass) but for the last; each costs a decode and a
@@ -510,7 +510,10 @@ def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
         elif receipt.fragments > _FRAGMENTS_FREE + (
             len(receipt.command) + receipt.data_bytes
         ) // (_BYTES_PER_FRAGMENT):
-            problem = "message in more fragments than one for each 512 bytes"
+            problem = (
+                "message in more fragments than one for each "
+                f"{_BYTES_PER_FRAGMENT} bytes"
+            )
         elif value[0] & 0x01:  # a command fragment (PS3.8 E.2)
             receipt.command += value[1:]
             if receipt.spooled is not None:

@@ -145,9 +145,13 @@ class _Server(ThreadingHTTPServer):
                 self._leave(host)
                 self.shutdown_request(request)
                 return
+        with self._deadlines_lock:  # from now on it may give way in turn
+            self._unread[request] = time.monotonic()
         try:
             super().process_request(request, client_address)
         except BaseException:
+            with self._deadlines_lock:
+                self._unread.pop(request, None)
             self.slots.release()
             self._leave(host)
             raise
@@ -157,9 +161,7 @@ class _Server(ThreadingHTTPServer):
         # client sends (a byte every few seconds would meet every read's
         # timeout): one watchdog thread cuts what is past its deadline.
         with self._deadlines_lock:
-            now = time.monotonic()
-            self._deadlines[request] = now + _DEADLINE
-            self._unread[request] = now
+            self._deadlines[request] = time.monotonic() + _DEADLINE
         try:
             super().process_request_thread(request, client_address)
         finally:

@@ -44,7 +44,7 @@ def text_problem(value: str, most: int | None = None) -> str | None:
     """
     if "\\" in value:
         return "a backslash (it separates DICOM values)"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):  # C0, DEL, C1
         return "a control character"
     if most is not None and len(value) > most:
         return f"more than {most} characters"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -323,3 +324,15 @@ def stderr_on_a_terminal(command: list[str]) -> tuple[str, str]:
         assert process.wait(timeout=120) == 0, seen.decode(errors="replace")
     os.close(master)
     return out, seen.decode(errors="replace")
+
+
+def data_set_digest(path: Path) -> str:
+    """Return the sha256 of a Part 10 file's data set (what follows File Meta)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        head = f.read(144)
+        assert head[128:132] == b"DICM"
+        f.seek(144 + int.from_bytes(head[140:144], "little"))
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -184,6 +184,8 @@ def test_unknown_architecture_is_refused(tmp_path: Path) -> None:
         # LO values: a backslash splits one in two; every study's results failed.
         (lambda doc: doc["model"].update(name="lung\\nodule v2"), "a backslash"),
         (lambda doc: doc["model"].update(version="1\n2"), "a control character"),
+        # C1 controls: UTF-8 (ISO_IR 192) values may carry them, DICOM text not.
+        (lambda doc: doc["model"].update(name="nodule\u0085"), "a control character"),
         # A Code Meaning (LO) holds 64 characters.
         (
             lambda doc: doc["labels"][0]["code"].update(meaning="N" * 65),

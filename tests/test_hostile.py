@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import random
@@ -52,6 +51,7 @@ from dicom_node.gate import ASSOCIATE_RQ_MAX, source_host
 from dicom_node.log import quiet_pynetdicom
 from dicom_node.storage import Storage
 from tests.factories import dcmtk, encode_body, make_ct, raw_file
+from tests.helpers import data_set_digest
 from tests.hostile_peers import (
     ATTACKER,
     NODE_HOST,
@@ -740,18 +740,6 @@ def write_large_ct(path: Path, pixel_bytes: int) -> Dataset:
             f.write(chunk[: min(left, MB)])
             left -= min(left, MB)
     return ds
-
-
-def data_set_digest(path: Path) -> str:
-    """Return the sha256 of a Part 10 file's data set (what follows File Meta)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        head = f.read(144)
-        assert head[128:132] == b"DICM"
-        f.seek(144 + int.from_bytes(head[140:144], "little"))
-        while chunk := f.read(MB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -39,7 +38,13 @@ from dicom_node.dimse import (
 from dicom_node.index import AssociationRecord, ErrorRecord, Instance
 from dicom_node.status import node_status
 from tests.factories import corpus_file, dcmtk, encode_body, make_ct, raw_file
-from tests.helpers import RunningNode, store_datasets, store_files, wait_for
+from tests.helpers import (
+    RunningNode,
+    data_set_digest,
+    store_datasets,
+    store_files,
+    wait_for,
+)
 
 # PS3.4 C.6.1.3.1 Patient Root Query/Retrieve - FIND (pydicom.uid does not name it).
 PATIENT_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.1.1")
@@ -448,13 +453,6 @@ def test_dcmtk_storescu_stores_a_real_retired_ultrasound_instance(
     assert dcmread(stored) == ds  # stored as sent
 
 
-def _data_set_sha256(path: Path) -> str:
-    data = path.read_bytes()
-    assert data[128:132] == b"DICM"
-    meta_end = 144 + int.from_bytes(data[140:144], "little")
-    return hashlib.sha256(data[meta_end:]).hexdigest()
-
-
 def test_two_copies_of_one_instance_at_once_leave_its_file_and_index_alike(
     node: RunningNode,
 ) -> None:
@@ -489,5 +487,5 @@ def test_two_copies_of_one_instance_at_once_leave_its_file_and_index_alike(
     )
     assert len(rows) == rounds
     storage = node.config.storage_dir
-    differing = [path for path, sha in rows if _data_set_sha256(storage / path) != sha]
+    differing = [path for path, sha in rows if data_set_digest(storage / path) != sha]
     assert differing == []
