@@ -599,7 +599,7 @@ def test_a_capture_shows_non_square_pixels_in_their_proportions() -> None:
         ("PixelSpacing", [0.7, 0.7], 1.0),
         ("PixelSpacing", [0.0, 0.7], 1.0),  # not believed: 1
         ("PixelSpacing", [70, 0.7], 1.0),  # 100:1
-        ("PixelAspectRatio", [1], 1.0),  # one value
+        ("PixelAspectRatio", [1], 0.7 / 0.35),  # one value: the spacing says
     ],
 )
 def test_a_pixels_aspect_is_read_from_the_source_and_believed_within_reason(
@@ -607,6 +607,8 @@ def test_a_pixels_aspect_is_read_from_the_source_and_believed_within_reason(
 ) -> None:
     ds = make_ct(rows=8, columns=8)
     del ds.PixelSpacing
+    if keyword == "PixelAspectRatio" and len(value) == 1:
+        ds.PixelSpacing = [0.7, 0.35]  # read when the ratio cannot be
     setattr(ds, keyword, value)
     assert pixel_aspect(ds) == pytest.approx(aspect)
 

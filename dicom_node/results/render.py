@@ -178,9 +178,10 @@ def pixel_aspect(ds: Dataset) -> float:
     """Return the height of an image's pixel over its width; 1 when unknown.
 
     From Pixel Aspect Ratio (vertical, horizontal), else Pixel Spacing or
-    Imager Pixel Spacing (row spacing, column spacing: PS3.3 10.7.1.3). A
-    ratio beyond 1:4 either way, or a value that is not two positive numbers,
-    is not believed (1).
+    Imager Pixel Spacing (row spacing, column spacing: PS3.3 10.7.1.3): the
+    first of them that is two positive numbers within 1:4 either way; 1 when
+    none is. (An enhanced multi-frame image's Pixel Measures, in its
+    functional groups, are not read.)
 
     Parameters
     ----------
@@ -199,12 +200,11 @@ def pixel_aspect(ds: Dataset) -> float:
         try:
             height, width = (float(v) for v in value)
         except (TypeError, ValueError):
-            return 1.0  # not two numbers
+            continue  # not two numbers: the next attribute may say
         if not (math.isfinite(height) and math.isfinite(width)):
-            return 1.0
+            continue
         if height > 0 and width > 0 and 0.25 <= height / width <= 4:
             return height / width
-        return 1.0
     return 1.0
 
 
