@@ -174,8 +174,8 @@ def test_orphans_are_the_spooled_files_nothing_has_open(tmp_path: Path) -> None:
 
 
 # Two receiving processes, two threads each: one holds an instance's lock for a
-# while; the other, meanwhile, asks for the instance the other process holds.
-# Prints when each thread got its lock and what failed.
+# while; the other, once the other process holds its instance, asks for it.
+# Prints when each thread got and let go of its lock, and what failed.
 CROSSED_LOCKS = """
 import sys, threading, time
 from pathlib import Path
@@ -191,11 +191,14 @@ def hold():
     time.sleep(max(0.0, start - time.time()))
     with storage.instance_lock(key(mine)):
         said.append(f"held {mine} {time.time():.3f}")
-        time.sleep(1.5)
-    said.append(f"released {mine} {time.time():.3f}")
+        (root / f"held-{mine}").touch()  # the other process's waiter may ask now
+        time.sleep(2.0)
+        said.append(f"releasing {mine} {time.time():.3f}")  # the last moment held
 
 def wait():
-    time.sleep(max(0.0, start + 0.5 - time.time()))
+    deadline = time.time() + 30
+    while not (root / f"held-{theirs}").exists() and time.time() < deadline:
+        time.sleep(0.01)
     try:
         with storage.instance_lock(key(theirs)):
             said.append(f"got {theirs} {time.time():.3f}")
@@ -240,5 +243,5 @@ def test_instance_locks_hold_across_processes_without_a_false_deadlock(
         assert f"got {theirs}" in lines, lines  # not "failed OSError ... deadlock"
         # It got the other process's instance only once that process let it go.
         assert float(lines[f"got {theirs}"]) >= float(
-            said[theirs][f"released {theirs}"]
+            said[theirs][f"releasing {theirs}"]
         )
