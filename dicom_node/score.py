@@ -247,9 +247,13 @@ def score_run(
             # The node's and the model runtime's own messages hold no values of
             # the files (as a job's reason); any other error by type and place.
             own = isinstance(exc, DicomNodeError | InferenceError)
-            failed.append((study, str(exc) if own else describe_exception(exc)))
+            reason = str(exc) if own else describe_exception(exc)
             # An earlier run's results of the study would read as this run's.
-            remove_result_files(out / study)
+            try:
+                remove_result_files(out / study)
+            except OSError as kept:
+                reason += f"; an earlier run's files left ({type(kept).__name__})"
+            failed.append((study, reason))
             continue
         summaries.append(_summary(study, len(datasets), prediction, folder, pngs))
     return ScoreRun(summaries, passed_over, match, not_accepted, failed)
