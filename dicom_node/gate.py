@@ -33,6 +33,7 @@ __all__ = [
     "GateDecision",
     "GuardedSSLSocket",
     "GuardedSocket",
+    "HostSlots",
     "PduLimits",
     "Receipt",
     "Refusal",
@@ -557,6 +558,48 @@ def source_host(address: str) -> str:
     return address
 
 
+class HostSlots:
+    """Connections held per source host (:func:`source_host`), at most ``most`` each.
+
+    Thread-safe.
+
+    Parameters
+    ----------
+    most
+        Connections one host may hold at once.
+    """
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, address: str) -> bool:
+        """Count one more connection from ``address``; False (not counted) when full."""
+        host = source_host(address)
+        with self._lock:
+            held = self._held.get(host, 0)
+            if held >= self.most:
+                return False
+            self._held[host] = held + 1
+            return True
+
+    def release(self, address: str) -> None:
+        """Count one connection from ``address`` fewer."""
+        host = source_host(address)
+        with self._lock:
+            held = self._held.get(host, 0) - 1
+            if held > 0:
+                self._held[host] = held
+            else:
+                self._held.pop(host, None)
+
+    def held(self, key: str) -> int:
+        """Return how many connections a host holds (a :func:`source_host` name)."""
+        with self._lock:
+            return self._held.get(key, 0)
+
+
 @dataclass(eq=False)
 class _Pending:
     sock: socket.socket
@@ -634,7 +677,6 @@ class ConnectionGate:
         self._admit = admit
         self._limits = limits
         self._acse_timeout = acse_timeout
-        self._per_host = max_connections_per_host
         self._max_pending = max_pending
         self._ssl_context = ssl_context
         if ssl_context is not None:
@@ -643,8 +685,7 @@ class ConnectionGate:
             ssl_context.sslsocket_class = GuardedSSLSocket
         self._audit = audit
         self._accept_paused_until = 0.0
-        self._hosts: dict[str, int] = {}
-        self._hosts_lock = threading.Lock()
+        self._hosts = HostSlots(max_connections_per_host)
         self._pending: dict[int, _Pending] = {}
         self._deadlines: list[tuple[float, int, int]] = []
         # Plain connections resting (see _advance_plain): when to look again.
@@ -665,31 +706,12 @@ class ConnectionGate:
 
     def connections_from(self, address: str) -> int:
         """Return how many connections an address holds (pending or associated)."""
-        with self._hosts_lock:
-            return self._hosts.get(address, 0)
+        return self._hosts.held(address)
 
     @property
     def pending(self) -> int:
         """Return how many connections wait in the gate."""
         return len(self._pending)
-
-    def _take_slot(self, address: str) -> bool:
-        host = source_host(address)
-        with self._hosts_lock:
-            held = self._hosts.get(host, 0)
-            if held >= self._per_host:
-                return False
-            self._hosts[host] = held + 1
-            return True
-
-    def _release_slot(self, address: str) -> None:
-        host = source_host(address)
-        with self._hosts_lock:
-            held = self._hosts.get(host, 0) - 1
-            if held > 0:
-                self._hosts[host] = held
-            else:
-                self._hosts.pop(host, None)
 
     # --- the loop -----------------------------------------------------------
 
@@ -778,13 +800,13 @@ class ConnectionGate:
                 self._accept_paused_until = time.monotonic() + 1.0
                 return
             address, port = str(peer[0]), int(peer[1])
-            if not self._take_slot(address):
+            if not self._hosts.take(address):
                 sock.close()
                 self._note(
                     Refusal(
                         address,
                         port,
-                        f"more than {self._per_host} connections from one address",
+                        f"more than {self._hosts.most} connections from one address",
                     )
                 )
                 continue
@@ -796,7 +818,7 @@ class ConnectionGate:
             except _CONNECTION_ERRORS:
                 with contextlib.suppress(OSError):
                     sock.close()
-                self._release_slot(address)
+                self._hosts.release(address)
 
     def _register(self, sock: socket.socket, address: str, port: int) -> None:
         sock.setblocking(False)
@@ -980,7 +1002,7 @@ class ConnectionGate:
         address, port = entry.address, entry.port
 
         def released() -> None:
-            self._release_slot(address)
+            self._hosts.release(address)
             if self._on_closed is not None:
                 self._on_closed()
 
@@ -996,7 +1018,7 @@ class ConnectionGate:
             logger.error("cannot hand a connection over: %s", type(exc).__name__)
             with contextlib.suppress(OSError):
                 entry.sock.close()
-            self._release_slot(address)
+            self._hosts.release(address)
             return
         try:
             self._admit(guarded, (address, port))
@@ -1084,7 +1106,7 @@ class ConnectionGate:
             self._epoll.unregister(fd)
         with contextlib.suppress(OSError):
             entry.sock.close()
-        self._release_slot(entry.address)
+        self._hosts.release(entry.address)
 
     # --- log and audit, rate-limited per peer --------------------------------
 

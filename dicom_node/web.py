@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node import metrics
 from dicom_node.config import NodeConfig, read_token
-from dicom_node.gate import source_host
+from dicom_node.gate import HostSlots
 from dicom_node.index import (
     Delivery,
     DeliveryState,
@@ -119,7 +119,7 @@ class _Server(ThreadingHTTPServer):
         self._deadlines: dict[Any, float] = {}
         # Connections whose request has not been read yet, since when.
         self._unread: dict[Any, float] = {}
-        self._hosts: dict[str, int] = {}
+        self._hosts = HostSlots(MAX_PER_HOST)
         self._deadlines_lock = threading.Lock()
         self.stopped = threading.Event()
         super().__init__(address, _Handler)
@@ -130,19 +130,17 @@ class _Server(ThreadingHTTPServer):
         # MAX_PER_HOST from one source. When all are taken, the connection
         # that has waited longest without sending its request gives way: a
         # few silent connections would otherwise keep /healthz from a probe.
-        host = source_host(str(client_address[0]))
-        with self._deadlines_lock:
-            if self._hosts.get(host, 0) >= MAX_PER_HOST:
-                self.shutdown_request(request)
-                return
-            self._hosts[host] = self._hosts.get(host, 0) + 1
+        address = str(client_address[0])
+        if not self._hosts.take(address):
+            self.shutdown_request(request)
+            return
         if not self.slots.acquire(blocking=False):
             with self._deadlines_lock:
                 oldest = min(self._unread, key=self._unread.__getitem__, default=None)
             if oldest is not None:
                 _cut(oldest)
             if oldest is None or not self.slots.acquire(timeout=_GIVE_WAY):
-                self._leave(host)
+                self._hosts.release(address)
                 self.shutdown_request(request)
                 return
         with self._deadlines_lock:  # from now on it may give way in turn
@@ -153,7 +151,7 @@ class _Server(ThreadingHTTPServer):
             with self._deadlines_lock:
                 self._unread.pop(request, None)
             self.slots.release()
-            self._leave(host)
+            self._hosts.release(address)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -169,20 +167,12 @@ class _Server(ThreadingHTTPServer):
                 self._deadlines.pop(request, None)
                 self._unread.pop(request, None)
             self.slots.release()
-            self._leave(source_host(str(client_address[0])))
+            self._hosts.release(str(client_address[0]))
 
     def request_read(self, request: Any) -> None:
         """Note that a connection has sent its request (it no longer gives way)."""
         with self._deadlines_lock:
             self._unread.pop(request, None)
-
-    def _leave(self, host: str) -> None:
-        with self._deadlines_lock:
-            left = self._hosts.get(host, 0) - 1
-            if left > 0:
-                self._hosts[host] = left
-            else:
-                self._hosts.pop(host, None)
 
     def _watch(self) -> None:
         while not self.stopped.wait(1.0):
