@@ -419,10 +419,16 @@ def test_a_request_proposing_too_much_is_refused_before_it_is_decoded(
 # --- after association -------------------------------------------------------
 
 
-def associated(port: int) -> socket.socket:
-    """Return a raw connection from 127.0.0.1 with an accepted Verification context."""
+def associated(
+    port: int,
+    contexts: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+        (1, VERIFICATION_SOP_CLASS, (ImplicitVRLittleEndian,)),
+    ),
+) -> socket.socket:
+    """Return a raw connection from 127.0.0.1, associated with ``contexts``
+    (context id, abstract syntax, transfer syntaxes; Verification by default)."""
     sock = connect(port, source=NODE_HOST)
-    sock.sendall(associate_rq())
+    sock.sendall(associate_rq(contexts=contexts))
     pdu_type, _ = read_pdu(sock)
     assert pdu_type == A_ASSOCIATE_AC
     return sock
@@ -560,17 +566,14 @@ def test_an_echo_and_stores_in_small_fragments_are_served(
     # set in fragments of 1 KiB less a PDV header (a sender of 1 KiB PDUs, smaller
     # than dcmtk allows), several to a PDU.
     node = start_node()
-    sock = connect(node.port, source=NODE_HOST)
-    attackers.append(sock)
-    sock.sendall(
-        associate_rq(
-            contexts=(
-                (1, VERIFICATION_SOP_CLASS, (ImplicitVRLittleEndian,)),
-                (3, CTImageStorage, (ImplicitVRLittleEndian,)),
-            )
-        )
+    sock = associated(
+        node.port,
+        contexts=(
+            (1, VERIFICATION_SOP_CLASS, (ImplicitVRLittleEndian,)),
+            (3, CTImageStorage, (ImplicitVRLittleEndian,)),
+        ),
     )
-    assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+    attackers.append(sock)
     sock.sendall(p_data_tf(pdv(1, 0x03, _ECHO)))
     assert response_status(sock) == SUCCESS
     ds = make_ct(rows=256, columns=256)  # 128 KiB: 130 fragments
@@ -637,12 +640,10 @@ def test_a_store_whose_uid_is_over_64_characters_is_answered_and_the_next_stored
 ) -> None:
     # pynetdicom aborted the association (every instance after it lost with it).
     node = start_node()
-    sock = connect(node.port, source=NODE_HOST)
-    attackers.append(sock)
-    sock.sendall(
-        associate_rq(contexts=((1, CTImageStorage, (ImplicitVRLittleEndian,)),))
+    sock = associated(
+        node.port, contexts=((1, CTImageStorage, (ImplicitVRLittleEndian,)),)
     )
-    assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+    attackers.append(sock)
     sent = []
     for message_id, long_uid in ((1, True), (2, False)):
         ds = make_ct(rows=8, columns=8)
