@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 import weakref
@@ -43,6 +44,7 @@ from dicom_node.errors import (
     AssociationRejectedError,
     ConfigError,
 )
+from dicom_node.gate import GuardedSocket, GuardedSSLSocket, PduLimits
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.log import quiet_pynetdicom
 
@@ -146,15 +148,33 @@ _SOCKET_HOOK = pynetdicom_version.startswith("3.0.")
 _RESPONSE_GUARD = pynetdicom_version.startswith("3.0.")
 
 
-class _TcpSocket(socket.socket):
-    """A TCP socket that keeps what its ``connect`` raised.
+class _Stalls:
+    """What a socket of ours keeps of a send that made no progress in time."""
 
-    pynetdicom (3.0) logs a failed connect and drops the exception: the
+    stalled: str | None = None
+
+    def _note_stall(self, seconds: float) -> None:
+        self.stalled = f"the peer took no data for {seconds:g} s"
+
+
+class _TcpSocket(_Stalls, GuardedSocket):
+    """A TCP connection of ours to a peer, every PDU it sends within limits.
+
+    pynetdicom (3.0) reads a PDU to whatever length its header claims, for as
+    long as bytes keep coming, and sends with no time limit: a destination that
+    answered with a header claiming 4 GiB and streamed froze delivery (and grew
+    the process by what it sent) until it closed, and one that stopped reading
+    held the sending thread forever. The peer's PDUs are checked as the
+    receiving side checks its callers' (:class:`~dicom_node.gate.PduLimits`:
+    type and length from the header, each PDU whole within the timeout), and a
+    send that makes no progress for the timeout fails (``SO_SNDTIMEO``). It also
+    keeps the error of a failed connect, which pynetdicom logs and drops (the
     association is then merely "aborted", whether the peer refused the
-    connection or no host answered in time.
+    connection or no host answered in time).
     """
 
     connect_error: OSError | None = None
+    _send_seconds = 0.0
 
     def connect(self, address: Any) -> None:
         """Connect, remembering the error if it fails."""
@@ -164,6 +184,55 @@ class _TcpSocket(socket.socket):
             self.connect_error = exc
             raise
 
+    def send(self, data: Any, flags: int = 0) -> int:
+        """Send, noting a send that timed out (the peer stopped reading)."""
+        try:
+            return socket.socket.send(self, data, flags)
+        except BlockingIOError:
+            self._note_stall(self._send_seconds)
+            raise
+
+    def limit_sends(self, seconds: float) -> None:
+        """Make a send that makes no progress for ``seconds`` fail."""
+        # The kernel's limit: the socket stays blocking, one call per send.
+        self.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_SNDTIMEO,
+            struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000)),
+        )
+        self._send_seconds = seconds
+
+
+class _TlsSocket(_Stalls, GuardedSSLSocket):
+    """A TLS connection of ours to a peer: the limits of :class:`_TcpSocket`.
+
+    pynetdicom wraps the TCP socket after connecting; the limits are set when
+    the connection opens (:meth:`_Heard.on_conn_open`), before anything is read.
+    """
+
+    _guarded = False
+
+    def guard(self, limits: PduLimits) -> None:
+        """Apply the limits: from now on, reads and sends keep to them."""
+        self.settimeout(limits.pdu_seconds)
+        self._guard_init(limits)
+        self._guarded = True
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        """Receive within the limits once they apply (see :meth:`guard`)."""
+        if not self._guarded:
+            # The ssl module's own look for early data, before connecting.
+            return ssl.SSLSocket.recv(self, buflen, flags)
+        return super().recv(buflen, flags)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        """Send, noting a send that timed out (the peer stopped reading)."""
+        try:
+            return ssl.SSLSocket.send(self, data, flags)
+        except TimeoutError:
+            self._note_stall(self.gettimeout() or 0.0)
+            raise
+
 
 class _ScuAE(AE):
     """pynetdicom's AE for our outbound associations.
@@ -171,13 +240,24 @@ class _ScuAE(AE):
     Its sockets have TCP_NODELAY: without it, Nagle's algorithm and the peer's
     delayed ACK hold each small DIMSE message back by up to 40 ms (a two-object
     result set took ~140 ms to send on loopback, ~16 ms with TCP_NODELAY on
-    both sides). And it keeps the error of a failed TCP connect, which
-    pynetdicom does not (see :class:`_TcpSocket`); over TLS the TCP connect is
-    the TLS socket's own, so there it is not known.
+    both sides). And they are :class:`_TcpSocket`: limits on what the peer
+    sends and on a send that makes no progress, and the error of a failed TCP
+    connect (over TLS the TCP connect is the TLS socket's own, so there it is
+    not known).
+
+    Parameters
+    ----------
+    ae_title
+        Our AE title.
+    timeout
+        Seconds each PDU of the peer may take to arrive once it has begun,
+        and a send may make no progress. A P-DATA-TF PDU may be as long as
+        our maximum PDU length (pynetdicom's default, which we propose).
     """
 
-    def __init__(self, ae_title: str) -> None:
+    def __init__(self, ae_title: str, timeout: float) -> None:
         super().__init__(ae_title=ae_title)
+        self.limits = PduLimits(max_pdu=self.maximum_pdu_size, pdu_seconds=timeout)
         self._sockets: weakref.WeakKeyDictionary[Association, _TcpSocket] = (
             weakref.WeakKeyDictionary()
         )
@@ -193,9 +273,11 @@ class _ScuAE(AE):
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             timeout = raw.gettimeout()
             # The same bound descriptor (options kept), in a socket that
-            # remembers why connect failed.
+            # keeps the limits and remembers why connect failed.
             tcp = _TcpSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
             tcp.settimeout(timeout)
+            tcp.limit_sends(self.limits.pdu_seconds)
+            tcp._guard_init(self.limits)
             sock.socket = tcp
             self._sockets[assoc] = tcp
         return sock
@@ -229,35 +311,101 @@ class _ResponseGuard:
 
     def __init__(self, assoc: Association) -> None:
         self._read = assoc.dimse.get_msg
+        self._send = assoc.dimse.send_msg
         self._outstanding = threading.Event()
+        # The request now outstanding and the message read as its response.
+        self._sent: Any = None
+        self._answer: Any = None
         if _RESPONSE_GUARD:
             assoc.dimse.get_msg = self._get_msg  # type: ignore[method-assign]
+            assoc.dimse.send_msg = self._send_msg  # type: ignore[method-assign]
+
+    def _send_msg(self, primitive: Any, context_id: int) -> None:
+        if self._outstanding.is_set():
+            self._sent = primitive
+        self._send(primitive, context_id)
 
     def _get_msg(self, block: bool = False) -> Any:
         if not block and self._outstanding.is_set():
             return None, None  # the reactor's poll: the sender reads the response
-        return self._read(block)
+        item = self._read(block)
+        if block and self._outstanding.is_set():
+            self._answer = item[1]
+        return item
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
         """Mark a request outstanding until its response is read."""
+        self._sent = self._answer = None
         self._outstanding.set()
         try:
             yield
         finally:
             self._outstanding.clear()
 
+    def mismatch(self) -> str | None:
+        """Return how the last response does not answer its request, or None.
+
+        pynetdicom (3.0) takes the next DIMSE message as the response whatever
+        it names: a response to another Message ID, or of another kind, would
+        read as the answer (a Success for an instance that was not stored).
+        """
+        sent, answer = self._sent, self._answer
+        if sent is None or answer is None:
+            return None  # not seen: another pynetdicom version
+        asked = type(sent).__name__.replace("_", "-")
+        if type(answer) is not type(sent):
+            return (
+                f"the peer answered a {asked} request with a "
+                f"{type(answer).__name__.replace('_', '-')} message"
+            )
+        if answer.MessageIDBeingRespondedTo != sent.MessageID:
+            return (
+                f"the {asked} response is to Message ID "
+                f"{answer.MessageIDBeingRespondedTo}, not {sent.MessageID} of "
+                "the request"
+            )
+        theirs = getattr(answer, "AffectedSOPInstanceUID", None)
+        ours = getattr(sent, "AffectedSOPInstanceUID", None)
+        if theirs and ours and theirs != ours:
+            return f"the {asked} response names another SOP instance than its request"
+        return None
+
 
 @dataclass(slots=True)
 class _Heard:
-    """What the peer did while associating: pynetdicom's events, noted."""
+    """What the peer did while associating: pynetdicom's events, noted.
 
+    Parameters
+    ----------
+    limits
+        What the peer may send (see :class:`_ScuAE`); a TLS connection gets
+        them when it opens.
+    """
+
+    limits: PduLimits
     connected: bool = False
     # The A-ABORT (or A-P-ABORT: the connection was lost) that ended it.
     abort: A_ABORT | A_P_ABORT | None = None
+    # The connection as pynetdicom reads it, once open.
+    sock: Any = None
 
     def on_conn_open(self, event: Event) -> None:
         self.connected = True
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        self.sock = sock
+        if isinstance(sock, _TlsSocket):
+            # Opened, not yet read from: pynetdicom connects (and shakes hands)
+            # in the reactor thread, which reads only after this event.
+            sock.guard(self.limits)
+
+    @property
+    def cut(self) -> str | None:
+        """Return why we ended the connection (what the peer did), or None."""
+        reason = getattr(self.sock, "violation", None) or getattr(
+            self.sock, "stalled", None
+        )
+        return None if reason is None else str(reason)
 
     def on_acse_recv(self, event: Event) -> None:
         primitive = event.primitive  # type: ignore[attr-defined]
@@ -292,6 +440,7 @@ class OutboundAssociation:
         self.timeout = timeout
         self._heard = heard
         self._guard = _ResponseGuard(assoc)
+        self._message_id = 0
 
     @property
     def is_established(self) -> bool:
@@ -311,7 +460,8 @@ class OutboundAssociation:
         AssociationError
             If no response came: the peer aborted or the time ran out.
         """
-        return self._status(lambda: self.assoc.send_c_echo(), "C-ECHO")
+        msg_id = self._next_message_id()
+        return self._status(lambda: self.assoc.send_c_echo(msg_id), "C-ECHO")
 
     def send_c_store(self, dataset: Dataset | Path) -> int:
         """Send a C-STORE of a data set, or of a file exactly as stored.
@@ -335,14 +485,34 @@ class OutboundAssociation:
         AttributeError
             If the data set lacks what a C-STORE needs (pynetdicom's check).
         """
-        return self._status(lambda: self.assoc.send_c_store(dataset), "C-STORE")
+        msg_id = self._next_message_id()
+        return self._status(lambda: self.assoc.send_c_store(dataset, msg_id), "C-STORE")
+
+    def _next_message_id(self) -> int:
+        # Each request its own Message ID (1..65535, PS3.7 E.1), so that a
+        # response to an earlier one is told apart.
+        self._message_id = self._message_id % 0xFFFF + 1
+        return self._message_id
 
     def _status(self, send: Callable[[], Dataset], what: str) -> int:
         started = time.monotonic()
         with self._guard.request():
             rsp = send()
         if "Status" in rsp:
-            return int(rsp.Status)
+            mismatch = self._guard.mismatch()
+            if mismatch is None:
+                return int(rsp.Status)
+            self.assoc.abort()
+            raise AssociationError(
+                f"no {what} response from {self.peer}: {mismatch}; the "
+                "association was aborted"
+            )
+        cut = self._heard.cut
+        if cut is not None:
+            raise AssociationError(
+                f"no {what} response: the node aborted the association with "
+                f"{self.peer}: {cut}"
+            )
         # An abort while we waited is still at the head of the DUL's queue:
         # the reactor, paused for the request, has not read it yet.
         abort: object = self._heard.abort or self.assoc.dul.peek_next_pdu()
@@ -413,7 +583,7 @@ def associate(
         which.
     """
     quiet_pynetdicom()
-    ae = _ScuAE(calling_ae_title)
+    ae = _ScuAE(calling_ae_title, timeout)
     # Associations name this project (PS3.7 D.3.3.2), not the library.
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
@@ -421,7 +591,10 @@ def associate(
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
-    heard = _Heard()
+    heard = _Heard(ae.limits)
+    if tls is not None:
+        # Our TLS sockets take the peer's PDUs within the limits (_TlsSocket).
+        tls.sslsocket_class = _TlsSocket
     try:
         assoc = ae.associate(
             peer.host,
@@ -805,6 +978,9 @@ def _failure(
             f"cannot connect to {where}: "
             f"{connect_error.strerror or type(connect_error).__name__}"
         )
+    cut = heard.cut
+    if cut is not None:
+        return AssociationError(f"the node aborted the association with {peer}: {cut}")
     if not heard.connected:
         return AssociationError(
             f"cannot connect to {where}"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from pynetdicom.presentation import build_context
 from dicom_node.errors import AssociationError, AssociationRejectedError
 from dicom_node.export import Peer, associate, echo, send_files
 from tests.factories import make_ct
-from tests.helpers import Destination, RunningNode
+from tests.helpers import Destination, RunningNode, free_port
 
 
 def _store_while_polled(
@@ -168,3 +171,147 @@ def test_send_files_names_a_refused_connection(tmp_path: Path) -> None:
         f"association failed: connection refused by 127.0.0.1:{port}"
     )
     assert outcome.rejection is None
+
+
+def _stream_until_refused(conn: socket.socket, seconds: float) -> int:
+    """Send zeros until the other side stops taking them; return bytes sent."""
+    conn.settimeout(seconds)
+    chunk, sent, end = bytes(1 << 16), 0, time.monotonic() + seconds
+    with contextlib.suppress(OSError):
+        while time.monotonic() < end:
+            sent += conn.send(chunk)
+    return sent
+
+
+def test_a_peer_claiming_a_huge_association_pdu_is_cut_at_its_header(
+    listener: Callable[[Callable[[socket.socket], object]], int],
+) -> None:
+    """Before, the 4 GiB the header claimed were read for as long as the peer
+    sent them: the sending thread stuck, the process growing by what came."""
+    streamed: list[int] = []
+
+    def answer(conn: socket.socket) -> None:
+        conn.recv(65536)  # the A-ASSOCIATE-RQ
+        conn.sendall(bytes([0x02, 0]) + struct.pack(">L", 0xFFFFFFFF))
+        streamed.append(_stream_until_refused(conn, 10))
+
+    port = listener(answer)
+    started = time.monotonic()
+
+    with pytest.raises(AssociationError) as caught:
+        echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=5)
+
+    assert time.monotonic() - started < 4  # at the header, not the timeout
+    assert str(caught.value) == (
+        f"the node aborted the association with PACS@127.0.0.1:{port}: "
+        "association PDU of 4294967295 bytes exceeds 262144"
+    )
+    assert _wait_for(lambda: bool(streamed), 10)
+    assert streamed[0] < 32 << 20  # what socket buffers hold, not what was sent
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_peer_dripping_its_answer_is_cut_after_the_timeout(
+    listener: Callable[[Callable[[socket.socket], object]], int],
+) -> None:
+    """An A-ASSOCIATE-AC a byte at a time: each byte used to restart the wait."""
+
+    def answer(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(bytes([0x02, 0]) + struct.pack(">L", 200))
+        with contextlib.suppress(OSError):
+            for _ in range(100):
+                conn.sendall(b"\0")
+                time.sleep(0.1)
+
+    port = listener(answer)
+    started = time.monotonic()
+
+    with pytest.raises(AssociationError) as caught:
+        echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=1)
+
+    assert time.monotonic() - started < 5  # the peer drips for 10 s
+    assert str(caught.value) == (
+        f"the node aborted the association with PACS@127.0.0.1:{port}: "
+        "PDU body not received within 1 s"
+    )
+
+
+def test_a_peer_that_stops_reading_is_given_up_after_the_timeout(
+    destination: Destination,
+    listener: Callable[[Callable[[socket.socket], object]], int],
+) -> None:
+    """A destination that accepts the association and then takes no more bytes
+    held the sending thread for ever (pynetdicom sends with no time limit)."""
+    ds = make_ct(rows=4608, columns=4608)  # 42 MB: more than socket buffers hold
+    done = threading.Event()
+
+    def relay(conn: socket.socket) -> None:
+        # The real destination associates; then nothing more is read.
+        with socket.create_connection(("127.0.0.1", destination.port)) as up:
+            up.sendall(conn.recv(65536))
+            conn.sendall(up.recv(65536))
+            done.wait(20)
+
+    port = listener(relay)
+    context = build_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    started = time.monotonic()
+    try:
+        with (
+            associate(Peer("DEST", "127.0.0.1", port), [context], "TESTSCU", 1) as link,
+            pytest.raises(AssociationError) as caught,
+        ):
+            link.send_c_store(ds)
+    finally:
+        done.set()
+
+    assert time.monotonic() - started < 10  # the relay holds on for 20 s
+    assert str(caught.value) == (
+        "no C-STORE response: the node aborted the association with "
+        f"DEST@127.0.0.1:{port}: the peer took no data for 1 s"
+    )
+    assert destination.received == []
+
+
+def test_a_response_to_another_request_is_not_taken_as_its_answer() -> None:
+    """A Success naming another Message ID was taken as the instance stored."""
+    from pynetdicom import evt
+
+    from dicom_node.demo.pacs import receiver_ae
+
+    def on_store(event: Any) -> int:
+        send = event.assoc.dimse.send_msg
+
+        def shifted(rsp: Any, context_id: int) -> None:
+            rsp.MessageIDBeingRespondedTo += 7
+            send(rsp, context_id)
+
+        event.assoc.dimse.send_msg = shifted
+        return 0x0000
+
+    port = free_port()
+    server = receiver_ae("PACS").start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    ds = make_ct()
+    context = build_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    try:
+        with associate(
+            Peer("PACS", "127.0.0.1", port), [context], "TESTSCU", 5
+        ) as link:
+            with pytest.raises(AssociationError) as caught:
+                link.send_c_store(ds)
+            assert not link.is_established
+    finally:
+        server.shutdown()
+
+    assert str(caught.value) == (
+        f"no C-STORE response from PACS@127.0.0.1:{port}: the C-STORE response "
+        "is to Message ID 8, not 1 of the request; the association was aborted"
+    )
