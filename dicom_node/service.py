@@ -371,6 +371,7 @@ def run_worker(config: NodeConfig, stop: threading.Event) -> None:
         Set (by a signal handler) to shut down after the current job.
     """
     joined = metrics.share(config.state_dir, join=True)
+    metrics.process_figures()  # shown from the start, not from the first beat
     index = open_index(config)
     from dicom_node.worker import start_workers
 
