@@ -15,6 +15,7 @@ from dicom_node.config import ModelMatch
 from dicom_node.identity import MANUFACTURER
 
 __all__ = [
+    "NO_PIXEL_DATA",
     "image_storage_problem",
     "instance_problem",
     "match_problem",
@@ -22,6 +23,8 @@ __all__ = [
     "passed_over_reason",
 ]
 
+# Why an instance without Pixel Data (or Float Pixel Data) is not scored.
+NO_PIXEL_DATA = "no pixel data"
 # pydicom's UID dictionary names every image storage class "... Image Storage"
 # (with "- For Presentation", "- For Processing", "- Trial" or " SOP Class"
 # after it for some), the retired US, NM, XA Bi-Plane and VL classes included.
@@ -136,7 +139,7 @@ def instance_problem(ds: Dataset, sop_class_uid: str) -> str:
     if problem:
         return problem
     if "PixelData" not in ds and "FloatPixelData" not in ds:
-        return "no pixel data"
+        return NO_PIXEL_DATA
     if str(ds.get("Manufacturer", "")) == MANUFACTURER:
         return "a result of this node"
     return ""

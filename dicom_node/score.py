@@ -14,7 +14,12 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import ModelMatch
 from dicom_node.dimse import is_decode_error
-from dicom_node.eligibility import instance_problem, match_problem, model_match
+from dicom_node.eligibility import (
+    NO_PIXEL_DATA,
+    instance_problem,
+    match_problem,
+    model_match,
+)
 from dicom_node.errors import DicomNodeError
 from dicom_node.export import find_files
 from dicom_node.identity import node_device_uid
@@ -281,6 +286,10 @@ def _select(
             ds.file_meta.get("MediaStorageSOPClassUID", "")
         )
         reason = instance_problem(ds, sop_class_uid)
+        if reason == NO_PIXEL_DATA:
+            # Every image IOD has Pixel Data (or Float Pixel Data): pydicom
+            # reads a truncated file without raising, and keeps what it read.
+            reason = "an image without pixel data: the file is damaged or truncated"
         if not reason:
             reason = match_problem(ds, sop_class_uid, match)
             if reason:

@@ -416,3 +416,28 @@ def test_score_refuses_a_sop_class_that_is_not_a_uid(tmp_path: Path) -> None:
 
     assert done.returncode == 2
     assert "--sop-class" in done.stderr
+
+
+def test_score_names_a_truncated_file_as_damaged(
+    tmp_path: Path, model: Path, mixed_folder: dict[str, Dataset]
+) -> None:
+    """pydicom reads a file that ends inside a sequence without raising, and keeps
+    no Pixel Data: that read "no pixel data"."""
+    folder = tmp_path / "in"
+    for name in ("us", "seg", "rtdose"):
+        (folder / f"{name}.dcm").unlink()
+    ds = mixed_folder["ct"]
+    item = Dataset()
+    item.PatientID = "X"
+    ds.SharedFunctionalGroupsSequence = [item]  # written of undefined length
+    ds.save_as(folder / "ct.dcm", enforce_file_format=True)
+    whole = (folder / "ct.dcm").read_bytes()
+    inside = whole.index(bytes.fromhex("0052 2992")) + 16  # (5200,9229), then a bit
+    (folder / "ct.dcm").write_bytes(whole[:inside])
+
+    done = score(tmp_path, model, "--any-image", "--json")
+
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["passed_over"] == {
+        "an image without pixel data: the file is damaged or truncated": 1
+    }
