@@ -546,6 +546,65 @@ def test_a_paired_body_part_keeps_its_side_from_image_laterality(
         assert dciodvfy_problems(path) == [], path.name
 
 
+def test_result_series_say_one_thing_of_side_and_body_part_and_frame(
+    tmp_path: Path,
+) -> None:
+    # The explained images come from two series (a left and a right side, two
+    # frames of reference): each capture copied its source's series-level side
+    # and body part into the one capture series, and both maps' frames of
+    # reference went into one map series.
+    datasets = sources("CT")
+    for ds, side, part in zip(datasets, "LR", ("BREAST", "HAND"), strict=True):
+        ds.Laterality = side
+        ds.BodyPartExamined = part
+    assert datasets[0].FrameOfReferenceUID != datasets[1].FrameOfReferenceUID
+    result = build_results(
+        datasets, predict(datasets, top_k=2), 1, node=NODE, parametric_map=True
+    )
+    source_of = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    assert len(result.captures) == len(result.maps) >= 2
+
+    # One capture series, showing both: the side is each image's.
+    assert len({ds.SeriesInstanceUID for ds in result.captures}) == 1
+    for sc in result.captures:
+        assert "Laterality" not in sc
+        assert "BodyPartExamined" not in sc
+        source = source_of[sc.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert sc.ImageLaterality == source.Laterality
+    # A map series per frame of reference, each saying its source series' own.
+    series: dict[str, set[tuple[str, str, str]]] = {}
+    for pm in result.maps:
+        source = source_of[pm.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        said = (pm.FrameOfReferenceUID, pm.Laterality, pm.BodyPartExamined)
+        assert said == (
+            source.FrameOfReferenceUID,
+            source.Laterality,
+            source.BodyPartExamined,
+        )
+        series.setdefault(pm.SeriesInstanceUID, set()).add(said)
+    assert sorted(map(len, series.values())) == [1, 1]
+    for path in written(result, tmp_path):
+        assert dciodvfy_problems(path) == [], path.name
+
+
+def test_one_source_series_keeps_its_side_and_body_part_on_the_series(
+    tmp_path: Path,
+) -> None:
+    datasets = sources("CT")
+    datasets[1].SeriesInstanceUID = datasets[0].SeriesInstanceUID
+    datasets[1].FrameOfReferenceUID = datasets[0].FrameOfReferenceUID
+    for ds in datasets:
+        ds.Laterality, ds.BodyPartExamined = "R", "BREAST"
+    result = build_results(
+        datasets, predict(datasets, top_k=2), 1, node=NODE, parametric_map=True
+    )
+    derived = [*result.captures, *result.maps]
+    assert len(derived) >= 4
+    assert {(ds.Laterality, ds.BodyPartExamined) for ds in derived} == {("R", "BREAST")}
+    assert all("ImageLaterality" not in ds for ds in derived)
+    assert len({pm.SeriesInstanceUID for pm in result.maps}) == 1
+
+
 def test_a_result_set_written_over_a_larger_one_leaves_none_of_it(
     tmp_path: Path,
 ) -> None:

@@ -15,7 +15,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 
 from dicom_node.identity import MANUFACTURER
 from dicom_node.results import ResultSet
-from dicom_node.results.capture import build_capture
+from dicom_node.results.capture import agree_on_series, build_capture
 from dicom_node.results.naming import NodeIdentity, result_uid
 from dicom_node.results.pmap import build_map, has_patient_geometry
 from dicom_node.results.sr import build_report
@@ -98,6 +98,10 @@ def build_results(
     ]
     captures: list[tuple[int, Dataset]] = []
     maps: list[tuple[int, Dataset]] = []
+    # A map series per frame of reference of the sources, in order of first use
+    # (a study's one frame of reference: the series a run has always had).
+    map_roles: dict[str, str] = {}
+    map_series: dict[str, list[Dataset]] = {}
     for number, e in enumerate(explained, start=1):
         source = by_uid[e.source.sop_instance_uid]
         captures.append(
@@ -107,12 +111,24 @@ def build_results(
             )
         )
         if parametric_map and has_patient_geometry(source):
-            maps.append(
-                (
-                    e.label_index,
-                    build_map(source, e, prediction, number, uid, node=node),
-                )
+            frame = str(source.FrameOfReferenceUID)
+            if frame not in map_roles:
+                later = f"-{len(map_roles) + 1}" if map_roles else ""
+                map_roles[frame] = f"pm-series{later}"
+            pm = build_map(
+                source,
+                e,
+                prediction,
+                number,
+                uid,
+                node=node,
+                series_role=map_roles[frame],
             )
+            map_series.setdefault(frame, []).append(pm)
+            maps.append((e.label_index, pm))
+    agree_on_series([sc for _, sc in captures])
+    for series in map_series.values():
+        agree_on_series(series)
     scored = [
         by_uid[u]
         for u in dict.fromkeys(f.sop_instance_uid for f in prediction.frames)

@@ -22,7 +22,7 @@ from dicom_node.results.naming import (
 from dicom_node.results.render import overlay, pixel_aspect
 from inference import Explanation, StudyPrediction, render
 
-__all__ = ["build_capture", "copy_body_part", "lossy_history"]
+__all__ = ["agree_on_series", "build_capture", "copy_body_part", "lossy_history"]
 
 # Transfer syntaxes that are lossy, and the method each names in Lossy Image
 # Compression Method (PS3.3 C.7.6.1.1.5.1).
@@ -251,6 +251,35 @@ def copy_body_part(ds: Dataset, source: Dataset) -> None:
         # General Series: Laterality is Type 2C, required when the body part may
         # be a paired structure; unknown here, so present and empty.
         ds.Laterality = None
+
+
+def agree_on_series(instances: Sequence[Dataset]) -> None:
+    """Make one result series say one thing of its body part and side.
+
+    Body Part Examined and Laterality are General Series attributes (PS3.3
+    C.7.3.1), one value for the series; each result instance copies its
+    source's, and a result series may show images of several source series (a
+    left and a right mammogram, each a series of its own). Where they differ,
+    the series says none: each instance's side moves to its Image Laterality,
+    which is the image's own.
+    """
+    if len({str(ds.get("Laterality") or "") for ds in instances}) > 1:
+        for ds in instances:
+            side = ds.get("Laterality")
+            if side and not ds.get("ImageLaterality"):
+                ds.ImageLaterality = side
+            if "Laterality" in ds:
+                del ds.Laterality
+    if len({str(ds.get("BodyPartExamined") or "") for ds in instances}) > 1:
+        for ds in instances:
+            if "BodyPartExamined" in ds:
+                del ds.BodyPartExamined
+    for ds in instances:
+        if not any(
+            ds.get(k) for k in ("Laterality", "ImageLaterality", "BodyPartExamined")
+        ):
+            # Laterality is Type 2C, required when the body part may be paired.
+            ds.Laterality = None
 
 
 def _orientation(source: Dataset) -> list[str] | str:

@@ -55,18 +55,21 @@ def build_map(
     uid: Callable[[str], str],
     *,
     node: NodeIdentity,
+    series_role: str = "pm-series",
 ) -> Dataset:
     """Return the Parametric Map of one explained image's raw Grad-CAM.
 
     The heatmap in [0, 1] is stored as 16-bit integers on the source's grid;
-    the Real World Value Mapping gives the values back.
+    the Real World Value Mapping gives the values back. Its series is
+    ``uid(series_role)``: one per frame of reference of the sources (a
+    series has one, PS3.3 C.7.4.1).
     """
     label = prediction.labels[explanation.label_index].label
     stored = np.round(np.clip(explanation.heatmap, 0.0, 1.0) * _SCALE)
     pm = hd.pm.ParametricMap(
         source_images=[highdicom_view(source)],
         pixel_array=stored.astype(np.uint16),
-        series_instance_uid=uid("pm-series"),
+        series_instance_uid=uid(series_role),
         series_number=series_number(prediction.model_name, 3),
         sop_instance_uid=uid(f"pm-{number}"),
         instance_number=number,
