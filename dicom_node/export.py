@@ -32,6 +32,7 @@ from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import code_to_category
@@ -46,7 +47,7 @@ from dicom_node.errors import (
 )
 from dicom_node.gate import GuardedSocket, GuardedSSLSocket, PduLimits
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicom_node.log import quiet_pynetdicom
+from dicom_node.log import describe_exception, quiet_pynetdicom
 
 __all__ = [
     "OutboundAssociation",
@@ -64,6 +65,13 @@ logger = logging.getLogger(__name__)
 
 # PS3.8 9.3.2: at most 128 presentation contexts in one A-ASSOCIATE-RQ.
 _MAX_CONTEXTS = 128
+# A response's command set is a few hundred bytes; pynetdicom holds a message's
+# fragments in memory until its last one.
+_RESPONSE_COMMAND_MAX = 64 * 1024
+# The smallest Maximum Length Received of a peer we send to: pynetdicom fails
+# at 6 (no room for a fragment) and sends a byte a PDU at 7 (a 2 MB file took
+# a minute and 700 MB); PS3.8 sets no floor, and nothing real goes this low.
+_PEER_PDU_MIN = 1024
 _PEER_PATTERN = re.compile(r"(?P<aet>[^@]+)@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d+)")
 
 
@@ -322,7 +330,7 @@ class _ResponseGuard:
 
     def _send_msg(self, primitive: Any, context_id: int) -> None:
         if self._outstanding.is_set():
-            self._sent = primitive
+            self._sent = primitive, context_id
         self._send(primitive, context_id)
 
     def _get_msg(self, block: bool = False) -> Any:
@@ -330,7 +338,7 @@ class _ResponseGuard:
             return None, None  # the reactor's poll: the sender reads the response
         item = self._read(block)
         if block and self._outstanding.is_set():
-            self._answer = item[1]
+            self._answer = item[1], item[0]
         return item
 
     @contextlib.contextmanager
@@ -350,10 +358,15 @@ class _ResponseGuard:
         it names: a response to another Message ID, or of another kind, would
         read as the answer (a Success for an instance that was not stored).
         """
-        sent, answer = self._sent, self._answer
-        if sent is None or answer is None:
+        if self._sent is None or self._answer is None:
             return None  # not seen: another pynetdicom version
+        (sent, context), (answer, answer_context) = self._sent, self._answer
         asked = type(sent).__name__.replace("_", "-")
+        if answer_context != context:
+            return (
+                f"the {asked} response came on presentation context "
+                f"{answer_context}, not {context} of the request"
+            )
         if type(answer) is not type(sent):
             return (
                 f"the peer answered a {asked} request with a "
@@ -389,6 +402,8 @@ class _Heard:
     abort: A_ABORT | A_P_ABORT | None = None
     # The connection as pynetdicom reads it, once open.
     sock: Any = None
+    # Bytes of the command set now arriving.
+    command_bytes: int = 0
 
     def on_conn_open(self, event: Event) -> None:
         self.connected = True
@@ -398,6 +413,39 @@ class _Heard:
             # Opened, not yet read from: pynetdicom connects (and shakes hands)
             # in the reactor thread, which reads only after this event.
             sock.guard(self.limits)
+
+    def on_pdu_recv(self, event: Event) -> None:
+        # What the peer sends us are responses to C-STORE and C-ECHO: a command
+        # set each, and no data set. pynetdicom keeps a message's fragments
+        # in memory until its last one comes, so a command that never ends or
+        # a data set streamed with a response grew the process without bound.
+        pdu = event.pdu
+        if not isinstance(pdu, P_DATA_TF):
+            return
+        accepted = {cx.context_id for cx in event.assoc.accepted_contexts}
+        for item in pdu.presentation_data_value_items:
+            value = item.presentation_data_value or b""
+            problem = None
+            if item.presentation_context_id not in accepted:
+                problem = "P-DATA on a presentation context that was not accepted"
+            elif not value:
+                problem = "P-DATA value without a message control header"
+            elif not value[0] & 0x01:  # PS3.8 E.2: a data set fragment
+                problem = (
+                    "a data set with a response (C-STORE and C-ECHO responses "
+                    "have none)"
+                )
+            else:
+                self.command_bytes += len(value) - 1
+                if self.command_bytes > _RESPONSE_COMMAND_MAX:
+                    problem = f"a command set over {_RESPONSE_COMMAND_MAX} bytes"
+                elif value[0] & 0x02:  # the command set's last fragment
+                    self.command_bytes = 0
+            if problem is not None:
+                refuse = getattr(self.sock, "refuse", None)
+                if refuse is not None:
+                    refuse(problem)
+                return
 
     @property
     def cut(self) -> str | None:
@@ -498,6 +546,14 @@ class OutboundAssociation:
         started = time.monotonic()
         with self._guard.request():
             rsp = send()
+        # Cut off for what the peer sent (checked as each PDU is read, before
+        # its messages are): a response that came with it is not believed.
+        cut = self._heard.cut
+        if cut is not None:
+            raise AssociationError(
+                f"no {what} response: the node aborted the association with "
+                f"{self.peer}: {cut}"
+            )
         if "Status" in rsp:
             mismatch = self._guard.mismatch()
             if mismatch is None:
@@ -506,12 +562,6 @@ class OutboundAssociation:
             raise AssociationError(
                 f"no {what} response from {self.peer}: {mismatch}; the "
                 "association was aborted"
-            )
-        cut = self._heard.cut
-        if cut is not None:
-            raise AssociationError(
-                f"no {what} response: the node aborted the association with "
-                f"{self.peer}: {cut}"
             )
         # An abort while we waited is still at the head of the DUL's queue:
         # the reactor, paused for the request, has not read it yet.
@@ -605,6 +655,7 @@ def associate(
             evt_handlers=[
                 (evt.EVT_CONN_OPEN, heard.on_conn_open),
                 (evt.EVT_ACSE_RECV, heard.on_acse_recv),
+                (evt.EVT_PDU_RECV, heard.on_pdu_recv),
             ],
         )
     except socket.gaierror as exc:  # pynetdicom resolves the name first
@@ -614,7 +665,24 @@ def associate(
         ) from exc
     if not assoc.is_established:
         raise _failure(assoc, ae.connect_error(assoc), heard, peer, timeout, tls)
+    problem = _acceptance_problem(assoc)
+    if problem:
+        assoc.abort()
+        raise AssociationError(f"{peer} accepted the association, but {problem}")
     return OutboundAssociation(assoc, peer, timeout, heard)
+
+
+def _acceptance_problem(assoc: Association) -> str:
+    """Return why an accepted association cannot be sent over, or an empty string."""
+    most = int(assoc.acceptor.maximum_length or 0)  # 0: no limit
+    if 0 < most < _PEER_PDU_MIN:
+        return (
+            f"its Maximum Length Received is {most} bytes; the node sends no "
+            f"PDUs under {_PEER_PDU_MIN}"
+        )
+    if any(not cx.transfer_syntax for cx in assoc.accepted_contexts):
+        return "it accepted a presentation context without a transfer syntax"
+    return ""
 
 
 def echo(
@@ -909,6 +977,11 @@ def _send_batch(
                 continue
             except AssociationError as exc:
                 lost = str(exc)
+                finish(SendOutcome(item.path, None, lost))
+                continue
+            except Exception as exc:  # noqa: BLE001 - e.g. on an answer pynetdicom cannot take
+                link.assoc.abort()
+                lost = f"not sent: sending failed ({describe_exception(exc)})"
                 finish(SendOutcome(item.path, None, lost))
                 continue
             outcome = SendOutcome(item.path, status)
