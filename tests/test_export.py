@@ -380,8 +380,9 @@ def _accept(
     encoded = bytearray(ac.encode())
     encoded[10:42] = rq_bytes[10:42]  # the AE titles, as the request gave them
     conn.sendall(bytes(encoded))
+    context_id = int(proposed.context_id or 0)
     if not transfer_syntax or max_length < 1024:
-        return proposed.context_id, 0
+        return context_id, 0
     command = b""
     while True:  # the C-ECHO request: command fragments up to the last one
         pdu_type, length = struct.unpack(">BxL", _exactly(conn, 6))
@@ -391,7 +392,7 @@ def _accept(
         command += body[6:]
         if body[5] & 0x02:
             request = decode(BytesIO(command), True, True)
-            return proposed.context_id, int(request.MessageID)
+            return context_id, int(request.MessageID)
 
 
 def _echo_response(message_id: int, *, data_set: bool = False) -> bytes:
@@ -402,8 +403,8 @@ def _echo_response(message_id: int, *, data_set: bool = False) -> bytes:
     rsp.MessageIDBeingRespondedTo = message_id
     rsp.CommandDataSetType = 0x0001 if data_set else 0x0101
     rsp.Status = 0x0000
-    rsp.CommandGroupLength = len(encode(rsp, True, True)) - 12
-    return bytes(encode(rsp, True, True))
+    rsp.CommandGroupLength = len(encode(rsp, True, True) or b"") - 12
+    return bytes(encode(rsp, True, True) or b"")
 
 
 @pytest.mark.parametrize("max_length", [6, 7, 1023])
