@@ -50,6 +50,7 @@ from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicom_node.log import describe_exception, quiet_pynetdicom
 
 __all__ = [
+    "OUT_OF_TIME",
     "OutboundAssociation",
     "Peer",
     "SendOutcome",
@@ -63,6 +64,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# The outcome of a file not begun before send_files' ``until``.
+OUT_OF_TIME = "not tried: out of time (the peer answered slowly)"
 # PS3.8 9.3.2: at most 128 presentation contexts in one A-ASSOCIATE-RQ.
 _MAX_CONTEXTS = 128
 # A response's command set is a few hundred bytes; pynetdicom holds a message's
@@ -860,6 +863,7 @@ def send_files(
     timeout: float = 60.0,
     progress: Callable[[SendOutcome], None] | None = None,
     tls: ssl.SSLContext | None = None,
+    until: float | None = None,
 ) -> SendReport:
     """Send files and folders with C-STORE, exactly as stored (no transcoding).
 
@@ -881,6 +885,11 @@ def send_files(
         Called after each file with its outcome.
     tls
         When set, associate over DICOM TLS with this client context.
+    until
+        A :func:`time.monotonic` time after which no file is begun: those
+        left get an outcome that says so (a peer that answers each file
+        slowly, within the timeout, would otherwise hold the sender for
+        files x timeout).
 
     Returns
     -------
@@ -903,7 +912,9 @@ def send_files(
         items.append(found)
 
     for batch in _batches(items):
-        _send_batch(batch, peer, calling_ae_title, timeout, report, progress, tls)
+        _send_batch(
+            batch, peer, calling_ae_title, timeout, report, progress, tls, until
+        )
     return report
 
 
@@ -929,6 +940,7 @@ def _send_batch(
     report: SendReport,
     progress: Callable[[SendOutcome], None] | None,
     tls: ssl.SSLContext | None = None,
+    until: float | None = None,
 ) -> None:
     pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in batch})
     contexts = [build_context(UID(c), [UID(t)]) for c, t in pairs]
@@ -945,6 +957,9 @@ def _send_batch(
     lost = ""
     try:
         for item in batch:
+            if until is not None and time.monotonic() >= until:
+                finish(SendOutcome(item.path, None, OUT_OF_TIME))
+                continue
             if link is None or not link.is_established:
                 if link is not None:
                     link.close()

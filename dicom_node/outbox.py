@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.errors import ConfigError
-from dicom_node.export import Peer, send_files
+from dicom_node.export import OUT_OF_TIME, Peer, send_files
 from dicom_node.index import (
     Delivery,
     DeliveryState,
@@ -33,6 +34,7 @@ from dicom_node.index import (
     utc_now,
 )
 from dicom_node.leases import backoff, owner_name, release
+from dicom_node.log import describe_exception
 from dicom_node.loop import Loop
 from dicom_node.results.store import delivery_files, results_root
 from dicom_node.stow import stow
@@ -189,6 +191,7 @@ def _stow_all(
     owner_of: dict[Path, int],
     config: NodeConfig,
     errors: dict[int, str],
+    until: float,
 ) -> None:
     destination = next(
         (d for d in config.destinations if d.name == deliveries[0].destination), None
@@ -200,6 +203,9 @@ def _stow_all(
             continue
         if unreachable:
             errors[delivery.id] = unreachable
+            continue
+        if time.monotonic() >= until:
+            errors[delivery.id] = OUT_OF_TIME
             continue
         try:
             outcomes = stow(files, delivery.peer.host, destination)
@@ -215,6 +221,47 @@ def _stow_all(
                 # The rest would wait out the same timeout each, past the
                 # lease: they are tried again with this one.
                 unreachable = errors[delivery.id]
+
+
+def _send(
+    deliveries: Sequence[ClaimedDelivery],
+    owner_of: dict[Path, int],
+    config: NodeConfig,
+    errors: dict[int, str],
+    until: float,
+) -> None:
+    """Send the deliveries' files (owner_of) to their peer; note failures in errors."""
+    if owner_of and deliveries[0].peer.port == 0:
+        # A DICOMweb destination (its URL in the host field): STOW-RS, one
+        # request per result set.
+        _stow_all(deliveries, owner_of, config, errors, until)
+        return
+    if not owner_of:
+        return
+    try:
+        tls = _delivery_tls(config, deliveries[0].destination)
+    except ConfigError as exc:
+        for delivery in deliveries:
+            errors.setdefault(delivery.id, str(exc))
+        return
+    report = send_files(
+        list(owner_of),
+        deliveries[0].peer,
+        calling_ae_title=config.ae_title,
+        tls=tls,
+        until=until,
+    )
+    sent: dict[int, list[bool]] = {}
+    for outcome in report.outcomes:
+        delivery_id = owner_of[outcome.path]
+        sent.setdefault(delivery_id, []).append(outcome.ok)
+        if not outcome.ok and delivery_id not in errors:
+            errors[delivery_id] = outcome.error or "not accepted"
+    for delivery_id, oks in sent.items():
+        if not all(oks):
+            errors[delivery_id] = (
+                f"{oks.count(False)} of {len(oks)} not accepted: {errors[delivery_id]}"
+            )
 
 
 def run_deliveries(
@@ -234,7 +281,9 @@ def run_deliveries(
     Returns
     -------
     list of DeliveryState
-        Each delivery's new state: done, pending (to be retried) or dead.
+        Each delivery's new state: done, pending (to be retried) or dead; none
+        for a delivery whose lease ran out while it was sent (whoever holds
+        it now records its outcome).
     """
     errors: dict[int, str] = {}
     owner_of: dict[Path, int] = {}
@@ -245,37 +294,19 @@ def run_deliveries(
             owner_of.update(dict.fromkeys(files, delivery.id))
         else:
             errors[delivery.id] = "result files missing"
-    if owner_of and deliveries[0].peer.port == 0:
-        # A DICOMweb destination (its URL in the host field): STOW-RS, one
-        # request per result set.
-        _stow_all(deliveries, owner_of, config, errors)
-        owner_of.clear()
-    if owner_of:
-        try:
-            tls = _delivery_tls(config, deliveries[0].destination)
-        except ConfigError as exc:
-            tls = None
-            for delivery in deliveries:
-                errors.setdefault(delivery.id, str(exc))
-            owner_of.clear()
-        report = send_files(
-            list(owner_of),
-            deliveries[0].peer,
-            calling_ae_title=config.ae_title,
-            tls=tls,
-        )
-        sent: dict[int, list[bool]] = {}
-        for outcome in report.outcomes:
-            delivery_id = owner_of[outcome.path]
-            sent.setdefault(delivery_id, []).append(outcome.ok)
-            if not outcome.ok and delivery_id not in errors:
-                errors[delivery_id] = outcome.error or "not accepted"
-        for delivery_id, oks in sent.items():
-            if not all(oks):
-                errors[delivery_id] = (
-                    f"{oks.count(False)} of {len(oks)} not accepted: "
-                    f"{errors[delivery_id]}"
-                )
+    # Files begun by half the lease end well before it: associating, one
+    # C-STORE and the release take a timeout each at most.
+    until = time.monotonic() + config.lease_seconds / 2
+    try:
+        _send(deliveries, owner_of, config, errors, until)
+    except Exception as exc:  # noqa: BLE001 - every delivery gets an outcome
+        # What was sent before is sent again: a copy of a SOP instance
+        # replaces itself; a delivery left held would wait out its lease.
+        logger.error("sending results failed: %s", describe_exception(exc))
+        for delivery in deliveries:
+            errors.setdefault(
+                delivery.id, f"sending failed ({describe_exception(exc)})"
+            )
     now = utc_now()
     changes: list[tuple[ClaimedDelivery, DeliveryState, dict[str, Any]]] = []
     for delivery in deliveries:
@@ -297,11 +328,25 @@ def run_deliveries(
             }
         changes.append((delivery, state, values))
 
-    def work(session: Session) -> None:
-        for delivery, state, values in changes:
+    def work(session: Session) -> list[bool]:
+        return [
             release(session, Delivery, delivery.id, delivery.owner, state, **values)
+            for delivery, state, values in changes
+        ]
 
-    index.run(work)
+    held = index.run(work)
+    lost = [c[0] for c, kept in zip(changes, held, strict=True) if not kept]
+    changes = [c for c, kept in zip(changes, held, strict=True) if kept]
+    for delivery in lost:
+        # Its lease ran out while it was sent: another outbox may be sending
+        # it now, and records its outcome; this one's is not recorded.
+        logger.warning(
+            "delivery %d to %s, try %d: the lease ran out while sending; "
+            "its outcome here is not recorded",
+            delivery.id,
+            delivery.destination,
+            delivery.attempts,
+        )
     _measure(index, config, changes, now)
     for delivery, state, _ in changes:
         if state == DeliveryState.DONE:
