@@ -8,26 +8,105 @@ same retries, backoff and dead letter.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.config import DestinationConfig, read_token
 from dicom_node.dimse import is_decode_error
+from dicom_node.log import describe_exception
 
 if TYPE_CHECKING:
     import requests
 
-__all__ = ["StowOutcome", "stow"]
+__all__ = ["ReplyError", "StowOutcome", "stow"]
 
 logger = logging.getLogger(__name__)
 
 _TIMEOUT = 60.0  # seconds for a request
+# A Store Instances Response names each instance in a few hundred bytes; a
+# reply larger than this is not one (an endless body once filled the memory).
+_REPLY_MAX = 4 * 1024 * 1024
+# DICOM JSON media types (PS3.18 8.7.3), without their parameters.
+_JSON_TYPES = ("application/dicom+json", "application/json")
+
+
+class ReplyError(Exception):
+    """The service's reply was refused unread: a redirect, too large, too slow."""
+
+
+class _Bounded:
+    """A reply body as requests reads it, to at most ``_REPLY_MAX`` bytes by ``until``.
+
+    Also keeps what was read (the adapter hands it back to :func:`stow`).
+    """
+
+    def __init__(self, raw: Any, until: float, content_type: str) -> None:
+        self._raw = raw
+        self._until = until
+        self.body = bytearray()
+        self.content_type = content_type
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+    def _took(self, chunk: bytes) -> bytes:
+        self.body += chunk
+        if len(self.body) > _REPLY_MAX:
+            self._raw.close()
+            raise ReplyError(f"reply body over {_REPLY_MAX} bytes")
+        if time.monotonic() > self._until:
+            self._raw.close()
+            raise ReplyError(f"reply not received within {_TIMEOUT:g} s")
+        return chunk
+
+    def stream(self, amt: int = 65536, decode_content: bool | None = None) -> Any:
+        """Yield the body in chunks, within the bounds."""
+        for chunk in self._raw.stream(amt, decode_content=decode_content):
+            yield self._took(chunk)
+
+    def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> bytes:
+        """Read the body, within the bounds."""
+        return self._took(self._raw.read(amt, *args, **kwargs))
+
+
+def _adapter() -> Any:
+    """Return a requests transport adapter that bounds the service's replies.
+
+    A redirect is refused, not followed (requests would POST the results
+    again, to wherever it points, over plain HTTP too); a reply body is read
+    to at most ``_REPLY_MAX`` bytes, whole within ``_TIMEOUT`` of its
+    headers. The last reply's body is kept as ``adapter.last``.
+    """
+    from requests.adapters import HTTPAdapter
+
+    class Adapter(HTTPAdapter):
+        last: _Bounded | None = None
+
+        def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+            response = super().send(request, *args, **kwargs)
+            if response.is_redirect:
+                response.close()
+                raise ReplyError(
+                    f"HTTP {response.status_code}: a redirect, not followed (give "
+                    "the URL it points to as the destination's url)"
+                )
+            self.last = _Bounded(
+                response.raw,
+                time.monotonic() + _TIMEOUT,
+                response.headers.get("Content-Type", ""),
+            )
+            response.raw = self.last
+            return response
+
+    return Adapter()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +171,9 @@ def stow(
     if not datasets:
         return [outcomes[p] for p in paths]
     session = requests.Session()
+    adapter = _adapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     if destination is not None and destination.ca_certificates is not None:
         session.verify = str(destination.ca_certificates)
     client = DICOMwebClient(
@@ -123,14 +205,41 @@ def stow(
                 for p, uid in uids
             }
         )
+    except ReplyError as exc:
+        outcomes.update({p: StowOutcome(p, False, str(exc)) for p, _ in uids})
+    except requests.exceptions.InvalidJSONError:
+        error = "reply not understood (not the JSON it says it is)"
+        outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
     except (requests.RequestException, OSError) as exc:
         error = f"not reached ({type(exc).__name__})"
         outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
+    except Exception as exc:  # noqa: BLE001 - a reply dicomweb-client fails on
+        error = f"reply not understood ({describe_exception(exc)})"
+        outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
     else:
+        last = adapter.last
+        if len(response) == 0 and last is not None:
+            response = _json_reply(last.body, last.content_type, response)
         outcomes.update(_read_response(response, uids))
     finally:
         session.close()
     return [outcomes[p] for p in paths]
+
+
+def _json_reply(body: bytes | bytearray, content_type: str, parsed: Dataset) -> Dataset:
+    """Read a DICOM JSON reply that dicomweb-client passed over, else ``parsed``.
+
+    dicomweb-client (0.61) reads a reply only when its Content-Type is exactly
+    a DICOM JSON type, so one with a parameter ("; charset=utf-8", as services
+    send) confirmed nothing, and every retry stored the results again.
+    """
+    if content_type.split(";")[0].strip().lower() not in _JSON_TYPES:
+        return parsed
+    try:
+        reply = json.loads(bytes(body))
+        return Dataset.from_json(reply[0] if isinstance(reply, list) else reply)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return parsed  # not DICOM JSON: it confirms nothing
 
 
 def _refused(reason: object) -> str:
@@ -157,7 +266,7 @@ def _failure_reasons(answer: requests.Response | None) -> dict[str, str]:
             )
             for item in response.get("FailedSOPSequence", [])
         }
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ReplyError):
         return {}  # a body that does not parse (JSON or DICOM JSON) says nothing
 
 

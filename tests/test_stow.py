@@ -299,3 +299,118 @@ def test_a_refused_stow_request_says_why_each_file_was_refused(
         ]
     else:
         assert [(o.ok, o.error) for o in outcomes] == [(False, "HTTP 409 Conflict")] * 2
+
+
+def _confirming(uids: list[str]) -> bytes:
+    stored = [{"00081155": {"vr": "UI", "Value": [uid]}} for uid in uids]
+    return json.dumps({"00081199": {"vr": "SQ", "Value": stored}}).encode()
+
+
+def test_a_reply_typed_with_a_charset_confirms_what_it_names(tmp_path: Path) -> None:
+    """dicomweb-client reads only an exact "application/dicom+json": with
+    "; charset=utf-8" every result set went unconfirmed and was sent again."""
+    paths, uids = study_files(tmp_path, 2)
+
+    class Charset(Service):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.reply(200, "application/dicom+json; charset=utf-8", _confirming(uids))
+
+    assert [(o.ok, o.error) for o in stow_through(Charset, paths)] == [(True, "")] * 2
+
+
+def test_an_endless_reply_is_cut_at_its_bound(tmp_path: Path) -> None:
+    """The body was read whole: a service streaming one filled the memory."""
+    paths, _ = study_files(tmp_path, 1)
+    sent: list[int] = []
+
+    class Endless(Service):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
+            total = 0
+            try:
+                for _ in range(16_384):  # 1 GiB
+                    self.wfile.write(chunk)
+                    total += len(chunk)
+            except OSError:
+                pass
+            sent.append(total)
+
+    (outcome,) = stow_through(Endless, paths)
+    assert (outcome.ok, outcome.error) == (False, "reply body over 4194304 bytes")
+    wait_for(lambda: bool(sent), 30, "the service to stop")
+    assert sent[0] < 64 << 20
+
+
+def test_a_redirect_is_not_followed(tmp_path: Path) -> None:
+    """requests POSTed the results again to wherever a redirect pointed (over
+    plain HTTP too), and what that host confirmed counted as delivered."""
+    paths, uids = study_files(tmp_path, 1)
+    elsewhere: list[str] = []
+
+    class Elsewhere(Service):
+        def do_POST(self) -> None:
+            elsewhere.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.reply(200, "application/dicom+json", _confirming(uids))
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    target = f"http://127.0.0.1:{other.server_address[1]}/dicom-web/studies"
+
+    class Redirect(Service):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(307)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    try:
+        (outcome,) = stow_through(Redirect, paths)
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert not outcome.ok
+    assert outcome.error == (
+        "HTTP 307: a redirect, not followed (give the URL it points to as the "
+        "destination's url)"
+    )
+    assert elsewhere == []
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "error"),
+    [
+        ("application/dicom+json", b"[]", "reply not understood (AttributeError"),
+        ("application/dicom+json", b'{"0008": 1}', "reply not understood (TypeError"),
+        ("application/dicom+json", b"<html>ok</html>", "reply not understood (not"),
+        ("application/dicom+xml", b"<NativeDicomModel>", "reply not understood (Parse"),
+        (None, b"{}", "reply not understood (KeyError"),
+    ],
+)
+def test_a_reply_dicomweb_client_fails_on_is_a_failed_try(
+    tmp_path: Path, content_type: str | None, body: bytes, error: str
+) -> None:
+    """Each raised out of stow(): the outbox step ended, its deliveries held
+    until the lease ran out, then dead with a false reason."""
+    paths, _ = study_files(tmp_path, 1)
+
+    class Odd(Service):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            if content_type is not None:
+                self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    (outcome,) = stow_through(Odd, paths)
+    assert not outcome.ok
+    assert outcome.error.startswith(error)
