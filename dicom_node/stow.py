@@ -8,9 +8,11 @@ same retries, backoff and dead letter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import time
+import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,19 +40,23 @@ _REPLY_MAX = 4 * 1024 * 1024
 _JSON_TYPES = ("application/dicom+json", "application/json")
 
 
+# The most a whole request may take, sending included: a service that drips
+# its reply (each byte within the timeout) held the outbox for hours.
+_DEADLINE = 2 * _TIMEOUT
+
+
 class ReplyError(Exception):
-    """The service's reply was refused unread: a redirect, too large, too slow."""
+    """The service's reply was refused unread: a redirect, or too large."""
 
 
 class _Bounded:
-    """A reply body as requests reads it, to at most ``_REPLY_MAX`` bytes by ``until``.
+    """A reply body as requests reads it, to at most ``_REPLY_MAX`` bytes.
 
     Also keeps what was read (the adapter hands it back to :func:`stow`).
     """
 
-    def __init__(self, raw: Any, until: float, content_type: str) -> None:
+    def __init__(self, raw: Any, content_type: str) -> None:
         self._raw = raw
-        self._until = until
         self.body = bytearray()
         self.content_type = content_type
 
@@ -62,18 +68,15 @@ class _Bounded:
         if len(self.body) > _REPLY_MAX:
             self._raw.close()
             raise ReplyError(f"reply body over {_REPLY_MAX} bytes")
-        if time.monotonic() > self._until:
-            self._raw.close()
-            raise ReplyError(f"reply not received within {_TIMEOUT:g} s")
         return chunk
 
     def stream(self, amt: int = 65536, decode_content: bool | None = None) -> Any:
-        """Yield the body in chunks, within the bounds."""
+        """Yield the body in chunks, within the bound."""
         for chunk in self._raw.stream(amt, decode_content=decode_content):
             yield self._took(chunk)
 
     def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> bytes:
-        """Read the body, within the bounds."""
+        """Read the body, within the bound."""
         return self._took(self._raw.read(amt, *args, **kwargs))
 
 
@@ -82,13 +85,49 @@ def _adapter() -> Any:
 
     A redirect is refused, not followed (requests would POST the results
     again, to wherever it points, over plain HTTP too); a reply body is read
-    to at most ``_REPLY_MAX`` bytes, whole within ``_TIMEOUT`` of its
-    headers. The last reply's body is kept as ``adapter.last``.
+    to at most ``_REPLY_MAX`` bytes. The last reply's body is kept as
+    ``adapter.last``. Its connections are kept (``adapter.sockets``), for
+    ``adapter.cut_off()`` to shut them down when a request runs past its
+    deadline (requests' timeout bounds each read, not the whole).
     """
     from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    sockets: list[socket.socket] = []
+
+    class Plain(HTTPConnection):
+        def connect(self) -> None:
+            super().connect()
+            sockets.append(self.sock)
+
+    class Secure(HTTPSConnection):
+        def connect(self) -> None:
+            super().connect()
+            sockets.append(self.sock)
+
+    class PlainPool(HTTPConnectionPool):
+        ConnectionCls = Plain
+
+    class SecurePool(HTTPSConnectionPool):
+        ConnectionCls = Secure
 
     class Adapter(HTTPAdapter):
         last: _Bounded | None = None
+        cut = False
+
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {
+                "http": PlainPool,
+                "https": SecurePool,
+            }
+
+        def cut_off(self) -> None:
+            self.cut = True
+            for sock in sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
         def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
             response = super().send(request, *args, **kwargs)
@@ -98,11 +137,7 @@ def _adapter() -> Any:
                     f"HTTP {response.status_code}: a redirect, not followed (give "
                     "the URL it points to as the destination's url)"
                 )
-            self.last = _Bounded(
-                response.raw,
-                time.monotonic() + _TIMEOUT,
-                response.headers.get("Content-Type", ""),
-            )
+            self.last = _Bounded(response.raw, response.headers.get("Content-Type", ""))
             response.raw = self.last
             return response
 
@@ -188,6 +223,9 @@ def stow(
     # One try per request: the outbox retries with its own backoff and dead
     # letter, as for DICOM peers.
     client.set_http_retry_params(retry=False)
+    deadline = threading.Timer(_DEADLINE, adapter.cut_off)
+    deadline.daemon = True
+    deadline.start()
     try:
         response = client.store_instances(datasets)
     except requests.HTTPError as exc:
@@ -211,17 +249,26 @@ def stow(
         error = "reply not understood (not the JSON it says it is)"
         outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
     except (requests.RequestException, OSError) as exc:
-        error = f"not reached ({type(exc).__name__})"
+        error = (
+            f"no whole reply within {_DEADLINE:g} s"
+            if adapter.cut
+            else f"not reached ({type(exc).__name__})"
+        )
         outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
     except Exception as exc:  # noqa: BLE001 - a reply dicomweb-client fails on
         error = f"reply not understood ({describe_exception(exc)})"
         outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
     else:
         last = adapter.last
+        if adapter.cut:  # the reply, cut off, may read as a short one
+            error = f"no whole reply within {_DEADLINE:g} s"
+            outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
+            return [outcomes[p] for p in paths]
         if len(response) == 0 and last is not None:
             response = _json_reply(last.body, last.content_type, response)
         outcomes.update(_read_response(response, uids))
     finally:
+        deadline.cancel()
         session.close()
     return [outcomes[p] for p in paths]
 

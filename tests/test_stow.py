@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
@@ -414,3 +415,31 @@ def test_a_reply_dicomweb_client_fails_on_is_a_failed_try(
     (outcome,) = stow_through(Odd, paths)
     assert not outcome.ok
     assert outcome.error.startswith(error)
+
+
+def test_a_reply_dripped_a_byte_at_a_time_is_cut_at_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requests' timeout bounds each read: a service dripping its headers held
+    the outbox (and every destination behind it) for hours."""
+    import dicom_node.stow
+
+    monkeypatch.setattr(dicom_node.stow, "_DEADLINE", 2.0)
+    paths, _ = study_files(tmp_path, 1)
+
+    class Drip(Service):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            reply = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 10_000
+            try:
+                for byte in reply:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass
+
+    started = time.monotonic()
+    (outcome,) = stow_through(Drip, paths)
+    assert (outcome.ok, outcome.error) == (False, "no whole reply within 2 s")
+    assert time.monotonic() - started < 10
