@@ -50,7 +50,7 @@ from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicom_node.log import describe_exception, quiet_pynetdicom
 
 __all__ = [
-    "OUT_OF_TIME",
+    "NOT_BEGUN",
     "OutboundAssociation",
     "Peer",
     "SendOutcome",
@@ -64,8 +64,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The outcome of a file not begun before send_files' ``until``.
-OUT_OF_TIME = "not tried: out of time (the peer answered slowly)"
+# The outcome of a file send_files' ``begin`` refused.
+NOT_BEGUN = "not tried: out of time (the peer answered slowly)"
 # PS3.8 9.3.2: at most 128 presentation contexts in one A-ASSOCIATE-RQ.
 _MAX_CONTEXTS = 128
 # A response's command set is a few hundred bytes; pynetdicom holds a message's
@@ -863,7 +863,7 @@ def send_files(
     timeout: float = 60.0,
     progress: Callable[[SendOutcome], None] | None = None,
     tls: ssl.SSLContext | None = None,
-    until: float | None = None,
+    begin: Callable[[Path], bool] | None = None,
 ) -> SendReport:
     """Send files and folders with C-STORE, exactly as stored (no transcoding).
 
@@ -885,11 +885,10 @@ def send_files(
         Called after each file with its outcome.
     tls
         When set, associate over DICOM TLS with this client context.
-    until
-        A :func:`time.monotonic` time after which no file is begun: those
-        left get an outcome that says so (a peer that answers each file
-        slowly, within the timeout, would otherwise hold the sender for
-        files x timeout).
+    begin
+        Asked before each file whether to send it; a file it refuses gets the
+        outcome :data:`NOT_BEGUN` (the outbox begins no new result set once
+        a batch has taken half its lease).
 
     Returns
     -------
@@ -913,7 +912,7 @@ def send_files(
 
     for batch in _batches(items):
         _send_batch(
-            batch, peer, calling_ae_title, timeout, report, progress, tls, until
+            batch, peer, calling_ae_title, timeout, report, progress, tls, begin
         )
     return report
 
@@ -940,7 +939,7 @@ def _send_batch(
     report: SendReport,
     progress: Callable[[SendOutcome], None] | None,
     tls: ssl.SSLContext | None = None,
-    until: float | None = None,
+    begin: Callable[[Path], bool] | None = None,
 ) -> None:
     pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in batch})
     contexts = [build_context(UID(c), [UID(t)]) for c, t in pairs]
@@ -957,8 +956,8 @@ def _send_batch(
     lost = ""
     try:
         for item in batch:
-            if until is not None and time.monotonic() >= until:
-                finish(SendOutcome(item.path, None, OUT_OF_TIME))
+            if begin is not None and not begin(item.path):
+                finish(SendOutcome(item.path, None, NOT_BEGUN))
                 continue
             if link is None or not link.is_established:
                 if link is not None:

@@ -2,7 +2,8 @@
 
 A worker claims a row (a job or a delivery) by setting its state, a lease owner
 (``host:pid:thread``) and when the lease expires. Whoever holds the lease moves
-the row on with :func:`release`; a row whose lease expired is due again, and
+the row on with :func:`release` (and may extend its lease with :func:`renew`
+while it works); a row whose lease expired is due again, and
 :func:`recover_local_leases` expires at once the leases of this host's
 processes that are gone.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -26,6 +28,7 @@ __all__ = [
     "process_gone",
     "recover_local_leases",
     "release",
+    "renew",
 ]
 
 
@@ -134,6 +137,42 @@ def release(
         .execution_options(synchronize_session=False)
     )
     return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def renew(
+    session: Session,
+    table: type[Job] | type[Delivery],
+    row_ids: Sequence[int],
+    owner: str,
+    seconds: float,
+) -> int:
+    """Extend the leases ``owner`` still holds: they expire ``seconds`` from now.
+
+    Parameters
+    ----------
+    session
+        The transaction.
+    table
+        ``Job`` or ``Delivery``.
+    row_ids
+        The rows.
+    owner
+        The lease owner that must still hold them.
+    seconds
+        The lease's length.
+
+    Returns
+    -------
+    int
+        How many were still held (and so extended).
+    """
+    result = session.execute(
+        update(table)
+        .where(table.id.in_(row_ids), table.lease_owner == owner)
+        .values(lease_expires_at=utc_now() + timedelta(seconds=seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0))
 
 
 def recover_local_leases(index: IndexDB) -> int:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.errors import ConfigError
-from dicom_node.export import OUT_OF_TIME, Peer, send_files
+from dicom_node.export import NOT_BEGUN, Peer, send_files
 from dicom_node.index import (
     Delivery,
     DeliveryState,
@@ -33,7 +33,7 @@ from dicom_node.index import (
     Study,
     utc_now,
 )
-from dicom_node.leases import backoff, owner_name, release
+from dicom_node.leases import backoff, owner_name, release, renew
 from dicom_node.log import describe_exception
 from dicom_node.loop import Loop
 from dicom_node.results.store import delivery_files, results_root
@@ -191,7 +191,7 @@ def _stow_all(
     owner_of: dict[Path, int],
     config: NodeConfig,
     errors: dict[int, str],
-    until: float,
+    pace: _Pace,
 ) -> None:
     destination = next(
         (d for d in config.destinations if d.name == deliveries[0].destination), None
@@ -204,14 +204,16 @@ def _stow_all(
         if unreachable:
             errors[delivery.id] = unreachable
             continue
-        if time.monotonic() >= until:
-            errors[delivery.id] = OUT_OF_TIME
+        if not pace.may_begin(delivery.id):
+            errors[delivery.id] = NOT_BEGUN
             continue
         try:
             outcomes = stow(files, delivery.peer.host, destination)
         except ConfigError as exc:
             errors[delivery.id] = str(exc)
             continue
+        finally:
+            pace.keep()
         refused = [o for o in outcomes if not o.ok]
         if refused:
             errors[delivery.id] = (
@@ -223,18 +225,86 @@ def _stow_all(
                 unreachable = errors[delivery.id]
 
 
+class _Pace:
+    """When a batch may begin a result set, and its leases kept while it sends.
+
+    A batch begins no result set once half the lease has passed: a destination
+    answering each file slowly (within the timeout) would otherwise hold the
+    outbox, and every destination behind it, for files x timeout. A result set
+    begun is sent whole, and the batch's leases are extended as it goes, so
+    that no other outbox takes its deliveries over and sends them again beside
+    it (a batch once ran past its lease and was sent twice).
+
+    Parameters
+    ----------
+    deliveries
+        The batch's deliveries (one owner).
+    owner_of
+        Which delivery each file is of.
+    config
+        The node configuration (``lease_seconds``).
+    index
+        The index.
+    """
+
+    def __init__(
+        self,
+        deliveries: Sequence[ClaimedDelivery],
+        owner_of: dict[Path, int],
+        config: NodeConfig,
+        index: IndexDB,
+    ) -> None:
+        self._ids = [d.id for d in deliveries]
+        self._owner = deliveries[0].owner
+        self._owner_of = owner_of
+        self._lease = config.lease_seconds
+        self._index = index
+        now = time.monotonic()
+        self._deadline = now + self._lease / 2
+        self._renewed = now
+        self._begun: set[int] = set()
+
+    def may_begin(self, delivery_id: int) -> bool:
+        """Return whether a delivery's files may be sent (yes, once begun)."""
+        if delivery_id in self._begun:
+            return True
+        if time.monotonic() >= self._deadline:
+            return False
+        self._begun.add(delivery_id)
+        return True
+
+    def may_send(self, path: Path) -> bool:
+        """Return whether a file may be sent (see :meth:`may_begin`)."""
+        return self.may_begin(self._owner_of[path])
+
+    def keep(self, *_: object) -> None:
+        """Extend the batch's leases when a quarter of one has passed since."""
+        now = time.monotonic()
+        if now - self._renewed < self._lease / 4:
+            return
+        self._renewed = now
+        try:
+            self._index.run(
+                lambda s: renew(s, Delivery, self._ids, self._owner, self._lease)
+            )
+        except SQLAlchemyError as exc:
+            logger.warning(
+                "cannot extend the deliveries' leases: %s", type(exc).__name__
+            )
+
+
 def _send(
     deliveries: Sequence[ClaimedDelivery],
     owner_of: dict[Path, int],
     config: NodeConfig,
     errors: dict[int, str],
-    until: float,
+    pace: _Pace,
 ) -> None:
     """Send the deliveries' files (owner_of) to their peer; note failures in errors."""
     if owner_of and deliveries[0].peer.port == 0:
         # A DICOMweb destination (its URL in the host field): STOW-RS, one
         # request per result set.
-        _stow_all(deliveries, owner_of, config, errors, until)
+        _stow_all(deliveries, owner_of, config, errors, pace)
         return
     if not owner_of:
         return
@@ -249,7 +319,8 @@ def _send(
         deliveries[0].peer,
         calling_ae_title=config.ae_title,
         tls=tls,
-        until=until,
+        progress=pace.keep,
+        begin=pace.may_send,
     )
     sent: dict[int, list[bool]] = {}
     for outcome in report.outcomes:
@@ -294,11 +365,14 @@ def run_deliveries(
             owner_of.update(dict.fromkeys(files, delivery.id))
         else:
             errors[delivery.id] = "result files missing"
-    # Files begun by half the lease end well before it: associating, one
-    # C-STORE and the release take a timeout each at most.
-    until = time.monotonic() + config.lease_seconds / 2
     try:
-        _send(deliveries, owner_of, config, errors, until)
+        _send(
+            deliveries,
+            owner_of,
+            config,
+            errors,
+            _Pace(deliveries, owner_of, config, index),
+        )
     except Exception as exc:  # noqa: BLE001 - every delivery gets an outcome
         # What was sent before is sent again: a copy of a SOP instance
         # replaces itself; a delivery left held would wait out its lease.

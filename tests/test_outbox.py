@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from dicom_node.config import DestinationConfig, NodeConfig
 from dicom_node.demo.pacs import receiver_ae
-from dicom_node.export import OUT_OF_TIME
+from dicom_node.export import NOT_BEGUN
 from dicom_node.index import (
     Delivery,
     DeliveryState,
@@ -71,8 +71,10 @@ def slow() -> Iterator[SlowDestination]:
         destination.stop()
 
 
-def queue_deliveries(config: NodeConfig, index: IndexDB, sets: int) -> list[str]:
-    """Record ``sets`` result sets of two files each, due to the destination.
+def queue_deliveries(
+    config: NodeConfig, index: IndexDB, sets: int, files: int = 2
+) -> list[str]:
+    """Record ``sets`` result sets of ``files`` files each, due to the destination.
 
     Returns the SOP Instance UIDs of their files.
     """
@@ -100,7 +102,8 @@ def queue_deliveries(config: NodeConfig, index: IndexDB, sets: int) -> list[str]
         for run in range(1, sets + 1):
             folder = results_root(config.state_dir) / f"r{run}"
             folder.mkdir(parents=True)
-            for name in ("sc-1.dcm", "sr.dcm"):
+            names = [f"sc-{n}.dcm" for n in range(1, files)] + ["sr.dcm"]
+            for name in names:
                 ds = make_ct(seed=run)
                 ds.save_as(folder / name, enforce_file_format=True)
                 uids.append(str(ds.SOPInstanceUID))
@@ -174,8 +177,8 @@ def test_a_slow_destination_gets_each_result_once_though_the_lease_runs_short(
     wait_for(all_done, 60, "both deliveries done")
     sending.join(60)
 
-    # Files begun by half the lease: the first set; the second's were not tried
-    # then, and went on the second try.
+    # Sets begun by half the lease: the first; the second was not tried then,
+    # and went on the second try.
     assert [r.attempts for r in deliveries(index)] == [1, 2]
     wait_for(lambda: len(slow.received) >= len(uids), 30, "every file")
     assert Counter(slow.received) == Counter(uids)  # each once
@@ -199,5 +202,38 @@ def test_files_not_begun_in_time_are_named_so(
     rows = deliveries(index)
     assert rows[0].state == DeliveryState.DONE
     assert rows[1].state == DeliveryState.PENDING
-    assert rows[1].last_error == f"2 of 2 not accepted: {OUT_OF_TIME}"
+    assert rows[1].last_error == f"2 of 2 not accepted: {NOT_BEGUN}"
     assert rows[1].next_attempt_at > utc_now() + timedelta(seconds=30)
+
+
+def test_a_result_set_begun_is_sent_whole_past_half_the_lease_and_only_once(
+    tmp_path: Path, slow: SlowDestination
+) -> None:
+    """Four files answered in 2 s each outlast the 6-s lease: the lease is
+    extended as they go, so a second outbox does not take the delivery over."""
+    config = make_config(
+        tmp_path,
+        destinations=(DestinationConfig("pacs", "DEST", "127.0.0.1", slow.port),),
+        lease_seconds=LEASE,
+        retry_after=0.1,
+        retry_max=0.1,
+    )
+    index = open_index(config)
+    uids = queue_deliveries(config, index, sets=1, files=4)
+    first, second = Outbox(config, index, "outbox-1"), Outbox(config, index, "outbox-2")
+    started = time.monotonic()
+    sending = threading.Thread(target=first.step)
+    sending.start()
+
+    wait_for(
+        lambda: not sending.is_alive() or time.monotonic() - started > LEASE + 0.5,
+        LEASE + 30,
+        "the first outbox done or past its first lease",
+    )
+    taken = second.step()
+    sending.join(60)
+
+    assert not taken
+    rows = deliveries(index)
+    assert [(r.state, r.attempts) for r in rows] == [(DeliveryState.DONE, 1)]
+    assert Counter(slow.received) == Counter(uids)
