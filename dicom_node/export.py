@@ -71,6 +71,12 @@ _MAX_CONTEXTS = 128
 # A response's command set is a few hundred bytes; pynetdicom holds a message's
 # fragments in memory until its last one.
 _RESPONSE_COMMAND_MAX = 64 * 1024
+# What pynetdicom raised while sending on answers it could not take (an
+# accepted context without a transfer syntax: IndexError; a Maximum Length of
+# 6: ZeroDivisionError); each fails that file, not the whole batch.
+_LIBRARY_ERRORS = (IndexError, KeyError, TypeError, ZeroDivisionError, struct.error)
+# The most of a send one TLS write takes (see _TlsSocket.send).
+_TLS_PIECE = 64 * 1024
 # The smallest Maximum Length Received of a peer we send to: pynetdicom fails
 # at 6 (no room for a fragment) and sends a byte a PDU at 7 (a 2 MB file took
 # a minute and 700 MB); PS3.8 sets no floor, and nothing real goes this low.
@@ -237,9 +243,14 @@ class _TlsSocket(_Stalls, GuardedSSLSocket):
         return super().recv(buflen, flags)
 
     def send(self, data: Any, flags: int = 0) -> int:
-        """Send, noting a send that timed out (the peer stopped reading)."""
+        """Send up to 64 KiB, noting a send that timed out (the peer stopped reading).
+
+        A TLS write is whole or nothing within the socket's timeout; a piece
+        at a time (pynetdicom sends the rest), the timeout bounds a stall, not
+        a PDU (one is a whole file to a peer without a maximum length).
+        """
         try:
-            return ssl.SSLSocket.send(self, data, flags)
+            return ssl.SSLSocket.send(self, memoryview(data)[:_TLS_PIECE], flags)
         except TimeoutError:
             self._note_stall(self.gettimeout() or 0.0)
             raise
@@ -327,12 +338,13 @@ class _ResponseGuard:
         # The request now outstanding and the message read as its response.
         self._sent: Any = None
         self._answer: Any = None
+        self._sender = 0  # the thread whose request is outstanding
         if _RESPONSE_GUARD:
             assoc.dimse.get_msg = self._get_msg  # type: ignore[method-assign]
             assoc.dimse.send_msg = self._send_msg  # type: ignore[method-assign]
 
     def _send_msg(self, primitive: Any, context_id: int) -> None:
-        if self._outstanding.is_set():
+        if self._outstanding.is_set() and threading.get_ident() == self._sender:
             self._sent = primitive, context_id
         self._send(primitive, context_id)
 
@@ -348,6 +360,7 @@ class _ResponseGuard:
     def request(self) -> Iterator[None]:
         """Mark a request outstanding until its response is read."""
         self._sent = self._answer = None
+        self._sender = threading.get_ident()
         self._outstanding.set()
         try:
             yield
@@ -618,7 +631,9 @@ def associate(
         Seconds to wait for the TCP connection, the association and each
         response.
     tls
-        When set, associate over DICOM TLS with this client context.
+        When set, associate over DICOM TLS with this client context; its
+        ``sslsocket_class`` is set to the node's (limits on what the peer
+        sends, as over TCP), so keep it for the node's associations.
 
     Returns
     -------
@@ -993,9 +1008,10 @@ def _send_batch(
                 lost = str(exc)
                 finish(SendOutcome(item.path, None, lost))
                 continue
-            except Exception as exc:  # noqa: BLE001 - e.g. on an answer pynetdicom cannot take
+            except _LIBRARY_ERRORS as exc:
                 link.assoc.abort()
                 lost = f"not sent: sending failed ({describe_exception(exc)})"
+                logger.error("sending to %s failed: %s", peer, describe_exception(exc))
                 finish(SendOutcome(item.path, None, lost))
                 continue
             outcome = SendOutcome(item.path, status)

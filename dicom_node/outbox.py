@@ -263,12 +263,15 @@ class _Pace:
         self._deadline = now + self._lease / 2
         self._renewed = now
         self._begun: set[int] = set()
+        # Deliveries not begun for the time: not tried, so no try is spent.
+        self.not_begun: set[int] = set()
 
     def may_begin(self, delivery_id: int) -> bool:
         """Return whether a delivery's files may be sent (yes, once begun)."""
         if delivery_id in self._begun:
             return True
         if time.monotonic() >= self._deadline:
+            self.not_begun.add(delivery_id)
             return False
         self._begun.add(delivery_id)
         return True
@@ -365,14 +368,9 @@ def run_deliveries(
             owner_of.update(dict.fromkeys(files, delivery.id))
         else:
             errors[delivery.id] = "result files missing"
+    pace = _Pace(deliveries, owner_of, config, index)
     try:
-        _send(
-            deliveries,
-            owner_of,
-            config,
-            errors,
-            _Pace(deliveries, owner_of, config, index),
-        )
+        _send(deliveries, owner_of, config, errors, pace)
     except Exception as exc:  # noqa: BLE001 - every delivery gets an outcome
         # What was sent before is sent again: a copy of a SOP instance
         # replaces itself; a delivery left held would wait out its lease.
@@ -386,7 +384,11 @@ def run_deliveries(
     for delivery in deliveries:
         error = errors.get(delivery.id, "")
         values: dict[str, Any]
-        if not error:
+        if delivery.id in pace.not_begun:
+            # Not tried: the claim's try given back, due again at once.
+            state = DeliveryState.PENDING
+            values = {"attempts": delivery.attempts - 1, "next_attempt_at": now}
+        elif not error:
             state, values = (
                 DeliveryState.DONE,
                 {"delivered_at": now, "last_error": None},
@@ -421,12 +423,20 @@ def run_deliveries(
             delivery.destination,
             delivery.attempts,
         )
-    _measure(index, config, changes, now)
+    tried = [c for c in changes if c[0].id not in pace.not_begun]
+    _measure(index, config, tried, now)
     for delivery, state, _ in changes:
         if state == DeliveryState.DONE:
             logger.info(
                 "delivered result set %s to %s",
                 delivery.folder.split("/")[-1],
+                delivery.destination,
+            )
+        elif delivery.id in pace.not_begun:
+            logger.info(
+                "delivery %d to %s: not begun, the batch took half its lease; "
+                "due again",
+                delivery.id,
                 delivery.destination,
             )
         else:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from xml.etree.ElementTree import ParseError
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -40,9 +41,17 @@ _REPLY_MAX = 4 * 1024 * 1024
 _JSON_TYPES = ("application/dicom+json", "application/json")
 
 
-# The most a whole request may take, sending included: a service that drips
-# its reply (each byte within the timeout) held the outbox for hours.
+# The most a whole request may take, and a second more for each mebibyte sent:
+# a service that drips its reply (each byte within the timeout) held the
+# outbox for hours.
 _DEADLINE = 2 * _TIMEOUT
+# What a reply dicomweb-client cannot read raises there (a JSON list, a value
+# of the wrong type, no Content-Type, XML that does not parse).
+_UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, IndexError, ParseError)
+
+
+# A request cut off at its deadline.
+_CUT = "no whole reply in time (the service answered too slowly)"
 
 
 class ReplyError(Exception):
@@ -91,10 +100,12 @@ def _adapter() -> Any:
     deadline (requests' timeout bounds each read, not the whole).
     """
     from requests.adapters import HTTPAdapter
+    from urllib3 import ProxyManager
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
     sockets: list[socket.socket] = []
+    settled = threading.Lock()
 
     class Plain(HTTPConnection):
         def connect(self) -> None:
@@ -112,22 +123,39 @@ def _adapter() -> Any:
     class SecurePool(HTTPSConnectionPool):
         ConnectionCls = Secure
 
+    tracked = {"http": PlainPool, "https": SecurePool}
+
     class Adapter(HTTPAdapter):
         last: _Bounded | None = None
         cut = False
+        done = False
 
         def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
             super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = {
-                "http": PlainPool,
-                "https": SecurePool,
-            }
+            self.poolmanager.pool_classes_by_scheme = tracked
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if isinstance(manager, ProxyManager):  # an HTTP(S) proxy, not SOCKS
+                manager.pool_classes_by_scheme = tracked
+            return manager
 
         def cut_off(self) -> None:
-            self.cut = True
+            with settled:
+                if self.done:
+                    return  # answered meanwhile
+                self.cut = True
             for sock in sockets:
+                # The TCP socket's own shutdown: a TLS socket's would drop its
+                # TLS state first, and a send meanwhile would go out in clear.
                 with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+        def settle(self) -> bool:
+            """End the deadline's hold; return whether the request was cut off."""
+            with settled:
+                self.done = True
+                return self.cut
 
         def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
             response = super().send(request, *args, **kwargs)
@@ -223,11 +251,16 @@ def stow(
     # One try per request: the outbox retries with its own backoff and dead
     # letter, as for DICOM peers.
     client.set_http_retry_params(retry=False)
-    deadline = threading.Timer(_DEADLINE, adapter.cut_off)
+    sent = sum(path.stat().st_size for path, _ in uids)
+    deadline = threading.Timer(_DEADLINE + sent / 2**20, adapter.cut_off)
     deadline.daemon = True
     deadline.start()
+    cut = False
     try:
-        response = client.store_instances(datasets)
+        try:
+            response = client.store_instances(datasets)
+        finally:
+            cut = adapter.settle()
     except requests.HTTPError as exc:
         answer = exc.response
         code = answer.status_code if answer is not None else 0
@@ -249,19 +282,15 @@ def stow(
         error = "reply not understood (not the JSON it says it is)"
         outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
     except (requests.RequestException, OSError) as exc:
-        error = (
-            f"no whole reply within {_DEADLINE:g} s"
-            if adapter.cut
-            else f"not reached ({type(exc).__name__})"
-        )
+        error = _CUT if cut else f"not reached ({type(exc).__name__})"
         outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
-    except Exception as exc:  # noqa: BLE001 - a reply dicomweb-client fails on
-        error = f"reply not understood ({describe_exception(exc)})"
+    except _UNREADABLE as exc:
+        error = _CUT if cut else f"reply not understood ({describe_exception(exc)})"
         outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
     else:
         last = adapter.last
-        if adapter.cut:  # the reply, cut off, may read as a short one
-            error = f"no whole reply within {_DEADLINE:g} s"
+        if cut:  # the reply, cut off, may read as a short one
+            error = _CUT
             outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
             return [outcomes[p] for p in paths]
         if len(response) == 0 and last is not None:

@@ -12,13 +12,14 @@ import select
 import socket
 import struct
 import time
+from io import BytesIO
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import build_context
 
 from dicom_node.config import NodeConfig
@@ -283,3 +284,89 @@ class RssPeak:
     def growth(self) -> int:
         """Return the peak less the RSS when sampling began, in bytes."""
         return self.peak - self.start
+
+
+# --- the node as the requestor: hostile destinations ---
+
+
+def accept_association(
+    sock: socket.socket, *, max_length: int = 16382, transfer_syntax: bool = True
+) -> list[int]:
+    """Read an A-ASSOCIATE-RQ and accept every context it proposes (PS3.8 9.3.3).
+
+    Returns the accepted context IDs. ``max_length``: the Maximum Length
+    Received we announce; ``transfer_syntax=False`` leaves each accepted
+    context without its transfer syntax item.
+    """
+    from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+    from pynetdicom.pdu_items import (
+        ApplicationContextItem,
+        MaximumLengthSubItem,
+        PresentationContextItemAC,
+        TransferSyntaxSubItem,
+        UserInformationItem,
+    )
+
+    pdu_type, body = read_pdu(sock)
+    if pdu_type != 0x01:
+        raise ConnectionError(f"PDU type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ")
+    request_bytes = struct.pack(">BBL", 0x01, 0, len(body)) + body
+    request = A_ASSOCIATE_RQ()
+    request.decode(request_bytes)
+    application = ApplicationContextItem()
+    application.application_context_name = APPLICATION_CONTEXT
+    items: list[Any] = [application]
+    accepted = []
+    for proposed in request.presentation_context:
+        context = PresentationContextItemAC()
+        context.presentation_context_id = proposed.context_id
+        context.result_reason = 0
+        syntax = TransferSyntaxSubItem()
+        syntax.transfer_syntax_name = proposed.transfer_syntax[0]
+        context.transfer_syntax_sub_item = [syntax] if transfer_syntax else []
+        items.append(context)
+        accepted.append(int(proposed.context_id or 0))
+    length = MaximumLengthSubItem()
+    length.maximum_length_received = max_length
+    user = UserInformationItem()
+    user.user_data = [length]
+    items.append(user)
+    answer = A_ASSOCIATE_AC()
+    answer.protocol_version = 1
+    answer.variable_items = items
+    encoded = bytearray(answer.encode())
+    encoded[10:42] = request_bytes[10:42]  # the AE titles, as the request gave them
+    sock.sendall(bytes(encoded))
+    return accepted
+
+
+def read_command(sock: socket.socket) -> tuple[int, Dataset]:
+    """Read a command set's fragments up to its last; return its context and it."""
+    command = b""
+    while True:
+        pdu_type, body = read_pdu(sock)
+        if pdu_type != 0x04:
+            raise ConnectionError(f"PDU type 0x{pdu_type:02X}, not a P-DATA-TF")
+        command += body[6:]  # one PDV per PDU, as pynetdicom sends a command
+        if body[5] & 0x02:
+            return body[4], decode(BytesIO(command), True, True)
+
+
+def response_set(
+    command_field: int,
+    sop_class_uid: str,
+    message_id: int,
+    *,
+    has_data_set: bool = False,
+) -> bytes:
+    """Return a DIMSE response's command set with Status Success (PS3.7 9.3)."""
+    ds = Dataset()
+    ds.CommandGroupLength = 0
+    ds.AffectedSOPClassUID = UID(sop_class_uid)
+    ds.CommandField = command_field
+    ds.MessageIDBeingRespondedTo = message_id
+    ds.CommandDataSetType = 0x0001 if has_data_set else 0x0101
+    ds.Status = 0x0000
+    body = encode(ds, True, True)
+    assert body is not None
+    return body[:8] + struct.pack("<L", len(body) - 12) + body[12:]

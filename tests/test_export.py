@@ -8,21 +8,28 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom.dsutils import decode, encode
+from pydicom.uid import CTImageStorage
 from pynetdicom.presentation import build_context
 
 from dicom_node.dimse import VERIFICATION_SOP_CLASS
 from dicom_node.errors import AssociationError, AssociationRejectedError
 from dicom_node.export import Peer, associate, echo, send_files
 from tests.factories import make_ct
-from tests.helpers import Destination, RunningNode, free_port
-from tests.hostile_peers import APPLICATION_CONTEXT
+from tests.helpers import Destination, RunningNode, wait_for
+from tests.hostile_peers import (
+    accept_association,
+    p_data_tf,
+    pdv,
+    read_command,
+    read_pdu,
+    recv_until_closed,
+    response_set,
+)
 
 
 def _store_while_polled(
@@ -205,20 +212,13 @@ def test_a_peer_claiming_a_huge_association_pdu_is_cut_at_its_header(
     with pytest.raises(AssociationError) as caught:
         echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=5)
 
-    assert time.monotonic() - started < 4  # at the header, not the timeout
+    assert time.monotonic() - started < 8  # at the header; the peer streams 10 s
     assert str(caught.value) == (
         f"the node aborted the association with PACS@127.0.0.1:{port}: "
         "association PDU of 4294967295 bytes exceeds 262144"
     )
-    assert _wait_for(lambda: bool(streamed), 10)
+    wait_for(lambda: bool(streamed), 10, "the peer to stop")
     assert streamed[0] < 32 << 20  # what socket buffers hold, not what was sent
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while not condition() and time.monotonic() < end:
-        time.sleep(0.01)
-    return condition()
 
 
 def test_a_peer_dripping_its_answer_is_cut_after_the_timeout(
@@ -280,131 +280,33 @@ def test_a_peer_that_stops_reading_is_given_up_after_the_timeout(
         "no C-STORE response: the node aborted the association with "
         f"DEST@127.0.0.1:{port}: the peer took no data for 1 s"
     )
-    assert destination.received == []
-
-
-def test_a_response_to_another_request_is_not_taken_as_its_answer() -> None:
-    """A Success naming another Message ID was taken as the instance stored."""
-    from pynetdicom import evt
-
-    from dicom_node.demo.pacs import receiver_ae
-
-    def on_store(event: Any) -> int:
-        send = event.assoc.dimse.send_msg
-
-        def shifted(rsp: Any, context_id: int) -> None:
-            rsp.MessageIDBeingRespondedTo += 7
-            send(rsp, context_id)
-
-        event.assoc.dimse.send_msg = shifted
-        return 0x0000
-
-    port = free_port()
-    server = receiver_ae("PACS").start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    ds = make_ct()
-    context = build_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
-    try:
-        with associate(
-            Peer("PACS", "127.0.0.1", port), [context], "TESTSCU", 5
-        ) as link:
-            with pytest.raises(AssociationError) as caught:
-                link.send_c_store(ds)
-            assert not link.is_established
-    finally:
-        server.shutdown()
-
-    assert str(caught.value) == (
-        f"no C-STORE response from PACS@127.0.0.1:{port}: the C-STORE response "
-        "is to Message ID 8, not 1 of the request; the association was aborted"
-    )
 
 
 # --- destinations that answer with what a response never holds ---
 
 
-def _exactly(conn: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
+def _answer(
+    listener: Callable[[Callable[[socket.socket], object]], int],
+    answer: Callable[[socket.socket, int, int], object],
+    **accepting: Any,
+) -> str:
+    """Echo a peer that accepts and then answers with ``answer``(connection,
+    context ID, Message ID); return the error, the peer named PACS."""
 
+    def serve(conn: socket.socket) -> None:
+        accept_association(conn, **accepting)
+        if accepting:
+            conn.recv(1)  # the node refuses the acceptance
+            return
+        context, request = read_command(conn)
+        with contextlib.suppress(OSError):
+            answer(conn, context, int(request.MessageID))
+        recv_until_closed(conn, 10)
 
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBL", pdu_type, 0, len(body)) + body
-
-
-def _p_data(context_id: int, control: int, value: bytes) -> bytes:
-    """One P-DATA-TF PDU of one fragment (PS3.8 9.3.5, E.2)."""
-    return _pdu(4, struct.pack(">LBB", len(value) + 2, context_id, control) + value)
-
-
-def _accept(
-    conn: socket.socket, *, max_length: int = 16382, transfer_syntax: bool = True
-) -> tuple[int, int]:
-    """Read the A-ASSOCIATE-RQ, accept its first context; return it and the ID
-    of the C-ECHO request that follows."""
-    from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-    from pynetdicom.pdu_items import (
-        ApplicationContextItem,
-        MaximumLengthSubItem,
-        PresentationContextItemAC,
-        TransferSyntaxSubItem,
-        UserInformationItem,
-    )
-
-    header = _exactly(conn, 6)
-    rq_bytes = header + _exactly(conn, struct.unpack(">L", header[2:])[0])
-    rq = A_ASSOCIATE_RQ()
-    rq.decode(rq_bytes)
-    proposed = rq.presentation_context[0]
-    application = ApplicationContextItem()
-    application.application_context_name = APPLICATION_CONTEXT
-    context = PresentationContextItemAC()
-    context.presentation_context_id = proposed.context_id
-    context.result_reason = 0
-    syntax = TransferSyntaxSubItem()
-    syntax.transfer_syntax_name = proposed.transfer_syntax[0]
-    context.transfer_syntax_sub_item = [syntax] if transfer_syntax else []
-    length = MaximumLengthSubItem()
-    length.maximum_length_received = max_length
-    user = UserInformationItem()
-    user.user_data = [length]
-    ac = A_ASSOCIATE_AC()
-    ac.protocol_version = 1
-    ac.variable_items = [application, context, user]
-    encoded = bytearray(ac.encode())
-    encoded[10:42] = rq_bytes[10:42]  # the AE titles, as the request gave them
-    conn.sendall(bytes(encoded))
-    context_id = int(proposed.context_id or 0)
-    if not transfer_syntax or max_length < 1024:
-        return context_id, 0
-    command = b""
-    while True:  # the C-ECHO request: command fragments up to the last one
-        pdu_type, length = struct.unpack(">BxL", _exactly(conn, 6))
-        body = _exactly(conn, length)
-        if pdu_type != 4:
-            raise EOFError
-        command += body[6:]
-        if body[5] & 0x02:
-            request = decode(BytesIO(command), True, True)
-            return context_id, int(request.MessageID)
-
-
-def _echo_response(message_id: int, *, data_set: bool = False) -> bytes:
-    rsp = Dataset()
-    rsp.CommandGroupLength = 0
-    rsp.AffectedSOPClassUID = VERIFICATION_SOP_CLASS
-    rsp.CommandField = 0x8030  # C-ECHO-RSP
-    rsp.MessageIDBeingRespondedTo = message_id
-    rsp.CommandDataSetType = 0x0001 if data_set else 0x0101
-    rsp.Status = 0x0000
-    rsp.CommandGroupLength = len(encode(rsp, True, True) or b"") - 12
-    return bytes(encode(rsp, True, True) or b"")
+    port = listener(serve)
+    with pytest.raises(AssociationError) as caught:
+        echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=5)
+    return str(caught.value).replace(f"PACS@127.0.0.1:{port}", "PACS")
 
 
 @pytest.mark.parametrize("max_length", [6, 7, 1023])
@@ -413,14 +315,10 @@ def test_a_peer_taking_tiny_pdus_is_refused(
 ) -> None:
     """At 6 pynetdicom failed with ZeroDivisionError; at 7 it sent a 2 MB file a
     byte a PDU (a minute, 700 MB)."""
-    port = listener(lambda conn: (_accept(conn, max_length=max_length), conn.recv(1)))
-
-    with pytest.raises(AssociationError) as caught:
-        echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=5)
-
-    assert str(caught.value) == (
-        f"PACS@127.0.0.1:{port} accepted the association, but its Maximum Length "
-        f"Received is {max_length} bytes; the node sends no PDUs under 1024"
+    error = _answer(listener, lambda *_: None, max_length=max_length)
+    assert error == (
+        f"PACS accepted the association, but its Maximum Length Received is "
+        f"{max_length} bytes; the node sends no PDUs under 1024"
     )
 
 
@@ -429,36 +327,11 @@ def test_a_context_accepted_without_a_transfer_syntax_is_refused(
 ) -> None:
     """pynetdicom failed with IndexError when sending on it, which ended the
     outbox's step and left the deliveries held until their lease ran out."""
-    port = listener(lambda conn: (_accept(conn, transfer_syntax=False), conn.recv(1)))
-
-    with pytest.raises(AssociationError) as caught:
-        echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=5)
-
-    assert str(caught.value) == (
-        f"PACS@127.0.0.1:{port} accepted the association, but it accepted a "
-        "presentation context without a transfer syntax"
+    error = _answer(listener, lambda *_: None, transfer_syntax=False)
+    assert error == (
+        "PACS accepted the association, but it accepted a presentation context "
+        "without a transfer syntax"
     )
-
-
-def _answered(
-    listener: Callable[[Callable[[socket.socket], object]], int],
-    answer: Callable[[socket.socket, int, int], object],
-) -> tuple[str, int]:
-    """Echo a peer that answers with ``answer``; return the error and the bytes
-    the peer sent before the node stopped taking them."""
-    streamed: list[int] = []
-
-    def serve(conn: socket.socket) -> None:
-        context, message_id = _accept(conn)
-        with contextlib.suppress(OSError):
-            answer(conn, context, message_id)
-        streamed.append(_stream_until_refused(conn, 10))
-
-    port = listener(serve)
-    with pytest.raises(AssociationError) as caught:
-        echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=5)
-    assert _wait_for(lambda: bool(streamed), 15)
-    return str(caught.value).replace(f"PACS@127.0.0.1:{port}", "PACS"), streamed[0]
 
 
 def test_a_command_set_that_never_ends_is_cut(
@@ -468,12 +341,11 @@ def test_a_command_set_that_never_ends_is_cut(
     process grew by 1.2 GB in 10 s."""
 
     def endless(conn: socket.socket, context: int, _: int) -> None:
-        fragment = _p_data(context, 0x01, bytes(16000))
+        fragment = p_data_tf(pdv(context, 0x01, bytes(16000)))
         for _ in range(100_000):
             conn.sendall(fragment)
 
-    error, _ = _answered(listener, endless)
-    assert error == (
+    assert _answer(listener, endless) == (
         "no C-ECHO response: the node aborted the association with PACS: a "
         "command set over 65536 bytes"
     )
@@ -486,13 +358,15 @@ def test_a_data_set_with_a_response_is_cut_and_not_taken_as_the_answer(
     counted as sent."""
 
     def with_data(conn: socket.socket, context: int, message_id: int) -> None:
-        conn.sendall(_p_data(context, 0x03, _echo_response(message_id, data_set=True)))
-        fragment = _p_data(context, 0x00, bytes(16000))
+        response = response_set(
+            0x8030, VERIFICATION_SOP_CLASS, message_id, has_data_set=True
+        )
+        conn.sendall(p_data_tf(pdv(context, 0x03, response)))
+        fragment = p_data_tf(pdv(context, 0x00, bytes(16000)))
         for _ in range(100_000):
             conn.sendall(fragment)
 
-    error, _ = _answered(listener, with_data)
-    assert error == (
+    assert _answer(listener, with_data) == (
         "no C-ECHO response: the node aborted the association with PACS: a data "
         "set with a response (C-STORE and C-ECHO responses have none)"
     )
@@ -502,12 +376,71 @@ def test_a_response_on_a_context_never_accepted_is_not_the_answer(
     listener: Callable[[Callable[[socket.socket], object]], int],
 ) -> None:
     def elsewhere(conn: socket.socket, context: int, message_id: int) -> None:
-        conn.sendall(_p_data(context + 98, 0x03, _echo_response(message_id)))
+        response = response_set(0x8030, VERIFICATION_SOP_CLASS, message_id)
+        conn.sendall(p_data_tf(pdv(context + 98, 0x03, response)))
 
-    error, _ = _answered(listener, elsewhere)
-    assert error == (
+    assert _answer(listener, elsewhere) == (
         "no C-ECHO response: the node aborted the association with PACS: P-DATA "
         "on a presentation context that was not accepted"
+    )
+
+
+def test_a_response_to_another_message_id_is_not_the_answer(
+    listener: Callable[[Callable[[socket.socket], object]], int],
+) -> None:
+    """pynetdicom took the next response as the answer, whatever it named: a
+    Success for another request counted an instance as stored."""
+
+    def shifted(conn: socket.socket, context: int, message_id: int) -> None:
+        response = response_set(0x8030, VERIFICATION_SOP_CLASS, message_id + 7)
+        conn.sendall(p_data_tf(pdv(context, 0x03, response)))
+
+    assert _answer(listener, shifted) == (
+        "no C-ECHO response from PACS: the C-ECHO response is to Message ID 8, "
+        "not 1 of the request; the association was aborted"
+    )
+
+
+def test_a_response_of_another_kind_is_not_the_answer(
+    listener: Callable[[Callable[[socket.socket], object]], int],
+) -> None:
+    def other_kind(conn: socket.socket, context: int, message_id: int) -> None:
+        response = response_set(0x8001, VERIFICATION_SOP_CLASS, message_id)
+        conn.sendall(p_data_tf(pdv(context, 0x03, response)))
+
+    assert _answer(listener, other_kind) == (
+        "no C-ECHO response from PACS: the peer answered a C-ECHO request with a "
+        "C-STORE message; the association was aborted"
+    )
+
+
+def test_a_response_on_another_accepted_context_is_not_the_answer(
+    listener: Callable[[Callable[[socket.socket], object]], int],
+) -> None:
+    def serve(conn: socket.socket) -> None:
+        accepted = accept_association(conn)
+        context, request = read_command(conn)
+        other = next(c for c in accepted if c != context)
+        response = response_set(0x8030, VERIFICATION_SOP_CLASS, request.MessageID)
+        with contextlib.suppress(OSError):
+            conn.sendall(p_data_tf(pdv(other, 0x03, response)))
+            recv_until_closed(conn, 10)
+
+    port = listener(serve)
+    contexts = [
+        build_context(VERIFICATION_SOP_CLASS),
+        build_context(CTImageStorage),
+    ]
+    with (
+        associate(Peer("PACS", "127.0.0.1", port), contexts, "TESTSCU", 5) as link,
+        pytest.raises(AssociationError) as caught,
+    ):
+        link.send_c_echo()
+
+    assert str(caught.value) == (
+        f"no C-ECHO response from PACS@127.0.0.1:{port}: the C-ECHO response came "
+        "on presentation context 3, not 1 of the request; the association was "
+        "aborted"
     )
 
 
@@ -515,14 +448,16 @@ def test_a_response_in_one_byte_fragments_is_taken(
     listener: Callable[[Callable[[socket.socket], object]], int],
 ) -> None:
     def byte_by_byte(conn: socket.socket) -> None:
-        context, message_id = _accept(conn)
-        command = _echo_response(message_id)
-        for at in range(len(command)):
-            last = at == len(command) - 1
-            conn.sendall(_p_data(context, 0x03 if last else 0x01, command[at : at + 1]))
-        with contextlib.suppress(OSError, EOFError):
-            _exactly(conn, 10)  # the A-RELEASE-RQ
-            conn.sendall(_pdu(6, bytes(4)))  # A-RELEASE-RP
+        accept_association(conn)
+        context, request = read_command(conn)
+        response = response_set(0x8030, VERIFICATION_SOP_CLASS, request.MessageID)
+        for at in range(len(response)):
+            last = at == len(response) - 1
+            piece = response[at : at + 1]
+            conn.sendall(p_data_tf(pdv(context, 0x03 if last else 0x01, piece)))
+        with contextlib.suppress(OSError, ConnectionError):
+            read_pdu(conn)  # the A-RELEASE-RQ
+            conn.sendall(bytes([0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0]))  # A-RELEASE-RP
             conn.recv(1)
 
     port = listener(byte_by_byte)

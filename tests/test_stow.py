@@ -30,7 +30,7 @@ from dicom_node.config import (
 from dicom_node.demo.pacs import Orthanc, find_orthanc
 from dicom_node.errors import ConfigError
 from dicom_node.stow import StowOutcome, stow
-from tests.factories import make_artifact
+from tests.factories import make_artifact, make_ct
 from tests.helpers import (
     ct_study,
     free_port,
@@ -441,5 +441,37 @@ def test_a_reply_dripped_a_byte_at_a_time_is_cut_at_the_deadline(
 
     started = time.monotonic()
     (outcome,) = stow_through(Drip, paths)
-    assert (outcome.ok, outcome.error) == (False, "no whole reply within 2 s")
+    assert (outcome.ok, outcome.error) == (
+        False,
+        "no whole reply in time (the service answered too slowly)",
+    )
     assert time.monotonic() - started < 10
+
+
+def test_a_large_result_set_goes_up_chunked_through_the_bounded_transport(
+    tmp_path: Path,
+) -> None:
+    # Over 1 MB, dicomweb-client sends the request body chunked.
+    paths, uids = [], []
+    for i, ds in enumerate(ct_study(3)):
+        big = make_ct(rows=512, columns=512, seed=i)
+        big.StudyInstanceUID = ds.StudyInstanceUID
+        paths.append(tmp_path / f"big{i}.dcm")
+        big.save_as(paths[-1], enforce_file_format=True)
+        uids.append(str(big.SOPInstanceUID))
+    received: list[int] = []
+
+    class Chunked(Service):
+        def do_POST(self) -> None:
+            assert self.headers["Transfer-Encoding"] == "chunked"
+            total = 0
+            while size := int(self.rfile.readline().strip(), 16):
+                total += len(self.rfile.read(size))
+                self.rfile.readline()
+            self.rfile.readline()
+            received.append(total)
+            self.reply(200, "application/dicom+json", _confirming(uids))
+
+    outcomes = stow_through(Chunked, paths)
+    assert [(o.ok, o.error) for o in outcomes] == [(True, "")] * 3
+    assert received[0] > sum(p.stat().st_size for p in paths)
