@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import ssl
+import struct
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +25,7 @@ from dicom_node.scp import Receiver
 from dicom_node.service import open_index
 from dicom_node.tls import client_context
 from tests.factories import dcmtk, make_ct
-from tests.helpers import RunningNode, make_config
+from tests.helpers import RunningNode, make_config, wait_for
 from tests.tls_certificates import Certificates, make_certificates
 
 
@@ -201,3 +206,47 @@ def test_a_private_key_readable_by_others_is_refused_at_start(
             Receiver(config, index)
     finally:
         index.close()
+
+
+def test_a_tls_destination_is_held_to_the_same_limits(
+    certificates: Certificates, tmp_path: Path
+) -> None:
+    """Over TLS too, a destination's A-ASSOCIATE-AC claiming 4 GiB is refused at
+    its header, not read for as long as the destination streams."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(certificates.server_certificate, certificates.server_key)
+    listening = socket.create_server(("127.0.0.1", 0))
+    streamed: list[int] = []
+
+    def serve() -> None:
+        raw, _ = listening.accept()
+        with server.wrap_socket(raw, server_side=True) as conn:
+            conn.recv(65536)  # the A-ASSOCIATE-RQ
+            conn.sendall(bytes([0x02, 0]) + struct.pack(">L", 0xFFFFFFFF))
+            sent, chunk = 0, bytes(1 << 16)
+            conn.settimeout(10)
+            with contextlib.suppress(OSError):
+                for _ in range(16_384):  # 1 GiB
+                    sent += conn.send(chunk)
+            streamed.append(sent)
+
+    threading.Thread(target=serve, daemon=True).start()
+    port = listening.getsockname()[1]
+    context = client_context(
+        make_config(tmp_path),
+        DestinationConfig(
+            "x", "PACS", "127.0.0.1", port, tls=True, ca_certificates=certificates.ca
+        ),
+    )
+    try:
+        with pytest.raises(DicomNodeError) as caught:
+            echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=5, tls=context)
+        wait_for(lambda: bool(streamed), 20, "the destination to stop")
+    finally:
+        listening.close()
+
+    assert str(caught.value) == (
+        f"the node aborted the association with PACS@127.0.0.1:{port}: "
+        "association PDU of 4294967295 bytes exceeds 262144"
+    )
+    assert streamed[0] < 64 << 20
