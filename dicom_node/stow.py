@@ -39,19 +39,15 @@ _TIMEOUT = 60.0  # seconds for a request
 _REPLY_MAX = 4 * 1024 * 1024
 # DICOM JSON media types (PS3.18 8.7.3), without their parameters.
 _JSON_TYPES = ("application/dicom+json", "application/json")
-
-
 # The most a whole request may take, and a second more for each mebibyte sent:
 # a service that drips its reply (each byte within the timeout) held the
 # outbox for hours.
 _DEADLINE = 2 * _TIMEOUT
+# A request cut off at its deadline.
+_CUT = "no whole reply in time (the service answered too slowly)"
 # What a reply dicomweb-client cannot read raises there (a JSON list, a value
 # of the wrong type, no Content-Type, XML that does not parse).
 _UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, IndexError, ParseError)
-
-
-# A request cut off at its deadline.
-_CUT = "no whole reply in time (the service answered too slowly)"
 
 
 class ReplyError(Exception):
@@ -95,9 +91,10 @@ def _adapter() -> Any:
     A redirect is refused, not followed (requests would POST the results
     again, to wherever it points, over plain HTTP too); a reply body is read
     to at most ``_REPLY_MAX`` bytes. The last reply's body is kept as
-    ``adapter.last``. Its connections are kept (``adapter.sockets``), for
-    ``adapter.cut_off()`` to shut them down when a request runs past its
-    deadline (requests' timeout bounds each read, not the whole).
+    ``adapter.last``. Its connections (through an HTTP proxy too) are noted,
+    for ``adapter.cut_off()`` to shut them down when a request runs past its
+    deadline (requests' timeout bounds each read, not the whole), unless
+    ``adapter.settle()`` said the request ended first.
     """
     from requests.adapters import HTTPAdapter
     from urllib3 import ProxyManager
