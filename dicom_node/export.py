@@ -32,7 +32,7 @@ from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu import A_RELEASE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import code_to_category
@@ -420,6 +420,9 @@ class _Heard:
     sock: Any = None
     # Bytes of the command set now arriving.
     command_bytes: int = 0
+    # The peer asked to release the association (while a request of ours was
+    # outstanding, the paused reactor does not answer it).
+    release_asked: bool = False
 
     def on_conn_open(self, event: Event) -> None:
         self.connected = True
@@ -436,6 +439,8 @@ class _Heard:
         # in memory until its last one comes, so a command that never ends or
         # a data set streamed with a response grew the process without bound.
         pdu = event.pdu
+        if isinstance(pdu, A_RELEASE_RQ):
+            self.release_asked = True
         if not isinstance(pdu, P_DATA_TF):
             return
         accepted = {cx.context_id for cx in event.assoc.accepted_contexts}
@@ -584,6 +589,11 @@ class OutboundAssociation:
         abort: object = self._heard.abort or self.assoc.dul.peek_next_pdu()
         if isinstance(abort, (A_ABORT, A_P_ABORT)):
             raise AssociationError(f"no {what} response: {_aborted(abort, self.peer)}")
+        if self._heard.release_asked:
+            raise AssociationError(
+                f"no {what} response from {self.peer}: it asked to release the "
+                "association (A-RELEASE-RQ) instead of answering"
+            )
         if time.monotonic() - started < self.timeout * 0.9:
             raise AssociationError(
                 f"no {what} response from {self.peer}: the association ended "

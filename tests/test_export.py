@@ -463,3 +463,25 @@ def test_a_response_in_one_byte_fragments_is_taken(
     port = listener(byte_by_byte)
 
     assert echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=5) == 0x0000
+
+
+def test_a_release_asked_for_instead_of_an_answer_is_named(
+    listener: Callable[[Callable[[socket.socket], object]], int],
+) -> None:
+    """It read "no C-ECHO response within 2 s", as if the peer were slow."""
+
+    def serve(conn: socket.socket) -> None:
+        accept_association(conn)
+        read_command(conn)
+        with contextlib.suppress(OSError):
+            conn.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))  # A-RELEASE-RQ
+        recv_until_closed(conn, 10)
+
+    port = listener(serve)
+    with pytest.raises(AssociationError) as caught:
+        echo(Peer("PACS", "127.0.0.1", port), "TESTSCU", timeout=2)
+
+    assert str(caught.value) == (
+        f"no C-ECHO response from PACS@127.0.0.1:{port}: it asked to release the "
+        "association (A-RELEASE-RQ) instead of answering"
+    )
