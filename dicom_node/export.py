@@ -75,8 +75,11 @@ _RESPONSE_COMMAND_MAX = 64 * 1024
 # accepted context without a transfer syntax: IndexError; a Maximum Length of
 # 6: ZeroDivisionError); each fails that file, not the whole batch.
 _LIBRARY_ERRORS = (IndexError, KeyError, TypeError, ZeroDivisionError, struct.error)
-# The most of a send one TLS write takes (see _TlsSocket.send).
-_TLS_PIECE = 64 * 1024
+# The most of a send one TLS write takes (see _TlsSocket.send): a write must
+# finish within the timeout (17 KB/s at 60 s), and pynetdicom copies what is
+# left of a PDU at each partial write (a PDU of 100 MB, to a peer with no
+# maximum length: ~5 GB copied at 1 MiB a write, 80 GB at 64 KiB).
+_TLS_PIECE = 1024 * 1024
 # The smallest Maximum Length Received of a peer we send to: pynetdicom fails
 # at 6 (no room for a fragment) and sends a byte a PDU at 7 (a 2 MB file took
 # a minute and 700 MB); PS3.8 sets no floor, and nothing real goes this low.
@@ -243,7 +246,7 @@ class _TlsSocket(_Stalls, GuardedSSLSocket):
         return super().recv(buflen, flags)
 
     def send(self, data: Any, flags: int = 0) -> int:
-        """Send up to 64 KiB, noting a send that timed out (the peer stopped reading).
+        """Send up to 1 MiB, noting a send that timed out (the peer stopped reading).
 
         A TLS write is whole or nothing within the socket's timeout; a piece
         at a time (pynetdicom sends the rest), the timeout bounds a stall, not

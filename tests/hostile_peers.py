@@ -130,6 +130,11 @@ def command_set(
     ds.CommandDataSetType = 0x0000 if has_data_set else 0x0101
     if sop_instance_uid is not None:
         ds.AffectedSOPInstanceUID = UID(sop_instance_uid)
+    return _encoded_command(ds)
+
+
+def _encoded_command(ds: Dataset) -> bytes:
+    """Encode a command set (Implicit VR Little Endian) with its group length."""
     body = encode(ds, True, True)
     assert body is not None
     # The group length is the length of what follows it (12 bytes of its own).
@@ -367,6 +372,4 @@ def response_set(
     ds.MessageIDBeingRespondedTo = message_id
     ds.CommandDataSetType = 0x0001 if has_data_set else 0x0101
     ds.Status = 0x0000
-    body = encode(ds, True, True)
-    assert body is not None
-    return body[:8] + struct.pack("<L", len(body) - 12) + body[12:]
+    return _encoded_command(ds)

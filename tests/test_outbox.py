@@ -142,31 +142,39 @@ def deliveries(index: IndexDB) -> list[Delivery]:
         return rows
 
 
+def slow_node(tmp_path: Path, slow: SlowDestination, **settings: Any) -> NodeConfig:
+    """A node delivering to the slow destination under a short lease."""
+    return make_config(
+        tmp_path,
+        destinations=(DestinationConfig("pacs", "DEST", "127.0.0.1", slow.port),),
+        lease_seconds=LEASE,
+        **{"retry_after": 0.1, "retry_max": 0.1, **settings},
+    )
+
+
+def step_past_the_lease(first: Outbox) -> threading.Thread:
+    """Step ``first`` in a thread; return once it is done or its lease is out."""
+    started = time.monotonic()
+    sending = threading.Thread(target=first.step)
+    sending.start()
+    wait_for(
+        lambda: not sending.is_alive() or time.monotonic() - started > LEASE + 0.5,
+        LEASE + 30,
+        "the first outbox done or past its first lease",
+    )
+    return sending
+
+
 def test_a_slow_destination_gets_each_result_once_though_the_lease_runs_short(
     tmp_path: Path, slow: SlowDestination
 ) -> None:
     """Before, a batch took files x answer time, past its lease: another outbox
     claimed the same deliveries and sent them again beside the first."""
-    config = make_config(
-        tmp_path,
-        destinations=(DestinationConfig("pacs", "DEST", "127.0.0.1", slow.port),),
-        lease_seconds=LEASE,
-        retry_after=0.1,
-        retry_max=0.1,
-    )
+    config = slow_node(tmp_path, slow)
     index = open_index(config)
     uids = queue_deliveries(config, index, sets=2)
     first, second = Outbox(config, index, "outbox-1"), Outbox(config, index, "outbox-2")
-    started = time.monotonic()
-    sending = threading.Thread(target=first.step)
-    sending.start()
-
-    # The second outbox steps once the first has finished or its lease is out.
-    wait_for(
-        lambda: not sending.is_alive() or time.monotonic() - started > LEASE + 0.5,
-        LEASE + 30,
-        "the first outbox done or its lease out",
-    )
+    sending = step_past_the_lease(first)
 
     def all_done() -> bool:
         second.step()
@@ -185,13 +193,8 @@ def test_a_slow_destination_gets_each_result_once_though_the_lease_runs_short(
 def test_a_result_set_not_begun_in_time_spends_no_try(
     tmp_path: Path, slow: SlowDestination
 ) -> None:
-    config = make_config(
-        tmp_path,
-        destinations=(DestinationConfig("pacs", "DEST", "127.0.0.1", slow.port),),
-        lease_seconds=LEASE,
-        retry_after=60.0,
-        retry_max=60.0,
-        delivery_attempts=1,
+    config = slow_node(
+        tmp_path, slow, retry_after=60.0, retry_max=60.0, delivery_attempts=1
     )
     index = open_index(config)
     queue_deliveries(config, index, sets=2)
@@ -214,25 +217,11 @@ def test_a_result_set_begun_is_sent_whole_past_half_the_lease_and_only_once(
 ) -> None:
     """Four files answered in 2 s each outlast the 6-s lease: the lease is
     extended as they go, so a second outbox does not take the delivery over."""
-    config = make_config(
-        tmp_path,
-        destinations=(DestinationConfig("pacs", "DEST", "127.0.0.1", slow.port),),
-        lease_seconds=LEASE,
-        retry_after=0.1,
-        retry_max=0.1,
-    )
+    config = slow_node(tmp_path, slow)
     index = open_index(config)
     uids = queue_deliveries(config, index, sets=1, files=4)
     first, second = Outbox(config, index, "outbox-1"), Outbox(config, index, "outbox-2")
-    started = time.monotonic()
-    sending = threading.Thread(target=first.step)
-    sending.start()
-
-    wait_for(
-        lambda: not sending.is_alive() or time.monotonic() - started > LEASE + 0.5,
-        LEASE + 30,
-        "the first outbox done or past its first lease",
-    )
+    sending = step_past_the_lease(first)
     taken = second.step()
     sending.join(60)
 
