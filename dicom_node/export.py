@@ -75,6 +75,9 @@ _RESPONSE_COMMAND_MAX = 64 * 1024
 # accepted context without a transfer syntax: IndexError; a Maximum Length of
 # 6: ZeroDivisionError); each fails that file, not the whole batch.
 _LIBRARY_ERRORS = (IndexError, KeyError, TypeError, ZeroDivisionError, struct.error)
+# Seconds past twice a request's timeout after which its connection is ended,
+# if pynetdicom is still sending it (see OutboundAssociation._status).
+_OVERDUE_GRACE = 2.0
 # The most of a send one TLS write takes (see _TlsSocket.send): a write must
 # finish within the timeout (17 KB/s at 60 s), and pynetdicom copies what is
 # left of a PDU at each partial write (a PDU of 100 MB, to a peer with no
@@ -342,6 +345,7 @@ class _ResponseGuard:
         self._sent: Any = None
         self._answer: Any = None
         self._sender = 0  # the thread whose request is outstanding
+        self._overdue: threading.Timer | None = None
         if _RESPONSE_GUARD:
             assoc.dimse.get_msg = self._get_msg  # type: ignore[method-assign]
             assoc.dimse.send_msg = self._send_msg  # type: ignore[method-assign]
@@ -354,21 +358,39 @@ class _ResponseGuard:
     def _get_msg(self, block: bool = False) -> Any:
         if not block and self._outstanding.is_set():
             return None, None  # the reactor's poll: the sender reads the response
+        if block and self._outstanding.is_set() and self._overdue is not None:
+            # The request is queued whole; pynetdicom waits for its response.
+            self._overdue.start()
         item = self._read(block)
         if block and self._outstanding.is_set():
             self._answer = item[1], item[0]
         return item
 
     @contextlib.contextmanager
-    def request(self) -> Iterator[None]:
-        """Mark a request outstanding until its response is read."""
+    def request(
+        self, overdue: float | None = None, cut: Callable[[], None] | None = None
+    ) -> Iterator[None]:
+        """Mark a request outstanding until its response is read.
+
+        Parameters
+        ----------
+        overdue, cut
+            ``cut`` is called if the request is still outstanding ``overdue``
+            seconds after pynetdicom began to wait for its response.
+        """
         self._sent = self._answer = None
         self._sender = threading.get_ident()
+        self._overdue = None
+        if overdue is not None and cut is not None:
+            self._overdue = threading.Timer(overdue, cut)
+            self._overdue.daemon = True
         self._outstanding.set()
         try:
             yield
         finally:
             self._outstanding.clear()
+            if self._overdue is not None:
+                self._overdue.cancel()
 
     def mismatch(self) -> str | None:
         """Return how the last response does not answer its request, or None.
@@ -426,6 +448,8 @@ class _Heard:
     # The peer asked to release the association (while a request of ours was
     # outstanding, the paused reactor does not answer it).
     release_asked: bool = False
+    # Why the connection was ended when a request outlasted its time.
+    overdue: str | None = None
 
     def on_conn_open(self, event: Event) -> None:
         self.connected = True
@@ -474,10 +498,21 @@ class _Heard:
     @property
     def cut(self) -> str | None:
         """Return why we ended the connection (what the peer did), or None."""
-        reason = getattr(self.sock, "violation", None) or getattr(
-            self.sock, "stalled", None
+        reason = (
+            getattr(self.sock, "violation", None)
+            or getattr(self.sock, "stalled", None)
+            or self.overdue
         )
         return None if reason is None else str(reason)
+
+    def cut_overdue(self, reason: str) -> None:
+        """End the connection now: a request outlasted its time (see ``_status``)."""
+        self.overdue = reason
+        if self.sock is not None:
+            # The TCP socket's own shutdown (a TLS one's would drop its state
+            # while the reactor may be writing): the reactor's send fails.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
     def on_acse_recv(self, event: Event) -> None:
         primitive = event.primitive  # type: ignore[attr-defined]
@@ -568,7 +603,15 @@ class OutboundAssociation:
 
     def _status(self, send: Callable[[], Dataset], what: str) -> int:
         started = time.monotonic()
-        with self._guard.request():
+        # pynetdicom queues a message's PDUs at once and gives up waiting for
+        # the response after the timeout, then waits for its reactor to finish
+        # sending them: to a peer reading a byte at a time (each send making
+        # some progress), for ever. Past twice the timeout and a grace (a
+        # peer that stops reading is told apart before: no send progresses for
+        # the timeout), the connection is ended, and with it the sending.
+        seconds = 2 * self.timeout + _OVERDUE_GRACE
+        reason = f"the {what} was not taken {seconds:g} s after it was queued"
+        with self._guard.request(seconds, lambda: self._heard.cut_overdue(reason)):
             rsp = send()
         # Cut off for what the peer sent (checked as each PDU is read, before
         # its messages are): a response that came with it is not believed.

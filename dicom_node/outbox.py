@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -212,8 +213,6 @@ def _stow_all(
         except ConfigError as exc:
             errors[delivery.id] = str(exc)
             continue
-        finally:
-            pace.keep()
         refused = [o for o in outcomes if not o.ok]
         if refused:
             errors[delivery.id] = (
@@ -231,9 +230,10 @@ class _Pace:
     A batch begins no result set once half the lease has passed: a destination
     answering each file slowly (within the timeout) would otherwise hold the
     outbox, and every destination behind it, for files x timeout. A result set
-    begun is sent whole, and the batch's leases are extended as it goes, so
-    that no other outbox takes its deliveries over and sends them again beside
-    it (a batch once ran past its lease and was sent twice).
+    begun is sent whole, and, while the batch sends, a thread extends its
+    leases every quarter of a lease, so that no other outbox takes its
+    deliveries over and sends them again beside it (a batch once ran past its
+    lease and was sent twice; so did one long file).
 
     Parameters
     ----------
@@ -259,9 +259,11 @@ class _Pace:
         self._owner_of = owner_of
         self._lease = config.lease_seconds
         self._index = index
-        now = time.monotonic()
-        self._deadline = now + self._lease / 2
-        self._renewed = now
+        self._deadline = time.monotonic() + self._lease / 2
+        self._stop = threading.Event()
+        self._keeper = threading.Thread(
+            target=self._keep, name="outbox-leases", daemon=True
+        )
         self._begun: set[int] = set()
         # Deliveries not begun for the time: not tried, so no try is spent.
         self.not_begun: set[int] = set()
@@ -280,20 +282,26 @@ class _Pace:
         """Return whether a file may be sent (see :meth:`may_begin`)."""
         return self.may_begin(self._owner_of[path])
 
-    def keep(self, *_: object) -> None:
-        """Extend the batch's leases when a quarter of one has passed since."""
-        now = time.monotonic()
-        if now - self._renewed < self._lease / 4:
-            return
-        self._renewed = now
-        try:
-            self._index.run(
-                lambda s: renew(s, Delivery, self._ids, self._owner, self._lease)
-            )
-        except SQLAlchemyError as exc:
-            logger.warning(
-                "cannot extend the deliveries' leases: %s", type(exc).__name__
-            )
+    def __enter__(self) -> _Pace:
+        """Start extending the batch's leases, every quarter of a lease."""
+        self._keeper.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Stop extending them (the batch releases them next)."""
+        self._stop.set()
+        self._keeper.join()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self._lease / 4):
+            try:
+                self._index.run(
+                    lambda s: renew(s, Delivery, self._ids, self._owner, self._lease)
+                )
+            except SQLAlchemyError as exc:
+                logger.warning(
+                    "cannot extend the deliveries' leases: %s", type(exc).__name__
+                )
 
 
 def _send(
@@ -322,7 +330,6 @@ def _send(
         deliveries[0].peer,
         calling_ae_title=config.ae_title,
         tls=tls,
-        progress=pace.keep,
         begin=pace.may_send,
     )
     sent: dict[int, list[bool]] = {}
@@ -370,7 +377,8 @@ def run_deliveries(
             errors[delivery.id] = "result files missing"
     pace = _Pace(deliveries, owner_of, config, index)
     try:
-        _send(deliveries, owner_of, config, errors, pace)
+        with pace:
+            _send(deliveries, owner_of, config, errors, pace)
     except Exception as exc:  # noqa: BLE001 - every delivery gets an outcome
         # What was sent before is sent again: a copy of a SOP instance
         # replaces itself; a delivery left held would wait out its lease.

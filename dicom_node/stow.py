@@ -9,6 +9,7 @@ same retries, backoff and dead letter.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import socket
@@ -279,7 +280,12 @@ def stow(
         error = "reply not understood (not the JSON it says it is)"
         outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
     except (requests.RequestException, OSError) as exc:
-        error = _CUT if cut else f"not reached ({type(exc).__name__})"
+        if cut:
+            error = _CUT
+        elif _malformed(exc):
+            error = "reply not understood (a malformed HTTP reply)"
+        else:
+            error = f"not reached ({type(exc).__name__})"
         outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
     except _UNREADABLE as exc:
         error = _CUT if cut else f"reply not understood ({describe_exception(exc)})"
@@ -297,6 +303,29 @@ def stow(
         deadline.cancel()
         session.close()
     return [outcomes[p] for p in paths]
+
+
+def _malformed(exc: BaseException) -> bool:
+    """Whether an error of requests comes of a reply that is not HTTP.
+
+    requests reports headers over http.client's limits (count, line length)
+    as a ConnectionError, as if nothing had answered.
+    """
+    seen: set[int] = set()
+    found: list[BaseException] = [exc]
+    while found:
+        error = found.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, http.client.HTTPException):
+            return True
+        found.extend(
+            e
+            for e in (error.__cause__, error.__context__, *error.args)
+            if isinstance(e, BaseException)
+        )
+    return False
 
 
 def _json_reply(body: bytes | bytearray, content_type: str, parsed: Dataset) -> Dataset:

@@ -257,7 +257,9 @@ def test_a_peer_that_stops_reading_is_given_up_after_the_timeout(
     done = threading.Event()
 
     def relay(conn: socket.socket) -> None:
-        # The real destination associates; then nothing more is read.
+        # The real destination associates; then nothing more is read (into a
+        # small buffer: the node's sends find no room at once).
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         with socket.create_connection(("127.0.0.1", destination.port)) as up:
             up.sendall(conn.recv(65536))
             conn.sendall(up.recv(65536))
@@ -268,18 +270,24 @@ def test_a_peer_that_stops_reading_is_given_up_after_the_timeout(
     started = time.monotonic()
     try:
         with (
-            associate(Peer("DEST", "127.0.0.1", port), [context], "TESTSCU", 1) as link,
+            associate(Peer("DEST", "127.0.0.1", port), [context], "TESTSCU", 3) as link,
             pytest.raises(AssociationError) as caught,
         ):
             link.send_c_store(ds)
     finally:
         done.set()
 
-    assert time.monotonic() - started < 10  # the relay holds on for 20 s
-    assert str(caught.value) == (
+    assert time.monotonic() - started < 15  # the relay holds on for 20 s
+    # Whichever comes first: a send that took nothing for the timeout, or the
+    # whole message still unsent at twice the timeout and a grace.
+    assert str(caught.value) in {
         "no C-STORE response: the node aborted the association with "
-        f"DEST@127.0.0.1:{port}: the peer took no data for 1 s"
-    )
+        f"DEST@127.0.0.1:{port}: {why}"
+        for why in (
+            "the peer took no data for 3 s",
+            "the C-STORE was not taken 8 s after it was queued",
+        )
+    }
 
 
 # --- destinations that answer with what a response never holds ---
@@ -484,4 +492,39 @@ def test_a_release_asked_for_instead_of_an_answer_is_named(
     assert str(caught.value) == (
         f"no C-ECHO response from PACS@127.0.0.1:{port}: it asked to release the "
         "association (A-RELEASE-RQ) instead of answering"
+    )
+
+
+def test_a_peer_reading_a_byte_at_a_time_is_given_up_past_the_timeout(
+    listener: Callable[[Callable[[socket.socket], object]], int],
+) -> None:
+    """Each send made some progress, so no send timed out: pynetdicom gave up
+    waiting for the response at the timeout, then waited for its reactor to
+    finish sending 4 MB at ~5 KB/s."""
+    ds = make_ct(rows=1448, columns=1448)  # 4 MB
+    done = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        accept_association(conn)
+        with contextlib.suppress(OSError):
+            while not done.is_set() and conn.recv(1024):
+                time.sleep(0.2)
+
+    port = listener(trickle)
+    context = build_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    started = time.monotonic()
+    try:
+        with (
+            associate(Peer("PACS", "127.0.0.1", port), [context], "TESTSCU", 2) as link,
+            pytest.raises(AssociationError) as caught,
+        ):
+            link.send_c_store(ds)
+    finally:
+        done.set()
+
+    assert time.monotonic() - started < 20  # twice 2 s, a grace of 2, the release
+    assert str(caught.value) == (
+        "no C-STORE response: the node aborted the association with "
+        f"PACS@127.0.0.1:{port}: the C-STORE was not taken 6 s after it was queued"
     )

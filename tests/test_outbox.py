@@ -39,14 +39,14 @@ LEASE = 6.0
 class SlowDestination:
     """A real SCP that answers each C-STORE after ANSWER_AFTER seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer_after: float = ANSWER_AFTER) -> None:
         from pynetdicom import evt
 
         self.port = free_port()
         self.received: list[str] = []
 
         def on_store(event: Any) -> int:
-            time.sleep(ANSWER_AFTER)
+            time.sleep(answer_after)
             self.received.append(str(event.request.AffectedSOPInstanceUID))
             return 0x0000
 
@@ -228,4 +228,27 @@ def test_a_result_set_begun_is_sent_whole_past_half_the_lease_and_only_once(
     assert not taken
     rows = deliveries(index)
     assert [(r.state, r.attempts) for r in rows] == [(DeliveryState.DONE, 1)]
+    assert Counter(slow.received) == Counter(uids)
+
+
+def test_the_lease_is_kept_through_one_file_longer_than_it(tmp_path: Path) -> None:
+    """Leases were extended only between files: one file answered after more
+    than a lease was taken over by a second outbox and sent again."""
+    slow = SlowDestination(answer_after=LEASE + 2)
+    try:
+        config = slow_node(tmp_path, slow)
+        index = open_index(config)
+        uids = queue_deliveries(config, index, sets=1, files=1)
+        first = Outbox(config, index, "outbox-1")
+        second = Outbox(config, index, "outbox-2")
+        sending = step_past_the_lease(first)
+        taken = second.step()
+        sending.join(60)
+    finally:
+        slow.stop()
+
+    assert not taken
+    assert [(r.state, r.attempts) for r in deliveries(index)] == [
+        (DeliveryState.DONE, 1)
+    ]
     assert Counter(slow.received) == Counter(uids)

@@ -475,3 +475,21 @@ def test_a_large_result_set_goes_up_chunked_through_the_bounded_transport(
     outcomes = stow_through(Chunked, paths)
     assert [(o.ok, o.error) for o in outcomes] == [(True, "")] * 3
     assert received[0] > sum(p.stat().st_size for p in paths)
+
+
+def test_a_malformed_reply_is_not_called_unreachable(tmp_path: Path) -> None:
+    """More headers than http.client takes read "not reached (ConnectionError)",
+    and the outbox skipped the rest of the batch as unreachable."""
+    paths, _ = study_files(tmp_path, 1)
+
+    class TooManyHeaders(Service):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            head = b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 150 + b"\r\n"
+            self.wfile.write(head)
+
+    (outcome,) = stow_through(TooManyHeaders, paths)
+    assert (outcome.ok, outcome.error) == (
+        False,
+        "reply not understood (a malformed HTTP reply)",
+    )
