@@ -345,7 +345,9 @@ class _ResponseGuard:
         self._sent: Any = None
         self._answer: Any = None
         self._sender = 0  # the thread whose request is outstanding
+        # The request's overdue timer: not started yet, and started.
         self._overdue: threading.Timer | None = None
+        self._running: threading.Timer | None = None
         if _RESPONSE_GUARD:
             assoc.dimse.get_msg = self._get_msg  # type: ignore[method-assign]
             assoc.dimse.send_msg = self._send_msg  # type: ignore[method-assign]
@@ -360,7 +362,8 @@ class _ResponseGuard:
             return None, None  # the reactor's poll: the sender reads the response
         if block and self._outstanding.is_set() and self._overdue is not None:
             # The request is queued whole; pynetdicom waits for its response.
-            self._overdue.start()
+            self._running, self._overdue = self._overdue, None
+            self._running.start()
         item = self._read(block)
         if block and self._outstanding.is_set():
             self._answer = item[1], item[0]
@@ -389,8 +392,9 @@ class _ResponseGuard:
             yield
         finally:
             self._outstanding.clear()
-            if self._overdue is not None:
-                self._overdue.cancel()
+            if self._running is not None:
+                self._running.cancel()
+            self._overdue = self._running = None
 
     def mismatch(self) -> str | None:
         """Return how the last response does not answer its request, or None.
