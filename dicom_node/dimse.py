@@ -9,6 +9,7 @@ from pydicom.uid import UID
 
 __all__ = [
     "CANNOT_UNDERSTAND",
+    "COMMAND_MAX",
     "CONFLICTING_INSTANCE",
     "DATASET_DOES_NOT_MATCH_SOP_CLASS",
     "DECODE_ERRORS",
@@ -21,6 +22,10 @@ __all__ = [
     "VERIFICATION_SOP_CLASS",
     "is_decode_error",
 ]
+
+# A command set is a few hundred bytes (PS3.7 E.1); one much larger is hostile,
+# whoever sends it (pynetdicom holds a message's fragments until its last one).
+COMMAND_MAX = 64 * 1024
 
 # PS3.4 A.4 Verification Service Class (pydicom.uid does not name it).
 VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")

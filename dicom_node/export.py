@@ -39,7 +39,7 @@ from pynetdicom.status import code_to_category
 from pynetdicom.transport import AssociationSocket
 
 from dicom_node.config import validate_ae_title
-from dicom_node.dimse import VERIFICATION_SOP_CLASS, is_decode_error
+from dicom_node.dimse import COMMAND_MAX, VERIFICATION_SOP_CLASS, is_decode_error
 from dicom_node.errors import (
     AssociationError,
     AssociationRejectedError,
@@ -68,9 +68,6 @@ logger = logging.getLogger(__name__)
 NOT_BEGUN = "not tried: out of time (the peer answered slowly)"
 # PS3.8 9.3.2: at most 128 presentation contexts in one A-ASSOCIATE-RQ.
 _MAX_CONTEXTS = 128
-# A response's command set is a few hundred bytes; pynetdicom holds a message's
-# fragments in memory until its last one.
-_RESPONSE_COMMAND_MAX = 64 * 1024
 # What pynetdicom raised while sending on answers it could not take (an
 # accepted context without a transfer syntax: IndexError; a Maximum Length of
 # 6: ZeroDivisionError); each fails that file, not the whole batch.
@@ -489,8 +486,8 @@ class _Heard:
                 )
             else:
                 self.command_bytes += len(value) - 1
-                if self.command_bytes > _RESPONSE_COMMAND_MAX:
-                    problem = f"a command set over {_RESPONSE_COMMAND_MAX} bytes"
+                if self.command_bytes > COMMAND_MAX:
+                    problem = f"a command set over {COMMAND_MAX} bytes"
                 elif value[0] & 0x02:  # the command set's last fragment
                     self.command_bytes = 0
             if problem is not None:

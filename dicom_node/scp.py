@@ -52,6 +52,7 @@ from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.dimse import (
     CANNOT_UNDERSTAND,
+    COMMAND_MAX,
     CONFLICTING_INSTANCE,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     INVALID_UID,
@@ -123,8 +124,6 @@ _DEFER_SIZE = 64 * 1024
 _DEFLATE_TRAILER = 8
 # Read size when a received file is hashed or a deflated one measured.
 _CHUNK = 1 << 20
-# A command set is a few hundred bytes (PS3.7 E.1); one much larger is hostile.
-_COMMAND_MAX = 64 * 1024
 # A data set that is not a C-STORE request's stays in memory (pynetdicom spools
 # only those); the node serves no message that needs one this large.
 _IN_MEMORY_MAX = 1024 * 1024
@@ -465,8 +464,9 @@ def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
     """Watch the DIMSE message arriving, before pynetdicom keeps any of it.
 
     Bounds what one message may cost: its command set (held in memory) at
-    :data:`_COMMAND_MAX`; any data set but a C-STORE request's (held in memory;
-    the node serves only C-ECHO and C-STORE) at :data:`_IN_MEMORY_MAX`. Over
+    :data:`~dicom_node.dimse.COMMAND_MAX`; any data set but a C-STORE
+    request's (held in memory; the node serves only C-ECHO and C-STORE) at
+    :data:`_IN_MEMORY_MAX`. Over
     one of those, the association is aborted at once.
 
     The data set of a C-STORE request goes to the spool. Past
@@ -520,8 +520,8 @@ def handle_pdu_recv(event: Event, ctx: StoreContext) -> None:
                 # pynetdicom decodes the command and opens a spool file again
                 # for each "last" fragment: a loop of them cost seconds each.
                 problem = "command fragment after the command set's last one"
-            elif len(receipt.command) > _COMMAND_MAX:
-                problem = f"command set over {_COMMAND_MAX} bytes"
+            elif len(receipt.command) > COMMAND_MAX:
+                problem = f"command set over {COMMAND_MAX} bytes"
             elif value[0] & 0x02:  # its last one: what the message is is known
                 command, has_data_set, problem = _command(receipt.command)
                 receipt.spooled = command == _C_STORE_RQ
