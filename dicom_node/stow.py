@@ -56,22 +56,18 @@ class ReplyError(Exception):
 
 
 class _Bounded:
-    """A reply body as requests reads it, to at most ``_REPLY_MAX`` bytes.
+    """A reply body as requests reads it, to at most ``_REPLY_MAX`` bytes."""
 
-    Also keeps what was read (the adapter hands it back to :func:`stow`).
-    """
-
-    def __init__(self, raw: Any, content_type: str) -> None:
+    def __init__(self, raw: Any) -> None:
         self._raw = raw
-        self.body = bytearray()
-        self.content_type = content_type
+        self._read = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._raw, name)
 
     def _took(self, chunk: bytes) -> bytes:
-        self.body += chunk
-        if len(self.body) > _REPLY_MAX:
+        self._read += len(chunk)
+        if self._read > _REPLY_MAX:
             self._raw.close()
             raise ReplyError(f"reply body over {_REPLY_MAX} bytes")
         return chunk
@@ -91,7 +87,7 @@ def _adapter() -> Any:
 
     A redirect is refused, not followed (requests would POST the results
     again, to wherever it points, over plain HTTP too); a reply body is read
-    to at most ``_REPLY_MAX`` bytes. The last reply's body is kept as
+    to at most ``_REPLY_MAX`` bytes. The last reply is kept as
     ``adapter.last``. Its connections (through an HTTP proxy too) are noted,
     for ``adapter.cut_off()`` to shut them down when a request runs past its
     deadline (requests' timeout bounds each read, not the whole), unless
@@ -124,7 +120,7 @@ def _adapter() -> Any:
     tracked = {"http": PlainPool, "https": SecurePool}
 
     class Adapter(HTTPAdapter):
-        last: _Bounded | None = None
+        last: requests.Response | None = None
         cut = False
         done = False
 
@@ -163,8 +159,8 @@ def _adapter() -> Any:
                     f"HTTP {response.status_code}: a redirect, not followed (give "
                     "the URL it points to as the destination's url)"
                 )
-            self.last = _Bounded(response.raw, response.headers.get("Content-Type", ""))
-            response.raw = self.last
+            response.raw = _Bounded(response.raw)
+            self.last = response
             return response
 
     return Adapter()
@@ -297,7 +293,7 @@ def stow(
             outcomes.update({p: StowOutcome(p, False, error) for p, _ in uids})
             return [outcomes[p] for p in paths]
         if len(response) == 0 and last is not None:
-            response = _json_reply(last.body, last.content_type, response)
+            response = _json_reply(last, response)
         outcomes.update(_read_response(response, uids))
     finally:
         deadline.cancel()
@@ -328,18 +324,19 @@ def _malformed(exc: BaseException) -> bool:
     return False
 
 
-def _json_reply(body: bytes | bytearray, content_type: str, parsed: Dataset) -> Dataset:
+def _json_reply(reply: requests.Response, parsed: Dataset) -> Dataset:
     """Read a DICOM JSON reply that dicomweb-client passed over, else ``parsed``.
 
     dicomweb-client (0.61) reads a reply only when its Content-Type is exactly
     a DICOM JSON type, so one with a parameter ("; charset=utf-8", as services
     send) confirmed nothing, and every retry stored the results again.
     """
+    content_type = reply.headers.get("Content-Type", "")
     if content_type.split(";")[0].strip().lower() not in _JSON_TYPES:
         return parsed
     try:
-        reply = json.loads(bytes(body))
-        return Dataset.from_json(reply[0] if isinstance(reply, list) else reply)
+        body = json.loads(reply.content)  # read already (and bounded)
+        return Dataset.from_json(body[0] if isinstance(body, list) else body)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return parsed  # not DICOM JSON: it confirms nothing
 
