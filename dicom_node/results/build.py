@@ -101,7 +101,6 @@ def build_results(
     # A map series per frame of reference of the sources, in order of first use
     # (a study's one frame of reference: the series a run has always had).
     map_roles: dict[str, str] = {}
-    map_series: dict[str, list[Dataset]] = {}
     for number, e in enumerate(explained, start=1):
         source = by_uid[e.source.sop_instance_uid]
         captures.append(
@@ -124,11 +123,11 @@ def build_results(
                 node=node,
                 series_role=map_roles[frame],
             )
-            map_series.setdefault(frame, []).append(pm)
             maps.append((e.label_index, pm))
     agree_on_series([sc for _, sc in captures])
-    for series in map_series.values():
-        agree_on_series(series)
+    for role in map_roles.values():
+        series = uid(role)
+        agree_on_series([pm for _, pm in maps if pm.SeriesInstanceUID == series])
     scored = [
         by_uid[u]
         for u in dict.fromkeys(f.sop_instance_uid for f in prediction.frames)

@@ -243,13 +243,18 @@ def copy_body_part(ds: Dataset, source: Dataset) -> None:
             setattr(ds, keyword, value)
         elif keyword in ds:
             del ds[keyword]
-    if (
-        "Laterality" not in ds
-        and "ImageLaterality" not in ds
-        and "BodyPartExamined" not in ds
+    _laterality_if_required(ds)
+
+
+def _laterality_if_required(ds: Dataset) -> None:
+    """Give an object that names no side and no body part an empty Laterality.
+
+    General Series: Laterality is Type 2C, required when the body part may be a
+    paired structure; unknown here, so present and empty.
+    """
+    if not any(
+        ds.get(k) for k in ("Laterality", "ImageLaterality", "BodyPartExamined")
     ):
-        # General Series: Laterality is Type 2C, required when the body part may
-        # be a paired structure; unknown here, so present and empty.
         ds.Laterality = None
 
 
@@ -275,11 +280,7 @@ def agree_on_series(instances: Sequence[Dataset]) -> None:
             if "BodyPartExamined" in ds:
                 del ds.BodyPartExamined
     for ds in instances:
-        if not any(
-            ds.get(k) for k in ("Laterality", "ImageLaterality", "BodyPartExamined")
-        ):
-            # Laterality is Type 2C, required when the body part may be paired.
-            ds.Laterality = None
+        _laterality_if_required(ds)
 
 
 def _orientation(source: Dataset) -> list[str] | str:
